@@ -1,0 +1,308 @@
+"""CMS EnvelopedData (RFC 5652 §6) and AuthEnvelopedData (RFC 5083): decrypt and encrypt.
+
+``cryptography``'s ``pkcs7_decrypt_*`` handles only AES-CBC with RSA PKCS#1 v1.5, so opening is
+done here: asn1crypto for the structure, ``cryptography`` primitives for RSA and AES.
+
+Opening plan:
+
+1. parse ContentInfo → EnvelopedData or AuthEnvelopedData (:class:`MalformedCMS`);
+2. the content-encryption algorithm is on the allow-list (:class:`WeakAlgorithm`) and the
+   ciphertext within the size limit — both before any private-key operation;
+3. find the KeyTransRecipientInfo addressed to one of the hub's keys, by issuer and serial or by
+   subject key identifier (:class:`NotForUs` if none is);
+4. unwrap the content-encryption key. For PKCS#1 v1.5 a failed unwrap is replaced by a random key
+   (RFC 3218 §2.3.2) so that a bad padding and a bad ciphertext look the same to a prober;
+5. decrypt: AES-CBC with a checked PKCS#7 pad, or AES-GCM with the tag and the authenticated
+   attributes as AAD (RFC 5083 §2.1). Any failure is :class:`DecryptionFailed`.
+
+CBC is malleable (EFAIL): nothing decrypted here is trusted until the signature inside verifies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.algorithms import AES, AES256
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from formats import algorithms
+from formats.der import load_content_info, same_name, short_reason
+from formats.errors import DecryptionFailed, LimitExceeded, MalformedCMS, NotForUs, WeakAlgorithm
+
+
+class GCMParameters(core.Sequence):  # type: ignore[misc]
+    """RFC 5084 §3.2: GCMParameters ::= SEQUENCE { aes-nonce OCTET STRING, aes-ICVlen DEFAULT 12 }"""
+
+    _fields = [  # noqa: RUF012 — asn1crypto's declaration style
+        ("aes_nonce", core.OctetString),
+        ("aes_icvlen", core.Integer, {"default": 12}),
+    ]
+
+
+@dataclass(frozen=True)
+class RecipientKey:
+    """One of the hub's decryption keys with its certificate (several overlap during rotation)."""
+
+    cert: x509.Certificate
+    key: rsa.RSAPrivateKey
+    _asn1: asn1_x509.Certificate = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        object.__setattr__(self, "_asn1", asn1_x509.Certificate.load(der))
+
+    def matches(self, rid: cms.RecipientIdentifier) -> bool:
+        if rid.name == "issuer_and_serial_number":
+            chosen = rid.chosen
+            return bool(
+                self._asn1.serial_number == chosen["serial_number"].native
+                and same_name(self._asn1.issuer, chosen["issuer"])
+            )
+        return bool(self._asn1.key_identifier == rid.chosen.native)
+
+
+@dataclass(frozen=True, slots=True)
+class Decrypted:
+    content: bytes
+    cipher: str
+    key_transport: str
+    recipient: x509.Certificate
+
+
+def decrypt(der: bytes, keys: Sequence[RecipientKey], *, max_bytes: int) -> Decrypted:
+    """Open an EnvelopedData or AuthEnvelopedData addressed to one of ``keys``."""
+    info = load_content_info(der, expect=("enveloped_data", "authenticated_enveloped_data"))
+    try:
+        return _decrypt(info, keys, max_bytes)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise MalformedCMS(f"CMS enveloped-data is damaged ({short_reason(exc)})") from None
+
+
+def _decrypt(info: cms.ContentInfo, keys: Sequence[RecipientKey], max_bytes: int) -> Decrypted:
+    authenticated = info["content_type"].native == "authenticated_enveloped_data"
+    env = info["content"]
+    eci = env["auth_encrypted_content_info" if authenticated else "encrypted_content_info"]
+
+    # Step 2.
+    alg = eci["content_encryption_algorithm"]
+    cipher_name = alg["algorithm"].native
+    key_size = algorithms.content_key_size(cipher_name)
+    if cipher_name.endswith("_gcm") != authenticated:
+        raise WeakAlgorithm(f"{cipher_name} in {info['content_type'].native} is not allowed")
+    ciphertext = eci["encrypted_content"].native
+    if ciphertext is None:
+        raise MalformedCMS("enveloped-data without encrypted content")
+    if len(ciphertext) > max_bytes:
+        raise LimitExceeded(f"encrypted content is {len(ciphertext)} bytes, limit is {max_bytes}")
+
+    # Step 3.
+    recipient, ktri = _find_recipient(env["recipient_infos"], keys)
+
+    # Step 4.
+    transport = ktri["key_encryption_algorithm"]
+    transport_name = transport["algorithm"].native
+    cek = _unwrap(recipient.key, transport_name, transport, ktri["encrypted_key"].native, key_size)
+
+    # Step 5.
+    if authenticated:
+        params = GCMParameters.load(alg["parameters"].dump())
+        nonce, tag_len = params["aes_nonce"].native, params["aes_icvlen"].native
+        tag = env["mac"].native
+        if len(tag) != tag_len or tag_len < 12:
+            raise DecryptionFailed("AES-GCM tag is missing or shorter than 12 bytes")
+        aad = b"\x31" + env["auth_attrs"].dump()[1:] if env["auth_attrs"] else None
+        try:
+            content = AESGCM(cek).decrypt(nonce, ciphertext + tag, aad)
+        except Exception:
+            raise DecryptionFailed(_UNREADABLE) from None
+    else:
+        iv = alg["parameters"].native
+        if not isinstance(iv, bytes) or len(iv) != 16:
+            raise MalformedCMS("AES-CBC parameters must be a 16-byte IV")
+        content = _cbc_decrypt(cek, iv, ciphertext)
+    return Decrypted(content, cipher_name, transport_name, recipient.cert)
+
+
+_UNREADABLE = "the message could not be decrypted; it was damaged or altered in transit"
+
+
+def _find_recipient(
+    infos: cms.RecipientInfos, keys: Sequence[RecipientKey]
+) -> tuple[RecipientKey, cms.KeyTransRecipientInfo]:
+    addressed: list[str] = []
+    for ri in infos:
+        if ri.name != "ktri":
+            addressed.append(f"a {ri.name} recipient")
+            continue
+        ktri = ri.chosen
+        for key in keys:
+            if key.matches(ktri["rid"]):
+                return key, ktri
+        rid = ktri["rid"]
+        if rid.name == "issuer_and_serial_number":
+            addressed.append(f"serial {rid.chosen['serial_number'].native:x}")
+        else:
+            addressed.append(f"key id {rid.chosen.native.hex()}")
+    raise NotForUs(
+        f"the message is not encrypted to the hub's certificate (it is addressed to "
+        f"{', '.join(addressed) or 'nobody'}); encrypt to the hub's current certificate"
+    )
+
+
+def _unwrap(
+    key: rsa.RSAPrivateKey,
+    name: str,
+    alg: cms.KeyEncryptionAlgorithm,
+    wrapped: bytes,
+    key_size: int,
+) -> bytes:
+    if name == "rsaes_pkcs1v15":
+        try:
+            cek = key.decrypt(wrapped, padding.PKCS1v15())
+        except ValueError:
+            cek = b""
+        if len(cek) != key_size:
+            # RFC 3218 §2.3.2 random filling: continue with a key that will fail later, so a
+            # padding error is indistinguishable from a corrupted ciphertext.
+            cek = os.urandom(key_size)
+        return cek
+    if name == "rsaes_oaep":
+        params = alg["parameters"]
+        oaep_hash = algorithms.digest(params["hash_algorithm"]["algorithm"].native)
+        mgf_hash = algorithms.digest(params["mask_gen_algorithm"]["parameters"]["algorithm"].native)
+        label = params["p_source_algorithm"]["parameters"].native or None
+        try:
+            cek = key.decrypt(
+                wrapped,
+                padding.OAEP(mgf=padding.MGF1(mgf_hash), algorithm=oaep_hash, label=label),
+            )
+        except ValueError:
+            raise DecryptionFailed(_UNREADABLE) from None
+        if len(cek) != key_size:
+            raise DecryptionFailed(_UNREADABLE)
+        return cek
+    raise WeakAlgorithm(
+        f"key transport {name} is not allowed; use RSA PKCS#1 v1.5 or RSA-OAEP with SHA-256"
+    )
+
+
+def _cbc_decrypt(cek: bytes, iv: bytes, ciphertext: bytes) -> bytes:
+    if not ciphertext or len(ciphertext) % 16:
+        raise DecryptionFailed(_UNREADABLE)
+    decryptor = Cipher(AES(cek), modes.CBC(iv)).decryptor()
+    plain = decryptor.update(ciphertext) + decryptor.finalize()
+    pad = plain[-1]
+    if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
+        raise DecryptionFailed(_UNREADABLE)
+    return plain[:-pad]
+
+
+# --- encryption ----------------------------------------------------------------------------------
+
+
+def encrypt(
+    content: bytes,
+    recipients: Sequence[x509.Certificate],
+    *,
+    cipher: str = "aes256_cbc",
+    oaep: bool = False,
+) -> bytes:
+    """A DER ContentInfo encrypting ``content`` to every certificate in ``recipients``.
+
+    The default (AES-256-CBC, RSA PKCS#1 v1.5) is built by ``cryptography``; AES-GCM
+    AuthEnvelopedData and RSA-OAEP, which it does not build, are assembled here.
+    """
+    if not recipients:
+        raise ValueError("encrypt() needs at least one recipient certificate")
+    if cipher == "aes256_cbc" and not oaep:
+        builder = pkcs7.PKCS7EnvelopeBuilder().set_data(content)
+        builder = builder.set_content_encryption_algorithm(AES256)
+        for cert in recipients:
+            builder = builder.add_recipient(cert)
+        return builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    key_size = algorithms.content_key_size(cipher)
+    cek = os.urandom(key_size)
+    ris = [_key_trans(cert, cek, oaep) for cert in recipients]
+    if cipher.endswith("_gcm"):
+        nonce = os.urandom(12)
+        sealed = AESGCM(cek).encrypt(nonce, content, None)
+        ciphertext, tag = sealed[:-16], sealed[-16:]
+        eci = _eci(cipher, GCMParameters({"aes_nonce": nonce, "aes_icvlen": 16}), ciphertext)
+        env = cms.AuthEnvelopedData(
+            {
+                "version": "v0",
+                "recipient_infos": ris,
+                "auth_encrypted_content_info": eci,
+                "mac": tag,
+            }
+        )
+        info = cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": env})
+        return bytes(info.dump())
+    iv = os.urandom(16)
+    pad = 16 - len(content) % 16
+    encryptor = Cipher(AES(cek), modes.CBC(iv)).encryptor()
+    ciphertext = encryptor.update(content + bytes([pad]) * pad) + encryptor.finalize()
+    eci = _eci(cipher, core.OctetString(iv), ciphertext)
+    env = cms.EnvelopedData(
+        {"version": "v0", "recipient_infos": ris, "encrypted_content_info": eci}
+    )
+    return bytes(cms.ContentInfo({"content_type": "enveloped_data", "content": env}).dump())
+
+
+def _eci(cipher: str, params: core.Asn1Value, ciphertext: bytes) -> cms.EncryptedContentInfo:
+    return cms.EncryptedContentInfo(
+        {
+            "content_type": "data",
+            "content_encryption_algorithm": {"algorithm": cipher, "parameters": params},
+            "encrypted_content": ciphertext,
+        }
+    )
+
+
+def _key_trans(cert: x509.Certificate, cek: bytes, oaep: bool) -> cms.RecipientInfo:
+    public_key = cert.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise ValueError("key transport needs an RSA recipient certificate")
+    algorithms.check_public_key(public_key, what="recipient key")
+    asn1_cert = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+    if oaep:
+        pad: padding.AsymmetricPadding = padding.OAEP(
+            mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+        )
+        alg = {
+            "algorithm": "rsaes_oaep",
+            "parameters": algos.RSAESOAEPParams(
+                {
+                    "hash_algorithm": {"algorithm": "sha256"},
+                    "mask_gen_algorithm": {
+                        "algorithm": "mgf1",
+                        "parameters": {"algorithm": "sha256"},
+                    },
+                }
+            ),
+        }
+    else:
+        pad, alg = padding.PKCS1v15(), {"algorithm": "rsaes_pkcs1v15"}
+    return cms.RecipientInfo(
+        name="ktri",
+        value=cms.KeyTransRecipientInfo(
+            {
+                "version": "v0",
+                "rid": cms.RecipientIdentifier(
+                    name="issuer_and_serial_number",
+                    value={"issuer": asn1_cert.issuer, "serial_number": asn1_cert.serial_number},
+                ),
+                "key_encryption_algorithm": alg,
+                "encrypted_key": public_key.encrypt(cek, pad),
+            }
+        ),
+    )

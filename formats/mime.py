@@ -1,0 +1,317 @@
+"""MIME entities as spans of the original bytes, with limits checked before anything is parsed.
+
+We never build an ``email.message.Message`` tree from untrusted input and never re-serialise what
+we received: every :class:`Entity` is a window (``start``/``body_start``/``end``) onto the one
+buffer the peer sent, so the bytes a signature covers are cut out exactly as they arrived
+(RFC 8551 §3.1.1, RFC 1847 §2.1).
+
+Plan for :func:`parse_entity` (each step refuses before the next one spends work):
+
+1. the header block is found and its size checked (``max_header_bytes``);
+2. header fields are unfolded and decoded (RFC 5322 §2.2, RFC 6532 UTF-8 allowed);
+3. ``Content-Type`` is parsed with the standard library's header registry; defects are failures;
+4. for ``multipart/*`` the body is split on the boundary delimiter (RFC 2046 §5.1.1) while
+   counting entities (``max_parts``) and nesting (``max_depth``) — we stop at the first excess.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.headerregistry import HeaderRegistry
+from functools import cache
+
+from formats.errors import HeaderCountError, LimitExceeded, MalformedMessage
+from formats.limits import DEFAULT_LIMITS, Limits
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322 §3.6.8 ftext
+_registry = HeaderRegistry()
+
+
+@dataclass(frozen=True, slots=True)
+class ContentType:
+    maintype: str
+    subtype: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def value(self) -> str:
+        return f"{self.maintype}/{self.subtype}"
+
+    def param(self, name: str) -> str | None:
+        return self.params.get(name)
+
+
+DEFAULT_CONTENT_TYPE = ContentType("text", "plain", {"charset": "us-ascii"})
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """One MIME entity: a window onto ``buffer``; children for multiparts."""
+
+    buffer: bytes
+    start: int
+    body_start: int
+    end: int
+    headers: tuple[tuple[str, str], ...]
+    content_type: ContentType
+    children: tuple[Entity, ...] = ()
+
+    @property
+    def raw(self) -> bytes:
+        """The whole entity (headers and body) exactly as received."""
+        return self.buffer[self.start : self.end]
+
+    @property
+    def body(self) -> bytes:
+        return self.buffer[self.body_start : self.end]
+
+    def get_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for n, v in self.headers if n == lname]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    @property
+    def transfer_encoding(self) -> str:
+        return (self.get("content-transfer-encoding") or "7bit").strip().lower()
+
+    def decoded_body(self, *, limit: int) -> bytes:
+        """The body with its Content-Transfer-Encoding undone (base64 strictly, RFC 2045 §6.8)."""
+        cte = self.transfer_encoding
+        if cte == "base64":
+            return decode_base64(self.body, limit=limit)
+        if cte in ("7bit", "8bit", "binary"):
+            if len(self.body) > limit:
+                raise LimitExceeded(f"part body is {len(self.body)} bytes, limit is {limit}")
+            return self.body
+        if cte == "quoted-printable":
+            data = binascii.a2b_qp(self.body)
+            if len(data) > limit:
+                raise LimitExceeded(f"part body is {len(data)} bytes, limit is {limit}")
+            return data
+        raise MalformedMessage(f"unknown Content-Transfer-Encoding {cte!r}; use base64")
+
+    def walk(self) -> Iterator[Entity]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+_WS = b" \t\r\n"
+
+
+def decode_base64(data: bytes, *, limit: int) -> bytes:
+    """Strict base64: only the alphabet, correct padding; line breaks and blanks ignored."""
+    compact = data.translate(None, _WS)
+    if len(compact) // 4 * 3 > limit:
+        raise LimitExceeded(
+            f"decoded body would be about {len(compact) // 4 * 3} bytes, limit is {limit}"
+        )
+    try:
+        return binascii.a2b_base64(compact, strict_mode=True)
+    except binascii.Error as exc:
+        raise MalformedMessage(
+            f"invalid base64 body ({exc}); the part was damaged in transit"
+        ) from None
+
+
+def check_message_limits(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Cheap checks on a whole received message before any parsing (DESIGN §5 rule 4).
+
+    Line length is checked on header lines (where folding makes it matter); for whole bodies
+    it is a transport limit the SMTP listener enforces while receiving.
+    """
+    if len(raw) > limits.max_message_bytes:
+        raise LimitExceeded(
+            f"message is {len(raw)} bytes, limit is {limits.max_message_bytes}; send smaller parts"
+        )
+
+
+def parse_message(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Entity:
+    """Parse a whole received message (top-level entity) after the message-level limit checks."""
+    check_message_limits(raw, limits)
+    return parse_entity(raw, limits)
+
+
+def parse_entity(buffer: bytes, limits: Limits = DEFAULT_LIMITS) -> Entity:
+    """Parse ``buffer`` as one MIME entity (and its children), checking limits as we go."""
+    counter = [0]
+    return _parse(buffer, 0, len(buffer), limits, depth=1, counter=counter)
+
+
+def _parse(
+    buffer: bytes, start: int, end: int, limits: Limits, *, depth: int, counter: list[int]
+) -> Entity:
+    counter[0] += 1
+    if counter[0] > limits.max_parts:
+        raise LimitExceeded(f"more than {limits.max_parts} MIME parts")
+    if depth > limits.max_depth:
+        raise LimitExceeded(f"MIME nesting deeper than {limits.max_depth} levels")
+
+    header_end, body_start = _header_span(buffer, start, end, limits)
+    headers = _parse_headers(buffer[start:header_end], limits.max_line_bytes)
+    ctype = _content_type(headers)
+    children: tuple[Entity, ...] = ()
+    if ctype.maintype == "multipart":
+        boundary = ctype.param("boundary")
+        if not boundary:
+            raise MalformedMessage(f"{ctype.value} without a boundary parameter")
+        children = tuple(
+            _parse(buffer, s, e, limits, depth=depth + 1, counter=counter)
+            for s, e in _split_multipart(buffer, body_start, end, boundary, limits)
+        )
+        if not children:
+            raise MalformedMessage(f"{ctype.value} with no parts")
+    return Entity(buffer, start, body_start, end, headers, ctype, children)
+
+
+def _header_span(buffer: bytes, start: int, end: int, limits: Limits) -> tuple[int, int]:
+    """Where the header block ends and the body begins (RFC 5322 §2.1: an empty line between)."""
+    for blank in (b"\r\n", b"\n"):
+        if buffer.startswith(blank, start, end):  # no header fields at all
+            return start, start + len(blank)
+    window_end = min(end, start + limits.max_header_bytes + 4)
+    match = _HEADER_END.search(buffer, start, window_end)
+    if match is None:
+        if end - start > limits.max_header_bytes:
+            raise LimitExceeded(f"header block larger than {limits.max_header_bytes} bytes")
+        return end, end  # headers only, no body (RFC 2046 allows an empty part)
+    if match.start() - start > limits.max_header_bytes:
+        raise LimitExceeded(f"header block larger than {limits.max_header_bytes} bytes")
+    return match.start(), match.end()
+
+
+def _parse_headers(block: bytes, max_line: int) -> tuple[tuple[str, str], ...]:
+    try:
+        text = block.decode("utf-8")  # RFC 6532 allows UTF-8 header text; nothing else
+    except UnicodeDecodeError:
+        raise MalformedMessage("header block is not valid UTF-8 (RFC 6532)") from None
+    fields: list[tuple[str, str]] = []
+    for line in re.split(r"\r?\n", text):
+        if not line:
+            continue
+        if len(line) > max_line:
+            raise LimitExceeded(
+                f"header line longer than {max_line} characters (RFC 5322 §2.1.1); fold it"
+            )
+        if line[0] in " \t":
+            if not fields:
+                raise MalformedMessage("header block starts with a continuation line")
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + line.strip())
+            continue
+        name, sep, value = line.partition(":")
+        name = name.rstrip(" \t")
+        if not sep or not _FIELD_NAME.match(name):
+            raise MalformedMessage(f"malformed header line {_shorten(line)!r}")
+        fields.append((name.lower(), value.strip()))
+    return tuple(fields)
+
+
+def _content_type(headers: tuple[tuple[str, str], ...]) -> ContentType:
+    values = [v for n, v in headers if n == "content-type"]
+    if not values:
+        return DEFAULT_CONTENT_TYPE
+    if len(values) > 1:
+        raise MalformedMessage("more than one Content-Type header")
+    return parse_content_type(values[0])
+
+
+# RFC 2045 §5.1 / RFC 2231: type "/" subtype *(";" attribute "=" (token / quoted-string)).
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # noqa: S105 — RFC 2045 token
+_CT_HEAD = re.compile(rf"\s*({_TOKEN})\s*/\s*({_TOKEN})\s*")
+_CT_PARAM = re.compile(rf';\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|"((?:[^"\\\r\n]|\\.)*)")\s*')
+_TRAILING = re.compile(r";?\s*")
+
+
+def parse_content_type(value: str) -> ContentType:
+    """Parse a Content-Type value strictly; anything unparseable is a failure, not a default."""
+    head = _CT_HEAD.match(value)
+    if head is None:
+        raise MalformedMessage(f"unparseable Content-Type {_shorten(value)!r}")
+    params: dict[str, str] = {}
+    pos = head.end()
+    while pos < len(value):
+        m = _CT_PARAM.match(value, pos)
+        if m is None:
+            if _TRAILING.fullmatch(value, pos):
+                break
+            raise MalformedMessage(f"unparseable Content-Type parameters in {_shorten(value)!r}")
+        name = m.group(1).lower()
+        if name in params:
+            raise MalformedMessage(f"Content-Type parameter {name} given twice")
+        token, quoted = m.group(2), m.group(3)
+        params[name] = token if token is not None else re.sub(r"\\(.)", r"\1", quoted)
+        pos = m.end()
+    return ContentType(head.group(1).lower(), head.group(2).lower(), params)
+
+
+def _split_multipart(
+    buffer: bytes, body_start: int, end: int, boundary: str, limits: Limits
+) -> list[tuple[int, int]]:
+    """Spans of the body parts, per RFC 2046 §5.1.1.
+
+    The CRLF before a delimiter belongs to the delimiter, so a part's bytes end before it.
+    Preamble and epilogue are ignored, as the RFC says; a missing close delimiter is a failure
+    (a truncated message must not pass as a complete one).
+    """
+    if len(boundary) > 70 or not boundary.isascii():
+        raise MalformedMessage("multipart boundary longer than 70 characters or not ASCII")
+    delim = _delimiter_pattern(boundary)
+    spans: list[tuple[int, int]] = []
+    part_start: int | None = None
+    for m in delim.finditer(buffer, body_start, end):
+        if part_start is not None:
+            part_end = m.start()
+            if buffer[part_end - 2 : part_end] == b"\r\n":
+                part_end -= 2
+            elif buffer[part_end - 1 : part_end] == b"\n":
+                part_end -= 1
+            spans.append((part_start, max(part_start, part_end)))
+            if len(spans) > limits.max_parts:
+                raise LimitExceeded(f"more than {limits.max_parts} MIME parts")
+        if m.group(1):  # the close delimiter
+            return spans
+        part_start = m.end()
+    raise MalformedMessage("multipart body has no closing boundary (truncated message?)")
+
+
+@cache
+def _delimiter_pattern(boundary: str) -> re.Pattern[bytes]:
+    # Delimiter lines start a line: ^ in MULTILINE mode matches after every LF. body_start is
+    # always at a line start, so the first delimiter (with no CRLF before it) matches too.
+    return re.compile(
+        rb"^--" + re.escape(boundary.encode("ascii")) + rb"(--)?[ \t]*(?:\r?\n|\Z)", re.MULTILINE
+    )
+
+
+def single_header(entity: Entity, name: str) -> str:
+    """The value of a header that must appear exactly once (RFC 5322 §3.6 table)."""
+    values = entity.get_all(name)
+    if len(values) != 1:
+        raise HeaderCountError(
+            f"message has {len(values)} {name} headers; exactly one is required (RFC 5322 §3.6)"
+        )
+    return values[0]
+
+
+def single_address(value: str, header: str = "From") -> str:
+    """The one addr-spec in an address header; display names are ignored, groups refused."""
+    parsed = _registry(header.lower(), value)
+    addresses = [a for group in parsed.groups for a in group.addresses]  # type: ignore[attr-defined]
+    if len(addresses) != 1 or parsed.defects or not addresses[0].domain:
+        raise HeaderCountError(
+            f"{header} must name exactly one valid mailbox, found {len(addresses)} "
+            "(RFC 5322 §3.6.2)"
+        )
+    return f"{addresses[0].username}@{addresses[0].domain.lower()}"
+
+
+def _shorten(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"

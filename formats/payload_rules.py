@@ -1,0 +1,137 @@
+"""Cross-field rules of a payload that XSD 1.0 cannot state, and the monthly period.
+
+Each rule reads the frozen :class:`~formats.payload.Payload` and reports
+``(element path, message)``; ``Payload.from_xml`` turns the paths into line and column.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import TYPE_CHECKING
+
+from formats.errors import InputError
+
+if TYPE_CHECKING:
+    from formats.payload import Payload
+
+_PERIOD = re.compile(r"(\d{4})-(\d{2})")
+
+
+def monthly_period(period: str) -> tuple[date, date]:
+    """The reporting period named ``YYYY-MM``: the 16th of the previous month to the 15th.
+
+    QĐ 18/2017 Điều 8.4.a: "theo định kỳ hàng tháng (mốc số liệu từ ngày 16 tháng trước đến
+    ngày 15 tháng tiếp theo làm báo cáo)" — monthly, figures from the 16th of the previous
+    month to the 15th of the following month. ``"2024-01"`` is 2023-12-16 … 2024-01-15.
+    """
+    match = _PERIOD.fullmatch(period)
+    if not match or not 1 <= int(match.group(2)) <= 12:
+        raise InputError(f"period {period!r} is not a month; write it as YYYY-MM, e.g. 2024-03")
+    year, month = int(match.group(1)), int(match.group(2))
+    if year < 1000:
+        raise InputError(f"period {period!r} has no plausible year; write it as YYYY-MM")
+    start = date(year - 1, 12, 16) if month == 1 else date(year, month - 1, 16)
+    return start, date(year, month, 15)
+
+
+def rule_violations(payload: Payload) -> list[tuple[str, str]]:
+    """Every broken cross-field rule, as ``(element path, message)``, in document order."""
+    h, x = payload.header, payload.exchange
+    out: list[tuple[str, str]] = []
+    # edXML DocumentId starts with the issuing organ's id: it must be the sender's.
+    if h.document_id.organ_id != h.sender.organ_id:
+        out.append(
+            (
+                "Header/DocumentId",
+                (
+                    f"DocumentId is issued by {h.document_id.organ_id} but From/OrganId is "
+                    f"{h.sender.organ_id}; a document id starts with the sender's OrganId"
+                ),
+            )
+        )
+    if x.category in ("reply", "status") and h.response_for is None:
+        out.append(
+            (
+                "Header/Subject",
+                (
+                    f"a {x.category} must name what it answers: add ResponseFor with the DocumentId "
+                    "of the message it responds to"
+                ),
+            )
+        )
+    # QĐ 18/2017 Điều 8.4.a: "hoặc khi có yêu cầu đột xuất" — an ad-hoc request has a deadline.
+    if x.category == "request" and h.due_date is None:
+        out.append(("Header/Subject", "a request must carry a deadline: add DueDate"))
+    if h.due_date is not None and h.due_date < h.document_id.issued_on:
+        out.append(
+            (
+                "Header/DueDate",
+                (
+                    f"DueDate {h.due_date} is before the document date {h.document_id.issued_on}; "
+                    "give a deadline on or after the date of issue"
+                ),
+            )
+        )
+    # edXML Business: 3 (replace) names the document it replaces; 0 (new) replaces nothing.
+    if h.business == 3 and h.replaces is None:
+        out.append(
+            (
+                "Header/Business",
+                (
+                    "Business 3 (replace) requires ReplacesDocumentId: add the DocumentId of the "
+                    "document being replaced, or use Business 0"
+                ),
+            )
+        )
+    if h.business == 0 and h.replaces is not None:
+        out.append(
+            (
+                "Header/ReplacesDocumentId",
+                (
+                    "ReplacesDocumentId is given but Business is 0 (new); use Business 3 (replace) "
+                    "or remove ReplacesDocumentId"
+                ),
+            )
+        )
+    out.extend(_period_violations(payload))
+    return out
+
+
+def _period_violations(payload: Payload) -> list[tuple[str, str]]:
+    x = payload.exchange
+    start, end = x.period_start, x.period_end
+    if (start is None) != (end is None):
+        return [("Exchange/Cadence", "give both PeriodStart and PeriodEnd, or neither")]
+    if start is None or end is None:
+        if x.cadence != "ad-hoc":
+            return [
+                (
+                    "Exchange/Cadence",
+                    (
+                        f"cadence {x.cadence} needs the period it reports on: add PeriodStart and "
+                        "PeriodEnd, or use cadence ad-hoc"
+                    ),
+                )
+            ]
+        return []
+    if start > end:
+        return [
+            ("Exchange/PeriodEnd", (f"PeriodEnd {end} is before PeriodStart {start}; swap them"))
+        ]
+    if x.cadence == "monthly":
+        # QĐ 18/2017 Điều 8.4.a: monthly, "mốc số liệu từ ngày 16 tháng trước đến ngày 15
+        # tháng tiếp theo" — from the 16th of one month to the 15th of the next.
+        expected = monthly_period(f"{end.year:04d}-{end.month:02d}")
+        if (start, end) != expected:
+            return [
+                (
+                    "Exchange/PeriodStart",
+                    (
+                        f"a monthly period runs from the 16th of the previous month to the 15th "
+                        f"(QĐ 18/2017 Điều 8.4.a), but this one is {start} to {end}; for "
+                        f"{end:%Y-%m} use {expected[0]} to {expected[1]}"
+                    ),
+                )
+            ]
+    return []

@@ -1,0 +1,213 @@
+"""Between element trees and payload values: reading (after XSD validation) and writing.
+
+Reading assumes the tree has passed the category XSD; what XSD cannot check (real calendar
+dates inside ``DocumentId``) raises :class:`Invalid` carrying the element, so the caller can
+say where. Writing emits elements in XSD order, in :data:`formats.xsd.NAMESPACE`.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from uuid import UUID
+
+from lxml import etree
+
+from formats.categories import CATEGORIES, Category, Value
+from formats.payload_model import (
+    Attachment,
+    Business,
+    DocumentId,
+    Exchange,
+    Header,
+    Organ,
+    Record,
+    Signer,
+)
+from formats.xsd import NAMESPACE
+
+_NS = "{" + NAMESPACE + "}"
+Parts = tuple[Header, Exchange, tuple[Record, ...], tuple[Attachment, ...]]
+
+
+class Invalid(Exception):
+    def __init__(self, element: etree._Element, message: str) -> None:
+        super().__init__(message)
+        self.element = element
+        self.message = message
+
+
+def text_of(element: etree._Element) -> str:
+    if len(element) == 0:  # no child nodes (comments and PIs count as children): fast path
+        return element.text or ""
+    parts = element.xpath("text()")
+    return "".join(str(p) for p in parts) if isinstance(parts, list) else ""
+
+
+def _child(parent: etree._Element, name: str) -> etree._Element | None:
+    return parent.find(f"{_NS}{name}")
+
+
+def _opt(parent: etree._Element, name: str) -> str | None:
+    element = _child(parent, name)
+    return None if element is None else text_of(element)
+
+
+def _req(parent: etree._Element, name: str) -> str:
+    element = _child(parent, name)
+    if element is None:  # the XSD has already made sure it is there
+        raise Invalid(parent, f"{name} is missing")
+    return text_of(element)
+
+
+def _doc_id(parent: etree._Element, name: str) -> DocumentId | None:
+    element = _child(parent, name)
+    if element is None:
+        return None
+    try:
+        return DocumentId.parse(text_of(element))
+    except ValueError as err:
+        raise Invalid(element, f"{name}: {err}") from None
+
+
+def _date(parent: etree._Element, name: str) -> date | None:
+    text = _opt(parent, name)
+    return None if text is None else date.fromisoformat(text)
+
+
+def _organ(element: etree._Element) -> Organ:
+    return Organ(_req(element, "OrganId"), _opt(element, "OrganName"), _opt(element, "Email"))
+
+
+def read_parts(root: etree._Element, category: Category) -> Parts:
+    head = root.find(f"{_NS}Header")
+    exchange = root.find(f"{_NS}Exchange")
+    body = root.find(f"{_NS}Body")
+    # The XSD has made sure all three are there.
+    assert head is not None
+    assert exchange is not None
+    assert body is not None
+    signer_el = _child(head, "SignerInfo")
+    document_id = _doc_id(head, "DocumentId")
+    assert document_id is not None
+    header = Header(
+        message_id=UUID(_req(head, "MessageId")),
+        sender=_organ(head.find(f"{_NS}From")),  # type: ignore[arg-type]
+        recipients=tuple(_organ(el) for el in head.iterfind(f"{_NS}To")),
+        document_id=document_id,
+        subject=_req(head, "Subject"),
+        business=Business(int(_req(head, "Business"))),
+        signer=None
+        if signer_el is None
+        else Signer(_req(signer_el, "FullName"), _opt(signer_el, "Position")),
+        response_for=_doc_id(head, "ResponseFor"),
+        due_date=_date(head, "DueDate"),
+        replaces=_doc_id(head, "ReplacesDocumentId"),
+        schema_version=_req(head, "SchemaVersion"),
+    )
+    ex = Exchange(
+        category=category.code,
+        cadence=_req(exchange, "Cadence"),
+        legal_basis=_req(exchange, "LegalBasis"),
+        period_start=_date(exchange, "PeriodStart"),
+        period_end=_date(exchange, "PeriodEnd"),
+        request_ref=_opt(exchange, "RequestRef"),
+    )
+    records = tuple(
+        _read_record(el, category) for el in body.iterfind(f"{_NS}{category.record_element}")
+    )
+    attachments = tuple(
+        Attachment(
+            _req(el, "Name"), _req(el, "MediaType"), int(_req(el, "Size")), _req(el, "Sha256")
+        )
+        for el in root.iterfind(f"{_NS}Attachments/{_NS}Attachment")
+    )
+    return header, ex, records, attachments
+
+
+def _read_record(element: etree._Element, category: Category) -> Record:
+    pairs: list[tuple[str, Value]] = []
+    for child in element.iterchildren(etree.Element):
+        name = etree.QName(child).localname
+        try:
+            pairs.append((name, category.field(name).parse(text_of(child))))
+        except ValueError as err:
+            raise Invalid(child, f"{name}: {err}") from None
+    return Record(tuple(pairs))
+
+
+def element_at(root: etree._Element, path: str) -> etree._Element:
+    """The element at ``Header/DueDate``-style ``path``, or the nearest existing ancestor."""
+    element = root
+    for name in path.split("/"):
+        child = element.find(f"{_NS}{name}")
+        if child is None:
+            break
+        element = child
+    return element
+
+
+def _add(parent: etree._Element, name: str, text: object | None) -> etree._Element:
+    element = etree.SubElement(parent, f"{_NS}{name}")
+    if text is not None:
+        element.text = str(text)
+    return element
+
+
+def _add_opt(parent: etree._Element, name: str, text: object | None) -> None:
+    if text is not None:
+        _add(parent, name, text)
+
+
+def _add_organ(parent: etree._Element, name: str, organ: Organ) -> None:
+    element = _add(parent, name, None)
+    _add(element, "OrganId", organ.organ_id)
+    _add_opt(element, "OrganName", organ.name)
+    _add_opt(element, "Email", organ.email)
+
+
+def write_parts(parts: Parts) -> etree._Element:
+    h, x, records, attachments = parts
+    root = etree.Element(f"{_NS}Payload", nsmap={None: NAMESPACE})  # type: ignore[dict-item]
+    head = _add(root, "Header", None)
+    _add(head, "MessageId", h.message_id)
+    _add(head, "SchemaVersion", h.schema_version)
+    _add_organ(head, "From", h.sender)
+    for organ in h.recipients:
+        _add_organ(head, "To", organ)
+    _add(head, "DocumentId", h.document_id)
+    _add(head, "Subject", h.subject)
+    if h.signer is not None:
+        signer = _add(head, "SignerInfo", None)
+        _add(signer, "FullName", h.signer.full_name)
+        _add_opt(signer, "Position", h.signer.position)
+    _add_opt(head, "ResponseFor", h.response_for)
+    _add_opt(head, "DueDate", h.due_date)
+    _add(head, "Business", int(h.business))
+    _add_opt(head, "ReplacesDocumentId", h.replaces)
+    exchange = _add(root, "Exchange", None)
+    _add(exchange, "LegalBasis", x.legal_basis)
+    _add(exchange, "Category", x.category)
+    _add(exchange, "Cadence", x.cadence)
+    _add_opt(exchange, "PeriodStart", x.period_start)
+    _add_opt(exchange, "PeriodEnd", x.period_end)
+    _add_opt(exchange, "RequestRef", x.request_ref)
+    body = _add(root, "Body", None)
+    category = CATEGORIES.get(x.category)
+    element_name = category.record_element if category else "Record"
+    for record in records:
+        element = _add(body, element_name, None)
+        for name, value in record.fields:
+            text = category.field(name).format(value) if category else str(value)
+            _add(element, name, text)
+    if attachments:
+        manifest = _add(root, "Attachments", None)
+        for a in attachments:
+            entry = _add(manifest, "Attachment", None)
+            for name, value in (
+                ("Name", a.name),
+                ("MediaType", a.media_type),
+                ("Size", a.size),
+                ("Sha256", a.sha256),
+            ):
+                _add(entry, name, value)
+    return root

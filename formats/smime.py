@@ -1,0 +1,407 @@
+"""The gateway's S/MIME message profile (DESIGN §3): build and open whole messages.
+
+A submission is an RFC 5322 message whose only body is ``application/pkcs7-mime;
+smime-type=enveloped-data`` (or ``authEnveloped-data``, RFC 8551 §3.4). Decrypted, it holds one
+signed entity — ``multipart/signed`` (RFC 8551 §3.5.3) or opaque ``signed-data`` (§3.5.2) —
+whose signed content is the payload entity: ``application/xml`` in base64, optionally inside a
+``multipart/mixed`` with attachments. Sign, then encrypt; exactly one signer; nothing unsigned.
+
+Opening plan (:func:`open_message`), each step refusing with its own error:
+
+1. message limits, then the header block: exactly one ``From`` with one mailbox and one
+   ``Message-ID`` (:mod:`formats.mime`);
+2. the top-level entity is the enveloped part and nothing else (:class:`NotEncrypted`,
+   :class:`UnsignedContent`);
+3. strict base64, then decryption (:mod:`formats.cms_envelope`);
+4. the decrypted entity is exactly one signed entity (:class:`NotSigned`,
+   :class:`UnsignedContent`); the signed bytes are cut from the decrypted buffer, never
+   re-serialised;
+5. the signature verifies (:mod:`formats.cms_signed`);
+6. the signed content is the payload entity; its XML is returned *unparsed* — XML is parsed
+   only by the caller, after the signer has been trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.header import Header, decode_header, make_header
+from email.utils import format_datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from formats import cms_envelope, cms_signed
+from formats.cms_envelope import RecipientKey
+from formats.cms_signed import SignatureCheck
+from formats.errors import (
+    LimitExceeded,
+    MalformedMessage,
+    NotEncrypted,
+    NotSigned,
+    ProfileViolation,
+    UnsignedContent,
+)
+from formats.limits import DEFAULT_LIMITS, Limits
+from formats.mime import Entity, parse_entity, parse_message, single_address, single_header
+
+PKCS7_MIME = frozenset({"application/pkcs7-mime", "application/x-pkcs7-mime"})
+PKCS7_SIGNATURE = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature"})
+XML_TYPES = frozenset({"application/xml", "text/xml"})
+_ENVELOPED = frozenset({"enveloped-data", "authenveloped-data"})
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedMessage:
+    """A decrypted message whose signature verified. Trust in the signer is *not* yet decided."""
+
+    from_addr: str
+    message_id: str
+    subject: str | None
+    raw_sha256: str
+    cipher: str
+    key_transport: str
+    style: str  # "detached" or "opaque"
+    signature: SignatureCheck
+    #: The signed MIME entity exactly as signed (what the signature covers).
+    signed_entity: bytes
+    #: The payload XML bytes, not yet parsed.
+    payload: bytes
+    attachments: tuple[Attachment, ...] = ()
+
+    @property
+    def signer(self) -> x509.Certificate:
+        return self.signature.signer
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The readable header facts of a message, available before any decryption."""
+
+    from_addr: str
+    message_id: str
+    subject: str | None
+
+
+def read_envelope(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope, Entity]:
+    """Step 1: limits and the header facts every message must have."""
+    top = parse_message(raw, limits)
+    from_addr = single_address(single_header(top, "From"))
+    message_id = single_header(top, "Message-ID").strip()
+    if not (message_id.startswith("<") and message_id.endswith(">") and "@" in message_id):
+        raise MalformedMessage(f"Message-ID {message_id[:80]!r} is not of the form <id@domain>")
+    return Envelope(from_addr, message_id, _decoded(top.get("subject"))), top
+
+
+def _decoded(value: str | None) -> str | None:
+    """An RFC 2047 encoded header as text (for display only; never echoed into headers)."""
+    if value is None:
+        return None
+    try:
+        return str(make_header(decode_header(value)))[:998]
+    except (ValueError, LookupError, UnicodeDecodeError):
+        return value[:998]
+
+
+def open_message(
+    raw: bytes,
+    *,
+    keys: Sequence[RecipientKey],
+    limits: Limits = DEFAULT_LIMITS,
+    known: Sequence[x509.Certificate] = (),
+) -> OpenedMessage:
+    """Open a submission (steps 1–6 of the module plan)."""
+    envelope, top = read_envelope(raw, limits)
+    return open_envelope(envelope, top, keys=keys, limits=limits, known=known)
+
+
+def open_envelope(
+    envelope: Envelope,
+    top: Entity,
+    *,
+    keys: Sequence[RecipientKey],
+    limits: Limits = DEFAULT_LIMITS,
+    known: Sequence[x509.Certificate] = (),
+) -> OpenedMessage:
+    """Steps 2–6 for a message whose header block :func:`read_envelope` has already read."""
+
+    # Step 2.
+    _require_enveloped(top)
+
+    # Step 3.
+    der = top.decoded_body(limit=limits.max_message_bytes)
+    decrypted = cms_envelope.decrypt(der, keys, max_bytes=limits.max_message_bytes)
+    del der
+
+    # Step 4 and 5.
+    inner = parse_entity(decrypted.content, limits)
+    style, check, signed_entity = _verify_signed_entity(inner, limits, known)
+
+    # Step 6.
+    payload, attachments = _payload_of(signed_entity, limits)
+    return OpenedMessage(
+        from_addr=envelope.from_addr,
+        message_id=envelope.message_id,
+        subject=envelope.subject,
+        raw_sha256=hashlib.sha256(top.buffer).hexdigest(),
+        cipher=decrypted.cipher,
+        key_transport=decrypted.key_transport,
+        style=style,
+        signature=check,
+        signed_entity=check.content,
+        payload=payload,
+        attachments=attachments,
+    )
+
+
+def _smime_type(entity: Entity) -> str:
+    return (entity.content_type.param("smime-type") or "").lower()
+
+
+def _require_enveloped(top: Entity) -> None:
+    ctype = top.content_type.value
+    if ctype in PKCS7_MIME and _smime_type(top) in _ENVELOPED:
+        return
+    if ctype in PKCS7_MIME and _smime_type(top) == "":
+        return  # RFC 8551 §3.2.2: smime-type is optional; the CMS content type decides.
+    if top.content_type.maintype == "multipart":
+        inner = [c for c in top.walk() if c.content_type.value in PKCS7_MIME]
+        if any(_smime_type(c) in _ENVELOPED for c in inner):
+            raise UnsignedContent(
+                "the encrypted part is wrapped in a multipart with other parts; send the "
+                "encrypted part as the whole message"
+            )
+        if ctype == "multipart/signed":
+            raise NotEncrypted("the message is signed but not encrypted; encrypt it to the hub")
+    if ctype in PKCS7_MIME and _smime_type(top) == "signed-data":
+        raise NotEncrypted("the message is signed but not encrypted; encrypt it to the hub")
+    raise NotEncrypted(
+        f"the message is {ctype}, not an S/MIME encrypted message; sign and encrypt it to the hub"
+    )
+
+
+def _verify_signed_entity(
+    inner: Entity, limits: Limits, known: Sequence[x509.Certificate]
+) -> tuple[str, SignatureCheck, Entity]:
+    ctype = inner.content_type.value
+    if ctype == "multipart/signed":
+        protocol = (inner.content_type.param("protocol") or "").lower()
+        if protocol not in PKCS7_SIGNATURE:
+            raise ProfileViolation(f"multipart/signed with protocol {protocol!r}; use S/MIME")
+        if len(inner.children) != 2:
+            raise UnsignedContent(
+                f"multipart/signed has {len(inner.children)} parts; exactly two are allowed"
+            )
+        content, signature = inner.children
+        if signature.content_type.value not in PKCS7_SIGNATURE:
+            raise ProfileViolation("second part of multipart/signed is not a pkcs7-signature")
+        sig_der = signature.decoded_body(limit=limits.max_message_bytes)
+        check = cms_signed.verify_signed_data(sig_der, detached=content.raw, known=known)
+        # The verified bytes (CRLF-canonical) are parsed, not the possibly LF-damaged copy.
+        entity = content if check.content == content.raw else parse_entity(check.content, limits)
+        return "detached", check, entity
+    if ctype in PKCS7_MIME:
+        smime_type = _smime_type(inner)
+        if smime_type in _ENVELOPED:
+            raise ProfileViolation("the message is encrypted twice; sign, then encrypt once")
+        if smime_type not in ("signed-data", ""):
+            raise ProfileViolation(f"smime-type {smime_type!r} is not allowed inside the envelope")
+        der = inner.decoded_body(limit=limits.max_message_bytes)
+        check = cms_signed.verify_signed_data(der, known=known)
+        return "opaque", check, parse_entity(check.content, limits)
+    if inner.content_type.maintype == "multipart" and any(
+        c.content_type.value in PKCS7_SIGNATURE | PKCS7_MIME
+        or c.content_type.value == "multipart/signed"
+        for c in inner.walk()
+    ):
+        raise UnsignedContent(
+            "the signed part is accompanied by unsigned parts (or sent as an attachment); the "
+            "signature must cover the whole message content"
+        )
+    raise NotSigned("the message is encrypted but not signed; sign it before encrypting")
+
+
+def _payload_of(entity: Entity, limits: Limits) -> tuple[bytes, tuple[Attachment, ...]]:
+    ctype = entity.content_type.value
+    if ctype in XML_TYPES:
+        return entity.decoded_body(limit=limits.max_xml_bytes), ()
+    if ctype == "multipart/mixed" and entity.children:
+        first, *rest = entity.children
+        if first.content_type.value not in XML_TYPES:
+            raise ProfileViolation("the first part of the signed content must be the XML payload")
+        attachments: list[Attachment] = []
+        for part in rest:
+            if part.content_type.maintype == "multipart" or part.content_type.value in PKCS7_MIME:
+                raise ProfileViolation("attachments may not be multiparts or S/MIME objects")
+            attachments.append(
+                Attachment(
+                    filename=_filename(part) or f"attachment-{len(attachments) + 1}",
+                    media_type=part.content_type.value,
+                    data=part.decoded_body(limit=limits.max_message_bytes),
+                )
+            )
+        return first.decoded_body(limit=limits.max_xml_bytes), tuple(attachments)
+    raise ProfileViolation(f"the signed content is {ctype}; it must be application/xml")
+
+
+def _filename(part: Entity) -> str | None:
+    disposition = part.get("content-disposition") or ""
+    for item in disposition.split(";")[1:]:
+        key, _, value = item.strip().partition("=")
+        if key.lower() == "filename":
+            return value.strip().strip('"')[:200] or None
+    return part.content_type.param("name")
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+def _b64_lines(data: bytes) -> bytes:
+    encoded = base64.encodebytes(data)  # 76-character lines, LF
+    return encoded.replace(b"\n", b"\r\n")
+
+
+def _header_value(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("header values may not contain line breaks")
+    return value if value.isascii() else Header(value, "utf-8").encode()
+
+
+def payload_entity(
+    payload_xml: bytes, attachments: Sequence[Attachment] = (), *, boundary: str | None = None
+) -> bytes:
+    """The canonical CRLF MIME entity carrying the XML payload (and attachments)."""
+    xml_part = (
+        b"Content-Type: application/xml; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="payload.xml"\r\n\r\n' + _b64_lines(payload_xml)
+    )
+    if not attachments:
+        return xml_part
+    b = (boundary or _boundary()).encode()
+    parts = [xml_part]
+    for att in attachments:
+        name = _header_value(att.filename).replace('"', "")
+        parts.append(
+            f"Content-Type: {_header_value(att.media_type)}\r\n"
+            "Content-Transfer-Encoding: base64\r\n"
+            f'Content-Disposition: attachment; filename="{name}"\r\n\r\n'.encode()
+            + _b64_lines(att.data)
+        )
+    body = b"".join(b"--" + b + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + b + b"--\r\n"
+    return b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n' + body
+
+
+def _boundary() -> str:
+    return "=_gw_" + os.urandom(12).hex()
+
+
+def sign_entity(
+    entity: bytes,
+    *,
+    cert: x509.Certificate,
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    detached: bool = True,
+    pss: bool = False,
+) -> bytes:
+    """Wrap a CRLF entity in a signature: multipart/signed (default) or opaque signed-data."""
+    der = cms_signed.sign(entity, cert=cert, key=key, detached=detached, pss=pss)
+    if not detached:
+        return (
+            b'Content-Type: application/pkcs7-mime; smime-type=signed-data; name="smime.p7m"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n"
+            b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n' + _b64_lines(der)
+        )
+    b = _boundary().encode()
+    return (
+        b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
+        b'micalg=sha-256; boundary="' + b + b'"\r\n\r\n'
+        b"--" + b + b"\r\n" + entity + b"\r\n--" + b + b"\r\n"
+        b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n'
+        + _b64_lines(der)
+        + b"\r\n--"
+        + b
+        + b"--\r\n"
+    )
+
+
+def build_message(
+    payload_xml: bytes,
+    *,
+    signer_cert: x509.Certificate,
+    signer_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    recipients: Sequence[x509.Certificate],
+    from_addr: str,
+    to_addrs: Sequence[str],
+    message_id: str,
+    date: datetime,
+    subject: str = "Official data exchange",
+    detached: bool = True,
+    pss: bool = False,
+    cipher: str = "aes256_cbc",
+    oaep: bool = False,
+    attachments: Sequence[Attachment] = (),
+) -> bytes:
+    """Sign, then encrypt, a payload into a complete RFC 5322 message (CRLF line ends)."""
+    signed = sign_entity(
+        payload_entity(payload_xml, attachments),
+        cert=signer_cert,
+        key=signer_key,
+        detached=detached,
+        pss=pss,
+    )
+    enveloped = cms_envelope.encrypt(signed, recipients, cipher=cipher, oaep=oaep)
+    smime_type = "authEnveloped-data" if cipher.endswith("_gcm") else "enveloped-data"
+    return wrap_enveloped(
+        enveloped,
+        smime_type=smime_type,
+        from_addr=from_addr,
+        to_addrs=to_addrs,
+        message_id=message_id,
+        date=date,
+        subject=subject,
+    )
+
+
+def wrap_enveloped(
+    der: bytes,
+    *,
+    smime_type: str,
+    from_addr: str,
+    to_addrs: Sequence[str],
+    message_id: str,
+    date: datetime,
+    subject: str,
+) -> bytes:
+    """RFC 5322 headers around an enveloped CMS blob."""
+    if not to_addrs:
+        raise ValueError("a message needs at least one To address")
+    headers = [
+        ("From", from_addr),
+        ("To", ", ".join(to_addrs)),
+        ("Subject", subject),
+        ("Date", format_datetime(date)),
+        ("Message-ID", message_id),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", f'application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"'),
+        ("Content-Transfer-Encoding", "base64"),
+        ("Content-Disposition", 'attachment; filename="smime.p7m"'),
+    ]
+    head = "".join(f"{name}: {_header_value(value)}\r\n" for name, value in headers)
+    message = head.encode("ascii") + b"\r\n" + _b64_lines(der)
+    if len(message) > DEFAULT_LIMITS.max_message_bytes:
+        raise LimitExceeded(f"the built message is {len(message)} bytes, over the message limit")
+    return message

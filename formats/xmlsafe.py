@@ -1,0 +1,167 @@
+"""Hardened XML parsing: the only way a payload's bytes become an element tree.
+
+DESIGN §4: "XML is parsed only with a hardened parser: no DOCTYPE at all (refuse), no entities,
+no network, no XInclude, ``huge_tree=False``, size and depth limits". The plan, in order:
+
+1. size: more than ``limits.max_xml_bytes`` bytes → :class:`LimitExceeded`, before parsing;
+2. encoding: payloads are UTF-8; a NUL byte (UTF-16/32) → :class:`XmlForbidden`. Being ASCII
+   compatible is what lets step 3 see markup in the raw bytes;
+3. ``<!DOCTYPE`` or ``<!ENTITY`` anywhere → :class:`XmlForbidden`, so no DTD (billion laughs,
+   XXE) ever reaches libxml2;
+4. parse with libxml2 told to load no DTD, resolve no entity, use no network and keep its
+   built-in caps (``huge_tree=False``: text nodes ≤ 10 MB, depth ≤ 256). Not well-formed →
+   :class:`XmlMalformed` with line and column; a libxml2 cap → :class:`LimitExceeded`;
+5. belt and braces on the tree: any DOCTYPE, entity reference, processing instruction or
+   XInclude element → :class:`XmlForbidden`; a declared encoding other than UTF-8 →
+   :class:`XmlForbidden`;
+6. depth deeper than ``limits.max_xml_depth`` (the root is depth 1) → :class:`LimitExceeded`,
+   counted without recursion.
+
+XInclude is never *processed* (we never call ``xinclude()``); step 5 refuses it outright so a
+payload cannot even ask for it.
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from formats.errors import LimitExceeded, XmlForbidden, XmlMalformed
+from formats.limits import DEFAULT_LIMITS, Limits
+
+_XINCLUDE_NAMESPACES = frozenset(
+    {"http://www.w3.org/2001/XInclude", "http://www.w3.org/2003/XInclude"}
+)
+#: libxml2 messages that mean "a built-in resource cap was hit", not "bad syntax".
+_LIBXML_CAPS = ("XML_PARSE_HUGE", "Resource limit exceeded", "Excessive depth", "huge text")
+#: libxml2 messages about entities (undeclared references, amplification, external loads).
+_LIBXML_ENTITIES = ("Entity '", "amplification", "network entity", "PEReference", "entity loop")
+
+
+def _parser() -> etree.XMLParser:
+    # A fresh parser per call: lxml parsers are not safe to share between threads.
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        attribute_defaults=False,
+        huge_tree=False,
+        remove_comments=False,
+        remove_pis=False,
+        collect_ids=False,
+        strip_cdata=True,
+    )
+
+
+def parse_xml(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
+    """Parse ``data`` with every protection of DESIGN §4, or raise a typed error.
+
+    Returns the root element. Raises :class:`LimitExceeded`, :class:`XmlForbidden` or
+    :class:`XmlMalformed`; never anything else for any input bytes.
+    """
+    if len(data) > limits.max_xml_bytes:
+        raise LimitExceeded(
+            f"XML payload is {len(data)} bytes, over the limit of {limits.max_xml_bytes}; "
+            "split the records over several messages"
+        )
+    _refuse_in_bytes(data)
+    try:
+        root = etree.fromstring(data, _parser())
+    except etree.XMLSyntaxError as err:
+        raise _syntax_error(err) from None
+    tree = root.getroottree()
+    _refuse_in_tree(tree)
+    _check_depth(root, limits.max_xml_depth)
+    return root
+
+
+def _refuse_in_bytes(data: bytes) -> None:
+    if b"\x00" in data:
+        raise XmlForbidden(
+            "XML payload is not UTF-8 (it contains NUL bytes, as UTF-16 or UTF-32 would); "
+            "encode it as UTF-8"
+        )
+    for marker, what in ((b"<!DOCTYPE", "a DOCTYPE declaration"), (b"<!ENTITY", "an entity")):
+        at = data.find(marker)
+        if at >= 0:
+            line, column = _position(data, at)
+            raise XmlForbidden(
+                f"line {line}, column {column}: XML payload contains {what}; DTDs and "
+                "entities are refused (DESIGN §4), remove the DOCTYPE"
+            )
+
+
+def _position(data: bytes, offset: int) -> tuple[int, int]:
+    line = data.count(b"\n", 0, offset) + 1
+    start = data.rfind(b"\n", 0, offset) + 1
+    column = len(data[start:offset].decode("utf-8", "replace")) + 1
+    return line, column
+
+
+def _syntax_error(err: etree.XMLSyntaxError) -> LimitExceeded | XmlForbidden | XmlMalformed:
+    line, column = err.position
+    text = err.msg or str(err)
+    # libxml2 appends ", line L, column C" itself; keep one copy of it, ours, in front.
+    text = text.split(", line ")[0]
+    if any(cap in text for cap in _LIBXML_CAPS):
+        return LimitExceeded(
+            f"line {line}, column {column}: XML payload exceeds a parser limit ({text}); "
+            "no text node may exceed 10 MB and nesting is capped — send attachments separately"
+        )
+    if any(marker in text for marker in _LIBXML_ENTITIES):
+        return XmlForbidden(
+            f"line {line}, column {column}: XML payload uses an entity ({text}); entities are "
+            "refused, write the characters themselves or use &#NNNN; character references"
+        )
+    return XmlMalformed(f"line {line}, column {column}: XML is not well-formed: {text}")
+
+
+def _refuse_in_tree(tree: etree._ElementTree) -> None:
+    info = tree.docinfo
+    if getattr(info, "doctype", "") or info.internalDTD is not None or info.externalDTD is not None:
+        raise XmlForbidden("XML payload declares a DOCTYPE; DTDs are refused (DESIGN §4)")
+    encoding = (info.encoding or "UTF-8").upper()
+    if encoding not in ("UTF-8", "UTF8"):
+        raise XmlForbidden(
+            f"XML payload declares encoding {info.encoding}; payloads must be UTF-8, "
+            're-encode it and declare encoding="UTF-8"'
+        )
+    root = tree.getroot()
+    for sibling in (*root.itersiblings(preceding=True), *root.itersiblings()):
+        if isinstance(sibling, etree._ProcessingInstruction):
+            raise _pi_error(sibling)
+    for node in root.iter(etree.Entity, etree.ProcessingInstruction):
+        if isinstance(node, etree._ProcessingInstruction):
+            raise _pi_error(node)
+        raise XmlForbidden(
+            f"line {node.sourceline}: XML payload contains the entity reference {node.text}; "
+            "entities are refused, write the characters themselves"
+        )
+    for element in root.iter(etree.Element):
+        if etree.QName(element).namespace in _XINCLUDE_NAMESPACES:
+            raise XmlForbidden(
+                f"line {element.sourceline}: XML payload contains an XInclude element; "
+                "XInclude is refused, put the content in the payload or attach it"
+            )
+
+
+def _pi_error(node: etree._Element) -> XmlForbidden:
+    target = getattr(node, "target", "?")
+    return XmlForbidden(
+        f"line {node.sourceline}: XML payload contains the processing instruction <?{target}?>; "
+        "processing instructions are refused, remove it"
+    )
+
+
+def _check_depth(root: etree._Element, max_depth: int) -> None:
+    depth = 0
+    for event, element in etree.iterwalk(root, events=("start", "end")):
+        if event == "start":
+            depth += 1
+            if depth > max_depth:
+                raise LimitExceeded(
+                    f"line {element.sourceline}: XML nesting is deeper than the limit of "
+                    f"{max_depth} levels; flatten the structure"
+                )
+        else:
+            depth -= 1

@@ -1,0 +1,1 @@
+"""The gateway: pipeline, CLI and (later) the network edges."""

@@ -1,0 +1,85 @@
+"""The ``gateway`` command line. The only place that reads settings (DESIGN §2).
+
+Errors are one clear line on stderr and a non-zero exit, never a traceback: a
+:class:`~formats.errors.GatewayError` exits 2 (1 is kept for "checked and found invalid"),
+anything unexpected exits 70 (EX_SOFTWARE) with a one-line summary; ``--debug`` shows the
+traceback for developers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from formats.errors import GatewayError
+from gateway import settings as settings_mod
+from gateway.cli_payload import payload
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GatewayError as err:
+            raise click.ClickException(err.message) from err
+
+
+@click.group(cls=_Group)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="GATEWAY_HOME",
+    help="Gateway home directory (default: $GATEWAY_HOME or ./gateway-home).",
+)
+@click.option("--debug", is_flag=True, hidden=True, help="Show tracebacks for unexpected errors.")
+@click.version_option(package_name="official-mail-gateway", prog_name="gateway")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, debug: bool) -> None:
+    """Secure official-mail gateway: signed, encrypted XML submissions over S/MIME."""
+    ctx.ensure_object(dict)
+    ctx.obj["home"] = settings_mod.resolve_home(home)
+    ctx.obj["debug"] = debug
+
+
+def load_settings(ctx: click.Context) -> settings_mod.Settings:
+    home: Path = ctx.find_root().obj["home"]
+    return settings_mod.load(home)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+
+
+cli.add_command(payload)
+
+
+def _register() -> None:
+    # Imported here so that each command module can import helpers from this one.
+    from gateway import cli_check, cli_demo, cli_init
+
+    cli.add_command(cli_check.check)
+    cli.add_command(cli_demo.demo)
+    cli.add_command(cli_init.init)
+
+
+_register()
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(prog_name="gateway", standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: one line, never a traceback
+        if debug:
+            raise
+        click.echo(f"gateway: internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(70)

@@ -1,0 +1,159 @@
+"""The edge that turns settings into a pipeline :class:`~gateway.pipeline.Context`.
+
+Reads key, certificate, CRL and directory files named by the settings. Private keys are loaded
+once here (an RSA-3072 PEM costs ~90 ms to load), never per message.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterable, Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from formats.cms_envelope import RecipientKey
+from formats.errors import ConfigError, InputError
+from gateway.pipeline import Context
+from gateway.settings import Settings
+from keys import files
+from keys.directory import Agency, Directory
+from keys.trust import TrustStore
+
+_CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".p7b", ".p7c")
+_CRL_SUFFIXES = (".crl", ".pem", ".der")
+
+
+def load_context(settings: Settings) -> Context:
+    return Context(
+        keys=load_hub_keys(settings),
+        trust=load_trust(settings),
+        directory=load_directory(settings.path(settings.directory.file)),
+        limits=settings.limits,
+    )
+
+
+def passphrase(settings: Settings) -> bytes | None:
+    hub = settings.hub
+    if hub.passphrase_file is not None:
+        path = settings.path(hub.passphrase_file)
+        try:
+            return path.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+    value = os.environ.get(hub.passphrase_env)
+    return value.encode() if value else None
+
+
+def load_hub_keys(settings: Settings) -> tuple[RecipientKey, ...]:
+    secret = passphrase(settings)
+    out = []
+    for cert_path, key_path in zip(
+        settings.hub.certificates, settings.hub.private_keys, strict=True
+    ):
+        cert_file, key_file = settings.path(cert_path), settings.path(key_path)
+        if not cert_file.exists() or not key_file.exists():
+            raise ConfigError(
+                f"hub key pair not found ({cert_file}, {key_file}); set [hub] certificates and "
+                f"private_keys in {settings.config_file}, or run `gateway demo --dir DIR` to "
+                "see a complete home"
+            )
+        certs = files.load_certificates(cert_file)
+        key = files.load_private_key(key_file, secret)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ConfigError(f"{key_file}: the hub decryption key must be RSA")
+        out.append(RecipientKey(certs[0], key))
+    return tuple(out)
+
+
+def load_trust(settings: Settings) -> TrustStore:
+    anchors = list(_certs(settings, settings.trust.anchors))
+    if not anchors:
+        raise ConfigError(
+            f"no trust anchors found in {', '.join(str(settings.path(p)) for p in settings.trust.anchors)}; "
+            "import the CA certificate(s) that issue agency certificates"
+        )
+    crls = [files.load_crl(p) for p in _expand(settings, settings.trust.crls, _CRL_SUFFIXES)]
+    return TrustStore(
+        anchors=tuple(anchors),
+        intermediates=tuple(_certs(settings, settings.trust.intermediates)),
+        crls=tuple(crls),
+        revocation_mode="soft-fail" if settings.trust.revocation == "soft-fail" else "hard-fail",
+    )
+
+
+def _certs(settings: Settings, paths: Iterable[Path]) -> Iterator[x509.Certificate]:
+    for path in _expand(settings, paths, _CERT_SUFFIXES):
+        yield from files.load_certificates(path)
+
+
+def _expand(settings: Settings, paths: Iterable[Path], suffixes: tuple[str, ...]) -> Iterator[Path]:
+    for p in paths:
+        path = settings.path(p)
+        if path.is_dir():
+            yield from sorted(c for c in path.iterdir() if c.suffix.lower() in suffixes)
+        elif path.exists():
+            yield path
+
+
+def load_directory(path: Path) -> Directory:
+    """The agency directory from a TOML file of ``[[agency]]`` tables (empty if absent)."""
+    if not path.exists():
+        return Directory.of(())
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    agencies = []
+    for n, entry in enumerate(data.get("agency", []), start=1):
+        try:
+            agencies.append(_agency(entry))
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{path}: agency #{n} is missing or has a bad field ({exc})") from None
+    return Directory.of(agencies)
+
+
+def _agency(entry: dict[str, Any]) -> Agency:
+    def day(name: str) -> date | None:
+        value = entry.get(name)
+        if value is None or isinstance(value, date):
+            return value
+        raise TypeError(f"{name} must be a date (YYYY-MM-DD)")
+
+    return Agency(
+        organ_id=str(entry["organ_id"]),
+        name_vi=str(entry["name_vi"]),
+        name_en=str(entry.get("name_en", "")),
+        emails=frozenset(entry["emails"]),
+        supervisor=entry.get("supervisor"),
+        valid_from=day("valid_from"),
+        valid_to=day("valid_to"),
+    )
+
+
+def dump_directory(directory: Iterable[Agency]) -> str:
+    """The TOML text :func:`load_directory` reads back."""
+    lines: list[str] = []
+    for a in directory:
+        lines.append("[[agency]]")
+        lines.append(f"organ_id = {_q(a.organ_id)}")
+        lines.append(f"name_vi = {_q(a.name_vi)}")
+        lines.append(f"name_en = {_q(a.name_en)}")
+        lines.append("emails = [" + ", ".join(_q(e) for e in sorted(a.emails)) + "]")
+        if a.supervisor:
+            lines.append(f"supervisor = {_q(a.supervisor)}")
+        if a.valid_from:
+            lines.append(f"valid_from = {a.valid_from.isoformat()}")
+        if a.valid_to:
+            lines.append(f"valid_to = {a.valid_to.isoformat()}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _q(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

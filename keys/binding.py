@@ -1,0 +1,153 @@
+"""Agency binding: the validated signer must *be* the sending agency (DESIGN §5 rule 2).
+
+Small policy objects, each ``verify(ctx) -> None`` or raise a
+:class:`~formats.errors.BindingError`, combined with :class:`AllOf`::
+
+    AllOf(
+        EmailIs(from_addr),
+        SenderIsAgency(directory),
+        AgencyIs(payload_organ_id, directory),
+    ).verify(BindingContext(signer=validated, from_addr=from_addr, at=received_on))
+
+``at`` is a calendar date in the directory's (local) time zone: the caller converts the
+receipt instant, so this module never decides a time zone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Protocol
+
+from formats.errors import (
+    AgencyMismatch,
+    GatewayError,
+    SenderMismatch,
+    UnknownAgency,
+)
+from keys.directory import Directory, normalize_email
+from keys.trust import ValidatedSigner, describe
+
+
+@dataclass(frozen=True)
+class BindingContext:
+    """What the binding policies look at: the validated signer, the From address, the day."""
+
+    signer: ValidatedSigner
+    from_addr: str
+    at: date
+
+
+class Policy(Protocol):
+    def verify(self, ctx: BindingContext) -> None:
+        """Return if the policy holds; raise a :class:`BindingError` naming the mismatch."""
+
+
+class AllOf:
+    """Every policy must hold. :meth:`verify` raises the first failure, in the given order."""
+
+    def __init__(self, *policies: Policy) -> None:
+        if not policies:
+            raise ValueError("AllOf needs at least one policy; use UnsafeNoOp to check nothing")
+        self._policies = policies
+
+    def verify(self, ctx: BindingContext) -> None:
+        for policy in self._policies:
+            policy.verify(ctx)
+
+    def failures(self, ctx: BindingContext) -> list[GatewayError]:
+        """Every failure, for reports that list all that is wrong at once."""
+        out: list[GatewayError] = []
+        for policy in self._policies:
+            if isinstance(policy, AllOf):
+                out += policy.failures(ctx)
+                continue
+            try:
+                policy.verify(ctx)
+            except GatewayError as exc:
+                out.append(exc)
+        return out
+
+
+@dataclass(frozen=True)
+class EmailIs:
+    """The certificate's SAN e-mail equals the single From address.
+
+    RFC 5321 §2.4: the domain compares case-insensitively, the local part exactly.
+    """
+
+    from_addr: str
+
+    def verify(self, ctx: BindingContext) -> None:
+        try:
+            wanted = normalize_email(self.from_addr)
+        except ValueError:
+            raise SenderMismatch(
+                f"From {self.from_addr!r} is not a single bare address; send from the "
+                "agency's mailbox only"
+            ) from None
+        emails = ctx.signer.emails
+        if wanted in emails:
+            return
+        if not emails:
+            raise SenderMismatch(
+                f"From <{wanted}>: the signer {describe(ctx.signer.cert)} carries no e-mail "
+                f"address; re-issue the certificate with subjectAltName rfc822Name {wanted}"
+            )
+        shown = ", ".join(f"<{e}>" for e in emails)
+        raise SenderMismatch(
+            f"From <{wanted}> does not match certificate e-mail {shown}; re-issue the "
+            f"certificate or send from {emails[0]}"
+        )
+
+
+@dataclass(frozen=True)
+class SenderIsAgency:
+    """The From address belongs to an agency in the directory on that day."""
+
+    directory: Directory
+
+    def verify(self, ctx: BindingContext) -> None:
+        if self.directory.by_email(ctx.from_addr, ctx.at) is None:
+            raise UnknownAgency(
+                f"From <{ctx.from_addr}> is not the mailbox of any agency in the directory on "
+                f"{ctx.at.isoformat()}; register the mailbox for its agency or send from a "
+                "registered one"
+            )
+
+
+@dataclass(frozen=True)
+class AgencyIs:
+    """The payload's ``From/OrganId`` is the agency that owns the From address and, when the
+    certificate subject carries an OrganId, that one too."""
+
+    organ_id: str
+    directory: Directory
+
+    def verify(self, ctx: BindingContext) -> None:
+        owner = self.directory.by_email(ctx.from_addr, ctx.at)
+        if owner is None:
+            raise UnknownAgency(
+                f"From <{ctx.from_addr}> is not the mailbox of any agency in the directory on "
+                f"{ctx.at.isoformat()}, so payload OrganId {self.organ_id} cannot be checked"
+            )
+        if owner.organ_id != self.organ_id:
+            raise AgencyMismatch(
+                f"payload From/OrganId {self.organ_id} does not match {owner.organ_id} "
+                f"({owner.name_vi}), the agency that owns <{ctx.from_addr}>; put "
+                f"{owner.organ_id} in the payload or send from that agency's mailbox"
+            )
+        cert_organ = ctx.signer.organ_id
+        if cert_organ is not None and cert_organ != self.organ_id:
+            raise AgencyMismatch(
+                f"payload From/OrganId {self.organ_id} does not match OrganId {cert_organ} in "
+                f"the signer {describe(ctx.signer.cert)}; sign with {self.organ_id}'s "
+                "certificate or correct the payload"
+            )
+
+
+class UnsafeNoOp:
+    """Checks nothing. For tests only — never configure it in a running gateway."""
+
+    def verify(self, ctx: BindingContext) -> None:
+        return None
