@@ -43,7 +43,8 @@ Tree::
     ├── PayloadError                  554 5.6.0
     │   ├── XmlForbidden                 DOCTYPE, entities, processing tricks
     │   ├── XmlMalformed                 not well-formed
-    │   └── SchemaInvalid                well-formed but fails the category XSD (line/column)
+    │   ├── SchemaInvalid                well-formed but fails the category XSD (line/column)
+    │   └── AttachmentMismatch           attachments differ from the payload's manifest
     ├── TransientError                451 4.3.0  retry later; never a rejection
     └── LocalError                    (not a peer's fault) configuration or usage problems
         ├── ConfigError
@@ -256,6 +257,11 @@ class XmlMalformed(PayloadError):
 class SchemaInvalid(PayloadError):
     code = "schema-invalid"
     reason_vi = "Dữ liệu XML không đúng lược đồ (XSD) của loại thông tin"
+
+
+class AttachmentMismatch(PayloadError):
+    code = "attachment-mismatch"
+    reason_vi = "Tệp đính kèm không khớp với danh mục tệp đính kèm trong dữ liệu"
 
 
 # --- not the peer's fault -------------------------------------------------------------------

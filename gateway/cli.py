@@ -20,12 +20,18 @@ from gateway import settings as settings_mod
 from gateway.cli_payload import payload
 
 
+class Failure(click.ClickException):
+    """A one-line error; exit status 2 (1 means "checked, and refused")."""
+
+    exit_code = 2
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except GatewayError as err:
-            raise click.ClickException(err.message) from err
+            raise Failure(err.message) from err
 
 
 @click.group(cls=_Group)

@@ -16,6 +16,7 @@ have all been accepted, and nothing in an untrusted certificate is interpreted.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -23,7 +24,7 @@ from datetime import date, datetime, timedelta, timezone
 from cryptography import x509
 
 from formats.cms_envelope import RecipientKey
-from formats.errors import GatewayError
+from formats.errors import AttachmentMismatch, GatewayError
 from formats.limits import DEFAULT_LIMITS, Limits
 from formats.mime import Entity
 from formats.payload import Payload
@@ -113,6 +114,28 @@ def _parse_payload(w: _Work) -> None:
     w.payload = Payload.from_xml(w.opened.payload, limits=w.ctx.limits)
 
 
+def _check_attachments(w: _Work) -> None:
+    """The signed MIME attachments are exactly those the payload's manifest lists."""
+    assert w.payload is not None
+    assert w.opened is not None
+    listed = Counter((a.name, a.size, a.sha256) for a in w.payload.attachments)
+    carried = Counter(
+        (a.filename, len(a.data), hashlib.sha256(a.data).hexdigest()) for a in w.opened.attachments
+    )
+    if listed == carried:
+        return
+    missing = sorted(name for name, _, _ in listed - carried)
+    extra = sorted(name for name, _, _ in carried - listed)
+    problems = []
+    if missing:
+        problems.append(
+            f"listed in the manifest but not attached (or altered): {', '.join(missing)}"
+        )
+    if extra:
+        problems.append(f"attached but not listed in the manifest: {', '.join(extra)}")
+    raise AttachmentMismatch("; ".join(problems) + "; attach exactly the files the payload lists")
+
+
 def _bind_payload(w: _Work) -> None:
     assert w.payload is not None
     organ_id = w.payload.header.sender.organ_id
@@ -140,6 +163,7 @@ STEPS: tuple[Step, ...] = (
     Step("signer", _trust_signer),  # path, revocation, EKU at `at`
     Step("sender", _bind_sender),  # From == certificate e-mail; From is an agency
     Step("payload", _parse_payload),  # hardened XML, category XSD, cross-field rules
+    Step("attachments", _check_attachments),  # MIME attachments == the payload's manifest
     Step("agency", _bind_payload),  # payload From/OrganId == the signing agency
 )
 

@@ -1,0 +1,115 @@
+"""The ``gateway`` command as a user runs it: a real process, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def gateway(*args: str | Path, env_home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "GATEWAY_HOME": str(env_home)} if env_home else None
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    home = tmp_path_factory.mktemp("demo")
+    proc = gateway("demo", "--dir", home, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return home, json.loads(proc.stdout)
+
+
+def test_demo_shows_acceptance_and_each_refusal(demo_home: tuple[Path, dict[str, object]]) -> None:
+    home, verdicts = demo_home
+    disposition = {name: v["disposition"] for name, v in verdicts.items() if isinstance(v, dict)}
+    assert disposition == {
+        "accepted.eml": "accepted",
+        "tampered.eml": "quarantined",
+        "spoofed-from.eml": "quarantined",
+        "revoked-signer.eml": "quarantined",
+    }
+    codes = {
+        n: v["reasons"][0]["code"]
+        for n, v in verdicts.items()
+        if isinstance(v, dict) and v["reasons"]
+    }
+    assert codes == {
+        "tampered.eml": "signature-invalid",
+        "spoofed-from.eml": "sender-mismatch",
+        "revoked-signer.eml": "signer-revoked",
+    }
+    key = (home / "keys/hub.key").read_bytes()
+    assert b"ENCRYPTED PRIVATE KEY" in key  # private keys are encrypted at rest
+    assert (home / "keys/hub.key").stat().st_mode & 0o077 == 0
+
+
+def test_check_accepts_and_refuses_with_exit_codes(
+    demo_home: tuple[Path, dict[str, object]],
+) -> None:
+    home, _ = demo_home
+    ok = gateway("--home", home, "check", home / "messages/accepted.eml")
+    assert ok.returncode == 0, ok.stderr
+    assert "ACCEPTED" in ok.stdout
+    assert "work-permit" in ok.stdout
+
+    bad = gateway("check", "--json", home / "messages/revoked-signer.eml", env_home=home)
+    assert bad.returncode == 1
+    verdict = json.loads(bad.stdout)
+    assert verdict["disposition"] == "quarantined"
+    assert verdict["reasons"][0]["code"] == "signer-revoked"
+    assert verdict["reasons"][0]["reason_vi"]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("check", "/nonexistent/message.eml"), "cannot read /nonexistent/message.eml"),
+        (("check", "--at", "yesterday", "x.eml"), "not an ISO 8601 time"),
+    ],
+)
+def test_errors_are_one_line_never_a_traceback(
+    tmp_path: Path, args: tuple[str, ...], match: str
+) -> None:
+    proc = gateway("--home", tmp_path, *args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert match in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_keys_say_how_to_fix_it(tmp_path: Path) -> None:
+    (tmp_path / "m.eml").write_bytes(b"From: a@x.vn\r\n\r\n")
+    proc = gateway("--home", tmp_path, "check", tmp_path / "m.eml")
+    assert proc.returncode == 2
+    assert "hub key pair not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_broken_settings_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "gateway.toml").write_text("[hub\n", encoding="utf-8")
+    (tmp_path / "m.eml").write_bytes(b"x")
+    proc = gateway("--home", tmp_path, "check", tmp_path / "m.eml")
+    assert proc.returncode != 0
+    assert "not valid TOML" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_init_writes_a_commented_config_that_loads(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = gateway("--home", home, "init")
+    assert proc.returncode == 0, proc.stderr
+    text = (home / "gateway.toml").read_text(encoding="utf-8")
+    assert "[trust]" in text
+    assert (home / "trust/anchors").is_dir()
+    again = gateway("--home", home, "init")
+    assert "already exists" in again.stdout

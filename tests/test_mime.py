@@ -1,0 +1,132 @@
+"""MIME as spans of the received bytes: limits first, exact cuts, strict parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from formats.errors import HeaderCountError, LimitExceeded, MalformedMessage
+from formats.limits import Limits
+from formats.mime import (
+    decode_base64,
+    parse_content_type,
+    parse_message,
+    single_address,
+    single_header,
+)
+
+SIGNED = (
+    b"From: a@x.vn\r\nMessage-ID: <1@x.vn>\r\n"
+    b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; boundary="b1"\r\n'
+    b"\r\npreamble\r\n--b1\r\nContent-Type: text/plain\r\n\r\nline one\r\nline two\r\n"
+    b"--b1\r\nContent-Type: application/pkcs7-signature\r\n\r\nAAAA\r\n--b1--\r\nepilogue\r\n"
+)
+
+
+def test_parts_are_cut_exactly_without_the_crlf_before_the_delimiter() -> None:
+    top = parse_message(SIGNED)
+    first, second = top.children
+    assert first.raw == b"Content-Type: text/plain\r\n\r\nline one\r\nline two"
+    assert first.body == b"line one\r\nline two"
+    assert second.body == b"AAAA"
+    assert SIGNED.index(first.raw) == first.start  # a window onto the same buffer
+
+
+def test_lf_only_messages_are_split_the_same_way() -> None:
+    top = parse_message(SIGNED.replace(b"\r\n", b"\n"))
+    assert top.children[0].raw == b"Content-Type: text/plain\n\nline one\nline two"
+
+
+def test_boundary_that_prefixes_a_longer_line_is_not_a_delimiter() -> None:
+    raw = SIGNED.replace(b"line one", b"--b1x not a delimiter")
+    assert parse_message(raw).children[0].body.startswith(b"--b1x")
+
+
+def test_missing_close_delimiter_is_a_truncation() -> None:
+    with pytest.raises(MalformedMessage, match="no closing boundary"):
+        parse_message(SIGNED[: SIGNED.index(b"--b1--")])
+
+
+@pytest.mark.parametrize(
+    ("limits", "raw", "match"),
+    [
+        (Limits(max_message_bytes=100), SIGNED, "message is"),
+        (Limits(max_parts=2), SIGNED, "more than 2 MIME parts"),
+        (Limits(max_depth=1), SIGNED, "deeper than 1"),
+        (Limits(max_header_bytes=40), SIGNED, "header block larger"),
+        (Limits(max_line_bytes=40), SIGNED, "header line longer"),
+    ],
+)
+def test_limits_are_refused_with_their_own_message(limits: Limits, raw: bytes, match: str) -> None:
+    with pytest.raises(LimitExceeded, match=match):
+        parse_message(raw, limits)
+
+
+def test_part_count_stops_early_on_a_flood_of_parts() -> None:
+    body = b"".join(b"--b\r\n\r\nx\r\n" for _ in range(100_000)) + b"--b--\r\n"
+    raw = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + body
+    with pytest.raises(LimitExceeded, match="more than 16 MIME parts"):
+        parse_message(raw)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('multipart/signed; protocol="application/pkcs7-signature"; micalg=sha-256; boundary="a b"',
+         ("multipart", "signed", {"protocol": "application/pkcs7-signature", "micalg": "sha-256", "boundary": "a b"})),
+        ("Application/PKCS7-MIME; smime-type=enveloped-data; name=smime.p7m;",
+         ("application", "pkcs7-mime", {"smime-type": "enveloped-data", "name": "smime.p7m"})),
+        ('text/plain; title="a \\"quoted\\" word"', ("text", "plain", {"title": 'a "quoted" word'})),
+    ],
+)  # fmt: skip
+def test_content_type_parameters(value: str, expected: tuple[str, str, dict[str, str]]) -> None:
+    ct = parse_content_type(value)
+    assert (ct.maintype, ct.subtype, ct.params) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["application", "text/plain; charset", "text/plain; a=1; a=2", 'text/plain; x="open']
+)
+def test_malformed_content_types_are_failures_not_defaults(value: str) -> None:
+    with pytest.raises(MalformedMessage):
+        parse_content_type(value)
+
+
+def test_exactly_one_from_is_required() -> None:
+    top = parse_message(b"From: a@x.vn\r\nFrom: b@x.vn\r\n\r\nbody")
+    with pytest.raises(HeaderCountError, match="2 From headers"):
+        single_header(top, "From")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("a@X.VN", "a@x.vn"),
+        ('"vanthu@snv.hanoi.gov.vn" <attacker@evil.example>', "attacker@evil.example"),
+        ("Văn thư <vanthu@snv.hanoi.gov.vn>", "vanthu@snv.hanoi.gov.vn"),
+    ],
+)
+def test_single_address_takes_the_addr_spec_never_the_display_name(
+    value: str, expected: str
+) -> None:
+    assert single_address(value) == expected
+
+
+@pytest.mark.parametrize("value", ["a@x.vn, b@x.vn", "undisclosed:;", "no address here", ""])
+def test_single_address_refuses_anything_but_one_mailbox(value: str) -> None:
+    with pytest.raises(HeaderCountError):
+        single_address(value)
+
+
+def test_non_utf8_headers_are_refused() -> None:
+    with pytest.raises(MalformedMessage, match="UTF-8"):
+        parse_message(b"Subject: \xff\xfe\r\n\r\nbody")
+
+
+def test_base64_is_strict() -> None:
+    assert decode_base64(b"aGVs\r\nbG8=\r\n", limit=100) == b"hello"
+    with pytest.raises(MalformedMessage, match="invalid base64"):
+        decode_base64(b"aGVs!bG8=", limit=100)
+    with pytest.raises(MalformedMessage):
+        decode_base64(b"aGVsbG8", limit=100)  # bad padding
+    with pytest.raises(LimitExceeded):
+        decode_base64(b"aGVsbG8gd29ybGQ=", limit=4)

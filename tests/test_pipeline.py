@@ -1,0 +1,149 @@
+"""The pipeline end to end on the demo world: every step, every outcome, time as an argument."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from formats.errors import (
+    AgencyMismatch,
+    AttachmentMismatch,
+    CertificateExpired,
+    SenderMismatch,
+    SignatureInvalid,
+    UnknownAgency,
+)
+from formats.payload import Attachment as Listed
+from formats.payload import Organ, build_payload
+from formats.smime import Attachment, build_message
+from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
+from gateway.pipeline import STEPS, Context, process
+from gateway.verdict import TRANSITIONS, can_move
+from tests.conftest import WORLD_AT
+
+SNV = "H26.SNV"
+SNV_EMAIL = "vanthu@snv.hanoi.gov.vn"
+
+
+def test_a_genuine_submission_is_accepted_with_everything_it_proves(
+    world: DemoWorld, world_ctx: Context
+) -> None:
+    raw = world.submission(SNV)
+    verdict = process(raw, world_ctx, at=WORLD_AT)
+
+    assert verdict.disposition == "accepted"
+    assert verdict.errors == ()
+    assert [s.outcome for s in verdict.steps] == ["ok"] * len(STEPS)
+    assert verdict.smtp_reply.startswith("250 ")
+    assert verdict.receipt_status == "03"
+    assert verdict.agency is not None and verdict.agency.organ_id == SNV
+    assert verdict.signer is not None and verdict.signer.emails == (SNV_EMAIL,)
+    assert verdict.payload is not None
+    assert verdict.payload.exchange.category == "work-permit"
+    assert str(verdict.payload.exchange.period_start) == "2026-09-16"
+    assert verdict.raw_sha256 == hashlib.sha256(raw).hexdigest()
+    summary = verdict.as_dict()
+    assert summary["payload"]["records"] == 2
+    assert summary["signer"]["emails"] == [SNV_EMAIL]
+
+
+def test_tampering_is_caught_and_nothing_after_it_runs(
+    world: DemoWorld, world_ctx: Context
+) -> None:
+    verdict = process(tamper(world.submission(SNV)), world_ctx, at=WORLD_AT)
+    assert verdict.disposition == "quarantined"
+    assert isinstance(verdict.errors[0], SignatureInvalid)
+    outcomes = {s.name: s.outcome for s in verdict.steps}
+    assert outcomes["decrypt-verify"] == "failed"
+    assert outcomes["payload"] == "skipped"
+    assert verdict.payload is None
+
+
+def test_certificates_are_judged_at_the_instant_given(world: DemoWorld, world_ctx: Context) -> None:
+    raw = world.submission(SNV)
+    later = world.agencies[SNV].cert.not_valid_after_utc + timedelta(days=1)
+    verdict = process(raw, world_ctx, at=later)
+    assert verdict.disposition != "accepted"
+    assert any(isinstance(e, CertificateExpired) for e in verdict.errors)
+
+
+def test_a_from_that_is_neither_the_signer_nor_an_agency_gives_both_reasons(
+    world: DemoWorld, world_ctx: Context
+) -> None:
+    raw = world.submission(SNV, from_addr="someone@elsewhere.example")
+    verdict = process(raw, world_ctx, at=WORLD_AT)
+    assert verdict.disposition == "quarantined"
+    assert [type(e) for e in verdict.errors] == [SenderMismatch, UnknownAgency]
+    assert verdict.receipt_status == "02"
+
+
+def test_payload_from_another_agency_is_rejected_not_quarantined(
+    world: DemoWorld, world_ctx: Context
+) -> None:
+    """The sender is authenticated, so a signed rejection can go back to it."""
+    verdict = process(world.submission(SNV, payload_from="H26.CATP"), world_ctx, at=WORLD_AT)
+    assert verdict.disposition == "rejected"
+    assert [type(e) for e in verdict.errors] == [AgencyMismatch]
+    assert "H26.CATP" in verdict.errors[0].message
+
+
+def _document_with(world: DemoWorld, listed: list[Listed], attached: list[Attachment]) -> bytes:
+    payload = build_payload(
+        "document",
+        sender=Organ(SNV, None, SNV_EMAIL),
+        recipients=[Organ("H26.CATP")],
+        records=[{"DocumentType": "Công văn", "Summary": "Gửi kèm danh sách", "PageCount": 2}],
+        document_number="7/SNV-VP",
+        issued_on=WORLD_AT.date(),
+        message_id=uuid.UUID(int=7),
+        attachments=listed,
+    )
+    signer = world.agencies[SNV]
+    return build_message(
+        payload.to_xml(),
+        signer_cert=signer.cert,
+        signer_key=signer.key,  # type: ignore[arg-type]
+        recipients=[world.hub.cert],
+        from_addr=SNV_EMAIL,
+        to_addrs=[HUB_ADDRESS],
+        message_id="<doc-7@snv.hanoi.gov.vn>",
+        date=WORLD_AT,
+        attachments=attached,
+    )
+
+
+def _listed(a: Attachment) -> Listed:
+    return Listed(a.filename, a.media_type, len(a.data), hashlib.sha256(a.data).hexdigest())
+
+
+def test_attachments_must_match_the_manifest(world: DemoWorld, world_ctx: Context) -> None:
+    scan = Attachment("danh-sach.pdf", "application/pdf", b"%PDF-1.7 scan")
+    other = Attachment("extra.txt", "text/plain", b"not listed")
+
+    good = process(_document_with(world, [_listed(scan)], [scan]), world_ctx, at=WORLD_AT)
+    assert good.accepted, good.errors
+    assert good.opened is not None and good.opened.attachments[0].data == scan.data
+
+    extra = process(_document_with(world, [_listed(scan)], [scan, other]), world_ctx, at=WORLD_AT)
+    assert [type(e) for e in extra.errors] == [AttachmentMismatch]
+    assert "extra.txt" in extra.errors[0].message
+
+    swapped = Attachment(scan.filename, scan.media_type, b"%PDF-1.7 other")
+    altered = process(_document_with(world, [_listed(scan)], [swapped]), world_ctx, at=WORLD_AT)
+    assert [type(e) for e in altered.errors] == [AttachmentMismatch]
+
+
+def test_process_refuses_a_naive_time(world: DemoWorld, world_ctx: Context) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        process(world.submission(SNV), world_ctx, at=WORLD_AT.replace(tzinfo=None))
+
+
+def test_state_machine() -> None:
+    assert can_move("received", "accepted")
+    assert can_move("accepted", "delivered")
+    assert not can_move("rejected", "accepted")
+    assert not can_move("received", "delivered")
+    assert all(target in TRANSITIONS for targets in TRANSITIONS.values() for target in targets)

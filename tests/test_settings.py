@@ -1,0 +1,57 @@
+"""Settings: defaults with no file; clear one-line errors for a bad file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from formats.errors import ConfigError
+from gateway import settings
+
+
+def test_defaults_work_with_no_file(tmp_path: Path) -> None:
+    s = settings.load(tmp_path)
+    assert s.trust.revocation == "hard-fail"
+    assert s.path(s.hub.certificates[0]) == tmp_path / "keys/hub.pem"
+    assert s.limits.max_message_bytes == 32 * 1024 * 1024
+
+
+def test_values_are_read_and_typed(tmp_path: Path) -> None:
+    (tmp_path / "gateway.toml").write_text(
+        '[hub]\naddress = "hub@x.vn"\ncertificates = ["a.pem", "/etc/b.pem"]\n'
+        'private_keys = ["a.key", "b.key"]\n[trust]\nrevocation = "soft-fail"\n'
+        "[limits]\nmax_parts = 8\n",
+        encoding="utf-8",
+    )
+    s = settings.load(tmp_path)
+    assert s.hub.address == "hub@x.vn"
+    assert [s.path(p) for p in s.hub.certificates] == [tmp_path / "a.pem", Path("/etc/b.pem")]
+    assert s.trust.revocation == "soft-fail"
+    assert s.limits.max_parts == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[hub\n", "not valid TOML"),
+        ("[hubb]\n", "unknown section"),
+        ("[hub]\nadress = 'x'\n", "unknown key.*adress"),
+        ("[limits]\nmax_parts = 'many'\n", "wrong type"),
+        ("[limits]\nmax_parts = 0\n", "positive integer"),
+        ("[trust]\nrevocation = 'maybe'\n", "hard-fail"),
+        ("[hub]\ncertificates = ['a.pem', 'b.pem']\n", "pair up"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "gateway.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=match):
+        settings.load(tmp_path)
+
+
+def test_home_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("GATEWAY_HOME", str(tmp_path))
+    assert settings.resolve_home(None) == tmp_path
+    assert settings.resolve_home("/srv/gw") == Path("/srv/gw")
+    monkeypatch.delenv("GATEWAY_HOME")
+    assert settings.resolve_home(None) == Path("gateway-home")
