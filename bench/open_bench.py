@@ -41,26 +41,33 @@ SENDER = "H26.SNV"
 
 
 def message_of_size(world: DemoWorld, target: int, *, attachment: bool = False) -> bytes:
-    """A valid submission of about ``target`` bytes: records, or one large attachment."""
+    """A valid submission of about ``target`` bytes on the wire: records, or one attachment."""
+    if attachment:
+        overhead = len(_build(world, 0, attachment=True))
+        return _build(world, max(1, int((target - overhead) / 1.37 / 1.37)), attachment=True)
+    one, two = len(_build(world, 2)), len(_build(world, 4))
+    per_record = (two - one) / 2
+    return _build(world, max(1, round(2 + (target - one) / per_record)))
+
+
+def _build(world: DemoWorld, n: int, *, attachment: bool = False) -> bytes:
     agency = world.directory.get(SENDER)
     assert agency is not None
     address = sorted(agency.emails)[0]
-    records = list(WORK_PERMITS)
     files: list[Attachment] = []
     if attachment:
-        blob = os.urandom(int(target / 1.8))
-        files = [Attachment("scan.pdf", "application/pdf", blob)]
+        files = [Attachment("scan.pdf", "application/pdf", os.urandom(n))] if n else []
+        records = [{"DocumentType": "Công văn", "Summary": "Bản chụp hồ sơ", "PageCount": 40}]
     else:
-        per_record = 560 * 1.37 * 1.37  # XML bytes per record, base64 twice
-        records = records * max(1, int(target / per_record / len(records)))
+        records = [WORK_PERMITS[i % len(WORK_PERMITS)] for i in range(n)]
     payload = build_payload(
         "document" if attachment else "work-permit",
         sender=Organ(SENDER, agency.name_vi, address),
         recipients=[Organ("H26.CATP")],
-        records=[] if attachment else records,
+        records=records,
         document_number="1/SNV-VP",
         issued_on=world.at.date(),
-        message_id=uuid.uuid4(),
+        message_id=uuid.UUID(int=n),
         period=None if attachment else "2026-10",
         subject="benchmark",
         attachments=[
@@ -76,7 +83,7 @@ def message_of_size(world: DemoWorld, target: int, *, attachment: bool = False) 
         recipients=[world.hub.cert],
         from_addr=address,
         to_addrs=[HUB_ADDRESS],
-        message_id=f"<{uuid.uuid4()}@snv.hanoi.gov.vn>",
+        message_id=f"<bench-{n}@snv.hanoi.gov.vn>",
         date=world.at,
         attachments=files,
     )

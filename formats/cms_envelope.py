@@ -199,7 +199,9 @@ def _cbc_decrypt(cek: bytes, iv: bytes, ciphertext: bytes) -> bytes:
     if not ciphertext or len(ciphertext) % 16:
         raise DecryptionFailed(_UNREADABLE)
     decryptor = Cipher(AES(cek), modes.CBC(iv)).decryptor()
-    plain = decryptor.update(ciphertext) + decryptor.finalize()
+    plain = decryptor.update(ciphertext)  # whole blocks: finalize() adds nothing for CBC
+    if decryptor.finalize():
+        raise DecryptionFailed(_UNREADABLE)
     pad = plain[-1]
     if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
         raise DecryptionFailed(_UNREADABLE)

@@ -20,6 +20,7 @@ import binascii
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email.errors import HeaderParseError
 from email.headerregistry import HeaderRegistry
 from functools import cache
 
@@ -104,21 +105,35 @@ class Entity:
 
 
 _WS = b" \t\r\n"
+_B64_VALID = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=" + _WS
 
 
 def decode_base64(data: bytes, *, limit: int) -> bytes:
-    """Strict base64: only the alphabet, correct padding; line breaks and blanks ignored."""
-    compact = data.translate(None, _WS)
-    if len(compact) // 4 * 3 > limit:
+    """Strict base64 (RFC 2045 §6.8): only the alphabet, padding only at the end.
+
+    Line breaks and blanks are allowed between characters. Checked without copying the data:
+    deleting every valid byte leaves only the invalid ones.
+    """
+    if len(data) // 4 * 3 > limit + limit // 3 + 1024:
         raise LimitExceeded(
-            f"decoded body would be about {len(compact) // 4 * 3} bytes, limit is {limit}"
+            f"decoded body would be about {len(data) // 4 * 3} bytes, limit is {limit}"
+        )
+    invalid = data.translate(None, _B64_VALID)
+    pad = data.find(b"=")
+    if invalid or (pad >= 0 and data[pad:].translate(None, b"=" + _WS)):
+        shown = invalid[:1] or b"="
+        raise MalformedMessage(
+            f"invalid base64 body (unexpected {shown!r}); the part was damaged in transit"
         )
     try:
-        return binascii.a2b_base64(compact, strict_mode=True)
+        decoded = binascii.a2b_base64(data)
     except binascii.Error as exc:
         raise MalformedMessage(
             f"invalid base64 body ({exc}); the part was damaged in transit"
         ) from None
+    if len(decoded) > limit:
+        raise LimitExceeded(f"decoded body is {len(decoded)} bytes, limit is {limit}")
+    return decoded
 
 
 def check_message_limits(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -303,8 +318,14 @@ def single_header(entity: Entity, name: str) -> str:
 
 def single_address(value: str, header: str = "From") -> str:
     """The one addr-spec in an address header; display names are ignored, groups refused."""
-    parsed = _registry(header.lower(), value)
-    addresses = [a for group in parsed.groups for a in group.addresses]  # type: ignore[attr-defined]
+    try:
+        parsed = _registry(header.lower(), value)
+        addresses = [a for group in parsed.groups for a in group.addresses]  # type: ignore[attr-defined]
+    except (IndexError, AttributeError, ValueError, TypeError, HeaderParseError):
+        # The standard library's address parser raises these on some malformed input.
+        raise HeaderCountError(
+            f"{header} {_shorten(value)!r} is not a valid mailbox (RFC 5322 §3.4)"
+        ) from None
     if len(addresses) != 1 or parsed.defects or not addresses[0].domain:
         raise HeaderCountError(
             f"{header} must name exactly one valid mailbox, found {len(addresses)} "
