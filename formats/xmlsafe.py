@@ -104,8 +104,14 @@ def _syntax_error(err: etree.XMLSyntaxError) -> LimitExceeded | XmlForbidden | X
     # libxml2 appends ", line L, column C" itself; keep one copy of it, ours, in front.
     text = text.split(", line ")[0]
     if any(cap in text for cap in _LIBXML_CAPS):
+        # The parser's own wording names internal switches; say what the limit means instead.
+        what = (
+            "a text node is larger than 10 MB"
+            if "ext node" in text or "huge text" in text
+            else ("elements are nested beyond the depth limit")
+        )
         return LimitExceeded(
-            f"line {line}, column {column}: XML payload exceeds a parser limit ({text}); "
+            f"line {line}, column {column}: XML payload exceeds a parser limit ({what}); "
             "no text node may exceed 10 MB and nesting is capped — send attachments separately"
         )
     if any(marker in text for marker in _LIBXML_ENTITIES):
