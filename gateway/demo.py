@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from formats.categories import Value
@@ -140,8 +141,6 @@ class DemoWorld:
     def context(self) -> Context:
         trust = TrustStore(anchors=(self.root.cert,), crls=(self.crl(),))
         key = self.hub.key
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
         assert isinstance(key, rsa.RSAPrivateKey)
         return Context(
             keys=(RecipientKey(self.hub.cert, key),), trust=trust, directory=self.directory

@@ -64,6 +64,7 @@ from pyhanko_certvalidator.revinfo.archival import (
 from pyhanko_certvalidator.revinfo.manager import RevinfoManager
 from pyhanko_certvalidator.validate import validate_usage
 
+from formats.algorithms import ALLOWED_CURVES, MIN_RSA_BITS
 from formats.errors import (
     CertificateExpired,
     CertificateNotYetValid,
@@ -81,9 +82,8 @@ from keys.issuing import ORGAN_ID_ATTRIBUTE
 RevocationMode = Literal["hard-fail", "soft-fail"]
 CRLInput = x509.CertificateRevocationList | bytes
 
-#: RSA below this is refused (DESIGN §3: 2048 accepted, smaller refused).
-MIN_RSA_BITS = 2048
-ALLOWED_CURVES = frozenset({"secp256r1", "secp384r1"})
+#: Certificate signature hashes allowed anywhere on the path. Key sizes and curves come from
+#: the one allow-list in :mod:`formats.algorithms` (DESIGN §3: RSA 2048 accepted, smaller refused).
 ALLOWED_HASHES = frozenset({"sha256", "sha384", "sha512"})
 
 _T = TypeVar("_T")
