@@ -59,9 +59,6 @@ class _Work:
     at: datetime
     envelope: Envelope | None = None
     top: Entity | None = None
-    from_addr: str | None = None
-    message_id: str | None = None
-    subject: str | None = None
     opened: OpenedMessage | None = None
     signer: ValidatedSigner | None = None
     agency: Agency | None = None
@@ -71,8 +68,6 @@ class _Work:
 
 def _envelope(w: _Work) -> None:
     w.envelope, w.top = read_envelope(w.raw, w.ctx.limits)
-    w.from_addr, w.message_id = w.envelope.from_addr, w.envelope.message_id
-    w.subject = w.envelope.subject
 
 
 def _open(w: _Work) -> None:
@@ -96,8 +91,10 @@ def _local_day(at: datetime) -> date:
 
 
 def _binding_ctx(w: _Work) -> binding.BindingContext:
-    assert w.signer is not None and w.from_addr is not None
-    return binding.BindingContext(signer=w.signer, from_addr=w.from_addr, at=_local_day(w.at))
+    assert w.signer is not None and w.envelope is not None
+    return binding.BindingContext(
+        signer=w.signer, from_addr=w.envelope.from_addr, at=_local_day(w.at)
+    )
 
 
 def _bind_sender(w: _Work) -> None:
@@ -197,9 +194,9 @@ def process(raw: bytes, ctx: Context, *, at: datetime) -> Verdict:
         errors=errors,
         steps=tuple(outcomes),
         raw_sha256=hashlib.sha256(raw).hexdigest(),
-        from_addr=w.from_addr,
-        message_id=w.message_id,
-        subject=w.subject,
+        from_addr=w.envelope.from_addr if w.envelope else None,
+        message_id=w.envelope.message_id if w.envelope else None,
+        subject=w.envelope.subject if w.envelope else None,
         opened=w.opened,
         signer=w.signer,
         agency=w.agency,
