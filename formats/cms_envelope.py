@@ -27,15 +27,30 @@ from dataclasses import dataclass, field
 from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
+from cryptography.hazmat.primitives.ciphers import (
+    AEADDecryptionContext,
+    Cipher,
+    CipherContext,
+    modes,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.ciphers.algorithms import AES, AES256
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from formats import algorithms
-from formats.der import load_content_info, same_name, short_reason
+from formats import algorithms, der
+from formats.der import (
+    Tlv,
+    children,
+    content_info,
+    element,
+    octets,
+    retagged,
+    same_name,
+    short_reason,
+)
 from formats.errors import DecryptionFailed, LimitExceeded, MalformedCMS, NotForUs, WeakAlgorithm
 
 
@@ -72,40 +87,94 @@ class RecipientKey:
 
 @dataclass(frozen=True, slots=True)
 class Decrypted:
-    content: bytes
+    #: The plaintext: the caller's buffer, decrypted in place and cut to the content.
+    content: bytearray
     cipher: str
     key_transport: str
     recipient: x509.Certificate
 
 
-def decrypt(der: bytes, keys: Sequence[RecipientKey], *, max_bytes: int) -> Decrypted:
-    """Open an EnvelopedData or AuthEnvelopedData addressed to one of ``keys``."""
-    info = load_content_info(der, expect=("enveloped_data", "authenticated_enveloped_data"))
+#: Ciphertext is decrypted through a scratch buffer this large, back into the received buffer.
+_SCRATCH = 1 << 20
+
+
+def decrypt(der: bytearray, keys: Sequence[RecipientKey], *, max_bytes: int) -> Decrypted:
+    """Open an EnvelopedData or AuthEnvelopedData addressed to one of ``keys``.
+
+    ``der`` is consumed: the plaintext is written over it (at most one more copy of a message
+    is ever held, whatever its size), and ``Decrypted.content`` is that same buffer.
+    """
+    buf = memoryview(der)
     try:
-        return _decrypt(info, keys, max_bytes)
+        ctype, fields = content_info(buf, expect=("enveloped_data", "authenticated_enveloped_data"))
+        parts = _Parts.locate(buf, fields, authenticated=ctype == "authenticated_enveloped_data")
+        return _decrypt(der, buf, parts, keys, max_bytes)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MalformedCMS(f"CMS enveloped-data is damaged ({short_reason(exc)})") from None
+    finally:
+        buf.release()
 
 
-def _decrypt(info: cms.ContentInfo, keys: Sequence[RecipientKey], max_bytes: int) -> Decrypted:
-    authenticated = info["content_type"].native == "authenticated_enveloped_data"
-    env = info["content"]
-    eci = env["auth_encrypted_content_info" if authenticated else "encrypted_content_info"]
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """The fields of an (Auth)EnvelopedData: small ones parsed, the ciphertext as spans."""
 
+    authenticated: bool
+    recipient_infos: cms.RecipientInfos
+    algorithm: algos.EncryptionAlgorithm
+    ciphertext: list[memoryview]
+    auth_attrs: bytes | None = None  # DER, re-tagged as SET OF for the AAD (RFC 5083 §2.1)
+    mac: bytes | None = None
+
+    @classmethod
+    def locate(cls, buf: memoryview, fields: list[Tlv], *, authenticated: bool) -> _Parts:
+        rest = [f for f in fields if not f.is_(der.CONTEXT, 0)]  # originatorInfo: not used
+        if len(rest) < 3 or not rest[0].is_(der.UNIVERSAL, der.INTEGER):
+            raise MalformedCMS("CMS enveloped-data does not have the fields RFC 5652 requires")
+        ris, eci = rest[1], rest[2]
+        if not ris.is_(der.UNIVERSAL, der.SET) or not eci.is_(der.UNIVERSAL, der.SEQUENCE):
+            raise MalformedCMS("CMS enveloped-data does not have the fields RFC 5652 requires")
+        eci_fields = list(children(buf, eci))
+        if len(eci_fields) != 3 or not eci_fields[2].is_(der.CONTEXT, 0):
+            raise MalformedCMS("enveloped-data without encrypted content")
+        auth_attrs = mac = None
+        if authenticated:
+            tail = rest[3:]
+            if tail and tail[0].is_(der.CONTEXT, 1):
+                auth_attrs = retagged(buf, tail.pop(0), 0x31)
+            if not tail or not tail[0].is_(der.UNIVERSAL, der.OCTET_STRING):
+                raise DecryptionFailed("AES-GCM tag is missing or shorter than 12 bytes")
+            mac = b"".join(octets(buf, tail[0]))
+        return cls(
+            authenticated=authenticated,
+            recipient_infos=cms.RecipientInfos.load(element(buf, ris)),
+            algorithm=algos.EncryptionAlgorithm.load(element(buf, eci_fields[1])),
+            ciphertext=octets(buf, eci_fields[2]),
+            auth_attrs=auth_attrs,
+            mac=mac,
+        )
+
+
+def _decrypt(
+    out: bytearray,
+    buf: memoryview,
+    parts: _Parts,
+    keys: Sequence[RecipientKey],
+    max_bytes: int,
+) -> Decrypted:
     # Step 2.
-    alg = eci["content_encryption_algorithm"]
+    alg = parts.algorithm
     cipher_name = alg["algorithm"].native
     key_size = algorithms.content_key_size(cipher_name)
-    if cipher_name.endswith("_gcm") != authenticated:
-        raise WeakAlgorithm(f"{cipher_name} in {info['content_type'].native} is not allowed")
-    ciphertext = eci["encrypted_content"].native
-    if ciphertext is None:
-        raise MalformedCMS("enveloped-data without encrypted content")
-    if len(ciphertext) > max_bytes:
-        raise LimitExceeded(f"encrypted content is {len(ciphertext)} bytes, limit is {max_bytes}")
+    if cipher_name.endswith("_gcm") != parts.authenticated:
+        kind = "authenticated_enveloped_data" if parts.authenticated else "enveloped_data"
+        raise WeakAlgorithm(f"{cipher_name} in {kind} is not allowed")
+    size = sum(len(chunk) for chunk in parts.ciphertext)
+    if size > max_bytes:
+        raise LimitExceeded(f"encrypted content is {size} bytes, limit is {max_bytes}")
 
     # Step 3.
-    recipient, ktri = _find_recipient(env["recipient_infos"], keys)
+    recipient, ktri = _find_recipient(parts.recipient_infos, keys)
 
     # Step 4.
     transport = ktri["key_encryption_algorithm"]
@@ -113,23 +182,57 @@ def _decrypt(info: cms.ContentInfo, keys: Sequence[RecipientKey], max_bytes: int
     cek = _unwrap(recipient.key, transport_name, transport, ktri["encrypted_key"].native, key_size)
 
     # Step 5.
-    if authenticated:
+    if parts.authenticated:
         params = GCMParameters.load(alg["parameters"].dump())
         nonce, tag_len = params["aes_nonce"].native, params["aes_icvlen"].native
-        tag = env["mac"].native
+        tag = parts.mac or b""
         if len(tag) != tag_len or tag_len < 12:
             raise DecryptionFailed("AES-GCM tag is missing or shorter than 12 bytes")
-        aad = b"\x31" + env["auth_attrs"].dump()[1:] if env["auth_attrs"] else None
-        try:
-            content = AESGCM(cek).decrypt(nonce, ciphertext + tag, aad)
-        except Exception:
-            raise DecryptionFailed(_UNREADABLE) from None
+        gcm = Cipher(AES(cek), modes.GCM(nonce, tag, min_tag_length=12)).decryptor()
+        if parts.auth_attrs is not None:
+            gcm.authenticate_additional_data(parts.auth_attrs)
+        decryptor: _Decryptor = gcm
     else:
         iv = alg["parameters"].native
         if not isinstance(iv, bytes) or len(iv) != 16:
             raise MalformedCMS("AES-CBC parameters must be a 16-byte IV")
-        content = _cbc_decrypt(cek, iv, ciphertext)
-    return Decrypted(content, cipher_name, transport_name, recipient.cert)
+        if not size or size % 16:
+            raise DecryptionFailed(_UNREADABLE)
+        decryptor = Cipher(AES(cek), modes.CBC(iv)).decryptor()
+    length = _decrypt_in_place(decryptor, parts.ciphertext, buf)
+    buf.release()
+    del out[length:]
+    if not parts.authenticated:
+        pad = out[-1] if out else 0
+        if not 1 <= pad <= 16 or out[-pad:] != bytes([pad]) * pad:
+            raise DecryptionFailed(_UNREADABLE)
+        del out[-pad:]
+    return Decrypted(out, cipher_name, transport_name, recipient.cert)
+
+
+_Decryptor = CipherContext | AEADDecryptionContext
+
+
+def _decrypt_in_place(decryptor: _Decryptor, chunks: list[memoryview], buf: memoryview) -> int:
+    """Decrypt ``chunks`` (views of ``buf``) and write the plaintext from the start of ``buf``.
+
+    Writing never overtakes reading: what has been written is at most what has been read, and
+    every chunk lies at or after the bytes already written.
+    """
+    scratch = memoryview(bytearray(_SCRATCH + 15))
+    written = 0
+    try:
+        for chunk in chunks:
+            for at in range(0, len(chunk), _SCRATCH):
+                n = decryptor.update_into(chunk[at : at + _SCRATCH], scratch)
+                buf[written : written + n] = scratch[:n]
+                written += n
+            chunk.release()
+        tail = decryptor.finalize()  # CBC: nothing; GCM: checks the tag
+    except InvalidTag:
+        raise DecryptionFailed(_UNREADABLE) from None
+    buf[written : written + len(tail)] = tail
+    return written + len(tail)
 
 
 _UNREADABLE = "the message could not be decrypted; it was damaged or altered in transit"
@@ -193,19 +296,6 @@ def _unwrap(
     raise WeakAlgorithm(
         f"key transport {name} is not allowed; use RSA PKCS#1 v1.5 or RSA-OAEP with SHA-256"
     )
-
-
-def _cbc_decrypt(cek: bytes, iv: bytes, ciphertext: bytes) -> bytes:
-    if not ciphertext or len(ciphertext) % 16:
-        raise DecryptionFailed(_UNREADABLE)
-    decryptor = Cipher(AES(cek), modes.CBC(iv)).decryptor()
-    plain = decryptor.update(ciphertext)  # whole blocks: finalize() adds nothing for CBC
-    if decryptor.finalize():
-        raise DecryptionFailed(_UNREADABLE)
-    pad = plain[-1]
-    if not 1 <= pad <= 16 or plain[-pad:] != bytes([pad]) * pad:
-        raise DecryptionFailed(_UNREADABLE)
-    return plain[:-pad]
 
 
 # --- encryption ----------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from formats import algorithms
-from formats.der import load_content_info, same_name, short_reason
+from formats import algorithms, der
+from formats.der import children, content_info, element, octets, retagged, same_name, short_reason
 from formats.errors import (
     MalformedCMS,
     NotSigned,
@@ -58,32 +58,80 @@ class SignatureCheck:
     signer: x509.Certificate
     #: Every certificate the message carried (untrusted path-building candidates).
     carried: tuple[x509.Certificate, ...]
-    content: bytes
+    #: The signed content: the detached content as given (or its CRLF-canonical form), or the
+    #: encapsulated content (a view of the SignedData when it is one contiguous span).
+    content: bytes | memoryview
     digest_algorithm: str
     signature_algorithm: str
     signing_time: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    """The fields of a SignedData: small ones parsed, the encapsulated content as a view."""
+
+    signer_infos: cms.SignerInfos
+    certificates: cms.CertificateSet | None
+    econtent_type: str
+    embedded: bytes | memoryview | None
+
+    @classmethod
+    def locate(cls, buf: memoryview) -> _Signed:
+        _, fields = content_info(buf, expect=("signed_data",))
+        if len(fields) < 4 or not (
+            fields[0].is_(der.UNIVERSAL, der.INTEGER)
+            and fields[1].is_(der.UNIVERSAL, der.SET)
+            and fields[2].is_(der.UNIVERSAL, der.SEQUENCE)
+            and fields[-1].is_(der.UNIVERSAL, der.SET)
+        ):
+            raise MalformedCMS("CMS signed-data does not have the fields RFC 5652 requires")
+        certificates = None
+        for f in fields[3:-1]:
+            if f.is_(der.CONTEXT, 0) and certificates is None:
+                certificates = cms.CertificateSet.load(retagged(buf, f, 0x31))
+            elif not f.is_(der.CONTEXT, 1):  # [1] crls: not used
+                raise MalformedCMS("CMS signed-data has an unexpected field")
+        encap = list(children(buf, fields[2]))
+        if not 1 <= len(encap) <= 2 or not encap[0].is_(der.UNIVERSAL, der.OID):
+            raise MalformedCMS("CMS signed-data has a malformed encapsulated content")
+        embedded: bytes | memoryview | None = None
+        if len(encap) == 2:
+            wrapper = list(children(buf, encap[1])) if encap[1].is_(der.CONTEXT, 0) else []
+            if len(wrapper) != 1 or not wrapper[0].is_(der.UNIVERSAL, der.OCTET_STRING):
+                raise MalformedCMS("CMS signed-data has a malformed encapsulated content")
+            spans = octets(buf, wrapper[0])
+            embedded = spans[0] if len(spans) == 1 else b"".join(spans)
+        return cls(
+            signer_infos=cms.SignerInfos.load(element(buf, fields[-1])),
+            certificates=certificates,
+            econtent_type=cms.ContentType.load(element(buf, encap[0])).native,
+            embedded=embedded,
+        )
+
+
 def verify_signed_data(
-    der: bytes,
+    der: bytes | bytearray | memoryview,
     *,
-    detached: bytes | None = None,
+    detached: bytes | memoryview | None = None,
     known: Sequence[x509.Certificate] = (),
 ) -> SignatureCheck:
-    """Verify a SignedData blob (steps 1–7 above) and return what it proves."""
-    info = load_content_info(der, expect=("signed_data",))
+    """Verify a SignedData blob (steps 1–7 above) and return what it proves.
+
+    ``der`` is not copied: an encapsulated content is returned as a view of it.
+    """
     try:
-        return _verify(info["content"], detached, known)
+        signed = _Signed.locate(memoryview(der).toreadonly())
+        return _verify(signed, detached, known)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         # asn1crypto parses lazily: structural damage deep inside surfaces here.
         raise MalformedCMS(f"CMS signed-data is damaged ({short_reason(exc)})") from None
 
 
 def _verify(
-    signed: cms.SignedData, detached: bytes | None, known: Sequence[x509.Certificate]
+    signed: _Signed, detached: bytes | memoryview | None, known: Sequence[x509.Certificate]
 ) -> SignatureCheck:
     # Step 2.
-    signer_infos = signed["signer_infos"]
+    signer_infos = signed.signer_infos
     if len(signer_infos) != 1:
         raise SignerCountError(
             f"the message has {len(signer_infos)} signatures; exactly one signer is required"
@@ -91,11 +139,10 @@ def _verify(
     signer_info: cms.SignerInfo = signer_infos[0]
 
     # Step 3.
-    encap = signed["encap_content_info"]
-    econtent_type = encap["content_type"].native
+    econtent_type = signed.econtent_type
     if econtent_type != "data":
         raise ProfileViolation(f"signed content type is {econtent_type}; expected id-data")
-    embedded = encap["content"].native if encap["content"].native is not None else None
+    embedded = signed.embedded
     if embedded is not None and detached is not None:
         raise ProfileViolation("signature carries its content and is also detached; send one")
     content = embedded if embedded is not None else detached
@@ -110,7 +157,7 @@ def _verify(
     kind = algorithms.signature_kind(sig_name)
 
     # Step 5.
-    carried_asn1 = [c.chosen for c in signed["certificates"] or () if c.name == "certificate"]
+    carried_asn1 = [c.chosen for c in signed.certificates or () if c.name == "certificate"]
     signer_asn1 = _find_signer(signer_info["sid"], carried_asn1, known)
     signer = x509.load_der_x509_certificate(signer_asn1.dump())
     public_key = signer.public_key()
@@ -158,7 +205,9 @@ def _verify(
 _CHANGED = "message digest does not match: the content was changed after it was signed"
 
 
-def _digest_matches(content: bytes, expected: bytes, algo: hashes.HashAlgorithm) -> bool:
+def _digest_matches(
+    content: bytes | memoryview, expected: bytes, algo: hashes.HashAlgorithm
+) -> bool:
     h = hashes.Hash(algo)
     h.update(content)
     return hmac.compare_digest(h.finalize(), expected)

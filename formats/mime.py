@@ -53,7 +53,7 @@ DEFAULT_CONTENT_TYPE = ContentType("text", "plain", {"charset": "us-ascii"})
 class Entity:
     """One MIME entity: a window onto ``buffer``; children for multiparts."""
 
-    buffer: bytes
+    buffer: bytes | bytearray
     start: int
     body_start: int
     end: int
@@ -63,12 +63,21 @@ class Entity:
 
     @property
     def raw(self) -> bytes:
-        """The whole entity (headers and body) exactly as received."""
-        return self.buffer[self.start : self.end]
+        """The whole entity (headers and body) exactly as received (a copy)."""
+        return bytes(self.buffer[self.start : self.end])
 
     @property
     def body(self) -> bytes:
-        return self.buffer[self.body_start : self.end]
+        return bytes(self.buffer[self.body_start : self.end])
+
+    @property
+    def raw_view(self) -> memoryview:
+        """:attr:`raw` without copying: a read-only view of the buffer."""
+        return memoryview(self.buffer).toreadonly()[self.start : self.end]
+
+    @property
+    def body_view(self) -> memoryview:
+        return memoryview(self.buffer).toreadonly()[self.body_start : self.end]
 
     def get_all(self, name: str) -> list[str]:
         lname = name.lower()
@@ -85,18 +94,25 @@ class Entity:
     def decoded_body(self, *, limit: int) -> bytes:
         """The body with its Content-Transfer-Encoding undone (base64 strictly, RFC 2045 §6.8)."""
         cte = self.transfer_encoding
+        body = self.body_view
         if cte == "base64":
-            return decode_base64(self.body, limit=limit)
+            return decode_base64(body, limit=limit)
         if cte in ("7bit", "8bit", "binary"):
-            if len(self.body) > limit:
-                raise LimitExceeded(f"part body is {len(self.body)} bytes, limit is {limit}")
-            return self.body
+            if len(body) > limit:
+                raise LimitExceeded(f"part body is {len(body)} bytes, limit is {limit}")
+            return bytes(body)
         if cte == "quoted-printable":
-            data = binascii.a2b_qp(self.body)
+            data = binascii.a2b_qp(body)
             if len(data) > limit:
                 raise LimitExceeded(f"part body is {len(data)} bytes, limit is {limit}")
             return data
         raise MalformedMessage(f"unknown Content-Transfer-Encoding {cte!r}; use base64")
+
+    def decoded_buffer(self, *, limit: int) -> bytearray:
+        """A base64 body decoded into a new mutable buffer (for in-place decryption)."""
+        if self.transfer_encoding != "base64":
+            return bytearray(self.decoded_body(limit=limit))
+        return decode_base64_buffer(self.body_view, limit=limit)
 
     def walk(self) -> Iterator[Entity]:
         yield self
@@ -108,32 +124,78 @@ _WS = b" \t\r\n"
 _B64_VALID = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=" + _WS
 
 
-def decode_base64(data: bytes, *, limit: int) -> bytes:
+#: Bodies are checked and decoded in slices of this size, so no full-size copy is made.
+_SLICE = 1 << 20
+
+
+def _slices(data: memoryview, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    for at in range(start, len(data), _SLICE):
+        yield at, bytes(data[at : at + _SLICE])
+
+
+def _check_base64(data: memoryview, limit: int) -> None:
     """Strict base64 (RFC 2045 §6.8): only the alphabet, padding only at the end.
 
-    Line breaks and blanks are allowed between characters. Checked without copying the data:
-    deleting every valid byte leaves only the invalid ones.
+    Line breaks and blanks are allowed between characters. Deleting every valid byte leaves
+    only the invalid ones.
     """
     if len(data) // 4 * 3 > limit + limit // 3 + 1024:
         raise LimitExceeded(
             f"decoded body would be about {len(data) // 4 * 3} bytes, limit is {limit}"
         )
-    invalid = data.translate(None, _B64_VALID)
-    pad = data.find(b"=")
-    if invalid or (pad >= 0 and data[pad:].translate(None, b"=" + _WS)):
-        shown = invalid[:1] or b"="
-        raise MalformedMessage(
-            f"invalid base64 body (unexpected {shown!r}); the part was damaged in transit"
-        )
+    pad = -1
+    for at, piece in _slices(data):
+        invalid = piece.translate(None, _B64_VALID)
+        if invalid:
+            raise _bad_base64(f"unexpected {invalid[:1]!r}")
+        if pad < 0 and (found := piece.find(b"=")) >= 0:
+            pad = at + found
+    if pad >= 0:
+        for _, piece in _slices(data, pad):
+            if piece.translate(None, b"=" + _WS):
+                raise _bad_base64("unexpected b'='")
+
+
+def _bad_base64(why: str) -> MalformedMessage:
+    return MalformedMessage(f"invalid base64 body ({why}); the part was damaged in transit")
+
+
+def decode_base64(data: bytes | bytearray | memoryview, *, limit: int) -> bytes:
+    """Strictly decode a base64 body (see :func:`_check_base64`), without copying the input."""
+    view = memoryview(data)
+    _check_base64(view, limit)
     try:
-        decoded = binascii.a2b_base64(data)
+        decoded = binascii.a2b_base64(view)
     except binascii.Error as exc:
-        raise MalformedMessage(
-            f"invalid base64 body ({exc}); the part was damaged in transit"
-        ) from None
+        raise _bad_base64(str(exc)) from None
     if len(decoded) > limit:
         raise LimitExceeded(f"decoded body is {len(decoded)} bytes, limit is {limit}")
     return decoded
+
+
+def decode_base64_buffer(data: bytes | bytearray | memoryview, *, limit: int) -> bytearray:
+    """:func:`decode_base64` into a bytearray, slice by slice: the only full-size allocation
+    is the result."""
+    view = memoryview(data)
+    _check_base64(view, limit)
+    out = bytearray(len(view) // 4 * 3 + 3)
+    written, carry = 0, b""
+    try:
+        for _, piece in _slices(view):
+            chars = carry + piece.translate(None, _WS)
+            whole = len(chars) // 4 * 4
+            decoded = binascii.a2b_base64(chars[:whole])
+            out[written : written + len(decoded)] = decoded
+            written += len(decoded)
+            carry = chars[whole:]
+        if carry:
+            binascii.a2b_base64(carry)  # raises: a dangling partial quantum
+    except binascii.Error as exc:
+        raise _bad_base64(str(exc)) from None
+    if written > limit:
+        raise LimitExceeded(f"decoded body is {written} bytes, limit is {limit}")
+    del out[written:]
+    return out
 
 
 def check_message_limits(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -154,14 +216,20 @@ def parse_message(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Entity:
     return parse_entity(raw, limits)
 
 
-def parse_entity(buffer: bytes, limits: Limits = DEFAULT_LIMITS) -> Entity:
+def parse_entity(buffer: bytes | bytearray, limits: Limits = DEFAULT_LIMITS) -> Entity:
     """Parse ``buffer`` as one MIME entity (and its children), checking limits as we go."""
     counter = [0]
     return _parse(buffer, 0, len(buffer), limits, depth=1, counter=counter)
 
 
 def _parse(
-    buffer: bytes, start: int, end: int, limits: Limits, *, depth: int, counter: list[int]
+    buffer: bytes | bytearray,
+    start: int,
+    end: int,
+    limits: Limits,
+    *,
+    depth: int,
+    counter: list[int],
 ) -> Entity:
     counter[0] += 1
     if counter[0] > limits.max_parts:
@@ -186,7 +254,9 @@ def _parse(
     return Entity(buffer, start, body_start, end, headers, ctype, children)
 
 
-def _header_span(buffer: bytes, start: int, end: int, limits: Limits) -> tuple[int, int]:
+def _header_span(
+    buffer: bytes | bytearray, start: int, end: int, limits: Limits
+) -> tuple[int, int]:
     """Where the header block ends and the body begins (RFC 5322 §2.1: an empty line between)."""
     for blank in (b"\r\n", b"\n"):
         if buffer.startswith(blank, start, end):  # no header fields at all
@@ -202,7 +272,7 @@ def _header_span(buffer: bytes, start: int, end: int, limits: Limits) -> tuple[i
     return match.start(), match.end()
 
 
-def _parse_headers(block: bytes, max_line: int) -> tuple[tuple[str, str], ...]:
+def _parse_headers(block: bytes | bytearray, max_line: int) -> tuple[tuple[str, str], ...]:
     try:
         text = block.decode("utf-8")  # RFC 6532 allows UTF-8 header text; nothing else
     except UnicodeDecodeError:
@@ -268,7 +338,7 @@ def parse_content_type(value: str) -> ContentType:
 
 
 def _split_multipart(
-    buffer: bytes, body_start: int, end: int, boundary: str, limits: Limits
+    buffer: bytes | bytearray, body_start: int, end: int, boundary: str, limits: Limits
 ) -> list[tuple[int, int]]:
     """Spans of the body parts, per RFC 2046 §5.1.1.
 

@@ -75,8 +75,9 @@ class OpenedMessage:
     key_transport: str
     style: str  # "detached" or "opaque"
     signature: SignatureCheck
-    #: The signed MIME entity exactly as signed (what the signature covers).
-    signed_entity: bytes
+    #: The decrypted inner entity exactly as decrypted: the signed S/MIME entity, which
+    #: ``openssl cms -verify`` checks on its own (a read-only view; no copy is kept).
+    decrypted: memoryview
     #: The payload XML bytes, not yet parsed.
     payload: bytes
     attachments: tuple[Attachment, ...] = ()
@@ -140,10 +141,12 @@ def open_envelope(
     # Step 2.
     _require_enveloped(top)
 
-    # Step 3.
-    der = top.decoded_body(limit=limits.max_message_bytes)
-    decrypted = cms_envelope.decrypt(der, keys, max_bytes=limits.max_message_bytes)
-    del der
+    # Step 3: the plaintext is written over the decoded ciphertext; nothing else is copied.
+    decrypted = cms_envelope.decrypt(
+        top.decoded_buffer(limit=limits.max_message_bytes),
+        keys,
+        max_bytes=limits.max_message_bytes,
+    )
 
     # Step 4 and 5.
     inner = parse_entity(decrypted.content, limits)
@@ -160,7 +163,7 @@ def open_envelope(
         key_transport=decrypted.key_transport,
         style=style,
         signature=check,
-        signed_entity=check.content,
+        decrypted=memoryview(decrypted.content).toreadonly(),
         payload=payload,
         attachments=attachments,
     )
@@ -208,10 +211,12 @@ def _verify_signed_entity(
         if signature.content_type.value not in PKCS7_SIGNATURE:
             raise ProfileViolation("second part of multipart/signed is not a pkcs7-signature")
         sig_der = signature.decoded_body(limit=limits.max_message_bytes)
-        check = cms_signed.verify_signed_data(sig_der, detached=content.raw, known=known)
+        signed = content.raw_view
+        check = cms_signed.verify_signed_data(sig_der, detached=signed, known=known)
         # The verified bytes (CRLF-canonical) are parsed, not the possibly LF-damaged copy.
-        entity = content if check.content == content.raw else parse_entity(check.content, limits)
-        return "detached", check, entity
+        if check.content is not signed:
+            content = parse_entity(bytes(check.content), limits)
+        return "detached", check, content
     if ctype in PKCS7_MIME:
         smime_type = _smime_type(inner)
         if smime_type in _ENVELOPED:
@@ -220,7 +225,7 @@ def _verify_signed_entity(
             raise ProfileViolation(f"smime-type {smime_type!r} is not allowed inside the envelope")
         der = inner.decoded_body(limit=limits.max_message_bytes)
         check = cms_signed.verify_signed_data(der, known=known)
-        return "opaque", check, parse_entity(check.content, limits)
+        return "opaque", check, parse_entity(bytes(check.content), limits)
     if inner.content_type.maintype == "multipart" and any(
         c.content_type.value in PKCS7_SIGNATURE | PKCS7_MIME
         or c.content_type.value == "multipart/signed"

@@ -300,7 +300,7 @@ def test_gpgsm_made_submission_is_accepted(
     assert verdict.accepted
     assert verdict.opened is not None
     assert verdict.opened.payload == xml
-    assert verdict.opened.signed_entity == entity
+    assert verdict.opened.signature.content == entity
     assert verdict.opened.style == "detached"
     assert verdict.opened.key_transport == "rsaes_pkcs1v15"
     assert verdict.opened.cipher.startswith("aes")
