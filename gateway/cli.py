@@ -8,13 +8,16 @@ traceback for developers.
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
+from archive.db import Database
 from formats.errors import GatewayError
 from gateway import settings as settings_mod
 from gateway.cli_payload import payload
@@ -56,6 +59,25 @@ def load_settings(ctx: click.Context) -> settings_mod.Settings:
     return settings_mod.load(home)
 
 
+def open_db(ctx: click.Context) -> Database:
+    """The database named by the settings, migrated to the current schema."""
+    return Database.open(load_settings(ctx).database_url)
+
+
+def actor() -> str:
+    """Who is making an admin change, as recorded in the event log."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@cli"
+
+
+def now() -> datetime:
+    """The CLI's clock; everything below it receives the time as an argument."""
+    return datetime.now(UTC)
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, ensure_ascii=False, indent=2, default=str))
 
@@ -65,8 +87,9 @@ cli.add_command(payload)
 
 def _register() -> None:
     # Imported here so that each command module can import helpers from this one.
-    from gateway import cli_check, cli_demo, cli_init
+    from gateway import cli_check, cli_demo, cli_init, cli_keys
 
+    cli.add_command(cli_keys.keys)
     cli.add_command(cli_check.check)
     cli.add_command(cli_demo.demo)
     cli.add_command(cli_init.init)

@@ -31,6 +31,12 @@ HUB_ADDRESS = "hub@exchange.hanoi.gov.vn"
 #: A few bodies named in Article 8 of QĐ 18/2017 (as they are after the 2025 mergers).
 DEMO_AGENCIES: tuple[Agency, ...] = (
     Agency(
+        "H26.UBND",
+        "Ủy ban nhân dân thành phố Hà Nội",
+        "Hanoi People's Committee",
+        frozenset(),
+    ),
+    Agency(
         "H26.CATP",
         "Công an thành phố Hà Nội",
         "Hanoi City Police",
@@ -86,6 +92,9 @@ WORK_PERMITS: tuple[dict[str, Value], ...] = (
 )
 
 
+_STP = next(a for a in DEMO_AGENCIES if a.organ_id == "H26.STP")
+
+
 @dataclass
 class DemoWorld:
     """The PKI and directory of the demo, made at ``at``."""
@@ -105,7 +114,7 @@ class DemoWorld:
         progress("hub certificate")
         hub = issue_hub(root, email=HUB_ADDRESS, at=start)
         agencies = {}
-        for agency in DEMO_AGENCIES:
+        for agency in (a for a in DEMO_AGENCIES if a.emails):
             progress(f"certificate for {agency.organ_id}")
             agencies[agency.organ_id] = issue_agency(
                 root,
@@ -118,8 +127,8 @@ class DemoWorld:
         progress("a certificate that will be revoked")
         revoked = issue_agency(
             root,
-            email=sorted(DEMO_AGENCIES[2].emails)[0],
-            organ_id=DEMO_AGENCIES[2].organ_id,
+            email=sorted(_STP.emails)[0],
+            organ_id=_STP.organ_id,
             common_name="Hanoi Department of Justice (lost laptop)",
             at=start,
         )

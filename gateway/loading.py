@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import date
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from archive.db import Database
 from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
 from gateway.pipeline import Context
 from gateway.settings import Settings
-from keys import files
+from keys import files, store
 from keys.directory import Agency, Directory
 from keys.trust import TrustStore
 
@@ -28,12 +31,35 @@ _CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".p7b", ".p7c")
 _CRL_SUFFIXES = (".crl", ".pem", ".der")
 
 
-def load_context(settings: Settings) -> Context:
+def load_context(settings: Settings, db: Database | None = None) -> Context:
+    """The pipeline context from the key store (the database) plus any files the settings name.
+
+    Files are read in addition to the store, so a national CA bundle or a hub key managed by
+    configuration management can live outside the database.
+    """
+    db = db or Database.open(settings.database_url)
+    secret = passphrase(settings)
+    with db.session() as s:
+        stored_keys = store.hub_recipient_keys(s, secret)
+        anchors = [
+            c.certificate for c in store.certificates(s, role="anchor", include_retired=False)
+        ]
+        intermediates = [
+            c.certificate for c in store.certificates(s, role="intermediate", include_retired=False)
+        ]
+        crls = store.latest_crls(s)
+        agencies = store.agencies(s)
+        agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
+        enrolled = store.enrolled(s)
+    file_directory = load_directory(settings.path(settings.directory.file))
+    keys = stored_keys + load_hub_keys(settings, secret, required=not stored_keys)
     return Context(
-        keys=load_hub_keys(settings),
-        trust=load_trust(settings),
-        directory=load_directory(settings.path(settings.directory.file)),
+        keys=keys,
+        trust=load_trust(settings, anchors, intermediates, crls),
+        directory=Directory.of([*agencies, *file_directory]),
         limits=settings.limits,
+        known_certs=tuple(agency_certs),
+        enrolled=MappingProxyType(enrolled),
     )
 
 
@@ -49,39 +75,54 @@ def passphrase(settings: Settings) -> bytes | None:
     return value.encode() if value else None
 
 
-def load_hub_keys(settings: Settings) -> tuple[RecipientKey, ...]:
-    secret = passphrase(settings)
+def load_hub_keys(
+    settings: Settings, secret: bytes | None = None, *, required: bool = True
+) -> tuple[RecipientKey, ...]:
+    """Hub key pairs from the files named in ``[hub]`` (those that exist)."""
     out = []
     for cert_path, key_path in zip(
         settings.hub.certificates, settings.hub.private_keys, strict=True
     ):
         cert_file, key_file = settings.path(cert_path), settings.path(key_path)
         if not cert_file.exists() or not key_file.exists():
-            raise ConfigError(
-                f"hub key pair not found ({cert_file}, {key_file}); set [hub] certificates and "
-                f"private_keys in {settings.config_file}, or run `gateway demo --dir DIR` to "
-                "see a complete home"
-            )
+            continue
         certs = files.load_certificates(cert_file)
         key = files.load_private_key(key_file, secret)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise ConfigError(f"{key_file}: the hub decryption key must be RSA")
         out.append(RecipientKey(certs[0], key))
+    if required and not out:
+        raise ConfigError(
+            "the hub has no key pair: create one with `gateway keys hub new` (built-in CA) or "
+            "`gateway keys hub import FILE.p12`, or name key files in [hub] of "
+            f"{settings.config_file}; `gateway demo --dir DIR` shows a complete home"
+        )
     return tuple(out)
 
 
-def load_trust(settings: Settings) -> TrustStore:
-    anchors = list(_certs(settings, settings.trust.anchors))
-    if not anchors:
+def load_trust(
+    settings: Settings,
+    anchors: Sequence[x509.Certificate] = (),
+    intermediates: Sequence[x509.Certificate] = (),
+    crls: Sequence[bytes] = (),
+) -> TrustStore:
+    """The trust store: what the key store holds plus the files named in ``[trust]``."""
+    all_anchors = [*anchors, *_certs(settings, settings.trust.anchors)]
+    if not all_anchors:
         raise ConfigError(
-            f"no trust anchors found in {', '.join(str(settings.path(p)) for p in settings.trust.anchors)}; "
-            "import the CA certificate(s) that issue agency certificates"
+            "no trust anchors: import the CA certificate(s) that issue agency certificates "
+            "with `gateway keys anchors import FILE`, create the built-in CA with "
+            "`gateway keys ca init`, or name anchor files in [trust] of "
+            f"{settings.config_file}"
         )
-    crls = [files.load_crl(p) for p in _expand(settings, settings.trust.crls, _CRL_SUFFIXES)]
+    file_crls = [
+        files.load_crl(p).public_bytes(Encoding.DER)
+        for p in _expand(settings, settings.trust.crls, _CRL_SUFFIXES)
+    ]
     return TrustStore(
-        anchors=tuple(anchors),
-        intermediates=tuple(_certs(settings, settings.trust.intermediates)),
-        crls=tuple(crls),
+        anchors=tuple(all_anchors),
+        intermediates=(*intermediates, *_certs(settings, settings.trust.intermediates)),
+        crls=(*crls, *file_crls),
         revocation_mode="soft-fail" if settings.trust.revocation == "soft-fail" else "hard-fail",
     )
 

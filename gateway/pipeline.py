@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from types import MappingProxyType
 
 from cryptography import x509
 
@@ -48,6 +49,11 @@ class Context:
     limits: Limits = DEFAULT_LIMITS
     #: Agency certificates known to the hub (for signatures that omit the certificate).
     known_certs: tuple[x509.Certificate, ...] = ()
+    #: Certificates enrolled per agency (OrganId) with their usable windows; see
+    #: :class:`keys.binding.CertificateEnrolled`.
+    enrolled: Mapping[str, tuple[binding.Registered, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 @dataclass
@@ -99,7 +105,11 @@ def _binding_ctx(w: _Work) -> binding.BindingContext:
 
 def _bind_sender(w: _Work) -> None:
     ctx = _binding_ctx(w)
-    policy = binding.AllOf(binding.EmailIs(ctx.from_addr), binding.SenderIsAgency(w.ctx.directory))
+    policy = binding.AllOf(
+        binding.EmailIs(ctx.from_addr),
+        binding.SenderIsAgency(w.ctx.directory),
+        binding.CertificateEnrolled(w.ctx.enrolled, w.ctx.directory, w.at),
+    )
     failures = policy.failures(ctx)
     if failures:
         raise _Several(failures)

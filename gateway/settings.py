@@ -21,6 +21,10 @@ Example (all keys optional)::
     [directory]
     file = "agencies.toml"
 
+    [database]
+    url = "sqlite:///archive.db"             # relative SQLite paths are in the home;
+                                             # or postgresql+psycopg://user@host/dbname
+
     [limits]
     max_message_bytes = 33554432
 """
@@ -63,16 +67,35 @@ class DirectorySettings:
 
 
 @dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///archive.db"
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     hub: HubSettings = field(default_factory=HubSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     directory: DirectorySettings = field(default_factory=DirectorySettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
     limits: Limits = field(default_factory=Limits)
 
     def path(self, p: Path) -> Path:
         """A configured path made absolute against the home directory."""
         return p if p.is_absolute() else self.home / p
+
+    @property
+    def database_url(self) -> str:
+        """The database URL, a relative SQLite path made absolute against the home."""
+        url = self.database.url
+        prefix = "sqlite:///"
+        if (
+            url.startswith(prefix)
+            and not url.startswith(prefix + "/")
+            and url != prefix + ":memory:"
+        ):
+            return prefix + str((self.home / url[len(prefix) :]).absolute())
+        return url
 
     @property
     def config_file(self) -> Path:
@@ -92,7 +115,7 @@ def load(home: Path) -> Settings:
             data = tomllib.loads(config.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config}: not valid TOML ({exc})") from None
-    unknown = set(data) - {"hub", "trust", "directory", "limits"}
+    unknown = set(data) - {"hub", "trust", "directory", "database", "limits"}
     if unknown:
         raise ConfigError(f"{config}: unknown section(s) {', '.join(sorted(unknown))}")
     settings = Settings(
@@ -100,6 +123,7 @@ def load(home: Path) -> Settings:
         hub=_section(HubSettings, data.get("hub", {}), config, "hub"),
         trust=_section(TrustSettings, data.get("trust", {}), config, "trust"),
         directory=_section(DirectorySettings, data.get("directory", {}), config, "directory"),
+        database=_section(DatabaseSettings, data.get("database", {}), config, "database"),
         limits=_section(Limits, data.get("limits", {}), config, "limits"),
     )
     if settings.trust.revocation not in ("hard-fail", "soft-fail"):

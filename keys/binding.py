@@ -15,9 +15,13 @@ receipt instant, so this module never decides a time zone.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Protocol
+
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from formats.errors import (
     AgencyMismatch,
@@ -143,6 +147,58 @@ class AgencyIs:
                 f"payload From/OrganId {self.organ_id} does not match OrganId {cert_organ} in "
                 f"the signer {describe(ctx.signer.cert)}; sign with {self.organ_id}'s "
                 "certificate or correct the payload"
+            )
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A certificate enrolled for an agency, with the window in which it may be used."""
+
+    sha256: str
+    usable_from: datetime
+    usable_until: datetime
+
+    def covers(self, instant: datetime) -> bool:
+        return self.usable_from <= instant <= self.usable_until
+
+
+@dataclass(frozen=True)
+class CertificateEnrolled:
+    """When the directory holds certificates for the sending agency, the signer must be one of
+    them, inside its usable window at ``instant`` (the receipt time).
+
+    This is what makes a rollover explicit: during the overlap both the old and the new
+    certificate are enrolled and both pass; once the old one's window ends only the new one
+    does. An agency with no enrolled certificate is bound by the chain and e-mail alone (the
+    national-CA model, where any certificate the CA issues to the mailbox is acceptable).
+    """
+
+    enrolled: Mapping[str, tuple[Registered, ...]]
+    directory: Directory
+    instant: datetime
+
+    def verify(self, ctx: BindingContext) -> None:
+        owner = self.directory.by_email(ctx.from_addr, ctx.at)
+        if owner is None:
+            return  # SenderIsAgency reports this
+        certs = self.enrolled.get(owner.organ_id, ())
+        if not certs:
+            return
+        sha = hashlib.sha256(ctx.signer.cert.public_bytes(Encoding.DER)).hexdigest()
+        mine = [c for c in certs if c.sha256 == sha]
+        if not mine:
+            raise SenderMismatch(
+                f"the signer {describe(ctx.signer.cert)} is not one of the certificates enrolled "
+                f"for {owner.organ_id}; enrol it with `gateway keys import --agency "
+                f"{owner.organ_id}` or sign with an enrolled certificate"
+            )
+        if not any(c.covers(self.instant) for c in mine):
+            window = ", ".join(
+                f"{c.usable_from:%Y-%m-%d %H:%M}–{c.usable_until:%Y-%m-%d %H:%M} UTC" for c in mine
+            )
+            raise SenderMismatch(
+                f"the signer {describe(ctx.signer.cert)} is enrolled for {owner.organ_id} only for "
+                f"{window}; sign with the agency's current certificate"
             )
 
 

@@ -45,6 +45,7 @@ class Agency:
     supervisor: str | None = None
     valid_from: date | None = None
     valid_to: date | None = None
+    contact: str | None = None
 
     def __post_init__(self) -> None:
         if not self.organ_id.strip():

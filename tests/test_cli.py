@@ -91,7 +91,7 @@ def test_missing_keys_say_how_to_fix_it(tmp_path: Path) -> None:
     (tmp_path / "m.eml").write_bytes(b"From: a@x.vn\r\n\r\n")
     proc = gateway("--home", tmp_path, "check", tmp_path / "m.eml")
     assert proc.returncode == 2
-    assert "hub key pair not found" in proc.stderr
+    assert "the hub has no key pair" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -1,0 +1,157 @@
+"""The storage module: the one place that opens the database (DESIGN §2).
+
+SQLite is the embedded default (one file in the gateway home); PostgreSQL is used at scale.
+Whatever the engine, a commit must be durable before the gateway acknowledges anything
+(DESIGN §5 rule 7), so :meth:`Database.open` sets and then *checks* the durability settings:
+
+- SQLite: ``journal_mode=WAL`` and ``synchronous=FULL`` on every connection, foreign keys on;
+- PostgreSQL: ``synchronous_commit`` must be ``on`` (or stronger) for the session.
+
+The schema is created and upgraded by Alembic (``archive/migrations``); :meth:`Database.open`
+upgrades to the newest revision unless asked not to. Sessions are handed out by
+:meth:`Database.session`, one transaction each::
+
+    db = Database.open("sqlite:///gateway-home/archive.db")
+    with db.session() as s:
+        s.add(...)
+    # committed (durably) here, or rolled back if the block raised
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from formats.errors import ConfigError, TransientError
+
+MIGRATIONS = "archive:migrations"
+
+
+@dataclass
+class Database:
+    engine: Engine
+    _sessions: sessionmaker[Session]
+
+    @classmethod
+    def open(cls, url: str, *, migrate: bool = True) -> Database:
+        """Connect, check durability, and (by default) bring the schema up to date."""
+        engine = _engine(url)
+        db = cls(engine, sessionmaker(engine, expire_on_commit=False))
+        db.check_durability()
+        if migrate:
+            db.upgrade()
+        return db
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply Alembic migrations up to ``revision``."""
+        with self.engine.begin() as connection:
+            config = _alembic_config(self.engine.url.render_as_string(hide_password=False))
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+
+    def tables(self) -> set[str]:
+        return set(inspect(self.engine).get_table_names())
+
+    def check_durability(self) -> None:
+        """Refuse to run on a database that could lose an acknowledged commit."""
+        with self.engine.connect() as c:
+            if self.dialect == "sqlite":
+                mode = c.exec_driver_sql("PRAGMA journal_mode").scalar()
+                sync = c.exec_driver_sql("PRAGMA synchronous").scalar()
+                if str(mode).lower() != "wal" and str(self.engine.url.database) not in (
+                    "",
+                    ":memory:",
+                ):
+                    raise ConfigError(
+                        f"SQLite journal_mode is {mode}, not WAL; the database file "
+                        "must be on a local file system that supports WAL"
+                    )
+                if sync != 2:  # 2 == FULL
+                    raise ConfigError(f"SQLite synchronous is {sync}, not FULL (2)")
+            elif self.dialect == "postgresql":
+                value = c.execute(text("SHOW synchronous_commit")).scalar()
+                if value not in ("on", "remote_write", "remote_apply"):
+                    raise ConfigError(
+                        f"PostgreSQL synchronous_commit is {value}; set it to on so that a "
+                        "commit is durable before the gateway acknowledges a message"
+                    )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on normal exit, rolled back on any exception.
+
+        Database trouble that may pass (locked, connection lost) becomes
+        :class:`TransientError` (SMTP 451); the caller retries later.
+        """
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except DBAPIError as exc:
+            session.rollback()
+            if exc.connection_invalidated or _is_transient(exc):
+                raise TransientError(f"database unavailable ({type(exc.orig).__name__})") from exc
+            raise
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    message = str(exc.orig).lower()
+    return any(m in message for m in ("database is locked", "could not connect", "server closed"))
+
+
+def _engine(url: str) -> Engine:
+    try:
+        engine = create_engine(url, future=True)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise ConfigError(f"database URL {url!r} is not usable: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        event.listen(engine, "connect", _sqlite_pragmas)
+    elif engine.dialect.name != "postgresql":
+        raise ConfigError(
+            f"database {engine.dialect.name} is not supported; use sqlite or postgresql"
+        )
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def _alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"

@@ -1,0 +1,184 @@
+"""The database schema: every table the gateway keeps, in one place (SQLAlchemy 2 ORM).
+
+Times are stored in UTC and always come back timezone-aware (:class:`UtcDateTime`); calendar
+dates (an agency's validity) are plain dates in Vietnam local time. Migrations that create
+these tables live in ``archive/migrations``; a test checks that the two agree.
+
+Nothing is ever deleted from these tables by the gateway: a retired agency, certificate or key
+keeps its row with ``valid_to``/``retired_at`` set, so that what was true at any past moment
+can still be shown — and every change is an :class:`AdminEvent`, which the archive chains.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Date,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware datetimes in, aware UTC datetimes out; naive datetimes are refused."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError("naive datetime given to the database; pass an aware one")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UtcDateTime, dict[str, Any]: JSON}  # noqa: RUF012
+
+
+# --- agency directory ----------------------------------------------------------------------------
+
+
+class Agency(Base):
+    __tablename__ = "agencies"
+
+    organ_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name_vi: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text, default="")
+    supervisor: Mapped[str | None] = mapped_column(String(64))
+    contact: Mapped[str | None] = mapped_column(Text)
+    valid_from: Mapped[date | None] = mapped_column(Date)
+    valid_to: Mapped[date | None] = mapped_column(Date)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    emails: Mapped[list[AgencyEmail]] = relationship(
+        back_populates="agency", cascade="all, delete-orphan", order_by="AgencyEmail.address"
+    )
+
+
+class AgencyEmail(Base):
+    __tablename__ = "agency_emails"
+    __table_args__ = (UniqueConstraint("organ_id", "address"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organ_id: Mapped[str] = mapped_column(ForeignKey("agencies.organ_id"), index=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)
+
+    agency: Mapped[Agency] = relationship(back_populates="emails")
+
+
+# --- certificates and keys -----------------------------------------------------------------------
+
+
+class Certificate(Base):
+    """A certificate the hub knows: an agency's, a trust anchor, an intermediate, the hub's own
+    or the built-in CA's. ``use_from``/``use_until`` is the window the admin allows it to be
+    used in (inside its own notBefore/notAfter), which is how rollovers overlap."""
+
+    __tablename__ = "certificates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16), index=True)  # agency|anchor|intermediate|hub|ca
+    organ_id: Mapped[str | None] = mapped_column(ForeignKey("agencies.organ_id"), index=True)
+    subject: Mapped[str] = mapped_column(Text)
+    issuer: Mapped[str] = mapped_column(Text)
+    serial: Mapped[str] = mapped_column(String(64), index=True)  # lower-case hex
+    emails: Mapped[str] = mapped_column(Text, default="")  # SAN rfc822Names, comma-separated
+    not_before: Mapped[datetime]
+    not_after: Mapped[datetime]
+    use_from: Mapped[datetime | None]
+    use_until: Mapped[datetime | None]
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    source: Mapped[str] = mapped_column(Text, default="")
+    imported_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None]
+
+
+class PrivateKey(Base):
+    """A private key of the hub or of the built-in CA, encrypted (PKCS#8, passphrase)."""
+
+    __tablename__ = "private_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    certificate_id: Mapped[int] = mapped_column(ForeignKey("certificates.id"), unique=True)
+    role: Mapped[str] = mapped_column(String(16), index=True)  # hub|ca
+    encrypted_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None]
+
+    certificate: Mapped[Certificate] = relationship()
+
+
+class Revocation(Base):
+    """A certificate revoked by the built-in CA (what its next CRL lists)."""
+
+    __tablename__ = "revocations"
+    __table_args__ = (UniqueConstraint("ca_certificate_id", "serial"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ca_certificate_id: Mapped[int] = mapped_column(ForeignKey("certificates.id"))
+    serial: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(32))
+    revoked_at: Mapped[datetime]
+
+
+class RevocationEvidence(Base):
+    """A CRL or OCSP response, kept exactly as received, with where it came from."""
+
+    __tablename__ = "revocation_evidence"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # crl|ocsp
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    issuer: Mapped[str] = mapped_column(Text, index=True)
+    this_update: Mapped[datetime]
+    next_update: Mapped[datetime | None]
+    number: Mapped[str | None] = mapped_column(String(64))
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    source: Mapped[str] = mapped_column(Text)
+    fetched_at: Mapped[datetime]
+
+
+class Counter(Base):
+    """Named monotonic counters (the built-in CA's CRL number, its next serial …)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
+
+
+# --- events --------------------------------------------------------------------------------------
+
+
+class AdminEvent(Base):
+    """One administrative change, in order. The archive chains these into its log."""
+
+    __tablename__ = "admin_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(256))
+    detail: Mapped[dict[str, Any]]

@@ -1,0 +1,457 @@
+"""``gateway keys …``: certificates, trust anchors, the hub's keys, revocation evidence, expiry.
+
+Every command works in one database transaction: a refused import or change leaves nothing
+half-written, and every change is recorded as an admin event.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from formats.errors import ConfigError, InputError
+from gateway.cli import actor as who
+from gateway.cli import emit_json, load_settings, now, open_db
+from gateway.cli_ca import ca
+from gateway.loading import passphrase as settings_passphrase
+from keys import files, inspect, issuing, store
+from keys.store import StoredCertificate
+
+_P12 = (".p12", ".pfx")
+#: Times given without an offset are Vietnam time.
+VN = timezone(timedelta(hours=7), "ICT")
+
+
+@click.group()
+def keys() -> None:
+    """Manage certificates, trust anchors, the hub's keys and revocation evidence."""
+
+
+keys.add_command(ca)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _instant(text: str | None, name: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(
+            f"{name} {text!r} is not an ISO date or time (2026-12-31T17:00+07:00)"
+        ) from None
+    if value.utcoffset() is None:  # a bare date or local time: Vietnam time
+        value = value.replace(tzinfo=VN)
+    return value
+
+
+def _duration(text: str) -> timedelta:
+    match = re.fullmatch(r"\s*(\d+)\s*([dwh])\s*", text)
+    if not match:
+        raise InputError(f"duration {text!r} is not like 60d, 8w or 12h")
+    n, unit = int(match.group(1)), match.group(2)
+    return {"d": timedelta(days=n), "w": timedelta(weeks=n), "h": timedelta(hours=n)}[unit]
+
+
+def _p12_passphrase(passphrase_file: Path | None) -> bytes | None:
+    if passphrase_file is not None:
+        try:
+            return passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise InputError(f"cannot read {passphrase_file}: {exc.strerror}") from None
+    value = os.environ.get("GATEWAY_P12_PASSPHRASE")
+    if value:
+        return value.encode()
+    if sys.stdin.isatty():
+        return (
+            click.prompt(
+                "PKCS#12 passphrase", hide_input=True, default="", show_default=False
+            ).encode()
+            or None
+        )
+    return None
+
+
+def key_passphrase(ctx: click.Context) -> bytes:
+    """The passphrase that protects the hub's and CA's private keys at rest."""
+    settings = load_settings(ctx)
+    secret = settings_passphrase(settings)
+    if secret:
+        return secret
+    if sys.stdin.isatty():
+        return click.prompt("key store passphrase", hide_input=True).encode()
+    raise ConfigError(
+        f"no key passphrase: set ${settings.hub.passphrase_env} or [hub] passphrase_file in "
+        f"{settings.config_file}"
+    )
+
+
+def _read_certificates(path: Path, passphrase_file: Path | None) -> list[x509.Certificate]:
+    if path.suffix.lower() in _P12:
+        bundle = files.load_pkcs12(path, _p12_passphrase(passphrase_file))
+        return [bundle.cert, *bundle.chain]
+    return files.load_certificates(path)
+
+
+def _show(certs: list[StoredCertificate], as_json: bool) -> None:
+    if as_json:
+        emit_json([c.as_dict() for c in certs])
+        return
+    if not certs:
+        click.echo("(none)")
+    for c in certs:
+        end = min(c.not_after, c.use_until or c.not_after)
+        state = "retired" if c.retired_at else f"until {end:%Y-%m-%d}"
+        holder = c.organ_id or "-"
+        click.echo(f"{c.sha256[:16]}  {c.role:<12} {holder:<10} {state:<17} {c.subject}")
+
+
+# --- agency certificates -------------------------------------------------------------------------
+
+
+@keys.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--agency", "organ_id", required=True, help="OrganId the certificate belongs to.")
+@click.option("--from", "use_from", metavar="TIME", help="Do not accept it before this time.")
+@click.option("--until", "use_until", metavar="TIME", help="Do not accept it after this time.")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def import_cmd(
+    ctx: click.Context,
+    file: Path,
+    organ_id: str,
+    use_from: str | None,
+    use_until: str | None,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Enrol an agency's certificate (PEM, DER, PKCS#7 or PKCS#12; only the certificate is kept).
+
+    Several certificates may be enrolled at once: old and new overlap during a rollover; end
+    the old one's use with `gateway keys window REF --until TIME`.
+    """
+    certs = _read_certificates(file, passphrase_file)
+    at = now()
+    with open_db(ctx).session() as s:
+        agency = store.get_agency(s, organ_id)
+        leaf = certs[0]
+        inspect.require(
+            inspect.agency_problems(leaf, agency, at), leaf, f"a certificate of {organ_id}"
+        )
+        stored = store.add_certificate(
+            s,
+            leaf,
+            role="agency",
+            organ_id=organ_id,
+            use_from=_instant(use_from, "--from"),
+            use_until=_instant(use_until, "--until"),
+            source=f"import {file.name}",
+            at=at,
+            actor=who(),
+        )
+    _show([stored], as_json)
+
+
+@keys.command("list")
+@click.option("--agency", "organ_id", help="Only this agency's certificates.")
+@click.option("--role", type=click.Choice(store.ROLES), help="Only certificates of this role.")
+@click.option("--all", "include_retired", is_flag=True, help="Include retired certificates.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_cmd(
+    ctx: click.Context, organ_id: str | None, role: str | None, include_retired: bool, as_json: bool
+) -> None:
+    """List stored certificates."""
+    with open_db(ctx).session() as s:
+        certs = store.certificates(s, role=role, organ_id=organ_id, include_retired=include_retired)
+    _show(certs, as_json)
+
+
+@keys.command("window")
+@click.argument("ref")
+@click.option("--from", "use_from", metavar="TIME")
+@click.option("--until", "use_until", metavar="TIME")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def window_cmd(
+    ctx: click.Context, ref: str, use_from: str | None, use_until: str | None, as_json: bool
+) -> None:
+    """Set when certificate REF (fingerprint prefix or serial) may be used."""
+    if use_from is None and use_until is None:
+        raise InputError("give --from and/or --until")
+    with open_db(ctx).session() as s:
+        stored = store.set_window(
+            s,
+            ref,
+            use_from=_instant(use_from, "--from"),
+            use_until=_instant(use_until, "--until"),
+            at=now(),
+            actor=who(),
+        )
+    _show([stored], as_json)
+
+
+@keys.command("retire")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retire_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Stop using certificate REF now (its row and history stay)."""
+    with open_db(ctx).session() as s:
+        stored = store.retire_certificate(s, ref, at=now(), actor=who())
+    _show([stored], as_json)
+
+
+@keys.command("expiring")
+@click.option("--within", default="60d", show_default=True, help="Horizon: 60d, 8w, 12h.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def expiring_cmd(ctx: click.Context, within: str, as_json: bool) -> None:
+    """Certificates whose use ends within the horizon (and those already ended), soonest first."""
+    at = now()
+    with open_db(ctx).session() as s:
+        certs = store.expiring(s, at=at, until=at + _duration(within))
+    if as_json:
+        emit_json(
+            [
+                {**c.as_dict(), "ends": _end(c).isoformat(), "days_left": (_end(c) - at).days}
+                for c in certs
+            ]
+        )
+        return
+    for c in certs:
+        days = (_end(c) - at).days
+        when = f"ended {-days} days ago" if days < 0 else f"{days} days left"
+        click.echo(
+            f"{_end(c):%Y-%m-%d}  {when:<16} {c.role:<12} {c.organ_id or '-':<10} {c.subject}"
+        )
+    if not certs:
+        click.echo(f"nothing ends within {within}")
+
+
+def _end(c: StoredCertificate) -> datetime:
+    return min(c.not_after, c.use_until or c.not_after)
+
+
+# --- trust anchors -------------------------------------------------------------------------------
+
+
+@keys.group()
+def anchors() -> None:
+    """Trust anchors (CA roots) and intermediates that agency certificates chain to."""
+
+
+@anchors.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--intermediate", is_flag=True, help="Import as intermediate(s), not anchors.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def anchors_import(ctx: click.Context, file: Path, intermediate: bool, as_json: bool) -> None:
+    """Import CA certificates (PEM, DER or PKCS#7 bundle) — all of them or none."""
+    role = "intermediate" if intermediate else "anchor"
+    certs = files.load_certificates(file)
+    at = now()
+    with open_db(ctx).session() as s:
+        for cert in certs:
+            inspect.require(inspect.ca_problems(cert, at), cert, f"a trust {role}")
+        stored = [
+            store.add_certificate(s, c, role=role, source=f"import {file.name}", at=at, actor=who())
+            for c in certs
+        ]
+    _show(stored, as_json)
+
+
+@anchors.command("list")
+@click.option("--all", "include_retired", is_flag=True, help="Include retired ones.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def anchors_list(ctx: click.Context, include_retired: bool, as_json: bool) -> None:
+    """List trust anchors and intermediates."""
+    with open_db(ctx).session() as s:
+        certs = store.certificates(
+            s, role=("anchor", "intermediate"), include_retired=include_retired
+        )
+    _show(certs, as_json)
+
+
+@anchors.command("retire")
+@click.argument("ref")
+@click.pass_context
+def anchors_retire(ctx: click.Context, ref: str) -> None:
+    """Stop trusting anchor or intermediate REF."""
+    with open_db(ctx).session() as s:
+        row = store.find_certificate(s, ref)
+        if row.role not in ("anchor", "intermediate"):
+            raise InputError(f"{ref} is a {row.role} certificate, not a trust anchor")
+        store.retire_certificate(s, ref, at=now(), actor=who())
+    click.echo(f"retired {row.sha256[:16]} {row.subject}")
+
+
+# --- the hub's own keys --------------------------------------------------------------------------
+
+
+@keys.group()
+def hub() -> None:
+    """The hub's decryption and signing keys. Every unretired key decrypts; the newest signs."""
+
+
+@hub.command("new")
+@click.option("--email", help="The hub's address (default: [hub] address in settings).")
+@click.option("--days", default=730, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hub_new(ctx: click.Context, email: str | None, days: int, as_json: bool) -> None:
+    """Issue a new hub key pair from the built-in CA. Older hub keys keep decrypting until
+    retired with `gateway keys hub retire REF` (rotation with overlap)."""
+    secret = key_passphrase(ctx)
+    address = email or load_settings(ctx).hub.address
+    at = now()
+    with open_db(ctx).session() as s:
+        cas = store.private_keys(s, role="ca", passphrase=secret, at=at)
+        if not cas:
+            raise ConfigError(
+                "there is no built-in CA to issue the hub certificate; run `gateway keys ca "
+                "init`, or import a hub key pair with `gateway keys hub import FILE.p12`"
+            )
+        ca_cert, ca_key = cas[0]
+        issued = issuing.issue_hub(
+            issuing.Issued(ca_cert.certificate, ca_key), email=address, at=at, days=days
+        )
+        stored = store.add_private_key(
+            s,
+            issued.cert,
+            issued.key,
+            role="hub",
+            passphrase=secret,
+            at=at,
+            actor=who(),
+            source="built-in CA",
+        )
+    _show([stored], as_json)
+
+
+@hub.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hub_import(ctx: click.Context, file: Path, passphrase_file: Path | None, as_json: bool) -> None:
+    """Import a hub key pair from PKCS#12; the key is stored encrypted with the key passphrase."""
+    if file.suffix.lower() not in _P12:
+        raise InputError(f"{file.name}: the hub key pair must be a PKCS#12 file (.p12 or .pfx)")
+    bundle = files.load_pkcs12(file, _p12_passphrase(passphrase_file))
+    if not isinstance(bundle.key, rsa.RSAPrivateKey):
+        raise InputError(f"{file.name}: the hub key must be RSA (agencies encrypt to it)")
+    secret = key_passphrase(ctx)
+    at = now()
+    with open_db(ctx).session() as s:
+        problems = inspect.agency_problems(bundle.cert, None, at)
+        inspect.require(problems, bundle.cert, "the hub's certificate")
+        stored = store.add_private_key(
+            s,
+            bundle.cert,
+            bundle.key,
+            role="hub",
+            passphrase=secret,
+            at=at,
+            actor=who(),
+            source=f"import {file.name}",
+        )
+    _show([stored], as_json)
+
+
+@hub.command("list")
+@click.option("--all", "include_retired", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hub_list(ctx: click.Context, include_retired: bool, as_json: bool) -> None:
+    """The hub's certificates, newest last."""
+    with open_db(ctx).session() as s:
+        certs = store.certificates(s, role="hub", include_retired=include_retired)
+    _show(certs, as_json)
+
+
+@hub.command("retire")
+@click.argument("ref")
+@click.pass_context
+def hub_retire(ctx: click.Context, ref: str) -> None:
+    """Retire hub key REF: messages encrypted to it no longer open."""
+    with open_db(ctx).session() as s:
+        row = store.find_certificate(s, ref)
+        if row.role != "hub":
+            raise InputError(f"{ref} is a {row.role} certificate, not one of the hub's")
+        left = [
+            c
+            for c in store.certificates(s, role="hub", include_retired=False)
+            if c.sha256 != row.sha256
+        ]
+        if not left:
+            raise InputError(
+                "this is the hub's last key; create its successor first (`gateway keys hub new`)"
+            )
+        store.retire_certificate(s, ref, at=now(), actor=who())
+    click.echo(f"retired hub key {row.sha256[:16]}; {len(left)} key(s) remain")
+
+
+# --- revocation evidence -------------------------------------------------------------------------
+
+
+@keys.group()
+def crls() -> None:
+    """Certificate revocation lists the hub checks signers against."""
+
+
+@crls.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.pass_context
+def crls_import(ctx: click.Context, file: Path) -> None:
+    """Import a CRL by hand (PEM or DER). Its signature is checked when it is used."""
+    crl = files.load_crl(file)
+    with open_db(ctx).session() as s:
+        added = store.add_crl(s, crl, source=f"import {file.name}", at=now(), actor=who())
+    click.echo(
+        ("stored" if added else "already stored") + f": CRL of {crl.issuer.rfc4514_string()}"
+    )
+
+
+@crls.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def crls_list(ctx: click.Context, as_json: bool) -> None:
+    """Stored CRLs, with their freshness."""
+    at = now()
+    with open_db(ctx).session() as s:
+        rows = store.crl_rows(s)
+    out: list[dict[str, Any]] = [
+        {
+            "issuer": r.issuer,
+            "number": r.number,
+            "this_update": r.this_update.isoformat(),
+            "next_update": r.next_update.isoformat() if r.next_update else None,
+            "fresh": r.next_update is None or at <= r.next_update,
+            "source": r.source,
+            "sha256": r.sha256,
+        }
+        for r in rows
+    ]
+    if as_json:
+        emit_json(out)
+        return
+    for r in out:
+        state = "fresh" if r["fresh"] else "STALE"
+        click.echo(
+            f"{state:<6} #{r['number'] or '-':<5} next {r['next_update'] or '-':<26} {r['issuer']}"
+        )
+    if not out:
+        click.echo("(none)")

@@ -1,0 +1,581 @@
+"""The directory and key store in the database: rows in, pure values out.
+
+An edge (DESIGN §2): functions here take an open :class:`~sqlalchemy.orm.Session` from
+:meth:`archive.db.Database.session` and the moment ``at``; they turn rows into the pure values
+the pipeline uses (:class:`~keys.directory.Directory`, :class:`~keys.trust.TrustStore`,
+:class:`~formats.cms_envelope.RecipientKey`) and record every change as an
+:class:`~archive.tables.AdminEvent` in the same transaction, so a change and its record commit
+or fail together. Each check happens *before* anything is written: a refused change leaves the
+database as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from archive import tables as t
+from formats.cms_envelope import RecipientKey
+from formats.errors import ConfigError, InputError
+from keys.binding import Registered
+from keys.directory import Agency, Directory
+from keys.trust import RevocationMode, TrustStore
+
+ROLES = ("agency", "anchor", "intermediate", "hub", "ca")
+
+
+# --- events --------------------------------------------------------------------------------------
+
+
+def record(
+    s: Session, *, at: datetime, actor: str, action: str, subject: str, **detail: Any
+) -> t.AdminEvent:
+    """Append one admin event (committed with the change it describes)."""
+    event = t.AdminEvent(at=at, actor=actor, action=action, subject=subject, detail=detail)
+    s.add(event)
+    return event
+
+
+def events(s: Session, *, after: int = 0, limit: int | None = None) -> list[t.AdminEvent]:
+    query = select(t.AdminEvent).where(t.AdminEvent.seq > after).order_by(t.AdminEvent.seq)
+    return list(s.scalars(query.limit(limit) if limit else query))
+
+
+# --- agencies ------------------------------------------------------------------------------------
+
+
+def to_value(row: t.Agency) -> Agency:
+    return Agency(
+        organ_id=row.organ_id,
+        name_vi=row.name_vi,
+        name_en=row.name_en,
+        emails=frozenset(e.address for e in row.emails),
+        supervisor=row.supervisor,
+        valid_from=row.valid_from,
+        valid_to=row.valid_to,
+        contact=row.contact,
+    )
+
+
+def agencies(s: Session) -> list[Agency]:
+    return [to_value(r) for r in s.scalars(select(t.Agency).order_by(t.Agency.organ_id))]
+
+
+def directory(s: Session) -> Directory:
+    return Directory.of(agencies(s))
+
+
+def get_agency(s: Session, organ_id: str) -> Agency:
+    row = s.get(t.Agency, organ_id)
+    if row is None:
+        raise InputError(
+            f"no agency {organ_id!r} in the directory; `gateway agencies list` shows them"
+        )
+    return to_value(row)
+
+
+def add_agency(s: Session, agency: Agency, *, at: datetime, actor: str) -> None:
+    """Enrol a new agency; its OrganId and e-mail addresses must not clash with the directory."""
+    if s.get(t.Agency, agency.organ_id) is not None:
+        raise InputError(
+            f"agency {agency.organ_id} already exists; use `gateway agencies update` to change it"
+        )
+    _check_directory([*agencies(s), agency])
+    s.add(_row(agency, at))
+    record(s, at=at, actor=actor, action="agency.add", subject=agency.organ_id, **_detail(agency))
+
+
+def put_agency(s: Session, agency: Agency, *, at: datetime, actor: str) -> str:
+    """Add ``agency`` or replace the entry with its OrganId; returns "added"/"updated"/"same"."""
+    row = s.get(t.Agency, agency.organ_id)
+    if row is None:
+        add_agency(s, agency, at=at, actor=actor)
+        return "added"
+    if to_value(row) == agency:
+        return "same"
+    update_agency(s, agency, at=at, actor=actor)
+    return "updated"
+
+
+def update_agency(s: Session, agency: Agency, *, at: datetime, actor: str) -> None:
+    """Replace the directory entry for ``agency.organ_id`` with ``agency``."""
+    row = s.get(t.Agency, agency.organ_id)
+    if row is None:
+        raise InputError(f"no agency {agency.organ_id!r}; use `gateway agencies add` first")
+    before = to_value(row)
+    _check_directory([a for a in agencies(s) if a.organ_id != agency.organ_id] + [agency])
+    row.name_vi, row.name_en, row.contact = agency.name_vi, agency.name_en, agency.contact
+    row.supervisor, row.valid_from, row.valid_to = (
+        agency.supervisor,
+        agency.valid_from,
+        agency.valid_to,
+    )
+    row.updated_at = at
+    current = {e.address: e for e in row.emails}
+    for address in set(current) - agency.emails:
+        row.emails.remove(current[address])
+    for address in sorted(agency.emails - set(current)):
+        row.emails.append(t.AgencyEmail(address=address))
+    changed = {
+        k: [v, _detail(agency)[k]] for k, v in _detail(before).items() if _detail(agency)[k] != v
+    }
+    record(s, at=at, actor=actor, action="agency.update", subject=agency.organ_id, changed=changed)
+
+
+def retire_agency(s: Session, organ_id: str, *, last_day: date, at: datetime, actor: str) -> None:
+    """End an agency's validity on ``last_day`` (inclusive). Nothing is deleted."""
+    agency = get_agency(s, organ_id)
+    if agency.valid_from and last_day < agency.valid_from:
+        raise InputError(
+            f"{organ_id} starts on {agency.valid_from}; it cannot be retired on {last_day}"
+        )
+    row = s.get(t.Agency, organ_id)
+    assert row is not None
+    row.valid_to, row.updated_at = last_day, at
+    record(s, at=at, actor=actor, action="agency.retire", subject=organ_id, last_day=str(last_day))
+
+
+def _check_directory(all_agencies: Sequence[Agency]) -> None:
+    directory_ = Directory.of(all_agencies)  # duplicate codes, e-mail claimed twice
+    for agency in all_agencies:
+        if agency.supervisor and directory_.get(agency.supervisor) is None:
+            raise InputError(
+                f"agency {agency.organ_id}: supervising body {agency.supervisor} is not in the "
+                "directory; add it first or leave the supervisor empty"
+            )
+
+
+def _row(agency: Agency, at: datetime) -> t.Agency:
+    return t.Agency(
+        organ_id=agency.organ_id,
+        name_vi=agency.name_vi,
+        name_en=agency.name_en,
+        supervisor=agency.supervisor,
+        contact=agency.contact,
+        valid_from=agency.valid_from,
+        valid_to=agency.valid_to,
+        created_at=at,
+        updated_at=at,
+        emails=[t.AgencyEmail(address=a) for a in sorted(agency.emails)],
+    )
+
+
+def _detail(agency: Agency) -> dict[str, Any]:
+    return {
+        "name_vi": agency.name_vi,
+        "name_en": agency.name_en,
+        "emails": sorted(agency.emails),
+        "supervisor": agency.supervisor,
+        "contact": agency.contact,
+        "valid_from": str(agency.valid_from) if agency.valid_from else None,
+        "valid_to": str(agency.valid_to) if agency.valid_to else None,
+    }
+
+
+# --- certificates --------------------------------------------------------------------------------
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def san_emails(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(e) for e in san.get_values_for_type(x509.RFC822Name)]
+
+
+@dataclass(frozen=True)
+class StoredCertificate:
+    """A certificate row as a value."""
+
+    sha256: str
+    role: str
+    organ_id: str | None
+    subject: str
+    issuer: str
+    serial: str
+    emails: tuple[str, ...]
+    not_before: datetime
+    not_after: datetime
+    use_from: datetime | None
+    use_until: datetime | None
+    source: str
+    imported_at: datetime
+    retired_at: datetime | None
+    certificate: x509.Certificate
+
+    def usable_at(self, at: datetime) -> bool:
+        """Inside both its own validity and the window the admin allows."""
+        return (self.retired_at is None or at < self.retired_at) and max(
+            self.not_before, self.use_from or self.not_before
+        ) <= at <= min(self.not_after, self.use_until or self.not_after)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "role": self.role,
+            "organ_id": self.organ_id,
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "serial": self.serial,
+            "emails": list(self.emails),
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "use_from": self.use_from.isoformat() if self.use_from else None,
+            "use_until": self.use_until.isoformat() if self.use_until else None,
+            "source": self.source,
+            "imported_at": self.imported_at.isoformat(),
+            "retired_at": self.retired_at.isoformat() if self.retired_at else None,
+        }
+
+
+def _utc(value: datetime) -> datetime:
+    if value.utcoffset() is None:
+        raise ValueError("naive datetime; pass an aware one")
+    return value.astimezone(UTC)
+
+
+def _stored(row: t.Certificate) -> StoredCertificate:
+    return StoredCertificate(
+        sha256=row.sha256,
+        role=row.role,
+        organ_id=row.organ_id,
+        subject=row.subject,
+        issuer=row.issuer,
+        serial=row.serial,
+        emails=tuple(e for e in row.emails.split(",") if e),
+        not_before=row.not_before,
+        not_after=row.not_after,
+        use_from=row.use_from,
+        use_until=row.use_until,
+        source=row.source,
+        imported_at=row.imported_at,
+        retired_at=row.retired_at,
+        certificate=x509.load_der_x509_certificate(row.der),
+    )
+
+
+def add_certificate(
+    s: Session,
+    cert: x509.Certificate,
+    *,
+    role: str,
+    at: datetime,
+    actor: str,
+    organ_id: str | None = None,
+    use_from: datetime | None = None,
+    use_until: datetime | None = None,
+    source: str = "",
+) -> StoredCertificate:
+    """Store ``cert`` (already checked by the caller, see :mod:`keys.inspect`)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown certificate role {role!r}")
+    sha = fingerprint(cert)
+    existing = s.scalar(select(t.Certificate).where(t.Certificate.sha256 == sha))
+    if existing is not None:
+        holder = f" for {existing.organ_id}" if existing.organ_id else ""
+        raise InputError(
+            f"certificate {sha[:16]}… ({cert.subject.rfc4514_string()}) is already stored as "
+            f"{existing.role}{holder}"
+        )
+    row = t.Certificate(
+        sha256=sha,
+        role=role,
+        organ_id=organ_id,
+        subject=cert.subject.rfc4514_string(),
+        issuer=cert.issuer.rfc4514_string(),
+        serial=f"{cert.serial_number:x}",
+        emails=",".join(san_emails(cert)),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        use_from=_utc(use_from) if use_from else None,
+        use_until=_utc(use_until) if use_until else None,
+        der=cert.public_bytes(serialization.Encoding.DER),
+        source=source,
+        imported_at=at,
+        retired_at=None,
+    )
+    s.add(row)
+    s.flush()
+    record(
+        s,
+        at=at,
+        actor=actor,
+        action=f"certificate.add.{role}",
+        subject=organ_id or row.subject,
+        sha256=sha,
+        serial=row.serial,
+        not_after=row.not_after.isoformat(),
+        source=source,
+    )
+    return _stored(row)
+
+
+def certificates(
+    s: Session,
+    *,
+    role: str | Iterable[str] | None = None,
+    organ_id: str | None = None,
+    include_retired: bool = True,
+) -> list[StoredCertificate]:
+    query = select(t.Certificate).order_by(t.Certificate.id)
+    if role is not None:
+        roles = [role] if isinstance(role, str) else list(role)
+        query = query.where(t.Certificate.role.in_(roles))
+    if organ_id is not None:
+        query = query.where(t.Certificate.organ_id == organ_id)
+    if not include_retired:
+        query = query.where(t.Certificate.retired_at.is_(None))
+    return [_stored(r) for r in s.scalars(query)]
+
+
+def find_certificate(s: Session, ref: str) -> t.Certificate:
+    """A certificate by SHA-256 fingerprint (or a unique prefix of at least 8 hex digits) or
+    by serial number (hex)."""
+    ref = ref.lower().replace(":", "")
+    rows = list(s.scalars(select(t.Certificate).where(t.Certificate.serial == ref.lstrip("0"))))
+    if not rows and len(ref) >= 8:
+        rows = list(s.scalars(select(t.Certificate).where(t.Certificate.sha256.startswith(ref))))
+    if not rows:
+        raise InputError(f"no certificate with serial or fingerprint {ref!r}")
+    if len(rows) > 1:
+        raise InputError(f"{ref!r} matches {len(rows)} certificates; give the SHA-256 fingerprint")
+    return rows[0]
+
+
+def set_window(
+    s: Session,
+    ref: str,
+    *,
+    use_from: datetime | None = None,
+    use_until: datetime | None = None,
+    at: datetime,
+    actor: str,
+) -> StoredCertificate:
+    """Narrow the window in which a certificate may be used (rollover overlap)."""
+    row = find_certificate(s, ref)
+    if use_from is not None:
+        row.use_from = _utc(use_from)
+    if use_until is not None:
+        row.use_until = _utc(use_until)
+    if row.use_from and row.use_until and row.use_until < row.use_from:
+        raise InputError("the certificate's use window ends before it starts")
+    record(
+        s,
+        at=at,
+        actor=actor,
+        action="certificate.window",
+        subject=row.organ_id or row.subject,
+        sha256=row.sha256,
+        use_from=row.use_from.isoformat() if row.use_from else None,
+        use_until=row.use_until.isoformat() if row.use_until else None,
+    )
+    return _stored(row)
+
+
+def retire_certificate(s: Session, ref: str, *, at: datetime, actor: str) -> StoredCertificate:
+    row = find_certificate(s, ref)
+    if row.retired_at is not None:
+        raise InputError(f"certificate {row.sha256[:16]}… was already retired on {row.retired_at}")
+    row.retired_at = at
+    key = s.scalar(select(t.PrivateKey).where(t.PrivateKey.certificate_id == row.id))
+    if key is not None:
+        key.retired_at = at
+    record(
+        s,
+        at=at,
+        actor=actor,
+        action=f"certificate.retire.{row.role}",
+        subject=row.organ_id or row.subject,
+        sha256=row.sha256,
+    )
+    return _stored(row)
+
+
+def enrolled(s: Session) -> dict[str, tuple[Registered, ...]]:
+    """Agency certificates by OrganId, with the windows in which each may sign."""
+    out: dict[str, list[Registered]] = {}
+    for c in certificates(s, role="agency"):
+        if c.organ_id is None:
+            continue
+        start = max(c.not_before, c.use_from or c.not_before)
+        ends = [c.not_after] + [e for e in (c.use_until, c.retired_at) if e is not None]
+        out.setdefault(c.organ_id, []).append(Registered(c.sha256, start, min(ends)))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+# --- private keys (hub, built-in CA) -------------------------------------------------------------
+
+PrivateKeyTypes = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+def add_private_key(
+    s: Session,
+    cert: x509.Certificate,
+    key: PrivateKeyTypes,
+    *,
+    role: str,
+    passphrase: bytes,
+    at: datetime,
+    actor: str,
+    source: str = "",
+) -> StoredCertificate:
+    """Store a certificate with its private key, encrypted under ``passphrase``."""
+    if not passphrase:
+        raise ConfigError("a passphrase is needed to store a private key encrypted at rest")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        raise InputError("the private key does not belong to the certificate")
+    stored = add_certificate(s, cert, role=role, at=at, actor=actor, source=source)
+    row = s.scalar(select(t.Certificate).where(t.Certificate.sha256 == stored.sha256))
+    assert row is not None
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+    s.add(t.PrivateKey(certificate_id=row.id, role=role, encrypted_pem=pem, created_at=at))
+    return stored
+
+
+def private_keys(
+    s: Session, *, role: str, passphrase: bytes | None, at: datetime | None = None
+) -> list[tuple[StoredCertificate, PrivateKeyTypes]]:
+    """Unretired keys of ``role``, newest first, decrypted with ``passphrase``."""
+    rows = s.scalars(
+        select(t.PrivateKey)
+        .where(t.PrivateKey.role == role, t.PrivateKey.retired_at.is_(None))
+        .order_by(t.PrivateKey.id.desc())
+    )
+    out = []
+    for row in rows:
+        stored = _stored(row.certificate)
+        if at is not None and not stored.usable_at(at):
+            continue
+        try:
+            key = serialization.load_pem_private_key(row.encrypted_pem, passphrase)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"cannot decrypt the {role} private key for {stored.subject}: wrong or missing "
+                "passphrase (set it in the environment variable or file named in gateway.toml)"
+            ) from None
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"the stored {role} key is of an unsupported type")
+        out.append((stored, key))
+    return out
+
+
+def hub_recipient_keys(s: Session, passphrase: bytes | None) -> tuple[RecipientKey, ...]:
+    """Every unretired hub key: all of them decrypt, so a rotation never strands a message."""
+    return tuple(
+        RecipientKey(stored.certificate, key)
+        for stored, key in private_keys(s, role="hub", passphrase=passphrase)
+        if isinstance(key, rsa.RSAPrivateKey)
+    )
+
+
+# --- revocation evidence -------------------------------------------------------------------------
+
+
+def add_crl(
+    s: Session, crl: x509.CertificateRevocationList, *, source: str, at: datetime, actor: str
+) -> bool:
+    """Keep a CRL exactly as received. Returns False if it was already stored."""
+    der = crl.public_bytes(serialization.Encoding.DER)
+    sha = hashlib.sha256(der).hexdigest()
+    if s.scalar(select(t.RevocationEvidence.id).where(t.RevocationEvidence.sha256 == sha)):
+        return False
+    number = None
+    with contextlib.suppress(x509.ExtensionNotFound):
+        number = str(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    s.add(
+        t.RevocationEvidence(
+            kind="crl",
+            sha256=sha,
+            issuer=crl.issuer.rfc4514_string(),
+            this_update=crl.last_update_utc,
+            next_update=crl.next_update_utc,
+            number=number,
+            der=der,
+            source=source,
+            fetched_at=at,
+        )
+    )
+    record(
+        s,
+        at=at,
+        actor=actor,
+        action="evidence.crl",
+        subject=crl.issuer.rfc4514_string(),
+        sha256=sha,
+        number=number,
+        source=source,
+    )
+    return True
+
+
+def latest_crls(s: Session) -> list[bytes]:
+    """The newest CRL (by thisUpdate) of each issuer."""
+    newest = (
+        select(t.RevocationEvidence.issuer, func.max(t.RevocationEvidence.this_update).label("tu"))
+        .where(t.RevocationEvidence.kind == "crl")
+        .group_by(t.RevocationEvidence.issuer)
+        .subquery()
+    )
+    rows = s.scalars(
+        select(t.RevocationEvidence).join(
+            newest,
+            (t.RevocationEvidence.issuer == newest.c.issuer)
+            & (t.RevocationEvidence.this_update == newest.c.tu),
+        )
+    )
+    return [r.der for r in rows]
+
+
+def crl_rows(s: Session) -> list[t.RevocationEvidence]:
+    query = select(t.RevocationEvidence).where(t.RevocationEvidence.kind == "crl")
+    return list(
+        s.scalars(query.order_by(t.RevocationEvidence.issuer, t.RevocationEvidence.this_update))
+    )
+
+
+def trust_store(s: Session, *, revocation_mode: RevocationMode = "hard-fail") -> TrustStore:
+    anchors = [c.certificate for c in certificates(s, role="anchor", include_retired=False)]
+    if not anchors:
+        raise ConfigError(
+            "no trust anchors in the key store; import one with `gateway keys anchors import` "
+            "or create the built-in CA with `gateway keys ca init`"
+        )
+    return TrustStore(
+        anchors=tuple(anchors),
+        intermediates=tuple(
+            c.certificate for c in certificates(s, role="intermediate", include_retired=False)
+        ),
+        crls=tuple(latest_crls(s)),
+        revocation_mode=revocation_mode,
+    )
+
+
+# --- expiry --------------------------------------------------------------------------------------
+
+
+def expiring(s: Session, *, at: datetime, until: datetime) -> list[StoredCertificate]:
+    """Unretired certificates whose usable end falls before ``until`` (soonest first)."""
+    out = [
+        c
+        for c in certificates(s, include_retired=False)
+        if min(c.not_after, c.use_until or c.not_after) <= until
+    ]
+    return sorted(out, key=lambda c: min(c.not_after, c.use_until or c.not_after))
