@@ -22,7 +22,7 @@ from gateway.cli import actor as who
 from gateway.cli import emit_json, load_settings, now, open_db
 from gateway.cli_ca import ca
 from gateway.loading import passphrase as settings_passphrase
-from keys import files, inspect, issuing, store
+from keys import fetch, files, inspect, issuing, store
 from keys.store import StoredCertificate
 
 _P12 = (".p12", ".pfx")
@@ -455,3 +455,24 @@ def crls_list(ctx: click.Context, as_json: bool) -> None:
         )
     if not out:
         click.echo("(none)")
+
+
+@crls.command("fetch")
+@click.option("--force", is_flag=True, help="Fetch even lists that are still fresh.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def crls_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
+    """Download CRLs from the distribution points of stored certificates.
+
+    Exit status 1 if any distribution point failed (the others are still stored).
+    """
+    with open_db(ctx).session() as s:
+        outcomes = fetch.refresh(s, at=now(), actor=who(), force=force)
+    if as_json:
+        emit_json([o.__dict__ for o in outcomes])
+    else:
+        for o in outcomes:
+            click.echo(f"{o.status:<9} {o.url}" + (f": {o.detail}" if o.detail else ""))
+        if not outcomes:
+            click.echo("no stored certificate names a CRL distribution point")
+    ctx.exit(1 if any(o.status == "failed" for o in outcomes) else 0)

@@ -5,7 +5,9 @@ Real SQLite databases in tmp_path; messages go through the real pipeline.
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,7 +17,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    pkcs12,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from archive.db import Database
@@ -27,7 +33,7 @@ from gateway.cli import cli
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context, process
 from keys import store
-from keys.issuing import Issued, issue_agency, issue_hub
+from keys.issuing import Issued, issue_agency, issue_hub, make_crl, make_root
 from tests.conftest import WORLD_AT
 
 PASS = "test-only passphrase"
@@ -369,3 +375,95 @@ def test_anchors_must_be_cas_and_hub_keys_rotate(home: Path, world: DemoWorld) -
     assert code == 2 and "last key" in out
     key = world.hub.key
     assert isinstance(key, rsa.RSAPrivateKey)
+
+
+# --- CRLs from distribution points ---------------------------------------------------------------
+
+
+class _CrlServer:
+    """A real HTTP server on loopback serving whatever bytes are put at a path."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        files = self.files
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_crls_are_fetched_from_distribution_points_and_checked(
+    home: Path, world: DemoWorld
+) -> None:
+    server = _CrlServer()
+    try:
+        now = datetime.now(WORLD_AT.tzinfo)
+        good = issue_agency(
+            world.root, email="vanthu@snv.hanoi.gov.vn", organ_id="H26.SNV", common_name="dp",
+            at=now - timedelta(days=1), crl_url=server.url("/root.crl"),
+        )  # fmt: skip
+        forged_dp = issue_agency(
+            world.root, email="vanthu@stp.hanoi.gov.vn", organ_id="H26.STP", common_name="dp2",
+            at=now - timedelta(days=1), crl_url=server.url("/forged.crl"),
+        )  # fmt: skip
+        missing_dp = issue_agency(
+            world.root, email="pa08@congan.hanoi.gov.vn", organ_id="H26.CATP", common_name="dp3",
+            at=now - timedelta(days=1), crl_url=server.url("/missing.crl"),
+        )  # fmt: skip
+        server.files["/root.crl"] = make_crl(
+            world.root,
+            revoked=[(7, now)],
+            this_update=now,
+            next_update=now + timedelta(days=7),
+            number=5,
+        ).public_bytes(Encoding.DER)
+        impostor = make_root("Impostor CA", at=now - timedelta(days=1))
+        server.files["/forged.crl"] = make_crl(
+            Issued(world.root.cert, impostor.key), revoked=[], this_update=now,
+            next_update=now + timedelta(days=7), number=6,
+        ).public_bytes(Encoding.DER)  # fmt: skip
+        assert _run(home, "keys", "anchors", "import", str(home / "root.pem"))[0] == 0
+        for organ, issued in (("H26.SNV", good), ("H26.STP", forged_dp), ("H26.CATP", missing_dp)):
+            (home / f"{organ}.pem").write_bytes(issued.cert_pem())
+            assert (
+                _run(home, "keys", "import", str(home / f"{organ}.pem"), "--agency", organ)[0] == 0
+            )
+
+        code, out = _run(home, "keys", "crls", "fetch", "--json")
+        assert code == 1  # one distribution point failed
+        by_url = {o["url"]: o for o in json.loads(out)}
+        assert by_url[server.url("/root.crl")]["status"] == "stored"
+        assert "not signed by any CA certificate" in by_url[server.url("/forged.crl")]["detail"]
+        assert "HTTP 404" in by_url[server.url("/missing.crl")]["detail"]
+
+        code, out = _run(home, "keys", "crls", "list", "--json")
+        [crl] = json.loads(out)
+        assert (crl["number"], crl["fresh"], crl["source"]) == ("5", True, server.url("/root.crl"))
+        # Still fresh: not downloaded again unless forced.
+        code, out = _run(home, "keys", "crls", "fetch", "--json")
+        assert by_status(out)[server.url("/root.crl")] == "fresh"
+        code, out = _run(home, "keys", "crls", "fetch", "--force", "--json")
+        assert by_status(out)[server.url("/root.crl")] == "unchanged"
+    finally:
+        server.close()
+
+
+def by_status(out: str) -> dict[str, str]:
+    return {o["url"]: o["status"] for o in json.loads(out)}

@@ -1,0 +1,118 @@
+"""Fetching CRLs from the distribution points named in known certificates (an edge).
+
+A CRL is stored only if a CA certificate the hub already holds signed it, so a distribution
+point cannot feed the hub a forged list. Downloads are bounded in time and size. A list that
+is still fresh (its nextUpdate is ahead) is not fetched again unless asked.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy.orm import Session
+
+from formats.errors import InputError
+from keys import store
+
+MAX_CRL_BYTES = 16 * 1024 * 1024
+TIMEOUT_SECONDS = 15.0
+
+Fetcher = Callable[[str], bytes]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    url: str
+    status: str  # stored | unchanged | fresh | failed
+    detail: str = ""
+
+
+def distribution_points(cert: x509.Certificate) -> list[str]:
+    """The http(s) URLs of ``cert``'s CRL distribution points."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return []
+    urls = []
+    for point in points:
+        for name in point.full_name or ():
+            if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith(
+                ("http://", "https://")
+            ):
+                urls.append(name.value)
+    return urls
+
+
+def download(url: str) -> bytes:
+    """GET ``url`` with a timeout and a size cap."""
+    request = urllib.request.Request(url, headers={"User-Agent": "official-mail-gateway"})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
+            data: bytes = response.read(MAX_CRL_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise InputError(f"HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise InputError(f"cannot download: {reason}") from None
+    if len(data) > MAX_CRL_BYTES:
+        raise InputError(f"the CRL is larger than {MAX_CRL_BYTES} bytes")
+    return data
+
+
+def refresh(
+    s: Session, *, at: datetime, actor: str, force: bool = False, fetch: Fetcher = download
+) -> list[Outcome]:
+    """Fetch the CRL of every distribution point named by a certificate in the store."""
+    certs = store.certificates(s, include_retired=False)
+    issuers = [c.certificate for c in store.certificates(s, role=("anchor", "intermediate", "ca"))]
+    fresh_issuers = {
+        r.issuer for r in store.crl_rows(s) if r.next_update is not None and at < r.next_update
+    }
+    urls: dict[str, x509.Name] = {}
+    for c in certs:
+        for url in distribution_points(c.certificate):
+            urls.setdefault(url, c.certificate.issuer)
+    out = []
+    for url, issuer in sorted(urls.items()):
+        if not force and issuer.rfc4514_string() in fresh_issuers:
+            out.append(Outcome(url, "fresh", "the stored CRL has not reached its nextUpdate"))
+            continue
+        try:
+            crl = _parse(fetch(url))
+            _check_signed(crl, issuers)
+            added = store.add_crl(s, crl, source=url, at=at, actor=actor)
+        except InputError as err:
+            out.append(Outcome(url, "failed", err.message))
+            continue
+        out.append(Outcome(url, "stored" if added else "unchanged"))
+    return out
+
+
+def _parse(data: bytes) -> x509.CertificateRevocationList:
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError:
+        raise InputError("the response is not a CRL (PEM or DER)") from None
+
+
+def _check_signed(crl: x509.CertificateRevocationList, issuers: list[x509.Certificate]) -> None:
+    for issuer in issuers:
+        if issuer.subject != crl.issuer:
+            continue
+        key = issuer.public_key()
+        if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) and (
+            crl.is_signature_valid(key)
+        ):
+            return
+    raise InputError(
+        f"the CRL of {crl.issuer.rfc4514_string()} is not signed by any CA certificate the hub "
+        "holds; refused"
+    )
