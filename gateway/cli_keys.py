@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from formats.errors import ConfigError, InputError
 from gateway.cli import actor as who
 from gateway.cli import emit_json, load_settings, now, open_db
-from gateway.cli_ca import ca
+from gateway.cli_ca import ca, crl_cmd, issue_cmd, revoke_cmd
 from gateway.loading import passphrase as settings_passphrase
 from keys import fetch, files, inspect, issuing, store
 from keys.store import StoredCertificate
@@ -36,6 +36,9 @@ def keys() -> None:
 
 
 keys.add_command(ca)
+keys.add_command(issue_cmd)
+keys.add_command(revoke_cmd)
+keys.add_command(crl_cmd)
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Literal, TypeAlias
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -237,6 +238,25 @@ def make_crl(
             rc = rc.add_extension(x509.CRLReason(reason[0]), critical=False)
         builder = builder.add_revoked_certificate(rc.build())
     return builder.sign(ca.key, hashes.SHA256())
+
+
+def pkcs12_bundle(
+    issued: Issued, chain: Sequence[x509.Certificate], *, passphrase: bytes, name: str
+) -> bytes:
+    """A PKCS#12 file mail clients import: AES-256-CBC with PBKDF2-SHA256 for key and
+    certificates, an HMAC-SHA256 MAC (``openssl pkcs12`` 3.x opens it without ``-legacy``)."""
+    if len(passphrase) < 8:
+        raise ValueError("the PKCS#12 passphrase must have at least 8 characters")
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(100_000)
+        .key_cert_algorithm(pkcs12.PBES.PBESv2SHA256AndAES256CBC)
+        .hmac_hash(hashes.SHA256())
+        .build(passphrase)
+    )
+    return pkcs12.serialize_key_and_certificates(
+        name.encode(), issued.key, issued.cert, list(chain), encryption
+    )
 
 
 # --- helpers ----------------------------------------------------------------------------------
