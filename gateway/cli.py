@@ -87,8 +87,9 @@ cli.add_command(payload)
 
 def _register() -> None:
     # Imported here so that each command module can import helpers from this one.
-    from gateway import cli_check, cli_demo, cli_init, cli_keys
+    from gateway import cli_agencies, cli_check, cli_demo, cli_init, cli_keys
 
+    cli.add_command(cli_agencies.agencies)
     cli.add_command(cli_keys.keys)
     cli.add_command(cli_check.check)
     cli.add_command(cli_demo.demo)

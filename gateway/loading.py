@@ -56,11 +56,18 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
     return Context(
         keys=keys,
         trust=load_trust(settings, anchors, intermediates, crls),
-        directory=Directory.of([*agencies, *file_directory]),
+        directory=_merged(agencies, file_directory),
         limits=settings.limits,
         known_certs=tuple(agency_certs),
         enrolled=MappingProxyType(enrolled),
     )
+
+
+def _merged(stored: Sequence[Agency], from_file: Iterable[Agency]) -> Directory:
+    """The stored directory plus file entries for codes the store does not have: once a file
+    has been imported (`gateway agencies import`), the database entry is the one that counts."""
+    codes = {a.organ_id for a in stored}
+    return Directory.of([*stored, *(a for a in from_file if a.organ_id not in codes)])
 
 
 def passphrase(settings: Settings) -> bytes | None:

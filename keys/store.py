@@ -153,6 +153,17 @@ def _check_directory(all_agencies: Sequence[Agency]) -> None:
                 f"agency {agency.organ_id}: supervising body {agency.supervisor} is not in the "
                 "directory; add it first or leave the supervisor empty"
             )
+        seen = [agency.organ_id]
+        up = directory_.get(agency.supervisor) if agency.supervisor else None
+        while up is not None:
+            if up.organ_id in seen:
+                raise InputError(
+                    f"agency {agency.organ_id}: supervisors form a loop "
+                    f"({' → '.join([*seen, up.organ_id])}); a supervising body cannot report "
+                    "to its own subordinate"
+                )
+            seen.append(up.organ_id)
+            up = directory_.get(up.supervisor) if up.supervisor else None
 
 
 def _row(agency: Agency, at: datetime) -> t.Agency:

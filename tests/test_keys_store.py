@@ -5,6 +5,7 @@ Real SQLite databases in tmp_path; messages go through the real pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import threading
@@ -467,3 +468,26 @@ def test_crls_are_fetched_from_distribution_points_and_checked(
 
 def by_status(out: str) -> dict[str, str]:
     return {o["url"]: o["status"] for o in json.loads(out)}
+
+
+def test_supervisor_loops_are_refused(db: Database) -> None:
+    with db.session() as s:
+        ubnd = store.get_agency(s, "H26.UBND")
+    with pytest.raises(InputError, match="supervisors form a loop"), db.session() as s:
+        store.update_agency(
+            s, dataclasses.replace(ubnd, supervisor="H26.SNV"), at=WORLD_AT, actor=ACTOR
+        )
+
+
+def test_the_stored_directory_wins_over_the_legacy_file(db: Database) -> None:
+    from gateway.loading import _merged
+    from keys.directory import Agency
+
+    with db.session() as s:
+        stored = store.agencies(s)
+    old = Agency("H26.SNV", "cũ", "old", frozenset({"old@snv.hanoi.gov.vn"}))
+    extra = Agency("H26.X", "khác", "other", frozenset({"x@x.vn"}))
+    merged = _merged(stored, [old, extra])
+    snv = merged.get("H26.SNV")
+    assert snv is not None and snv.emails == {"vanthu@snv.hanoi.gov.vn"}
+    assert merged.get("H26.X") == extra
