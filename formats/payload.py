@@ -9,6 +9,11 @@
 4. build the frozen value;
 5. check the rules XSD 1.0 cannot state (:func:`rule_violations`), located like XSD errors.
 
+A valid payload takes a shorter road to the same value: :mod:`formats.payload_stream` does
+steps 1 to 4 while parsing, without ever holding the whole tree (memory grows with the records,
+not with an element tree of the document), then step 5 runs on the value. The plan above, on
+the whole tree, runs only when the stream finds something wrong, to say exactly what and where.
+
 ``Payload.to_xml`` writes UTF-8 with an XML declaration, and
 ``Payload.from_xml(p.to_xml()) == p`` for every valid payload.
 """
@@ -38,8 +43,9 @@ from formats.payload_model import (
     Signer,
 )
 from formats.payload_rules import monthly_period, rule_violations
+from formats.payload_stream import Fallback, read_stream
 from formats.payload_xml import Invalid, element_at, read_parts, text_of, write_parts
-from formats.xmlsafe import parse_xml
+from formats.xmlsafe import check_bytes, parse_xml
 from formats.xsd import NAMESPACE, load_schema, located, validate
 
 __all__ = [
@@ -77,6 +83,18 @@ class Payload:
     @classmethod
     def from_xml(cls, data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Payload:
         """Parse, validate and check ``data`` (plan in the module docstring)."""
+        check_bytes(data, limits=limits)
+        try:
+            payload = cls(*read_stream(data, limits=limits))
+        except Fallback:
+            return cls._from_tree(data, limits)
+        if rule_violations(payload):
+            return cls._from_tree(data, limits)  # to locate them
+        return payload
+
+    @classmethod
+    def _from_tree(cls, data: bytes, limits: Limits) -> Payload:
+        """The plan of the module docstring on the whole tree, with located errors."""
         root = parse_xml(data, limits=limits)
         if root.tag != f"{_NS}Payload":
             raise _invalid(located(root, data, (
@@ -93,7 +111,7 @@ class Payload:
         category = CATEGORIES[code]
         validate(root, load_schema(category.xsd), data)
         try:
-            payload = Payload(*read_parts(root, category))
+            payload = cls(*read_parts(root, category))
         except Invalid as bad:
             raise _invalid(located(bad.element, data, bad.message)) from None
         problems = [

@@ -6,8 +6,8 @@ Names follow edXML (QCVN 102:2016/BTTTT): ``From``/``To`` organs, ``DocumentId``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import FrozenInstanceError, dataclass
 from datetime import date
 from enum import IntEnum
 from typing import Final
@@ -109,34 +109,76 @@ class Attachment:
     sha256: str
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One typed record of a category: ``(field name, value)`` pairs in XSD order."""
+#: Field-name tuples in use, so that records with the same fields present share one tuple.
+_SHAPES: dict[tuple[str, ...], tuple[str, ...]] = {}
+#: Enough for every category's shapes many times over; beyond it, tuples are simply not shared.
+_MAX_SHAPES: Final = 4096
 
-    fields: tuple[tuple[str, Value], ...]
+
+def shared_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names``, or the equal tuple already in use (records of one shape share it)."""
+    found = _SHAPES.get(names)
+    if found is not None:
+        return found
+    if len(_SHAPES) < _MAX_SHAPES:
+        _SHAPES.setdefault(names, names)
+    return names
+
+
+class Record:
+    """One typed record of a category: ``(field name, value)`` pairs in XSD order.
+
+    A payload may hold tens of thousands of records, so a record is stored as two references:
+    a tuple of the field names present, shared by every record of that shape (and made of the
+    category's own name strings), and the tuple of their values. ``fields`` rebuilds the pairs.
+    Frozen, hashable, and equal when the pairs are equal.
+    """
+
+    __slots__ = ("_names", "_values")
+    _names: tuple[str, ...]
+    _values: tuple[Value, ...]
+
+    def __init__(self, fields: Iterable[tuple[str, Value]] = ()) -> None:
+        pairs = tuple(fields)
+        object.__setattr__(self, "_names", shared_names(tuple(name for name, _ in pairs)))
+        object.__setattr__(self, "_values", tuple(value for _, value in pairs))
 
     @classmethod
     def of(cls, category: Category, values: Mapping[str, Value | None]) -> Record:
         """Order ``values`` as the category's fields; ``None`` and ``""`` mean absent."""
-        unknown = sorted(set(values) - set(category.columns))
+        columns = category.columns
+        unknown = sorted(set(values) - set(columns))
         if unknown:
             raise InputError(
                 f"category {category.code} has no field {', '.join(unknown)}; "
-                f"its fields are {', '.join(category.columns)}"
+                f"its fields are {', '.join(columns)}"
             )
-        return cls(
-            tuple(
-                (name, value)
-                for name in category.columns
-                if (value := values.get(name)) is not None and value != ""
-            )
+        present = [
+            (f.name, value)
+            for f in category.fields
+            if (value := values.get(f.name)) is not None and value != ""
+        ]
+        return cls.from_shared(
+            shared_names(tuple(name for name, _ in present)), tuple(v for _, v in present)
         )
 
+    @classmethod
+    def from_shared(cls, names: tuple[str, ...], values: tuple[Value, ...]) -> Record:
+        """The record of ``names`` (from :func:`shared_names`) and ``values``, one for one."""
+        record = object.__new__(cls)
+        object.__setattr__(record, "_names", names)
+        object.__setattr__(record, "_values", values)
+        return record
+
+    @property
+    def fields(self) -> tuple[tuple[str, Value], ...]:
+        return tuple(zip(self._names, self._values, strict=True))
+
     def __getitem__(self, name: str) -> Value:
-        for key, value in self.fields:
-            if key == name:
-                return value
-        raise KeyError(name)
+        try:
+            return self._values[self._names.index(name)]
+        except ValueError:
+            raise KeyError(name) from None
 
     def get(self, name: str, default: Value | None = None) -> Value | None:
         try:
@@ -145,4 +187,24 @@ class Record:
             return default
 
     def as_dict(self) -> dict[str, Value]:
-        return dict(self.fields)
+        return dict(zip(self._names, self._values, strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record):
+            return NotImplemented
+        return self._names == other._names and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash((self._names, self._values))
+
+    def __repr__(self) -> str:
+        return f"Record(fields={self.fields!r})"
+
+    def __reduce__(self) -> tuple[type[Record], tuple[tuple[tuple[str, Value], ...]]]:
+        return (Record, (self.fields,))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")

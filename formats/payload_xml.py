@@ -12,7 +12,7 @@ from uuid import UUID
 
 from lxml import etree
 
-from formats.categories import CATEGORIES, Category, Value
+from formats.categories import CATEGORIES, Category, Field, Value
 from formats.payload_model import (
     Attachment,
     Business,
@@ -22,10 +22,12 @@ from formats.payload_model import (
     Organ,
     Record,
     Signer,
+    shared_names,
 )
 from formats.xsd import NAMESPACE
 
 _NS = "{" + NAMESPACE + "}"
+_DATE = Field("Date", "date", "a date of the header or exchange")
 Parts = tuple[Header, Exchange, tuple[Record, ...], tuple[Attachment, ...]]
 
 
@@ -70,8 +72,17 @@ def _doc_id(parent: etree._Element, name: str) -> DocumentId | None:
 
 
 def _date(parent: etree._Element, name: str) -> date | None:
-    text = _opt(parent, name)
-    return None if text is None else date.fromisoformat(text)
+    element = _child(parent, name)
+    if element is None:
+        return None
+    # xs:date collapses whitespace, so the XSD lets "2024-03-16\n" through; a record's date
+    # field refuses it (Field.parse), and so does this.
+    try:
+        value = _DATE.parse(text_of(element))
+    except ValueError as err:
+        raise Invalid(element, f"{name}: {err}") from None
+    assert isinstance(value, date)
+    return value
 
 
 def _organ(element: etree._Element) -> Organ:
@@ -86,12 +97,23 @@ def read_parts(root: etree._Element, category: Category) -> Parts:
     assert head is not None
     assert exchange is not None
     assert body is not None
+    reader = RecordReader(category)
+    records = tuple(reader.read(el) for el in body.iterfind(reader.tag))
+    attachments = tuple(
+        read_attachment(el) for el in root.iterfind(f"{_NS}Attachments/{_NS}Attachment")
+    )
+    return read_header(head), read_exchange(exchange, category), records, attachments
+
+
+def read_header(head: etree._Element) -> Header:
     signer_el = _child(head, "SignerInfo")
     document_id = _doc_id(head, "DocumentId")
-    assert document_id is not None
-    header = Header(
+    sender = _child(head, "From")
+    if document_id is None or sender is None:  # the XSD has made sure both are there
+        raise Invalid(head, "DocumentId or From is missing")
+    return Header(
         message_id=UUID(_req(head, "MessageId")),
-        sender=_organ(head.find(f"{_NS}From")),  # type: ignore[arg-type]
+        sender=_organ(sender),
         recipients=tuple(_organ(el) for el in head.iterfind(f"{_NS}To")),
         document_id=document_id,
         subject=_req(head, "Subject"),
@@ -104,7 +126,10 @@ def read_parts(root: etree._Element, category: Category) -> Parts:
         replaces=_doc_id(head, "ReplacesDocumentId"),
         schema_version=_req(head, "SchemaVersion"),
     )
-    ex = Exchange(
+
+
+def read_exchange(exchange: etree._Element, category: Category) -> Exchange:
+    return Exchange(
         category=category.code,
         cadence=_req(exchange, "Cadence"),
         legal_basis=_req(exchange, "LegalBasis"),
@@ -112,27 +137,74 @@ def read_parts(root: etree._Element, category: Category) -> Parts:
         period_end=_date(exchange, "PeriodEnd"),
         request_ref=_opt(exchange, "RequestRef"),
     )
-    records = tuple(
-        _read_record(el, category) for el in body.iterfind(f"{_NS}{category.record_element}")
-    )
-    attachments = tuple(
-        Attachment(
-            _req(el, "Name"), _req(el, "MediaType"), int(_req(el, "Size")), _req(el, "Sha256")
-        )
-        for el in root.iterfind(f"{_NS}Attachments/{_NS}Attachment")
-    )
-    return header, ex, records, attachments
 
 
-def _read_record(element: etree._Element, category: Category) -> Record:
-    pairs: list[tuple[str, Value]] = []
-    for child in element.iterchildren(etree.Element):
-        name = etree.QName(child).localname
-        try:
-            pairs.append((name, category.field(name).parse(text_of(child))))
-        except ValueError as err:
-            raise Invalid(child, f"{name}: {err}") from None
-    return Record(tuple(pairs))
+def read_attachment(element: etree._Element) -> Attachment:
+    return Attachment(
+        _req(element, "Name"),
+        _req(element, "MediaType"),
+        int(_req(element, "Size")),
+        _req(element, "Sha256"),
+    )
+
+
+class RecordReader:
+    """Reads one category's record elements (already XSD-valid) into compact :class:`Record` s.
+
+    Field elements are looked up by their full tag in a table built once per reader; every
+    record with the same fields present shares one name tuple (:func:`shared_names`), and a
+    value from a closed set is shared (:func:`_vocabulary`), so a record holds only what is its
+    own. A reader is for one document: its country codes are not kept beyond it.
+    """
+
+    __slots__ = ("_fields", "_shapes", "tag")
+
+    def __init__(self, category: Category) -> None:
+        #: Tag of the record element, ``{namespace}WorkPermit``.
+        self.tag = f"{_NS}{category.record_element}"
+        self._fields = {
+            f"{_NS}{f.name}": (1 << i, f, _vocabulary(f)) for i, f in enumerate(category.fields)
+        }
+        self._shapes: dict[int, tuple[str, ...]] = {}
+
+    def read(self, element: etree._Element) -> Record:
+        values: list[Value] = []
+        shape = 0
+        for child in element:
+            known = self._fields.get(child.tag)
+            if known is None:
+                if isinstance(child.tag, str):  # not a comment: an element the XSD forbids
+                    raise Invalid(child, f"{etree.QName(child).localname} is not a field")
+                continue
+            bit, field, vocabulary = known
+            if shape >= bit:  # repeated or out of order: the XSD forbids it
+                raise Invalid(child, f"{field.name} is repeated or out of order")
+            try:
+                text = (child.text or "") if len(child) == 0 else text_of(child)
+                value = field.parse(text)
+            except ValueError as err:
+                raise Invalid(child, f"{field.name}: {err}") from None
+            if vocabulary is not None and isinstance(value, str):
+                value = vocabulary.setdefault(value, value)
+            values.append(value)
+            shape |= bit
+        names = self._shapes.get(shape)
+        if names is None:
+            names = self._shapes[shape] = shared_names(
+                tuple(f.name for bit, f, _ in self._fields.values() if shape & bit)
+            )
+        return Record.from_shared(names, tuple(values))
+
+
+def _vocabulary(field: Field) -> dict[str, str] | None:
+    """Where a field's values come from a small closed set, one string per value to share.
+
+    Enumerations are the category's own choices; country and currency codes are three capital
+    letters (at most 17,576, a few dozen in practice) and are shared as they are met.
+    """
+    if field.kind == "enum":
+        return {choice: choice for choice in field.choices}
+    return {} if field.kind in ("country", "currency") else None
 
 
 def element_at(root: etree._Element, path: str) -> etree._Element:

@@ -19,16 +19,23 @@ no network, no XInclude, ``huge_tree=False``, size and depth limits". The plan, 
 
 XInclude is never *processed* (we never call ``xinclude()``); step 5 refuses it outright so a
 payload cannot even ask for it.
+
+:func:`check_bytes` (steps 1-3) and :func:`pull_parser` (step 4's parser, for streaming) let
+:mod:`formats.payload_stream` read a payload without building its whole tree; it keeps steps 5
+and 6 itself and defers to :func:`parse_xml` whenever anything is amiss.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final, Literal
 
 from lxml import etree
 
 from formats.errors import LimitExceeded, XmlForbidden, XmlMalformed
 from formats.limits import DEFAULT_LIMITS, Limits
 
-_XINCLUDE_NAMESPACES = frozenset(
+XINCLUDE_NAMESPACES = frozenset(
     {"http://www.w3.org/2001/XInclude", "http://www.w3.org/2003/XInclude"}
 )
 #: libxml2 messages that mean "a built-in resource cap was hit", not "bad syntax".
@@ -37,20 +44,55 @@ _LIBXML_CAPS = ("XML_PARSE_HUGE", "Resource limit exceeded", "Excessive depth", 
 _LIBXML_ENTITIES = ("Entity '", "amplification", "network entity", "PEReference", "entity loop")
 
 
+#: Step 4: load no DTD, resolve no entity, use no network, keep libxml2's built-in caps.
+_HARDENED: Final[dict[str, Any]] = {
+    "resolve_entities": False,
+    "no_network": True,
+    "load_dtd": False,
+    "dtd_validation": False,
+    "attribute_defaults": False,
+    "huge_tree": False,
+    "remove_comments": False,
+    "remove_pis": False,
+    "collect_ids": False,
+    "strip_cdata": True,
+}
+
+
 def _parser() -> etree.XMLParser:
     # A fresh parser per call: lxml parsers are not safe to share between threads.
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        attribute_defaults=False,
-        huge_tree=False,
-        remove_comments=False,
-        remove_pis=False,
-        collect_ids=False,
-        strip_cdata=True,
+    return etree.XMLParser(**_HARDENED)
+
+
+def pull_parser(
+    *,
+    events: Sequence[Literal["start", "end", "start-ns", "end-ns", "comment", "pi"]],
+    tag: Sequence[str] | None = None,
+    schema: etree.XMLSchema | None = None,
+) -> etree.XMLPullParser:
+    """A fresh incremental parser with step 4's settings; ``schema`` validates as it parses.
+
+    The caller feeds it bytes that passed :func:`check_bytes` and must itself refuse what step
+    5 refuses: ask for ``"pi"`` and ``"start-ns"`` events (an XInclude element needs its
+    namespace declared) and check the ``docinfo`` at the end. libxml2 reports schema errors
+    only when the parser is closed.
+    """
+    return etree.XMLPullParser(
+        events=events,
+        tag=tag,
+        schema=schema,
+        **_HARDENED,
     )
+
+
+def check_bytes(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Steps 1-3 on the raw bytes: size, UTF-8 and no DOCTYPE or entity declaration."""
+    if len(data) > limits.max_xml_bytes:
+        raise LimitExceeded(
+            f"XML payload is {len(data)} bytes, over the limit of {limits.max_xml_bytes}; "
+            "split the records over several messages"
+        )
+    _refuse_in_bytes(data)
 
 
 def parse_xml(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> etree._Element:
@@ -59,12 +101,7 @@ def parse_xml(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> etree._Element
     Returns the root element. Raises :class:`LimitExceeded`, :class:`XmlForbidden` or
     :class:`XmlMalformed`; never anything else for any input bytes.
     """
-    if len(data) > limits.max_xml_bytes:
-        raise LimitExceeded(
-            f"XML payload is {len(data)} bytes, over the limit of {limits.max_xml_bytes}; "
-            "split the records over several messages"
-        )
-    _refuse_in_bytes(data)
+    check_bytes(data, limits=limits)
     try:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as err:
@@ -122,7 +159,8 @@ def _syntax_error(err: etree.XMLSyntaxError) -> LimitExceeded | XmlForbidden | X
     return XmlMalformed(f"line {line}, column {column}: XML is not well-formed: {text}")
 
 
-def _refuse_in_tree(tree: etree._ElementTree) -> None:
+def check_docinfo(tree: etree._ElementTree) -> None:
+    """Step 5 on the document's prolog: no DOCTYPE, and UTF-8 if an encoding is declared."""
     info = tree.docinfo
     if getattr(info, "doctype", "") or info.internalDTD is not None or info.externalDTD is not None:
         raise XmlForbidden("XML payload declares a DOCTYPE; DTDs are refused (DESIGN §4)")
@@ -132,6 +170,10 @@ def _refuse_in_tree(tree: etree._ElementTree) -> None:
             f"XML payload declares encoding {info.encoding}; payloads must be UTF-8, "
             're-encode it and declare encoding="UTF-8"'
         )
+
+
+def _refuse_in_tree(tree: etree._ElementTree) -> None:
+    check_docinfo(tree)
     root = tree.getroot()
     for sibling in (*root.itersiblings(preceding=True), *root.itersiblings()):
         if isinstance(sibling, etree._ProcessingInstruction):
@@ -144,7 +186,7 @@ def _refuse_in_tree(tree: etree._ElementTree) -> None:
             "entities are refused, write the characters themselves"
         )
     for element in root.iter(etree.Element):
-        if etree.QName(element).namespace in _XINCLUDE_NAMESPACES:
+        if etree.QName(element).namespace in XINCLUDE_NAMESPACES:
             raise XmlForbidden(
                 f"line {element.sourceline}: XML payload contains an XInclude element; "
                 "XInclude is refused, put the content in the payload or attach it"

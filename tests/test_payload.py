@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 from datetime import date
 from uuid import UUID
@@ -299,6 +301,46 @@ def test_record_helpers() -> None:
     assert record.as_dict() == {"Outcome": "provided", "Text": "ok"}
     with pytest.raises(KeyError):
         record["Nope"]
+
+
+def test_record_is_a_frozen_value() -> None:
+    category = CATEGORIES["work-permit"]
+    values = sample_values(category) | {"EmployerTaxCode": None, "Position": ""}
+    record = Record.of(category, values)
+    pairs = tuple((n, values[n]) for n in category.columns if values.get(n) not in (None, ""))
+    assert record.fields == pairs
+    assert record == Record(pairs) == Record(fields=pairs)
+    assert hash(record) == hash(Record(pairs))
+    assert len({record, Record(pairs), Record.of(category, values)}) == 1
+    assert record != Record(pairs[:-1])
+    assert record != Record(((pairs[0][0], "someone else"), *pairs[1:]))
+    assert record != pairs
+    assert record.get("EmployerTaxCode") is None
+    assert record.get("Position", "none") == "none"
+    assert record["DateOfBirth"] == date(2024, 3, 1)
+    assert record.as_dict() == dict(pairs)
+    assert list(record.as_dict()) == [n for n, _ in pairs]  # XSD order
+    assert repr(record) == f"Record(fields={pairs!r})"
+    assert Record() == Record(()) and Record().fields == () and Record().as_dict() == {}
+    with pytest.raises(AttributeError):
+        record.fields = ()  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        record.anything = 1  # type: ignore[attr-defined]
+    assert copy.deepcopy(record) == record
+    assert pickle.loads(pickle.dumps(record)) == record
+
+
+def test_records_share_names_and_closed_values() -> None:
+    # Tens of thousands of records: each holds its own values and nothing else of its own.
+    category = CATEGORIES["work-permit"]
+    one, two = Payload.from_xml(sample_payload("work-permit").to_xml()).records
+    built = Record.of(category, sample_values(category))
+    for record in (one, two, built):
+        assert all(name is category.field(name).name for name, _ in record.fields)
+    assert one["Sex"] is category.field("Sex").choices[0]
+    assert two["Decision"] is category.field("Decision").choices[1]
+    assert one["Nationality"] is two["Nationality"]  # country codes: shared within a payload
+    assert one["FullName"] is not two["FullName"]  # other values: never
 
 
 def test_to_xml_refuses_characters_xml_cannot_carry() -> None:

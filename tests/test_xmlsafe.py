@@ -7,6 +7,7 @@ import contextlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lxml import etree
 
 from formats import xmlsafe
 from formats.errors import LimitExceeded, PayloadError, XmlForbidden, XmlMalformed
@@ -72,6 +73,21 @@ def test_tree_check_refuses_doctype_without_the_byte_scan(
     with pytest.raises(XmlForbidden, match=r"DOCTYPE|entit") as caught:
         parse_xml(asset(name))
     assert "root:" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["billion-laughs.xml", "xxe-file.xml", "xxe-network.xml"])
+def test_pull_parser_is_hardened_like_parse_xml(name: str) -> None:
+    # The streaming reader gets the byte scan first too; without it, its parser still loads,
+    # fetches and expands nothing.
+    parser = xmlsafe.pull_parser(events=("end",))
+    try:
+        parser.feed(asset(name))
+        root = parser.close()
+    except etree.XMLSyntaxError:
+        return
+    text = etree.tostring(root)
+    assert b"root:" not in text
+    assert len(text) < 2 * len(asset(name))
 
 
 def test_stylesheet_processing_instruction_is_refused() -> None:
