@@ -428,6 +428,17 @@ def enrolled(s: Session) -> dict[str, tuple[Registered, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
+def encryption_certificates(s: Session, organ_id: str, at: datetime) -> list[x509.Certificate]:
+    """Every certificate of ``organ_id`` usable at ``at``: what the hub encrypts to. During a
+    rollover overlap that is both the old and the new one, so the agency can decrypt with
+    either key."""
+    return [
+        c.certificate
+        for c in certificates(s, role="agency", organ_id=organ_id, include_retired=False)
+        if c.usable_at(at)
+    ]
+
+
 # --- private keys (hub, built-in CA) -------------------------------------------------------------
 
 PrivateKeyTypes = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey

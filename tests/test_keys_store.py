@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from archive.db import Database
 from archive.tables import Base
+from formats import cms_envelope
 from formats.cms_envelope import RecipientKey
 from formats.errors import InputError, NotForUs, SenderMismatch
 from formats.smime import build_message
@@ -491,3 +492,40 @@ def test_the_stored_directory_wins_over_the_legacy_file(db: Database) -> None:
     snv = merged.get("H26.SNV")
     assert snv is not None and snv.emails == {"vanthu@snv.hanoi.gov.vn"}
     assert merged.get("H26.X") == extra
+
+
+def test_during_an_overlap_the_hub_encrypts_to_both_certificates(
+    db: Database, world: DemoWorld
+) -> None:
+    old = world.agencies["H26.SNV"]
+    new = issue_agency(
+        world.root, email="vanthu@snv.hanoi.gov.vn", organ_id="H26.SNV", common_name="new",
+        at=WORLD_AT,
+    )  # fmt: skip
+    cutover = WORLD_AT + timedelta(days=10)
+    with db.session() as s:
+        store.add_certificate(
+            s,
+            old.cert,
+            role="agency",
+            organ_id="H26.SNV",
+            use_until=cutover,
+            at=WORLD_AT,
+            actor=ACTOR,
+        )
+        store.add_certificate(
+            s, new.cert, role="agency", organ_id="H26.SNV", at=WORLD_AT, actor=ACTOR
+        )
+        during = store.encryption_certificates(s, "H26.SNV", cutover - timedelta(days=1))
+        after = store.encryption_certificates(s, "H26.SNV", cutover + timedelta(days=1))
+    assert {c.serial_number for c in during} == {old.cert.serial_number, new.cert.serial_number}
+    assert [c.serial_number for c in after] == [new.cert.serial_number]
+    # Either agency key opens what the hub encrypts during the overlap.
+    sealed = cms_envelope.encrypt(b"receipt", during)
+    for issued in (old, new):
+        key = issued.key
+        assert isinstance(key, rsa.RSAPrivateKey)
+        opened = cms_envelope.decrypt(
+            bytearray(sealed), [RecipientKey(issued.cert, key)], max_bytes=1 << 20
+        )
+        assert bytes(opened.content) == b"receipt"
