@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Date,
     DateTime,
     ForeignKey,
@@ -182,3 +183,79 @@ class AdminEvent(Base):
     action: Mapped[str] = mapped_column(String(64), index=True)
     subject: Mapped[str] = mapped_column(String(256))
     detail: Mapped[dict[str, Any]]
+
+
+# --- the tamper-evident log ----------------------------------------------------------------------
+
+
+class LogHead(Base):
+    """One row: the log's size. Appenders lock it, so leaves get consecutive numbers."""
+
+    __tablename__ = "log_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class LogEntry(Base):
+    """One leaf of the Merkle log. ``record`` is the canonical JSON that is hashed; the other
+    columns repeat some of its fields for search, and `archive verify` checks that they agree."""
+
+    __tablename__ = "log_entries"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    record: Mapped[bytes] = mapped_column(LargeBinary)
+    leaf_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    agency: Mapped[str | None] = mapped_column(String(64), index=True)
+    category: Mapped[str | None] = mapped_column(String(32), index=True)
+    period: Mapped[str | None] = mapped_column(String(7), index=True)
+    status: Mapped[str | None] = mapped_column(String(16), index=True)
+    document_id: Mapped[str | None] = mapped_column(String(256), index=True)
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    digest: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+class LogNode(Base):
+    """A complete subtree of the log: MTH of leaves [index·2^level, (index+1)·2^level)."""
+
+    __tablename__ = "log_nodes"
+
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Checkpoint(Base):
+    """A signed tree head: the log's size and root at a moment, signed by the hub (CMS)."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger, index=True)
+    root: Mapped[bytes] = mapped_column(LargeBinary)
+    at: Mapped[datetime]
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class DataKey(Base):
+    """A blob data key, wrapped (AES-256-GCM) by the archive master key."""
+
+    __tablename__ = "data_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
+class Blob(Base):
+    """Content-addressed bytes (SHA-256 of the plaintext), compressed, then encrypted."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("data_keys.id"))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)  # nonce || AES-GCM(zlib(plaintext))

@@ -1,0 +1,138 @@
+"""Blobs: content-addressed, compressed and encrypted at rest (DESIGN §5 rule 6).
+
+A blob is addressed by the SHA-256 of its plaintext. It is stored as
+``nonce || AES-256-GCM(data key, zlib(plaintext), aad = address)``; the data key is itself
+stored wrapped (AES-256-GCM) under the archive master key, which lives outside the database
+(a file in the home, mode 0600, or an environment variable). A stolen database file therefore
+reveals no payload, and a changed byte anywhere in a blob fails its tag or its address.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from archive import tables as t
+from formats.errors import ConfigError
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+#: Blobs larger than this are not compressed a second time when it does not pay.
+_LEVEL = 6
+
+
+class BlobDamaged(Exception):
+    """A stored blob does not decrypt, or does not hash to its address."""
+
+
+def load_master_key(path: Path, *, create: bool = False) -> bytes:
+    """The 32-byte master key (base64 in a file), created if asked and absent."""
+    env = os.environ.get("GATEWAY_ARCHIVE_KEY")
+    if env:
+        return _decode(env, "GATEWAY_ARCHIVE_KEY")
+    if not path.exists():
+        if not create:
+            raise ConfigError(
+                f"archive master key {path} not found; the archive cannot read its blobs "
+                "without it (restore it from your key backup)"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return _decode(path.read_text().strip(), str(path))
+
+
+def _decode(text: str, where: str) -> bytes:
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ConfigError(f"{where}: the archive master key must be 32 bytes in base64")
+    return key
+
+
+@dataclass
+class BlobStore:
+    """Seals and opens blobs with data keys wrapped by ``master_key``."""
+
+    master_key: bytes
+    _keys: dict[int, AESGCM] = field(default_factory=dict, repr=False)
+    _current: int | None = field(default=None, repr=False)
+
+    def put(self, s: Session, data: bytes, *, at: datetime) -> str:
+        """Store ``data`` (once: identical content is stored once) and return its address."""
+        address = hashlib.sha256(data).hexdigest()
+        if s.get(t.Blob, address) is not None:
+            return address
+        key_id, aead = self._data_key(s, at)
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = nonce + aead.encrypt(nonce, zlib.compress(data, _LEVEL), address.encode())
+        s.add(t.Blob(sha256=address, key_id=key_id, size=len(data), sealed=sealed))
+        return address
+
+    def get(self, s: Session, address: str) -> bytes:
+        row = s.get(t.Blob, address)
+        if row is None:
+            raise BlobDamaged(f"blob {address} is missing")
+        return self.open(s, row)
+
+    def open(self, s: Session, row: t.Blob) -> bytes:
+        aead = self._key(s, row.key_id)
+        nonce, body = row.sealed[:NONCE_BYTES], row.sealed[NONCE_BYTES:]
+        try:
+            data = zlib.decompress(aead.decrypt(nonce, body, row.sha256.encode()))
+        except (InvalidTag, zlib.error):
+            raise BlobDamaged(f"blob {row.sha256} does not decrypt: it was altered") from None
+        if hashlib.sha256(data).hexdigest() != row.sha256 or len(data) != row.size:
+            raise BlobDamaged(f"blob {row.sha256} does not match its address")
+        return data
+
+    def _data_key(self, s: Session, at: datetime) -> tuple[int, AESGCM]:
+        if self._current is None:
+            newest = s.scalar(select(t.DataKey).order_by(t.DataKey.id.desc()).limit(1))
+            if newest is None:
+                raw = os.urandom(KEY_BYTES)
+                nonce = os.urandom(NONCE_BYTES)
+                wrapped = nonce + AESGCM(self.master_key).encrypt(nonce, raw, b"data-key")
+                newest = t.DataKey(wrapped=wrapped, created_at=at)
+                s.add(newest)
+                s.flush()
+            self._current = newest.id
+        return self._current, self._key(s, self._current)
+
+    def _key(self, s: Session, key_id: int) -> AESGCM:
+        aead = self._keys.get(key_id)
+        if aead is None:
+            row = s.get(t.DataKey, key_id)
+            if row is None:
+                raise BlobDamaged(f"data key {key_id} is missing")
+            try:
+                raw = AESGCM(self.master_key).decrypt(
+                    row.wrapped[:NONCE_BYTES], row.wrapped[NONCE_BYTES:], b"data-key"
+                )
+            except InvalidTag:
+                raise ConfigError(
+                    "the archive master key does not open the archive's data keys; it is the "
+                    "wrong key for this database"
+                ) from None
+            aead = self._keys[key_id] = AESGCM(raw)
+        return aead
+
+    def forget(self) -> None:
+        """Drop cached keys (after a rollback that may have discarded a new data key)."""
+        self._keys.clear()
+        self._current = None

@@ -1,0 +1,212 @@
+"""The archive's append-only Merkle log over the database (an edge; the hashing is pure).
+
+Every entry — a received message with its verdict, a receipt, a delivery, a reminder, an admin
+change, a person's read — is one leaf. Its *record* is canonical JSON (sorted keys, no
+insignificant space, UTF-8) holding its sequence number, kind, time and fields, and the
+addresses of its blobs; the leaf hash is RFC 6962's hash of those bytes, so changing, moving or
+removing an entry changes the tree. Signed checkpoints (:mod:`archive.checkpoint`) fix the tree
+head at moments; `verify` recomputes everything from the rows and blobs::
+
+    log = Log(blob_store)
+    with db.session() as s:
+        seq = log.append(s, "message", at, {"status": "accepted", ...}, {"raw": raw}).seq
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from archive import merkle
+from archive import tables as t
+from archive.blobs import BlobStore
+
+#: Record fields copied into columns for search (`archive search`); verify checks they agree.
+SEARCH_FIELDS = ("agency", "category", "period", "status", "document_id", "message_id", "digest")
+_RESERVED = frozenset({"seq", "kind", "at", "blobs"})
+
+
+class LogError(Exception):
+    """The log cannot do what was asked (unknown entry, impossible proof)."""
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    """The bytes that are hashed: JSON with sorted keys, no spaces, UTF-8; no floats."""
+    _check_types(record)
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _check_types(value: Any) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError("record keys must be strings")
+            _check_types(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_types(v)
+    elif not (value is None or isinstance(value, str | int | bool)):
+        raise TypeError(f"a record holds only text, integers, booleans and null, not {value!r}")
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    kind: str
+    at: datetime
+    record: bytes
+    leaf_hash: bytes
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.record)
+        return value
+
+    @property
+    def blobs(self) -> dict[str, str]:
+        return dict(self.fields.get("blobs", {}))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One entry to append."""
+
+    kind: str
+    at: datetime
+    fields: Mapping[str, Any]
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+class Log:
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def append(
+        self,
+        s: Session,
+        kind: str,
+        at: datetime,
+        fields: Mapping[str, Any],
+        blobs: Mapping[str, bytes] | None = None,
+    ) -> Entry:
+        return self.append_many(s, [Item(kind, at, fields, blobs or {})])[0]
+
+    def append_many(self, s: Session, items: Sequence[Item]) -> list[Entry]:
+        """Append ``items`` in order within the caller's transaction (one commit for all)."""
+        head = self._lock_head(s)
+        frontier = merkle.Frontier.at(head.size, self._lookup(s, _frontier_nodes(head.size)))
+        out = []
+        for item in items:
+            if _RESERVED & set(item.fields):
+                raise ValueError(f"fields may not be named {sorted(_RESERVED & set(item.fields))}")
+            if item.at.utcoffset() is None:
+                raise ValueError("entry time must be timezone-aware")
+            seq = frontier.size
+            addresses = {
+                name: self.blobs.put(s, data, at=item.at) for name, data in dict(item.blobs).items()
+            }
+            record = {
+                **item.fields,
+                "seq": seq,
+                "kind": item.kind,
+                "at": _iso(item.at),
+                "blobs": addresses,
+            }
+            data = canonical(record)
+            leaf = merkle.leaf_hash(data)
+            for level, idx, h in frontier.append(leaf):
+                s.add(t.LogNode(level=level, idx=idx, hash=h))
+            search = {f: _column(record.get(f)) for f in SEARCH_FIELDS}
+            s.add(
+                t.LogEntry(
+                    seq=seq, kind=item.kind, at=item.at, record=data, leaf_hash=leaf, **search
+                )
+            )
+            out.append(Entry(seq, item.kind, item.at.astimezone(UTC), data, leaf))
+        head.size = frontier.size
+        return out
+
+    def _lock_head(self, s: Session) -> t.LogHead:
+        # SQLite transactions begin IMMEDIATE (archive.db); PostgreSQL locks the row.
+        head = s.scalar(select(t.LogHead).where(t.LogHead.id == 1).with_for_update())
+        if head is None:
+            raise LogError("the log has no head row; run the migrations (Database.open)")
+        return head
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def size(self, s: Session) -> int:
+        head = s.get(t.LogHead, 1)
+        return head.size if head else 0
+
+    def entry(self, s: Session, seq: int) -> Entry:
+        row = s.get(t.LogEntry, seq)
+        if row is None:
+            raise LogError(f"no entry {seq} in the archive (it holds {self.size(s)})")
+        return Entry(row.seq, row.kind, row.at, row.record, row.leaf_hash)
+
+    def root(self, s: Session, size: int | None = None) -> bytes:
+        size = self.size(s) if size is None else size
+        ranges = merkle.head_ranges(size)
+        return merkle.tree_head(size, self._lookup(s, merkle.nodes_for(ranges)))
+
+    def inclusion(self, s: Session, seq: int, size: int | None = None) -> list[bytes]:
+        size = self.size(s) if size is None else size
+        if not 0 <= seq < size <= self.size(s):
+            raise LogError(f"entry {seq} is not in a log of size {size}")
+        ranges = merkle.inclusion_ranges(seq, size)
+        return merkle.inclusion_proof(seq, size, self._lookup(s, merkle.nodes_for(ranges)))
+
+    def consistency(self, s: Session, old: int, new: int | None = None) -> list[bytes]:
+        new = self.size(s) if new is None else new
+        if not 0 < old <= new <= self.size(s):
+            raise LogError(f"no consistency proof from size {old} to {new}")
+        ranges = merkle.consistency_ranges(old, new)
+        return merkle.consistency_proof(old, new, self._lookup(s, merkle.nodes_for(ranges)))
+
+    def _lookup(self, s: Session, wanted: Iterable[merkle.Node]) -> merkle.NodeLookup:
+        keys = sorted(wanted)
+        found: dict[merkle.Node, bytes] = {}
+        for chunk in range(0, len(keys), 500):
+            part = keys[chunk : chunk + 500]
+            rows = s.execute(
+                select(t.LogNode.level, t.LogNode.idx, t.LogNode.hash).where(
+                    tuple_(t.LogNode.level, t.LogNode.idx).in_(part)
+                )
+            )
+            found.update({(lv, ix): h for lv, ix, h in rows})
+
+        def lookup(node: merkle.Node) -> bytes:
+            try:
+                return found[node]
+            except KeyError:
+                raise LogError(f"the log is missing tree node {node}") from None
+
+        return lookup
+
+
+def _frontier_nodes(size: int) -> set[merkle.Node]:
+    out, start = set(), 0
+    for level in reversed(range(size.bit_length())):
+        if size >> level & 1:
+            out.add((level, start >> level))
+            start += 1 << level
+    return out
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _column(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value)

@@ -1,0 +1,273 @@
+"""`archive verify`: recompute everything from the rows and blobs, and say what differs, where.
+
+Nothing stored is believed: each record is re-hashed, the whole tree is rebuilt from those
+hashes, every stored tree node is compared with the rebuilt one, every checkpoint's signature is
+checked and its root compared with the rebuilt tree at its size, and every blob is decrypted
+and re-hashed. A problem names the entry (sequence number), node, checkpoint or blob.
+
+Memory is a few dozen bytes per entry (the rebuilt levels); entries and blobs are streamed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from archive import checkpoint as cp
+from archive import merkle
+from archive import tables as t
+from archive.blobs import BlobDamaged, BlobStore
+from archive.log import SEARCH_FIELDS
+
+Progress = Callable[[str, int, int], None]
+_BATCH = 5000
+_MAX_PER_KIND = 50
+
+
+@dataclass
+class Report:
+    entries: int = 0
+    checkpoints: int = 0
+    blobs: int = 0
+    root: bytes = merkle.EMPTY_ROOT
+    problems: list[str] = field(default_factory=list)
+    #: Entry ranges already reported as missing (not reported again as changed nodes).
+    holes: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "checkpoints": self.checkpoints,
+            "blobs": self.blobs,
+            "root": self.root.hex(),
+            "problems": self.problems,
+        }
+
+
+def verify(
+    s: Session,
+    blobs: BlobStore,
+    signers: list[x509.Certificate],
+    *,
+    check_blobs: bool = True,
+    progress: Progress = lambda _stage, _done, _total: None,
+) -> Report:
+    report = Report()
+    leaves = _entries(s, report, progress)
+    levels = _levels(leaves)
+    report.entries = len(leaves) // merkle.HASH_SIZE
+    report.root = _root(levels, report.entries)
+    _nodes(s, levels, report, progress)
+    _head(s, report)
+    _checkpoints(s, levels, signers, report)
+    if check_blobs:
+        _blobs(s, blobs, report, progress)
+    return report
+
+
+def _add(report: Report, text: str) -> None:
+    if len(report.problems) < 10 * _MAX_PER_KIND:
+        report.problems.append(text)
+
+
+def _rows(s: Session, query: Any) -> Iterator[tuple[Any, ...]]:
+    for row in s.execute(query, execution_options={"yield_per": _BATCH}):
+        yield tuple(row)
+
+
+def _bytes(value: object, report: Report, what: str) -> bytes:
+    """A stored binary value; an edit may have left text or NULL there instead."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    _add(report, f"{what} is not binary any more ({type(value).__name__}): it was rewritten")
+    return str(value).encode() if value is not None else b""
+
+
+def _entries(s: Session, report: Report, progress: Progress) -> bytearray:
+    """Re-hash every record in order; returns the recomputed leaf hashes, concatenated."""
+    total = s.scalar(select(func.count()).select_from(t.LogEntry)) or 0
+    leaves = bytearray()
+    expected = 0
+    referenced: set[str] = set()
+    columns = [getattr(t.LogEntry, f) for f in SEARCH_FIELDS]
+    query = select(
+        t.LogEntry.seq, t.LogEntry.kind, t.LogEntry.record, t.LogEntry.leaf_hash, *columns
+    ).order_by(t.LogEntry.seq)
+    for n, row in enumerate(_rows(s, query)):
+        seq, kind, raw_record, stored_leaf, *searchable = row
+        record = _bytes(raw_record, report, f"entry {seq}: its record")
+        if seq != expected:
+            if seq > expected:
+                _add(report, f"{_which(expected, seq - 1, 'is', 'are')} missing (deleted rows)")
+                report.holes.append((expected, seq - 1))
+            else:
+                _add(report, f"entry {seq} appears out of order")
+            # Keep the rebuilt tree aligned with sequence numbers: a hole is a zero leaf.
+            leaves += bytes(merkle.HASH_SIZE) * max(0, seq - expected)
+            expected = seq
+        leaf = merkle.leaf_hash(record)
+        leaves += leaf
+        expected += 1
+        if leaf != stored_leaf:
+            _add(report, f"entry {seq}: its record was changed (it no longer hashes to its leaf)")
+        try:
+            fields = json.loads(record)
+        except (ValueError, UnicodeDecodeError):
+            _add(report, f"entry {seq}: its record is not valid JSON")
+            continue
+        if fields.get("seq") != seq:
+            _add(
+                report,
+                f"entry {seq}: holds the record of entry {fields.get('seq')} (rows moved or swapped)",
+            )
+        if fields.get("kind") != kind:
+            _add(
+                report, f"entry {seq}: kind column says {kind!r}, the record {fields.get('kind')!r}"
+            )
+        for name, value in zip(SEARCH_FIELDS, searchable, strict=True):
+            want = fields.get(name)
+            if (None if want is None else str(want)) != value:
+                _add(
+                    report, f"entry {seq}: search column {name} says {value!r}, the record {want!r}"
+                )
+        referenced.update(fields.get("blobs", {}).values())
+        if len(referenced) >= _BATCH:
+            _missing_blobs(s, referenced, report)
+            referenced.clear()
+        if n % _BATCH == 0:
+            progress("entries", n, total)
+    _missing_blobs(s, referenced, report)
+    progress("entries", total, total)
+    return leaves
+
+
+def _missing_blobs(s: Session, addresses: set[str], report: Report) -> None:
+    if not addresses:
+        return
+    wanted = sorted(addresses)
+    present: set[str] = set()
+    for i in range(0, len(wanted), 500):
+        present.update(
+            s.scalars(select(t.Blob.sha256).where(t.Blob.sha256.in_(wanted[i : i + 500])))
+        )
+    for address in sorted(addresses - present):
+        _add(report, f"blob {address} is referenced by the log but missing")
+
+
+def _levels(leaves: bytearray) -> list[bytearray]:
+    """Every complete level of the tree built from ``leaves`` (level 0 = the leaves)."""
+    levels = [leaves]
+    size = merkle.HASH_SIZE
+    while len(levels[-1]) >= 2 * size:
+        below, above = levels[-1], bytearray()
+        for i in range(0, len(below) - size, 2 * size):
+            above += merkle.node_hash(below[i : i + size], below[i + size : i + 2 * size])
+        levels.append(above)
+    return levels
+
+
+def _lookup(levels: list[bytearray]) -> merkle.NodeLookup:
+    def node(key: merkle.Node) -> bytes:
+        level, idx = key
+        return bytes(levels[level][idx * merkle.HASH_SIZE : (idx + 1) * merkle.HASH_SIZE])
+
+    return node
+
+
+def _root(levels: list[bytearray], size: int) -> bytes:
+    return merkle.tree_head(size, _lookup(levels))
+
+
+def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progress) -> None:
+    """Every stored node must equal the rebuilt one, and none may be missing. A difference is
+    reported once, at the lowest level that shows it, as the range of entries it covers."""
+    size = merkle.HASH_SIZE
+    explained = list(report.holes)  # entry ranges already reported
+    for level, rebuilt in enumerate(levels):
+        progress(f"tree level {level}", level, len(levels))
+        count = len(rebuilt) // size
+        expected = 0
+        query = (
+            select(t.LogNode.idx, t.LogNode.hash)
+            .where(t.LogNode.level == level)
+            .order_by(t.LogNode.idx)
+        )
+        for idx, raw in _rows(s, query):
+            stored = _bytes(raw, report, f"tree node ({level}, {idx})")
+            if idx >= count:
+                _add(report, f"tree node ({level}, {idx}) is beyond the log's {count} entries")
+                continue
+            if idx != expected:
+                _add(report, f"tree nodes ({level}, {_span(expected, idx - 1)}) are missing")
+            expected = idx + 1
+            if stored != rebuilt[idx * size : (idx + 1) * size]:
+                first, last = idx << level, ((idx + 1) << level) - 1
+                if not any(a <= last and first <= b for a, b in explained):
+                    explained.append((first, last))
+                    _add(
+                        report,
+                        f"tree node ({level}, {idx}) differs: {_which(first, last, 'was', 'were')} changed after being logged",
+                    )
+        if expected < count:
+            _add(report, f"tree nodes ({level}, {_span(expected, count - 1)}) are missing")
+
+
+def _head(s: Session, report: Report) -> None:
+    head = s.get(t.LogHead, 1)
+    size = head.size if head else 0
+    if size != report.entries:
+        _add(report, f"the log head says {size} entries but {report.entries} are stored")
+
+
+def _checkpoints(
+    s: Session, levels: list[bytearray], signers: list[x509.Certificate], report: Report
+) -> None:
+    for row in s.scalars(select(t.Checkpoint).order_by(t.Checkpoint.id)):
+        report.checkpoints += 1
+        where = f"checkpoint #{row.id} (size {row.size}, {row.at:%Y-%m-%d %H:%M} UTC)"
+        try:
+            signed = cp.verify(row.body, row.signature, signers)
+        except cp.CheckpointError as err:
+            _add(report, f"{where}: {err} (forged or altered)")
+            continue
+        if (signed.size, signed.root) != (row.size, row.root):
+            _add(report, f"{where}: its columns differ from its signed body")
+        if signed.size > report.entries:
+            _add(
+                report,
+                f"{where}: signed {signed.size} entries but only {report.entries} remain (the log was truncated)",
+            )
+            continue
+        if signed.size and _root(levels, signed.size) != signed.root:
+            _add(report, f"{where}: the entries it covers no longer hash to its signed root")
+
+
+def _blobs(s: Session, blobs: BlobStore, report: Report, progress: Progress) -> None:
+    total = s.scalar(select(func.count()).select_from(t.Blob)) or 0
+    for n, row in enumerate(s.scalars(select(t.Blob).execution_options(yield_per=500))):
+        report.blobs += 1
+        try:
+            blobs.open(s, row)
+        except BlobDamaged as err:
+            _add(report, str(err))
+        if n % 500 == 0:
+            progress("blobs", n, total)
+
+
+def _which(first: int, last: int, one: str, many: str) -> str:
+    return f"entry {first} {one}" if first == last else f"entries {first}–{last} {many}"
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}–{last}"
