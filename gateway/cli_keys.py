@@ -22,7 +22,7 @@ from gateway.cli import actor as who
 from gateway.cli import emit_json, load_settings, now, open_db
 from gateway.cli_ca import ca, crl_cmd, issue_cmd, revoke_cmd
 from gateway.loading import passphrase as settings_passphrase
-from keys import fetch, files, inspect, issuing, store
+from keys import fetch, files, inspect, issuing, ocsp, store
 from keys.store import StoredCertificate
 
 _P12 = (".p12", ".pfx")
@@ -479,3 +479,70 @@ def crls_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
         if not outcomes:
             click.echo("no stored certificate names a CRL distribution point")
     ctx.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+
+
+@keys.group("ocsp")
+def ocsp_group() -> None:
+    """OCSP responses about stored certificates, fetched from their responders."""
+
+
+@ocsp_group.command("fetch")
+@click.option("--force", is_flag=True, help="Fetch even where the stored response is fresh.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ocsp_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
+    """Ask the OCSP responder of every agency certificate and intermediate about it.
+
+    The responder is `[trust] ocsp_responder` if set, else each certificate's AIA OCSP URL.
+    Exit status 1 if any certificate failed (the others are still stored).
+    """
+    responder = load_settings(ctx).trust.ocsp_responder
+    with open_db(ctx).session() as s:
+        outcomes = ocsp.refresh(s, at=now(), actor=who(), responder=responder, force=force)
+    if as_json:
+        emit_json([o.__dict__ for o in outcomes])
+    else:
+        for o in outcomes:
+            click.echo(
+                f"{o.status:<9} {o.serial:<40} {o.subject}" + (f": {o.detail}" if o.detail else "")
+            )
+        if not outcomes:
+            click.echo(
+                "no stored certificate names an OCSP responder, and [trust] ocsp_responder is "
+                "not set"
+            )
+    ctx.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
+
+
+@ocsp_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ocsp_list(ctx: click.Context, as_json: bool) -> None:
+    """Stored OCSP responses, with the status they give and their freshness."""
+    at = now()
+    with open_db(ctx).session() as s:
+        rows = store.ocsp_rows(s)
+    out: list[dict[str, Any]] = [
+        {
+            "issuer": r.issuer,
+            "serial": r.number,
+            "status": ocsp.status_of(r.der),
+            "this_update": r.this_update.isoformat(),
+            "next_update": r.next_update.isoformat() if r.next_update else None,
+            "fresh": r.next_update is not None and at <= r.next_update,
+            "source": r.source,
+            "sha256": r.sha256,
+        }
+        for r in rows
+    ]
+    if as_json:
+        emit_json(out)
+        return
+    for r in out:
+        state = "fresh" if r["fresh"] else "STALE"
+        click.echo(
+            f"{state:<6} {r['serial']:<40} next {r['next_update'] or '-':<26} {r['status']} "
+            f"({r['issuer']})"
+        )
+    if not out:
+        click.echo("(none)")

@@ -48,6 +48,7 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
             c.certificate for c in store.certificates(s, role="intermediate", include_retired=False)
         ]
         crls = store.latest_crls(s)
+        ocsps = store.latest_ocsps(s)
         agencies = store.agencies(s)
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)
@@ -55,7 +56,7 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
     keys = stored_keys + load_hub_keys(settings, secret, required=not stored_keys)
     return Context(
         keys=keys,
-        trust=load_trust(settings, anchors, intermediates, crls),
+        trust=load_trust(settings, anchors, intermediates, crls, ocsps),
         directory=_merged(agencies, file_directory),
         limits=settings.limits,
         known_certs=tuple(agency_certs),
@@ -112,6 +113,7 @@ def load_trust(
     anchors: Sequence[x509.Certificate] = (),
     intermediates: Sequence[x509.Certificate] = (),
     crls: Sequence[bytes] = (),
+    ocsps: Sequence[bytes] = (),
 ) -> TrustStore:
     """The trust store: what the key store holds plus the files named in ``[trust]``."""
     all_anchors = [*anchors, *_certs(settings, settings.trust.anchors)]
@@ -130,6 +132,7 @@ def load_trust(
         anchors=tuple(all_anchors),
         intermediates=(*intermediates, *_certs(settings, settings.trust.intermediates)),
         crls=(*crls, *file_crls),
+        ocsps=tuple(ocsps),
         revocation_mode="soft-fail" if settings.trust.revocation == "soft-fail" else "hard-fail",
     )
 

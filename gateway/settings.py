@@ -17,6 +17,8 @@ Example (all keys optional)::
     intermediates = ["trust/intermediates"]
     crls = ["trust/crls"]
     revocation = "hard-fail"                 # or "soft-fail"
+    ocsp_responder = ""                      # "http://…": ask this OCSP responder instead of
+                                             # the AIA OCSP URL of each certificate that has one
 
     [directory]
     file = "agencies.toml"
@@ -59,6 +61,7 @@ class TrustSettings:
     intermediates: tuple[Path, ...] = (Path("trust/intermediates"),)
     crls: tuple[Path, ...] = (Path("trust/crls"),)
     revocation: str = "hard-fail"
+    ocsp_responder: str = ""  # replaces AIA OCSP URLs in `keys ocsp fetch`; empty: use them
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,12 @@ def load(home: Path) -> Settings:
     )
     if settings.trust.revocation not in ("hard-fail", "soft-fail"):
         raise ConfigError(f"{config}: [trust] revocation must be 'hard-fail' or 'soft-fail'")
+    responder = settings.trust.ocsp_responder
+    if responder and not responder.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{config}: [trust] ocsp_responder must be an http:// or https:// URL (or empty to "
+            "use each certificate's own OCSP URL)"
+        )
     if len(settings.hub.certificates) != len(settings.hub.private_keys):
         raise ConfigError(f"{config}: [hub] certificates and private_keys must pair up one to one")
     return settings

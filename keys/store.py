@@ -21,6 +21,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import ocsp
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -557,11 +558,13 @@ def latest_crls(s: Session) -> list[bytes]:
         .subquery()
     )
     rows = s.scalars(
-        select(t.RevocationEvidence).join(
+        select(t.RevocationEvidence)
+        .join(
             newest,
             (t.RevocationEvidence.issuer == newest.c.issuer)
             & (t.RevocationEvidence.this_update == newest.c.tu),
         )
+        .where(t.RevocationEvidence.kind == "crl")
     )
     return [r.der for r in rows]
 
@@ -570,6 +573,92 @@ def crl_rows(s: Session) -> list[t.RevocationEvidence]:
     query = select(t.RevocationEvidence).where(t.RevocationEvidence.kind == "crl")
     return list(
         s.scalars(query.order_by(t.RevocationEvidence.issuer, t.RevocationEvidence.this_update))
+    )
+
+
+def add_ocsp(
+    s: Session, der: bytes, *, issuer: x509.Name, source: str, at: datetime, actor: str
+) -> bool:
+    """Keep an OCSP response exactly as received (``der``; the caller has verified it, see
+    :func:`keys.ocsp.verify_response`). Returns False if it was already stored.
+
+    Kept as :class:`~archive.tables.RevocationEvidence` of kind ``ocsp``: ``issuer`` is the DN
+    of the CA that issued the certificate asked about (as for a CRL, so one issuer's evidence
+    sits together), ``number`` the certificate's serial in hex (as in the certificates table),
+    thisUpdate/nextUpdate those of its single response.
+    """
+    sha = hashlib.sha256(der).hexdigest()
+    if s.scalar(select(t.RevocationEvidence.id).where(t.RevocationEvidence.sha256 == sha)):
+        return False
+    try:
+        resp = ocsp.load_der_ocsp_response(der)
+        if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            raise ValueError(resp.response_status.name)
+        serial, status = f"{resp.serial_number:x}", resp.certificate_status.name.lower()
+        this_update, next_update = resp.this_update_utc, resp.next_update_utc
+    except ValueError:  # not a response, unsuccessful, or several single responses
+        raise InputError("only a successful OCSP response about one certificate is kept") from None
+    s.add(
+        t.RevocationEvidence(
+            kind="ocsp",
+            sha256=sha,
+            issuer=issuer.rfc4514_string(),
+            this_update=this_update,
+            next_update=next_update,
+            number=serial,
+            der=der,
+            source=source,
+            fetched_at=at,
+        )
+    )
+    record(
+        s,
+        at=at,
+        actor=actor,
+        action="evidence.ocsp",
+        subject=issuer.rfc4514_string(),
+        sha256=sha,
+        serial=serial,
+        status=status,
+        source=source,
+    )
+    return True
+
+
+def latest_ocsps(s: Session) -> list[bytes]:
+    """The newest OCSP response (by thisUpdate, then by arrival) about each certificate."""
+    ev = t.RevocationEvidence
+    newest = (
+        select(ev.issuer, ev.number, func.max(ev.this_update).label("tu"))
+        .where(ev.kind == "ocsp")
+        .group_by(ev.issuer, ev.number)
+        .subquery()
+    )
+    rows = s.scalars(
+        select(ev)
+        .join(
+            newest,
+            (ev.issuer == newest.c.issuer)
+            & (ev.number == newest.c.number)
+            & (ev.this_update == newest.c.tu),
+        )
+        .where(ev.kind == "ocsp")
+        .order_by(ev.id)
+    )
+    # Two responses with the same thisUpdate (an ECDSA responder re-signing): keep the later.
+    return list({(r.issuer, r.number): r.der for r in rows}.values())
+
+
+def ocsp_rows(s: Session) -> list[t.RevocationEvidence]:
+    query = select(t.RevocationEvidence).where(t.RevocationEvidence.kind == "ocsp")
+    return list(
+        s.scalars(
+            query.order_by(
+                t.RevocationEvidence.issuer,
+                t.RevocationEvidence.number,
+                t.RevocationEvidence.this_update,
+            )
+        )
     )
 
 
@@ -586,6 +675,7 @@ def trust_store(s: Session, *, revocation_mode: RevocationMode = "hard-fail") ->
             c.certificate for c in certificates(s, role="intermediate", include_retired=False)
         ),
         crls=tuple(latest_crls(s)),
+        ocsps=tuple(latest_ocsps(s)),
         revocation_mode=revocation_mode,
     )
 
