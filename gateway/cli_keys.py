@@ -148,7 +148,7 @@ def import_cmd(
     at = now()
     with open_db(ctx).session() as s:
         agency = store.get_agency(s, organ_id)
-        leaf = certs[0]
+        leaf = _leaf(certs, file)
         inspect.require(
             inspect.agency_problems(leaf, agency, at), leaf, f"a certificate of {organ_id}"
         )
@@ -164,6 +164,19 @@ def import_cmd(
             actor=who(),
         )
     _show([stored], as_json)
+
+
+def _leaf(certs: list[x509.Certificate], file: Path) -> x509.Certificate:
+    """The one end-entity certificate of a file or bundle (its CA certificates are ignored:
+    import those with `gateway keys anchors import`)."""
+    leaves = [c for c in certs if not inspect.is_ca(c)]
+    if len(leaves) != 1:
+        found = ", ".join(inspect.describe(c) for c in leaves) or "only CA certificates"
+        raise InputError(
+            f"{file.name}: expected exactly one agency (end-entity) certificate, found {found}; "
+            "import one certificate at a time"
+        )
+    return leaves[0]
 
 
 @keys.command("list")

@@ -38,7 +38,7 @@ def describe(cert: x509.Certificate) -> str:
 def agency_problems(cert: x509.Certificate, agency: Agency | None, at: datetime) -> list[str]:
     """Everything that stops ``cert`` from being an S/MIME certificate of ``agency`` at ``at``."""
     problems = _common_problems(cert, at)
-    if _is_ca(cert):
+    if is_ca(cert):
         problems.append("it is a CA certificate, not an end-entity (agency) certificate")
     eku = _extension(cert, x509.ExtendedKeyUsage)
     if eku is None:
@@ -75,7 +75,7 @@ def agency_problems(cert: x509.Certificate, agency: Agency | None, at: datetime)
 def ca_problems(cert: x509.Certificate, at: datetime) -> list[str]:
     """Everything that stops ``cert`` from being a trust anchor or intermediate."""
     problems = _common_problems(cert, at)
-    if not _is_ca(cert):
+    if not is_ca(cert):
         problems.append("it is not a CA certificate (basicConstraints cA is not true)")
     usage = _extension(cert, x509.KeyUsage)
     if usage is not None and not usage.key_cert_sign:
@@ -105,7 +105,7 @@ def _common_problems(cert: x509.Certificate, at: datetime) -> list[str]:
     return problems
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
     constraints = _extension(cert, x509.BasicConstraints)
     return bool(constraints is not None and constraints.ca)
 

@@ -529,3 +529,22 @@ def test_during_an_overlap_the_hub_encrypts_to_both_certificates(
             bytearray(sealed), [RecipientKey(issued.cert, key)], max_bytes=1 << 20
         )
         assert bytes(opened.content) == b"receipt"
+
+
+def test_a_pkcs7_bundle_is_imported_by_its_end_entity_certificate(
+    home: Path, world: DemoWorld
+) -> None:
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    leaf, root = world.agencies["H26.SNV"].cert, world.root.cert
+    bundle = home / "chain.p7b"
+    bundle.write_bytes(pkcs7.serialize_certificates([root, leaf], Encoding.DER))
+    code, out = _run(home, "keys", "import", str(bundle), "--agency", "H26.SNV", "--json")
+    assert code == 0, out
+    assert json.loads(out)[0]["sha256"] == store.fingerprint(leaf)
+    both = home / "two.p7b"
+    both.write_bytes(
+        pkcs7.serialize_certificates([leaf, world.agencies["H26.STP"].cert], Encoding.PEM)
+    )
+    code, out = _run(home, "keys", "import", str(both), "--agency", "H26.SNV")
+    assert code == 2 and "expected exactly one agency (end-entity) certificate" in out
