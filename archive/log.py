@@ -84,8 +84,17 @@ class Item:
 
 
 class Log:
-    def __init__(self, blobs: BlobStore) -> None:
-        self.blobs = blobs
+    """The log; ``blobs`` may be omitted by writers whose entries carry no blobs (admin
+    events), which therefore need no master key."""
+
+    def __init__(self, blobs: BlobStore | None = None) -> None:
+        self._blobs = blobs
+
+    @property
+    def blobs(self) -> BlobStore:
+        if self._blobs is None:
+            raise LogError("this log was opened without the archive master key")
+        return self._blobs
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -111,7 +120,7 @@ class Log:
                 raise ValueError("entry time must be timezone-aware")
             seq = frontier.size
             addresses = {
-                name: self.blobs.put(s, data, at=item.at) for name, data in dict(item.blobs).items()
+                name: self.blobs.put(s, data, at=item.at) for name, data in item.blobs.items()
             }
             record = {
                 **item.fields,

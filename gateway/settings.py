@@ -27,6 +27,10 @@ Example (all keys optional)::
     url = "sqlite:///archive.db"             # relative SQLite paths are in the home;
                                              # or postgresql+psycopg://user@host/dbname
 
+    [archive]
+    master_key_file = "keys/archive.key"     # encrypts payload blobs at rest; back it up
+    checkpoint_every = 1000                  # sign a tree head after this many entries
+
     [limits]
     max_message_bytes = 33554432
 """
@@ -75,12 +79,23 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True)
+class ArchiveSettings:
+    #: The archive master key (base64, mode 0600), created on first use; keep a backup.
+    master_key_file: Path = Path("keys/archive.key")
+    #: Sign a checkpoint after this many new entries (and on `gateway archive checkpoint`).
+    checkpoint_every: int = 1000
+    #: The name checkpoints carry (default: the hub's address).
+    origin: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     home: Path
     hub: HubSettings = field(default_factory=HubSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     directory: DirectorySettings = field(default_factory=DirectorySettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     limits: Limits = field(default_factory=Limits)
 
     def path(self, p: Path) -> Path:
@@ -118,7 +133,7 @@ def load(home: Path) -> Settings:
             data = tomllib.loads(config.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config}: not valid TOML ({exc})") from None
-    unknown = set(data) - {"hub", "trust", "directory", "database", "limits"}
+    unknown = set(data) - {"hub", "trust", "directory", "database", "archive", "limits"}
     if unknown:
         raise ConfigError(f"{config}: unknown section(s) {', '.join(sorted(unknown))}")
     settings = Settings(
@@ -127,6 +142,7 @@ def load(home: Path) -> Settings:
         trust=_section(TrustSettings, data.get("trust", {}), config, "trust"),
         directory=_section(DirectorySettings, data.get("directory", {}), config, "directory"),
         database=_section(DatabaseSettings, data.get("database", {}), config, "database"),
+        archive=_section(ArchiveSettings, data.get("archive", {}), config, "archive"),
         limits=_section(Limits, data.get("limits", {}), config, "limits"),
     )
     if settings.trust.revocation not in ("hard-fail", "soft-fail"):

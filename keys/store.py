@@ -26,6 +26,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from archive import tables as t
+from archive.log import Log
+from archive.records import admin_item
 from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
 from keys.binding import Registered
@@ -44,6 +46,9 @@ def record(
     """Append one admin event (committed with the change it describes)."""
     event = t.AdminEvent(at=at, actor=actor, action=action, subject=subject, detail=detail)
     s.add(event)
+    s.flush()  # assigns event.seq
+    # The archive chains the change into its tamper-evident log, in the same transaction.
+    Log().append_many(s, [admin_item(at, actor, action, subject, detail, event.seq)])
     return event
 
 

@@ -216,3 +216,22 @@ def test_checkpoint_signatures_verify_with_openssl(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Verification successful" in result.stderr
+
+
+def test_admin_changes_are_chained_into_the_log(tmp_path: Path, world: DemoWorld) -> None:
+    from keys import store
+
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    with db.session() as s:
+        for agency in world.directory:
+            store.add_agency(s, agency, at=WORLD_AT, actor="admin@test")
+    log = Log(BlobStore(os.urandom(32)))
+    with db.session() as s:
+        events = store.events(s)
+        entries = [log.entry(s, n) for n in range(log.size(s))]
+        report = verify(s, log.blobs, [])
+    assert report.ok, report.problems
+    assert [e.kind for e in entries] == ["admin"] * len(events)
+    assert [e.fields["event"] for e in entries] == [e.seq for e in events]
+    assert entries[0].fields["actor"] == "admin@test"
+    assert entries[0].fields["action"] == "agency.add"

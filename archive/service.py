@@ -1,0 +1,100 @@
+"""The archive as the rest of the gateway uses it: file entries, sign checkpoints, verify.
+
+An edge that holds the database, the blob store (master key) and the hub's signing key, and
+keeps the rule that every append is one durable transaction (DESIGN §5 rules 7–9)::
+
+    archive = Archive(db, BlobStore(master_key), origin="hub@…", signer=(cert, key))
+    entries = archive.file([message_item(verdict, raw, transport)])
+    # committed: the entries are in the log (and a checkpoint was signed if one was due)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from archive import checkpoint as cp
+from archive import tables as t
+from archive.blobs import BlobStore
+from archive.db import Database
+from archive.log import Entry, Item, Log
+from archive.records import read_item
+from archive.verify import Progress, Report, verify
+
+SigningKey = tuple[x509.Certificate, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey]
+
+
+@dataclass
+class Archive:
+    db: Database
+    blobs: BlobStore
+    origin: str
+    signer: SigningKey | None = None
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        self.log = Log(self.blobs)
+
+    def file(self, items: Sequence[Item], *, at: datetime | None = None) -> list[Entry]:
+        """Append ``items`` in one transaction; sign a checkpoint too if one is due."""
+        with self.db.session() as s:
+            entries = self.log.append_many(s, items)
+            if self.signer is not None and entries:
+                last = _last_checkpoint(s)
+                size = entries[-1].seq + 1
+                if size - (last.size if last else 0) >= self.checkpoint_every:
+                    self._sign(s, at or entries[-1].at)
+        return entries
+
+    def checkpoint(self, at: datetime) -> t.Checkpoint:
+        """Sign the current tree head now (also done automatically every N entries)."""
+        if self.signer is None:
+            raise cp.CheckpointError("no hub signing key: checkpoints cannot be signed")
+        with self.db.session() as s:
+            return self._sign(s, at)
+
+    def _sign(self, s: Session, at: datetime) -> t.Checkpoint:
+        assert self.signer is not None
+        cert, key = self.signer
+        size = self.log.size(s)
+        checkpoint = cp.Checkpoint(self.origin, size, self.log.root(s, size), at)
+        row = t.Checkpoint(
+            size=size,
+            root=checkpoint.root,
+            at=at,
+            body=checkpoint.body(),
+            signature=cp.sign(checkpoint, cert, key),
+        )
+        s.add(row)
+        s.flush()
+        return row
+
+    def read(self, s: Session, *, at: datetime, actor: str, action: str, target: str) -> None:
+        """Log that a person read the archive (in the caller's transaction)."""
+        self.log.append_many(s, [read_item(at, actor, action, target)])
+
+    def verify(self, *, check_blobs: bool = True, progress: Progress | None = None) -> Report:
+        with self.db.session() as s:
+            return verify(
+                s,
+                self.blobs,
+                hub_certificates(s),
+                check_blobs=check_blobs,
+                progress=progress or (lambda _a, _b, _c: None),
+            )
+
+
+def hub_certificates(s: Session) -> list[x509.Certificate]:
+    """Every certificate the hub has ever had (checkpoints stay verifiable after rotation)."""
+    rows = s.scalars(select(t.Certificate).where(t.Certificate.role == "hub"))
+    return [x509.load_der_x509_certificate(r.der) for r in rows]
+
+
+def _last_checkpoint(s: Session) -> t.Checkpoint | None:
+    return s.scalar(select(t.Checkpoint).order_by(t.Checkpoint.id.desc()).limit(1))
