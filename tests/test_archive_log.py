@@ -235,3 +235,20 @@ def test_admin_changes_are_chained_into_the_log(tmp_path: Path, world: DemoWorld
     assert [e.fields["event"] for e in entries] == [e.seq for e in events]
     assert entries[0].fields["actor"] == "admin@test"
     assert entries[0].fields["action"] == "agency.add"
+
+
+def test_a_stolen_database_file_reveals_no_payload(tmp_path: Path) -> None:
+    marker = "Nguyễn Thị Bí Mật".encode() * 50  # would survive compression as a long run
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    key = os.urandom(32)
+    log = Log(BlobStore(key))
+    with db.session() as s:
+        entry = log.append(s, "message", WORLD_AT, {"status": "accepted"}, {"payload": marker})
+    db.dispose()
+    files = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("a.db"))
+    assert "Nguyễn Thị Bí Mật".encode() not in files
+    assert key not in files
+    with Database.open(f"sqlite:///{tmp_path}/a.db").session() as s:
+        assert log.blobs.get(s, entry.blobs["payload"]) == marker
+        with pytest.raises(Exception, match="does not open the archive's data keys"):
+            BlobStore(os.urandom(32)).get(s, entry.blobs["payload"])
