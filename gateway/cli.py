@@ -87,13 +87,14 @@ cli.add_command(payload)
 
 def _register() -> None:
     # Imported here so that each command module can import helpers from this one.
-    from gateway import cli_agencies, cli_check, cli_demo, cli_init, cli_keys
+    from gateway import cli_agencies, cli_archive, cli_check, cli_demo, cli_init, cli_keys
 
     cli.add_command(cli_agencies.agencies)
     cli.add_command(cli_keys.keys)
     cli.add_command(cli_check.check)
     cli.add_command(cli_demo.demo)
     cli.add_command(cli_init.init)
+    cli.add_command(cli_archive.archive_cmd)
 
 
 _register()

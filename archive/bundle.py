@@ -1,0 +1,584 @@
+"""The evidence bundle: one archive entry with everything needed to check it offline.
+
+Pure: values in, zip bytes out (:func:`build`); zip bytes in, a report out
+(:func:`verify_bundle`, which needs no database, no settings and no key). The layout, in the
+order the members are written (every timestamp is the entry's time, so the same entry and
+checkpoint always give the same bytes)::
+
+    VERIFY.txt           how to check all of this by hand (openssl, sha256sum, xxd)
+    entry.json           the entry's record, byte for byte as hashed into the log
+    proof.json           seq, size, leaf hash and audit path (hex) up to the checkpoint root
+    checkpoint.txt       the signed tree head (archive.checkpoint)
+    checkpoint.p7s       its detached CMS signature (DER), by the hub
+    hub.pem              the certificate that signed the checkpoint, then its issuers
+    raw.eml              the blobs named in entry.json: the message as received,
+    decrypted.eml        the signed S/MIME entity (``openssl cms -verify`` checks it alone),
+    payload.xml          the payload, attachments/N.bin, the signer's chain.pem and the
+    chain.pem            revocation evidence used, evidence/N.crl or evidence/N.ocsp;
+    evidence/1.crl       any other blob as blobs/NAME
+    receipt.json         the receipt entry's record and its receipt.eml, when a receipt
+    receipt.eml          entry for this message exists
+
+Verification plan (:func:`verify_bundle`), each step one named check:
+
+1. ``members``: the zip opens, has no duplicate, unknown or oversized member, and holds
+   entry.json, proof.json, checkpoint.txt, checkpoint.p7s and hub.pem;
+2. ``blob NAME``: every blob named in entry.json is present and hashes to its address;
+3. ``leaf hash``: SHA-256(0x00 || entry.json) equals proof.json's leaf hash, same seq;
+4. ``checkpoint signature``: checkpoint.p7s verifies over checkpoint.txt, signed by the
+   first certificate of hub.pem;
+5. ``hub chain`` (only with anchors): hub.pem chains to a given anchor, valid at the
+   checkpoint's time;
+6. ``inclusion proof``: the audit path leads from the leaf to the checkpoint's root
+   (RFC 9162 §2.1.3.2) for the checkpoint's size;
+7. ``agency signature``: decrypted.eml's CMS signature verifies, made by the first
+   certificate of chain.pem (skipped when the message was never decrypted);
+8. ``agency chain`` (only with anchors): chain.pem chains to a given anchor, valid when the
+   message was received;
+9. ``receipt``: receipt.eml hashes to the receipt entry's blob and that entry names this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import pairwise
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from archive import checkpoint as cp
+from archive import merkle
+from formats import cms_signed
+from formats.errors import GatewayError
+from formats.mime import parse_entity
+from formats.smime import PKCS7_MIME, PKCS7_SIGNATURE
+
+#: A receipt entry refers to the message entry it answers with this field, and holds the
+#: receipt message as the blob ``receipt``.
+RECEIPT_KIND = "receipt"
+RECEIPT_FOR = "for_seq"
+RECEIPT_BLOB = "receipt"
+
+REQUIRED = ("entry.json", "proof.json", "checkpoint.txt", "checkpoint.p7s", "hub.pem")
+_FIXED_NAMES = {
+    "raw": "raw.eml",
+    "decrypted": "decrypted.eml",
+    "payload": "payload.xml",
+    "chain": "chain.pem",
+}
+_FOLDERS = re.compile(r"attachments/\d+\.bin|evidence/\d+\.(crl|ocsp)|blobs/\w[\w.-]*")
+MAX_MEMBER_BYTES = 128 << 20
+MAX_TOTAL_BYTES = 512 << 20
+MAX_MEMBERS = 1000
+
+Status = Literal["pass", "fail", "skip"]
+
+
+class BundleError(Exception):
+    """A bundle cannot be built from the values given (they do not agree)."""
+
+
+# --- layout --------------------------------------------------------------------------------------
+
+
+def member_names(blob: str) -> tuple[str, ...]:
+    """Where blob ``blob`` may be in the zip (evidence is .crl or .ocsp by its content)."""
+    if blob in _FIXED_NAMES:
+        return (_FIXED_NAMES[blob],)
+    kind, _, n = blob.partition("-")
+    if n.isdigit() and kind == "attachment":
+        return (f"attachments/{n}.bin",)
+    if n.isdigit() and kind == "evidence":
+        return (f"evidence/{n}.crl", f"evidence/{n}.ocsp")
+    return (f"blobs/{blob}",)
+
+
+def member_name(blob: str, data: bytes) -> str:
+    names = member_names(blob)
+    if len(names) == 1:
+        return names[0]
+    try:
+        x509.load_der_x509_crl(data)
+        return names[0]
+    except ValueError:
+        return names[1]
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What an export gathers from the archive for entry ``record``."""
+
+    record: bytes
+    blobs: Mapping[str, bytes]
+    size: int
+    audit_path: Sequence[bytes]
+    checkpoint_body: bytes
+    checkpoint_signature: bytes
+    hub_chain: Sequence[x509.Certificate]
+    receipt_record: bytes | None = None
+    receipt: bytes | None = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.record)
+        return value
+
+
+def build(c: Contents) -> bytes:
+    """The zip; refuses values that would not verify (a damaged archive exports nothing)."""
+    fields = c.fields
+    seq, addresses = fields["seq"], fields.get("blobs", {})
+    if set(addresses) != set(c.blobs):
+        raise BundleError(f"entry {seq} names blobs {sorted(addresses)}, given {sorted(c.blobs)}")
+    for name, data in c.blobs.items():
+        if hashlib.sha256(data).hexdigest() != addresses[name]:
+            raise BundleError(f"entry {seq}: blob {name} does not hash to its address")
+    signed = cp.Checkpoint.parse(c.checkpoint_body)
+    leaf = merkle.leaf_hash(c.record)
+    if signed.size != c.size or not merkle.verify_inclusion(
+        leaf, seq, c.size, c.audit_path, signed.root
+    ):
+        raise BundleError(f"entry {seq}: the proof does not lead to the checkpoint's root")
+    proof = {
+        "algorithm": "RFC 9162 §2.1.3.2; leaf = SHA-256(0x00 || entry.json), "
+        "node = SHA-256(0x01 || left || right)",
+        "seq": seq,
+        "size": c.size,
+        "leaf_hash": leaf.hex(),
+        "audit_path": [h.hex() for h in c.audit_path],
+        "root": signed.root.hex(),
+    }
+    members: list[tuple[str, bytes]] = [
+        ("VERIFY.txt", verify_text(c, leaf, signed).encode()),
+        ("entry.json", c.record),
+        ("proof.json", (json.dumps(proof, indent=2, sort_keys=True) + "\n").encode()),
+        ("checkpoint.txt", c.checkpoint_body),
+        ("checkpoint.p7s", c.checkpoint_signature),
+        ("hub.pem", b"".join(cert.public_bytes(Encoding.PEM) for cert in c.hub_chain)),
+    ]
+    for name in sorted(c.blobs, key=_blob_order):
+        member = member_name(name, c.blobs[name])
+        if not _known(member):
+            raise BundleError(f"entry {seq}: blob name {name!r} has no place in a bundle")
+        members.append((member, c.blobs[name]))
+    if c.receipt_record is not None and c.receipt is not None:
+        members += [("receipt.json", c.receipt_record), ("receipt.eml", c.receipt)]
+    return _zip(members, _at(fields))
+
+
+def _blob_order(name: str) -> tuple[int, int, str]:
+    fixed = ("raw", "decrypted", "payload", "attachment", "chain", "evidence")
+    kind, _, n = name.partition("-")
+    rank = fixed.index(kind) if kind in fixed else len(fixed)
+    return rank, int(n) if n.isdigit() else 0, name
+
+
+def _zip(members: Sequence[tuple[str, bytes]], at: datetime) -> bytes:
+    stamp = max(at.astimezone(UTC), datetime(1980, 1, 1, tzinfo=UTC)).timetuple()[:6]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=stamp)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3
+            info.external_attr = 0o100644 << 16
+            z.writestr(info, data)
+    return out.getvalue()
+
+
+def verify_text(c: Contents, leaf: bytes, signed: cp.Checkpoint) -> str:
+    """VERIFY.txt: the same checks as `gateway archive verify-bundle`, with common tools."""
+    fields = c.fields
+    seq = fields["seq"]
+    lines = [
+        f"Evidence bundle for archive entry {seq} ({fields['kind']}, {fields['at']})",
+        f"of the log {signed.origin}, proven under its checkpoint of size {signed.size}.",
+        "",
+        "Check it with `gateway archive verify-bundle THIS.zip --ca root.pem`, or by hand:",
+        "",
+        "1. The files are the ones the entry names: each SHA-256 below must equal the",
+        '   address of the same blob in "blobs" of entry.json.',
+        "",
+        "     sha256sum " + " ".join(member_name(n, d) for n, d in sorted(c.blobs.items())),
+        "",
+        "2. The leaf hash is SHA-256(0x00 || entry.json); it must equal leaf_hash in proof.json:",
+        "",
+        "     h=$( (printf '\\000'; cat entry.json) | sha256sum | cut -c1-64); echo $h",
+        "",
+        "3. Each node is SHA-256(0x01 || left || right) over the raw 32-byte hashes. Walking",
+        "   the audit path of proof.json from the leaf (RFC 9162 §2.1.3.2) is, for this entry:",
+        "",
+    ]
+    for n, (side, h) in enumerate(
+        zip(_sides(seq, c.size, len(c.audit_path)), c.audit_path, strict=True)
+    ):
+        pair = f"echo {h.hex()}; echo $h" if side == "left" else f"echo $h; echo {h.hex()}"
+        lines.append(
+            f"     h=$( (printf '\\001'; ({pair}) | xxd -r -p) | sha256sum | cut -c1-64)"
+            + ("  # path[0]" if n == 0 else f"  # path[{n}]")
+        )
+    lines += [
+        "",
+        "   and $h must then equal the root in checkpoint.txt, which is in base64:",
+        "",
+        "     grep '^root: ' checkpoint.txt | cut -c7- | tr -d '\\r' | base64 -d | xxd -p -c 32",
+        "",
+        "4. The checkpoint is signed by the hub (hub.pem; compare its fingerprint with the one",
+        "   the hub publishes, or give the trust anchor as root.pem):",
+        "",
+        "     openssl cms -verify -binary -inform DER -in checkpoint.p7s \\",
+        "       -content checkpoint.txt -CAfile root.pem -purpose any -out /dev/null",
+        "     openssl x509 -in hub.pem -noout -fingerprint -sha256",
+        "",
+    ]
+    if "decrypted" in c.blobs:
+        lines += [
+            "5. The agency's signature over the message content (add -attime with the receipt",
+            "   time, as seconds since 1970, once the agency certificate has expired):",
+            "",
+            "     openssl cms -verify -in decrypted.eml -CAfile root.pem -out signed-content.eml",
+            "",
+        ]
+    else:
+        lines += [
+            "5. This message was never decrypted (see reasons in entry.json), so there is no",
+            "   agency signature to check; raw.eml is the message exactly as it arrived.",
+            "",
+        ]
+    if c.receipt is None:
+        lines.append("No receipt entry for this message was in the archive at export time.")
+    else:
+        lines += [
+            "receipt.eml is the receipt the hub sent; its SHA-256 is the receipt blob named in",
+            "receipt.json (that entry's own proof: export its seq in a bundle of its own).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _sides(index: int, size: int, count: int) -> list[str]:
+    """For each audit path hash, whether it is the left or right input (RFC 9162 §2.1.3.2)."""
+    fn, sn, out = index, size - 1, []
+    for _ in range(count):
+        if fn & 1 or fn == sn:
+            out.append("left")
+            while not fn & 1 and fn != 0:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            out.append("right")
+        fn, sn = fn >> 1, sn >> 1
+    return out
+
+
+# --- verifying -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    entry: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.status != "fail" for c in self.checks)
+
+    def add(self, name: str, status: Status, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "entry": self.entry,
+            "checks": [
+                {"check": c.name, "status": c.status, "detail": c.detail} for c in self.checks
+            ],
+        }
+
+
+class _Failed(Exception):
+    pass
+
+
+def verify_bundle(data: bytes, *, anchors: Sequence[x509.Certificate] = ()) -> Report:
+    """Check a bundle (the plan in the module docstring); never raises on bad input."""
+    report = Report()
+    try:
+        files = _members(data)
+    except _Failed as err:
+        report.add("members", "fail", str(err))
+        return report
+    report.add("members", "pass", f"{len(files)} files")
+    try:
+        fields = _json_object(files["entry.json"], "entry.json")
+        proof = _json_object(files["proof.json"], "proof.json")
+    except _Failed as err:
+        report.add("entry", "fail", str(err))
+        return report
+    report.entry = {k: fields.get(k) for k in ("seq", "kind", "at", "status", "agency")}
+    _blobs(files, fields, report)
+    leaf = _step(report, "leaf hash", lambda: _leaf(files["entry.json"], fields, proof))
+    hub = _step(report, "checkpoint signature", lambda: _checkpoint(files))
+    signed = hub[1] if hub else None
+    if anchors and hub:
+        _step(report, "hub chain", lambda: _chain(hub[0], anchors, hub[1].at))
+    elif not anchors:
+        report.add("hub chain", "skip", "no trust anchor given (--ca): hub.pem is taken as is")
+    _step(report, "inclusion proof", lambda: _inclusion(leaf, proof, signed))
+    _agency(files, fields, anchors, report)
+    if "receipt.eml" in files or "receipt.json" in files:
+        _step(report, "receipt", lambda: _receipt(files, fields["seq"]))
+    return report
+
+
+def _step(report: Report, name: str, check: Any) -> Any:
+    try:
+        value, detail = check()
+    except _Failed as err:
+        report.add(name, "fail", str(err))
+        return None
+    report.add(name, "pass", detail)
+    return value
+
+
+def _members(data: bytes) -> dict[str, bytes]:
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+        infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _Failed(f"not a readable zip file ({exc})") from None
+    if len(infos) > MAX_MEMBERS:
+        raise _Failed(f"{len(infos)} members; a bundle has far fewer")
+    files: dict[str, bytes] = {}
+    total = 0
+    with z:
+        for info in infos:
+            if info.filename in files:
+                raise _Failed(f"{info.filename} appears twice (which one is evidence?)")
+            if not _known(info.filename):
+                raise _Failed(f"unexpected member {info.filename!r}")
+            try:
+                with z.open(info) as f:
+                    body = f.read(MAX_MEMBER_BYTES + 1)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                raise _Failed(f"{info.filename} is damaged ({exc})") from None
+            total += len(body)
+            if len(body) > MAX_MEMBER_BYTES or total > MAX_TOTAL_BYTES:
+                raise _Failed(f"{info.filename} is larger than a bundle member may be")
+            files[info.filename] = body
+    missing = [m for m in REQUIRED if m not in files]
+    if missing:
+        raise _Failed(f"missing {', '.join(missing)}")
+    return files
+
+
+def _known(name: str) -> bool:
+    top = ("VERIFY.txt", *REQUIRED, *_FIXED_NAMES.values(), "receipt.json", "receipt.eml")
+    return name in top or bool(_FOLDERS.fullmatch(name))
+
+
+def _json_object(data: bytes, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Failed(f"{name} is not JSON ({exc})") from None
+    if not isinstance(value, dict) or not isinstance(value.get("seq"), int):
+        raise _Failed(f"{name} is not an archive record (no seq)")
+    return value
+
+
+def _blobs(files: Mapping[str, bytes], fields: Mapping[str, Any], report: Report) -> None:
+    addresses = fields.get("blobs")
+    if not isinstance(addresses, dict):
+        report.add("blobs", "fail", "entry.json names no blobs")
+        return
+    for name, address in sorted(addresses.items(), key=lambda kv: _blob_order(kv[0])):
+        present = [m for m in member_names(name) if m in files]
+        label = f"blob {present[0] if present else member_names(name)[0]}"
+        if not present:
+            report.add(label, "fail", f"blob {name} is named in entry.json but missing")
+            continue
+        digest = hashlib.sha256(files[present[0]]).hexdigest()
+        if digest != address:
+            report.add(label, "fail", f"hashes to {digest}, entry.json says {address}: changed")
+        else:
+            report.add(label, "pass", f"sha256 {digest}")
+
+
+def _leaf(record: bytes, fields: Mapping[str, Any], proof: Mapping[str, Any]) -> tuple[bytes, str]:
+    leaf = merkle.leaf_hash(record)
+    if proof.get("seq") != fields["seq"]:
+        raise _Failed(f"proof.json is for entry {proof.get('seq')}, entry.json is {fields['seq']}")
+    if proof.get("leaf_hash") != leaf.hex():
+        raise _Failed(
+            f"SHA-256(0x00 || entry.json) is {leaf.hex()}, proof.json says "
+            f"{proof.get('leaf_hash')}: entry.json was changed"
+        )
+    return leaf, leaf.hex()
+
+
+def _certificates(pem: bytes, name: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise _Failed(f"{name} holds no readable PEM certificate")
+    return certs
+
+
+def _checkpoint(
+    files: Mapping[str, bytes],
+) -> tuple[tuple[list[x509.Certificate], cp.Checkpoint], str]:
+    chain = _certificates(files["hub.pem"], "hub.pem")
+    try:
+        signed = cp.verify(files["checkpoint.txt"], files["checkpoint.p7s"], chain[:1])
+    except cp.CheckpointError as err:
+        raise _Failed(f"{err} (by {_name(chain[0])} of hub.pem)") from None
+    fp = hashlib.sha256(chain[0].public_bytes(Encoding.DER)).hexdigest()
+    detail = f"size {signed.size}, signed by {_name(chain[0])} (sha256 {fp})"
+    return (chain, signed), detail
+
+
+def _inclusion(
+    leaf: bytes | None, proof: Mapping[str, Any], signed: cp.Checkpoint | None
+) -> tuple[None, str]:
+    if leaf is None or signed is None:
+        raise _Failed("not checked: the leaf hash or the checkpoint did not verify")
+    size, path = proof.get("size"), proof.get("audit_path")
+    if size != signed.size:
+        raise _Failed(f"proof.json is for size {size}, the checkpoint for {signed.size}")
+    try:
+        hashes = [bytes.fromhex(h) for h in path] if isinstance(path, list) else None
+    except (ValueError, TypeError):
+        hashes = None
+    if hashes is None:
+        raise _Failed("proof.json has no audit path of hex hashes")
+    if not merkle.verify_inclusion(leaf, proof["seq"], signed.size, hashes, signed.root):
+        raise _Failed(
+            f"the audit path ({len(hashes)} hashes) does not lead to the checkpoint root "
+            f"{signed.root.hex()}"
+        )
+    return (
+        None,
+        f"entry {proof['seq']} is in the log of size {signed.size} (root {signed.root.hex()})",
+    )
+
+
+def _agency(
+    files: Mapping[str, bytes],
+    fields: Mapping[str, Any],
+    anchors: Sequence[x509.Certificate],
+    report: Report,
+) -> None:
+    if "decrypted" not in fields.get("blobs", {}):
+        report.add("agency signature", "skip", "no decrypted part: the message was not opened")
+        return
+    if "decrypted.eml" not in files:
+        report.add("agency signature", "fail", "decrypted.eml is missing")
+        return
+    try:
+        chain = _certificates(files["chain.pem"], "chain.pem") if "chain.pem" in files else []
+        check = _verify_signed_entity(files["decrypted.eml"], chain)
+    except _Failed as err:
+        report.add("agency signature", "fail", str(err))
+        return
+    except GatewayError as err:
+        report.add("agency signature", "fail", f"decrypted.eml: {err.message}")
+        return
+    if chain and check.signer != chain[0]:
+        report.add("agency signature", "fail", "signed by another certificate than chain.pem's")
+        return
+    report.add("agency signature", "pass", f"signed by {_name(check.signer)}")
+    if anchors and chain:
+        _step(
+            report,
+            "agency chain",
+            lambda: _chain(chain, anchors, check.signing_time or _at(fields)),
+        )
+
+
+def _at(fields: Mapping[str, Any]) -> datetime:
+    try:
+        return datetime.fromisoformat(str(fields["at"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        raise _Failed("entry.json has no valid time") from None
+
+
+def _verify_signed_entity(
+    data: bytes, chain: Sequence[x509.Certificate]
+) -> cms_signed.SignatureCheck:
+    entity = parse_entity(data)
+    ctype = entity.content_type.value
+    if ctype == "multipart/signed" and len(entity.children) == 2:
+        content, signature = entity.children
+        if signature.content_type.value in PKCS7_SIGNATURE:
+            der = signature.decoded_body(limit=MAX_MEMBER_BYTES)
+            return cms_signed.verify_signed_data(der, detached=content.raw_view, known=chain)
+    if ctype in PKCS7_MIME:
+        der = entity.decoded_body(limit=MAX_MEMBER_BYTES)
+        return cms_signed.verify_signed_data(der, known=chain)
+    raise GatewayError(f"{ctype} is not an S/MIME signed entity")
+
+
+def _chain(
+    chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate], at: datetime
+) -> tuple[None, str]:
+    for cert in chain:
+        if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
+            raise _Failed(f"{_name(cert)} was not valid at {at:%Y-%m-%d %H:%M} UTC")
+    for child, parent in pairwise(chain):
+        _issued_by(child, parent)
+    last = chain[-1]
+    for anchor in anchors:
+        if last == anchor:
+            return None, f"ends at the anchor {_name(anchor)}"
+        try:
+            _issued_by(last, anchor)
+        except _Failed:
+            continue
+        return None, f"issued by the anchor {_name(anchor)}"
+    raise _Failed(f"{_name(last)} is not a given trust anchor nor issued by one")
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:
+    try:
+        constraints = parent.extensions.get_extension_for_class(x509.BasicConstraints).value
+        child.verify_directly_issued_by(parent)
+    except (x509.ExtensionNotFound, ValueError, TypeError, InvalidSignature):
+        raise _Failed(f"{_name(child)} is not issued by {_name(parent)}") from None
+    if not constraints.ca:
+        raise _Failed(f"{_name(parent)} is not a CA certificate")
+
+
+def _receipt(files: Mapping[str, bytes], seq: int) -> tuple[None, str]:
+    if "receipt.json" not in files or "receipt.eml" not in files:
+        raise _Failed("receipt.json and receipt.eml come together")
+    receipt = _json_object(files["receipt.json"], "receipt.json")
+    address = receipt.get("blobs", {}).get(RECEIPT_BLOB)
+    if receipt.get("kind") != RECEIPT_KIND or receipt.get(RECEIPT_FOR) != seq:
+        raise _Failed(f"receipt.json is not a receipt for entry {seq}")
+    if hashlib.sha256(files["receipt.eml"]).hexdigest() != address:
+        raise _Failed("receipt.eml does not hash to the receipt blob of receipt.json")
+    return None, f"receipt entry {receipt['seq']} (prove it with its own bundle)"
+
+
+def _name(cert: x509.Certificate) -> str:
+    return f'"{cert.subject.rfc4514_string()}"'

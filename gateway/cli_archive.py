@@ -1,0 +1,458 @@
+"""``gateway archive …``: list, search, show, verify, checkpoint, prove, export, verify-bundle.
+
+Every read by a person (list, search, show, prove, export) is logged as a ``read`` entry of
+the archive in the same transaction as the read, and printed only once that is committed
+(DESIGN §5 rule 6). ``verify-bundle`` opens no database and reads no settings: it needs only
+the bundle (and, to pin the trust anchor, ``--ca``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from archive import bundle, merkle
+from archive import checkpoint as cp
+from archive import tables as t
+from archive.blobs import BlobDamaged, BlobStore, load_master_key
+from archive.db import Database
+from archive.log import LogError
+from archive.search import (
+    Query,
+    QueryError,
+    line,
+    newest_checkpoint,
+    parse_bound,
+    receipt_entry,
+    summary,
+)
+from archive.service import Archive, hub_certificates
+from formats import cms_signed
+from formats.errors import GatewayError, InputError
+from gateway.cli import Failure, actor, emit_json, load_settings, now
+from gateway.cli_keys import key_passphrase
+from keys import files, store
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+_ISSUER_ROLES = ("anchor", "intermediate", "ca", "hub")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (LogError, BlobDamaged, cp.CheckpointError, QueryError, bundle.BundleError) as err:
+            raise Failure(str(err)) from err
+
+
+@click.group("archive", cls=_Group)
+def archive_cmd() -> None:
+    """The tamper-evident archive: find, read, prove and export evidence."""
+
+
+@contextmanager
+def _opened(ctx: click.Context) -> Iterator[Archive]:
+    settings = load_settings(ctx)
+    key = load_master_key(settings.path(settings.archive.master_key_file))
+    db = Database.open(settings.database_url)
+    try:
+        yield Archive(
+            db,
+            BlobStore(key),
+            origin=settings.archive.origin or settings.hub.address,
+            checkpoint_every=settings.archive.checkpoint_every,
+        )
+    finally:
+        db.dispose()
+
+
+def _read(a: Archive, s: Session, action: str, target: str) -> None:
+    a.read(s, at=now(), actor=actor(), action=action, target=target)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Evidence leaves the encrypted store here: owner-only, written whole or not at all."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+# --- list, search, show --------------------------------------------------------------------------
+
+
+def _listing(ctx: click.Context, query: Query, action: str, as_json: bool) -> None:
+    with _opened(ctx) as a, a.db.session() as s:
+        items = [summary(row) for row in s.scalars(query.statement())]
+        _read(a, s, action, query.describe())
+    if as_json:
+        emit_json(items)
+    elif not items:
+        click.echo("(no entries)")
+    for item in [] if as_json else items:
+        click.echo(line(item))
+
+
+@archive_cmd.command("list")
+@click.option("--kind", help="Only entries of this kind (message, receipt, admin, read …).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--after", type=click.IntRange(min=-1), help="Only entries after this SEQ.")
+@json_option
+@click.pass_context
+def list_cmd(
+    ctx: click.Context, kind: str | None, limit: int, after: int | None, as_json: bool
+) -> None:
+    """List entries in log order (who, what, when; never content)."""
+    _listing(ctx, Query(kind=kind, limit=limit, after=after), "list", as_json)
+
+
+@archive_cmd.command("search")
+@click.option("--agency", help="Sending agency (OrganId).")
+@click.option("--category", help="Payload category, e.g. work-permit.")
+@click.option("--period", metavar="YYYY-MM", help="Reporting period (month of its last day).")
+@click.option("--status", help="accepted, rejected or quarantined.")
+@click.option("--from", "start", metavar="DATE", help="From this day or time (Vietnam time).")
+@click.option("--to", "end", metavar="DATE", help="Up to this day (included) or time.")
+@click.option("--document-id", help="The payload's DocumentId.")
+@click.option("--message-id", help="The message's Message-ID header.")
+@click.option("--digest", help="SHA-256 of the raw message.")
+@click.option("--kind", help="Entry kind.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--after", type=click.IntRange(min=-1), help="Only entries after this SEQ.")
+@json_option
+@click.pass_context
+def search_cmd(
+    ctx: click.Context, /, start: str | None, end: str | None, as_json: bool, **kw: Any
+) -> None:
+    """Find entries by agency, category, period, status, dates, identifiers or digest."""
+    query = Query(
+        start=parse_bound(start) if start else None,
+        end=parse_bound(end, end=True) if end else None,
+        **kw,
+    )
+    _listing(ctx, query, "search", as_json)
+
+
+@archive_cmd.command("show")
+@click.argument("seq", type=click.IntRange(min=0))
+@click.option("--blob", "blob_name", metavar="NAME", help="Print (or --out) this blob's bytes.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the blob here.")
+@json_option
+@click.pass_context
+def show_cmd(
+    ctx: click.Context, seq: int, blob_name: str | None, out: Path | None, as_json: bool
+) -> None:
+    """Show entry SEQ: its fields and its blobs' names and sizes (content only with --blob)."""
+    if out is not None and blob_name is None:
+        raise Failure("--out writes a blob: name it with --blob NAME")
+    with _opened(ctx) as a, a.db.session() as s:
+        entry = a.log.entry(s, seq)
+        addresses = entry.blobs
+        if blob_name is not None:
+            if blob_name not in addresses:
+                names = ", ".join(sorted(addresses)) or "none"
+                raise Failure(f"entry {seq} has no blob {blob_name!r} (it has: {names})")
+            data = a.blobs.get(s, addresses[blob_name])
+            _read(a, s, "show", f"entry {seq} blob {blob_name}")
+        else:
+            rows = s.execute(
+                select(t.Blob.sha256, t.Blob.size).where(t.Blob.sha256.in_(addresses.values()))
+            )
+            sizes = {address: size for address, size in rows}
+            _read(a, s, "show", f"entry {seq}")
+    if blob_name is not None:
+        if out is None:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            _write_private(out, data)
+            click.echo(f"wrote {blob_name} of entry {seq} ({len(data)} bytes) to {out}", err=True)
+        return
+    fields = {k: v for k, v in entry.fields.items() if k not in ("seq", "kind", "at", "blobs")}
+    blobs = [{"name": n, "sha256": addr, "size": sizes.get(addr)} for n, addr in addresses.items()]
+    if as_json:
+        at = entry.fields["at"]
+        emit_json(
+            {"seq": seq, "kind": entry.kind, "at": at, "leaf_hash": entry.leaf_hash.hex(),
+             "fields": fields, "blobs": blobs}
+        )  # fmt: skip
+        return
+    click.echo(f"entry {seq}  {entry.kind}  {entry.fields['at']}")
+    click.echo(f"leaf hash: {entry.leaf_hash.hex()}")
+    for name, value in fields.items():
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        click.echo(f"{name}: {shown}")
+    for b in blobs:
+        click.echo(f"blob {b['name']:<14} {b['size'] or '?':>9} bytes  sha256 {b['sha256']}")
+
+
+# --- verify, checkpoint --------------------------------------------------------------------------
+
+
+class _Progress:
+    """Progress on stderr, at most once a second, only once a run has taken a second."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if time.monotonic() - self.last >= 1.0:
+            self.last = time.monotonic()
+            click.echo(f"verify: {stage} {done}/{total}", err=True)
+
+
+@archive_cmd.command("verify")
+@click.option("--no-blobs", is_flag=True, help="Skip decrypting and re-hashing every blob.")
+@json_option
+@click.pass_context
+def verify_cmd(ctx: click.Context, no_blobs: bool, as_json: bool) -> None:
+    """Recompute every leaf, node, checkpoint and blob. Exit 0 if all agree, 1 if not."""
+    with _opened(ctx) as a:
+        report = a.verify(check_blobs=not no_blobs, progress=_Progress())
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        for problem in report.problems:
+            click.echo(f"PROBLEM: {problem}")
+        state = "verifies" if report.ok else f"does NOT verify ({len(report.problems)} problems)"
+        click.echo(
+            f"archive {state}: {report.entries} entries, {report.checkpoints} checkpoints, "
+            f"{report.blobs} blobs; root {report.root.hex()}"
+        )
+    ctx.exit(0 if report.ok else 1)
+
+
+@archive_cmd.command("checkpoint")
+@json_option
+@click.pass_context
+def checkpoint_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Sign the current tree head now with the newest hub key (needs the key passphrase)."""
+    passphrase = key_passphrase(ctx)
+    at = now()
+    with _opened(ctx) as a:
+        with a.db.session() as s:
+            keys = store.private_keys(s, role="hub", passphrase=passphrase, at=at)
+        if not keys:
+            raise Failure(
+                "no usable hub key in the key store to sign with; add one with "
+                "`gateway keys hub new` or `gateway keys hub import`"
+            )
+        stored, key = keys[0]
+        a.signer = (stored.certificate, key)
+        row = a.checkpoint(at)
+    out = {"id": row.id, "size": row.size, "root": row.root.hex(), "at": row.at.isoformat()}
+    if as_json:
+        emit_json({**out, "signer": stored.subject})
+    else:
+        click.echo(f"checkpoint #{row.id}: size {row.size}, root {row.root.hex()}, {out['at']}")
+
+
+# --- prove, export -------------------------------------------------------------------------------
+
+
+def _verified(s: Session, row: t.Checkpoint) -> tuple[cp.Checkpoint, x509.Certificate]:
+    signers = hub_certificates(s)
+    signed = cp.verify(row.body, row.signature, signers)
+    if (signed.size, signed.root) != (row.size, row.root):
+        raise cp.CheckpointError(f"checkpoint #{row.id}: its columns differ from its signed body")
+    try:
+        check = cms_signed.verify_signed_data(row.signature, detached=row.body, known=signers)
+    except GatewayError as err:
+        raise cp.CheckpointError(f"checkpoint #{row.id}: {err.message}") from None
+    return signed, check.signer
+
+
+def _checkpoint_for(s: Session, seq: int | None, size: int | None) -> t.Checkpoint | None:
+    row = newest_checkpoint(s, size=size)
+    if size is None and seq is not None and (row is None or row.size <= seq):
+        covers = f"the newest covers {row.size} entries" if row else "there is none"
+        raise Failure(
+            f"no signed checkpoint covers entry {seq} yet ({covers}); sign one with "
+            "`gateway archive checkpoint`"
+        )
+    return row
+
+
+def _checkpoint_json(s: Session, row: t.Checkpoint | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    signed, signer = _verified(s, row)
+    return {
+        "id": row.id,
+        "size": signed.size,
+        "root": signed.root.hex(),
+        "at": signed.at.isoformat(),
+        "signer": signer.subject.rfc4514_string(),
+        "body": row.body.decode(),
+        "signature": base64.b64encode(row.signature).decode(),
+    }
+
+
+@archive_cmd.command("prove")
+@click.argument("seq", type=click.IntRange(min=0), required=False)
+@click.option("--size", type=click.IntRange(min=1), help="Prove against the tree of this size.")
+@click.option(
+    "--consistency", nargs=2, type=click.IntRange(min=1), metavar="OLD NEW",
+    help="Instead: prove the log of OLD entries is a prefix of the log of NEW.",
+)  # fmt: skip
+@json_option
+@click.pass_context
+def prove_cmd(
+    ctx: click.Context,
+    seq: int | None,
+    size: int | None,
+    consistency: tuple[int, int] | None,
+    as_json: bool,
+) -> None:
+    """Print an inclusion proof for SEQ (against the newest checkpoint) as JSON."""
+    if (seq is None) == (not consistency):
+        raise Failure("give either SEQ or --consistency OLD NEW")
+    with _opened(ctx) as a, a.db.session() as s:
+        if consistency:
+            old, new = consistency
+            path = a.log.consistency(s, old, new)
+            old_root, new_root = a.log.root(s, old), a.log.root(s, new)
+            signed_old = _checkpoint_json(s, _checkpoint_for(s, None, old))
+            signed_new = _checkpoint_json(s, _checkpoint_for(s, None, new))
+            out: dict[str, Any] = {
+                "old": old, "new": new, "old_root": old_root.hex(), "new_root": new_root.hex(),
+                "proof": [h.hex() for h in path],
+                "verified": merkle.verify_consistency(old, new, old_root, new_root, path)
+                and all(c is None or c["root"] == r.hex()
+                        for c, r in ((signed_old, old_root), (signed_new, new_root))),
+                "old_checkpoint": signed_old,
+                "new_checkpoint": signed_new,
+            }  # fmt: skip
+            _read(a, s, "prove", f"consistency {old} {new}")
+        else:
+            assert seq is not None
+            entry = a.log.entry(s, seq)
+            row = _checkpoint_for(s, seq, size)
+            n = size if size is not None else row.size if row else 0
+            path = a.log.inclusion(s, seq, n)
+            root = a.log.root(s, n)
+            leaf = merkle.leaf_hash(entry.record)
+            signed = _checkpoint_json(s, row)
+            out = {
+                "seq": seq, "size": n, "leaf_hash": leaf.hex(), "root": root.hex(),
+                "audit_path": [h.hex() for h in path],
+                "verified": leaf == entry.leaf_hash
+                and merkle.verify_inclusion(leaf, seq, n, path, root)
+                and (signed is None or signed["root"] == root.hex()),
+                "checkpoint": signed,
+            }  # fmt: skip
+            _read(a, s, "prove", f"entry {seq} size {n}")
+    emit_json(out)
+    ctx.exit(0 if out["verified"] else 1)
+
+
+def _issuers(s: Session, cert: x509.Certificate) -> list[x509.Certificate]:
+    """``cert`` and the chain above it from the key store (for hub.pem)."""
+    pool = [c.certificate for c in store.certificates(s, role=_ISSUER_ROLES)]
+    chain = [cert]
+    while len(chain) < 8 and chain[-1].issuer != chain[-1].subject:
+        for candidate in pool:
+            try:
+                chain[-1].verify_directly_issued_by(candidate)
+            except (ValueError, TypeError, InvalidSignature):  # not this issuer
+                continue
+            chain.append(candidate)
+            break
+        else:
+            break
+    return chain
+
+
+def _receipt(a: Archive, s: Session, seq: int) -> tuple[bytes | None, bytes | None]:
+    row = receipt_entry(s, seq)
+    if row is None:
+        return None, None
+    return row.record, a.blobs.get(s, json.loads(row.record)["blobs"][bundle.RECEIPT_BLOB])
+
+
+@archive_cmd.command("export")
+@click.argument("seq", type=click.IntRange(min=0))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+@click.pass_context
+def export_cmd(ctx: click.Context, seq: int, out: Path, as_json: bool) -> None:
+    """Write the evidence bundle of entry SEQ (a zip that verify-bundle checks offline)."""
+    with _opened(ctx) as a, a.db.session() as s:
+        entry = a.log.entry(s, seq)
+        row = _checkpoint_for(s, seq, None)
+        assert row is not None
+        _, signer = _verified(s, row)
+        receipt_record, receipt = _receipt(a, s, seq)
+        data = bundle.build(
+            bundle.Contents(
+                record=entry.record,
+                blobs={name: a.blobs.get(s, addr) for name, addr in entry.blobs.items()},
+                size=row.size,
+                audit_path=a.log.inclusion(s, seq, row.size),
+                checkpoint_body=row.body,
+                checkpoint_signature=row.signature,
+                hub_chain=_issuers(s, signer),
+                receipt_record=receipt_record,
+                receipt=receipt,
+            )
+        )
+        _read(a, s, "export", f"entry {seq}")
+    _write_private(out, data)
+    result = {
+        "seq": seq, "out": str(out), "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(), "checkpoint": row.id, "size": row.size,
+        "receipt": receipt is not None,
+    }  # fmt: skip
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"wrote {out}: entry {seq} under checkpoint #{row.id} (size {row.size})")
+
+
+@archive_cmd.command("verify-bundle")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--ca", "anchors", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="Require the hub's and agency's chains to end at this trust anchor (repeatable).",
+)  # fmt: skip
+@json_option
+@click.pass_context
+def verify_bundle_cmd(
+    ctx: click.Context, path: Path, anchors: tuple[Path, ...], as_json: bool
+) -> None:
+    """Check an evidence bundle offline: no database, no settings. Exit 0 if it verifies."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    trusted = [cert for p in anchors for cert in files.load_certificates(p)]
+    report = bundle.verify_bundle(data, anchors=trusted)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        for c in report.checks:
+            click.echo(f"{c.status.upper():<5} {c.name}: {c.detail}")
+        click.echo("bundle verifies" if report.ok else "bundle does NOT verify")
+    ctx.exit(0 if report.ok else 1)

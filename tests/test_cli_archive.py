@@ -1,0 +1,323 @@
+"""``gateway archive …`` on a real home: a key store with the demo hub key, an archive of real
+verdicts, and the commands as an archivist runs them (exit codes, --json, reads logged)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from archive.blobs import BlobStore, load_master_key
+from archive.db import Database
+from archive.service import Archive
+from gateway import cli, settings
+from gateway.demo import HUB_ADDRESS, DemoWorld
+from keys import store
+from tests.conftest import WORLD_AT
+from tests.test_bundle import file_messages
+
+PASSPHRASE = b"demo passphrase for the archive tests"
+
+
+@pytest.fixture(scope="module")
+def template(
+    world: DemoWorld, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, int]]:
+    """A home whose archive holds the three verdicts, a receipt and a checkpoint."""
+    home = tmp_path_factory.mktemp("template") / "home"
+    world.write_home(home, PASSPHRASE)
+    conf = settings.load(home)
+    db = Database.open(conf.database_url)
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    with db.session() as s:
+        store.add_certificate(s, world.root.cert, role="anchor", at=WORLD_AT, actor="test")
+        store.add_private_key(
+            s, world.hub.cert, key, role="hub", passphrase=PASSPHRASE, at=WORLD_AT, actor="test"
+        )
+    master = load_master_key(conf.path(conf.archive.master_key_file), create=True)
+    archive = Archive(db, BlobStore(master), HUB_ADDRESS, signer=(world.hub.cert, key))
+    seqs = file_messages(archive, world)
+    db.dispose()
+    return home, seqs
+
+
+@pytest.fixture
+def home(template: tuple[Path, dict[str, int]], tmp_path: Path) -> Path:
+    """A fresh copy per test: reads append to the log."""
+    return Path(shutil.copytree(template[0], tmp_path / "home"))
+
+
+@pytest.fixture
+def seqs(template: tuple[Path, dict[str, int]]) -> dict[str, int]:
+    return template[1]
+
+
+def run(home: Path, *args: str | Path) -> Result:
+    return CliRunner().invoke(cli.cli, ["--home", str(home), "archive", *map(str, args)])
+
+
+def ok(home: Path, *args: str | Path) -> Result:
+    result = run(home, *args)
+    assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+def entries(home: Path) -> list[dict[str, object]]:
+    data = json.loads(ok(home, "list", "--json", "--limit", "1000").stdout)
+    assert isinstance(data, list)
+    return data
+
+
+def reads(home: Path) -> list[dict[str, object]]:
+    return [e for e in entries(home) if e["kind"] == "read"]
+
+
+# --- list, search, show ----------------------------------------------------------------------
+
+
+def test_list_shows_every_entry_in_order(home: Path, seqs: dict[str, int]) -> None:
+    items = entries(home)
+    assert [e["seq"] for e in items] == list(range(len(items)))
+    kinds = {e["seq"]: e["kind"] for e in items}
+    assert kinds[seqs["accepted"]] == "message"
+    assert kinds[seqs["receipt"]] == "receipt"
+    assert {e["status"] for e in items if e["kind"] == "message"} == {
+        "accepted", "rejected", "quarantined"
+    }  # fmt: skip
+    text = ok(home, "list", "--kind", "message").stdout
+    assert "accepted H26.SNV work-permit 2026-10" in text
+    assert "quarantined - - -" in text
+    paged = json.loads(ok(home, "list", "--json", "--after", seqs["accepted"], "--limit", 1).stdout)
+    assert [e["seq"] for e in paged] == [seqs["accepted"] + 1]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--status", "accepted"], ["accepted"]),
+        (["--agency", "H26.SNV"], ["accepted", "rejected"]),
+        (["--category", "work-permit", "--period", "2026-10"], ["accepted", "rejected"]),
+        (["--from", "2026-11-02", "--to", "2026-11-02", "--kind", "message"], ["accepted", "rejected", "quarantined"]),
+        (["--from", "2026-11-03"], []),
+        (["--to", "2026-11-01"], []),
+        (["--from", "2026-11-02T03:05:01Z", "--kind", "message"], ["rejected", "quarantined"]),
+        (["--kind", "receipt"], ["receipt"]),
+    ],
+)  # fmt: skip
+def test_search_filters(
+    home: Path, seqs: dict[str, int], options: list[str], expected: list[str]
+) -> None:
+    found = json.loads(ok(home, "search", "--json", *options).stdout)
+    names = {v: k for k, v in seqs.items()}
+    assert [names[e["seq"]] for e in found] == expected
+
+
+def test_search_by_identifiers(home: Path, seqs: dict[str, int]) -> None:
+    shown = json.loads(ok(home, "show", seqs["rejected"], "--json").stdout)["fields"]
+    for option, value in [
+        ("--digest", shown["digest"]),
+        ("--digest", shown["digest"].upper()),
+        ("--document-id", shown["document_id"]),
+        ("--message-id", shown["message_id"]),
+    ]:
+        found = json.loads(ok(home, "search", "--json", option, value).stdout)
+        assert [e["seq"] for e in found] == [seqs["rejected"]], option
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--period", "2026-13"], "is not YYYY-MM"),
+        (["--from", "yesterday"], "is not a date or ISO time"),
+        (["--digest", "abc"], "64 hex digits"),
+        (["--from", "2026-11-05", "--to", "2026-11-01"], "before its start"),
+    ],
+)
+def test_bad_search_options_are_one_line_errors(
+    home: Path, options: list[str], message: str
+) -> None:
+    result = run(home, "search", *options)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_show_prints_fields_and_blob_sizes_never_content(home: Path, seqs: dict[str, int]) -> None:
+    shown = json.loads(ok(home, "show", seqs["accepted"], "--json").stdout)
+    assert shown["fields"]["status"] == "accepted"
+    assert shown["fields"]["agency"] == "H26.SNV"
+    assert len(shown["leaf_hash"]) == 64
+    blobs = {b["name"]: b for b in shown["blobs"]}
+    assert set(blobs) == {"raw", "decrypted", "payload", "chain", "evidence-1"}
+    assert all(b["size"] > 0 for b in blobs.values())
+    text = ok(home, "show", seqs["accepted"]).stdout
+    assert "status: accepted" in text
+    assert "Nguyen Thi Lan Anh" not in text + json.dumps(shown)  # a person in the payload
+
+
+def test_show_blob_writes_the_bytes(home: Path, seqs: dict[str, int], tmp_path: Path) -> None:
+    out = tmp_path / "payload.xml"
+    ok(home, "show", seqs["accepted"], "--blob", "payload", "--out", out)
+    assert b"Nguyen Thi Lan Anh" in out.read_bytes()
+    assert out.stat().st_mode & 0o077 == 0
+    printed = ok(home, "show", seqs["accepted"], "--blob", "payload").stdout_bytes
+    assert printed == out.read_bytes()
+    missing = run(home, "show", seqs["quarantined"], "--blob", "payload")
+    assert missing.exit_code == 2
+    assert "has no blob 'payload' (it has: raw)" in missing.stderr
+
+
+def test_every_read_by_a_person_is_logged(home: Path, seqs: dict[str, int], tmp_path: Path) -> None:
+    before = len(reads(home))  # `list` itself is a read too
+    seq = seqs["accepted"]
+    ok(home, "show", seq)
+    ok(home, "show", seq, "--blob", "raw", "--out", tmp_path / "raw.eml")
+    ok(home, "search", "--agency", "H26.SNV")
+    ok(home, "prove", seq)
+    ok(home, "export", seq, "--out", tmp_path / "b.zip")
+    logged = reads(home)[before:]
+    assert [(r["action"], r["target"]) for r in logged] == [
+        ("list", "limit=1000"),
+        ("show", f"entry {seq}"),
+        ("show", f"entry {seq} blob raw"),
+        ("search", "agency=H26.SNV limit=100"),
+        ("prove", f"entry {seq} size {seqs['receipt'] + 1}"),
+        ("export", f"entry {seq}"),
+    ]
+    assert {r["actor"] for r in logged} == {cli.actor()}
+
+
+# --- verify, checkpoint, prove ---------------------------------------------------------------
+
+
+def test_verify_passes_and_names_tampering(home: Path, seqs: dict[str, int]) -> None:
+    assert "archive verifies" in ok(home, "verify").stdout
+    report = json.loads(ok(home, "verify", "--json", "--no-blobs").stdout)
+    assert report["ok"] is True
+    assert report["checkpoints"] == 1
+    db = Database.open(settings.load(home).database_url)
+    with db.engine.begin() as c:
+        c.exec_driver_sql(
+            "UPDATE log_entries SET status = 'accepted' WHERE seq = ?", (seqs["rejected"],)
+        )
+    db.dispose()
+    bad = run(home, "verify")
+    assert bad.exit_code == 1
+    assert f"PROBLEM: entry {seqs['rejected']}: search column status" in bad.stdout
+
+
+def test_checkpoint_signs_with_the_hub_key(home: Path, world: DemoWorld) -> None:
+    size = len(entries(home))  # and the read `entries` logged
+    made = json.loads(ok(home, "checkpoint", "--json").stdout)
+    assert made["size"] == size + 1
+    assert made["signer"] == world.hub.cert.subject.rfc4514_string()
+    assert json.loads(ok(home, "verify", "--json", "--no-blobs").stdout)["checkpoints"] == 2
+
+
+def test_checkpoint_without_the_passphrase_fails_in_one_line(home: Path) -> None:
+    (home / "keys/passphrase").write_bytes(b"wrong\n")
+    result = run(home, "checkpoint")
+    assert result.exit_code == 2
+    assert "cannot decrypt the hub private key" in result.stderr
+
+
+def test_prove_gives_a_proof_under_the_checkpoint(home: Path, seqs: dict[str, int]) -> None:
+    proof = json.loads(ok(home, "prove", seqs["accepted"]).stdout)
+    assert proof["verified"] is True
+    assert proof["size"] == proof["checkpoint"]["size"] == seqs["receipt"] + 1
+    assert proof["root"] == proof["checkpoint"]["root"]
+    assert "archive checkpoint" in proof["checkpoint"]["body"]
+    assert all(len(h) == 64 for h in proof["audit_path"])
+    sized = json.loads(ok(home, "prove", seqs["accepted"], "--size", seqs["accepted"] + 1).stdout)
+    assert sized["checkpoint"] is None
+    assert sized["verified"] is True
+    consistency = json.loads(ok(home, "prove", "--consistency", 2, seqs["receipt"] + 1).stdout)
+    assert consistency["verified"] is True
+    assert consistency["new_checkpoint"]["size"] == seqs["receipt"] + 1
+
+
+def test_prove_an_entry_newer_than_the_checkpoint_says_what_to_do(home: Path) -> None:
+    newest = len(entries(home))  # the read of `entries` is entry `newest`
+    result = run(home, "prove", newest)
+    assert result.exit_code == 2
+    assert "no signed checkpoint covers entry" in result.stderr
+    assert "gateway archive checkpoint" in result.stderr
+    assert "no entry 9999" in run(home, "prove", 9999, "--size", 9999).stderr
+
+
+# --- export and verify-bundle ----------------------------------------------------------------
+
+
+def gateway(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A real process with no home and no settings at all."""
+    env = {"PATH": "/usr/bin:/bin", "GATEWAY_HOME": str(cwd / "no-such-home")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *map(str, args)],
+        capture_output=True, text=True, check=False, env=env, cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def exported(home: Path, seqs: dict[str, int], world: DemoWorld, tmp_path: Path) -> Path:
+    out = tmp_path / "evidence" / "bundle.zip"
+    out.parent.mkdir()
+    result = json.loads(ok(home, "export", seqs["accepted"], "--out", out, "--json").stdout)
+    assert result["receipt"] is True
+    assert out.stat().st_mode & 0o077 == 0
+    (out.parent / "root.pem").write_bytes(world.root.cert_pem())
+    return out
+
+
+def test_export_then_verify_bundle_with_no_database(home: Path, exported: Path) -> None:
+    for p in home.glob("archive.db*"):
+        p.unlink()  # no database: the bundle must stand on its own
+    shutil.rmtree(home)
+    where = exported.parent
+    plain = gateway("archive", "verify-bundle", exported, "--ca", where / "root.pem", cwd=where)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "PASS  inclusion proof" in plain.stdout
+    assert plain.stdout.strip().endswith("bundle verifies")
+    as_json = gateway("archive", "verify-bundle", exported, "--json", cwd=where)
+    report = json.loads(as_json.stdout)
+    assert report["ok"] is True
+    assert {c["check"]: c["status"] for c in report["checks"]}["hub chain"] == "skip"
+    assert not (where / "no-such-home").exists()
+
+
+def test_verify_bundle_fails_a_changed_bundle_with_exit_1(exported: Path) -> None:
+    changed = exported.with_name("changed.zip")
+    with zipfile.ZipFile(exported) as src, zipfile.ZipFile(changed, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(
+                info,
+                data.replace(b"H26.SNV", b"H26.STP") if info.filename == "entry.json" else data,
+            )
+    result = CliRunner().invoke(cli.cli, ["archive", "verify-bundle", str(changed)])
+    assert result.exit_code == 1
+    assert "FAIL  leaf hash" in result.stdout
+    assert "bundle does NOT verify" in result.stdout
+
+
+def test_export_of_a_quarantined_message_and_errors(
+    home: Path, seqs: dict[str, int], tmp_path: Path
+) -> None:
+    out = tmp_path / "q.zip"
+    ok(home, "export", seqs["quarantined"], "--out", out)
+    report = json.loads(ok(home, "verify-bundle", out, "--json").stdout)
+    checks = {c["check"]: c["status"] for c in report["checks"]}
+    assert checks["agency signature"] == "skip"
+    assert "receipt" not in checks
+    missing = run(home, "verify-bundle", tmp_path / "nope.zip")
+    assert missing.exit_code == 2
+    assert "cannot read" in missing.stderr
+    assert run(home, "export", 9999, "--out", out).exit_code == 2
+    assert run(home, "show", 9999).exit_code == 2
