@@ -57,10 +57,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from archive import checkpoint as cp
 from archive import merkle
-from formats import cms_signed
 from formats.errors import GatewayError
-from formats.mime import parse_entity
-from formats.smime import PKCS7_MIME, PKCS7_SIGNATURE
+from formats.smime import verify_signed_entity
 
 #: A receipt entry refers to the message entry it answers with this field, and holds the
 #: receipt message as the blob ``receipt``.
@@ -496,7 +494,7 @@ def _agency(
         return
     try:
         chain = _certificates(files["chain.pem"], "chain.pem") if "chain.pem" in files else []
-        check = _verify_signed_entity(files["decrypted.eml"], chain)
+        check = verify_signed_entity(files["decrypted.eml"], known=chain)
     except _Failed as err:
         report.add("agency signature", "fail", str(err))
         return
@@ -520,22 +518,6 @@ def _at(fields: Mapping[str, Any]) -> datetime:
         return datetime.fromisoformat(str(fields["at"]).replace("Z", "+00:00"))
     except (KeyError, ValueError):
         raise _Failed("entry.json has no valid time") from None
-
-
-def _verify_signed_entity(
-    data: bytes, chain: Sequence[x509.Certificate]
-) -> cms_signed.SignatureCheck:
-    entity = parse_entity(data)
-    ctype = entity.content_type.value
-    if ctype == "multipart/signed" and len(entity.children) == 2:
-        content, signature = entity.children
-        if signature.content_type.value in PKCS7_SIGNATURE:
-            der = signature.decoded_body(limit=MAX_MEMBER_BYTES)
-            return cms_signed.verify_signed_data(der, detached=content.raw_view, known=chain)
-    if ctype in PKCS7_MIME:
-        der = entity.decoded_body(limit=MAX_MEMBER_BYTES)
-        return cms_signed.verify_signed_data(der, known=chain)
-    raise GatewayError(f"{ctype} is not an S/MIME signed entity")
 
 
 def _chain(

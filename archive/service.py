@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from archive import checkpoint as cp
 from archive import tables as t
-from archive.blobs import BlobStore
+from archive.blobs import BlobStore, load_master_key
 from archive.db import Database
 from archive.log import Entry, Item, Log
 from archive.records import read_item
@@ -88,6 +89,14 @@ class Archive:
                 check_blobs=check_blobs,
                 progress=progress or (lambda _a, _b, _c: None),
             )
+
+
+def master_key(path: Path, db: Database) -> bytes:
+    """The archive master key: created on first use (no data key exists yet); otherwise it
+    must be there, since without it no blob can be read."""
+    with db.session() as s:
+        fresh = s.scalar(select(t.DataKey.id).limit(1)) is None
+    return load_master_key(path, create=fresh)
 
 
 def hub_certificates(s: Session) -> list[x509.Certificate]:

@@ -195,6 +195,13 @@ def _require_enveloped(top: Entity) -> None:
     )
 
 
+def verify_signed_entity(
+    data: bytes, *, limits: Limits = DEFAULT_LIMITS, known: Sequence[x509.Certificate] = ()
+) -> SignatureCheck:
+    """Verify a decrypted signed entity on its own (steps 4–5), e.g. from an evidence bundle."""
+    return _verify_signed_entity(parse_entity(data, limits), limits, known)[1]
+
+
 def _verify_signed_entity(
     inner: Entity, limits: Limits, known: Sequence[x509.Certificate]
 ) -> tuple[str, SignatureCheck, Entity]:

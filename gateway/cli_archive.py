@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from archive import bundle, merkle
 from archive import checkpoint as cp
 from archive import tables as t
-from archive.blobs import BlobDamaged, BlobStore, load_master_key
+from archive.blobs import BlobDamaged, BlobStore
 from archive.db import Database
 from archive.log import LogError
 from archive.search import (
@@ -40,7 +40,7 @@ from archive.search import (
     receipt_entry,
     summary,
 )
-from archive.service import Archive, hub_certificates
+from archive.service import Archive, hub_certificates, master_key
 from formats import cms_signed
 from formats.errors import GatewayError, InputError
 from gateway.cli import Failure, actor, emit_json, load_settings, now
@@ -67,8 +67,8 @@ def archive_cmd() -> None:
 @contextmanager
 def _opened(ctx: click.Context) -> Iterator[Archive]:
     settings = load_settings(ctx)
-    key = load_master_key(settings.path(settings.archive.master_key_file))
     db = Database.open(settings.database_url)
+    key = master_key(settings.path(settings.archive.master_key_file), db)
     try:
         yield Archive(
             db,
