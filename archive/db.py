@@ -28,7 +28,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from formats.errors import ConfigError, TransientError
@@ -46,9 +46,13 @@ class Database:
         """Connect, check durability, and (by default) bring the schema up to date."""
         engine = _engine(url)
         db = cls(engine, sessionmaker(engine, expire_on_commit=False))
-        db.check_durability()
-        if migrate:
-            db.upgrade()
+        try:
+            db.check_durability()
+            if migrate:
+                db.upgrade()
+        except BaseException:
+            engine.dispose()  # a refused database leaves no connection open
+            raise
         return db
 
     @property
@@ -88,6 +92,10 @@ class Database:
                         f"PostgreSQL synchronous_commit is {value}; set it to on so that a "
                         "commit is durable before the gateway acknowledges a message"
                     )
+                if c.execute(text("SHOW fsync")).scalar() != "on":
+                    raise ConfigError(
+                        "PostgreSQL fsync is off: a commit is not durable; turn it on"
+                    )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -115,7 +123,18 @@ class Database:
         self.engine.dispose()
 
 
+# PostgreSQL SQLSTATEs worth a retry: connection exception, transaction rollback (serialization
+# failure, deadlock), insufficient resources, operator intervention (shutdown, statement timeout),
+# lock not available.
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "57", "55P03")
+
+
 def _is_transient(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate.startswith(_TRANSIENT_SQLSTATES)
+    if isinstance(exc, OperationalError) and type(exc.orig).__module__.startswith("psycopg"):
+        return True  # no SQLSTATE: the server could not be reached, or the connection broke
     message = str(exc.orig).lower()
     return any(m in message for m in ("database is locked", "could not connect", "server closed"))
 
@@ -130,6 +149,10 @@ def _engine(url: str) -> Engine:
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling begins lazily and deferred; take it over so that
+        # every transaction starts with BEGIN IMMEDIATE: writers queue on the write lock
+        # (busy_timeout) instead of failing when a read lock cannot be upgraded.
+        event.listen(engine, "begin", _sqlite_begin)
     elif engine.dialect.name != "postgresql":
         raise ConfigError(
             f"database {engine.dialect.name} is not supported; use sqlite or postgresql"
@@ -138,12 +161,17 @@ def _engine(url: str) -> Engine:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # no implicit BEGIN from the driver
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _alembic_config(url: str) -> Config:

@@ -181,7 +181,7 @@ class AdminEvent(Base):
     at: Mapped[datetime]
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64), index=True)
-    subject: Mapped[str] = mapped_column(String(256))
+    subject: Mapped[str] = mapped_column(Text)
     detail: Mapped[dict[str, Any]]
 
 

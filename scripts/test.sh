@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Install the gateway with its test tools into .venv, make sure the real peers the tests talk
-# to are present (openssl, gpgsm), and run the test suite.
+# to are present (openssl, gpgsm, the PostgreSQL server binaries), and run the test suite.
+# The tests start their own throw-away PostgreSQL cluster (tests/pg.py); the distribution's
+# cluster is neither needed nor, when this script installs the package, created.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v gpgsm >/dev/null || need+=(gpgsm)
+have_initdb() { command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
+have_initdb || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    if [[ " ${need[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.d/no-main-cluster.conf ]; then
+      # Debian would create and start a "main" cluster on install; the tests do not use it.
+      mkdir -p /etc/postgresql-common/createcluster.d
+      echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/no-main-cluster.conf
+    fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
     echo "note: ${need[*]} not installed; tests that need them will be skipped" >&2

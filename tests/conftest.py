@@ -40,3 +40,49 @@ def world() -> DemoWorld:
 @pytest.fixture(scope="session")
 def world_ctx(world: DemoWorld):  # type: ignore[no-untyped-def]
     return world.context()
+
+
+# --- databases (archive/ storage module) ------------------------------------------------------
+# `database_url` runs a test once on SQLite (a file in tmp_path) and once on PostgreSQL (a fresh
+# database in a throw-away cluster started once per session by tests.pg, dropped after the test).
+# Without PostgreSQL server binaries the postgresql runs are skipped, except under CI (or with
+# TESTS_REQUIRE_POSTGRES set), where they fail: CI must never skip them silently.
+import os  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tests import pg  # noqa: E402
+
+
+def _postgres_required() -> bool:
+    return any(
+        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
+        for var in ("CI", "TESTS_REQUIRE_POSTGRES")
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.PgCluster]:
+    try:
+        cluster = pg.start()
+    except pg.PgUnavailable as exc:
+        if _postgres_required():
+            pytest.fail(f"PostgreSQL is required here (CI): {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/archive.db"
+        return
+    cluster: pg.PgCluster = request.getfixturevalue("pg_cluster")
+    name = cluster.create_database(request.node.name)
+    try:
+        yield cluster.url(name)
+    finally:
+        cluster.drop_database(name)

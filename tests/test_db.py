@@ -1,0 +1,417 @@
+"""The storage module on both engines: SQLite (a file in tmp_path) and a real PostgreSQL
+server (a throw-away cluster, tests/pg.py).
+
+Most tests take ``database_url`` and so run twice; the ones about one engine's behaviour take
+``pg_url`` or build an SQLite URL themselves.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.orm import sessionmaker
+
+from archive import tables as t
+from archive.db import Database, _alembic_config
+from archive.tables import Base
+from formats.errors import ConfigError, TransientError
+from gateway.demo import DemoWorld
+from keys import store
+from keys.directory import Agency
+from tests import pg
+from tests.conftest import WORLD_AT
+
+ACTOR = "test"
+PASS = b"test-only passphrase"
+KEY_TABLES = {
+    "agencies",
+    "agency_emails",
+    "certificates",
+    "private_keys",
+    "revocations",
+    "revocation_evidence",
+    "counters",
+    "admin_events",
+}
+
+Opener = Callable[..., Database]
+
+
+@pytest.fixture
+def open_db() -> Iterator[Opener]:
+    """``Database.open`` that disposes every engine it made when the test ends (an engine left
+    to the garbage collector would leave psycopg connections open: a ResourceWarning)."""
+    opened: list[Database] = []
+
+    def _open(url: str, **kwargs: Any) -> Database:
+        db = Database.open(url, **kwargs)
+        opened.append(db)
+        return db
+
+    yield _open
+    for db in opened:
+        db.dispose()
+
+
+@pytest.fixture
+def db(database_url: str, open_db: Opener) -> Database:
+    return open_db(database_url)
+
+
+@pytest.fixture
+def pg_url(pg_cluster: pg.PgCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = pg_cluster.create_database(request.node.name)
+    try:
+        yield pg_cluster.url(name)
+    finally:
+        pg_cluster.drop_database(name)
+
+
+def _head() -> str:
+    head = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
+def _event(s: Any, subject: str, at: datetime = WORLD_AT) -> t.AdminEvent:
+    return store.record(s, at=at, actor=ACTOR, action="test.event", subject=subject)
+
+
+# --- schema and migrations -----------------------------------------------------------------------
+
+
+def test_open_migrates_to_head_and_the_schema_equals_the_models(db: Database) -> None:
+    assert db.tables() == set(Base.metadata.tables) | {"alembic_version"}
+    assert set(Base.metadata.tables) >= KEY_TABLES
+    with db.engine.connect() as c:
+        assert MigrationContext.configure(c).get_current_revision() == _head()
+        assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
+
+
+def test_opening_again_is_a_no_op(db: Database, open_db: Opener) -> None:
+    with db.session() as s:
+        _event(s, "before reopening")
+    again = open_db(str(db.engine.url.render_as_string(hide_password=False)))
+    with again.engine.connect() as c:
+        assert MigrationContext.configure(c).get_current_revision() == _head()
+    with again.session() as s:
+        assert [e.subject for e in store.events(s)] == ["before reopening"]
+
+
+def test_open_without_migrating_leaves_the_database_empty(
+    database_url: str, open_db: Opener
+) -> None:
+    assert open_db(database_url, migrate=False).tables() == set()
+
+
+# --- durability (DESIGN §5 rule 7) ---------------------------------------------------------------
+
+
+def test_durability_settings_are_in_force(db: Database) -> None:
+    db.check_durability()
+    with db.engine.connect() as c:
+        if db.dialect == "sqlite":
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+            assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        else:
+            assert db.dialect == "postgresql"
+            assert c.execute(text("SHOW synchronous_commit")).scalar() == "on"
+            assert c.execute(text("SHOW fsync")).scalar() == "on"
+
+
+@pytest.mark.postgres
+def test_postgresql_without_synchronous_commit_is_refused(pg_url: str, open_db: Opener) -> None:
+    with pytest.raises(ConfigError, match="synchronous_commit is off"):
+        open_db(f"{pg_url}&options=-csynchronous_commit%3Doff")
+    assert open_db(pg_url, migrate=False).tables() == set()  # refused before migrating
+
+
+@pytest.mark.postgres
+def test_postgresql_without_fsync_is_refused(
+    pg_cluster: pg.PgCluster, pg_url: str, open_db: Opener
+) -> None:
+    admin = pg_cluster.connect()
+    try:
+        _set_fsync(pg_cluster, admin, "off")
+        with pytest.raises(ConfigError, match="fsync is off"):
+            open_db(pg_url)
+    finally:
+        _set_fsync(pg_cluster, admin, "on")
+        admin.close()
+
+
+def _set_fsync(cluster: pg.PgCluster, admin: Any, value: str) -> None:
+    """fsync is server-wide (reload, not per session); wait until new sessions see it."""
+    if value == "on":
+        admin.execute("ALTER SYSTEM RESET fsync")
+    else:
+        admin.execute(f"ALTER SYSTEM SET fsync = {value}")
+    admin.execute("SELECT pg_reload_conf()")
+    for _ in range(200):
+        with cluster.connect() as c:
+            row = c.execute("SHOW fsync").fetchone()
+        if row is not None and row[0] == value:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"fsync did not become {value}")
+
+
+def test_sqlite_without_wal_is_refused(open_db: Opener) -> None:
+    # A database in SQLite's in-memory VFS (its name is not ":memory:") cannot use WAL.
+    with pytest.raises(ConfigError, match="journal_mode is memory, not WAL"):
+        open_db("sqlite:///file:not-wal?vfs=memdb&uri=true")
+
+
+def test_sqlite_without_synchronous_full_is_refused(tmp_path: Path, open_db: Opener) -> None:
+    good = open_db(f"sqlite:///{tmp_path}/archive.db")
+    engine = create_engine(good.engine.url)
+    event.listen(engine, "connect", _pragmas_then_normal)
+    weakened = Database(engine, sessionmaker(engine))
+    try:
+        with pytest.raises(ConfigError, match="synchronous is 1, not FULL"):
+            weakened.check_durability()
+    finally:
+        engine.dispose()
+
+
+def _pragmas_then_normal(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+def test_a_session_that_raises_writes_nothing(db: Database) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        _write_then_raise(db)
+    with pytest.raises(IntegrityError):
+        _write_then_clash(db)
+    with db.session() as s:
+        assert store.events(s) == []
+        assert s.scalars(select(t.Counter)).all() == []
+        _event(s, "kept")
+    with db.session() as s:
+        assert [e.subject for e in store.events(s)] == ["kept"]
+
+
+def _write_then_raise(db: Database) -> None:
+    with db.session() as s:
+        _event(s, "lost")
+        s.flush()  # really sent to the database, then rolled back
+        raise RuntimeError("boom")
+
+
+def _write_then_clash(db: Database) -> None:
+    with db.session() as s:
+        _event(s, "lost too")
+        s.add(t.Counter(name="n", value=1))
+        s.flush()
+        s.add(t.Counter(name="n", value=2))  # same primary key
+
+
+@pytest.mark.postgres
+def test_postgresql_trouble_that_passes_is_transient(pg_url: str, open_db: Opener) -> None:
+    """A server that cannot be reached, or a lock not granted in time, is a 451, not a 500."""
+    db = open_db(pg_url)
+    unreachable = create_engine(pg_url.replace("port=", "port=1"))  # no such socket
+    try:
+        gone = Database(unreachable, sessionmaker(unreachable))
+        with pytest.raises(TransientError), gone.session() as s:
+            s.execute(text("SELECT 1"))
+    finally:
+        unreachable.dispose()
+    impatient = open_db(f"{pg_url}&options=-clock_timeout%3D50")
+    with db.session() as holder:
+        holder.execute(text("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(TransientError), impatient.session() as s:
+            s.scalars(select(t.Counter)).all()
+
+
+# --- times ---------------------------------------------------------------------------------------
+
+
+def test_times_round_trip_as_utc(db: Database) -> None:
+    hanoi = timezone(timedelta(hours=7))
+    at = datetime(2026, 11, 2, 9, 30, 15, 123456, tzinfo=hanoi)
+    with db.session() as s:
+        ev = _event(s, "aware", at=at)
+        s.flush()
+        seq = ev.seq
+    with db.session() as s:
+        back = s.get(t.AdminEvent, seq)
+        assert back is not None
+        assert back.at == at
+        assert back.at.tzinfo is UTC
+        assert back.at.hour == 2
+        stored = s.execute(
+            text("SELECT CAST(at AS TEXT) FROM admin_events")
+            if db.dialect == "sqlite"
+            else text("SELECT CAST(at AT TIME ZONE 'UTC' AS TEXT) FROM admin_events")
+        ).scalar()
+    assert str(stored).startswith("2026-11-02 02:30:15.123456")  # stored in UTC
+
+
+def test_naive_times_are_refused(db: Database) -> None:
+    with pytest.raises(StatementError, match="naive datetime"):
+        _write_naive(db)
+    with db.session() as s:
+        assert store.events(s) == []
+
+
+def _write_naive(db: Database) -> None:
+    with db.session() as s:
+        _event(s, "naive", at=datetime(2026, 11, 2, 9, 30))
+        s.flush()
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+
+
+def test_concurrent_admin_events_commit_with_distinct_increasing_seq(db: Database) -> None:
+    """Two writers at once, each appending admin events in its own sessions: every event
+    commits, with a seq of its own, increasing in each writer's order."""
+    rounds = 10
+    start = threading.Barrier(2, timeout=10)
+    seqs: dict[str, list[int]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        try:
+            start.wait()
+            for i in range(rounds):
+                with db.session() as s:
+                    ev = _event(s, f"{name}{i}")
+                    s.flush()
+                seqs[name].append(ev.seq)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in seqs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in threads)
+    assert errors == []
+    for mine in seqs.values():
+        assert len(mine) == rounds
+        assert mine == sorted(mine)
+    assert len(set(seqs["a"]) | set(seqs["b"])) == 2 * rounds
+    with db.session() as s:
+        events = store.events(s)
+    assert [e.seq for e in events] == sorted(seqs["a"] + seqs["b"])
+    assert {e.subject for e in events} == {f"{n}{i}" for n in "ab" for i in range(rounds)}
+
+
+# --- the key store on both engines ---------------------------------------------------------------
+
+
+def test_key_store_round_trip(db: Database, world: DemoWorld) -> None:
+    snv = world.agencies["H26.SNV"]
+    with db.session() as s:
+        for agency in world.directory:
+            store.add_agency(s, agency, at=WORLD_AT, actor=ACTOR)
+        store.add_certificate(s, world.root.cert, role="anchor", at=WORLD_AT, actor=ACTOR)
+        store.add_certificate(
+            s,
+            snv.cert,
+            role="agency",
+            organ_id="H26.SNV",
+            use_until=WORLD_AT + timedelta(days=90),
+            at=WORLD_AT,
+            actor=ACTOR,
+        )
+        store.add_private_key(
+            s, world.hub.cert, world.hub.key, role="hub", passphrase=PASS, at=WORLD_AT, actor=ACTOR
+        )
+    with db.session() as s:
+        assert store.agencies(s) == sorted(world.directory, key=lambda a: a.organ_id)
+        assert store.directory(s) == world.directory
+        [anchor] = store.certificates(s, role="anchor")
+        assert anchor.certificate == world.root.cert
+        [stored] = store.certificates(s, role="agency", organ_id="H26.SNV")
+        assert stored.certificate == snv.cert
+        assert stored.not_before == snv.cert.not_valid_before_utc
+        assert stored.use_until == WORLD_AT + timedelta(days=90)
+        assert stored.imported_at == WORLD_AT
+        [registered] = store.enrolled(s)["H26.SNV"]
+        assert registered.sha256 == store.fingerprint(snv.cert)
+        [hub] = store.hub_recipient_keys(s, PASS)
+        assert hub.cert == world.hub.cert
+        actions = [e.action for e in store.events(s)]
+    assert actions.count("agency.add") == len(list(world.directory))
+    assert actions[-3:] == [
+        "certificate.add.anchor",
+        "certificate.add.agency",
+        "certificate.add.hub",
+    ]
+
+
+def test_agency_dates_and_vietnamese_text_round_trip(db: Database) -> None:
+    agency = Agency(
+        organ_id="H26.TEST",
+        name_vi="Sở Tư pháp thành phố Hà Nội",
+        name_en="Hanoi Department of Justice",
+        emails=frozenset({"vanthu@stp.hanoi.gov.vn"}),
+        valid_from=date(2026, 1, 1),
+        valid_to=date(2026, 12, 31),
+    )
+    with db.session() as s:
+        store.add_agency(s, agency, at=WORLD_AT, actor=ACTOR)
+    with db.session() as s:
+        assert store.get_agency(s, "H26.TEST") == agency
+
+
+def test_an_anchor_with_a_long_subject_is_stored(db: Database) -> None:
+    cert = _self_signed_with_a_long_subject()
+    assert len(cert.subject.rfc4514_string()) > 256
+    with db.session() as s:
+        store.add_certificate(s, cert, role="anchor", at=WORLD_AT, actor=ACTOR)
+    with db.session() as s:
+        assert [c.certificate for c in store.certificates(s, role="anchor")] == [cert]
+
+
+def _self_signed_with_a_long_subject() -> x509.Certificate:
+    attributes = (
+        NameOID.COUNTRY_NAME,
+        NameOID.STATE_OR_PROVINCE_NAME,
+        NameOID.LOCALITY_NAME,
+        NameOID.ORGANIZATION_NAME,
+        NameOID.ORGANIZATIONAL_UNIT_NAME,
+        NameOID.COMMON_NAME,
+    )
+    text_ = "Hanoi City People's Committee, Department of Home Affairs"
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COUNTRY_NAME, "VN")]
+        + [x509.NameAttribute(oid, f"{text_} {i}") for i, oid in enumerate(attributes[1:])]
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(WORLD_AT - timedelta(days=1))
+        .not_valid_after(WORLD_AT + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
