@@ -7,8 +7,6 @@ is still fresh (its nextUpdate is ahead) is not fetched again unless asked.
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,10 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy.orm import Session
 
 from formats.errors import InputError
-from keys import store
+from keys import http, store
 
 MAX_CRL_BYTES = 16 * 1024 * 1024
-TIMEOUT_SECONDS = 15.0
 
 Fetcher = Callable[[str], bytes]
 
@@ -51,18 +48,7 @@ def distribution_points(cert: x509.Certificate) -> list[str]:
 
 def download(url: str) -> bytes:
     """GET ``url`` with a timeout and a size cap."""
-    request = urllib.request.Request(url, headers={"User-Agent": "official-mail-gateway"})  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
-            data: bytes = response.read(MAX_CRL_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        raise InputError(f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise InputError(f"cannot download: {reason}") from None
-    if len(data) > MAX_CRL_BYTES:
-        raise InputError(f"the CRL is larger than {MAX_CRL_BYTES} bytes")
-    return data
+    return http.fetch(url, limit=MAX_CRL_BYTES, what="CRL")
 
 
 def refresh(

@@ -27,8 +27,6 @@ replay is bounded instead by the currency check (thisUpdate/nextUpdate).
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -47,11 +45,10 @@ from cryptography.x509.oid import (
 from sqlalchemy.orm import Session
 
 from formats.errors import InputError
-from keys import store
+from keys import http, store
 from keys.trust import ALLOWED_HASHES
 
 MAX_OCSP_BYTES = 256 * 1024
-TIMEOUT_SECONDS = 15.0
 #: How far a responder's clock may run ahead of ours (thisUpdate in the future).
 CLOCK_SKEW = timedelta(minutes=5)
 #: RFC 5019 §2.1.1; see the module docstring.
@@ -271,29 +268,16 @@ def _check_signature(resp: ocsp.OCSPResponse, signer: x509.Certificate) -> None:
 
 def post(url: str, body: bytes) -> bytes:
     """POST an OCSP request to ``url`` with a timeout and a size cap."""
-    if not url.startswith(("http://", "https://")):
-        raise InputError(f"{url!r} is not an http(s) URL")
-    request = urllib.request.Request(  # noqa: S310 — scheme checked above
+    return http.fetch(
         url,
+        limit=MAX_OCSP_BYTES,
+        what="response",
         data=body,
         headers={
             "Content-Type": "application/ocsp-request",
             "Accept": "application/ocsp-response",
-            "User-Agent": "official-mail-gateway",
         },
-        method="POST",
     )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
-            data: bytes = response.read(MAX_OCSP_BYTES + 1)
-    except urllib.error.HTTPError as exc:
-        raise InputError(f"HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise InputError(f"cannot reach the responder: {reason}") from None
-    if len(data) > MAX_OCSP_BYTES:
-        raise InputError(f"the response is larger than {MAX_OCSP_BYTES} bytes")
-    return data
 
 
 def refresh(

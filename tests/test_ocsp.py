@@ -457,7 +457,8 @@ def test_an_unreachable_responder_fails_with_a_reason_and_exit_1(tmp_path: Path)
     assert result.exit_code == 1
     [outcome] = json.loads(result.output)
     assert outcome["status"] == "failed"
-    assert outcome["detail"].startswith("cannot reach the responder:")
+    assert outcome["detail"].startswith("cannot reach http://127.0.0.1:")
+    assert "Connection refused" in outcome["detail"]
     assert "refused" in outcome["detail"].lower()
     with world.db.session() as s:
         assert store.ocsp_rows(s) == []
