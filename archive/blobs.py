@@ -13,13 +13,14 @@ import base64
 import hashlib
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from archive import tables as t
@@ -75,14 +76,34 @@ class BlobStore:
 
     def put(self, s: Session, data: bytes, *, at: datetime) -> str:
         """Store ``data`` (once: identical content is stored once) and return its address."""
-        address = hashlib.sha256(data).hexdigest()
-        if s.get(t.Blob, address) is not None:
-            return address
-        key_id, aead = self._data_key(s, at)
-        nonce = os.urandom(NONCE_BYTES)
-        sealed = nonce + aead.encrypt(nonce, zlib.compress(data, _LEVEL), address.encode())
-        s.add(t.Blob(sha256=address, key_id=key_id, size=len(data), sealed=sealed))
-        return address
+        return self.put_many(s, [data], at=at)[0]
+
+    def put_many(self, s: Session, blobs: Sequence[bytes], *, at: datetime) -> list[str]:
+        """Store each of ``blobs`` (identical content once) and return their addresses, in order.
+
+        One query finds what is already stored and one multi-row insert adds the rest: a
+        look-up per blob would also flush the session once per blob, which made batched
+        appends no faster than single ones (bench/archive_bench.py).
+        """
+        addresses = [hashlib.sha256(data).hexdigest() for data in blobs]
+        new = dict(zip(addresses, blobs, strict=True))  # also drops repeats within the batch
+        wanted = sorted(new)
+        for i in range(0, len(wanted), 500):
+            for address in s.scalars(
+                select(t.Blob.sha256).where(t.Blob.sha256.in_(wanted[i : i + 500]))
+            ):
+                del new[address]
+        if new:
+            key_id, aead = self._data_key(s, at)
+            rows = []
+            for address, data in new.items():
+                nonce = os.urandom(NONCE_BYTES)
+                body = aead.encrypt(nonce, zlib.compress(data, _LEVEL), address.encode())
+                rows.append(
+                    {"sha256": address, "key_id": key_id, "size": len(data), "sealed": nonce + body}
+                )
+            s.execute(insert(t.Blob), rows)
+        return addresses
 
     def get(self, s: Session, address: str) -> bytes:
         row = s.get(t.Blob, address)
@@ -102,6 +123,8 @@ class BlobStore:
         return data
 
     def _data_key(self, s: Session, at: datetime) -> tuple[int, AESGCM]:
+        if self._current is not None and s.get(t.DataKey, self._current) is None:
+            self._current = None  # created in a transaction that was rolled back
         if self._current is None:
             newest = s.scalar(select(t.DataKey).order_by(t.DataKey.id.desc()).limit(1))
             if newest is None:

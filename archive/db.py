@@ -98,13 +98,17 @@ class Database:
                     )
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
         """One transaction: committed on normal exit, rolled back on any exception.
 
         Database trouble that may pass (locked, connection lost) becomes
         :class:`TransientError` (SMTP 451); the caller retries later.
         """
         session = self._sessions()
+        if read_only and self.dialect == "sqlite":
+            # A plain (deferred) BEGIN: a long read such as `archive verify` must not hold
+            # the write lock and stall intake (writers begin IMMEDIATE).
+            session.connection(execution_options={_READ_ONLY: True})
         try:
             yield session
             session.commit()
@@ -170,8 +174,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_READ_ONLY = "gateway_read_only"
+
+
 def _sqlite_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    read_only = connection.get_execution_options().get(_READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def _alembic_config(url: str) -> Config:

@@ -81,7 +81,7 @@ class Archive:
         self.log.append_many(s, [read_item(at, actor, action, target)])
 
     def verify(self, *, check_blobs: bool = True, progress: Progress | None = None) -> Report:
-        with self.db.session() as s:
+        with self.db.session(read_only=True) as s:
             return verify(
                 s,
                 self.blobs,

@@ -44,11 +44,13 @@ def record(
     s: Session, *, at: datetime, actor: str, action: str, subject: str, **detail: Any
 ) -> t.AdminEvent:
     """Append one admin event (committed with the change it describes)."""
+    log = Log()
+    log.lock(s)  # events get their numbers in the same order as their log entries
     event = t.AdminEvent(at=at, actor=actor, action=action, subject=subject, detail=detail)
     s.add(event)
     s.flush()  # assigns event.seq
     # The archive chains the change into its tamper-evident log, in the same transaction.
-    Log().append_many(s, [admin_item(at, actor, action, subject, detail, event.seq)])
+    log.append_many(s, [admin_item(at, actor, action, subject, detail, event.seq)])
     return event
 
 

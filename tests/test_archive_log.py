@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -252,3 +253,37 @@ def test_a_stolen_database_file_reveals_no_payload(tmp_path: Path) -> None:
         assert log.blobs.get(s, entry.blobs["payload"]) == marker
         with pytest.raises(Exception, match="does not open the archive's data keys"):
             BlobStore(os.urandom(32)).get(s, entry.blobs["payload"])
+
+
+def test_a_long_read_does_not_block_writers(tmp_path: Path) -> None:
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    log = Log(BlobStore(os.urandom(32)))
+    finished: list[int] = []
+    with db.session(read_only=True) as reader:
+        assert log.size(reader) == 0
+
+        def write() -> None:
+            with db.session() as s:
+                finished.append(log.append(s, "admin", WORLD_AT, {"n": 1}).seq)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(timeout=3)  # busy_timeout is 5 s: a blocked writer would still be waiting
+        assert finished == [0]
+
+
+def test_a_data_key_lost_to_a_rollback_is_replaced(tmp_path: Path) -> None:
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    log = Log(BlobStore(os.urandom(32)))
+    with pytest.raises(RuntimeError, match="fails after"):
+        _append_then_fail(db, log)
+    with db.session() as s:
+        entry = log.append(s, "message", WORLD_AT, {}, {"raw": b"second"})
+    with db.session() as s:
+        assert log.blobs.get(s, entry.blobs["raw"]) == b"second"
+
+
+def _append_then_fail(db: Database, log: Log) -> None:
+    with db.session() as s:
+        log.append(s, "message", WORLD_AT, {}, {"raw": b"first"})
+        raise RuntimeError("the transaction fails after the data key was made")
