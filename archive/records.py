@@ -27,6 +27,20 @@ class Transport:
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", or None
     extra: Mapping[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Transport:
+        known = {"protocol", "received_at", "peer", "helo", "mail_from", "rcpt_to", "tls"}
+        return cls(
+            received_at=datetime.fromisoformat(str(data["received_at"])),
+            protocol=str(data.get("protocol") or "file"),
+            peer=data.get("peer"),
+            helo=data.get("helo"),
+            mail_from=data.get("mail_from"),
+            rcpt_to=tuple(data.get("rcpt_to") or ()),
+            tls=data.get("tls"),
+            extra={k: str(v) for k, v in data.items() if k not in known},
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "protocol": self.protocol,

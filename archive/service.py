@@ -45,12 +45,18 @@ class Archive:
     def file(self, items: Sequence[Item], *, at: datetime | None = None) -> list[Entry]:
         """Append ``items`` in one transaction; sign a checkpoint too if one is due."""
         with self.db.session() as s:
-            entries = self.log.append_many(s, items)
-            if self.signer is not None and entries:
-                last = _last_checkpoint(s)
-                size = entries[-1].seq + 1
-                if size - (last.size if last else 0) >= self.checkpoint_every:
-                    self._sign(s, at or entries[-1].at)
+            return self.file_in(s, items, at=at)
+
+    def file_in(
+        self, s: Session, items: Sequence[Item], *, at: datetime | None = None
+    ) -> list[Entry]:
+        """:meth:`file` inside the caller's transaction (to commit other rows with it)."""
+        entries = self.log.append_many(s, items)
+        if self.signer is not None and entries:
+            last = _last_checkpoint(s)
+            size = entries[-1].seq + 1
+            if size - (last.size if last else 0) >= self.checkpoint_every:
+                self._sign(s, at or entries[-1].at)
         return entries
 
     def checkpoint(self, at: datetime) -> t.Checkpoint:

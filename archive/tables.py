@@ -259,3 +259,40 @@ class Blob(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("data_keys.id"))
     size: Mapped[int] = mapped_column(BigInteger)
     sealed: Mapped[bytes] = mapped_column(LargeBinary)  # nonce || AES-GCM(zlib(plaintext))
+
+
+# --- intake (the gateway's durable inbox) --------------------------------------------------------
+
+
+class Intake(Base):
+    """A received message, committed before the gateway answers 250, until a worker files it.
+
+    ``state``: ``new`` (waiting), ``done`` (filed in the archive as ``archive_seq``), ``retry``
+    (a transient failure; tried again from ``next_attempt_at``). The raw bytes are a working copy:
+    the evidence is the archive entry (whose blob is encrypted at rest).
+    """
+
+    __tablename__ = "intake"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(index=True)
+    transport: Mapped[dict[str, Any]]
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(8), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    archive_seq: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime]
+
+
+class Seen(Base):
+    """Replay keys (DESIGN §5 rule 3): the first archive entry for a key; duplicates get its
+    receipt again and no second entry."""
+
+    __tablename__ = "seen"
+
+    key: Mapped[str] = mapped_column(
+        String(128), primary_key=True
+    )  # "sender:<addr> <msgid>" or "signed:<sha> <sha>"
+    archive_seq: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,70 @@
+"""The durable inbox: a received message is committed here before the gateway answers 250.
+
+An edge over :class:`archive.db.Database`. :func:`accept` is the only thing the SMTP/LMTP
+listener and the IMAP poller call; it returns only once the raw bytes are durably committed
+(SQLite WAL + synchronous=FULL, or PostgreSQL synchronous commit), and raises
+:class:`~formats.errors.TransientError` (451) when they could not be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from archive import tables as t
+from archive.db import Database
+from archive.records import Transport
+from formats.errors import TransientError
+
+
+def accept(db: Database, raw: bytes, transport: Transport) -> int:
+    """Commit ``raw`` durably and return its intake number."""
+    try:
+        with db.session() as s:
+            row = t.Intake(
+                received_at=transport.received_at,
+                transport=transport.as_dict(),
+                raw=raw,
+                sha256=hashlib.sha256(raw).hexdigest(),
+                state="new",
+                attempts=0,
+                next_attempt_at=None,
+                archive_seq=None,
+                updated_at=transport.received_at,
+            )
+            s.add(row)
+            s.flush()
+            number = row.id
+    except TransientError:
+        raise
+    except (SQLAlchemyError, OSError) as exc:
+        # Disk full, read-only file system, I/O error: not committed, so the peer must retry.
+        raise TransientError(f"the message could not be stored ({type(exc).__name__})") from exc
+    return number
+
+
+def pending(s: Session, at: datetime, limit: int = 50) -> list[t.Intake]:
+    """Messages waiting to be processed (new, or retries that are due), oldest first."""
+    query = (
+        select(t.Intake)
+        .where(
+            or_(
+                t.Intake.state == "new",
+                (t.Intake.state == "retry") & (t.Intake.next_attempt_at <= at),
+            )
+        )
+        .order_by(t.Intake.id)
+        .limit(limit)
+    )
+    if s.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(s.scalars(query))
+
+
+def backoff(attempts: int) -> timedelta:
+    """1, 2, 4 … minutes, at most an hour, between tries of a transiently failing message."""
+    return timedelta(minutes=min(60, 2 ** max(0, attempts - 1)))
