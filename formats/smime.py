@@ -288,7 +288,7 @@ def _b64_lines(data: bytes) -> bytes:
 def _header_value(value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("header values may not contain line breaks")
-    return value if value.isascii() else Header(value, "utf-8").encode()
+    return value if value.isascii() else Header(value, "utf-8").encode(linesep="\r\n")
 
 
 def payload_entity(

@@ -1,0 +1,571 @@
+"""The SMTP/LMTP intake listener over real sockets: stdlib smtplib talks to a running listener,
+the intake table is read back. Durable before 250; 451 (never 500, never 250) on any failure."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import event, func, select
+
+from archive import tables as t
+from archive.db import Database
+from formats.limits import Limits
+from gateway import intake
+from gateway import smtp as listener
+from gateway.demo import HUB_ADDRESS, DemoWorld
+from gateway.pipeline import Context, process
+from keys.issuing import issue_agency, make_root
+from tests.conftest import WORLD_AT
+
+SENDER = "vanthu@snv.hanoi.gov.vn"
+SMALL = Limits(max_message_bytes=20_000)
+
+MESSAGE = (
+    b"From: vanthu@snv.hanoi.gov.vn\r\n"
+    b"To: hub@exchange.hanoi.gov.vn\r\n"
+    b"Subject: =?utf-8?b?QsOhbyBjw6Fv?=\r\n"
+    b"Message-ID: <1@snv.hanoi.gov.vn>\r\n"
+    b"\r\n"
+    b".a line that starts with a dot (transparency, RFC 5321 \xc2\xa74.5.2)\r\n"
+    b"8-bit octets: \xe1\xbb\x87 \xff\x00\r\n"
+    b"\r\n"
+    b"last line\r\n"
+)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database.open(f"sqlite:///{tmp_path}/archive.db")
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def serve(db: Database) -> Iterator[Any]:
+    """Start listeners on 127.0.0.1:0 (``serve(**options)``); all are stopped afterwards."""
+    running: list[listener.Listener] = []
+
+    def _start(database: Database | None = None, **options: Any) -> listener.Listener:
+        options.setdefault("limits", SMALL)
+        options.setdefault("hub_addresses", [HUB_ADDRESS])
+        options.setdefault("clock", lambda: WORLD_AT)
+        server = listener.start(database or db, host="127.0.0.1", port=0, **options)
+        running.append(server)
+        return server
+
+    yield _start
+    for server in running:
+        server.stop()
+
+
+def client(server: listener.Listener) -> smtplib.SMTP:
+    c = smtplib.SMTP("127.0.0.1", server.port, local_hostname="mail.snv.hanoi.gov.vn", timeout=30)
+    c.ehlo()
+    return c
+
+
+def rows(db: Database) -> list[t.Intake]:
+    with db.session(read_only=True) as s:
+        return list(s.scalars(select(t.Intake).order_by(t.Intake.id)))
+
+
+def count(db: Database) -> int:
+    with db.session(read_only=True) as s:
+        return int(s.scalar(select(func.count()).select_from(t.Intake)) or 0)
+
+
+def send_raw_data(c: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
+    """DATA with the bytes exactly as given (smtplib.data() would repair bare LFs)."""
+    c.putcmd("DATA")
+    code, _ = c.getreply()
+    assert code == 354
+    c.send(data + b".\r\n")
+    return c.getreply()
+
+
+def envelope(c: smtplib.SMTP, rcpts: tuple[str, ...] = (HUB_ADDRESS,)) -> None:
+    assert c.mail(SENDER)[0] == 250
+    for rcpt in rcpts:
+        assert c.rcpt(rcpt)[0] == 250
+
+
+# --- durable intake ---------------------------------------------------------------------------
+
+
+def test_a_message_is_stored_byte_for_byte_before_250(serve: Any, database_url: str) -> None:
+    db = Database.open(database_url)
+    try:
+        server = serve(db)
+        with client(server) as c:
+            envelope(c)
+            code, text = c.data(MESSAGE)
+        assert code == 250
+        number = int(re.fullmatch(rb"2\.0\.0 queued as (\d+)", text).group(1))  # type: ignore[union-attr]
+
+        [row] = rows(db)
+        assert row.id == number
+        assert row.raw == MESSAGE  # dot-unstuffed, 8-bit intact, no Received: added
+        assert row.state == "new"
+        assert row.transport["protocol"] == "smtp"
+        assert row.transport["peer"] == "127.0.0.1"
+        assert row.transport["helo"] == "mail.snv.hanoi.gov.vn"
+        assert row.transport["mail_from"] == SENDER
+        assert row.transport["rcpt_to"] == [HUB_ADDRESS]
+        assert row.transport["tls"] is None
+        assert row.received_at.replace(tzinfo=None) == WORLD_AT.replace(tzinfo=None)
+    finally:
+        db.dispose()
+
+
+def test_ehlo_advertises_size_and_enhanced_codes_and_no_auth(serve: Any) -> None:
+    server = serve()
+    with client(server) as c:
+        assert c.has_extn("size")
+        assert c.esmtp_features["size"] == str(SMALL.max_message_bytes)
+        assert c.has_extn("enhancedstatuscodes")
+        assert c.has_extn("8bitmime")
+        assert not c.has_extn("auth")
+        assert not c.has_extn("starttls")  # no tls_context given
+        assert c.docmd("AUTH", "PLAIN AGZvbwBiYXI=")[0] == 502
+
+
+def test_a_demo_submission_goes_through_unchanged_and_still_verifies(
+    serve: Any, db: Database, world: DemoWorld, world_ctx: Context
+) -> None:
+    submission = world.submission("H26.SNV")
+    # The builder folds the long Vietnamese Subject with CRLF: nothing but CRLF line ends.
+    assert re.sub(rb"\r\n|\n|\r", b"\r\n", submission) == submission
+    server = serve(limits=Limits())
+    with client(server) as c:
+        assert c.sendmail(SENDER, [HUB_ADDRESS], submission) == {}
+
+    [first] = rows(db)
+    assert first.raw == submission
+    verdict = process(first.raw, world_ctx, at=WORLD_AT + timedelta(minutes=1))
+    assert verdict.disposition == "accepted", verdict.errors
+
+
+def test_the_event_loop_is_free_while_a_commit_is_slow(
+    serve: Any, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    real_accept = intake.accept
+
+    def slow_accept(*args: Any) -> int:
+        started.set()
+        release.wait(10)
+        return real_accept(*args)
+
+    monkeypatch.setattr(intake, "accept", slow_accept)
+    server = serve()
+    replies: list[tuple[int, bytes]] = []
+    with client(server) as slow:
+        envelope(slow)
+        sender = threading.Thread(target=lambda: replies.append(slow.data(MESSAGE)))
+        sender.start()
+        assert started.wait(10)
+        # Another session is served while the first one's commit is still under way.
+        t0 = time.monotonic()
+        with client(server) as other:
+            assert other.noop()[0] == 250
+        assert time.monotonic() - t0 < 2
+        assert replies == []  # no 250 before the commit returned
+        release.set()
+        sender.join(10)
+    assert replies[0][0] == 250
+    assert count(db) == 1
+
+
+def test_stop_lets_a_commit_under_way_finish_and_answer_250(
+    serve: Any, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    real_accept = intake.accept
+
+    def slow_accept(*args: Any) -> int:
+        started.set()
+        release.wait(10)
+        return real_accept(*args)
+
+    monkeypatch.setattr(intake, "accept", slow_accept)
+    server = serve()
+    replies: list[tuple[int, bytes]] = []
+    with client(server) as c:
+        envelope(c)
+        sender = threading.Thread(target=lambda: replies.append(c.data(MESSAGE)))
+        sender.start()
+        assert started.wait(10)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        assert _refused_soon(server.port)  # no new sessions while stopping
+        release.set()
+        sender.join(10)
+        stopper.join(10)
+    assert replies[0][0] == 250
+    assert count(db) == 1
+
+
+def _refused_soon(port: int) -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionError:  # refused, or reset: queued as the listening socket closed
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# --- 451: never 500, never 250 ----------------------------------------------------------------
+
+
+def test_a_locked_database_answers_451_and_stores_nothing(
+    serve: Any, db: Database, tmp_path: Path
+) -> None:
+    # busy_timeout is 5 s in archive.db; a test waits 0.2 s (a connect listener registered
+    # after the storage module's one runs last; the pool is emptied so that it applies).
+    event.listen(db.engine, "connect", _short_busy_timeout)
+    db.engine.dispose()
+    holder = sqlite3.connect(tmp_path / "archive.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock throughout
+        server = serve()
+        with client(server) as c:
+            envelope(c)
+            code, text = c.data(MESSAGE)
+        assert (code, text.split()[0]) == (451, b"4.3.0")
+        assert b"lock" not in text.lower()
+    finally:
+        holder.rollback()
+        holder.close()
+    assert count(db) == 0
+
+
+def _short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA busy_timeout=200")
+
+
+def test_an_unexpected_error_in_accept_answers_451_without_internals(
+    serve: Any, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*_: Any) -> int:
+        raise RuntimeError("secret /var/lib/gateway/archive.db exploded")
+
+    monkeypatch.setattr(intake, "accept", boom)
+    server = serve()
+    with client(server) as c:
+        envelope(c)
+        code, text = c.data(MESSAGE)
+        assert code == 451
+        assert text.startswith(b"4.3.0 ")
+        assert b"secret" not in text and b"RuntimeError" not in text
+        # the session goes on: the peer may try again at once
+        assert c.noop()[0] == 250
+    assert count(db) == 0
+
+
+def test_an_error_in_any_other_hook_is_451_not_aiosmtpds_500(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_: Any) -> str:
+        raise ValueError("internal detail 42")
+
+    monkeypatch.setattr(listener.IntakeHandler, "handle_RCPT", broken)
+    server = serve()
+    with client(server) as c:
+        assert c.mail(SENDER)[0] == 250
+        code, text = c.rcpt(HUB_ADDRESS)
+    assert code == 451
+    assert b"internal" not in text and b"ValueError" not in text
+
+
+# --- limits (DESIGN §5 rule 4) ----------------------------------------------------------------
+
+
+def test_a_message_over_the_size_limit_is_552(serve: Any, db: Database) -> None:
+    server = serve()
+    big = MESSAGE + b"x" * 70 + b"\r\n"
+    big = big * (SMALL.max_message_bytes // len(big) + 1)
+    with client(server) as c:
+        envelope(c)
+        code, text = c.data(big)  # no SIZE= declared: refused after the data
+        assert (code, text.split()[0]) == (552, b"5.3.4")
+        # declared up front with SIZE=: refused at MAIL FROM
+        code, text = c.mail(SENDER, [f"SIZE={len(big)}"])
+        assert (code, text.split()[0]) == (552, b"5.3.4")
+    assert count(db) == 0
+
+
+def test_a_large_message_within_the_limit_is_stored(serve: Any, db: Database) -> None:
+    body = (b"A" * 76 + b"\r\n") * 40_000  # ~3 MiB: its checks run off the event loop
+    server = serve(limits=Limits())
+    with client(server) as c:
+        envelope(c)
+        assert c.data(MESSAGE + body)[0] == 250
+    [row] = rows(db)
+    assert row.raw == MESSAGE + body
+
+
+def test_recipients_beyond_the_cap_get_452(serve: Any, db: Database) -> None:
+    server = serve(max_recipients=3)
+    with client(server) as c:
+        envelope(c, (HUB_ADDRESS,) * 3)
+        code, text = c.rcpt(HUB_ADDRESS)
+        assert (code, text.split()[0]) == (452, b"4.5.3")
+        assert c.data(MESSAGE)[0] == 250  # the three accepted ones still go through
+    [row] = rows(db)
+    assert row.transport["rcpt_to"] == [HUB_ADDRESS] * 3
+
+
+def test_an_unknown_recipient_is_550_and_echoed_only_sanitised(serve: Any) -> None:
+    server = serve()
+    with client(server) as c:
+        assert c.mail(SENDER)[0] == 250
+        code, text = c.rcpt("someone@else.example")
+        assert (code, text) == (550, b"5.1.1 <someone@else.example>: no such recipient here")
+        code, text = c.rcpt('"<script>alert(1)</script> x"@else.example')
+        assert code == 550
+        assert b"<script>" not in text
+        assert c.rcpt(HUB_ADDRESS.upper())[0] == 250  # addresses compare case-insensitively
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (b"Subject: x\nFrom: a@b\r\n\r\nbody\r\n", b"LF"),
+        (b"Subject: x\r\n\r\nbody\rmore\r\n", b"CR"),
+    ],
+)
+def test_bare_lf_or_cr_is_refused_and_not_stored(
+    serve: Any, db: Database, data: bytes, what: bytes
+) -> None:
+    server = serve()
+    with client(server) as c:
+        envelope(c)
+        code, text = send_raw_data(c, data)
+    assert (code, text.split()[0]) == (550, b"5.6.2")
+    assert b"Bare " + what in text and b"RFC 5321" in text
+    assert count(db) == 0
+
+
+@pytest.mark.parametrize(("length", "code"), [(998, 250), (999, 500), (5000, 500)])
+def test_lines_over_998_octets_are_refused(
+    serve: Any, db: Database, length: int, code: int
+) -> None:
+    server = serve()
+    with client(server) as c:
+        envelope(c)
+        got, text = c.data(b"Subject: x\r\n\r\n" + b"a" * length + b"\r\n")
+    assert got == code
+    if code == 500:
+        assert text.startswith(b"5.5.2 Line too long")
+    assert count(db) == (1 if code == 250 else 0)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("MAIL FROM:<broken", (553, b"5.1.3")),
+        ("MAIL TO:<a@b.example>", (501, b"5.5.4")),
+        ("MAIL FROM:<a@b.example> BODY=9BIT", (501, b"5.5.4")),
+    ],
+)
+def test_mail_from_syntax_errors(serve: Any, command: str, expected: tuple[int, bytes]) -> None:
+    server = serve()
+    with client(server) as c:
+        code, text = c.docmd(command)
+    assert (code, text.split()[0]) == expected
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("RCPT TO:<broken", (553, b"5.1.3")),
+        ("RCPT TO:<a@>", (553, b"5.1.3")),
+        ("RCPT TO:<a@b@c>", (553, b"5.1.3")),
+        ("RCPT <hub@exchange.hanoi.gov.vn>", (501, b"5.5.4")),
+    ],
+)
+def test_rcpt_to_syntax_errors(serve: Any, command: str, expected: tuple[int, bytes]) -> None:
+    server = serve()
+    with client(server) as c:
+        assert c.mail(SENDER)[0] == 250
+        code, text = c.docmd(command)
+    assert (code, text.split()[0]) == expected
+
+
+def test_the_null_sender_is_accepted(serve: Any) -> None:
+    server = serve()
+    with client(server) as c:
+        assert c.docmd("MAIL FROM:<>")[0] == 250
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [
+        ("vanthu@snv.hanoi.gov.vn", True),
+        ('"q x"@b.example', True),
+        ("a@[127.0.0.1]", True),
+        ("broken", False),
+        ("a..b@c.example", False),
+        ("a@-c.example", False),
+        ("x" * 65 + "@c.example", False),
+    ],
+)
+def test_is_mailbox(address: str, ok: bool) -> None:
+    assert listener.is_mailbox(address) is ok
+
+
+def test_replies_never_echo_what_the_peer_sent(serve: Any) -> None:
+    server = serve()
+    with client(server) as c:
+        code, text = c.docmd("X-EVIL<script>")
+        assert (code, text) == (500, b"5.5.1 Command not recognized")
+        code, text = c.docmd("VRFY", "<x@y.example> <script>")
+        assert b"script" not in text
+
+
+def test_an_idle_session_is_closed_after_the_timeout(serve: Any) -> None:
+    server = serve(timeout=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        assert s.recv(1024).startswith(b"220 ")
+        deadline = time.monotonic() + 10
+        while s.recv(1024) and time.monotonic() < deadline:
+            pass
+        assert time.monotonic() < deadline  # closed by the server, not by our deadline
+
+
+def test_too_many_commands_close_the_session(serve: Any) -> None:
+    server = serve()
+    with client(server) as c:
+        for _ in range(listener.COMMAND_LIMITS["NOOP"]):
+            assert c.noop()[0] == 250
+        code, text = c.noop()
+    assert (code, text) == (421, b"4.7.0 Too many commands in one session; closing")
+
+
+@pytest.mark.parametrize(
+    ("data", "reply"),
+    [
+        (MESSAGE, None),
+        (b"a\nb\r\n", "550 5.6.2"),
+        (b"a\r\rb\r\n", "550 5.6.2"),
+        (b"x" * 998 + b"\r\n", None),
+        (b"x" * 999 + b"\r\n", "500 5.5.2"),
+        (b"", None),
+    ],
+)
+def test_check_data(data: bytes, reply: str | None) -> None:
+    got = listener.check_data(data, Limits())
+    assert (got[:9] if got else None) == reply
+
+
+# --- STARTTLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (PEM files)."""
+    home = tmp_path_factory.mktemp("tls")
+    root = make_root("Test TLS root", at=WORLD_AT - timedelta(days=1), key_kind="ec-p256")
+    leaf = issue_agency(
+        root,
+        email=HUB_ADDRESS,
+        organ_id=None,
+        common_name="127.0.0.1",
+        at=WORLD_AT - timedelta(days=1),
+        key_kind="ec-p256",
+        eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+    )
+    (home / "root.pem").write_bytes(root.cert_pem())
+    (home / "cert.pem").write_bytes(leaf.cert_pem())
+    (home / "key.pem").write_bytes(leaf.key_pem())
+    return home / "root.pem", home / "cert.pem", home / "key.pem"
+
+
+def test_required_starttls_refuses_mail_before_and_accepts_after(
+    serve: Any, db: Database, tls_files: tuple[Path, Path, Path]
+) -> None:
+    root, cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(root))
+    client_ctx.check_hostname = False  # the throw-away certificate names no DNS host
+
+    server = serve(tls_context=server_ctx, require_tls=True)
+    with client(server) as c:
+        assert c.has_extn("starttls")
+        code, text = c.mail(SENDER)
+        assert (code, text.split()[0]) == (530, b"5.7.0")
+        assert c.starttls(context=client_ctx)[0] == 220
+        c.ehlo()
+        envelope(c)
+        assert c.data(MESSAGE)[0] == 250
+
+    [row] = rows(db)
+    assert row.raw == MESSAGE
+    assert re.fullmatch(r"TLSv1\.[23] \S+", row.transport["tls"])
+
+
+# --- LMTP -------------------------------------------------------------------------------------
+
+
+def test_lmtp_answers_once_per_recipient_after_one_commit(serve: Any, db: Database) -> None:
+    other = "hub2@exchange.hanoi.gov.vn"
+    server = serve(lmtp=True, hub_addresses=[HUB_ADDRESS, other])
+    with smtplib.LMTP("127.0.0.1", server.port, local_hostname="mx.hanoi.gov.vn") as c:
+        assert c.ehlo_or_helo_if_needed() is None  # LHLO
+        envelope(c, (HUB_ADDRESS, other))
+        assert c.rcpt("nobody@exchange.hanoi.gov.vn")[0] == 550  # gets no DATA reply
+        first = c.data(MESSAGE)  # smtplib reads one reply; RFC 2033 sends one per recipient
+        second = c.getreply()
+        assert c.noop()[0] == 250  # nothing left over in the stream
+    assert first[0] == second[0] == 250
+    assert first[1] == second[1]
+    [row] = rows(db)
+    assert first[1] == f"2.0.0 queued as {row.id}".encode()
+    assert row.transport["protocol"] == "lmtp"
+    assert row.transport["helo"] == "mx.hanoi.gov.vn"
+    assert row.transport["rcpt_to"] == [HUB_ADDRESS, other]
+
+
+def test_lmtp_refusals_are_also_given_per_recipient(serve: Any, db: Database) -> None:
+    other = "hub2@exchange.hanoi.gov.vn"
+    server = serve(lmtp=True, hub_addresses=[HUB_ADDRESS, other])
+    with smtplib.LMTP("127.0.0.1", server.port) as c:
+        c.ehlo_or_helo_if_needed()
+        envelope(c, (HUB_ADDRESS, other))
+        first = c.data(b"y" * 1200 + b"\r\n")  # aiosmtpd's own line-too-long path
+        second = c.getreply()
+        assert c.noop()[0] == 250
+    assert first[0] == second[0] == 500
+    assert count(db) == 0
+
+
+def test_lmtp_with_required_tls_is_refused_at_start(db: Database) -> None:
+    with pytest.raises(Exception, match="LMTP"):
+        listener.start(
+            db,
+            host="127.0.0.1",
+            port=0,
+            hub_addresses=[HUB_ADDRESS],
+            limits=SMALL,
+            tls_context=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+            require_tls=True,
+            lmtp=True,
+        )
