@@ -11,11 +11,14 @@ from __future__ import annotations
 import getpass
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
+from sqlalchemy.orm import Session
 
 from archive.db import Database
 from formats.errors import GatewayError
@@ -62,6 +65,17 @@ def load_settings(ctx: click.Context) -> settings_mod.Settings:
 def open_db(ctx: click.Context) -> Database:
     """The database named by the settings, migrated to the current schema."""
     return Database.open(load_settings(ctx).database_url)
+
+
+@contextmanager
+def db_session(ctx: click.Context) -> Iterator[Session]:
+    """One transaction on the configured database, for one command (engine closed after)."""
+    db = open_db(ctx)
+    try:
+        with db.session() as s:
+            yield s
+    finally:
+        db.dispose()
 
 
 def actor() -> str:

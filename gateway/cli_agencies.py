@@ -9,8 +9,7 @@ are described in ``docs/agencies.md``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import date, timedelta, timezone
 from pathlib import Path
@@ -20,7 +19,8 @@ import click
 from sqlalchemy.orm import Session
 
 from formats.errors import InputError
-from gateway.cli import actor, emit_json, now, open_db
+from gateway.cli import actor, emit_json, now
+from gateway.cli import db_session as _session
 from keys import agency_io, presets, store
 from keys.agency_io import Plan, as_dict, clean
 from keys.directory import Agency, normalize_email
@@ -34,16 +34,6 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @click.group()
 def agencies() -> None:
     """The agency directory: who may send, from which mailboxes, and when."""
-
-
-@contextmanager
-def _session(ctx: click.Context) -> Iterator[Session]:
-    db = open_db(ctx)
-    try:
-        with db.session() as s:
-            yield s
-    finally:
-        db.dispose()
 
 
 def _day(value: str | None, option: str) -> date | None:

@@ -14,8 +14,6 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,10 @@ from typing import Any
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy.orm import Session
 
 from formats.errors import ConfigError, InputError
-from gateway.cli import actor, emit_json, load_settings, now, open_db
+from gateway.cli import actor, emit_json, load_settings, now
+from gateway.cli import db_session as _session
 from gateway.loading import passphrase as configured_passphrase
 from keys import ca as ca_mod
 from keys.issuing import pkcs12_bundle
@@ -40,16 +38,6 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print the result a
 @click.group()
 def ca() -> None:
     """The built-in CA, for deployments without a national CA."""
-
-
-@contextmanager
-def _session(ctx: click.Context) -> Iterator[Session]:
-    db = open_db(ctx)
-    try:
-        with db.session() as s:
-            yield s
-    finally:
-        db.dispose()
 
 
 def _ca_secret(ctx: click.Context, *, confirm: bool = False) -> bytes:
