@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import Select, select
@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.bundle import RECEIPT_BLOB, RECEIPT_FOR, RECEIPT_KIND
+from formats.vntime import VN_TZ
 
 #: Times given without an offset are Vietnam time (UTC+7), as agencies and clerks read them.
-VIETNAM = timezone(timedelta(hours=7), "ICT")
 _PERIOD = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 _COLUMNS = ("agency", "category", "period", "status", "document_id", "message_id", "digest")
 
@@ -96,14 +96,14 @@ def parse_bound(text: str, *, end: bool = False) -> datetime:
     """
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-            day = datetime.combine(datetime.fromisoformat(text).date(), time(), VIETNAM)
+            day = datetime.combine(datetime.fromisoformat(text).date(), time(), VN_TZ)
             return day + timedelta(days=1) if end else day
         value = datetime.fromisoformat(text)
     except ValueError:
         raise QueryError(
             f"{text!r} is not a date or ISO time (2026-11-30 or 2026-11-30T17:00+07:00)"
         ) from None
-    return value if value.utcoffset() is not None else value.replace(tzinfo=VIETNAM)
+    return value if value.utcoffset() is not None else value.replace(tzinfo=VN_TZ)
 
 
 def summary(row: t.LogEntry) -> dict[str, Any]:

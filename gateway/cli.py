@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import click
 from sqlalchemy.orm import Session
 
 from archive.db import Database
-from formats.errors import GatewayError
+from formats.errors import GatewayError, InputError
 from gateway import settings as settings_mod
 from gateway.cli_payload import payload
 
@@ -90,6 +90,18 @@ def actor() -> str:
 def now() -> datetime:
     """The CLI's clock; everything below it receives the time as an argument."""
     return datetime.now(UTC)
+
+
+def parse_time(text: str, *, option: str = "--at", naive: tzinfo = UTC) -> datetime:
+    """An ISO 8601 date or time given on the command line; ``naive`` is the zone of a value
+    written without an offset."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(
+            f"{option} {text!r} is not an ISO 8601 time (e.g. 2026-11-05T09:30+07:00)"
+        ) from None
+    return value if value.utcoffset() is not None else value.replace(tzinfo=naive)
 
 
 def emit_json(data: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import date, timedelta, timezone
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,12 @@ import click
 from sqlalchemy.orm import Session
 
 from formats.errors import InputError
+from formats.vntime import local_day
 from gateway.cli import actor, emit_json, now
 from gateway.cli import db_session as _session
 from keys import agency_io, presets, store
 from keys.agency_io import Plan, as_dict, clean
 from keys.directory import Agency, normalize_email
-
-#: Vietnam local time (no daylight saving): agency validity dates are local dates.
-VIETNAM = timezone(timedelta(hours=7), "ICT")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -47,7 +45,7 @@ def _day(value: str | None, option: str) -> date | None:
 
 
 def _today() -> date:
-    return now().astimezone(VIETNAM).date()
+    return local_day(now())
 
 
 # --- add, update, retire -------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from formats.errors import ConfigError, InputError
-from gateway.cli import actor, emit_json, load_settings, now
+from gateway.cli import actor, emit_json, load_settings, now, parse_time
 from gateway.cli import db_session as _session
 from gateway.loading import passphrase as configured_passphrase
 from keys import ca as ca_mod
@@ -212,7 +211,7 @@ def revoke_cmd(
     ctx: click.Context, serial: str, reason: str, at_text: str | None, crl_days: int, as_json: bool
 ) -> None:
     """Revoke a certificate the built-in CA issued (SERIAL in hex) and publish a fresh CRL."""
-    when = _parse_time(at_text) if at_text else None
+    when = parse_time(at_text) if at_text else None
     secret = _ca_secret(ctx)
     with _session(ctx) as s:
         done = ca_mod.revoke(
@@ -281,16 +280,6 @@ def _p12_secret(path: Path | None) -> tuple[bytes, bool]:
     if value := os.environ.get(P12_ENV):
         return value.encode(), False
     return secrets.token_urlsafe(18).encode(), True
-
-
-def _parse_time(text: str) -> datetime:
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(
-            f"--at {text!r} is not an ISO 8601 time (e.g. 2026-11-05T09:30+07:00)"
-        ) from None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 def _write(

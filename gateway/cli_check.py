@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from formats.errors import InputError
-from gateway.cli import emit_json, load_settings
+from gateway.cli import emit_json, load_settings, parse_time
 from gateway.loading import load_context
 from gateway.pipeline import process
 from gateway.verdict import Verdict
@@ -46,13 +46,7 @@ def check(ctx: click.Context, message: Path, as_json: bool, at_text: str | None)
 def _parse_at(text: str | None) -> datetime:
     if not text:
         return datetime.now(UTC)
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(
-            f"--at {text!r} is not an ISO 8601 time (e.g. 2026-11-05T09:30+07:00)"
-        ) from None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+    return parse_time(text)
 
 
 def render(verdict: Verdict) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from formats.errors import ConfigError, InputError
+from formats.vntime import VN_TZ
 from gateway.cli import actor as who
-from gateway.cli import emit_json, load_settings, now, open_db
+from gateway.cli import db_session, emit_json, load_settings, now, parse_time
 from gateway.cli_ca import ca, crl_cmd, issue_cmd, revoke_cmd
 from gateway.loading import passphrase as settings_passphrase
 from keys import fetch, files, inspect, issuing, ocsp, store
 from keys.store import StoredCertificate
 
 _P12 = (".p12", ".pfx")
-#: Times given without an offset are Vietnam time.
-VN = timezone(timedelta(hours=7), "ICT")
 
 
 @click.group()
@@ -47,15 +46,7 @@ keys.add_command(crl_cmd)
 def _instant(text: str | None, name: str) -> datetime | None:
     if text is None:
         return None
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(
-            f"{name} {text!r} is not an ISO date or time (2026-12-31T17:00+07:00)"
-        ) from None
-    if value.utcoffset() is None:  # a bare date or local time: Vietnam time
-        value = value.replace(tzinfo=VN)
-    return value
+    return parse_time(text, option=name, naive=VN_TZ)  # no offset: Vietnam time
 
 
 def _duration(text: str) -> timedelta:
@@ -146,7 +137,7 @@ def import_cmd(
     """
     certs = _read_certificates(file, passphrase_file)
     at = now()
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         agency = store.get_agency(s, organ_id)
         leaf = _leaf(certs, file)
         inspect.require(
@@ -189,7 +180,7 @@ def list_cmd(
     ctx: click.Context, organ_id: str | None, role: str | None, include_retired: bool, as_json: bool
 ) -> None:
     """List stored certificates."""
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         certs = store.certificates(s, role=role, organ_id=organ_id, include_retired=include_retired)
     _show(certs, as_json)
 
@@ -206,7 +197,7 @@ def window_cmd(
     """Set when certificate REF (fingerprint prefix or serial) may be used."""
     if use_from is None and use_until is None:
         raise InputError("give --from and/or --until")
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         stored = store.set_window(
             s,
             ref,
@@ -224,7 +215,7 @@ def window_cmd(
 @click.pass_context
 def retire_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Stop using certificate REF now (its row and history stay)."""
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         stored = store.retire_certificate(s, ref, at=now(), actor=who())
     _show([stored], as_json)
 
@@ -236,7 +227,7 @@ def retire_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
 def expiring_cmd(ctx: click.Context, within: str, as_json: bool) -> None:
     """Certificates whose use ends within the horizon (and those already ended), soonest first."""
     at = now()
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         certs = store.expiring(s, at=at, until=at + _duration(within))
     if as_json:
         emit_json(
@@ -278,7 +269,7 @@ def anchors_import(ctx: click.Context, file: Path, intermediate: bool, as_json: 
     role = "intermediate" if intermediate else "anchor"
     certs = files.load_certificates(file)
     at = now()
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         for cert in certs:
             inspect.require(inspect.ca_problems(cert, at), cert, f"a trust {role}")
         stored = [
@@ -294,7 +285,7 @@ def anchors_import(ctx: click.Context, file: Path, intermediate: bool, as_json: 
 @click.pass_context
 def anchors_list(ctx: click.Context, include_retired: bool, as_json: bool) -> None:
     """List trust anchors and intermediates."""
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         certs = store.certificates(
             s, role=("anchor", "intermediate"), include_retired=include_retired
         )
@@ -306,7 +297,7 @@ def anchors_list(ctx: click.Context, include_retired: bool, as_json: bool) -> No
 @click.pass_context
 def anchors_retire(ctx: click.Context, ref: str) -> None:
     """Stop trusting anchor or intermediate REF."""
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         row = store.find_certificate(s, ref)
         if row.role not in ("anchor", "intermediate"):
             raise InputError(f"{ref} is a {row.role} certificate, not a trust anchor")
@@ -333,7 +324,7 @@ def hub_new(ctx: click.Context, email: str | None, days: int, as_json: bool) -> 
     secret = key_passphrase(ctx)
     address = email or load_settings(ctx).hub.address
     at = now()
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         cas = store.private_keys(s, role="ca", passphrase=secret, at=at)
         if not cas:
             raise ConfigError(
@@ -371,7 +362,7 @@ def hub_import(ctx: click.Context, file: Path, passphrase_file: Path | None, as_
         raise InputError(f"{file.name}: the hub key must be RSA (agencies encrypt to it)")
     secret = key_passphrase(ctx)
     at = now()
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         problems = inspect.agency_problems(bundle.cert, None, at)
         inspect.require(problems, bundle.cert, "the hub's certificate")
         stored = store.add_private_key(
@@ -393,7 +384,7 @@ def hub_import(ctx: click.Context, file: Path, passphrase_file: Path | None, as_
 @click.pass_context
 def hub_list(ctx: click.Context, include_retired: bool, as_json: bool) -> None:
     """The hub's certificates, newest last."""
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         certs = store.certificates(s, role="hub", include_retired=include_retired)
     _show(certs, as_json)
 
@@ -403,7 +394,7 @@ def hub_list(ctx: click.Context, include_retired: bool, as_json: bool) -> None:
 @click.pass_context
 def hub_retire(ctx: click.Context, ref: str) -> None:
     """Retire hub key REF: messages encrypted to it no longer open."""
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         row = store.find_certificate(s, ref)
         if row.role != "hub":
             raise InputError(f"{ref} is a {row.role} certificate, not one of the hub's")
@@ -434,7 +425,7 @@ def crls() -> None:
 def crls_import(ctx: click.Context, file: Path) -> None:
     """Import a CRL by hand (PEM or DER). Its signature is checked when it is used."""
     crl = files.load_crl(file)
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         added = store.add_crl(s, crl, source=f"import {file.name}", at=now(), actor=who())
     click.echo(
         ("stored" if added else "already stored") + f": CRL of {crl.issuer.rfc4514_string()}"
@@ -447,7 +438,7 @@ def crls_import(ctx: click.Context, file: Path) -> None:
 def crls_list(ctx: click.Context, as_json: bool) -> None:
     """Stored CRLs, with their freshness."""
     at = now()
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         rows = store.crl_rows(s)
     out: list[dict[str, Any]] = [
         {
@@ -482,7 +473,7 @@ def crls_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
 
     Exit status 1 if any distribution point failed (the others are still stored).
     """
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         outcomes = fetch.refresh(s, at=now(), actor=who(), force=force)
     if as_json:
         emit_json([o.__dict__ for o in outcomes])
@@ -510,7 +501,7 @@ def ocsp_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
     Exit status 1 if any certificate failed (the others are still stored).
     """
     responder = load_settings(ctx).trust.ocsp_responder
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         outcomes = ocsp.refresh(s, at=now(), actor=who(), responder=responder, force=force)
     if as_json:
         emit_json([o.__dict__ for o in outcomes])
@@ -533,7 +524,7 @@ def ocsp_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
 def ocsp_list(ctx: click.Context, as_json: bool) -> None:
     """Stored OCSP responses, with the status they give and their freshness."""
     at = now()
-    with open_db(ctx).session() as s:
+    with db_session(ctx) as s:
         rows = store.ocsp_rows(s)
     out: list[dict[str, Any]] = [
         {

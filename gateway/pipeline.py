@@ -19,7 +19,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime
 from types import MappingProxyType
 
 from cryptography import x509
@@ -30,13 +30,11 @@ from formats.limits import DEFAULT_LIMITS, Limits
 from formats.mime import Entity
 from formats.payload import Payload
 from formats.smime import Envelope, OpenedMessage, open_envelope, read_envelope
+from formats.vntime import local_day
 from gateway.verdict import StepOutcome, Verdict, disposition_for
 from keys import binding
 from keys.directory import Agency, Directory
 from keys.trust import TrustStore, ValidatedSigner
-
-#: Asia/Ho_Chi_Minh: UTC+7, no daylight saving time.
-VN_TZ = timezone(timedelta(hours=7), "ICT")
 
 
 @dataclass(frozen=True)
@@ -91,15 +89,10 @@ def _trust_signer(w: _Work) -> None:
     )
 
 
-def _local_day(at: datetime) -> date:
-    # Directory validity dates are local calendar days; Vietnam keeps UTC+7 all year.
-    return at.astimezone(VN_TZ).date()
-
-
 def _binding_ctx(w: _Work) -> binding.BindingContext:
     assert w.signer is not None and w.envelope is not None
     return binding.BindingContext(
-        signer=w.signer, from_addr=w.envelope.from_addr, at=_local_day(w.at)
+        signer=w.signer, from_addr=w.envelope.from_addr, at=local_day(w.at)
     )
 
 

@@ -494,6 +494,11 @@ class Listener:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # A connection accepted in the last moments may only now have its transport.
+            for session in list(self._sessions):
+                if session.transport is not None and not session.transport.is_closing():
+                    session.transport.close()
+            await asyncio.sleep(0)
 
 
 def start(

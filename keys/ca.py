@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from cryptography import x509
@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from archive import tables as t
 from formats.errors import ConfigError, InputError
+from formats.vntime import local_day
 from keys import store
 from keys.directory import normalize_email
 from keys.issuing import Issued, issue_agency, make_crl, make_root
@@ -59,7 +60,6 @@ REASONS: dict[str, x509.ReasonFlags] = {
     "unspecified": x509.ReasonFlags.unspecified,
 }
 #: Hanoi local time (UTC+7, no DST): an agency's validity dates are local calendar days.
-_VN = timezone(timedelta(hours=7), "ICT")
 
 
 @dataclass(frozen=True)
@@ -204,9 +204,9 @@ def issue(
     """
     at = _second(at)
     agency = store.get_agency(s, organ_id)
-    if not agency.active_on(at.astimezone(_VN).date()):
+    if not agency.active_on(local_day(at)):
         raise InputError(
-            f"agency {organ_id} is not active on {at.astimezone(_VN).date()} (valid "
+            f"agency {organ_id} is not active on {local_day(at)} (valid "
             f"{agency.valid_from or '…'} – {agency.valid_to or '…'}); no certificate issued"
         )
     address = _choose_email(organ_id, sorted(agency.emails), email)

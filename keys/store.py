@@ -523,35 +523,45 @@ def add_crl(
     s: Session, crl: x509.CertificateRevocationList, *, source: str, at: datetime, actor: str
 ) -> bool:
     """Keep a CRL exactly as received. Returns False if it was already stored."""
-    der = crl.public_bytes(serialization.Encoding.DER)
-    sha = hashlib.sha256(der).hexdigest()
-    if s.scalar(select(t.RevocationEvidence.id).where(t.RevocationEvidence.sha256 == sha)):
-        return False
     number = None
     with contextlib.suppress(x509.ExtensionNotFound):
         number = str(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    s.add(
+    return _keep_evidence(
+        s,
         t.RevocationEvidence(
             kind="crl",
-            sha256=sha,
             issuer=crl.issuer.rfc4514_string(),
             this_update=crl.last_update_utc,
             next_update=crl.next_update_utc,
             number=number,
-            der=der,
+            der=crl.public_bytes(serialization.Encoding.DER),
             source=source,
-            fetched_at=at,
-        )
+        ),
+        at=at,
+        actor=actor,
+        number=number,
     )
+
+
+def _keep_evidence(
+    s: Session, row: t.RevocationEvidence, *, at: datetime, actor: str, **detail: Any
+) -> bool:
+    """Store ``row`` (deduplicated by the SHA-256 of its DER) with its admin event."""
+    row.sha256 = hashlib.sha256(row.der).hexdigest()
+    query = select(t.RevocationEvidence.id).where(t.RevocationEvidence.sha256 == row.sha256)
+    if s.scalar(query):
+        return False
+    row.fetched_at = at
+    s.add(row)
     record(
         s,
         at=at,
         actor=actor,
-        action="evidence.crl",
-        subject=crl.issuer.rfc4514_string(),
-        sha256=sha,
-        number=number,
-        source=source,
+        action=f"evidence.{row.kind}",
+        subject=row.issuer,
+        sha256=row.sha256,
+        **detail,
+        source=row.source,
     )
     return True
 
@@ -576,11 +586,13 @@ def latest_crls(s: Session) -> list[bytes]:
     return [r.der for r in rows]
 
 
+def _evidence_rows(s: Session, kind: str, *order: Any) -> list[t.RevocationEvidence]:
+    ev = t.RevocationEvidence
+    return list(s.scalars(select(ev).where(ev.kind == kind).order_by(ev.issuer, *order)))
+
+
 def crl_rows(s: Session) -> list[t.RevocationEvidence]:
-    query = select(t.RevocationEvidence).where(t.RevocationEvidence.kind == "crl")
-    return list(
-        s.scalars(query.order_by(t.RevocationEvidence.issuer, t.RevocationEvidence.this_update))
-    )
+    return _evidence_rows(s, "crl", t.RevocationEvidence.this_update)
 
 
 def add_ocsp(
@@ -594,9 +606,6 @@ def add_ocsp(
     sits together), ``number`` the certificate's serial in hex (as in the certificates table),
     thisUpdate/nextUpdate those of its single response.
     """
-    sha = hashlib.sha256(der).hexdigest()
-    if s.scalar(select(t.RevocationEvidence.id).where(t.RevocationEvidence.sha256 == sha)):
-        return False
     try:
         resp = ocsp.load_der_ocsp_response(der)
         if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
@@ -605,31 +614,22 @@ def add_ocsp(
         this_update, next_update = resp.this_update_utc, resp.next_update_utc
     except ValueError:  # not a response, unsuccessful, or several single responses
         raise InputError("only a successful OCSP response about one certificate is kept") from None
-    s.add(
+    return _keep_evidence(
+        s,
         t.RevocationEvidence(
             kind="ocsp",
-            sha256=sha,
             issuer=issuer.rfc4514_string(),
             this_update=this_update,
             next_update=next_update,
             number=serial,
             der=der,
             source=source,
-            fetched_at=at,
-        )
-    )
-    record(
-        s,
+        ),
         at=at,
         actor=actor,
-        action="evidence.ocsp",
-        subject=issuer.rfc4514_string(),
-        sha256=sha,
         serial=serial,
         status=status,
-        source=source,
     )
-    return True
 
 
 def latest_ocsps(s: Session) -> list[bytes]:
@@ -657,16 +657,8 @@ def latest_ocsps(s: Session) -> list[bytes]:
 
 
 def ocsp_rows(s: Session) -> list[t.RevocationEvidence]:
-    query = select(t.RevocationEvidence).where(t.RevocationEvidence.kind == "ocsp")
-    return list(
-        s.scalars(
-            query.order_by(
-                t.RevocationEvidence.issuer,
-                t.RevocationEvidence.number,
-                t.RevocationEvidence.this_update,
-            )
-        )
-    )
+    ev = t.RevocationEvidence
+    return _evidence_rows(s, "ocsp", ev.number, ev.this_update)
 
 
 def trust_store(s: Session, *, revocation_mode: RevocationMode = "hard-fail") -> TrustStore:
