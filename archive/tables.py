@@ -267,9 +267,13 @@ class Blob(Base):
 class Intake(Base):
     """A received message, committed before the gateway answers 250, until a worker files it.
 
-    ``state``: ``new`` (waiting), ``done`` (filed in the archive as ``archive_seq``), ``retry``
-    (a transient failure; tried again from ``next_attempt_at``). The raw bytes are a working copy:
-    the evidence is the archive entry (whose blob is encrypted at rest).
+    ``state``: ``new`` (waiting), ``working`` (claimed by ``worker`` until ``lease_until``; an
+    expired lease is claimed again, so work a crashed worker held resumes), ``done`` (filed in the
+    archive as ``archive_seq``), ``retry`` (a transient failure; tried again from
+    ``next_attempt_at``). The raw bytes are a working copy, emptied once filed: the evidence is
+    the archive entry (whose blob is encrypted at rest). ``source_key`` names where a fetched
+    message came from (an IMAP mailbox, UIDVALIDITY and UID), so fetching it again after a crash
+    does not take it in twice.
     """
 
     __tablename__ = "intake"
@@ -284,6 +288,12 @@ class Intake(Base):
     next_attempt_at: Mapped[datetime | None]
     archive_seq: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime]
+    size: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None]
+    source_key: Mapped[str | None] = mapped_column(String(400))
+
+    __table_args__ = (UniqueConstraint("source_key", name="uq_intake_source_key"),)
 
 
 class Seen(Base):
@@ -296,3 +306,48 @@ class Seen(Base):
         String(128), primary_key=True
     )  # "sender:<addr> <msgid>" or "signed:<sha> <sha>"
     archive_seq: Mapped[int] = mapped_column(BigInteger)
+
+
+class Outbox(Base):
+    """A message the hub owes someone: a receipt, a delivery, an alert, a reminder.
+
+    Created in the same transaction as the reason for it (the filed message), so nothing owed is
+    ever forgotten. ``state``: ``new`` (to build), ``working`` (claimed, as for intake),
+    ``ready`` (built and filed in the archive as ``entry_seq``; to send), ``retry`` (the relay
+    answered 4xx or could not be reached; sent again from ``next_attempt_at``), ``sent`` (the
+    relay answered 250), ``failed`` (5xx, no certificate, or retries exhausted; the admin is
+    alerted). ``key`` makes each obligation unique: one receipt per message, one delivery per
+    message and agency.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), index=True)
+    for_seq: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    organ_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(8), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    worker: Mapped[str | None] = mapped_column(String(100))
+    lease_until: Mapped[datetime | None]
+    mail_from: Mapped[str | None] = mapped_column(String(320))
+    rcpt_to: Mapped[list[str] | None] = mapped_column(JSON)
+    message: Mapped[bytes | None] = mapped_column(LargeBinary)
+    entry_seq: Mapped[int | None] = mapped_column(BigInteger)
+    last_reply: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class MailboxState(Base):
+    """Where the IMAP poller is in one mailbox: UIDVALIDITY and the highest UID taken in."""
+
+    __tablename__ = "mailbox_state"
+
+    mailbox: Mapped[str] = mapped_column(String(400), primary_key=True)  # user@host/INBOX
+    uidvalidity: Mapped[int] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime]

@@ -11,6 +11,8 @@ Example (all keys optional)::
     certificates = ["keys/hub.pem"]          # one or more: old and new overlap during rotation
     private_keys = ["keys/hub.key"]          # same order as certificates
     passphrase_env = "GATEWAY_KEY_PASSPHRASE"  # or passphrase_file = "..."
+    organ_id = "GATEWAY"                     # the hub's edXML OrganId (sender of receipts)
+    organ_name = "Cổng trao đổi thư công vụ"
 
     [trust]
     anchors = ["trust/anchors"]              # files or directories of PEM/DER certificates
@@ -33,6 +35,42 @@ Example (all keys optional)::
 
     [limits]
     max_message_bytes = 33554432
+
+    [listen]                                 # `gateway serve`
+    smtp = "127.0.0.1:2525"                  # host:port, or "" for no SMTP listener
+    lmtp = ""                                # e.g. "127.0.0.1:2424" for a Postfix hand-off
+    # tls_certificate = "keys/smtp.pem"      # PEM files for STARTTLS (SMTP only)
+    # tls_key = "keys/smtp.key"
+    require_tls = false                      # true: 530 until STARTTLS
+    max_recipients = 50
+    timeout = 300.0                          # seconds a session may idle
+
+    [imap]                                   # poll a mailbox instead of (or as well as) listening
+    host = ""                                # "" disables IMAP mode
+    port = 993
+    security = "tls"                         # "tls" (implicit), "starttls" or "none" (loopback)
+    username = ""
+    password_env = "GATEWAY_IMAP_PASSWORD"   # or password_file = "..."
+    mailbox = "INBOX"
+    done_mailbox = "Gateway/Processed"       # taken-in messages are moved here after commit
+    poll_seconds = 30.0                      # between polls when IDLE is not offered
+    # ca_file = "trust/imap-ca.pem"          # extra CA bundle for the server's certificate
+
+    [relay]                                  # outbound: receipts, deliveries, alerts
+    host = "127.0.0.1"
+    port = 25
+    security = "starttls"                    # "starttls" (if offered), "require-starttls",
+                                             # "tls" (implicit) or "none"
+    username = ""                            # AUTH only when set
+    password_env = "GATEWAY_RELAY_PASSWORD"  # or password_file = "..."
+    timeout = 60.0
+    # ca_file = "trust/relay-ca.pem"
+
+    [serve]
+    workers = 2                              # pipeline processes (crypto off the SMTP loop)
+    metrics = "127.0.0.1:9466"               # Prometheus text endpoint; "" disables
+    admin_address = ""                       # failures are e-mailed here (and logged)
+    give_up_after_hours = 48.0               # outbound: stop retrying, mark failed, alert
 """
 
 from __future__ import annotations
@@ -57,6 +95,9 @@ class HubSettings:
     private_keys: tuple[Path, ...] = (Path("keys/hub.key"),)
     passphrase_env: str = "GATEWAY_KEY_PASSPHRASE"  # noqa: S105 — a variable name
     passphrase_file: Path | None = None
+    #: The hub's own edXML OrganId and name, used as the sender of receipts.
+    organ_id: str = "GATEWAY"
+    organ_name: str = "Cổng trao đổi thư công vụ"
 
 
 @dataclass(frozen=True)
@@ -76,6 +117,53 @@ class DirectorySettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str = "sqlite:///archive.db"
+    #: How long a SQLite writer waits for the lock before the message gets 451 (milliseconds).
+    busy_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    smtp: str = "127.0.0.1:2525"
+    lmtp: str = ""
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    require_tls: bool = False
+    max_recipients: int = 50
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class ImapSettings:
+    host: str = ""
+    port: int = 993
+    security: str = "tls"
+    username: str = ""
+    password_env: str = "GATEWAY_IMAP_PASSWORD"  # noqa: S105 — a variable name
+    password_file: Path | None = None
+    mailbox: str = "INBOX"
+    done_mailbox: str = "Gateway/Processed"
+    poll_seconds: float = 30.0
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    security: str = "starttls"
+    username: str = ""
+    password_env: str = "GATEWAY_RELAY_PASSWORD"  # noqa: S105 — a variable name
+    password_file: Path | None = None
+    timeout: float = 60.0
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    workers: int = 2
+    metrics: str = "127.0.0.1:9466"
+    admin_address: str = ""
+    give_up_after_hours: float = 48.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +185,10 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     limits: Limits = field(default_factory=Limits)
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    imap: ImapSettings = field(default_factory=ImapSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
 
     def path(self, p: Path) -> Path:
         """A configured path made absolute against the home directory."""
@@ -120,6 +212,20 @@ class Settings:
         return self.home / CONFIG_NAME
 
 
+_SECTIONS: dict[str, type[Any]] = {
+    "hub": HubSettings,
+    "trust": TrustSettings,
+    "directory": DirectorySettings,
+    "database": DatabaseSettings,
+    "archive": ArchiveSettings,
+    "limits": Limits,
+    "listen": ListenSettings,
+    "imap": ImapSettings,
+    "relay": RelaySettings,
+    "serve": ServeSettings,
+}
+
+
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
     return Path(home or os.environ.get("GATEWAY_HOME") or DEFAULT_HOME).expanduser()
 
@@ -133,17 +239,17 @@ def load(home: Path) -> Settings:
             data = tomllib.loads(config.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config}: not valid TOML ({exc})") from None
-    unknown = set(data) - {"hub", "trust", "directory", "database", "archive", "limits"}
+    unknown = set(data) - set(_SECTIONS)
     if unknown:
-        raise ConfigError(f"{config}: unknown section(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(
+            f"{config}: unknown section(s) {', '.join(sorted(unknown))}; "
+            f"known sections are {', '.join(_SECTIONS)}"
+        )
     settings = Settings(
         home=home,
-        hub=_section(HubSettings, data.get("hub", {}), config, "hub"),
-        trust=_section(TrustSettings, data.get("trust", {}), config, "trust"),
-        directory=_section(DirectorySettings, data.get("directory", {}), config, "directory"),
-        database=_section(DatabaseSettings, data.get("database", {}), config, "database"),
-        archive=_section(ArchiveSettings, data.get("archive", {}), config, "archive"),
-        limits=_section(Limits, data.get("limits", {}), config, "limits"),
+        **{
+            name: _section(cls, data.get(name, {}), config, name) for name, cls in _SECTIONS.items()
+        },
     )
     if settings.trust.revocation not in ("hard-fail", "soft-fail"):
         raise ConfigError(f"{config}: [trust] revocation must be 'hard-fail' or 'soft-fail'")
@@ -155,7 +261,42 @@ def load(home: Path) -> Settings:
         )
     if len(settings.hub.certificates) != len(settings.hub.private_keys):
         raise ConfigError(f"{config}: [hub] certificates and private_keys must pair up one to one")
+    _check_choice(config, "imap", "security", settings.imap.security, ("tls", "starttls", "none"))
+    _check_choice(
+        config,
+        "relay",
+        "security",
+        settings.relay.security,
+        ("starttls", "require-starttls", "tls", "none"),
+    )
+    for name, value in (("smtp", settings.listen.smtp), ("lmtp", settings.listen.lmtp)):
+        if value:
+            host_port(value, f"{config}: [listen] {name}")
+    if settings.serve.metrics:
+        host_port(settings.serve.metrics, f"{config}: [serve] metrics")
+    if settings.serve.workers < 1:
+        raise ConfigError(f"{config}: [serve] workers must be at least 1")
+    if settings.listen.require_tls and settings.listen.tls_certificate is None:
+        raise ConfigError(f"{config}: [listen] require_tls needs tls_certificate and tls_key")
     return settings
+
+
+def host_port(value: str, where: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:25"`` for IPv6) as a pair; ConfigError naming ``where``."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where} = {value!r}: expected host:port, e.g. 127.0.0.1:2525")
+    return host, int(port)
+
+
+def _check_choice(
+    config: Path, section: str, key: str, value: str, allowed: tuple[str, ...]
+) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{config}: [{section}] {key} = {value!r}; choose one of {', '.join(allowed)}"
+        )
 
 
 def _section(cls: type[Any], values: Any, config: Path, name: str) -> Any:
@@ -193,6 +334,8 @@ def _coerce(value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError
         return Path(value)
-    if isinstance(default, bool) or not isinstance(value, type(default)):
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)):
         raise TypeError
     return value
