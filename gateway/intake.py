@@ -21,10 +21,19 @@ from archive.records import Transport
 from formats.errors import TransientError
 
 
-def accept(db: Database, raw: bytes, transport: Transport) -> int:
-    """Commit ``raw`` durably and return its intake number."""
+def accept(db: Database, raw: bytes, transport: Transport, *, source_key: str | None = None) -> int:
+    """Commit ``raw`` durably and return its intake number.
+
+    ``source_key`` names a fetched message's origin (``imap:user@host/INBOX/<uidvalidity>/<uid>``):
+    if a message with that key was already taken in (fetched, committed, then a crash before
+    it was moved), its number is returned and nothing new is stored.
+    """
     try:
         with db.session() as s:
+            if source_key is not None:
+                known = s.scalar(select(t.Intake.id).where(t.Intake.source_key == source_key))
+                if known is not None:
+                    return known
             row = t.Intake(
                 received_at=transport.received_at,
                 transport=transport.as_dict(),
@@ -35,6 +44,8 @@ def accept(db: Database, raw: bytes, transport: Transport) -> int:
                 next_attempt_at=None,
                 archive_seq=None,
                 updated_at=transport.received_at,
+                size=len(raw),
+                source_key=source_key,
             )
             s.add(row)
             s.flush()
