@@ -280,7 +280,7 @@ def _filename(part: Entity) -> str | None:
 # --- building ------------------------------------------------------------------------------------
 
 
-def _b64_lines(data: bytes) -> bytes:
+def b64_lines(data: bytes) -> bytes:
     encoded = base64.encodebytes(data)  # 76-character lines, LF
     return encoded.replace(b"\n", b"\r\n")
 
@@ -298,7 +298,7 @@ def payload_entity(
     xml_part = (
         b"Content-Type: application/xml; charset=utf-8\r\n"
         b"Content-Transfer-Encoding: base64\r\n"
-        b'Content-Disposition: attachment; filename="payload.xml"\r\n\r\n' + _b64_lines(payload_xml)
+        b'Content-Disposition: attachment; filename="payload.xml"\r\n\r\n' + b64_lines(payload_xml)
     )
     if not attachments:
         return xml_part
@@ -310,7 +310,7 @@ def payload_entity(
             f"Content-Type: {_header_value(att.media_type)}\r\n"
             "Content-Transfer-Encoding: base64\r\n"
             f'Content-Disposition: attachment; filename="{name}"\r\n\r\n'.encode()
-            + _b64_lines(att.data)
+            + b64_lines(att.data)
         )
     body = b"".join(b"--" + b + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + b + b"--\r\n"
     return b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n' + body
@@ -334,7 +334,7 @@ def sign_entity(
         return (
             b'Content-Type: application/pkcs7-mime; smime-type=signed-data; name="smime.p7m"\r\n'
             b"Content-Transfer-Encoding: base64\r\n"
-            b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n' + _b64_lines(der)
+            b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n' + b64_lines(der)
         )
     b = _boundary().encode()
     return (
@@ -344,7 +344,7 @@ def sign_entity(
         b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
         b"Content-Transfer-Encoding: base64\r\n"
         b'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n'
-        + _b64_lines(der)
+        + b64_lines(der)
         + b"\r\n--"
         + b
         + b"--\r\n"
@@ -414,7 +414,7 @@ def wrap_enveloped(
         ("Content-Disposition", 'attachment; filename="smime.p7m"'),
     ]
     head = "".join(f"{name}: {_header_value(value)}\r\n" for name, value in headers)
-    message = head.encode("ascii") + b"\r\n" + _b64_lines(der)
+    message = head.encode("ascii") + b"\r\n" + b64_lines(der)
     if len(message) > DEFAULT_LIMITS.max_message_bytes:
         raise LimitExceeded(f"the built message is {len(message)} bytes, over the message limit")
     return message

@@ -1,38 +1,49 @@
-"""Pipeline workers: take messages from the durable inbox, decide, file, and mark them done.
+"""Pipeline workers: take messages from the durable inbox, decide, file, and say what is owed.
 
-Exactly-once in the archive (DESIGN §5 rule 8): filing the entry, recording its replay keys and
-marking the inbox row done happen in ONE transaction, so a crash anywhere leaves the row either
-untouched (it is processed again) or done with its archive entry — never filed twice, never
-lost. A duplicate (same sender and Message-ID, or same signer and payload) is not filed again:
-its row points at the original entry, whose receipt is sent again.
+Exactly-once in the archive (DESIGN §5 rule 8). A worker *claims* a batch of inbox rows (a short
+write transaction: ``working``, its name, a lease), runs the pipeline on them outside any
+transaction (the slow, pure part), then in ONE transaction files the entries, records their
+replay keys, adds what the hub now owes (a receipt to the sender, a delivery to each recipient
+agency: :mod:`gateway.outbound`) and marks the rows done. A crash anywhere leaves a row either
+claimed (its lease runs out and it is claimed again) or done with its archive entry — never
+filed twice, never lost. A row whose lease ran out while its worker was still busy is filed by
+whoever holds the claim; the late worker finds the claim gone and files nothing.
 
-The pipeline itself (decryption, verification, XML) runs outside any transaction: it is the
-slow part, and it is pure.
+A duplicate (same sender and Message-ID, or same signer and payload) is not filed again: its
+row points at the original entry, and the original receipt is sent again.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.records import Transport
 from archive.service import Archive
-from gateway import intake
+from gateway import intake, outbound
 from gateway.filing import message_item
 from gateway.pipeline import Context, process
 from gateway.verdict import Verdict
+
+#: How long a claim holds before another worker may take the rows over.
+LEASE = timedelta(minutes=2)
+#: A claimed batch stops growing at this many bytes of raw messages (memory stays bounded).
+BATCH_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Outcome:
     intake_id: int
-    disposition: str  # accepted | rejected | quarantined | retry | duplicate
+    disposition: str  # accepted | rejected | quarantined | retry | duplicate | done-elsewhere
     archive_seq: int | None
 
 
@@ -52,61 +63,163 @@ def _key(kind: str, *parts: str) -> str:
     return f"{kind}:" + hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def recipients_of(verdict: Verdict) -> list[str]:
+    """Agencies an accepted payload goes to: its ``To`` list, without the sender itself."""
+    if verdict.payload is None:
+        return []
+    sender = verdict.payload.header.sender.organ_id
+    out: list[str] = []
+    for organ in verdict.payload.header.recipients:
+        if organ.organ_id != sender and organ.organ_id not in out:
+            out.append(organ.organ_id)
+    return out
+
+
+@dataclass
+class _Job:
+    number: int
+    raw: bytes
+    transport: Transport
+    verdict: Verdict
+    keys: list[str] = field(default_factory=list)
+
+
 @dataclass
 class Worker:
     archive: Archive
     context: Callable[[], Context]
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    name: str = field(default_factory=worker_name)
+    #: Which agencies an accepted payload is delivered to (the obligations add theirs).
+    recipients: Callable[[Verdict], Sequence[str]] = recipients_of
 
-    def run_once(self, limit: int = 50) -> list[Outcome]:
-        """Process what is waiting now; returns what happened to each message."""
+    def run_once(self, limit: int = 32) -> list[Outcome]:
+        """Claim what is waiting now, process it, file it; returns what happened to each."""
         db = self.archive.db
+        with db.session() as s:
+            numbers = claim(s, self.name, self.clock(), limit)
+        if not numbers:
+            return []
         with db.session(read_only=True) as s:
-            waiting = [
-                (r.id, r.raw, r.received_at, Transport.from_dict(r.transport))
-                for r in intake.pending(s, self.clock(), limit)
-            ]
+            rows = s.execute(
+                select(t.Intake.id, t.Intake.raw, t.Intake.received_at, t.Intake.transport)
+                .where(t.Intake.id.in_(numbers))
+                .order_by(t.Intake.id)
+            ).all()
         ctx = self.context()
-        return [
-            self._one(number, raw, received, transport, ctx)
-            for number, raw, received, transport in waiting
+        jobs = [
+            _Job(
+                r.id, r.raw, Transport.from_dict(r.transport), process(r.raw, ctx, at=r.received_at)
+            )
+            for r in rows
         ]
+        with db.session() as s:
+            return self._file(s, jobs)
 
-    def _one(
-        self, number: int, raw: bytes, received: datetime, transport: Transport, ctx: Context
-    ) -> Outcome:
-        verdict = process(raw, ctx, at=received)
-        with self.archive.db.session() as s:
-            row = s.get(t.Intake, number)
-            if row is None or row.state == "done":
-                return Outcome(number, "done-elsewhere", row.archive_seq if row else None)
-            now = self.clock()
-            if verdict.disposition == "retry":
+    def _file(self, s: Session, jobs: list[_Job]) -> list[Outcome]:
+        now = self.clock()
+        rows = {
+            r.id: r
+            for r in s.scalars(select(t.Intake).where(t.Intake.id.in_([j.number for j in jobs])))
+        }
+        outcomes: dict[int, Outcome] = {}
+        fresh: list[_Job] = []
+        twins: dict[int, _Job] = {}  # a duplicate of a message earlier in this batch
+        first_of: dict[str, _Job] = {}
+        for job in jobs:
+            row = rows.get(job.number)
+            if row is None or row.state != "working" or row.worker != self.name:
+                outcomes[job.number] = Outcome(job.number, "done-elsewhere", None)
+                continue
+            v = job.verdict
+            if v.disposition == "retry":
                 row.state, row.attempts = "retry", row.attempts + 1
                 row.next_attempt_at = now + intake.backoff(row.attempts)
-                row.updated_at = now
-                return Outcome(number, "retry", None)
+                row.worker, row.lease_until, row.updated_at = None, None, now
+                outcomes[job.number] = Outcome(job.number, "retry", None)
+                continue
             # Only an authenticated sender can claim a Message-ID or a payload: a forgery that
             # reuses them must not suppress (or be suppressed by) the genuine message.
-            authenticated = verdict.agency is not None and verdict.signer is not None
-            keys = replay_keys(verdict) if authenticated else []
-            original = self._seen(s, keys)
+            job.keys = replay_keys(v) if v.agency is not None and v.signer is not None else []
+            original = _seen(s, job.keys)
             if original is not None:
-                _done(row, original, now)
-                return Outcome(number, "duplicate", original)
-            [entry] = self.archive.file_in(s, [message_item(verdict, raw, transport)], at=now)
-            for key in keys:
-                s.add(t.Seen(key=key, archive_seq=entry.seq))
-            _done(row, entry.seq, now)
-            return Outcome(number, verdict.disposition, entry.seq)
+                self._duplicate(s, row, original, now)
+                outcomes[job.number] = Outcome(job.number, "duplicate", original)
+                continue
+            earlier = next((first_of[k] for k in job.keys if k in first_of), None)
+            if earlier is not None:
+                twins[job.number] = earlier
+                continue
+            for k in job.keys:
+                first_of[k] = job
+            fresh.append(job)
+        items = [message_item(j.verdict, j.raw, j.transport) for j in fresh]
+        entries = self.archive.file_in(s, items, at=now) if items else []
+        seq_of = {j.number: e.seq for j, e in zip(fresh, entries, strict=True)}
+        for job in fresh:
+            seq = seq_of[job.number]
+            for k in job.keys:
+                s.add(t.Seen(key=k, archive_seq=seq))
+            owed = outbound.owed_for(job.verdict, seq, self.recipients(job.verdict), now)
+            s.add_all(owed)
+            _done(rows[job.number], seq, now)
+            outcomes[job.number] = Outcome(job.number, job.verdict.disposition, seq)
+        for number, earlier in twins.items():
+            original = seq_of[earlier.number]
+            self._duplicate(s, rows[number], original, now)
+            outcomes[number] = Outcome(number, "duplicate", original)
+        return [outcomes[j.number] for j in jobs]
 
-    def _seen(self, s: Session, keys: list[str]) -> int | None:
-        for key in keys:
-            row = s.get(t.Seen, key)
-            if row is not None:
-                return row.archive_seq
-        return None
+    def _duplicate(self, s: Session, row: t.Intake, original: int, now: datetime) -> None:
+        s.add(outbound.resend(row.id, original, now))
+        _done(row, original, now)
+
+
+def claim(s: Session, worker: str, now: datetime, limit: int) -> list[int]:
+    """Claim up to ``limit`` waiting rows (new, due retries, expired claims), oldest first."""
+    query = (
+        select(t.Intake.id, t.Intake.size)
+        .where(
+            or_(
+                t.Intake.state == "new",
+                (t.Intake.state == "retry") & (t.Intake.next_attempt_at <= now),
+                (t.Intake.state == "working") & (t.Intake.lease_until < now),
+            )
+        )
+        .order_by(t.Intake.id)
+        .limit(limit)
+    )
+    if s.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    numbers: list[int] = []
+    total = 0
+    for number, size in s.execute(query):
+        if numbers and total + size > BATCH_BYTES:
+            break
+        numbers.append(number)
+        total += size
+    if numbers:
+        s.execute(
+            update(t.Intake)
+            .where(t.Intake.id.in_(numbers))
+            .values(state="working", worker=worker, lease_until=now + LEASE, updated_at=now)
+        )
+    return numbers
+
+
+def _seen(s: Session, keys: list[str]) -> int | None:
+    for key in keys:
+        row = s.get(t.Seen, key)
+        if row is not None:
+            return row.archive_seq
+    return None
 
 
 def _done(row: t.Intake, seq: int, now: datetime) -> None:
+    """Filed: the archive holds the bytes now, so the working copy is emptied."""
     row.state, row.archive_seq, row.updated_at = "done", seq, now
+    row.worker, row.lease_until, row.raw = None, None, b""

@@ -1,0 +1,494 @@
+"""What the hub owes: receipts, deliveries and alerts — built, filed, then sent (the outbox).
+
+Three steps, each idempotent, each resumable after a crash:
+
+1. **Owed** (:func:`owed_for`, :func:`resend`): rows added in the same transaction that files
+   the message, so nothing owed is ever forgotten. One receipt per authenticated message
+   (accepted or rejected; a quarantined sender is not authenticated and gets nothing), one
+   delivery per accepted message and recipient agency, one resend per duplicate.
+2. **Built** (:class:`Builder`, in the worker processes — signing and encrypting is CPU work):
+   the receipt is a signed status payload encrypted to the sender's current certificates;
+   a delivery is the sender's signed entity, byte for byte (so the recipient verifies the
+   original signature), encrypted to each of the recipient agency's current certificates.
+   The built message is filed in the archive (``receipt`` entries keep the bytes as the
+   ``receipt`` blob; ``delivery`` entries keep their digest) and the row becomes ``ready``.
+3. **Sent** (:class:`Sender`, a thread of ``gateway serve``): through the relay; 250 → ``sent``,
+   4xx or no connection → ``retry`` with backoff, 5xx or too old → ``failed`` and the admin is
+   alerted. Each final state is filed as an ``outcome`` entry. A failure is never recorded as
+   sent. Sending is at-least-once: a crash after the relay's 250 and before it is recorded
+   sends that message again once the claim expires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.utils import format_datetime
+from typing import Any, Literal, Protocol
+
+from cryptography import x509
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from archive import tables as t
+from archive.bundle import RECEIPT_BLOB, RECEIPT_FOR, RECEIPT_KIND
+from archive.log import Item
+from archive.service import Archive, SigningKey
+from formats import cms_envelope
+from formats.errors import GatewayError
+from formats.payload import Organ
+from formats.smime import b64_lines, payload_entity, sign_entity, wrap_enveloped
+from gateway import receipts
+from gateway.verdict import Verdict
+from keys import store
+from keys.directory import Directory
+
+log = logging.getLogger("gateway.outbound")
+
+LEASE = timedelta(minutes=5)
+RETRY_LATER = timedelta(seconds=30)
+
+
+class Attempt(Protocol):
+    outcome: Literal["sent", "retry", "failed"]
+    reply: str
+
+
+Deliver = Callable[[bytes, str, Sequence[str]], Attempt]
+
+
+def owed_for(verdict: Verdict, seq: int, recipients: Sequence[str], at: datetime) -> list[t.Outbox]:
+    """What filing ``verdict`` as entry ``seq`` obliges the hub to send."""
+    authenticated = verdict.agency is not None and verdict.signer is not None
+    if not authenticated or verdict.disposition not in ("accepted", "rejected"):
+        return []
+    assert verdict.agency is not None
+    rows = [_row(f"receipt:{seq}", "receipt", seq, verdict.agency.organ_id, at)]
+    if verdict.disposition == "accepted":
+        rows += [
+            _row(f"delivery:{seq}:{organ}", "delivery", seq, organ, at) for organ in recipients
+        ]
+    return rows
+
+
+def resend(intake_id: int, original_seq: int, at: datetime) -> t.Outbox:
+    """A duplicate gets the original receipt again (the same bytes)."""
+    return _row(f"resend:{intake_id}", "resend", original_seq, None, at)
+
+
+def alert(key: str, text: str, at: datetime) -> t.Outbox:
+    return _row(f"alert:{key}", "alert", None, None, at, {"text": text})
+
+
+def _row(
+    key: str,
+    kind: str,
+    seq: int | None,
+    organ: str | None,
+    at: datetime,
+    detail: dict[str, Any] | None = None,
+) -> t.Outbox:
+    return t.Outbox(
+        key=key,
+        kind=kind,
+        for_seq=seq,
+        organ_id=organ,
+        detail=detail or {},
+        state="new",
+        attempts=0,
+        created_at=at,
+        updated_at=at,
+    )
+
+
+def claim(s: Session, worker: str, now: datetime, limit: int, *, sending: bool) -> list[int]:
+    """Claim rows to build (``new``) or to send (``ready``, due ``retry``); expired claims too."""
+    busy = "sending" if sending else "building"
+    waiting = (
+        or_(
+            t.Outbox.state == "ready",
+            (t.Outbox.state == "retry") & (t.Outbox.next_attempt_at <= now),
+        )
+        if sending
+        else t.Outbox.state == "new"
+    )
+    query = (
+        select(t.Outbox.id)
+        .where(or_(waiting, (t.Outbox.state == busy) & (t.Outbox.lease_until < now)))
+        .order_by(t.Outbox.id)
+        .limit(limit)
+    )
+    if s.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = list(s.scalars(query))
+    if ids:
+        s.execute(
+            update(t.Outbox)
+            .where(t.Outbox.id.in_(ids))
+            .values(state=busy, worker=worker, lease_until=now + LEASE, updated_at=now)
+        )
+    return ids
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hub:
+    """Who the hub is on the wire."""
+
+    address: str
+    organ: Organ
+    signer: SigningKey
+    admin: str = ""
+
+
+@dataclass
+class _Built:
+    message: bytes | None = None
+    rcpt_to: tuple[str, ...] = ()
+    item: Item | None = None
+    failure: str | None = None
+    later: bool = False
+
+
+@dataclass
+class Builder:
+    archive: Archive
+    hub: Hub
+    directory: Callable[[], Directory]
+    clock: Callable[[], datetime]
+    name: str
+
+    def run_once(self, limit: int = 32) -> int:
+        """Build what is owed now; returns how many rows it handled."""
+        db = self.archive.db
+        with db.session() as s:
+            ids = claim(s, self.name, self.clock(), limit, sending=False)
+        if not ids:
+            return 0
+        now = self.clock()
+        with db.session(read_only=True) as s:
+            rows = list(
+                s.scalars(select(t.Outbox).where(t.Outbox.id.in_(ids)).order_by(t.Outbox.id))
+            )
+            built = {r.id: self._build(s, r, now) for r in rows}
+        with db.session() as s:
+            mine = [
+                r
+                for r in s.scalars(
+                    select(t.Outbox).where(t.Outbox.id.in_(ids)).order_by(t.Outbox.id)
+                )
+                if r.state == "building" and r.worker == self.name
+            ]
+            filed = [(r, built[r.id]) for r in mine if built[r.id].item is not None]
+            entries = self.archive.file_in(s, [b.item for _, b in filed if b.item], at=now)
+            for (row, _), entry in zip(filed, entries, strict=True):
+                row.entry_seq = entry.seq
+            for row in mine:
+                self._settle(s, row, built[row.id], now)
+        return len(ids)
+
+    def _settle(self, s: Session, row: t.Outbox, b: _Built, now: datetime) -> None:
+        row.worker, row.lease_until, row.updated_at = None, None, now
+        if b.later:  # keep the claim, released in a while: built again then
+            row.state, row.worker, row.lease_until = "building", "waiting", now + RETRY_LATER
+            return
+        if b.failure is not None:
+            row.state, row.last_reply = "failed", b.failure
+            log.error("outbox %s (%s) cannot be built: %s", row.id, row.key, b.failure)
+            if row.kind != "alert" and self.hub.admin:
+                s.add(alert(row.key, f"{row.kind} {row.key}: {b.failure}", now))
+            return
+        row.state, row.message = "ready", b.message
+        row.mail_from, row.rcpt_to = self.hub.address, list(b.rcpt_to)
+
+    def _build(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
+        try:
+            if row.kind == "receipt":
+                return self._receipt(s, row, now)
+            if row.kind == "delivery":
+                return self._delivery(s, row, now)
+            if row.kind == "resend":
+                return self._resend(s, row)
+            if row.kind == "alert":
+                return self._alert(row, now)
+            return _Built(failure=f"unknown outbox kind {row.kind!r}")
+        except GatewayError as err:
+            return _Built(failure=err.message)
+
+    def _agency(self, organ_id: str, now: datetime) -> tuple[Organ, tuple[str, ...]]:
+        agency = self.directory().get(organ_id)
+        if agency is None or not agency.emails:
+            raise _NoAddress(f"agency {organ_id} has no e-mail address in the directory")
+        addresses = tuple(sorted(agency.emails))
+        return Organ(organ_id, agency.name_vi, addresses[0]), addresses
+
+    def _receipt(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
+        assert row.for_seq is not None and row.organ_id is not None
+        entry = self.archive.log.entry(s, row.for_seq)
+        fields = entry.fields
+        to_addr = str(fields["from"])  # authenticated: the certificate's and directory's address
+        agency = self.directory().get(row.organ_id)
+        organ = Organ(row.organ_id, agency.name_vi if agency else None, to_addr)
+        payload = receipts.receipt_payload(
+            fields,
+            seq=row.for_seq,
+            hub=self.hub.organ,
+            to=organ,
+            origin=self.archive.origin,
+            at=now,
+        )
+        certs = store.encryption_certificates(s, row.organ_id, now) or self._signer_cert(
+            s, entry.blobs
+        )
+        message = self._seal(
+            payload_entity(payload.to_xml()),
+            certs,
+            to=(to_addr,),
+            message_id=f"<receipt.{row.for_seq}.{payload.header.message_id}@{_domain(self.hub.address)}>",
+            subject=receipts.subject(str(fields["status"]), row.for_seq),
+            at=now,
+        )
+        item = Item(
+            RECEIPT_KIND,
+            now,
+            {
+                RECEIPT_FOR: row.for_seq,
+                "status": fields["status"],
+                "agency": row.organ_id,
+                "to": [to_addr],
+                "message_id": str(payload.header.message_id),
+                "digest": hashlib.sha256(message).hexdigest(),
+            },
+            {RECEIPT_BLOB: message},
+        )
+        return _Built(message, (to_addr,), item)
+
+    def _delivery(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
+        assert row.for_seq is not None and row.organ_id is not None
+        try:
+            _organ, addresses = self._agency(row.organ_id, now)
+        except _NoAddress as err:
+            return _Built(failure=str(err))
+        certs = store.encryption_certificates(s, row.organ_id, now)
+        if not certs:
+            return _Built(failure=f"agency {row.organ_id} has no usable encryption certificate")
+        entry = self.archive.log.entry(s, row.for_seq)
+        signed = self.archive.blobs.get(s, entry.blobs["decrypted"])
+        message_id = f"<delivery.{row.for_seq}.{row.id}@{_domain(self.hub.address)}>"
+        message = self._seal(
+            signed,
+            certs,
+            to=addresses,
+            message_id=message_id,
+            subject=f"Chuyển tiếp dữ liệu (số {row.for_seq}) / Forwarded data (entry {row.for_seq})",
+            at=now,
+            sign=False,
+        )
+        item = Item(
+            "delivery",
+            now,
+            {
+                "for_seq": row.for_seq,
+                "agency": row.organ_id,
+                "to": list(addresses),
+                "message_id": message_id,
+                "digest": hashlib.sha256(message).hexdigest(),
+                "size": len(message),
+            },
+            {},
+        )
+        return _Built(message, addresses, item)
+
+    def _resend(self, s: Session, row: t.Outbox) -> _Built:
+        assert row.for_seq is not None
+        original = s.scalar(select(t.Outbox).where(t.Outbox.key == f"receipt:{row.for_seq}"))
+        if original is None:
+            return _Built(failure=f"entry {row.for_seq} has no receipt to send again")
+        if original.entry_seq is None:
+            if original.state in ("new", "building"):
+                return _Built(later=True)  # the original receipt is not built yet
+            return _Built(failure=f"the receipt for entry {row.for_seq} could not be built")
+        entry = self.archive.log.entry(s, original.entry_seq)
+        message = self.archive.blobs.get(s, entry.blobs[RECEIPT_BLOB])
+        to = tuple(entry.fields["to"])
+        item = Item(
+            "resend",
+            self.clock(),
+            {"for_seq": row.for_seq, "receipt_seq": entry.seq, "to": list(to)},
+            {},
+        )
+        return _Built(message, to, item)
+
+    def _alert(self, row: t.Outbox, now: datetime) -> _Built:
+        if not self.hub.admin:
+            return _Built(failure="no admin address is configured ([serve] admin_address)")
+        text = str(row.detail.get("text", ""))
+        body = (
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + b64_lines(
+                f"The gateway could not complete an outbound message.\r\n\r\n{text}\r\n".encode()
+            )
+        )
+        cert, key = self.hub.signer
+        signed = sign_entity(body, cert=cert, key=key)
+        head = _headers(
+            self.hub.address,
+            (self.hub.admin,),
+            f"<alert.{row.id}@{_domain(self.hub.address)}>",
+            "Gateway alert: an outbound message failed",
+            now,
+        )
+        item = Item("alert", now, {"to": [self.hub.admin], "text": text}, {})
+        return _Built(head + signed, (self.hub.admin,), item)
+
+    def _signer_cert(self, s: Session, blobs: dict[str, str]) -> list[x509.Certificate]:
+        if "chain" not in blobs:
+            return []
+        chain = x509.load_pem_x509_certificates(self.archive.blobs.get(s, blobs["chain"]))
+        return chain[:1]
+
+    def _seal(
+        self,
+        entity: bytes,
+        certs: Sequence[x509.Certificate],
+        *,
+        to: Sequence[str],
+        message_id: str,
+        subject: str,
+        at: datetime,
+        sign: bool = True,
+    ) -> bytes:
+        if not certs:
+            raise _NoCertificate("no certificate to encrypt to")
+        if sign:
+            cert, key = self.hub.signer
+            entity = sign_entity(entity, cert=cert, key=key)
+        der = cms_envelope.encrypt(entity, list(certs))
+        return wrap_enveloped(
+            der,
+            smime_type="enveloped-data",
+            from_addr=self.hub.address,
+            to_addrs=list(to),
+            message_id=message_id,
+            date=at,
+            subject=subject,
+        )
+
+
+class _NoAddress(GatewayError):
+    code = "no-address"
+
+
+class _NoCertificate(GatewayError):
+    code = "no-certificate"
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2] or "localhost"
+
+
+def _headers(
+    from_addr: str, to: Sequence[str], message_id: str, subject: str, at: datetime
+) -> bytes:
+    lines = [
+        f"From: {from_addr}",
+        f"To: {', '.join(to)}",
+        f"Subject: {subject}",
+        f"Date: {format_datetime(at)}",
+        f"Message-ID: {message_id}",
+        "MIME-Version: 1.0",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+# --- sending -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sender:
+    archive: Archive
+    deliver: Deliver
+    clock: Callable[[], datetime]
+    name: str
+    admin: str = ""
+    give_up_after: timedelta = timedelta(hours=48)
+
+    def run_once(self, limit: int = 20) -> list[tuple[int, str]]:
+        """Send what is ready; returns (outbox id, new state) for each row handled."""
+        db = self.archive.db
+        with db.session() as s:
+            ids = claim(s, self.name, self.clock(), limit, sending=True)
+        if not ids:
+            return []
+        with db.session(read_only=True) as s:
+            jobs = [
+                (r.id, r.message, r.mail_from, tuple(r.rcpt_to or ()))
+                for r in s.scalars(
+                    select(t.Outbox).where(t.Outbox.id.in_(ids)).order_by(t.Outbox.id)
+                )
+            ]
+        results = []
+        for number, message, mail_from, rcpt_to in jobs:
+            assert message is not None and mail_from is not None
+            attempt = self.deliver(message, mail_from, rcpt_to)
+            results.append((number, attempt))
+        return self._record(results)
+
+    def _record(self, results: list[tuple[int, Attempt]]) -> list[tuple[int, str]]:
+        now = self.clock()
+        out = []
+        with self.archive.db.session() as s:
+            items = []
+            for number, attempt in results:
+                row = s.get(t.Outbox, number)
+                if row is None or row.state != "sending" or row.worker != self.name:
+                    continue
+                row.attempts += 1
+                row.last_reply, row.worker, row.lease_until, row.updated_at = (
+                    attempt.reply[:2000],
+                    None,
+                    None,
+                    now,
+                )
+                state = attempt.outcome
+                if state == "retry" and now - row.created_at >= self.give_up_after:
+                    state = "failed"
+                if state == "retry":
+                    row.state, row.next_attempt_at = "retry", now + backoff(row.attempts)
+                    log.warning(
+                        "outbox %s (%s) will be retried: %s", row.id, row.key, attempt.reply
+                    )
+                else:
+                    row.state = state
+                    items.append(
+                        Item(
+                            "outcome",
+                            now,
+                            {
+                                "for_seq": row.entry_seq,
+                                "outbox": row.key,
+                                "status": state,
+                                "reply": row.last_reply,
+                                "attempts": row.attempts,
+                            },
+                            {},
+                        )
+                    )
+                    if state == "failed":
+                        log.error("outbox %s (%s) failed: %s", row.id, row.key, attempt.reply)
+                        if row.kind != "alert" and self.admin:
+                            s.add(alert(row.key, f"{row.kind} {row.key}: {attempt.reply}", now))
+                out.append((number, row.state))
+            if items:
+                self.archive.file_in(s, items, at=now)
+        return out
+
+
+def backoff(attempts: int) -> timedelta:
+    """1, 2, 4 … minutes between tries, at most an hour (as mail servers do)."""
+    return timedelta(minutes=min(60, 2 ** max(0, attempts - 1)))

@@ -1,0 +1,311 @@
+"""Receipts, deliveries and alerts: owed when a message is filed, built, filed, sent.
+
+Receipts and deliveries are checked with ``openssl cms`` as the agency would: decrypted with the
+agency's own key, the signature verified against the CA.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import subprocess
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from archive import tables as t
+from archive.blobs import BlobStore
+from archive.db import Database
+from archive.records import Transport
+from archive.service import Archive
+from formats.payload import Organ, Payload
+from gateway import intake
+from gateway.demo import DemoWorld, tamper
+from gateway.outbound import Builder, Hub, Sender
+from gateway.pipeline import Context
+from gateway.worker import Worker
+from keys import store
+from keys.directory import Directory
+from tests.conftest import WORLD_AT
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["openssl", "version"], capture_output=True, check=False).returncode != 0,
+    reason="openssl is not installed",
+)
+
+LATER = WORLD_AT + timedelta(minutes=5)
+
+
+@pytest.fixture
+def archive(tmp_path: Path, world: DemoWorld) -> Archive:
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    with db.session() as s:
+        for agency in world.directory:
+            store.add_agency(s, agency, at=WORLD_AT, actor="test")
+        for organ_id, issued in world.agencies.items():
+            store.add_certificate(
+                s, issued.cert, role="agency", organ_id=organ_id, at=WORLD_AT, actor="test"
+            )
+    return Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+
+
+@pytest.fixture
+def hub(world: DemoWorld) -> Hub:
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return Hub(
+        "hub@exchange.hanoi.gov.vn",
+        Organ("GATEWAY", "Cổng trao đổi"),
+        (world.hub.cert, key),
+        admin="admin@exchange.hanoi.gov.vn",
+    )
+
+
+def _receive(archive: Archive, raw: bytes) -> int:
+    return intake.accept(archive.db, raw, Transport(WORLD_AT, "smtp", "127.0.0.1"))
+
+
+def _process(archive: Archive, ctx: Context, directory: Directory, hub: Hub) -> int | None:
+    """Run the worker and the builder; the archive number of the (last) message filed."""
+    outcomes = Worker(archive, lambda: ctx, clock=lambda: LATER, name="w").run_once()
+    builder = Builder(archive, hub, lambda: directory, clock=lambda: LATER, name="b")
+    while builder.run_once():
+        pass
+    return outcomes[-1].archive_seq
+
+
+def _rows(archive: Archive) -> dict[str, t.Outbox]:
+    with archive.db.session(read_only=True) as s:
+        rows = list(s.query(t.Outbox).order_by(t.Outbox.id))
+        s.expunge_all()
+    return {r.key: r for r in rows}
+
+
+def _openssl(*args: str | Path, data: bytes | None = None) -> bytes:
+    proc = subprocess.run(
+        ["openssl", *map(str, args)], input=data, capture_output=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout
+
+
+def _open_as(
+    message: bytes, world: DemoWorld, organ_id: str, tmp_path: Path
+) -> tuple[bytes, bytes]:
+    """Decrypt with the agency's key and verify the signature: (signed entity, content)."""
+    issued = world.agencies[organ_id]
+    (tmp_path / "in.eml").write_bytes(message)
+    (tmp_path / "me.pem").write_bytes(issued.cert_pem())
+    (tmp_path / "me.key").write_bytes(issued.key_pem())
+    (tmp_path / "root.pem").write_bytes(world.root.cert_pem())
+    signed = _openssl(
+        "cms", "-decrypt", "-in", tmp_path / "in.eml",
+        "-recip", tmp_path / "me.pem", "-inkey", tmp_path / "me.key",
+    )  # fmt: skip
+    (tmp_path / "signed.eml").write_bytes(signed)
+    content = _openssl(
+        "cms", "-verify", "-in", tmp_path / "signed.eml", "-CAfile", tmp_path / "root.pem",
+        "-purpose", "smimesign", "-attime", str(int(LATER.timestamp())),
+    )  # fmt: skip
+    return signed, content
+
+
+def _payload(content: bytes) -> Payload:
+    return Payload.from_xml(base64.b64decode(content.split(b"\r\n\r\n", 1)[1]))
+
+
+def test_accepted_message_gets_a_signed_receipt_and_a_delivery_openssl_can_open(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    seq = _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    assert sorted(rows) == [f"delivery:{seq}:H26.CATP", f"receipt:{seq}"]
+    receipt = rows[f"receipt:{seq}"]
+    assert (receipt.state, receipt.rcpt_to, receipt.mail_from) == (
+        "ready",
+        ["vanthu@snv.hanoi.gov.vn"],
+        hub.address,
+    )
+    assert receipt.message is not None
+    _signed, content = _open_as(receipt.message, world, "H26.SNV", tmp_path)
+    status = _payload(content)
+    assert status.exchange.category == "status"
+    [record] = status.records
+    assert record["StatusCode"] == "03"
+    assert record["ArchiveSequence"] == seq
+    with archive.db.session(read_only=True) as s:
+        message = archive.log.entry(s, seq)
+        assert record["ReceivedDigest"] == message.fields["payload_sha256"]
+        assert str(status.header.response_for) == message.fields["document_id"]
+        # the receipt entry follows the bundle convention: kind, for_seq, blob
+        entry = archive.log.entry(s, receipt.entry_seq or 0)
+        assert (entry.kind, entry.fields["for_seq"]) == ("receipt", seq)
+        assert archive.blobs.get(s, entry.blobs["receipt"]) == receipt.message
+        signed_entity = archive.blobs.get(s, message.blobs["decrypted"])
+
+    delivery = rows[f"delivery:{seq}:H26.CATP"]
+    assert delivery.rcpt_to == ["pa08@congan.hanoi.gov.vn"]
+    assert delivery.message is not None
+    assert b"Subject:" in delivery.message and raw.split(b"\r\n\r\n")[0] not in delivery.message
+    signed, content = _open_as(delivery.message, world, "H26.CATP", tmp_path)
+    # the sender's signed entity, byte for byte: the police verify Home Affairs' own signature
+    assert signed == signed_entity
+    assert _payload(content).header.sender.organ_id == "H26.SNV"
+    assert archive.verify().ok
+
+
+def test_rejected_message_gets_reasons_in_vietnamese_and_english(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    _receive(archive, world.submission("H26.SNV", payload_from="H26.STP"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    assert sorted(rows) == [f"receipt:{seq}"]  # nothing is delivered
+    message = rows[f"receipt:{seq}"].message
+    assert message is not None
+    [record] = _payload(_open_as(message, world, "H26.SNV", tmp_path)[1]).records
+    assert record["StatusCode"] == "02"
+    text = str(record["Description"])
+    assert "Bị từ chối" in text and "Rejected" in text
+    assert "[agency-mismatch]" in text
+    # never an inbound header in an outbound one
+    head = message.split(b"\r\n\r\n", 1)[0]
+    assert b"Subject: =?utf-8?" in head and b"vanthu@snv" in head
+
+
+def test_quarantined_sender_gets_nothing(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    _receive(archive, tamper(world.submission("H26.SNV")))
+    _process(archive, world_ctx, world.directory, hub)
+    assert _rows(archive) == {}
+
+
+def test_a_duplicate_gets_the_original_receipt_again(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    seq = _process(archive, world_ctx, world.directory, hub)
+    _receive(archive, raw)  # sent again later
+    assert _process(archive, world_ctx, world.directory, hub) == seq
+    rows = _rows(archive)
+    [again] = [r for k, r in rows.items() if k.startswith("resend:")]
+    assert again.state == "ready"
+    assert again.message == rows[f"receipt:{seq}"].message
+    assert again.rcpt_to == rows[f"receipt:{seq}"].rcpt_to
+    assert [k for k in rows if k.startswith("delivery:")] == [f"delivery:{seq}:H26.CATP"]
+
+
+def test_a_delivery_without_a_certificate_fails_and_alerts_the_admin(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    police = world.directory.get("H26.CATP")
+    assert police is not None
+    with archive.db.session() as s:
+        for c in store.certificates(s, role="agency", organ_id="H26.CATP"):
+            store.retire_certificate(s, c.sha256, at=WORLD_AT, actor="test")
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    failed = rows[f"delivery:{seq}:H26.CATP"]
+    assert failed.state == "failed"
+    assert "no usable encryption certificate" in (failed.last_reply or "")
+    alert = rows[f"alert:delivery:{seq}:H26.CATP"]
+    assert alert.state == "ready" and alert.rcpt_to == [hub.admin]
+    assert alert.message is not None
+    (tmp_path / "alert.eml").write_bytes(alert.message)
+    (tmp_path / "root.pem").write_bytes(world.root.cert_pem())
+    text = _openssl(
+        "cms", "-verify", "-in", tmp_path / "alert.eml", "-CAfile", tmp_path / "root.pem",
+        "-purpose", "smimesign", "-attime", str(int(LATER.timestamp())),
+    )  # fmt: skip
+    assert b"no usable encryption certificate" in base64.b64decode(text.split(b"\r\n\r\n")[1])
+
+
+def test_an_agency_missing_from_the_directory_is_a_failed_delivery(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    without_police = Directory.of([a for a in world.directory if a.organ_id != "H26.CATP"])
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, without_police, dataclasses.replace(hub, admin=""))
+    rows = _rows(archive)
+    assert rows[f"delivery:{seq}:H26.CATP"].state == "failed"
+    assert "no e-mail address" in (rows[f"delivery:{seq}:H26.CATP"].last_reply or "")
+    assert not any(k.startswith("alert:") for k in rows)  # no admin address: logged only
+
+
+@dataclasses.dataclass
+class _Reply:
+    outcome: Literal["sent", "retry", "failed"]
+    reply: str
+
+
+class _Relay:
+    """Stands in for the relay's answers (the SMTP client is tested against aiosmtpd)."""
+
+    def __init__(self, *answers: _Reply) -> None:
+        self.answers = list(answers)
+        self.sent: list[tuple[bytes, str, tuple[str, ...]]] = []
+
+    def __call__(self, message: bytes, mail_from: str, rcpt_to: Sequence[str]) -> _Reply:
+        self.sent.append((message, mail_from, tuple(rcpt_to)))
+        return self.answers.pop(0)
+
+
+def test_sender_retries_4xx_fails_5xx_and_never_records_a_failure_as_sent(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    relay = _Relay(
+        _Reply("retry", "451 4.3.0 try later"),
+        _Reply("failed", "550 5.1.1 no such user"),
+        _Reply("sent", "250 ok"),
+        _Reply("sent", "250 ok"),
+    )
+    clock = [LATER]
+    sender = Sender(archive, relay, lambda: clock[0], "s", admin=hub.admin)
+    assert sorted(sender.run_once()) == [(1, "retry"), (2, "failed")]
+    assert sender.run_once() == []  # the retry is not due yet
+    clock[0] = LATER + timedelta(minutes=2)
+    Builder(archive, hub, lambda: world.directory, lambda: clock[0], "b").run_once()  # the alert
+    states = dict(sender.run_once())
+    assert states[1] == "sent"
+    rows = _rows(archive)
+    assert rows[f"receipt:{seq}"].state == "sent" and rows[f"receipt:{seq}"].attempts == 2
+    assert rows[f"delivery:{seq}:H26.CATP"].state == "failed"
+    assert rows[f"delivery:{seq}:H26.CATP"].last_reply == "550 5.1.1 no such user"
+    assert rows[f"alert:delivery:{seq}:H26.CATP"].state == "sent"
+    assert relay.sent[-1][2] == (hub.admin,)
+    with archive.db.session(read_only=True) as s:
+        outcomes = [
+            archive.log.entry(s, seq).fields
+            for seq in range(archive.log.size(s))
+            if archive.log.entry(s, seq).kind == "outcome"
+        ]
+    assert sorted((o["outbox"], o["status"]) for o in outcomes) == [
+        (f"alert:delivery:{seq}:H26.CATP", "sent"),
+        (f"delivery:{seq}:H26.CATP", "failed"),
+        (f"receipt:{seq}", "sent"),
+    ]
+
+
+def test_sender_gives_up_after_the_configured_time(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    _receive(archive, world.submission("H26.SNV"))
+    _process(archive, world_ctx, world.directory, dataclasses.replace(hub, admin=""))
+    relay = _Relay(*[_Reply("retry", "421 4.4.2 timeout")] * 2)
+    clock = [LATER + timedelta(hours=49)]
+    sender = Sender(archive, relay, lambda: clock[0], "s", give_up_after=timedelta(hours=48))
+    assert sorted(sender.run_once()) == [(1, "failed"), (2, "failed")]
