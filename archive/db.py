@@ -19,6 +19,7 @@ upgrades to the newest revision unless asked not to. Sessions are handed out by
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,9 +43,13 @@ class Database:
     _sessions: sessionmaker[Session]
 
     @classmethod
-    def open(cls, url: str, *, migrate: bool = True) -> Database:
-        """Connect, check durability, and (by default) bring the schema up to date."""
-        engine = _engine(url)
+    def open(cls, url: str, *, migrate: bool = True, busy_timeout_ms: int = 5000) -> Database:
+        """Connect, check durability, and (by default) bring the schema up to date.
+
+        ``busy_timeout_ms``: how long a SQLite writer waits for the write lock before the
+        operation fails as transient (a listener then answers 451).
+        """
+        engine = _engine(url, busy_timeout_ms)
         db = cls(engine, sessionmaker(engine, expire_on_commit=False))
         try:
             db.check_durability()
@@ -143,7 +148,7 @@ def _is_transient(exc: DBAPIError) -> bool:
     return any(m in message for m in ("database is locked", "could not connect", "server closed"))
 
 
-def _engine(url: str) -> Engine:
+def _engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
     try:
         engine = create_engine(url, future=True)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
@@ -152,7 +157,7 @@ def _engine(url: str) -> Engine:
         database = engine.url.database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout_ms))
         # pysqlite's own transaction handling begins lazily and deferred; take it over so that
         # every transaction starts with BEGIN IMMEDIATE: writers queue on the write lock
         # (busy_timeout) instead of failing when a read lock cannot be upgraded.
@@ -164,13 +169,13 @@ def _engine(url: str) -> Engine:
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(busy_timeout_ms: int, dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # no implicit BEGIN from the driver
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     cursor.close()
 
 

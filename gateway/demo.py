@@ -13,15 +13,18 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from archive.db import Database
 from formats.categories import Value
 from formats.cms_envelope import RecipientKey
 from formats.payload import Organ, Signer, build_payload
 from formats.smime import build_message
 from gateway.loading import dump_directory
 from gateway.pipeline import Context
+from keys import store
 from keys.directory import Agency, Directory
 from keys.issuing import Issued, issue_agency, issue_hub, make_crl, make_root
 from keys.trust import TrustStore
@@ -214,6 +217,61 @@ class DemoWorld:
             f'[hub]\naddress = "{HUB_ADDRESS}"\npassphrase_file = "keys/passphrase"\n',
             encoding="utf-8",
         )
+
+    def install(
+        self,
+        home: Path,
+        passphrase: bytes,
+        *,
+        smtp: str = "127.0.0.1:0",
+        relay_port: int = 25,
+        metrics: str = "127.0.0.1:0",
+        admin: str = "",
+        workers: int = 2,
+        extra_config: str = "",
+    ) -> Path:
+        """A home for ``gateway serve`` with everything in the database: the directory, the
+        trust anchor and its CRL, the hub key (encrypted under ``passphrase``) and each
+        agency's certificate. Returns the database file."""
+        (home / "keys").mkdir(parents=True, exist_ok=True)
+        (home / "keys").chmod(0o700)
+        _write(home / "keys/passphrase", passphrase + b"\n", private=True)
+        (home / "gateway.toml").write_text(
+            "# Demo home: throw-away keys, do not use in production.\n"
+            f'[hub]\naddress = "{HUB_ADDRESS}"\npassphrase_file = "keys/passphrase"\n'
+            f'organ_id = "H26.CONG"\n\n'
+            f'[listen]\nsmtp = "{smtp}"\n\n'
+            f'[relay]\nhost = "127.0.0.1"\nport = {relay_port}\nsecurity = "none"\n\n'
+            f'[serve]\nworkers = {workers}\nmetrics = "{metrics}"\nadmin_address = "{admin}"\n'
+            + extra_config,
+            encoding="utf-8",
+        )
+        db = Database.open(f"sqlite:///{home / 'archive.db'}")
+        try:
+            with db.session() as s:
+                for agency in self.directory:
+                    store.add_agency(s, agency, at=self.at, actor="demo")
+                store.add_certificate(s, self.root.cert, role="anchor", at=self.at, actor="demo")
+                crl = x509.load_der_x509_crl(self.crl())
+                store.add_crl(s, crl, source="demo", at=self.at, actor="demo")
+                key = self.hub.key
+                assert isinstance(key, rsa.RSAPrivateKey)
+                store.add_private_key(
+                    s,
+                    self.hub.cert,
+                    key,
+                    role="hub",
+                    passphrase=passphrase,
+                    at=self.at,
+                    actor="demo",
+                )
+                for organ_id, issued in self.agencies.items():
+                    store.add_certificate(
+                        s, issued.cert, role="agency", organ_id=organ_id, at=self.at, actor="demo"
+                    )
+        finally:
+            db.dispose()
+        return home / "archive.db"
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:

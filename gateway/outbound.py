@@ -53,8 +53,10 @@ RETRY_LATER = timedelta(seconds=30)
 
 
 class Attempt(Protocol):
-    outcome: Literal["sent", "retry", "failed"]
-    reply: str
+    @property
+    def outcome(self) -> Literal["sent", "retry", "failed"]: ...
+    @property
+    def reply(self) -> str: ...
 
 
 Deliver = Callable[[bytes, str, Sequence[str]], Attempt]
@@ -171,11 +173,13 @@ class Builder:
         if not ids:
             return 0
         now = self.clock()
+        built: dict[int, _Built] = {}
         with db.session(read_only=True) as s:
             rows = list(
                 s.scalars(select(t.Outbox).where(t.Outbox.id.in_(ids)).order_by(t.Outbox.id))
             )
-            built = {r.id: self._build(s, r, now) for r in rows}
+            for r in rows:  # in order: a resend may use a receipt built just before it
+                built[r.id] = self._build(s, r, now, built)
         with db.session() as s:
             mine = [
                 r
@@ -206,14 +210,14 @@ class Builder:
         row.state, row.message = "ready", b.message
         row.mail_from, row.rcpt_to = self.hub.address, list(b.rcpt_to)
 
-    def _build(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
+    def _build(self, s: Session, row: t.Outbox, now: datetime, batch: dict[int, _Built]) -> _Built:
         try:
             if row.kind == "receipt":
                 return self._receipt(s, row, now)
             if row.kind == "delivery":
                 return self._delivery(s, row, now)
             if row.kind == "resend":
-                return self._resend(s, row)
+                return self._resend(s, row, batch)
             if row.kind == "alert":
                 return self._alert(row, now)
             return _Built(failure=f"unknown outbox kind {row.kind!r}")
@@ -304,11 +308,20 @@ class Builder:
         )
         return _Built(message, addresses, item)
 
-    def _resend(self, s: Session, row: t.Outbox) -> _Built:
+    def _resend(self, s: Session, row: t.Outbox, batch: dict[int, _Built]) -> _Built:
         assert row.for_seq is not None
         original = s.scalar(select(t.Outbox).where(t.Outbox.key == f"receipt:{row.for_seq}"))
         if original is None:
             return _Built(failure=f"entry {row.for_seq} has no receipt to send again")
+        just_built = batch.get(original.id)
+        if just_built is not None and just_built.message is not None:
+            item = Item(
+                "resend",
+                self.clock(),
+                {"for_seq": row.for_seq, "receipt": original.key, "to": list(just_built.rcpt_to)},
+                {},
+            )
+            return _Built(just_built.message, just_built.rcpt_to, item)
         if original.entry_seq is None:
             if original.state in ("new", "building"):
                 return _Built(later=True)  # the original receipt is not built yet

@@ -38,6 +38,7 @@ import re
 import ssl
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -172,6 +173,8 @@ class IntakeHandler:
         self.max_recipients = max_recipients
         self.executor = executor
         self.clock = clock
+        #: DATA replies by code ("250", "451", "552" …), for the metrics endpoint.
+        self.replies: Counter[str] = Counter()
         #: Commits under way (awaited by a graceful stop).
         self.inflight: set[asyncio.Future[int]] = set()
 
@@ -230,6 +233,7 @@ class IntakeHandler:
         except Exception:
             log.exception("%s: not stored: unexpected error", _peer(session))
             reply = TRANSIENT
+        self.replies[reply[:3]] += 1
         if isinstance(server, LMTP):
             # RFC 2033 §4.2: one reply per accepted recipient, in RCPT order. All of them share
             # the one commit, so they all say the same.

@@ -1,0 +1,145 @@
+"""The Prometheus text endpoint of ``gateway serve`` (``GET /metrics``).
+
+Everything that matters across processes is read from the database at scrape time, so the
+figures are the same whichever instance is asked and survive restarts: messages by verdict,
+the intake and outbox queues by state, the archive size, and the time from ``250`` to archived
+over the last messages filed. The listener's SMTP replies are counted in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from archive import tables as t
+from archive.db import Database
+from formats.errors import TransientError
+
+log = logging.getLogger("gateway.metrics")
+
+#: How many of the most recently filed messages the latency quantiles are taken over.
+LATENCY_WINDOW = 1000
+
+
+def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
+    """The exposition text (Prometheus text format 0.0.4)."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+
+    with db.session(read_only=True) as s:
+        verdicts = s.execute(
+            select(t.LogEntry.status, func.count())
+            .where(t.LogEntry.kind == "message")
+            .group_by(t.LogEntry.status)
+        ).all()
+        intake = s.execute(select(t.Intake.state, func.count()).group_by(t.Intake.state)).all()
+        outbox = s.execute(
+            select(t.Outbox.kind, t.Outbox.state, func.count()).group_by(
+                t.Outbox.kind, t.Outbox.state
+            )
+        ).all()
+        size = s.scalar(select(func.count()).select_from(t.LogEntry)) or 0
+        recent = s.execute(
+            select(t.Intake.received_at, t.Intake.updated_at)
+            .where(t.Intake.state == "done")
+            .order_by(t.Intake.id.desc())
+            .limit(LATENCY_WINDOW)
+        ).all()
+    family(
+        "gateway_messages_total",
+        "counter",
+        "Messages filed in the archive, by verdict.",
+        [(f'{{verdict="{v}"}}', n) for v, n in verdicts],
+    )
+    family(
+        "gateway_intake_queue",
+        "gauge",
+        "Received messages by intake state (new, working, retry, done).",
+        [(f'{{state="{st}"}}', n) for st, n in intake],
+    )
+    family(
+        "gateway_outbox_queue",
+        "gauge",
+        "Outbound messages (receipts, deliveries, alerts) by kind and state.",
+        [(f'{{kind="{k}",state="{st}"}}', n) for k, st, n in outbox],
+    )
+    family("gateway_archive_entries", "gauge", "Entries in the archive log.", [("", size)])
+    family(
+        "gateway_smtp_replies_total",
+        "counter",
+        "Replies to DATA by this process's listeners, by code.",
+        [(f'{{code="{c}"}}', n) for c, n in sorted(replies.items())],
+    )
+    family(
+        "gateway_workers_alive",
+        "gauge",
+        "Pipeline worker processes running.",
+        [("", workers_alive)],
+    )
+    family(
+        "gateway_archive_latency_seconds",
+        "summary",
+        f"Time from 250 to archived over the last {LATENCY_WINDOW} messages filed.",
+        _quantiles([(done - got).total_seconds() for got, done in recent]),
+    )
+    return "\n".join(out) + "\n"
+
+
+def _quantiles(values: list[float]) -> list[tuple[str, float]]:
+    if not values:
+        return [("_count", 0), ("_sum", 0)]
+    ordered = sorted(values)
+    pick = [(q, ordered[min(len(ordered) - 1, int(q * len(ordered)))]) for q in (0.5, 0.9, 0.99)]
+    return [(f'{{quantile="{q}"}}', v) for q, v in pick] + [
+        ("_count", len(values)),
+        ("_sum", sum(values)),
+    ]
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port`` in a thread; ``port=0`` picks a free port."""
+
+    def __init__(self, host: str, port: int, text: Callable[[], str]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                try:
+                    body = text().encode()
+                except (SQLAlchemyError, TransientError) as exc:
+                    log.warning("metrics unavailable: %s", exc)
+                    self.send_error(503, "the database is not reachable")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
