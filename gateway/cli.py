@@ -113,7 +113,16 @@ cli.add_command(payload)
 
 def _register() -> None:
     # Imported here so that each command module can import helpers from this one.
-    from gateway import cli_agencies, cli_archive, cli_check, cli_demo, cli_init, cli_keys
+    from gateway import (
+        cli_agencies,
+        cli_archive,
+        cli_check,
+        cli_demo,
+        cli_init,
+        cli_keys,
+        cli_send,
+    )
+    from gateway.cli_serve import serve
 
     cli.add_command(cli_agencies.agencies)
     cli.add_command(cli_keys.keys)
@@ -121,6 +130,8 @@ def _register() -> None:
     cli.add_command(cli_demo.demo)
     cli.add_command(cli_init.init)
     cli.add_command(cli_archive.archive_cmd)
+    cli.add_command(cli_send.send)
+    cli.add_command(serve)
 
 
 _register()

@@ -1,20 +1,33 @@
-"""``gateway demo``: the core, end to end, on throw-away material."""
+"""``gateway demo``: the main job, end to end, on throw-away material and embedded defaults."""
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import secrets
+import smtplib
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
+from sqlalchemy import func, select
 
+from archive import tables as t
+from archive.db import Database
+from gateway import logs
+from gateway import settings as settings_mod
 from gateway.cli import emit_json
-from gateway.demo import DemoWorld, tamper
-from gateway.pipeline import process
-from gateway.verdict import Verdict
+from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
+from gateway.serve import Supervisor, open_archive
+from gateway.sink import Sink
+
+ADMIN = "quantri@exchange.hanoi.gov.vn"
+SETTLE_TIMEOUT = 60.0
 
 
 @click.command()
@@ -22,68 +35,188 @@ from gateway.verdict import Verdict
     "--dir",
     "target",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write the demo home here (default: a new temporary directory).",
+    help="Make the demo home here (default: a new temporary directory).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print what happened as JSON.")
 def demo(target: Path | None, as_json: bool) -> None:
-    """Make a throw-away PKI and agencies, send signed+encrypted submissions, show verdicts.
+    """Run the whole gateway on loopback with a throw-away PKI and the Hanoi directory.
 
-    Shows: an accepted monthly work-permit submission; a tampered copy; a message whose From
-    is not the signer; a message signed with a revoked certificate. Leaves a complete home
-    directory behind so you can run `gateway --home DIR check DIR/messages/*.eml`.
+    Makes a CA, the hub and three agencies of the Hanoi preset; starts `gateway serve` (SMTP
+    on loopback, worker processes) with a local sink standing for the outbound relay; sends a
+    month's submissions by SMTP — accepted ones, a duplicate, a tampered copy, a spoofed
+    sender, a revoked certificate, a payload claiming another agency; waits for the receipts
+    and deliveries; verifies the archive. Leaves the home behind to explore with the CLI.
     """
     started = time.monotonic()
     at = datetime.now(UTC)
     home = target or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     say = (lambda _m: None) if as_json else click.echo
+    logs.configure("text", "error")
 
     say(f"Demo home: {home}")
-    say("1. Making a throw-away PKI (RSA-3072):")
+    say("1. A throw-away PKI (RSA-3072):")
     world = DemoWorld.create(at, progress=lambda what: say(f"   - {what}"))
-    world.write_home(home, secrets.token_urlsafe(24).encode())
-
-    ctx = world.context()
-    cases = {
-        "accepted.eml": (
-            "a monthly work-permit submission from the Department of Home Affairs",
-            world.submission("H26.SNV"),
-        ),
-    }
-    good = cases["accepted.eml"][1]
-    cases["tampered.eml"] = ("the same message with one bit flipped in transit", tamper(good))
-    cases["spoofed-from.eml"] = (
-        "signed by Home Affairs but sent From the Department of Justice",
-        world.submission("H26.SNV", from_addr="vanthu@stp.hanoi.gov.vn"),
-    )
-    cases["revoked-signer.eml"] = (
-        "signed with the Department of Justice's revoked certificate",
-        world.submission("H26.STP", signer=world.revoked["H26.STP"]),
-    )
-
-    results: dict[str, Verdict] = {}
-    for n, (name, (what, raw)) in enumerate(cases.items(), start=2):
+    passphrase = secrets.token_urlsafe(24).encode()
+    world.write_home(home, passphrase)
+    cases = _cases(world)
+    for name, (_what, _sender, raw) in cases.items():
         (home / "messages" / name).write_bytes(raw)
-        verdict = process(raw, ctx, at=at)
-        results[name] = verdict
-        say(f"{n}. {what}:")
-        say(f"   {_line(verdict)}")
 
+    with Sink(home / "sink") as sink:
+        world.install(
+            home,
+            passphrase,
+            relay_port=sink.port,
+            admin=ADMIN,
+            preset="hanoi",
+            extra_config="\n[archive]\ncheckpoint_every = 10\n",
+        )
+        settings = settings_mod.load(home)
+        say("2. The Hanoi directory (56 bodies of QĐ 18/2017 Điều 8), three with certificates")
+        ready: queue.Queue[dict[str, Any]] = queue.Queue()
+        supervisor = Supervisor(settings, log_format="text", log_level="error", on_ready=ready.put)
+        runner = threading.Thread(target=supervisor.run, name="gateway-serve", daemon=True)
+        runner.start()
+        try:
+            info = ready.get(timeout=60)
+        except queue.Empty:
+            raise click.ClickException("the gateway did not start within 60 s") from None
+        port = int(info["listeners"]["smtp"])
+        say(f"3. gateway serve: SMTP on 127.0.0.1:{port}, {info['workers']} worker processes, "
+            f"metrics on http://127.0.0.1:{info['metrics']}/metrics")  # fmt: skip
+        say("4. Agencies send their submissions by SMTP:")
+        replies = {}
+        for name, (what, sender, raw) in cases.items():
+            replies[name] = _send(port, raw, sender)
+            say(f"   {name:<20} {what}: {replies[name]}")
+        db = Database.open(settings.database_url, migrate=False)
+        try:
+            _settle(db)
+            results = _results(db, replies)
+        finally:
+            supervisor.stop.set()
+            runner.join(timeout=60)
+    with db.session(read_only=True) as s:
+        sent = dict(
+            s.execute(
+                select(t.Outbox.kind, func.count())
+                .where(t.Outbox.state == "sent")
+                .group_by(t.Outbox.kind)
+            ).all()
+        )
+    outbound = {
+        "receipts": sent.get("receipt", 0) + sent.get("resend", 0),
+        "deliveries": sent.get("delivery", 0),
+        "alerts": sent.get("alert", 0),
+        "kept_in": str(sink.directory),
+    }
+    report = open_archive(settings, db, None).verify()
+    db.dispose()
     if as_json:
-        emit_json({name: v.as_dict() for name, v in results.items()} | {"home": str(home)})
+        emit_json(
+            results
+            | {"home": str(home), "outbound": outbound}
+            | {"archive": {"ok": report.ok, "entries": report.entries}}
+        )
         return
+    say("5. Verdicts (filed in the archive):")
+    for name, r in results.items():
+        reason = (
+            f" — [{r['reasons'][0]['code']}] {r['reasons'][0]['message']}" if r["reasons"] else ""
+        )
+        say(f"   {name:<20} {str(r['disposition']).upper():<12} entry {r['archive_seq']}{reason}")
+    say(
+        f"6. Sent through the relay (kept in {outbound['kept_in']}): {outbound['receipts']} "
+        f"signed receipts, {outbound['deliveries']} deliveries to the police"
+    )
+    state = "verified" if report.ok else "DAMAGED: " + "; ".join(report.problems[:3])
+    say(f"7. Archive: {report.entries} entries, {report.checkpoints} signed checkpoints, {state}")
     say("")
     say(f"Done in {time.monotonic() - started:.1f} s. Try:")
     prefix = "" if os.environ.get("GATEWAY_HOME") == str(home) else f"--home {home} "
+    say(f"   gateway {prefix}archive list")
+    say(f"   gateway {prefix}archive show {results['accepted.eml']['archive_seq']}")
     say(f"   gateway {prefix}check {home / 'messages' / 'accepted.eml'}")
-    say(f"   gateway {prefix}check --json {home / 'messages' / 'tampered.eml'}")
+    say(f"   gateway {prefix}serve            # the same gateway, in the foreground")
 
 
-def _line(v: Verdict) -> str:
-    if v.accepted and v.payload is not None and v.agency is not None:
-        p = v.payload
-        return (
-            f"ACCEPTED  from {v.agency.organ_id} ({v.agency.name_vi}), category {p.exchange.category}, "
-            f"period {p.exchange.period_start} → {p.exchange.period_end}, {len(p.records)} records"
-        )
-    reasons = "; ".join(f"[{e.code}] {e.message}" for e in v.errors)
-    return f"{v.disposition.upper()}  {reasons}"
+def _cases(world: DemoWorld) -> dict[str, tuple[str, str, bytes]]:
+    snv, stp = "vanthu@snv.hanoi.gov.vn", "vanthu@stp.hanoi.gov.vn"
+    good = world.submission("H26.SNV")
+    return {
+        "accepted.eml": ("work permits from Home Affairs", snv, good),
+        "accepted-stp.eml": (
+            "work permits from Justice",
+            stp,
+            world.submission("H26.STP", number=2),
+        ),
+        "duplicate.eml": ("the first one, sent twice", snv, good),
+        "tampered.eml": ("one bit flipped in transit", snv, tamper(good)),
+        "spoofed-from.eml": (
+            "signed by Home Affairs, From Justice",
+            stp,
+            world.submission("H26.SNV", from_addr=stp),
+        ),
+        "revoked-signer.eml": (
+            "Justice's revoked certificate",
+            stp,
+            world.submission("H26.STP", signer=world.revoked["H26.STP"]),
+        ),
+        "wrong-agency.eml": (
+            "payload claims to be from Justice",
+            snv,
+            world.submission("H26.SNV", payload_from="H26.STP", number=3),
+        ),
+    }
+
+
+def _send(port: int, raw: bytes, sender: str) -> str:
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            client.ehlo("agency.demo")
+            client.mail(sender)
+            client.rcpt(HUB_ADDRESS)
+            code, text = client.data(raw)
+    except smtplib.SMTPException as exc:
+        return f"refused: {exc}"
+    return f"{code} {text.decode(errors='replace')}"
+
+
+def _settle(db: Database) -> None:
+    """Wait until every message is filed and every receipt and delivery has been sent."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        with db.session(read_only=True) as s:
+            busy = s.scalar(select(func.count()).where(t.Intake.state != "done")) or 0
+            busy += (
+                s.scalar(select(func.count()).where(t.Outbox.state.not_in(("sent", "failed")))) or 0
+            )
+        if not busy:
+            return
+        time.sleep(0.1)
+    raise click.ClickException(f"the gateway did not finish within {SETTLE_TIMEOUT:.0f} s")
+
+
+def _results(db: Database, replies: dict[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    with db.session(read_only=True) as s:
+        for name, reply in replies.items():
+            number = int(reply.rsplit(" ", 1)[1]) if "queued as" in reply else None
+            row = s.get(t.Intake, number) if number is not None else None
+            if row is None or row.archive_seq is None:
+                out[name] = {"smtp": reply, "disposition": None, "reasons": [], "archive_seq": None}
+                continue
+            entry = s.scalar(select(t.LogEntry).where(t.LogEntry.seq == row.archive_seq))
+            assert entry is not None
+            fields = json.loads(entry.record)
+            duplicate = any(
+                r.archive_seq == row.archive_seq and r.id < row.id
+                for r in s.scalars(select(t.Intake).where(t.Intake.archive_seq == row.archive_seq))
+            )
+            out[name] = {
+                "smtp": reply,
+                "disposition": "duplicate" if duplicate else fields["status"],
+                "reasons": fields["reasons"],
+                "archive_seq": row.archive_seq,
+            }
+    return out

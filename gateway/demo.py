@@ -6,6 +6,7 @@ demo's own home directory. The OrganIds are illustrative, not the official edXML
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from formats.payload import Organ, Signer, build_payload
 from formats.smime import build_message
 from gateway.loading import dump_directory
 from gateway.pipeline import Context
-from keys import store
+from keys import agency_io, presets, store
 from keys.directory import Agency, Directory
 from keys.issuing import Issued, issue_agency, issue_hub, make_crl, make_root
 from keys.trust import TrustStore
@@ -229,6 +230,7 @@ class DemoWorld:
         admin: str = "",
         workers: int = 2,
         extra_config: str = "",
+        preset: str | None = None,
     ) -> Path:
         """A home for ``gateway serve`` with everything in the database: the directory, the
         trust anchor and its CRL, the hub key (encrypted under ``passphrase``) and each
@@ -249,7 +251,7 @@ class DemoWorld:
         db = Database.open(f"sqlite:///{home / 'archive.db'}")
         try:
             with db.session() as s:
-                for agency in self.directory:
+                for agency in self._agencies(preset):
                     store.add_agency(s, agency, at=self.at, actor="demo")
                 store.add_certificate(s, self.root.cert, role="anchor", at=self.at, actor="demo")
                 crl = x509.load_der_x509_crl(self.crl())
@@ -272,6 +274,19 @@ class DemoWorld:
         finally:
             db.dispose()
         return home / "archive.db"
+
+    def _agencies(self, preset: str | None) -> list[Agency]:
+        """The demo's agencies, or a preset's with the demo's e-mail addresses filled in."""
+        if preset is None:
+            return list(self.directory)
+        entries = agency_io.read(presets.data(preset), source=f"preset {preset}", fmt="toml")
+        out = []
+        for entry in entries:
+            mine = self.directory.get(entry.agency.organ_id)
+            out.append(
+                dataclasses.replace(entry.agency, emails=mine.emails) if mine else entry.agency
+            )
+        return out
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:

@@ -9,11 +9,10 @@ listener and the IMAP poller call; it returns only once the raw bytes are durabl
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.db import Database
@@ -56,24 +55,6 @@ def accept(db: Database, raw: bytes, transport: Transport, *, source_key: str | 
         # Disk full, read-only file system, I/O error: not committed, so the peer must retry.
         raise TransientError(f"the message could not be stored ({type(exc).__name__})") from exc
     return number
-
-
-def pending(s: Session, at: datetime, limit: int = 50) -> list[t.Intake]:
-    """Messages waiting to be processed (new, or retries that are due), oldest first."""
-    query = (
-        select(t.Intake)
-        .where(
-            or_(
-                t.Intake.state == "new",
-                (t.Intake.state == "retry") & (t.Intake.next_attempt_at <= at),
-            )
-        )
-        .order_by(t.Intake.id)
-        .limit(limit)
-    )
-    if s.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(s.scalars(query))
 
 
 def backoff(attempts: int) -> timedelta:

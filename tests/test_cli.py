@@ -30,24 +30,40 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 
 def test_demo_shows_acceptance_and_each_refusal(demo_home: tuple[Path, dict[str, object]]) -> None:
-    home, verdicts = demo_home
+    home, out = demo_home
+    verdicts = {n: v for n, v in out.items() if n.endswith(".eml")}
     disposition = {name: v["disposition"] for name, v in verdicts.items() if isinstance(v, dict)}
     assert disposition == {
         "accepted.eml": "accepted",
+        "accepted-stp.eml": "accepted",
+        "duplicate.eml": "duplicate",
         "tampered.eml": "quarantined",
         "spoofed-from.eml": "quarantined",
         "revoked-signer.eml": "quarantined",
+        "wrong-agency.eml": "rejected",
     }
     codes = {
         n: v["reasons"][0]["code"]
         for n, v in verdicts.items()
-        if isinstance(v, dict) and v["reasons"]
+        if isinstance(v, dict) and v["reasons"] and v["disposition"] != "duplicate"
     }
     assert codes == {
         "tampered.eml": "signature-invalid",
         "spoofed-from.eml": "sender-mismatch",
         "revoked-signer.eml": "signer-revoked",
+        "wrong-agency.eml": "agency-mismatch",
     }
+    assert all(str(v["smtp"]).startswith("250 ") for v in verdicts.values())  # type: ignore[index]
+    # receipts: two accepted, the first one again for the duplicate, one rejection;
+    # both accepted submissions delivered to the police; the archive verifies
+    assert out["outbound"] == {
+        "receipts": 4,
+        "deliveries": 2,
+        "alerts": 0,
+        "kept_in": str(home / "sink"),
+    }
+    assert out["archive"]["ok"] is True  # type: ignore[index]
+    assert len(list((home / "sink").glob("*.eml"))) == 6
     key = (home / "keys/hub.key").read_bytes()
     assert b"ENCRYPTED PRIVATE KEY" in key  # private keys are encrypted at rest
     assert (home / "keys/hub.key").stat().st_mode & 0o077 == 0

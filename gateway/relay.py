@@ -1,0 +1,305 @@
+"""The outbound edge: hand one message to the configured SMTP relay (stdlib ``smtplib``).
+
+Every outbound message — receipts, deliveries, alerts, reminders, ``gateway send`` — goes
+through :func:`deliver`. It blocks (callers run it in a thread) and never raises for a network
+or peer problem: it returns an :class:`Attempt` and the caller (the outbox) decides what to do.
+:class:`Relay` holds plain values; :meth:`Relay.from_settings` is the one place that reads
+``[relay]`` of the settings.
+
+Plan of one delivery:
+
+1. connect (implicit TLS for ``tls``), read the greeting, EHLO (HELO if EHLO is refused);
+2. STARTTLS — ``starttls``: when offered; ``require-starttls``: always, else no delivery;
+   ``none``: never — then EHLO again. The server certificate is verified (system trust store
+   plus ``ca_file``) and must name ``host`` (RFC 3207 §4.1, RFC 6125);
+3. AUTH when a username is set, and only over TLS: a password is never sent in clear;
+4. MAIL FROM (``SIZE``, ``BODY=8BITMIME`` for 8-bit content, ``SMTPUTF8`` for non-ASCII
+   addresses), RCPT TO for each recipient, DATA with the bytes as given (dot-stuffed by
+   ``smtplib`` as RFC 5321 §4.5.2 requires, nothing else changed);
+5. QUIT.
+
+Outcomes (the first digit of the reply decides, RFC 5321 §4.2.1):
+
+* ``sent``   — DATA answered 2xx. If some recipients were refused, ``refused`` maps each to its
+  reply; the message went to the others. The caller decides: a 4xx refusal
+  (:attr:`Attempt.temporarily_refused`) may be retried for that recipient alone.
+* ``retry``  — any 4xx (MAIL, RCPT, DATA); connection refused, reset or timed out; a TLS
+  failure; and *every* refusal before MAIL FROM (greeting, EHLO, STARTTLS not offered, AUTH
+  refused, even with 5xx): those concern the relay or our configuration, not this message, and
+  may be fixed (Postfix defers likewise on a 535, ``smtp_sasl_auth_soft_bounce``).
+* ``failed`` — a 5xx to MAIL FROM or DATA, every recipient refused with 5xx, or an 8-bit message
+  or address the relay cannot carry (RFC 6152, RFC 6531).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar, cast
+
+from formats.errors import ConfigError
+from gateway.settings import Settings
+
+Outcome = Literal["sent", "retry", "failed"]
+Security = Literal["starttls", "require-starttls", "tls", "none"]
+SECURITY: tuple[Security, ...] = ("starttls", "require-starttls", "tls", "none")
+
+_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What happened to one delivery attempt; ``reply`` is the deciding reply or problem."""
+
+    outcome: Outcome
+    reply: str
+    #: Recipients the relay refused (address → reply), when the outcome is decided by others.
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.outcome not in ("sent", "retry", "failed"):
+            raise ValueError(f"unknown outcome {self.outcome!r}")
+
+    @property
+    def temporarily_refused(self) -> tuple[str, ...]:
+        """Recipients refused with a 4xx: worth another attempt, for them alone."""
+        return tuple(r for r, reply in self.refused.items() if reply.startswith("4"))
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Where and how to hand messages over. ``helo=None`` lets smtplib use the host's FQDN."""
+
+    host: str
+    port: int
+    security: Security = "starttls"
+    username: str = ""
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 60.0
+    #: Verifies the server; ``None`` means the default context (system trust store).
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    helo: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.security not in SECURITY:
+            raise ConfigError(f"security = {self.security!r}; choose one of {', '.join(SECURITY)}")
+        if not 0 < self.port <= 65535:
+            raise ConfigError(f"port = {self.port}; give a TCP port (1–65535)")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout = {self.timeout}; give a positive number of seconds")
+        if self.username and self.password is None:
+            raise ConfigError(f"username = {self.username!r} needs a password")
+        if self.username and self.security == "none":
+            raise ConfigError(
+                'AUTH with security = "none" would send the password in clear; use "starttls", '
+                '"require-starttls" or "tls"'
+            )
+        if self.security != "none" and self.ssl_context is None:
+            object.__setattr__(self, "ssl_context", ssl.create_default_context())
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Relay:
+        """The relay of ``[relay]``: password from ``password_file`` (relative to the home) or
+        the environment variable ``password_env``; ``ca_file`` added to the system trust store;
+        HELO with the domain of the hub's address. :class:`ConfigError` on any problem."""
+        r = settings.relay
+        where = f"{settings.config_file}: [relay]"
+        password = _password(settings) if r.username else None
+        context = None
+        if r.security != "none":
+            context = ssl.create_default_context()
+            if r.ca_file is not None:
+                path = settings.path(r.ca_file)
+                try:
+                    context.load_verify_locations(cafile=str(path))
+                except (OSError, ssl.SSLError) as exc:
+                    why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+                    raise ConfigError(f"{where} ca_file {path} cannot be loaded: {why}") from None
+        try:
+            return cls(
+                host=r.host,
+                port=r.port,
+                security=cast(Security, r.security),
+                username=r.username,
+                password=password,
+                timeout=r.timeout,
+                ssl_context=context,
+                helo=settings.hub.address.rpartition("@")[2] or None,
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{where} {err.message}") from None
+
+
+def _password(settings: Settings) -> str:
+    r = settings.relay
+    if r.password_file is not None:
+        path = settings.path(r.password_file)
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"cannot read the relay password file {path}: {why}") from None
+    value = os.environ.get(r.password_env)
+    if not value:
+        raise ConfigError(
+            f"{settings.config_file}: [relay] username = {r.username!r} but there is no password: "
+            f"set ${r.password_env} or [relay] password_file"
+        )
+    return value
+
+
+class _NotSent(Exception):
+    """The session could not be set up; the message was never offered (→ retry)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def deliver(relay: Relay, message: bytes, *, mail_from: str, rcpt_to: Sequence[str]) -> Attempt:
+    """Hand ``message`` (CRLF line ends) to ``relay`` for ``rcpt_to``; never raises for a
+    network or peer problem (outcomes in the module docstring). A message that does not end
+    with CRLF gets one (RFC 5321 §4.1.1.4); a bare CR or LF is a caller's error (ValueError)."""
+    if not rcpt_to:
+        raise ValueError("deliver() needs at least one recipient")
+    if _BARE_EOL.search(message):
+        raise ValueError("the message has a bare CR or LF; outbound messages must use CRLF")
+    smtp: smtplib.SMTP | None = None
+    try:
+        smtp = _connect(relay)
+        _secure(smtp, relay)
+        attempt = _transaction(smtp, message, mail_from, rcpt_to)
+    except _NotSent as stop:
+        attempt = Attempt("retry", stop.reply)
+    except (smtplib.SMTPException, OSError) as exc:  # includes ssl.SSLError, TimeoutError
+        if smtp is not None:
+            smtp.close()
+        return Attempt("retry", _broken(exc, relay))
+    if smtp is not None:
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+    return attempt
+
+
+def _connect(relay: Relay) -> smtplib.SMTP:
+    """Step 1 of the plan (smtplib closes the socket itself if this fails)."""
+    host, port, helo, timeout = relay.host, relay.port, relay.helo, relay.timeout
+    try:
+        if relay.security == "tls":
+            context = relay.ssl_context
+            return smtplib.SMTP_SSL(host, port, helo, timeout=timeout, context=context)
+        return smtplib.SMTP(host, port, helo, timeout=timeout)
+    except smtplib.SMTPConnectError as exc:
+        raise _NotSent(f"{_reply(exc.smtp_code, exc.smtp_error)} (greeting)") from None
+
+
+def _secure(smtp: smtplib.SMTP, relay: Relay) -> None:
+    """Steps 2 and 3 of the plan; raises :class:`_NotSent` with the reason."""
+    _step("EHLO", smtp.ehlo_or_helo_if_needed)
+    if relay.security in ("starttls", "require-starttls"):
+        if smtp.has_extn("starttls"):
+            code, text = smtp.starttls(context=relay.ssl_context)
+            if code != 220:
+                raise _NotSent(f"{_reply(code, text)} (in reply to STARTTLS)")
+            _step("EHLO", smtp.ehlo_or_helo_if_needed)  # RFC 3207 §4.2: forget, ask again
+        elif relay.security == "require-starttls":
+            raise _NotSent(
+                f"{relay.host}:{relay.port} does not offer STARTTLS and security = "
+                '"require-starttls": not sending in clear'
+            )
+    if relay.username:
+        if not isinstance(smtp.sock, ssl.SSLSocket):
+            raise _NotSent(
+                f"{relay.host}:{relay.port} does not offer STARTTLS: not sending the relay "
+                "password in clear"
+            )
+        try:
+            _step("AUTH", lambda: smtp.login(relay.username, relay.password or ""))
+        except smtplib.SMTPServerDisconnected:
+            raise
+        except smtplib.SMTPException as exc:  # AUTH not offered, or no common mechanism
+            raise _NotSent(f"AUTH as {relay.username!r} impossible: {exc}") from None
+
+
+def _step(name: str, call: Callable[[], _T]) -> _T:
+    try:
+        return call()
+    except smtplib.SMTPResponseException as exc:
+        raise _NotSent(f"{_reply(exc.smtp_code, exc.smtp_error)} (in reply to {name})") from None
+
+
+def _transaction(
+    smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpt_to: Sequence[str]
+) -> Attempt:
+    """Step 4 of the plan: from here on, the reply codes speak about this message."""
+    options = [f"SIZE={len(message)}"] if smtp.has_extn("size") else []
+    if not message.isascii():
+        if not smtp.has_extn("8bitmime"):
+            return Attempt("failed", "the relay does not offer 8BITMIME for an 8-bit message")
+        options.append("BODY=8BITMIME")
+    if not all(a.isascii() for a in (mail_from, *rcpt_to)):
+        if not smtp.has_extn("smtputf8"):
+            return Attempt("failed", "the relay does not offer SMTPUTF8 for a non-ASCII address")
+        options.append("SMTPUTF8")
+    code, text = smtp.mail(mail_from, options)
+    if code != 250:
+        return _answer(code, text)
+    refused: dict[str, str] = {}
+    for rcpt in rcpt_to:
+        code, text = smtp.rcpt(rcpt)
+        if code not in (250, 251):
+            refused[rcpt] = _reply(code, text)
+    if len(refused) == len(rcpt_to):
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            smtp.rset()
+        temporary = any(reply.startswith("4") for reply in refused.values())
+        return Attempt("retry" if temporary else "failed", next(iter(refused.values())), refused)
+    try:
+        code, final = smtp.data(message)
+    except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
+        return _answer(exc.smtp_code, exc.smtp_error, refused)
+    return _answer(code, final, refused)
+
+
+def _answer(code: int, text: bytes | str, refused: dict[str, str] | None = None) -> Attempt:
+    outcome: Outcome = "sent" if 200 <= code < 300 else "failed" if 500 <= code < 600 else "retry"
+    return Attempt(outcome, _reply(code, text), refused or {})
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return f"{code} {' '.join(text.split())}".strip()
+
+
+def _broken(exc: OSError, relay: Relay) -> str:
+    """One line for a failed connection or session."""
+    peer = f"{relay.host}:{relay.port}"
+    if isinstance(exc, smtplib.SMTPServerDisconnected) and isinstance(exc.__context__, OSError):
+        exc = exc.__context__  # smtplib reports a timeout or reset while reading as a disconnect
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS with {peer} failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with {peer} failed: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {peer}"
+    if isinstance(exc, ConnectionResetError):
+        return f"connection reset by {peer}"
+    if isinstance(exc, TimeoutError):
+        return f"{peer} did not answer within {relay.timeout:g} s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {relay.host}: {exc.strerror}"
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return f"{peer} closed the connection: {exc}"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _reply(exc.smtp_code, exc.smtp_error)
+    return f"cannot talk to {peer}: {exc.strerror or exc}"

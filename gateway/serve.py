@@ -1,0 +1,389 @@
+"""``gateway serve``: the running gateway.
+
+One supervisor process holds what waits on the network — the SMTP and LMTP listeners (each
+answers ``250`` only once the message is durably in the intake table), the IMAP poller, the
+sender that hands outbound mail to the relay, and the metrics endpoint. The CPU work —
+decrypting, verifying, parsing, filing, signing receipts, re-encrypting deliveries — runs in
+``[serve] workers`` separate processes, so it never stalls a listener's event loop and uses
+every core. Workers claim work with leases in the database, so several processes (and, on
+PostgreSQL, several machines) share the queue without a coordinator.
+
+Start-up resumes whatever a crash left half done: claims held by processes of this host that
+no longer run are released at once (others expire with their lease). Stopping (SIGTERM or
+SIGINT) closes the listeners first, then lets the workers finish the batch in hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from archive import tables as t
+from archive.blobs import BlobStore
+from archive.db import Database
+from archive.service import Archive, SigningKey, master_key
+from formats.errors import ConfigError, TransientError
+from formats.payload import Organ
+from gateway import logs
+from gateway import settings as settings_mod
+from gateway.loading import load_context
+from gateway.metrics import MetricsServer, render
+from gateway.outbound import Builder, Hub, Sender
+from gateway.pipeline import Context
+from gateway.settings import Settings, host_port
+from gateway.worker import Worker
+
+log = logging.getLogger("gateway.serve")
+
+IDLE = 0.02  # seconds a worker waits when there is nothing to do
+CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
+
+
+def open_database(settings: Settings) -> Database:
+    return Database.open(settings.database_url, busy_timeout_ms=settings.database.busy_timeout_ms)
+
+
+def open_archive(settings: Settings, db: Database, signer: SigningKey | None) -> Archive:
+    key = master_key(settings.path(settings.archive.master_key_file), db)
+    return Archive(
+        db,
+        BlobStore(key),
+        origin=settings.archive.origin or settings.hub.address,
+        signer=signer,
+        checkpoint_every=settings.archive.checkpoint_every,
+    )
+
+
+def hub_signer(ctx: Context, at: datetime) -> SigningKey:
+    """The newest hub key whose certificate is valid now: it signs receipts and checkpoints."""
+    usable = [
+        k for k in ctx.keys if k.cert.not_valid_before_utc <= at <= k.cert.not_valid_after_utc
+    ]
+    if not usable:
+        raise ConfigError("no hub certificate is valid now: receipts cannot be signed")
+    newest = max(usable, key=lambda k: k.cert.not_valid_before_utc)
+    return newest.cert, newest.key
+
+
+class ContextCache:
+    """The pipeline context, loaded again when an admin changes keys, agencies or evidence."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings, self.db = settings, db
+        self._version: tuple[Any, ...] | None = None
+        self._ctx: Context | None = None
+        self._checked = 0.0
+
+    def __call__(self) -> Context:
+        now = time.monotonic()
+        if self._ctx is None or now - self._checked >= CONTEXT_CHECK:
+            self._checked = now
+            version = self._current_version()
+            if version != self._version or self._ctx is None:
+                self._ctx = load_context(self.settings, self.db)
+                self._version = version
+        return self._ctx
+
+    def _current_version(self) -> tuple[Any, ...]:
+        with self.db.session(read_only=True) as s:
+            return (
+                s.scalar(select(func.max(t.AdminEvent.seq))),
+                s.scalar(select(func.max(t.RevocationEvidence.id))),
+            )
+
+
+def hub_identity(settings: Settings, ctx: Context, at: datetime) -> Hub:
+    return Hub(
+        settings.hub.address,
+        Organ(settings.hub.organ_id, settings.hub.organ_name, settings.hub.address),
+        hub_signer(ctx, at),
+        settings.serve.admin_address,
+    )
+
+
+def worker_main(
+    home: str, index: int, stop: ProcessEvent, log_format: str, log_level: str = "info"
+) -> None:
+    """One pipeline process: claim, process, file, build what is owed; until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    logs.configure(log_format, log_level)
+    settings = settings_mod.load(Path(home))
+    db = open_database(settings)
+    contexts = ContextCache(settings, db)
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    archive = open_archive(settings, db, hub_signer(contexts(), clock()))
+    worker = Worker(archive, contexts, clock=clock, name=name)
+    builder = Builder(
+        archive,
+        hub_identity(settings, contexts(), clock()),
+        lambda: contexts().directory,
+        clock,
+        name,
+    )
+    log.info("worker %d ready", index)
+    failures = 0
+    while not stop.is_set():
+        try:
+            busy = bool(worker.run_once()) | bool(builder.run_once())
+            failures = 0
+        except (TransientError, SQLAlchemyError, OSError) as exc:
+            failures += 1
+            log.warning("worker %d: %s; trying again", index, exc)
+            stop.wait(min(30.0, 0.5 * 2**failures))
+            continue
+        if not busy:
+            stop.wait(IDLE)
+    db.dispose()
+
+
+def release_stale_claims(db: Database, host: str) -> int:
+    """Release claims held by processes of ``host`` that are gone (their work resumes now)."""
+    released = 0
+    with db.session() as s:
+        for table, busy, back in (
+            (t.Intake, ("working",), "new"),
+            (t.Outbox, ("building",), "new"),
+            (t.Outbox, ("sending",), "ready"),
+        ):
+            holders = s.scalars(select(table.worker).where(table.state.in_(busy)).distinct()).all()
+            dead = [w for w in holders if w and _gone(w, host)]
+            if dead:
+                result = s.execute(
+                    update(table)
+                    .where(table.state.in_(busy), or_(*(table.worker == w for w in dead)))
+                    .values(state=back, worker=None, lease_until=None)
+                )
+                released += result.rowcount  # type: ignore[attr-defined]
+    return released
+
+
+def _gone(worker: str, host: str) -> bool:
+    name, _, pid = worker.rpartition(":")
+    if worker == "waiting":
+        return False
+    if name != host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass
+class Supervisor:
+    settings: Settings
+    stop: threading.Event = field(default_factory=threading.Event)
+    log_format: str = "json"
+    log_level: str = "info"
+    on_ready: Callable[[dict[str, Any]], None] = lambda _info: None
+
+    def run(self) -> None:
+        settings = self.settings
+        db = open_database(settings)
+        ctx = load_context(settings, db)  # fails here, clearly, if keys or trust are missing
+        now = datetime.now(UTC)
+        signer = hub_signer(ctx, now)
+        archive = open_archive(settings, db, signer)  # creates the master key once, here
+        released = release_stale_claims(db, socket.gethostname())
+        if released:
+            log.info("resumed %d items left claimed by stopped processes", released)
+        spawn = mp.get_context("spawn")
+        workers_stop = spawn.Event()
+        processes: list[Any] = []
+
+        def start_worker(index: int) -> Any:
+            p = spawn.Process(
+                target=worker_main,
+                args=(str(settings.home), index, workers_stop, self.log_format, self.log_level),
+                name=f"gateway-worker-{index}",
+                daemon=True,
+            )
+            p.start()
+            return p
+
+        processes = [start_worker(i) for i in range(settings.serve.workers)]
+        listeners = self._listeners(db, ctx)
+        sender_thread = threading.Thread(
+            target=self._send_loop, args=(archive,), name="sender", daemon=True
+        )
+        sender_thread.start()
+        imap_thread = self._imap(db)
+        metrics = None
+        if settings.serve.metrics:
+            host, port = host_port(settings.serve.metrics, "[serve] metrics")
+            metrics = MetricsServer(
+                host,
+                port,
+                lambda: render(
+                    db,
+                    _merged_replies(listeners),
+                    sum(1 for p in processes if p.is_alive()),
+                ),
+            ).start()
+        info = {
+            "listeners": {name: lst.port for name, lst in listeners.items()},
+            "metrics": metrics.port if metrics else None,
+            "workers": len(processes),
+            "pid": os.getpid(),
+        }
+        log.info("gateway serving", extra={"fields": info})
+        self.on_ready(info)
+        restarts: dict[int, float] = {}
+        while not self.stop.wait(0.5):
+            for i, p in enumerate(processes):
+                if not p.is_alive() and time.monotonic() - restarts.get(i, 0.0) > 5.0:
+                    log.error("worker %d exited (code %s); starting it again", i, p.exitcode)
+                    restarts[i] = time.monotonic()
+                    processes[i] = start_worker(i)
+        log.info("stopping: no new mail accepted; finishing work in hand")
+        for lst in listeners.values():
+            lst.stop()
+        workers_stop.set()
+        for p in processes:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        sender_thread.join(timeout=30)
+        if imap_thread is not None:
+            imap_thread.join(timeout=30)
+        if metrics is not None:
+            metrics.stop()
+        db.dispose()
+        log.info("stopped")
+
+    def _listeners(self, db: Database, ctx: Context) -> dict[str, Any]:
+        from gateway import smtp  # aiosmtpd is needed only when listening
+
+        s = self.settings
+        tls = _tls_context(s)
+        out: dict[str, Any] = {}
+        for name, address in (("smtp", s.listen.smtp), ("lmtp", s.listen.lmtp)):
+            if not address:
+                continue
+            host, port = host_port(address, f"[listen] {name}")
+            out[name] = smtp.start(
+                db,
+                host=host,
+                port=port,
+                hub_addresses=[s.hub.address],
+                limits=s.limits,
+                tls_context=tls if name == "smtp" else None,
+                require_tls=s.listen.require_tls and name == "smtp",
+                lmtp=name == "lmtp",
+                max_recipients=s.listen.max_recipients,
+                timeout=s.listen.timeout,
+            )
+        return out
+
+    def _send_loop(self, archive: Archive) -> None:
+        from gateway.relay import Relay, deliver
+
+        relay = Relay.from_settings(self.settings)
+        sender = Sender(
+            archive,
+            lambda message, mail_from, rcpt_to: deliver(
+                relay, message, mail_from=mail_from, rcpt_to=rcpt_to
+            ),
+            lambda: datetime.now(UTC),
+            f"{socket.gethostname()}:{os.getpid()}",
+            admin=self.settings.serve.admin_address,
+            give_up_after=timedelta(hours=self.settings.serve.give_up_after_hours),
+        )
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                busy = bool(sender.run_once())
+                failures = 0
+            except (TransientError, SQLAlchemyError, OSError) as exc:
+                failures += 1
+                log.warning("sender: %s; trying again", exc)
+                self.stop.wait(min(30.0, 0.5 * 2**failures))
+                continue
+            if not busy:
+                self.stop.wait(0.2)
+
+    def _imap(self, db: Database) -> threading.Thread | None:
+        if not self.settings.imap.host:
+            return None
+        from gateway.imap import ImapPoller
+
+        imap = self.settings.imap
+        context = None
+        if imap.ca_file is not None:
+            import ssl
+
+            context = ssl.create_default_context(cafile=str(self.settings.path(imap.ca_file)))
+        poller = ImapPoller(
+            db,
+            host=imap.host,
+            port=imap.port,
+            security=imap.security,
+            username=imap.username,
+            password=_secret(self.settings, imap.password_file, imap.password_env, "[imap]"),
+            mailbox=imap.mailbox,
+            done_mailbox=imap.done_mailbox,
+            oversize_mailbox=imap.done_mailbox.rsplit("/", 1)[0] + "/Oversize"
+            if "/" in imap.done_mailbox
+            else "Oversize",
+            poll_seconds=imap.poll_seconds,
+            ssl_context=context,
+            limits=self.settings.limits,
+        )
+        thread = threading.Thread(target=poller.run, args=(self.stop,), name="imap", daemon=True)
+        thread.start()
+        return thread
+
+
+def _secret(settings: Settings, file: Path | None, env: str, section: str) -> str:
+    if file is not None:
+        path = settings.path(file)
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{section} password_file {path}: {exc.strerror}") from None
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"{section}: set the password in ${env} or name a password_file")
+    return value
+
+
+def _merged_replies(listeners: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lst in listeners.values():
+        for code, n in lst.handler.replies.items():
+            out[code] = out.get(code, 0) + n
+    return out
+
+
+def _tls_context(s: Settings) -> Any:
+    if s.listen.tls_certificate is None:
+        return None
+    import ssl
+
+    if s.listen.tls_key is None:
+        raise ConfigError("[listen] tls_certificate needs tls_key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(s.path(s.listen.tls_certificate), s.path(s.listen.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[listen] TLS certificate or key is not usable: {exc}") from None
+    return context

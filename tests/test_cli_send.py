@@ -1,0 +1,302 @@
+"""``gateway send`` end to end: a demo home made now, the command run with CliRunner, a real
+aiosmtpd relay on loopback; what arrives must pass the gateway's own pipeline and
+``openssl cms -decrypt`` + ``-verify``. Every refusal is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from hashlib import sha256
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from archive.db import Database
+from formats.payload import Attachment, Organ, Signer, build_payload
+from gateway import cli
+from gateway import settings as settings_mod
+from gateway.demo import HUB_ADDRESS, WORK_PERMITS, DemoWorld
+from gateway.loading import load_context
+from gateway.pipeline import process
+from keys.issuing import issue_agency, pkcs12_bundle
+from tests.test_relay import LoopbackController, Peer
+
+SNV, CATP = "H26.SNV", "H26.CATP"
+SNV_EMAIL = "vanthu@snv.hanoi.gov.vn"
+P12_SECRET = "p12 passphrase for tests"
+PASSPHRASE = b"demo passphrase"
+
+
+@pytest.fixture(scope="module")
+def peer() -> Iterator[tuple[Peer, int]]:
+    handler = Peer()
+    controller = LoopbackController(handler, hostname="127.0.0.1", port=0)
+    controller.start()
+    yield handler, controller.port
+    controller.stop()
+
+
+@pytest.fixture(scope="module")
+def world() -> DemoWorld:
+    return DemoWorld.create(datetime.now(UTC))  # now: the CLI reads the clock
+
+
+@pytest.fixture(scope="module")
+def home(
+    world: DemoWorld, tmp_path_factory: pytest.TempPathFactory, peer: tuple[Peer, int]
+) -> Path:
+    """A demo home with keys and directory in files, relaying to the loopback peer."""
+    home = tmp_path_factory.mktemp("send-home")
+    world.write_home(home, PASSPHRASE)
+    with (home / "gateway.toml").open("a", encoding="utf-8") as toml:
+        toml.write(f'\n[relay]\nhost = "127.0.0.1"\nport = {peer[1]}\nsecurity = "none"\n')
+    (home / "agencies/H26.SNV.p12").write_bytes(
+        pkcs12_bundle(
+            world.agencies[SNV], [world.root.cert], passphrase=P12_SECRET.encode(), name=SNV
+        )
+    )
+    stranger = issue_agency(
+        world.root,
+        email="someone@snv.hanoi.gov.vn",
+        organ_id=None,
+        common_name="A mailbox the directory does not know",
+        at=world.at,
+        key_kind="rsa2048",
+    )
+    (home / "agencies/stranger.pem").write_bytes(stranger.cert_pem())
+    (home / "agencies/stranger.key").write_bytes(stranger.key_pem(PASSPHRASE))
+    annex = b"%PDF-1.4 an annex the payload lists\n"
+    (home / "annex.pdf").write_bytes(annex)
+    listed = Attachment("annex.pdf", "application/pdf", len(annex), sha256(annex).hexdigest())
+    for name, attachments in (("payload.xml", []), ("payload-annex.xml", [listed])):
+        payload = build_payload(
+            "work-permit",
+            sender=Organ(SNV, "Sở Nội vụ thành phố Hà Nội", SNV_EMAIL),
+            recipients=[Organ(CATP, "Công an thành phố Hà Nội", "pa08@congan.hanoi.gov.vn")],
+            records=WORK_PERMITS,
+            document_number="7/SNV-VLATLĐ",
+            issued_on=world.at.date(),
+            message_id=uuid.uuid4(),
+            period="2026-10",
+            signer=Signer("Trần Văn Minh", "Phó Giám đốc"),
+            attachments=attachments,
+        )
+        (home / name).write_bytes(payload.to_xml())
+    return home
+
+
+@pytest.fixture(scope="module")
+def db_home(
+    world: DemoWorld, tmp_path_factory: pytest.TempPathFactory, peer: tuple[Peer, int]
+) -> Path:
+    """A home with everything in the database: directory, hub key, enrolled agency certificates."""
+    home = tmp_path_factory.mktemp("send-db-home")
+    world.install(home, PASSPHRASE, relay_port=peer[1])
+    (home / "agencies").mkdir()
+    unenrolled = issue_agency(
+        world.root,
+        email=SNV_EMAIL,
+        organ_id=SNV,
+        common_name="SNV (not enrolled)",
+        at=world.at,
+        key_kind="rsa2048",
+    )
+    for name, issued in ((SNV, world.agencies[SNV]), ("unenrolled", unenrolled)):
+        (home / f"agencies/{name}.pem").write_bytes(issued.cert_pem())
+        (home / f"agencies/{name}.key").write_bytes(issued.key_pem(PASSPHRASE))
+    return home
+
+
+@pytest.fixture
+def relay(peer: tuple[Peer, int]) -> Peer:
+    handler = peer[0]
+    handler.received.clear()
+    handler.mail_reply, handler.rcpt_replies = None, {}
+    handler.data_reply = "250 2.0.0 Ok: queued as 77"
+    return handler
+
+
+def send(home: Path, *args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+    return CliRunner().invoke(
+        cli.cli, ["--home", str(home), "send", *map(str, args)], env=env, catch_exceptions=False
+    )
+
+
+def pem(home: Path, organ_id: str = SNV) -> list[str | Path]:
+    return [
+        "--key", home / f"agencies/{organ_id}.key", "--cert", home / f"agencies/{organ_id}.pem",
+        "--passphrase-file", home / "keys/passphrase",
+    ]  # fmt: skip
+
+
+def openssl(*args: str | Path) -> bytes:
+    proc = subprocess.run(["openssl", *map(str, args)], capture_output=True, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout
+
+
+# --- sent, accepted, interoperable -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["pem", "p12", "attachment"])
+def test_sent_message_is_accepted_by_the_gateway(home: Path, relay: Peer, variant: str) -> None:
+    xml, env = home / "payload.xml", {"GATEWAY_SEND_PASSPHRASE": P12_SECRET}
+    args: list[str | Path] = {
+        "pem": ["--to", CATP, *pem(home)],
+        "p12": ["--key", home / "agencies/H26.SNV.p12"],
+        "attachment": [*pem(home), "--attach", home / "annex.pdf"],
+    }[variant]
+    if variant == "attachment":
+        xml = home / "payload-annex.xml"
+    result = send(home, xml, "--as", SNV, *args, env=env)
+    assert result.exit_code == 0, result.output
+    [got] = relay.received
+    message_id = got.content.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    assert result.output == (
+        f"sent {message_id} from {SNV} to {HUB_ADDRESS}: 250 2.0.0 Ok: queued as 77\n"
+    )
+    assert message_id.endswith("@snv.hanoi.gov.vn>")
+    assert (got.mail_from, got.rcpt_tos) == (SNV_EMAIL, [HUB_ADDRESS])
+
+    assert_accepted(home, got.content, xml.read_bytes())
+
+
+def assert_accepted(home: Path, raw: bytes, xml: bytes) -> None:
+    """The gateway's own pipeline, with the context that home configures."""
+    settings = settings_mod.load(home)
+    db = Database.open(settings.database_url)
+    try:
+        context = load_context(settings, db)
+    finally:
+        db.dispose()
+    verdict = process(raw, context, at=datetime.now(UTC))
+    assert verdict.errors == ()
+    assert verdict.accepted
+    assert verdict.opened is not None
+    assert verdict.opened.payload == xml
+
+
+def test_directory_hub_key_and_enrolment_from_the_database(
+    db_home: Path, home: Path, relay: Peer
+) -> None:
+    xml = home / "payload.xml"
+    result = send(db_home, xml, "--as", SNV, *pem(db_home))
+    assert result.exit_code == 0, result.output
+    assert_accepted(db_home, relay.received[0].content, xml.read_bytes())
+
+    result = send(db_home, xml, "--as", SNV, *pem(db_home, "unenrolled"))
+    assert result.exit_code == 2
+    assert (
+        "is not enrolled for H26.SNV (or not usable now), so the hub would refuse it"
+        in result.output
+    )
+    assert len(relay.received) == 1
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_sent_message_opens_with_openssl(home: Path, relay: Peer, tmp_path: Path) -> None:
+    assert send(home, home / "payload.xml", "--as", SNV, *pem(home)).exit_code == 0
+    (tmp_path / "msg.eml").write_bytes(relay.received[0].content)
+    decrypted = openssl(
+        "cms", "-decrypt", "-in", tmp_path / "msg.eml", "-recip", home / "keys/hub.pem",
+        "-inkey", home / "keys/hub.key", "-passin", f"file:{home / 'keys/passphrase'}",
+    )  # fmt: skip
+    (tmp_path / "signed.eml").write_bytes(decrypted)
+    content = openssl(
+        "cms", "-verify", "-in", tmp_path / "signed.eml", "-purpose", "smimesign",
+        "-CAfile", home / "trust/anchors/demo-root.pem",
+    )  # fmt: skip
+    body = content.split(b"\r\n\r\n", 1)[1]
+    assert base64.b64decode(body) == (home / "payload.xml").read_bytes()
+
+
+def test_dry_run_and_output_send_nothing(home: Path, relay: Peer, tmp_path: Path) -> None:
+    out = tmp_path / "out.eml"
+    result = send(home, home / "payload.xml", "--as", SNV, *pem(home), "--output", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert '"outcome": "not sent"' in result.output
+    assert out.read_bytes().startswith(f"From: {SNV_EMAIL}\r\nTo: {HUB_ADDRESS}\r\n".encode())
+    result = send(home, home / "payload.xml", "--as", SNV, *pem(home), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("not sent (dry run)\n")
+    assert relay.received == []
+
+
+# --- refused before sending, one line each -----------------------------------------------------
+
+
+def test_refusals_before_sending(home: Path, relay: Peer, tmp_path: Path) -> None:
+    xml = home / "payload.xml"
+    (tmp_path / "bad.xml").write_bytes(b"<Payload><unclosed></Payload>")
+    (tmp_path / "wrong").write_text("not the passphrase\n")
+    cases = {
+        "invalid XML": ([tmp_path / "bad.xml", "--as", SNV, *pem(home)], "bad.xml: "),
+        "wrong --as": (
+            [xml, "--as", CATP, *pem(home, CATP)],
+            f"the payload's From/OrganId is {SNV}, not {CATP} (--as)",
+        ),
+        "--to mismatch": (
+            [xml, "--as", SNV, "--to", CATP, "--to", "H26.STP", *pem(home)],
+            "differs from --to: --to names H26.STP, the payload does not",
+        ),
+        "wrong passphrase": (
+            [xml, "--as", SNV, *pem(home)[:4], "--passphrase-file", tmp_path / "wrong"],
+            "H26.SNV.key: wrong passphrase",
+        ),
+        "not the agency's certificate": (
+            [xml, "--as", SNV, *pem(home, CATP)],
+            "belongs to OrganId H26.CATP, not H26.SNV",
+        ),
+        "certificate e-mail not the agency's": (
+            [xml, "--as", SNV, *pem(home, "stranger")],
+            "the certificate's e-mail <someone@snv.hanoi.gov.vn> is not a mailbox of H26.SNV "
+            "(vanthu@snv.hanoi.gov.vn)",
+        ),
+        "attachment not given": (
+            [home / "payload-annex.xml", "--as", SNV, *pem(home)],
+            "the payload lists attachment(s) annex.pdf: give each with --attach FILE",
+        ),
+        "no passphrase": (
+            [xml, "--as", SNV, "--key", home / "agencies/H26.SNV.p12"],
+            "no passphrase: give --passphrase-file or set $GATEWAY_SEND_PASSPHRASE",
+        ),
+    }
+    for name, (args, message) in cases.items():
+        result = send(home, *args, env={"GATEWAY_SEND_PASSPHRASE": None})
+        assert result.exit_code == 2, (name, result.output)
+        assert message in result.output, (name, result.output)
+        assert result.output.count("\n") == 1, (name, result.output)
+    assert relay.received == []
+
+
+# --- the relay says no --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "exit_code", "message"),
+    [
+        (
+            "550 5.7.1 relaying denied",
+            1,
+            "not sent; the relay refused it: 550 5.7.1 relaying denied",
+        ),
+        (
+            "451 4.3.0 queue full",
+            75,
+            "not sent; the relay cannot take it now, try later: 451 4.3.0 queue full",
+        ),
+    ],
+)
+def test_relay_refusal_exits_with_the_reply(
+    home: Path, relay: Peer, reply: str, exit_code: int, message: str
+) -> None:
+    relay.data_reply = reply
+    result = send(home, home / "payload.xml", "--as", SNV, *pem(home))
+    assert result.exit_code == exit_code
+    assert result.output == f"Error: {message}\n"
