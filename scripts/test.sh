@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the gateway with its test tools into .venv, make sure the real peers the tests talk
-# to are present (openssl, gpgsm, the PostgreSQL server binaries), and run the test suite.
-# The tests start their own throw-away PostgreSQL cluster (tests/pg.py); the distribution's
-# cluster is neither needed nor, when this script installs the package, created.
+# to are present (openssl, gpgsm, the PostgreSQL server binaries, Dovecot), and run the test suite.
+# The tests start their own throw-away PostgreSQL cluster (tests/pg.py) and Dovecot (tests/dovecot.py);
+# the distribution's cluster is neither needed nor, when this script installs the package, created,
+# and a Dovecot service the package may start is stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -10,6 +11,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v gpgsm >/dev/null || need+=(gpgsm)
 have_initdb() { command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
 have_initdb || need+=(postgresql)
+command -v dovecot >/dev/null || [ -x /usr/sbin/dovecot ] || need+=(dovecot-imapd)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     if [[ " ${need[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.d/no-main-cluster.conf ]; then
@@ -18,6 +20,11 @@ if [ ${#need[@]} -gt 0 ]; then
       echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/no-main-cluster.conf
     fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    if [[ " ${need[*]} " == *" dovecot-imapd "* ]]; then
+      # The tests run their own server; the system one (if the package started it) is not used.
+      service dovecot stop >/dev/null 2>&1 || true
+      update-rc.d dovecot disable >/dev/null 2>&1 || true
+    fi
   else
     echo "note: ${need[*]} not installed; tests that need them will be skipped" >&2
   fi
