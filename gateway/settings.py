@@ -42,6 +42,9 @@ Example (all keys optional)::
     # tls_certificate = "keys/smtp.pem"      # PEM files for STARTTLS (SMTP only)
     # tls_key = "keys/smtp.key"
     require_tls = false                      # true: 530 until STARTTLS
+    # auth_file = "keys/submitters"          # SMTP AUTH (after STARTTLS) for agencies that
+                                             # submit directly: `gateway submitters set ADDR`
+    require_auth = false                     # true: 530 until AUTH (needs auth_file)
     max_recipients = 50
     timeout = 300.0                          # seconds a session may idle
 
@@ -128,6 +131,8 @@ class ListenSettings:
     tls_certificate: Path | None = None
     tls_key: Path | None = None
     require_tls: bool = False
+    auth_file: Path | None = None
+    require_auth: bool = False
     max_recipients: int = 50
     timeout: float = 300.0
 
@@ -278,6 +283,12 @@ def load(home: Path) -> Settings:
         raise ConfigError(f"{config}: [serve] workers must be at least 1")
     if settings.listen.require_tls and settings.listen.tls_certificate is None:
         raise ConfigError(f"{config}: [listen] require_tls needs tls_certificate and tls_key")
+    if settings.listen.auth_file is not None and settings.listen.tls_certificate is None:
+        raise ConfigError(
+            f"{config}: [listen] auth_file needs tls_certificate and tls_key (AUTH only over TLS)"
+        )
+    if settings.listen.require_auth and settings.listen.auth_file is None:
+        raise ConfigError(f"{config}: [listen] require_auth needs auth_file")
     return settings
 
 

@@ -2,8 +2,10 @@
 
 An aiosmtpd adapter over :func:`gateway.intake.accept`. The handler checks the limits of
 DESIGN §5 rule 4, commits the exact bytes received off the event loop, and answers
-``250 2.0.0 queued as <n>`` only once the commit returned (rule 7). Decryption and
-verification happen later, in the workers.
+``250 2.0.0 queued as <n>`` only once the commit returned (rule 7). Commits are grouped
+(:class:`gateway.intake.GroupCommitter`): messages that complete while one is under way share
+the next transaction, and each gets its 250 — or, if it failed, its 451 — only after it.
+Decryption and verification happen later, in the workers.
 
 Replies (enhanced status codes, RFC 3463; ENHANCEDSTATUSCODES is advertised, RFC 2034)::
 
@@ -164,6 +166,7 @@ class IntakeHandler:
         max_recipients: int = MAX_RECIPIENTS,
         executor: ThreadPoolExecutor | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        committer: intake.GroupCommitter | None = None,
     ) -> None:
         self.db = db
         self.hub_addresses = frozenset(a.strip().lower() for a in hub_addresses)
@@ -173,6 +176,10 @@ class IntakeHandler:
         self.max_recipients = max_recipients
         self.executor = executor
         self.clock = clock
+        #: The group commit (one transaction at a time in ``executor`` unless given).
+        self.committer = committer or intake.GroupCommitter(db, executor)
+        #: Whether SMTP AUTH is offered (submitters are configured).
+        self.auth = False
         #: DATA replies by code ("250", "451", "552" …), for the metrics endpoint.
         self.replies: Counter[str] = Counter()
         #: Commits under way (awaited by a graceful stop).
@@ -187,8 +194,9 @@ class IntakeHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        # No AUTH is offered (agencies submit over SMTP to the hub's address only).
-        lines = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        # AUTH is offered only when submitters are configured (gateway.submitters), and
+        # aiosmtpd offers it only once TLS is up.
+        lines = [r for r in responses if self.auth or not r[4:].upper().startswith("AUTH")]
         lines.insert(-1, "250-ENHANCEDSTATUSCODES")
         return lines
 
@@ -202,6 +210,9 @@ class IntakeHandler:
     ) -> str:
         if address != "<>" and not is_mailbox(address):  # "<>": the null reverse-path
             return "553 5.1.3 Bad sender address syntax"
+        login = session.auth_data if session.authenticated else None
+        if login is not None and address.strip("<>").lower() != login:
+            return "553 5.7.1 Sender address is not the authenticated submitter's"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
@@ -260,11 +271,13 @@ class IntakeHandler:
             mail_from=envelope.mail_from,
             rcpt_to=tuple(envelope.rcpt_tos),
             tls=_tls(session),
-            extra={"peer_port": port} if port else {},
+            extra=({"peer_port": port} if port else {})
+            | ({"auth": str(session.auth_data)} if session.authenticated else {}),
         )
-        # Off the event loop: a slow fsync must not stall the other sessions.
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.executor, intake.accept, self.db, raw, transport)
+        # Off the event loop (a slow fsync must not stall the other sessions), and grouped:
+        # messages whose data completes while a commit is under way share the next one. The
+        # future is resolved only once that transaction committed (or failed: then 451).
+        future = self.committer.submit(raw, transport)
         self.inflight.add(future)
         future.add_done_callback(self.inflight.discard)
         number = await future
@@ -381,7 +394,10 @@ class _Replies:
         return TRANSIENT
 
     async def smtp_AUTH(self, arg: str) -> None:
-        await self.push("502 5.5.1 AUTH is not offered")
+        if self._authenticator is None:  # type: ignore[attr-defined]
+            await self.push("502 5.5.1 AUTH is not offered")
+            return
+        await super().smtp_AUTH(arg)  # type: ignore[misc]
 
 
 class IntakeSMTP(_Replies, SMTP):
@@ -493,16 +509,24 @@ class Listener:
                         session.transport.close()
                 await asyncio.sleep(0.01)
             await server.wait_closed()
+            # Cancel the sessions, then sweep a few times: a connection accepted in the last
+            # moments gets its transport (connection_made) and its task only a tick later.
+            # After STARTTLS the socket's own transport sits under the TLS one: abort both
+            # (a TLS close would wait for the peer's close_notify, which may never come).
             current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # A connection accepted in the last moments may only now have its transport.
-            for session in list(self._sessions):
-                if session.transport is not None and not session.transport.is_closing():
-                    session.transport.close()
-            await asyncio.sleep(0)
+            for _ in range(5):
+                for session in list(self._sessions):
+                    for transport in (
+                        session.transport,
+                        getattr(session, "_original_transport", None),
+                    ):
+                        if isinstance(transport, asyncio.Transport):
+                            transport.abort()
+                tasks = [t for t in asyncio.all_tasks() if t is not current]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.sleep(0.01)
 
 
 def start(
@@ -520,12 +544,15 @@ def start(
     hostname: str | None = None,
     commit_threads: int | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    authenticator: Callable[..., Any] | None = None,
+    require_auth: bool = False,
 ) -> Listener:
     """Start an SMTP (or, with ``lmtp=True``, LMTP) intake listener and return it running.
 
     ``hostname`` is the name in the greeting (default: the domain of the first hub address;
-    no DNS lookup). ``commit_threads`` defaults to 1 on SQLite (one writer at a time anyway:
-    queue in Python, not on the busy lock) and 8 on PostgreSQL (commits group together).
+    no DNS lookup). ``commit_threads``, the group transactions under way at once, defaults to
+    1 on SQLite (one writer at a time anyway: queue in Python, not on the busy lock; messages
+    arriving meanwhile are committed together next) and 8 on PostgreSQL.
     """
     if require_tls and tls_context is None:
         raise ConfigError("require_tls needs a tls_context (a certificate and key for STARTTLS)")
@@ -536,6 +563,7 @@ def start(
         raise ConfigError("the listener needs at least one hub address to accept mail for")
     threads = commit_threads or (1 if db.dialect == "sqlite" else 8)
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="intake-commit")
+    committer = intake.GroupCommitter(db, executor, concurrency=threads)
     handler = IntakeHandler(
         db,
         hub_addresses=hub_addresses,
@@ -543,7 +571,13 @@ def start(
         max_recipients=max_recipients,
         executor=executor,
         clock=clock,
+        committer=committer,
     )
+    if require_auth and authenticator is None:
+        raise ConfigError("require_auth needs submitters (an auth_file)")
+    if authenticator is not None and (tls_context is None or lmtp):
+        raise ConfigError("SMTP AUTH needs STARTTLS (a TLS certificate) and is not for LMTP")
+    handler.auth = authenticator is not None
     name = hostname or hub_addresses[0].rpartition("@")[2] or "localhost"
     kind = IntakeLMTP if lmtp else IntakeSMTP
 
@@ -559,6 +593,9 @@ def start(
             require_starttls=require_tls,
             timeout=timeout,
             command_call_limit=COMMAND_LIMITS,
+            authenticator=authenticator,
+            auth_required=require_auth,
+            auth_require_tls=True,
         )
 
     return Listener(handler, protocol, host=host, port=port, executor=executor).start()

@@ -1,0 +1,118 @@
+"""SMTP AUTH for agencies that submit straight to the hub's listener (not through their own MX).
+
+Optional: with no ``[listen] auth_file`` the listener offers no AUTH. With one, it offers AUTH
+PLAIN and LOGIN — only after STARTTLS, so a password never crosses the network in clear — and
+``[listen] require_auth`` makes it mandatory (530 before AUTH). A submitter's login is its
+e-mail address, and it may only send ``MAIL FROM`` that address: one agency's password does
+not let it submit as another (the signature check would refuse that too, later; this refuses it
+at the door, with 553 5.7.1).
+
+The file holds one ``address scrypt$N$r$p$salt$hash`` line per submitter (``#`` comments),
+mode 0600, written by ``gateway submitters set``. Hashes are scrypt (RFC 7914, stdlib); a
+verified password is remembered in memory (as a salted digest) so that a client that opens a
+session per message does not pay scrypt's cost each time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from formats.errors import ConfigError
+
+N, R, P = 2**14, 8, 1
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=N, r=R, p=P, dklen=32)
+    b64 = base64.b64encode
+    return f"scrypt${N}${R}${P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_password(stored: str, password: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        got = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            dklen=32,
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def read_file(path: Path) -> dict[str, str]:
+    """address (lower case) → stored hash; ConfigError naming the line on anything else."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"submitters file {path}: {exc.strerror}") from None
+    out: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or "@" not in parts[0] or not parts[1].startswith("scrypt$"):
+            raise ConfigError(
+                f"{path}:{number}: expected 'address scrypt$…' (gateway submitters set)"
+            )
+        out[parts[0].lower()] = parts[1]
+    return out
+
+
+def write_file(path: Path, entries: Mapping[str, str]) -> None:
+    """Replace the file atomically, mode 0600."""
+    lines = ["# SMTP AUTH submitters: address and scrypt hash (gateway submitters set)"]
+    lines += [f"{address} {stored}" for address, stored in sorted(entries.items())]
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Authenticator:
+    """An aiosmtpd ``authenticator``: checks a login (an address) and its password."""
+
+    def __init__(self, entries: Mapping[str, str]) -> None:
+        self.entries = dict(entries)
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._pepper = os.urandom(16)
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        if not isinstance(data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = data.login.decode("utf-8", "replace").strip().lower()
+        password = data.password.decode("utf-8", "replace")
+        stored = self.entries.get(login)
+        if stored is None:
+            return AuthResult(success=False, handled=False)
+        memo = hashlib.sha256(self._pepper + stored.encode() + b"\0" + password.encode()).digest()
+        with self._lock:
+            known = memo in self._verified
+        if known or check_password(stored, password):
+            with self._lock:
+                self._verified.add(memo)
+            return AuthResult(success=True, auth_data=login)
+        return AuthResult(success=False, handled=False)

@@ -1,0 +1,162 @@
+"""SMTP AUTH for direct submitters: only over STARTTLS, only for their own address."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import ssl
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import select
+
+from archive import tables as t
+from archive.db import Database
+from formats.limits import Limits
+from gateway import smtp as listener
+from gateway.cli import cli
+from gateway.demo import HUB_ADDRESS
+from gateway.submitters import Authenticator, check_password, hash_password, read_file
+from keys.issuing import issue_agency, make_root
+from tests.conftest import WORLD_AT
+
+SNV = "vanthu@snv.hanoi.gov.vn"
+PASSWORD = "correct horse battery staple"
+MESSAGE = (
+    f"From: {SNV}\r\nTo: {HUB_ADDRESS}\r\nMessage-ID: <auth@snv>\r\nSubject: x\r\n\r\nbody\r\n"
+).encode()
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    home = tmp_path_factory.mktemp("tls")
+    root = make_root("Test TLS root", at=WORLD_AT - timedelta(days=1), key_kind="ec-p256")
+    leaf = issue_agency(
+        root, email=HUB_ADDRESS, organ_id=None, common_name="127.0.0.1",
+        at=WORLD_AT - timedelta(days=1), key_kind="ec-p256", eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+    )  # fmt: skip
+    (home / "cert.pem").write_bytes(leaf.cert_pem())
+    (home / "key.pem").write_bytes(leaf.key_pem())
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(home / "cert.pem", home / "key.pem")
+    client = ssl.create_default_context(cadata=root.cert_pem().decode())
+    client.check_hostname = False
+    return server, client
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database.open(f"sqlite:///{tmp_path}/a.db")
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def start(db: Database, tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> Iterator[object]:
+    started: list[listener.Listener] = []
+
+    def _start(**options: object) -> listener.Listener:
+        server = listener.start(
+            db, host="127.0.0.1", port=0, hub_addresses=[HUB_ADDRESS], limits=Limits(),
+            tls_context=tls[0], **options,  # type: ignore[arg-type]
+        )  # fmt: skip
+        started.append(server)
+        return server
+
+    yield _start
+    for server in started:
+        server.stop()
+
+
+def _client(server: listener.Listener, tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> smtplib.SMTP:
+    c = smtplib.SMTP("127.0.0.1", server.port, timeout=30)
+    c.ehlo("snv.hanoi.gov.vn")
+    return c
+
+
+def test_auth_is_offered_only_after_starttls_and_lets_an_agency_submit_as_itself(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], db: Database
+) -> None:
+    server = start(authenticator=Authenticator({SNV: hash_password(PASSWORD)}))  # type: ignore[operator]
+    with _client(server, tls) as c:
+        assert not c.has_extn("auth")  # never a password in clear
+        c.starttls(context=tls[1])
+        c.ehlo("snv.hanoi.gov.vn")
+        assert "PLAIN" in c.esmtp_features["auth"]
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            c.login(SNV, "wrong password")
+        assert refused.value.smtp_code == 535
+        assert c.login(SNV, PASSWORD)[0] == 235
+        code, text = c.mail("vanthu@stp.hanoi.gov.vn")  # another agency's address
+        assert (code, text.split()[0]) == (553, b"5.7.1")
+        assert c.mail(SNV)[0] == 250
+        assert c.rcpt(HUB_ADDRESS)[0] == 250
+        assert c.data(MESSAGE)[0] == 250
+    with db.session(read_only=True) as s:
+        [row] = s.scalars(select(t.Intake)).all()
+        assert row.transport["auth"] == SNV
+
+
+def test_required_auth_refuses_mail_before_login(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], db: Database
+) -> None:
+    server = start(authenticator=Authenticator({SNV: hash_password(PASSWORD)}), require_auth=True)  # type: ignore[operator]
+    with _client(server, tls) as c:
+        c.starttls(context=tls[1])
+        c.ehlo("snv.hanoi.gov.vn")
+        code, _ = c.mail(SNV)
+        assert code == 530
+    with db.session(read_only=True) as s:
+        assert s.scalars(select(t.Intake)).all() == []
+
+
+def test_without_submitters_no_auth_is_offered(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    server = start()  # type: ignore[operator]
+    with _client(server, tls) as c:
+        c.starttls(context=tls[1])
+        c.ehlo("snv.hanoi.gov.vn")
+        assert not c.has_extn("auth")
+
+
+def test_submitters_cli_keeps_salted_scrypt_hashes_in_a_private_file(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    runner = CliRunner()
+    done = runner.invoke(
+        cli,
+        [
+            "--home",
+            str(home),
+            "submitters",
+            "set",
+            SNV.upper(),
+            "--password-file",
+            str(tmp_path / "pw"),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    path = home / "keys/submitters"
+    assert path.stat().st_mode & 0o077 == 0
+    entries = read_file(path)
+    assert list(entries) == [SNV]
+    assert PASSWORD not in path.read_text()
+    assert check_password(entries[SNV], PASSWORD) and not check_password(entries[SNV], "x")
+    listed = runner.invoke(cli, ["--home", str(home), "submitters", "list", "--json"])
+    assert json.loads(listed.output)["submitters"] == [SNV]
+    (tmp_path / "short").write_text("short\n")
+    weak = runner.invoke(
+        cli,
+        ["--home", str(home), "submitters", "set", SNV, "--password-file", str(tmp_path / "short")],
+    )
+    assert weak.exit_code == 2 and "12 characters" in weak.output
+    gone = runner.invoke(cli, ["--home", str(home), "submitters", "remove", SNV])
+    assert gone.exit_code == 0 and read_file(path) == {}
+    again = runner.invoke(cli, ["--home", str(home), "submitters", "remove", SNV])
+    assert again.exit_code == 2
