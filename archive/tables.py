@@ -351,3 +351,29 @@ class MailboxState(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     last_uid: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime]
+
+
+# --- obligations ---------------------------------------------------------------------------------
+
+
+class Obligation(Base):
+    """One row of the obligation matrix (:class:`gateway.obligations.Obligation`): ``provider``
+    owes ``category`` to ``recipients`` every period, within ``valid_from``/``valid_to``
+    (inclusive local dates). Retiring sets ``valid_to``; nothing is deleted. ``due`` is the
+    rule's JSON shape; ``source`` is ``preset NAME`` or ``admin``."""
+
+    __tablename__ = "obligations"
+
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64), index=True)
+    recipients: Mapped[list[str]] = mapped_column(JSON)
+    category: Mapped[str] = mapped_column(String(64))
+    cadence: Mapped[str] = mapped_column(String(16))
+    due: Mapped[dict[str, Any]]
+    legal_basis: Mapped[str] = mapped_column(Text)
+    valid_from: Mapped[date | None] = mapped_column(Date)
+    valid_to: Mapped[date | None] = mapped_column(Date)
+    note: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
