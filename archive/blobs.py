@@ -28,8 +28,22 @@ from formats.errors import ConfigError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-#: Blobs larger than this are not compressed a second time when it does not pay.
 _LEVEL = 6
+#: A sample this big decides how a blob is compressed (see :func:`compress`).
+_SAMPLE = 16 * 1024
+
+
+def compress(data: bytes) -> bytes:
+    """zlib, chosen by what the data is: text (XML, headers) compresses well with LZ77 at
+    level 6; base64 of ciphertext or signatures does not — only its 6-bit alphabet does, which
+    Huffman coding alone captures (the same ratio, ~0.76, in a quarter of the time). Any zlib
+    stream decompresses the same way, so the choice is not recorded."""
+    if len(data) > _SAMPLE:
+        sample = data[:_SAMPLE]
+        if len(zlib.compress(sample, 1)) > 0.6 * len(sample):
+            packer = zlib.compressobj(_LEVEL, zlib.DEFLATED, 15, 8, zlib.Z_HUFFMAN_ONLY)
+            return packer.compress(data) + packer.flush()
+    return zlib.compress(data, _LEVEL)
 
 
 class BlobDamaged(Exception):
@@ -98,7 +112,7 @@ class BlobStore:
             rows = []
             for address, data in new.items():
                 nonce = os.urandom(NONCE_BYTES)
-                body = aead.encrypt(nonce, zlib.compress(data, _LEVEL), address.encode())
+                body = aead.encrypt(nonce, compress(data), address.encode())
                 rows.append(
                     {"sha256": address, "key_id": key_id, "size": len(data), "sealed": nonce + body}
                 )

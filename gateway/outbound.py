@@ -24,17 +24,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
-from sqlalchemy import or_, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.bundle import RECEIPT_BLOB, RECEIPT_FOR, RECEIPT_KIND
+from archive.db import Database
 from archive.log import Item
 from archive.service import Archive, SigningKey
 from formats import cms_envelope
@@ -50,6 +51,9 @@ log = logging.getLogger("gateway.outbound")
 
 LEASE = timedelta(minutes=5)
 RETRY_LATER = timedelta(seconds=30)
+#: How long the builder trusts its lookup of an agency's certificates (a retired certificate
+#: stops being encrypted to within this time).
+CERT_CACHE = timedelta(seconds=10)
 
 
 class Attempt(Protocol):
@@ -106,10 +110,10 @@ def _row(
     )
 
 
-def claim(s: Session, worker: str, now: datetime, limit: int, *, sending: bool) -> list[int]:
-    """Claim rows to build (``new``) or to send (``ready``, due ``retry``); expired claims too."""
+def waiting(now: datetime, *, sending: bool) -> Select[int]:
+    """Rows to build (``new``) or to send (``ready``, due ``retry``), and expired claims."""
     busy = "sending" if sending else "building"
-    waiting = (
+    state = (
         or_(
             t.Outbox.state == "ready",
             (t.Outbox.state == "retry") & (t.Outbox.next_attempt_at <= now),
@@ -117,12 +121,21 @@ def claim(s: Session, worker: str, now: datetime, limit: int, *, sending: bool) 
         if sending
         else t.Outbox.state == "new"
     )
-    query = (
-        select(t.Outbox.id)
-        .where(or_(waiting, (t.Outbox.state == busy) & (t.Outbox.lease_until < now)))
-        .order_by(t.Outbox.id)
-        .limit(limit)
+    return select(t.Outbox.id).where(
+        or_(state, (t.Outbox.state == busy) & (t.Outbox.lease_until < now))
     )
+
+
+def anything_waiting(db: Database, now: datetime, *, sending: bool) -> bool:
+    """A read-only look first, so that an idle poll never takes the write lock."""
+    with db.session(read_only=True) as s:
+        return s.execute(waiting(now, sending=sending).limit(1)).first() is not None
+
+
+def claim(s: Session, worker: str, now: datetime, limit: int, *, sending: bool) -> list[int]:
+    """Claim rows to build (``new``) or to send (``ready``, due ``retry``); expired claims too."""
+    busy = "sending" if sending else "building"
+    query = waiting(now, sending=sending).order_by(t.Outbox.id).limit(limit)
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     ids = list(s.scalars(query))
@@ -164,10 +177,13 @@ class Builder:
     directory: Callable[[], Directory]
     clock: Callable[[], datetime]
     name: str
+    _certs: dict[str, tuple[datetime, list[x509.Certificate]]] = field(default_factory=dict)
 
     def run_once(self, limit: int = 32) -> int:
         """Build what is owed now; returns how many rows it handled."""
         db = self.archive.db
+        if not anything_waiting(db, self.clock(), sending=False):
+            return 0
         with db.session() as s:
             ids = claim(s, self.name, self.clock(), limit, sending=False)
         if not ids:
@@ -246,9 +262,7 @@ class Builder:
             origin=self.archive.origin,
             at=now,
         )
-        certs = store.encryption_certificates(s, row.organ_id, now) or self._signer_cert(
-            s, entry.blobs
-        )
+        certs = self._certificates(s, row.organ_id, now) or self._signer_cert(s, entry.blobs)
         message = self._seal(
             payload_entity(payload.to_xml()),
             certs,
@@ -278,7 +292,7 @@ class Builder:
             _organ, addresses = self._agency(row.organ_id, now)
         except _NoAddress as err:
             return _Built(failure=str(err))
-        certs = store.encryption_certificates(s, row.organ_id, now)
+        certs = self._certificates(s, row.organ_id, now)
         if not certs:
             return _Built(failure=f"agency {row.organ_id} has no usable encryption certificate")
         entry = self.archive.log.entry(s, row.for_seq)
@@ -359,6 +373,15 @@ class Builder:
         item = Item("alert", now, {"to": [self.hub.admin], "text": text}, {})
         return _Built(head + signed, (self.hub.admin,), item)
 
+    def _certificates(self, s: Session, organ_id: str, now: datetime) -> list[x509.Certificate]:
+        """An agency's current encryption certificates, looked up at most every few seconds."""
+        cached = self._certs.get(organ_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        certs = store.encryption_certificates(s, organ_id, now)
+        self._certs[organ_id] = (now + CERT_CACHE, certs)
+        return certs
+
     def _signer_cert(self, s: Session, blobs: dict[str, str]) -> list[x509.Certificate]:
         if "chain" not in blobs:
             return []
@@ -417,89 +440,6 @@ def _headers(
         "MIME-Version: 1.0",
     ]
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
-
-
-# --- sending -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Sender:
-    archive: Archive
-    deliver: Deliver
-    clock: Callable[[], datetime]
-    name: str
-    admin: str = ""
-    give_up_after: timedelta = timedelta(hours=48)
-
-    def run_once(self, limit: int = 20) -> list[tuple[int, str]]:
-        """Send what is ready; returns (outbox id, new state) for each row handled."""
-        db = self.archive.db
-        with db.session() as s:
-            ids = claim(s, self.name, self.clock(), limit, sending=True)
-        if not ids:
-            return []
-        with db.session(read_only=True) as s:
-            jobs = [
-                (r.id, r.message, r.mail_from, tuple(r.rcpt_to or ()))
-                for r in s.scalars(
-                    select(t.Outbox).where(t.Outbox.id.in_(ids)).order_by(t.Outbox.id)
-                )
-            ]
-        results = []
-        for number, message, mail_from, rcpt_to in jobs:
-            assert message is not None and mail_from is not None
-            attempt = self.deliver(message, mail_from, rcpt_to)
-            results.append((number, attempt))
-        return self._record(results)
-
-    def _record(self, results: list[tuple[int, Attempt]]) -> list[tuple[int, str]]:
-        now = self.clock()
-        out = []
-        with self.archive.db.session() as s:
-            items = []
-            for number, attempt in results:
-                row = s.get(t.Outbox, number)
-                if row is None or row.state != "sending" or row.worker != self.name:
-                    continue
-                row.attempts += 1
-                row.last_reply, row.worker, row.lease_until, row.updated_at = (
-                    attempt.reply[:2000],
-                    None,
-                    None,
-                    now,
-                )
-                state = attempt.outcome
-                if state == "retry" and now - row.created_at >= self.give_up_after:
-                    state = "failed"
-                if state == "retry":
-                    row.state, row.next_attempt_at = "retry", now + backoff(row.attempts)
-                    log.warning(
-                        "outbox %s (%s) will be retried: %s", row.id, row.key, attempt.reply
-                    )
-                else:
-                    row.state = state
-                    items.append(
-                        Item(
-                            "outcome",
-                            now,
-                            {
-                                "for_seq": row.entry_seq,
-                                "outbox": row.key,
-                                "status": state,
-                                "reply": row.last_reply,
-                                "attempts": row.attempts,
-                            },
-                            {},
-                        )
-                    )
-                    if state == "failed":
-                        log.error("outbox %s (%s) failed: %s", row.id, row.key, attempt.reply)
-                        if row.kind != "alert" and self.admin:
-                            s.add(alert(row.key, f"{row.kind} {row.key}: {attempt.reply}", now))
-                out.append((number, row.state))
-            if items:
-                self.archive.file_in(s, items, at=now)
-        return out
 
 
 def backoff(attempts: int) -> timedelta:

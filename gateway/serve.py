@@ -42,14 +42,16 @@ from gateway import logs
 from gateway import settings as settings_mod
 from gateway.loading import load_context
 from gateway.metrics import MetricsServer, render
-from gateway.outbound import Builder, Hub, Sender
+from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
+from gateway.sender import Sender
 from gateway.settings import Settings, host_port
 from gateway.worker import Worker
 
 log = logging.getLogger("gateway.serve")
 
 IDLE = 0.02  # seconds a worker waits when there is nothing to do
+BUILD_EVERY = 4  # during a burst, build receipts and deliveries every Nth worker cycle
 CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
 
 
@@ -138,9 +140,15 @@ def worker_main(
     )
     log.info("worker %d ready", index)
     failures = 0
+    cycle = 0
     while not stop.is_set():
+        cycle += 1
         try:
-            busy = bool(worker.run_once()) | bool(builder.run_once())
+            # Taking mail in comes first: during a burst receipts and deliveries are built
+            # every few cycles, and fully once the burst is over.
+            filed = worker.run_once()
+            built = builder.run_once() if not filed or cycle % BUILD_EVERY == 0 else 0
+            busy = bool(filed) or bool(built)
             failures = 0
         except (TransientError, SQLAlchemyError, OSError) as exc:
             failures += 1
@@ -275,6 +283,11 @@ class Supervisor:
 
         s = self.settings
         tls = _tls_context(s)
+        authenticator = None
+        if s.listen.auth_file is not None:
+            from gateway.submitters import Authenticator, read_file
+
+            authenticator = Authenticator(read_file(s.path(s.listen.auth_file)))
         out: dict[str, Any] = {}
         for name, address in (("smtp", s.listen.smtp), ("lmtp", s.listen.lmtp)):
             if not address:
@@ -291,6 +304,8 @@ class Supervisor:
                 lmtp=name == "lmtp",
                 max_recipients=s.listen.max_recipients,
                 timeout=s.listen.timeout,
+                authenticator=authenticator if name == "smtp" else None,
+                require_auth=s.listen.require_auth and name == "smtp",
             )
         return out
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import or_, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from archive import tables as t
@@ -100,6 +100,9 @@ class Worker:
     def run_once(self, limit: int = 32) -> list[Outcome]:
         """Claim what is waiting now, process it, file it; returns what happened to each."""
         db = self.archive.db
+        with db.session(read_only=True) as s:  # idle polls never take the write lock
+            if not s.execute(_waiting(self.clock()).limit(1)).first():
+                return []
         with db.session() as s:
             numbers = claim(s, self.name, self.clock(), limit)
         if not numbers:
@@ -179,20 +182,20 @@ class Worker:
         _done(row, original, now)
 
 
+def _waiting(now: datetime) -> Select[int, int]:
+    """Rows a worker may claim: new, due retries, and claims whose lease ran out."""
+    return select(t.Intake.id, t.Intake.size).where(
+        or_(
+            t.Intake.state == "new",
+            (t.Intake.state == "retry") & (t.Intake.next_attempt_at <= now),
+            (t.Intake.state == "working") & (t.Intake.lease_until < now),
+        )
+    )
+
+
 def claim(s: Session, worker: str, now: datetime, limit: int) -> list[int]:
     """Claim up to ``limit`` waiting rows (new, due retries, expired claims), oldest first."""
-    query = (
-        select(t.Intake.id, t.Intake.size)
-        .where(
-            or_(
-                t.Intake.state == "new",
-                (t.Intake.state == "retry") & (t.Intake.next_attempt_at <= now),
-                (t.Intake.state == "working") & (t.Intake.lease_until < now),
-            )
-        )
-        .order_by(t.Intake.id)
-        .limit(limit)
-    )
+    query = _waiting(now).order_by(t.Intake.id).limit(limit)
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     numbers: list[int] = []

@@ -26,8 +26,9 @@ from archive.service import Archive
 from formats.payload import Organ, Payload
 from gateway import intake
 from gateway.demo import DemoWorld, tamper
-from gateway.outbound import Builder, Hub, Sender
+from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
+from gateway.sender import Sender
 from gateway.worker import Worker
 from keys import store
 from keys.directory import Directory
