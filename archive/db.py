@@ -67,6 +67,12 @@ class Database:
     def upgrade(self, revision: str = "head") -> None:
         """Apply Alembic migrations up to ``revision``."""
         with self.engine.begin() as connection:
+            if self.dialect == "postgresql":
+                # Several gateway instances may start at once: one migrates, the others wait
+                # here and then find nothing left to do.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+                )
             config = _alembic_config(self.engine.url.render_as_string(hide_password=False))
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
@@ -180,6 +186,8 @@ def _sqlite_pragmas(busy_timeout_ms: int, dbapi_connection: Any, _record: Any) -
 
 
 _READ_ONLY = "gateway_read_only"
+#: PostgreSQL advisory lock key taken while migrating ("gw-mig" in ASCII).
+_MIGRATION_LOCK = 0x67772D6D6967
 
 
 def _sqlite_begin(connection: Any) -> None:

@@ -415,3 +415,30 @@ def _self_signed_with_a_long_subject() -> x509.Certificate:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+
+
+@pytest.mark.postgres
+def test_instances_starting_together_on_one_postgresql_migrate_once(pg_url: str) -> None:
+    """Two gateway instances opening a fresh database at the same moment: one migrates under
+    the advisory lock, the other waits and finds the schema at head; neither fails."""
+    import threading
+
+    results: list[object] = []
+    barrier = threading.Barrier(3)
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            db = Database.open(pg_url)
+            results.append(db.tables())
+            db.dispose()
+        except Exception as exc:  # reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert len(results) == 3
+    assert all(isinstance(r, set) and "intake" in r for r in results), results
