@@ -231,6 +231,7 @@ class DemoWorld:
         workers: int = 2,
         extra_config: str = "",
         preset: str | None = None,
+        database_url: str | None = None,
     ) -> Path:
         """A home for ``gateway serve`` with everything in the database: the directory, the
         trust anchor and its CRL, the hub key (encrypted under ``passphrase``) and each
@@ -245,10 +246,11 @@ class DemoWorld:
             f'[listen]\nsmtp = "{smtp}"\n\n'
             f'[relay]\nhost = "127.0.0.1"\nport = {relay_port}\nsecurity = "none"\n\n'
             f'[serve]\nworkers = {workers}\nmetrics = "{metrics}"\nadmin_address = "{admin}"\n'
+            + (f'\n[database]\nurl = "{database_url}"\n' if database_url else "")
             + extra_config,
             encoding="utf-8",
         )
-        db = Database.open(f"sqlite:///{home / 'archive.db'}")
+        db = Database.open(database_url or f"sqlite:///{home / 'archive.db'}")
         try:
             with db.session() as s:
                 for agency in self._agencies(preset):

@@ -52,7 +52,8 @@ log = logging.getLogger("gateway.serve")
 
 IDLE = 0.02  # seconds a worker waits when there is nothing to do
 BUILD_EVERY = 4  # during a burst, build receipts and deliveries every Nth worker cycle
-CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
+CONTEXT_CHECK = 2.0
+RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host  # seconds between checks for changed keys, directory or revocation data
 
 
 def open_database(settings: Settings) -> Database:
@@ -256,7 +257,17 @@ class Supervisor:
         log.info("gateway serving", extra={"fields": info})
         self.on_ready(info)
         restarts: dict[int, float] = {}
+        last_sweep = time.monotonic()
         while not self.stop.wait(0.5):
+            if time.monotonic() - last_sweep > RECLAIM_EVERY:
+                # Another instance on this host may have died: its claims resume here now
+                # rather than when their leases run out.
+                last_sweep = time.monotonic()
+                try:
+                    if released := release_stale_claims(db, socket.gethostname()):
+                        log.warning("resumed %d items held by a stopped process", released)
+                except (TransientError, SQLAlchemyError) as exc:
+                    log.warning("could not look for stale claims: %s", exc)
             for i, p in enumerate(processes):
                 if not p.is_alive() and time.monotonic() - restarts.get(i, 0.0) > 5.0:
                     log.error("worker %d exited (code %s); starting it again", i, p.exitcode)
@@ -310,14 +321,12 @@ class Supervisor:
         return out
 
     def _send_loop(self, archive: Archive) -> None:
-        from gateway.relay import Relay, deliver
+        from gateway.relay import Relay, RelaySession
 
         relay = Relay.from_settings(self.settings)
         sender = Sender(
             archive,
-            lambda message, mail_from, rcpt_to: deliver(
-                relay, message, mail_from=mail_from, rcpt_to=rcpt_to
-            ),
+            lambda: RelaySession(relay),  # one connection per batch
             lambda: datetime.now(UTC),
             f"{socket.gethostname()}:{os.getpid()}",
             admin=self.settings.serve.admin_address,

@@ -82,8 +82,8 @@ class Served:
         self.process.wait(30)
 
 
-def start(home: Path, *args: str, timeout: float = 90) -> Served:
-    ready = home / "ready.json"
+def start(home: Path, *args: str, timeout: float = 90, name: str = "ready") -> Served:
+    ready = home / f"{name}.json"
     ready.unlink(missing_ok=True)
     log = home / f"serve-{time.monotonic_ns()}.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
