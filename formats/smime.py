@@ -285,7 +285,7 @@ def b64_lines(data: bytes) -> bytes:
     return encoded.replace(b"\n", b"\r\n")
 
 
-def _header_value(value: str) -> str:
+def header_value(value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("header values may not contain line breaks")
     return value if value.isascii() else Header(value, "utf-8").encode(linesep="\r\n")
@@ -305,9 +305,9 @@ def payload_entity(
     b = (boundary or _boundary()).encode()
     parts = [xml_part]
     for att in attachments:
-        name = _header_value(att.filename).replace('"', "")
+        name = header_value(att.filename).replace('"', "")
         parts.append(
-            f"Content-Type: {_header_value(att.media_type)}\r\n"
+            f"Content-Type: {header_value(att.media_type)}\r\n"
             "Content-Transfer-Encoding: base64\r\n"
             f'Content-Disposition: attachment; filename="{name}"\r\n\r\n'.encode()
             + b64_lines(att.data)
@@ -413,7 +413,7 @@ def wrap_enveloped(
         ("Content-Transfer-Encoding", "base64"),
         ("Content-Disposition", 'attachment; filename="smime.p7m"'),
     ]
-    head = "".join(f"{name}: {_header_value(value)}\r\n" for name, value in headers)
+    head = "".join(f"{name}: {header_value(value)}\r\n" for name, value in headers)
     message = head.encode("ascii") + b"\r\n" + b64_lines(der)
     if len(message) > DEFAULT_LIMITS.max_message_bytes:
         raise LimitExceeded(f"the built message is {len(message)} bytes, over the message limit")

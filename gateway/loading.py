@@ -17,6 +17,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy.orm import Session
 
 from archive.db import Database
 from formats.cms_envelope import RecipientKey
@@ -62,6 +63,11 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
         known_certs=tuple(agency_certs),
         enrolled=MappingProxyType(enrolled),
     )
+
+
+def load_directory_merged(settings: Settings, s: Session) -> Directory:
+    """The directory as the pipeline sees it: the stored one, plus file entries it lacks."""
+    return _merged(store.agencies(s), load_directory(settings.path(settings.directory.file)))
 
 
 def _merged(stored: Sequence[Agency], from_file: Iterable[Agency]) -> Directory:

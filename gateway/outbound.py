@@ -41,7 +41,7 @@ from archive.service import Archive, SigningKey
 from formats import cms_envelope
 from formats.errors import GatewayError
 from formats.payload import Organ
-from formats.smime import b64_lines, payload_entity, sign_entity, wrap_enveloped
+from formats.smime import b64_lines, header_value, payload_entity, sign_entity, wrap_enveloped
 from gateway import receipts
 from gateway.verdict import Verdict
 from keys import store
@@ -50,6 +50,7 @@ from keys.directory import Directory
 log = logging.getLogger("gateway.outbound")
 
 LEASE = timedelta(minutes=5)
+_TEXT_HEAD = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
 RETRY_LATER = timedelta(seconds=30)
 #: How long the builder trusts its lookup of an agency's certificates (a retired certificate
 #: stops being encrypted to within this time).
@@ -236,6 +237,8 @@ class Builder:
                 return self._resend(s, row, batch)
             if row.kind == "alert":
                 return self._alert(row, now)
+            if row.kind == "reminder":
+                return self._reminder(s, row, now)
             return _Built(failure=f"unknown outbox kind {row.kind!r}")
         except GatewayError as err:
             return _Built(failure=err.message)
@@ -351,6 +354,44 @@ class Builder:
         )
         return _Built(message, to, item)
 
+    def _reminder(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
+        """A reminder: plain text (Vietnamese, then English) signed by the hub, encrypted to
+        the agency's current certificates when it has any (the words are not secret)."""
+        assert row.organ_id is not None
+        try:
+            _organ, addresses = self._agency(row.organ_id, now)
+        except _NoAddress as err:
+            return _Built(failure=str(err))
+        text = str(row.detail.get("text", ""))
+        subject = str(row.detail.get("subject", "Nhắc việc / Reminder"))
+        entity = _TEXT_HEAD + b64_lines(text.replace("\n", "\r\n").encode())
+        message_id = f"<reminder.{row.id}@{_domain(self.hub.address)}>"
+        certs = self._certificates(s, row.organ_id, now)
+        if certs:
+            message = self._seal(
+                entity, certs, to=addresses, message_id=message_id, subject=subject, at=now
+            )
+        else:
+            cert, key = self.hub.signer
+            head = _headers(self.hub.address, addresses, message_id, subject, now)
+            message = head + sign_entity(entity, cert=cert, key=key)
+        item = Item(
+            "reminder",
+            now,
+            {
+                "reminder": str(row.detail.get("kind", "")),
+                "agency": row.organ_id,
+                "to": list(addresses),
+                "key": row.key,
+                "obligation": row.detail.get("obligation"),
+                "period": row.detail.get("period"),
+                "message_id": message_id,
+                "digest": hashlib.sha256(message).hexdigest(),
+            },
+            {"reminder": message},
+        )
+        return _Built(message, addresses, item)
+
     def _alert(self, row: t.Outbox, now: datetime) -> _Built:
         if not self.hub.admin:
             return _Built(failure="no admin address is configured ([serve] admin_address)")
@@ -434,7 +475,7 @@ def _headers(
     lines = [
         f"From: {from_addr}",
         f"To: {', '.join(to)}",
-        f"Subject: {subject}",
+        f"Subject: {header_value(subject)}",
         f"Date: {format_datetime(at)}",
         f"Message-ID: {message_id}",
         "MIME-Version: 1.0",

@@ -1,10 +1,11 @@
 """The outbound edge: hand one message to the configured SMTP relay (stdlib ``smtplib``).
 
 Every outbound message — receipts, deliveries, alerts, reminders, ``gateway send`` — goes
-through :func:`deliver`. It blocks (callers run it in a thread) and never raises for a network
-or peer problem: it returns an :class:`Attempt` and the caller (the outbox) decides what to do.
-:class:`Relay` holds plain values; :meth:`Relay.from_settings` is the one place that reads
-``[relay]`` of the settings.
+through a :class:`RelaySession` (one connection for a batch of messages; the sender opens one per
+batch) or :func:`deliver` (one message, one connection). Both block (callers run them in a
+thread) and never raise for a network or peer problem: they return an :class:`Attempt` and the
+caller (the outbox) decides what to do. :class:`Relay` holds plain values;
+:meth:`Relay.from_settings` is the one place that reads ``[relay]`` of the settings.
 
 Plan of one delivery:
 
@@ -16,7 +17,14 @@ Plan of one delivery:
 4. MAIL FROM (``SIZE``, ``BODY=8BITMIME`` for 8-bit content, ``SMTPUTF8`` for non-ASCII
    addresses), RCPT TO for each recipient, DATA with the bytes as given (dot-stuffed by
    ``smtplib`` as RFC 5321 §4.5.2 requires, nothing else changed);
-5. QUIT.
+5. the next message of a session: RSET, then step 4 again; QUIT when the session closes.
+
+A relay may drop a connection that waited between messages (a 421, or a hang-up): a message
+that meets a 421 or a closed connection on a connection that has carried a message before, and
+before its data was sent, is tried once more on a new connection (steps 1–4) and only then
+reported. A 421 at any point ends the connection (RFC 5321 §3.8); a message whose data was sent
+when the connection broke is reported as ``retry`` (sending is at-least-once), never sent twice
+by the session itself.
 
 Outcomes (the first digit of the reply decides, RFC 5321 §4.2.1):
 
@@ -35,11 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, cast
 
@@ -50,7 +57,6 @@ Outcome = Literal["sent", "retry", "failed"]
 Security = Literal["starttls", "require-starttls", "tls", "none"]
 SECURITY: tuple[Security, ...] = ("starttls", "require-starttls", "tls", "none")
 
-_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _T = TypeVar("_T")
 
 
@@ -163,31 +169,93 @@ class _NotSent(Exception):
         self.reply = reply
 
 
+class _Dropped(Exception):
+    """The relay closed the connection (a 421, or a hang-up) before the message's data was sent:
+    nothing of it was taken, and a new connection may take it."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
 def deliver(relay: Relay, message: bytes, *, mail_from: str, rcpt_to: Sequence[str]) -> Attempt:
-    """Hand ``message`` (CRLF line ends) to ``relay`` for ``rcpt_to``; never raises for a
-    network or peer problem (outcomes in the module docstring). A message that does not end
-    with CRLF gets one (RFC 5321 §4.1.1.4); a bare CR or LF is a caller's error (ValueError)."""
-    if not rcpt_to:
-        raise ValueError("deliver() needs at least one recipient")
-    if _BARE_EOL.search(message):
-        raise ValueError("the message has a bare CR or LF; outbound messages must use CRLF")
-    smtp: smtplib.SMTP | None = None
-    try:
-        smtp = _connect(relay)
-        _secure(smtp, relay)
-        attempt = _transaction(smtp, message, mail_from, rcpt_to)
-    except _NotSent as stop:
-        attempt = Attempt("retry", stop.reply)
-    except (smtplib.SMTPException, OSError) as exc:  # includes ssl.SSLError, TimeoutError
+    """Hand ``message`` (CRLF line ends) to ``relay`` for ``rcpt_to`` over a connection of its
+    own; never raises for a network or peer problem (outcomes in the module docstring). A message
+    that does not end with CRLF gets one (RFC 5321 §4.1.1.4); a bare CR or LF is a caller's error
+    (ValueError)."""
+    with RelaySession(relay) as session:
+        return session.deliver(message, mail_from=mail_from, rcpt_to=rcpt_to)
+
+
+class RelaySession:
+    """One connection to ``relay`` for many messages, opened on the first message and closed
+    (QUIT) by :meth:`close` or at the end of a ``with`` block. Not thread-safe: one thread
+    uses a session.
+
+    :meth:`deliver` has the outcomes of :func:`deliver`; a broken connection is opened again for
+    the next message, and a connection the relay dropped while it waited is opened again for the
+    same message (once, see the module docstring)."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self._smtp: smtplib.SMTP | None = None
+
+    def __enter__(self) -> RelaySession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def deliver(self, message: bytes, *, mail_from: str, rcpt_to: Sequence[str]) -> Attempt:
+        """Hand ``message`` to the relay for ``rcpt_to``; see :func:`deliver`."""
+        if not rcpt_to:
+            raise ValueError("deliver() needs at least one recipient")
+        crlf = message.count(b"\r\n")  # (a regex here held the GIL 19 ms per 1.4 MB)
+        if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
+            raise ValueError("the message has a bare CR or LF; outbound messages must use CRLF")
+        attempt = self._try(message, mail_from, rcpt_to)
+        if attempt is None:  # the relay had dropped the waiting connection: once more, anew
+            attempt = self._try(message, mail_from, rcpt_to)
+            assert attempt is not None  # a new connection is never "dropped while waiting"
+        return attempt
+
+    def close(self) -> None:
+        """QUIT (or just close when the relay does not answer); the session may be used again."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
+
+    def _try(self, message: bytes, mail_from: str, rcpt_to: Sequence[str]) -> Attempt | None:
+        """One try, on the open connection (after RSET) or on a new one; ``None`` when the open
+        connection turned out to be dropped before the message was offered."""
+        relay, waited = self.relay, self._smtp is not None
+        try:
+            if self._smtp is None:
+                self._smtp = _connect(relay)
+                _secure(self._smtp, relay)
+            else:
+                _reset(self._smtp, relay)
+            attempt = _transaction(self._smtp, message, mail_from, rcpt_to, relay)
+        except _Dropped as drop:
+            self._abandon()
+            return None if waited else Attempt("retry", drop.reply)
+        except _NotSent as stop:
+            self.close()
+            return Attempt("retry", stop.reply)
+        except (smtplib.SMTPException, OSError) as exc:  # includes ssl.SSLError, TimeoutError
+            self._abandon()
+            return Attempt("retry", _broken(exc, relay))
+        if attempt.reply.startswith("421"):  # the final reply to DATA: the relay is closing
+            self._abandon()
+        return attempt
+
+    def _abandon(self) -> None:
+        smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
-        return Attempt("retry", _broken(exc, relay))
-    if smtp is not None:
-        try:
-            smtp.quit()
-        except (smtplib.SMTPException, OSError):
-            smtp.close()
-    return attempt
 
 
 def _connect(relay: Relay) -> smtplib.SMTP:
@@ -237,10 +305,34 @@ def _step(name: str, call: Callable[[], _T]) -> _T:
         raise _NotSent(f"{_reply(exc.smtp_code, exc.smtp_error)} (in reply to {name})") from None
 
 
+def _reset(smtp: smtplib.SMTP, relay: Relay) -> None:
+    """Step 5 of the plan: RSET before the next message; :class:`_Dropped` when the connection
+    is gone (the relay closed it while it waited)."""
+    with _dropped_if_closed(relay):
+        code, text = smtp.rset()
+    if code != 250:
+        raise _Dropped(f"{_reply(code, text)} (in reply to RSET)")
+
+
+@contextlib.contextmanager
+def _dropped_if_closed(relay: Relay) -> Iterator[None]:
+    """A hang-up (not a timeout) becomes :class:`_Dropped`; other problems pass."""
+    try:
+        yield
+    except smtplib.SMTPServerDisconnected as exc:
+        if isinstance(exc.__context__, TimeoutError):
+            raise
+        raise _Dropped(_broken(exc, relay)) from None
+    except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+        raise _Dropped(_broken(exc, relay)) from None
+
+
 def _transaction(
-    smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpt_to: Sequence[str]
+    smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpt_to: Sequence[str], relay: Relay
 ) -> Attempt:
-    """Step 4 of the plan: from here on, the reply codes speak about this message."""
+    """Step 4 of the plan: from here on, the reply codes speak about this message — except a
+    421 or a hang-up before the data is sent (:class:`_Dropped`): they speak about the
+    connection. ``message`` has CRLF line ends only."""
     options = [f"SIZE={len(message)}"] if smtp.has_extn("size") else []
     if not message.isascii():
         if not smtp.has_extn("8bitmime"):
@@ -250,24 +342,47 @@ def _transaction(
         if not smtp.has_extn("smtputf8"):
             return Attempt("failed", "the relay does not offer SMTPUTF8 for a non-ASCII address")
         options.append("SMTPUTF8")
-    code, text = smtp.mail(mail_from, options)
-    if code != 250:
-        return _answer(code, text)
-    refused: dict[str, str] = {}
-    for rcpt in rcpt_to:
-        code, text = smtp.rcpt(rcpt)
-        if code not in (250, 251):
-            refused[rcpt] = _reply(code, text)
-    if len(refused) == len(rcpt_to):
-        with contextlib.suppress(smtplib.SMTPException, OSError):
-            smtp.rset()
-        temporary = any(reply.startswith("4") for reply in refused.values())
-        return Attempt("retry" if temporary else "failed", next(iter(refused.values())), refused)
-    try:
-        code, final = smtp.data(message)
-    except smtplib.SMTPDataError as exc:  # DATA itself refused (no 354)
-        return _answer(exc.smtp_code, exc.smtp_error, refused)
+    with _dropped_if_closed(relay):
+        code, text = _not_closing(smtp.mail(mail_from, options))
+        if code != 250:
+            return _answer(code, text)
+        refused: dict[str, str] = {}
+        for rcpt in rcpt_to:
+            code, text = _not_closing(smtp.rcpt(rcpt))
+            if code not in (250, 251):
+                refused[rcpt] = _reply(code, text)
+        if len(refused) == len(rcpt_to):
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                smtp.rset()
+            temporary = any(reply.startswith("4") for reply in refused.values())
+            return Attempt(
+                "retry" if temporary else "failed", next(iter(refused.values())), refused
+            )
+        smtp.putcmd("data")
+        code, text = _not_closing(smtp.getreply())
+    if code != 354:  # DATA itself refused
+        return _answer(code, text, refused)
+    code, final = _data(smtp, message)
     return _answer(code, final, refused)
+
+
+def _not_closing(reply: tuple[int, bytes]) -> tuple[int, bytes]:
+    code, text = reply
+    if code == 421:  # RFC 5321 §3.8: the relay is closing the connection
+        raise _Dropped(_reply(code, text))
+    return reply
+
+
+def _data(smtp: smtplib.SMTP, message: bytes) -> tuple[int, bytes]:
+    """The message data after the 354, as ``smtplib.SMTP.data`` sends it — dot-stuffed (RFC 5321
+    §4.5.2), CRLF added when missing, ``.`` CRLF — and the final reply. With CRLF line ends only,
+    a line starts after every LF: a ``replace`` does what smtplib's regex does, 4× faster."""
+    if message.startswith(b"."):
+        message = b"." + message
+    message = message.replace(b"\n.", b"\n..")
+    end = b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n"
+    smtp.send(message + end)  # one send: the end in a packet of its own may wait for an ACK
+    return smtp.getreply()
 
 
 def _answer(code: int, text: bytes | str, refused: dict[str, str] | None = None) -> Attempt:

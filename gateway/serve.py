@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,9 @@ from archive import tables as t
 from archive.blobs import BlobStore
 from archive.db import Database
 from archive.service import Archive, SigningKey, master_key
-from formats.errors import ConfigError, TransientError
+from formats.errors import ConfigError, GatewayError, TransientError
 from formats.payload import Organ
+from formats.vntime import VN_TZ
 from gateway import logs
 from gateway import settings as settings_mod
 from gateway.loading import load_context
@@ -236,6 +237,10 @@ class Supervisor:
         )
         sender_thread.start()
         imap_thread = self._imap(db)
+        scheduler = threading.Thread(
+            target=self._schedule, args=(db, ctx), name="scheduler", daemon=True
+        )
+        scheduler.start()
         metrics = None
         if settings.serve.metrics:
             host, port = host_port(settings.serve.metrics, "[serve] metrics")
@@ -344,6 +349,40 @@ class Supervisor:
                 continue
             if not busy:
                 self.stop.wait(0.2)
+
+    def _schedule(self, db: Database, ctx: Context) -> None:
+        """Each working day at [compliance] remind_at (local time): the reminder run. Missed
+        while stopped? It runs at start-up on a working day after that hour. Idempotent, and
+        on PostgreSQL serialised across instances (gateway.remind)."""
+        from gateway import remind
+
+        settings = self.settings
+        hour, minute = (int(x) for x in settings.compliance.remind_at.split(":"))
+        last: date | None = None
+        while not self.stop.is_set():
+            now = datetime.now(UTC)
+            local = now.astimezone(VN_TZ)
+            today = local.date()
+            try:
+                calendar = remind.calendar_of(settings)
+                due = (local.hour, local.minute) >= (hour, minute)
+                if last != today and due and calendar.is_working_day(today):
+                    result = remind.run(
+                        db,
+                        calendar=calendar,
+                        directory=load_context(settings, db).directory,
+                        templates=remind.templates_of(settings),
+                        policy=remind.policy_of(settings),
+                        hub=settings.hub.address,
+                        now=now,
+                    )
+                    last = today
+                    log.info(
+                        "reminders: %d owed, %d queued", len(result.planned), len(result.queued)
+                    )
+            except (GatewayError, SQLAlchemyError, OSError) as exc:
+                log.error("reminder run failed (tried again in a minute): %s", exc)
+            self.stop.wait(60)
 
     def _imap(self, db: Database) -> threading.Thread | None:
         if not self.settings.imap.host:

@@ -69,6 +69,17 @@ Example (all keys optional)::
     timeout = 60.0
     # ca_file = "trust/relay-ca.pem"
 
+    [compliance]
+    include_proposed = true                  # calendar: apply proposed day-off swaps
+    include = ""                             # calendar overlay ids to apply, comma-separated
+    exclude = ""                             # … and to drop (e.g. "2026-national-day-swap")
+    # overlay = "calendar.toml"              # extra official changes (docs/compliance.md)
+    remind_at = "08:00"                      # reminders: each working day at this local time
+    courtesy_days = 2                        # courtesy notice: working days before due
+    escalate_after_days = 5                  # escalate to the supervisor: working days late
+    certificate_days = 30                    # warn before an agency certificate expires
+    # templates = "reminders.toml"           # reminder texts (default: reminders.toml if present)
+
     [serve]
     workers = 2                              # pipeline processes (crypto off the SMTP loop)
     metrics = "127.0.0.1:9466"               # Prometheus text endpoint; "" disables
@@ -164,6 +175,22 @@ class RelaySettings:
 
 
 @dataclass(frozen=True)
+class ComplianceSettings:
+    include_proposed: bool = True
+    include: str = ""
+    exclude: str = ""
+    overlay: Path | None = None
+    remind_at: str = "08:00"
+    courtesy_days: int = 2
+    escalate_after_days: int = 5
+    certificate_days: int = 30
+    templates: Path | None = None
+
+    def ids(self, which: str) -> tuple[str, ...]:
+        return tuple(i.strip() for i in getattr(self, which).split(",") if i.strip())
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     workers: int = 2
     metrics: str = "127.0.0.1:9466"
@@ -194,6 +221,7 @@ class Settings:
     imap: ImapSettings = field(default_factory=ImapSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    compliance: ComplianceSettings = field(default_factory=ComplianceSettings)
 
     def path(self, p: Path) -> Path:
         """A configured path made absolute against the home directory."""
@@ -228,6 +256,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "imap": ImapSettings,
     "relay": RelaySettings,
     "serve": ServeSettings,
+    "compliance": ComplianceSettings,
 }
 
 
@@ -279,6 +308,9 @@ def load(home: Path) -> Settings:
             host_port(value, f"{config}: [listen] {name}")
     if settings.serve.metrics:
         host_port(settings.serve.metrics, f"{config}: [serve] metrics")
+    hour, _, minute = settings.compliance.remind_at.partition(":")
+    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+        raise ConfigError(f"{config}: [compliance] remind_at must be HH:MM (local time)")
     if settings.serve.workers < 1:
         raise ConfigError(f"{config}: [serve] workers must be at least 1")
     if settings.listen.require_tls and settings.listen.tls_certificate is None:

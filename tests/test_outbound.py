@@ -7,10 +7,11 @@ agency's own key, the signature verified against the CA.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -257,8 +258,21 @@ class _Relay:
     def __init__(self, *answers: _Reply) -> None:
         self.answers = list(answers)
         self.sent: list[tuple[bytes, str, tuple[str, ...]]] = []
+        self.sessions = 0
+        self.open = False
 
-    def __call__(self, message: bytes, mail_from: str, rcpt_to: Sequence[str]) -> _Reply:
+    @contextlib.contextmanager
+    def session(self) -> Iterator[_Relay]:
+        """One per batch: the messages of a batch go over one connection."""
+        self.sessions += 1
+        self.open = True
+        try:
+            yield self
+        finally:
+            self.open = False
+
+    def deliver(self, message: bytes, *, mail_from: str, rcpt_to: Sequence[str]) -> _Reply:
+        assert self.open
         self.sent.append((message, mail_from, tuple(rcpt_to)))
         return self.answers.pop(0)
 
@@ -275,8 +289,9 @@ def test_sender_retries_4xx_fails_5xx_and_never_records_a_failure_as_sent(
         _Reply("sent", "250 ok"),
     )
     clock = [LATER]
-    sender = Sender(archive, relay, lambda: clock[0], "s", admin=hub.admin)
+    sender = Sender(archive, relay.session, lambda: clock[0], "s", admin=hub.admin)
     assert sorted(sender.run_once()) == [(1, "retry"), (2, "failed")]
+    assert (relay.sessions, relay.open) == (1, False)  # one session for the batch, closed
     assert sender.run_once() == []  # the retry is not due yet
     clock[0] = LATER + timedelta(minutes=2)
     Builder(archive, hub, lambda: world.directory, lambda: clock[0], "b").run_once()  # the alert
@@ -308,5 +323,7 @@ def test_sender_gives_up_after_the_configured_time(
     _process(archive, world_ctx, world.directory, dataclasses.replace(hub, admin=""))
     relay = _Relay(*[_Reply("retry", "421 4.4.2 timeout")] * 2)
     clock = [LATER + timedelta(hours=49)]
-    sender = Sender(archive, relay, lambda: clock[0], "s", give_up_after=timedelta(hours=48))
+    sender = Sender(
+        archive, relay.session, lambda: clock[0], "s", give_up_after=timedelta(hours=48)
+    )
     assert sorted(sender.run_once()) == [(1, "failed"), (2, "failed")]

@@ -1,8 +1,10 @@
 """The outbound relay client against a real aiosmtpd server on loopback: replies per recipient
-and at DATA, STARTTLS and implicit TLS with certificates made here, AUTH, broken connections."""
+and at DATA, STARTTLS and implicit TLS with certificates made here, AUTH, broken connections,
+sessions (several messages over one connection, a connection the relay drops while idle)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import ssl
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from formats.errors import ConfigError
-from gateway.relay import Attempt, Relay, deliver
+from gateway.relay import Attempt, Relay, RelaySession, deliver
 from gateway.settings import HubSettings, RelaySettings, Settings
 from keys.issuing import Issued, generate_key, make_root
 
@@ -50,16 +52,35 @@ class Received:
     mail_options: list[str]
     tls: str | None
     login: bytes | None
+    #: The client's address and port: one per connection.
+    peer: Any = None
 
 
 class Peer:
-    """aiosmtpd handler: records every message and answers as told (per recipient, at DATA)."""
+    """aiosmtpd handler: records every message and answers as told (per recipient, at DATA,
+    RSET); ``then_close`` closes the connection after a message (saying that reply first, if
+    any) and sets ``closed``."""
 
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.mail_reply: str | None = None
         self.rcpt_replies: dict[str, str] = {}
         self.data_reply = QUEUED
+        self.rset_reply = "250 2.0.0 Ok"
+        self.then_close: str | None = None
+        self.closed = threading.Event()
+        self.quits = 0
+
+    def connections(self) -> int:
+        """How many connections carried the messages received."""
+        return len({got.peer for got in self.received})
+
+    async def handle_RSET(self, server: Server, session: Session, envelope: Envelope) -> str:
+        return self.rset_reply
+
+    async def handle_QUIT(self, server: Server, session: Session, envelope: Envelope) -> str:
+        self.quits += 1
+        return "221 2.0.0 Bye"
 
     async def handle_MAIL(
         self, server: Server, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -90,9 +111,20 @@ class Peer:
                 list(envelope.mail_options),
                 tls.version() if tls else None,
                 auth.login if isinstance(auth, LoginPassword) else None,
+                session.peer,
             )
         )
+        if self.then_close is not None:  # after the reply to DATA has gone out
+            asyncio.get_running_loop().call_later(0.01, self._close, server, self.then_close)
         return self.data_reply
+
+    def _close(self, server: Server, reply: str) -> None:
+        transport = server.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            if reply:
+                transport.write(f"{reply}\r\n".encode())
+            transport.close()
+        asyncio.get_running_loop().call_soon(self.closed.set)  # once the socket is closed
 
 
 class LoopbackController(Controller):
@@ -411,3 +443,133 @@ def test_configuration_problems_are_one_line(
 def test_bare_line_feeds_are_a_callers_error() -> None:
     with pytest.raises(ValueError, match="bare CR or LF"):
         send(25, b"Subject: x\n\nbody\n")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"Subject: x\r\n\r\nbody\n",
+        b"Subject: x\r\n\r\nbo\rdy\r\n",
+        b"Subject: x\r\n\r\nbody\r\r\n",
+        b"Subject: x\r\n\n\r\nbody\r\n",
+        b"Subject: x\r\n\r\nbody\n\r",
+        b"\r",
+    ],
+)
+def test_a_bare_cr_or_lf_anywhere_is_a_callers_error_in_a_session(
+    serve: Any, message: bytes
+) -> None:
+    peer, port = serve()
+    with RelaySession(relay(port)) as session:
+        assert session.deliver(MESSAGE, mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+        with pytest.raises(ValueError, match="bare CR or LF"):
+            session.deliver(message, mail_from=FROM, rcpt_to=[TO])
+        assert session.deliver(MESSAGE, mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+    assert [got.content for got in peer.received] == [MESSAGE, MESSAGE]
+    with pytest.raises(ValueError, match="at least one recipient"):
+        RelaySession(relay(port)).deliver(MESSAGE, mail_from=FROM, rcpt_to=[])
+
+
+# --- sessions: one connection for a batch -------------------------------------------------------
+
+
+def numbered(i: int) -> bytes:
+    return MESSAGE.replace(b"<r1@", f"<r{i}@".encode())
+
+
+def test_a_session_sends_several_messages_over_one_connection(serve: Any) -> None:
+    peer, port = serve()
+    peer.rcpt_replies = {OTHER: UNKNOWN}
+    with RelaySession(relay(port)) as session:
+        attempts = [
+            session.deliver(numbered(i), mail_from=FROM, rcpt_to=[OTHER if i == 2 else TO])
+            for i in range(6)
+        ]
+        assert peer.quits == 0
+    assert [a.outcome for a in attempts] == ["sent", "sent", "failed", "sent", "sent", "sent"]
+    assert attempts[2].reply == UNKNOWN  # refused; RSET, and the next one goes through
+    assert [got.content for got in peer.received] == [numbered(i) for i in (0, 1, 3, 4, 5)]
+    assert all(got.rcpt_tos == [TO] for got in peer.received)
+    assert peer.connections() == 1
+    assert peer.quits == 1  # closed with the batch
+
+
+def test_dots_and_a_missing_final_crlf(serve: Any) -> None:
+    peer, port = serve()
+    message = b".starts with a dot\r\n.\r\n..\r\n\r\n.end\r\nno final CRLF."
+    with RelaySession(relay(port)) as session:
+        for body in (message, b"", b"."):
+            assert session.deliver(body, mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+    assert [got.content for got in peer.received] == [message + b"\r\n", b"\r\n", b".\r\n"]
+
+
+@AUTH_OK
+def test_a_session_over_starttls_with_auth_logs_in_once(serve: Any, tls: Tls) -> None:
+    peer, port = serve(tls_context=tls.server, authenticator=authenticator)
+    r = relay(port, security="require-starttls", ssl_context=trusting(tls))
+    r = Relay(r.host, r.port, r.security, USER, PASSWORD, 10.0, r.ssl_context, r.helo)
+    with RelaySession(r) as session:
+        for i in range(3):
+            attempt = session.deliver(numbered(i), mail_from=FROM, rcpt_to=[TO])
+            assert attempt.outcome == "sent", attempt.reply
+    assert [got.content for got in peer.received] == [numbered(i) for i in range(3)]
+    assert {(got.tls is not None, got.login) for got in peer.received} == {(True, USER.encode())}
+    assert peer.connections() == 1
+
+
+@pytest.mark.parametrize("how", ["hang-up", "421-and-hang-up", "421-to-RSET"])
+def test_a_connection_dropped_while_idle_is_opened_again(serve: Any, how: str) -> None:
+    peer, port = serve()
+    with RelaySession(relay(port)) as session:
+        if how != "421-to-RSET":
+            peer.then_close = "421 4.4.2 idle too long" if how.startswith("421") else ""
+        assert session.deliver(numbered(1), mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+        if how == "421-to-RSET":
+            peer.rset_reply = "421 4.4.2 idle too long"  # a new connection has no RSET first
+        else:
+            assert peer.closed.wait(5)
+            peer.then_close = None
+        attempt = session.deliver(numbered(2), mail_from=FROM, rcpt_to=[TO])
+        assert (attempt.outcome, attempt.reply) == ("sent", QUEUED)
+        peer.rset_reply = "250 2.0.0 Ok"
+        assert session.deliver(numbered(3), mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+    assert [got.content for got in peer.received] == [numbered(i) for i in (1, 2, 3)]
+    assert peer.connections() == 2
+
+
+def test_a_421_is_tried_once_more_on_a_new_connection_then_reported(serve: Any) -> None:
+    peer, port = serve()
+    with RelaySession(relay(port)) as session:
+        assert session.deliver(numbered(1), mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+        peer.mail_reply = "421 4.3.2 shutting down"  # on the open connection and a new one
+        attempt = session.deliver(numbered(2), mail_from=FROM, rcpt_to=[TO])
+        assert (attempt.outcome, attempt.reply) == ("retry", "421 4.3.2 shutting down")
+        peer.mail_reply = None
+        assert session.deliver(numbered(3), mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+    assert [got.content for got in peer.received] == [numbered(1), numbered(3)]
+    # a new connection that meets a 421 is not tried again: one-shot deliver reports it
+    peer.mail_reply = "421 4.3.2 shutting down"
+    assert send(port).reply == "421 4.3.2 shutting down"
+
+
+def test_a_421_after_the_data_is_reported_not_sent_again(serve: Any) -> None:
+    peer, port = serve()
+    with RelaySession(relay(port)) as session:
+        assert session.deliver(numbered(1), mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+        peer.data_reply = "421 4.3.0 closing"  # the peer has the data: at-least-once, not twice
+        attempt = session.deliver(numbered(2), mail_from=FROM, rcpt_to=[TO])
+        assert (attempt.outcome, attempt.reply) == ("retry", "421 4.3.0 closing")
+        peer.data_reply = QUEUED
+        assert session.deliver(numbered(3), mail_from=FROM, rcpt_to=[TO]).outcome == "sent"
+    assert [got.content for got in peer.received] == [numbered(i) for i in (1, 2, 3)]
+    assert len({got.peer for got in peer.received[1:]}) == 2  # a new connection after the 421
+
+
+def test_a_session_whose_relay_is_down_reports_each_message(serve: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with RelaySession(relay(port)) as session:
+        for _ in range(2):
+            attempt = session.deliver(MESSAGE, mail_from=FROM, rcpt_to=[TO])
+            assert attempt == Attempt("retry", f"connection refused by 127.0.0.1:{port}")

@@ -1,0 +1,50 @@
+"""``gateway remind``: plan the reminders owed now and queue the new ones (or only show them)."""
+
+from __future__ import annotations
+
+import click
+
+from gateway.cli import db_session, emit_json, load_settings, now, parse_time
+from gateway.loading import load_directory_merged
+from gateway.remind import calendar_of, policy_of, run, templates_of
+from gateway.serve import open_database
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be sent; queue nothing.")
+@click.option("--at", "at_text", metavar="TIME", help="Plan as at this moment (default: now).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def remind(ctx: click.Context, dry_run: bool, at_text: str | None, as_json: bool) -> None:
+    """Courtesy notices, late notices, escalations and certificate warnings, each sent once.
+
+    `gateway serve` runs this itself each working day at [compliance] remind_at; running it
+    again (or on two instances) sends nothing twice. Queued reminders are signed, encrypted to
+    the agency, filed in the archive and sent through the relay by `gateway serve`.
+    """
+    settings = load_settings(ctx)
+    at = parse_time(at_text) if at_text else now()
+    db = open_database(settings)
+    try:
+        with db_session(ctx) as s:
+            directory = load_directory_merged(settings, s)
+        result = run(
+            db,
+            calendar=calendar_of(settings),
+            directory=directory,
+            templates=templates_of(settings),
+            policy=policy_of(settings),
+            hub=settings.hub.address,
+            now=at,
+            dry_run=dry_run,
+        )
+    finally:
+        db.dispose()
+    if as_json:
+        emit_json(result.as_dict() | {"dry_run": dry_run, "at": at.isoformat()})
+        return
+    queued = set(result.queued)
+    for r in result.planned:
+        state = "queued" if r.key in queued else ("would send" if dry_run else "already sent")
+        click.echo(f"{state:<13} {r.kind:<11} to {r.organ_id:<12} {r.subject}")
+    click.echo(f"{len(result.planned)} owed, {len(queued)} newly queued")

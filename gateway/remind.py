@@ -1,0 +1,117 @@
+"""Running the reminders: read the ledger, plan (pure), queue what is new in the outbox (an edge).
+
+Queuing is idempotent: a reminder's key is unique in the outbox, so whatever was queued before
+— by this run, an earlier one, another instance, or a run a crash interrupted — is not queued
+again; on PostgreSQL the run also holds an advisory lock, so instances do not even race. The
+outbox then builds (signs, encrypts to the agency), files and sends each one with retries,
+like receipts (:mod:`gateway.outbound`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, text
+
+from archive import tables as t
+from archive.db import Database
+from formats.vntime import local_day
+from gateway import compliance, ledger, obligation_store, outbound
+from gateway.reminders import Policy, Reminder, Templates, certificate_reminders, plan
+from gateway.settings import Settings
+from gateway.workdays import Calendar
+from keys import store
+from keys.directory import Directory
+
+#: PostgreSQL advisory lock key for a reminder run ("gw-rem").
+_LOCK = 0x67772D72656D
+#: Periods looked at: this many months back (late notices, escalations) and one ahead.
+MONTHS_BACK = 3
+
+
+@dataclass(frozen=True)
+class RunResult:
+    planned: tuple[Reminder, ...]
+    queued: tuple[str, ...]  # keys new in the outbox
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "planned": [r.as_dict() for r in self.planned],
+            "queued": list(self.queued),
+        }
+
+
+def calendar_of(settings: Settings) -> Calendar:
+    c = settings.compliance
+    return Calendar.load(
+        include_proposed=c.include_proposed,
+        include=c.ids("include"),
+        exclude=c.ids("exclude"),
+        extra_overlay=settings.path(c.overlay) if c.overlay else None,
+    )
+
+
+def templates_of(settings: Settings) -> Templates:
+    c = settings.compliance
+    return Templates.load(settings.path(c.templates or settings.home / "reminders.toml"))
+
+
+def policy_of(settings: Settings) -> Policy:
+    c = settings.compliance
+    return Policy(c.courtesy_days, c.escalate_after_days, c.certificate_days)
+
+
+def labels_around(now: datetime) -> list[str]:
+    day = local_day(now)
+    month = day.year * 12 + day.month - 1
+    return [f"{m // 12:04d}-{m % 12 + 1:02d}" for m in range(month - MONTHS_BACK, month + 2)]
+
+
+def run(
+    db: Database,
+    *,
+    calendar: Calendar,
+    directory: Directory,
+    templates: Templates,
+    policy: Policy,
+    hub: str,
+    now: datetime,
+    dry_run: bool = False,
+) -> RunResult:
+    labels = labels_around(now)
+    with db.session(read_only=True) as s:
+        obligations = obligation_store.obligations(s)
+        submissions = ledger.submissions(s, labels)
+        expiring = [
+            (c.sha256, c.organ_id or "", c.subject, c.not_after)
+            for c in store.expiring(s, at=now, until=now + timedelta(days=policy.certificate_days))
+            if c.role == "agency" and c.organ_id
+        ]
+    cells = [
+        cell
+        for label in labels
+        for cell in compliance.matrix(obligations, submissions, calendar, label, now).cells
+    ]
+    planned = plan(
+        cells, directory=directory, calendar=calendar, templates=templates, now=now, hub=hub,
+        policy=policy,
+    ) + certificate_reminders(expiring, directory=directory, templates=templates, now=now, hub=hub)  # fmt: skip
+    if dry_run or not planned:
+        return RunResult(tuple(planned), ())
+    queued = []
+    with db.session() as s:
+        if db.dialect == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
+        keys = [r.key for r in planned]
+        known = set(s.scalars(select(t.Outbox.key).where(t.Outbox.key.in_(keys))))
+        for r in planned:
+            if r.key in known:
+                continue
+            known.add(r.key)
+            row = outbound.alert(r.key, r.text, now)
+            row.key, row.kind, row.organ_id = r.key, "reminder", r.organ_id
+            row.detail = {"subject": r.subject, "text": r.text, "kind": r.kind} | dict(r.about)
+            s.add(row)
+            queued.append(r.key)
+    return RunResult(tuple(planned), tuple(queued))

@@ -1,0 +1,255 @@
+"""Reminder planning (pure): the status and the moment in, the reminders owed out.
+
+Polite and escalating (DESIGN §6), each owed once — its ``key`` says what it is about, and the
+outbox keeps keys unique, so planning twice (two scheduler runs, two instances, a crash and a
+restart) sends nothing twice:
+
+- ``courtesy``: a period not yet due, within ``courtesy_days`` working days of its due date,
+  to the provider — ``reminder:courtesy:<obligation>:<period>``;
+- ``late``: missing (or only rejected) after the due date, to the provider —
+  ``reminder:late:<obligation>:<period>``;
+- ``escalation``: still missing ``escalate_after_days`` working days after the due date, to
+  the provider's supervising body — ``reminder:escalation:<obligation>:<period>``;
+- ``certificate``: an agency certificate expiring within ``certificate_days`` days, to the
+  agency (and the admin) — ``reminder:certificate:<sha256>:<days-left bucket>``.
+
+Texts come from templates (Vietnamese, then English), which admins may edit: the shipped
+``gateway/presets/reminders.toml``, overridden key by key by ``reminders.toml`` in the home.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Final, Literal
+
+from formats.categories import CATEGORIES
+from formats.errors import ConfigError
+from formats.vntime import local_day
+from gateway.compliance import Calendar, Cell, working_days_late
+from keys.directory import Directory
+
+Kind = Literal["courtesy", "late", "escalation", "certificate"]
+KINDS: Final[tuple[Kind, ...]] = ("courtesy", "late", "escalation", "certificate")
+
+
+@dataclass(frozen=True)
+class Policy:
+    courtesy_days: int = 2  # working days before the due date
+    escalate_after_days: int = 5  # working days after the due date
+    certificate_days: int = 30  # calendar days before a certificate expires
+
+
+@dataclass(frozen=True)
+class Reminder:
+    key: str
+    kind: Kind
+    organ_id: str  # the addressee
+    subject: str
+    text: str
+    about: Mapping[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "kind": self.kind,
+            "to": self.organ_id,
+            "subject": self.subject,
+            "about": dict(self.about),
+        }
+
+
+@dataclass(frozen=True)
+class Templates:
+    texts: Mapping[str, Mapping[str, str]]
+
+    @classmethod
+    def load(cls, override: Path | None = None) -> Templates:
+        shipped = resources.files("gateway.presets").joinpath("reminders.toml").read_text("utf-8")
+        texts: dict[str, dict[str, str]] = {k: dict(v) for k, v in tomllib.loads(shipped).items()}
+        if override is not None and override.exists():
+            try:
+                extra = tomllib.loads(override.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{override}: not valid TOML ({exc})") from None
+            for kind, values in extra.items():
+                if kind not in KINDS or not isinstance(values, dict):
+                    raise ConfigError(f"{override}: [{kind}] is not one of {', '.join(KINDS)}")
+                for key, text in values.items():
+                    if key not in ("subject", "body") or not isinstance(text, str):
+                        raise ConfigError(
+                            f"{override}: [{kind}] {key} must be subject or body text"
+                        )
+                texts[kind][key] = text
+        templates = cls(texts)
+        for kind in KINDS:  # a placeholder typo fails here, not at 08:00
+            templates.render(kind, _SAMPLE)
+        return templates
+
+    def render(self, kind: Kind, values: Mapping[str, str]) -> tuple[str, str]:
+        t = self.texts[kind]
+        try:
+            subject = t["subject"].format_map(values)
+            body = t["body"].strip().format_map(values)
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ConfigError(
+                f"reminder template [{kind}]: unknown or bad placeholder {exc}"
+            ) from None
+        if "\r" in subject or "\n" in subject:
+            raise ConfigError(f"reminder template [{kind}]: the subject must be one line")
+        return subject, body
+
+
+_SAMPLE: Final = {
+    k: "x"
+    for k in [
+        "agency",
+        "agency_id",
+        "category",
+        "category_en",
+        "period",
+        "label",
+        "due",
+        "late_days",
+        "legal_basis",
+        "supervisor",
+        "recipients",
+        "hub",
+        "subject",
+    ]
+}
+
+
+def _dmy(d: date) -> str:
+    return f"{d:%d/%m/%Y}"
+
+
+def plan(
+    cells: Iterable[Cell],
+    *,
+    directory: Directory,
+    calendar: Calendar,
+    templates: Templates,
+    now: datetime,
+    hub: str,
+    policy: Policy = Policy(),
+) -> list[Reminder]:
+    """The reminders owed at ``now`` for ``cells`` (one status matrix or several)."""
+    today = local_day(now)
+    out: list[Reminder] = []
+    for cell in cells:
+        ob, period = cell.obligation, cell.period
+        provider = directory.get(ob.provider)
+        if provider is None:
+            continue
+        category = CATEGORIES.get(ob.category)
+        values = {
+            "agency": provider.name_vi,
+            "agency_id": ob.provider,
+            "category": category.title_vi if category else ob.category,
+            "category_en": category.title_en if category else ob.category,
+            "period": f"{_dmy(period.first)} – {_dmy(period.last)}",
+            "label": period.label,
+            "due": _dmy(cell.due),
+            "late_days": "0",
+            "legal_basis": ob.legal_basis,
+            "supervisor": "",
+            "recipients": ", ".join(
+                (a.name_vi if (a := directory.get(r)) else r) for r in ob.recipients
+            ),
+            "hub": hub,
+            "subject": "",
+        }
+        about = {"obligation": ob.id, "period": period.label, "due": cell.due.isoformat()}
+        if cell.status == "not-due-yet":
+            if (
+                today <= cell.due
+                and _working_days_between(calendar, today, cell.due) <= policy.courtesy_days
+            ):
+                out.append(
+                    _make(templates, "courtesy", ob.provider, ob.id, period.label, values, about)
+                )
+            continue
+        if cell.status not in ("missing", "rejected-only") or today <= cell.due:
+            continue
+        late = working_days_late(calendar, cell.due, today)
+        values["late_days"] = str(late)
+        out.append(_make(templates, "late", ob.provider, ob.id, period.label, values, about))
+        supervisor = directory.get(provider.supervisor) if provider.supervisor else None
+        if late >= policy.escalate_after_days and supervisor is not None:
+            values["supervisor"] = supervisor.name_vi
+            out.append(
+                _make(
+                    templates, "escalation", supervisor.organ_id, ob.id, period.label, values, about
+                )
+            )
+    return out
+
+
+def _make(
+    templates: Templates,
+    kind: Kind,
+    to: str,
+    obligation: str,
+    label: str,
+    values: Mapping[str, str],
+    about: Mapping[str, str],
+) -> Reminder:
+    subject, text = templates.render(kind, values)
+    return Reminder(f"reminder:{kind}:{obligation}:{label}", kind, to, subject, text, about)
+
+
+def _working_days_between(calendar: Calendar, start: date, end: date) -> int:
+    """Working days after ``start`` up to and including ``end`` (0 when ``end`` is today)."""
+    n = 0
+    day = start
+    while day < end:
+        day = date.fromordinal(day.toordinal() + 1)
+        if calendar.is_working_day(day):
+            n += 1
+    return n
+
+
+def certificate_reminders(
+    expiring: Iterable[tuple[str, str, str, datetime]],
+    *,
+    directory: Directory,
+    templates: Templates,
+    now: datetime,
+    hub: str,
+) -> list[Reminder]:
+    """``expiring``: (sha256, OrganId, subject, not_after) of agency certificates; one
+    reminder per certificate and bucket (30, 7 and 1 day(s) left), so a few, not daily."""
+    today = local_day(now)
+    out = []
+    for sha, organ_id, subject_dn, not_after in expiring:
+        agency = directory.get(organ_id)
+        if agency is None:
+            continue
+        left = (local_day(not_after) - today).days
+        bucket = next((b for b in (1, 7, 30) if left <= b), None)
+        if bucket is None or left < 0:
+            continue
+        values = dict(_SAMPLE) | {
+            "agency": agency.name_vi,
+            "agency_id": organ_id,
+            "due": _dmy(local_day(not_after)),
+            "hub": hub,
+            "subject": subject_dn,
+        }
+        subject, text = templates.render("certificate", values)
+        out.append(
+            Reminder(
+                f"reminder:certificate:{sha}:{bucket}",
+                "certificate",
+                organ_id,
+                subject,
+                text,
+                {"certificate": sha, "expires": not_after.isoformat()},
+            )
+        )
+    return out

@@ -1,0 +1,213 @@
+"""Reminders: planned from the status (pure), queued once however often the run repeats, built
+signed (and encrypted to the agency), filed and sent."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import threading
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import func, select
+
+from archive import tables as t
+from archive.blobs import BlobStore
+from archive.db import Database
+from archive.records import Transport
+from archive.service import Archive
+from formats.payload import Organ
+from gateway import intake, obligation_store
+from gateway.demo import DemoWorld
+from gateway.obligations import DueRule, Obligation
+from gateway.outbound import Builder, Hub
+from gateway.remind import run
+from gateway.reminders import Policy, Templates
+from gateway.workdays import Calendar
+from gateway.worker import Worker
+from keys import store
+
+CAL = Calendar.load()
+HUB = "hub@exchange.hanoi.gov.vn"
+#: Period 2026-10 (16 Sep – 15 Oct 2026); 5 working days after 15 Oct (Thu) → due Thu 22 Oct.
+OBLIGATION = Obligation(
+    "test-8.2.c-snv-work-permit",
+    "H26.SNV",
+    ("H26.CATP",),
+    "work-permit",
+    "monthly",
+    DueRule.working_days_after(5),
+    "QĐ 18/2017/QĐ-UBND Điều 8.2.c",
+    valid_from=date(2026, 9, 16),  # its first period is 2026-10
+)
+
+
+def _at(day: date, hour: int = 8) -> datetime:
+    return datetime(day.year, day.month, day.day, hour - 7, 0, tzinfo=UTC)  # 08:00 in Hanoi
+
+
+@pytest.fixture(scope="module")
+def live_world() -> DemoWorld:
+    return DemoWorld.create(datetime(2026, 10, 17, tzinfo=UTC))  # its CRL is fresh until 24 Oct
+
+
+@pytest.fixture
+def archive(tmp_path: Path, live_world: DemoWorld) -> Archive:
+    key = live_world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    at = live_world.at
+    with db.session() as s:
+        for agency in live_world.directory:
+            store.add_agency(s, agency, at=at, actor="test")
+        for organ_id, issued in live_world.agencies.items():
+            store.add_certificate(
+                s, issued.cert, role="agency", organ_id=organ_id, at=at, actor="t"
+            )
+        obligation_store.add(s, OBLIGATION, at=at, actor="test")
+    return Archive(db, BlobStore(os.urandom(32)), HUB, (live_world.hub.cert, key), 1000)
+
+
+def _run(archive: Archive, world: DemoWorld, at: datetime, **kw: object) -> tuple[int, int]:
+    result = run(
+        archive.db, calendar=CAL, directory=world.directory, templates=Templates.load(),
+        policy=Policy(), hub=HUB, now=at, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return len(result.planned), len(result.queued)
+
+
+def _keys(archive: Archive) -> list[str]:
+    with archive.db.session(read_only=True) as s:
+        return sorted(s.scalars(select(t.Outbox.key).where(t.Outbox.kind == "reminder")))
+
+
+def test_the_calendar_puts_this_due_date_where_the_tests_expect_it() -> None:
+    from gateway.obligations import due_date, periods
+
+    [period] = periods(OBLIGATION, date(2026, 10, 15), date(2026, 10, 15))
+    assert (period.first, period.last) == (date(2026, 9, 16), date(2026, 10, 15))
+    assert due_date(OBLIGATION, period, CAL) == date(2026, 10, 22)
+
+
+def test_a_month_of_reminders_each_sent_once(archive: Archive, live_world: DemoWorld) -> None:
+    # too early for a courtesy notice (more than 2 working days before the due date)
+    assert _run(archive, live_world, _at(date(2026, 10, 16))) == (0, 0)
+    # Tue 20 Oct: 2 working days before Thu 22 Oct → courtesy, once however often it runs
+    assert _run(archive, live_world, _at(date(2026, 10, 20))) == (1, 1)
+    assert _run(archive, live_world, _at(date(2026, 10, 20), 15)) == (1, 0)
+    # Fri 23 Oct: a day late → late notice
+    assert _run(archive, live_world, _at(date(2026, 10, 23))) == (1, 1)
+    # Fri 30 Oct: 6 working days late → escalation to the supervisor (the People's Committee)
+    planned, queued = _run(archive, live_world, _at(date(2026, 10, 30)))
+    assert (planned, queued) == (2, 1)
+    assert _keys(archive) == [
+        "reminder:courtesy:test-8.2.c-snv-work-permit:2026-10",
+        "reminder:escalation:test-8.2.c-snv-work-permit:2026-10",
+        "reminder:late:test-8.2.c-snv-work-permit:2026-10",
+    ]
+    with archive.db.session(read_only=True) as s:
+        escalation = s.scalar(select(t.Outbox).where(t.Outbox.key.like("reminder:escalation:%")))
+        assert escalation is not None and escalation.organ_id == "H26.UBND"
+        assert "6 ngày làm việc" in escalation.detail["text"]
+
+
+def test_runs_at_the_same_time_queue_each_reminder_once(
+    archive: Archive, live_world: DemoWorld
+) -> None:
+    at = _at(date(2026, 10, 23))
+    results: list[tuple[int, int]] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_run(archive, live_world, at)))
+        for _ in range(4)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sum(q for _p, q in results) == 1
+    assert len(_keys(archive)) == 1
+
+
+def test_a_run_that_crashes_queues_nothing_and_the_next_one_everything(
+    archive: Archive, live_world: DemoWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import outbound
+
+    calls = {"n": 0}
+    real = outbound.alert
+
+    def crash(*args: object, **kw: object) -> t.Outbox:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed in the middle of queuing
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbound, "alert", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(archive, live_world, _at(date(2026, 10, 30)))
+    assert _keys(archive) == []  # one transaction: all or nothing
+    monkeypatch.setattr(outbound, "alert", real)
+    assert _run(archive, live_world, _at(date(2026, 10, 30))) == (2, 2)
+
+
+def test_an_on_time_submission_silences_the_reminders(
+    archive: Archive, live_world: DemoWorld
+) -> None:
+    raw = live_world.submission("H26.SNV")  # the demo's work permits for period 2026-10
+    received = _at(date(2026, 10, 19))
+    intake.accept(archive.db, raw, Transport(received, "smtp", "127.0.0.1"))
+    ctx = live_world.context()
+    [outcome] = Worker(archive, lambda: ctx, clock=lambda: received, name="w").run_once()
+    assert outcome.disposition == "accepted"
+    assert _run(archive, live_world, _at(date(2026, 10, 20))) == (0, 0)
+    assert _run(archive, live_world, _at(date(2026, 10, 30))) == (0, 0)
+
+
+def test_a_reminder_is_signed_encrypted_to_the_agency_and_filed(
+    archive: Archive, live_world: DemoWorld, tmp_path: Path
+) -> None:
+    at = _at(date(2026, 10, 23))
+    _run(archive, live_world, at)
+    key = live_world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    hub = Hub(HUB, Organ("GATEWAY"), (live_world.hub.cert, key))
+    assert Builder(archive, hub, lambda: live_world.directory, lambda: at, "b").run_once() == 1
+    with archive.db.session(read_only=True) as s:
+        row = s.scalar(select(t.Outbox).where(t.Outbox.kind == "reminder"))
+        assert row is not None and row.state == "ready" and row.message is not None
+        assert row.rcpt_to == ["vanthu@snv.hanoi.gov.vn"]
+        entry = archive.log.entry(s, row.entry_seq or 0)
+        assert entry.kind == "reminder" and entry.fields["period"] == "2026-10"
+        assert s.scalar(select(func.count()).select_from(t.LogEntry)) > 0
+        message = row.message
+    snv = live_world.agencies["H26.SNV"]
+    files = {"m.eml": message, "me.pem": snv.cert_pem(), "me.key": snv.key_pem(),
+             "root.pem": live_world.root.cert_pem()}  # fmt: skip
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    signed = subprocess.run(
+        ["openssl", "cms", "-decrypt", "-in", tmp_path / "m.eml", "-recip", tmp_path / "me.pem",
+         "-inkey", tmp_path / "me.key"], capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    (tmp_path / "s.eml").write_bytes(signed)
+    text = subprocess.run(
+        ["openssl", "cms", "-verify", "-in", tmp_path / "s.eml", "-CAfile", tmp_path / "root.pem",
+         "-purpose", "smimesign", "-attime", str(int(at.timestamp()))],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    words = base64.b64decode(text.split(b"\r\n\r\n", 1)[1]).decode()
+    assert "quá hạn 1 ngày làm việc" in words and "1 working day(s) late" in words
+
+
+def test_templates_can_be_edited_and_a_bad_placeholder_is_caught(tmp_path: Path) -> None:
+    custom = tmp_path / "reminders.toml"
+    custom.write_text('[late]\nsubject = "Trễ hạn {label}"\n', encoding="utf-8")
+    assert Templates.load(custom).texts["late"]["subject"] == "Trễ hạn {label}"
+    custom.write_text('[late]\nsubject = "Trễ hạn {nonsense}"\n', encoding="utf-8")
+    from formats.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nonsense"):
+        Templates.load(custom)
