@@ -144,8 +144,8 @@ def plan(
     for cell in cells:
         ob, period = cell.obligation, cell.period
         provider = directory.get(ob.provider)
-        if provider is None:
-            continue
+        if provider is None or not provider.emails:
+            continue  # no mailbox to remind (the status report still shows the gap)
         category = CATEGORIES.get(ob.category)
         values = {
             "agency": provider.name_vi,
@@ -180,7 +180,7 @@ def plan(
         values["late_days"] = str(late)
         out.append(_make(templates, "late", ob.provider, ob.id, period.label, values, about))
         supervisor = directory.get(provider.supervisor) if provider.supervisor else None
-        if late >= policy.escalate_after_days and supervisor is not None:
+        if late >= policy.escalate_after_days and supervisor is not None and supervisor.emails:
             values["supervisor"] = supervisor.name_vi
             out.append(
                 _make(
@@ -228,7 +228,7 @@ def certificate_reminders(
     out = []
     for sha, organ_id, subject_dn, not_after in expiring:
         agency = directory.get(organ_id)
-        if agency is None:
+        if agency is None or not agency.emails:
             continue
         left = (local_day(not_after) - today).days
         bucket = next((b for b in (1, 7, 30) if left <= b), None)

@@ -4,6 +4,7 @@ signed (and encrypted to the agency), filed and sent."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import subprocess
 import threading
@@ -29,6 +30,7 @@ from gateway.reminders import Policy, Templates
 from gateway.workdays import Calendar
 from gateway.worker import Worker
 from keys import store
+from keys.directory import Directory
 
 CAL = Calendar.load()
 HUB = "hub@exchange.hanoi.gov.vn"
@@ -61,7 +63,7 @@ def archive(tmp_path: Path, live_world: DemoWorld) -> Archive:
     db = Database.open(f"sqlite:///{tmp_path}/a.db")
     at = live_world.at
     with db.session() as s:
-        for agency in live_world.directory:
+        for agency in _directory(live_world):
             store.add_agency(s, agency, at=at, actor="test")
         for organ_id, issued in live_world.agencies.items():
             store.add_certificate(
@@ -71,9 +73,21 @@ def archive(tmp_path: Path, live_world: DemoWorld) -> Archive:
     return Archive(db, BlobStore(os.urandom(32)), HUB, (live_world.hub.cert, key), 1000)
 
 
+def _directory(world: DemoWorld) -> Directory:
+    """The demo's agencies; the People's Committee gets a mailbox (escalations go there)."""
+    return Directory.of(
+        [
+            dataclasses.replace(a, emails=frozenset({"vanphong@hanoi.gov.vn"}))
+            if a.organ_id == "H26.UBND"
+            else a
+            for a in world.directory
+        ]
+    )
+
+
 def _run(archive: Archive, world: DemoWorld, at: datetime, **kw: object) -> tuple[int, int]:
     result = run(
-        archive.db, calendar=CAL, directory=world.directory, templates=Templates.load(),
+        archive.db, calendar=CAL, directory=_directory(world), templates=Templates.load(),
         policy=Policy(), hub=HUB, now=at, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     return len(result.planned), len(result.queued)
