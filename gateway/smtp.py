@@ -371,6 +371,14 @@ class _Replies:
     data_size_limit: int | None
     envelope: Envelope | None
 
+    #: The listener's set of live transports (so that stop() can close every one).
+    transports: set[asyncio.BaseTransport] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transports is not None:
+            self.transports.add(transport)
+        super().connection_made(transport)  # type: ignore[misc]
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = self.rewrite(status)
@@ -435,6 +443,7 @@ class Listener:
         self._protocol = protocol
         self._executor = executor
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self._transports: set[asyncio.BaseTransport] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -472,6 +481,9 @@ class Listener:
     def _factory(self) -> SMTP:
         server = self._protocol()
         self._sessions.add(server)
+        # Forget transports already closed; keep the live ones until stop() closes them.
+        self._transports.difference_update([x for x in self._transports if x.is_closing()])
+        server.transports = self._transports  # type: ignore[attr-defined]
         return server
 
     def _run(self) -> None:
@@ -515,6 +527,9 @@ class Listener:
             # (a TLS close would wait for the peer's close_notify, which may never come).
             current = asyncio.current_task()
             for _ in range(5):
+                for known in list(self._transports):
+                    if isinstance(known, asyncio.Transport):
+                        known.abort()
                 for session in list(self._sessions):
                     for transport in (
                         session.transport,
