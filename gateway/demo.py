@@ -167,8 +167,10 @@ class DemoWorld:
         from_addr: str | None = None,
         payload_from: str | None = None,
         number: int = 1,
+        period: str = "2026-10",
     ) -> bytes:
-        """A signed and encrypted monthly work-permit submission from ``sender`` to the police."""
+        """A signed and encrypted monthly work-permit submission from ``sender`` to the police
+        for the monthly ``period`` (YYYY-MM: the 16th of the month before to the 15th)."""
         agency = self.directory.get(sender)
         police = self.directory.get("H26.CATP")
         assert agency is not None and police is not None
@@ -181,8 +183,8 @@ class DemoWorld:
             document_number=f"{number}/SNV-VLATLĐ",
             issued_on=self.at.date(),
             message_id=uuid.UUID(bytes=os.urandom(16), version=4),
-            period="2026-10",
-            subject="Thông tin người nước ngoài được cấp giấy phép lao động kỳ 16/9–15/10/2026",
+            period=period,
+            subject=f"Thông tin người nước ngoài được cấp giấy phép lao động kỳ {period}",
             signer=Signer("Trần Văn Minh", "Phó Giám đốc"),
         )
         issued = signer or self.agencies[sender]
@@ -195,7 +197,7 @@ class DemoWorld:
             to_addrs=[HUB_ADDRESS],
             message_id=f"<{uuid.UUID(bytes=os.urandom(16), version=4)}@{address.split('@')[1]}>",
             date=self.at,
-            subject="Báo cáo tháng 10/2026: giấy phép lao động",
+            subject=f"Báo cáo kỳ {period}: giấy phép lao động",
         )
 
     def write_home(self, home: Path, passphrase: bytes) -> None:
