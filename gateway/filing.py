@@ -90,5 +90,11 @@ def message_item(verdict: Verdict, raw: bytes, transport: Transport) -> Item:
             "records": len(verdict.payload.records),
             "period_start": x.period_start.isoformat() if x.period_start else None,
             "period_end": x.period_end.isoformat() if x.period_end else None,
+            # What gateway.compliance matches on: corrections, replies, request deadlines.
+            "cadence": x.cadence,
+            "replaces": str(h.replaces) if h.replaces else None,
+            "response_for": str(h.response_for) if h.response_for else None,
+            "due_date": h.due_date.isoformat() if h.due_date else None,
+            "request_ref": x.request_ref,
         }
     return Item("message", transport.received_at, fields, blobs)

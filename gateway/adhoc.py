@@ -1,0 +1,191 @@
+"""Ad-hoc requests and deemed consent (pure; DESIGN §6).
+
+A ``request`` payload asks its addressees for information or an opinion by a deadline; each
+addressee answers with a ``reply`` whose ``ResponseFor`` is the request's DocumentId. QĐ
+1342/QĐ-UBND 2023 (Quy chế, Điều 7.3 and 8.2.a):
+
+* the deadline is the requester's (``DueDate``), "theo yêu cầu của cơ quan, đơn vị chủ trì";
+* otherwise 15 working days "kể từ ngày nhận đầy đủ hồ sơ" (7.3.a) — the request as received
+  is taken to be the complete dossier — or 7 working days after a meeting (7.3.b);
+* "Nếu quá thời gian trên thì xem như đồng ý": no reply by 24:00 UTC+7 of the last day is
+  **deemed consent**, which the chair's report lists (8.2.a, 10.2), as it does late replies.
+
+The payload rules require ``DueDate`` on every request (formats/payload_rules.py), so the
+default counts only serve entries without one; nothing in a request says "after a meeting",
+so :attr:`Request.after_meeting` is set only by callers that know. Working days come from the
+calendar passed in, and every status carries its version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Final, Literal, get_args
+
+from archive.log import Item
+from formats.vntime import local_day
+from gateway.compliance import Calendar, end_of, working_days_late
+
+RequestState = Literal["open", "answered", "answered-late", "deemed-consent"]
+REQUEST_STATES: Final[tuple[RequestState, ...]] = get_args(RequestState)
+#: QĐ 1342/QĐ-UBND 2023 Điều 7.3.a: "trả lời văn bản trong vòng 15 (mười lăm) ngày làm việc
+#: kể từ ngày nhận đầy đủ hồ sơ" when the requester sets no time.
+DEFAULT_REPLY_DAYS: Final = 15
+#: Điều 7.3.b: "chậm nhất trong vòng 07 (bảy) ngày làm việc sau khi cuộc họp kết thúc".
+AFTER_MEETING_DAYS: Final = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """An accepted ``request`` payload: ``requester`` asks each of ``addressees``."""
+
+    seq: int
+    document_id: str
+    requester: str
+    addressees: tuple[str, ...]
+    received_at: datetime
+    due_date: date | None = None  # DueDate, given by the requester
+    after_meeting: bool = False
+    subject: str = ""
+
+    @classmethod
+    def from_entry(cls, seq: int, fields: Mapping[str, Any]) -> Request | None:
+        payload = fields.get("payload") or {}
+        if fields.get("status") != "accepted" or fields.get("category") != "request":
+            return None
+        due = payload.get("due_date")
+        return cls(
+            seq,
+            str(fields.get("document_id")),
+            str(fields.get("agency")),
+            tuple(payload.get("to") or ()),
+            datetime.fromisoformat(fields["transport"]["received_at"]),
+            date.fromisoformat(due) if due else None,
+            subject=str(fields.get("subject") or ""),
+        )
+
+    def deadline(self, calendar: Calendar) -> tuple[date, str]:
+        """The last day to reply, and the rule it comes from."""
+        if self.due_date is not None:
+            # Điều 7.3.a: "thời gian trả lời văn bản theo yêu cầu của cơ quan, đơn vị chủ trì".
+            return self.due_date, "DueDate given by the requester (QĐ 1342 Điều 7.3.a)"
+        if self.after_meeting:
+            day = calendar.add_working_days(local_day(self.received_at), AFTER_MEETING_DAYS)
+            return day, f"{AFTER_MEETING_DAYS} working days after the meeting (Điều 7.3.b)"
+        day = calendar.add_working_days(local_day(self.received_at), DEFAULT_REPLY_DAYS)
+        return day, f"{DEFAULT_REPLY_DAYS} working days from receipt (Điều 7.3.a)"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An accepted ``reply`` payload answering the request ``response_for``."""
+
+    seq: int
+    document_id: str
+    sender: str
+    response_for: str
+    received_at: datetime
+
+    @classmethod
+    def from_entry(cls, seq: int, fields: Mapping[str, Any]) -> Reply | None:
+        payload = fields.get("payload") or {}
+        answers = payload.get("response_for")
+        if fields.get("status") != "accepted" or fields.get("category") != "reply" or not answers:
+            return None
+        received = datetime.fromisoformat(fields["transport"]["received_at"])
+        return cls(
+            seq, str(fields.get("document_id")), str(fields.get("agency")), answers, received
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStatus:
+    """Where one addressee stands with one request at ``now``."""
+
+    request: Request
+    addressee: str
+    deadline: date  # ends 24:00 UTC+7
+    rule: str
+    calendar_version: str
+    state: RequestState
+    reply: Reply | None = None
+    late_days: int = 0
+
+    @property
+    def for_chair(self) -> bool:
+        """Listed for the chair's report (Điều 8.2.a, 10.2): no written reply in time."""
+        return self.state in ("deemed-consent", "answered-late")
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "request": r.document_id,
+            "request_seq": r.seq,
+            "requester": r.requester,
+            "addressee": self.addressee,
+            "subject": r.subject,
+            "received_at": r.received_at.isoformat(),
+            "deadline": self.deadline.isoformat(),
+            "deadline_ends": end_of(self.deadline).isoformat(),
+            "rule": self.rule,
+            "calendar_version": self.calendar_version,
+            "state": self.state,
+            "reply": self.reply.document_id if self.reply else None,
+            "replied_at": self.reply.received_at.isoformat() if self.reply else None,
+            "late_days": self.late_days,
+            "for_chair": self.for_chair,
+        }
+
+
+def requests_status(
+    requests: Iterable[Request], replies: Iterable[Reply], calendar: Calendar, now: datetime
+) -> list[RequestStatus]:
+    """Each (request, addressee): answered in time, answered late, open, or deemed consent
+    (Điều 7.3.a: "Nếu quá thời gian trên thì xem như đồng ý"). A reply counts when it comes
+    from the addressee and its ResponseFor is the request's DocumentId; the first one decides.
+    """
+    first: dict[tuple[str, str], Reply] = {}
+    for answer in sorted(replies, key=lambda r: (r.received_at, r.seq)):
+        if answer.received_at <= now:
+            first.setdefault((answer.response_for, answer.sender), answer)
+    today = local_day(now)
+    out = []
+    for req in sorted(requests, key=lambda r: (r.received_at, r.seq)):
+        if req.received_at > now:
+            continue
+        deadline, rule = req.deadline(calendar)
+        for addressee in req.addressees:
+            reply = first.get((req.document_id, addressee))
+            late = 0
+            if reply is not None:
+                late = working_days_late(calendar, deadline, local_day(reply.received_at))
+            state: RequestState = (
+                ("answered-late" if late else "answered")
+                if reply
+                else "deemed-consent"
+                if today > deadline
+                else "open"
+            )
+            out.append(
+                RequestStatus(req, addressee, deadline, rule, calendar.version, state, reply, late)
+            )
+    return out
+
+
+def deemed_consent_item(status: RequestStatus, at: datetime) -> Item:
+    """The archive entry recording that ``status.addressee`` is deemed to consent."""
+    if status.state != "deemed-consent":
+        raise ValueError(f"{status.request.document_id} is {status.state}, not deemed consent")
+    return Item(
+        "deemed-consent",
+        at,
+        {
+            "status": "deemed-consent",
+            "agency": status.addressee,
+            "category": "request",
+            "document_id": status.request.document_id,
+            **{k: v for k, v in status.as_dict().items() if k not in ("request", "addressee")},
+            "deemed_at": end_of(status.deadline).isoformat(),
+        },
+    )

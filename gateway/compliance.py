@@ -1,0 +1,418 @@
+"""Compliance status (pure): which submission fulfils which obligation, period by period
+(DESIGN §6). Ad-hoc requests and deemed consent are in :mod:`gateway.adhoc`.
+
+No database, no clock: values in (obligations, :class:`Submission` values taken from archive
+entries by :mod:`gateway.ledger`, a working-day calendar, the moment ``now``), values out.
+Described in ``docs/compliance.md`` ("Status").
+
+Matching. A submission fulfils (obligation, period) when its sender is the provider, its
+category the obligation's, its period (the month of its ``PeriodEnd``, as filed) the month of
+the period's last day, and its cadence the obligation's (or ad-hoc, or not stated: a November
+monthly report is not the annual one). Only entries received
+by ``now`` count, so a report "as at" a past moment shows what was known then.
+
+One cell, in order (:func:`status_for`):
+
+1. accepted payloads, oldest first: the first one that is not a revoke fulfils the period; its
+   local receipt day against the due date decides on time or late (working days after the due
+   date, at least 1: a weekend receipt after a Friday deadline is a day late). A later accepted
+   ``update``/``replace`` (or a new one after a revoke) is a correction: the cell is
+   ``corrected``, timeliness still judged on the first. A revoke that is not followed by
+   anything withdraws the report: the cell is missing again.
+2. no accepted payload but rejected ones: ``rejected-only`` (missing in effect);
+3. nothing: ``missing`` once the due date has passed (24:00 UTC+7), ``not-due-yet`` before.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time, timedelta
+from functools import cache, partial
+from typing import Any, Final, Literal, NamedTuple, Protocol, get_args
+
+from formats.vntime import VN_TZ, local_day
+from gateway.obligations import Obligation, Period, due_date, periods
+
+#: In the order reports count them: fulfilled first, then the problems.
+Status = Literal["on-time", "late", "corrected", "rejected-only", "missing", "not-due-yet"]
+STATUSES: Final[tuple[Status, ...]] = get_args(Status)
+_CORRECTIONS: Final = frozenset({"update", "replace"})
+_ONE_DAY: Final = timedelta(days=1)
+
+
+class Calendar(Protocol):
+    """What the status needs from :class:`gateway.workdays.Calendar`."""
+
+    @property
+    def version(self) -> str: ...
+
+    def add_working_days(self, start: date, n: int) -> date: ...
+
+    def is_working_day(self, d: date) -> bool: ...
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector while building many acyclic values. Each full pass walks
+    every object alive — a loaded year is ~400,000 — and building a year of cells triggers
+    several: a third of the time (bench/compliance_bench.py). Process-wide, so only the caller
+    that paused it resumes it; nothing is lost, collection is only deferred."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def end_of(day: date) -> datetime:
+    """24:00 Asia/Ho_Chi_Minh at the end of ``day`` (BLDS 2015 Điều 148.6)."""
+    return datetime.combine(day + _ONE_DAY, time(0), tzinfo=VN_TZ)
+
+
+def working_days_late(calendar: Calendar, due: date, day: date) -> int:
+    """Working days from the day after ``due`` to ``day`` inclusive; at least 1 if after."""
+    if day <= due:
+        return 0
+    n, d = 0, due
+    while d < day:
+        d += _ONE_DAY
+        n += calendar.is_working_day(d)
+    return max(n, 1)
+
+
+# --- submissions and their index ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A received payload that may fulfil an obligation (an accepted or rejected message)."""
+
+    seq: int
+    provider: str
+    category: str
+    period: str  # YYYY-MM of PeriodEnd
+    status: str  # accepted | rejected
+    received_at: datetime
+    document_id: str | None = None
+    business: str = "new"  # new | revoke | update | replace
+    replaces: str | None = None
+    cadence: str | None = None
+    received_on: date = field(init=False, compare=False, repr=False)  # local day, UTC+7
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "received_on", local_day(self.received_at))
+
+    @classmethod
+    def from_entry(cls, seq: int, fields: Mapping[str, Any]) -> Submission | None:
+        """From a message entry's fields (:func:`gateway.filing.message_item`), or ``None``
+        when it cannot fulfil anything: quarantined (the sender is not authenticated), or
+        without agency, category or period (a payload that did not parse)."""
+        status, agency = fields.get("status"), fields.get("agency")
+        category, period = fields.get("category"), fields.get("period")
+        if status not in ("accepted", "rejected") or not (agency and category and period):
+            return None
+        payload = fields.get("payload") or {}
+        return cls(
+            seq,
+            agency,
+            category,
+            period,
+            status,
+            datetime.fromisoformat(fields["transport"]["received_at"]),
+            fields.get("document_id"),
+            payload.get("business") or "new",
+            payload.get("replaces"),
+            payload.get("cadence"),
+        )
+
+
+#: period → provider → category → the submission, or several (oldest first).
+_Found = Submission | list[Submission]
+_Tree = dict[str, dict[str, dict[str, _Found]]]
+
+
+class Submissions:
+    """Submissions indexed by period, provider and category. Nested dictionaries, and a lone
+    submission stored as itself: a year of 20,000 obligations is indexed in ~0.1 s."""
+
+    def __init__(self, tree: _Tree, size: int) -> None:
+        self._tree, self._size = tree, size
+
+    @classmethod
+    def of(cls, submissions: Iterable[Submission]) -> Submissions:
+        with _collector_paused():
+            return cls._of(submissions)
+
+    @classmethod
+    def _of(cls, submissions: Iterable[Submission]) -> Submissions:
+        tree: _Tree = {}
+        n = 0
+        for s in submissions:
+            n += 1
+            by_category = tree.setdefault(s.period, {}).setdefault(s.provider, {})
+            found = by_category.get(s.category)
+            if found is None:
+                by_category[s.category] = s
+            elif isinstance(found, list):
+                found.append(s)
+            else:
+                by_category[s.category] = [found, s]
+        for by_provider in tree.values():
+            for by_category in by_provider.values():
+                for found in by_category.values():
+                    if isinstance(found, list):
+                        found.sort(key=_order)
+        return cls(tree, n)
+
+    def get(self, period: str, provider: str, category: str) -> Sequence[Submission]:
+        found = self._tree.get(period, {}).get(provider, {}).get(category)
+        return () if found is None else found if isinstance(found, list) else (found,)
+
+    def __len__(self) -> int:
+        return self._size
+
+
+def _order(s: Submission) -> tuple[datetime, int]:
+    return (s.received_at, s.seq)
+
+
+# --- cells and the matrix ----------------------------------------------------------------------
+
+
+class Cell(NamedTuple):
+    """The status of one obligation for one period (a named tuple: quick to make by the
+    hundred thousand)."""
+
+    obligation: Obligation
+    period: Period
+    due: date  # the last day on time; the deadline is 24:00 UTC+7 that day
+    status: Status
+    late_days: int = 0  # of the first accepted payload (also when corrected)
+    received_at: datetime | None = None  # the first accepted payload's
+    document_id: str | None = None  # the report in force: the last correction, or the first
+    corrections: int = 0
+    rejected: int = 0
+    withdrawn: bool = False  # the last accepted payload revoked the report
+
+    def as_dict(self, calendar_version: str) -> dict[str, Any]:
+        ob = self.obligation
+        return {
+            "obligation": ob.id,
+            "provider": ob.provider,
+            "category": ob.category,
+            "cadence": ob.cadence,
+            "recipients": list(ob.recipients),
+            "legal_basis": ob.legal_basis,
+            "period": self.period.as_dict(),
+            "due": self.due.isoformat(),
+            "deadline": end_of(self.due).isoformat(),
+            "calendar_version": calendar_version,
+            "status": self.status,
+            "late_days": self.late_days,
+            "received_at": self.received_at.isoformat() if self.received_at else None,
+            "document_id": self.document_id,
+            "corrections": self.corrections,
+            "rejected": self.rejected,
+            "withdrawn": self.withdrawn,
+        }
+
+
+def _matches(s: Submission, ob: Obligation, label: str) -> bool:
+    return (
+        s.provider == ob.provider
+        and s.category == ob.category
+        and s.period == label
+        and s.cadence in (None, "ad-hoc", ob.cadence)
+    )
+
+
+def _cell(
+    ob: Obligation,
+    period: Period,
+    due: date,
+    candidates: Sequence[Submission],
+    late_days: Callable[[date, date], int],
+    now: datetime,
+    today: date,
+) -> Cell:
+    """Step 1–3 of the module docstring over ``candidates`` (this key's, oldest first)."""
+    first: Submission | None = None
+    current: Submission | None = None
+    corrections = rejected = 0
+    cadence = ob.cadence
+    for s in candidates:
+        c = s.cadence
+        if s.received_at > now or (c is not None and c != cadence and c != "ad-hoc"):
+            continue
+        if s.status != "accepted":
+            rejected += 1
+        elif s.business == "revoke":
+            current = None
+        elif first is None:
+            first = current = s
+        elif current is None or s.business in _CORRECTIONS:
+            corrections += 1
+            current = s
+    if first is not None and current is not None:
+        day = first.received_on
+        late = late_days(due, day) if day > due else 0
+        status: Status = "corrected" if corrections else "late" if late else "on-time"
+        return Cell(
+            ob, period, due, status, late, first.received_at, current.document_id,
+            corrections, rejected,
+        )  # fmt: skip
+    if rejected and first is None:
+        return Cell(ob, period, due, "rejected-only", rejected=rejected)
+    status = "missing" if today > due else "not-due-yet"
+    return Cell(ob, period, due, status, rejected=rejected, withdrawn=first is not None)
+
+
+def status_for(
+    obligation: Obligation,
+    period: Period,
+    submissions: Iterable[Submission],
+    calendar: Calendar,
+    now: datetime,
+) -> Cell:
+    """The status of ``obligation`` for ``period`` at ``now``, from any ``submissions``."""
+    label = f"{period.last:%Y-%m}"
+    found = sorted((s for s in submissions if _matches(s, obligation, label)), key=_order)
+    due = due_date(obligation, period, calendar)
+    late = partial(working_days_late, calendar)
+    return _cell(obligation, period, due, found, late, now, local_day(now))
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every obligation's status for the periods ending in one month, at ``at``."""
+
+    period: str  # YYYY-MM
+    at: datetime
+    calendar_version: str
+    cells: tuple[Cell, ...]  # in the order of the obligations given
+
+    def counts(self) -> dict[str, int]:
+        found = Counter(c.status for c in self.cells)
+        return {s: found[s] for s in STATUSES}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "period": self.period,
+            "at": self.at.isoformat(),
+            "calendar_version": self.calendar_version,
+            "counts": self.counts(),
+            "cells": [c.as_dict(self.calendar_version) for c in self.cells],
+        }
+
+
+def month_bounds(label: str) -> tuple[date, date]:
+    """First and last day of month ``label`` (YYYY-MM); ``ValueError`` otherwise."""
+    if len(label) != 7:
+        raise ValueError(f"{label!r} is not YYYY-MM")
+    first = date.fromisoformat(f"{label}-01")
+    after = (first + timedelta(days=31)).replace(day=1)
+    return first, after - _ONE_DAY
+
+
+def matrix(
+    obligations: Iterable[Obligation],
+    submissions: Submissions | Iterable[Submission],
+    calendar: Calendar,
+    period_label: str,
+    now: datetime,
+) -> Report:
+    """The status of every (obligation, period) whose period ends in month ``period_label``:
+    the monthly period of that label, and a semi-annual or annual period ending that month.
+
+    Periods and due dates are worked out once per (cadence, due rule), submissions looked up
+    by key: no scan per cell (bench/compliance_bench.py)."""
+    index = submissions if isinstance(submissions, Submissions) else Submissions.of(submissions)
+    with _collector_paused():
+        return _matrix(obligations, index, calendar, period_label, now)
+
+
+def _matrix(
+    obligations: Iterable[Obligation],
+    index: Submissions,
+    calendar: Calendar,
+    period_label: str,
+    now: datetime,
+) -> Report:
+    tree = index._tree.get(period_label, {})
+    first, last = month_bounds(period_label)
+    today = local_day(now)
+    # Equal rules share their periods and due dates (keyed by the rule's fields: hashing a
+    # DueRule per cell would cost a tenth of the time); late days are counted once per day.
+    plans: dict[tuple[Any, ...], list[tuple[Period, date]]] = {}
+    late = cache(partial(working_days_late, calendar))
+    cells: list[Cell] = []
+    add = cells.append
+    for ob in obligations:
+        rule = ob.due
+        key = (ob.cadence, rule.kind, rule.n, rule.dates)
+        plan = plans.get(key)
+        if plan is None:
+            free = replace(ob, valid_from=None, valid_to=None)
+            plan = [(p, due_date(free, p, calendar)) for p in periods(free, first, last)]
+            plans[key] = plan
+        start, end = ob.valid_from, ob.valid_to
+        for period, due in plan:
+            if (start is not None and period.last < start) or (
+                end is not None and period.last > end
+            ):
+                continue
+            by_category = tree.get(ob.provider)
+            found = None if by_category is None else by_category.get(ob.category)
+            if found is None:
+                status: Status = "missing" if today > due else "not-due-yet"
+                add(Cell(ob, period, due, status))
+                continue
+            if not isinstance(found, list):  # the common case of _cell, inlined: one report
+                c = found.cadence
+                if (
+                    found.status == "accepted"
+                    and found.business != "revoke"
+                    and found.received_on <= due
+                    and found.received_at <= now
+                    and (c is None or c == ob.cadence or c == "ad-hoc")
+                ):
+                    add(Cell(ob, period, due, "on-time", 0, found.received_at, found.document_id))
+                    continue
+                found = [found]
+            add(_cell(ob, period, due, found, late, now, today))
+    return Report(period_label, now, calendar.version, tuple(cells))
+
+
+def history(
+    obligations: Iterable[Obligation],
+    submissions: Submissions | Iterable[Submission],
+    calendar: Calendar,
+    labels: Sequence[str],
+    now: datetime,
+    *,
+    provider: str,
+) -> list[Report]:
+    """One agency's :func:`matrix` for each month of ``labels``."""
+    own = [o for o in obligations if o.provider == provider]
+    index = submissions if isinstance(submissions, Submissions) else Submissions.of(submissions)
+    return [matrix(own, index, calendar, label, now) for label in labels]
+
+
+def month_labels(first: str, last: str) -> list[str]:
+    """``first`` … ``last`` (YYYY-MM), both included."""
+    start, _ = month_bounds(first)
+    end, _ = month_bounds(last)
+    if end < start:
+        raise ValueError(f"{last} is before {first}")
+    out, day = [], start
+    while day <= end:
+        out.append(f"{day:%Y-%m}")
+        day = (day + timedelta(days=31)).replace(day=1)
+    return out
