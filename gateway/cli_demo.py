@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -10,6 +11,7 @@ import smtplib
 import tempfile
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,12 @@ from sqlalchemy import func, select
 
 from archive import tables as t
 from archive.db import Database
-from gateway import logs
+from formats.vntime import local_day
+from gateway import compliance, compliance_html, ledger, logs, obligation_store, remind
 from gateway import settings as settings_mod
 from gateway.cli import emit_json
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
+from gateway.loading import load_context
 from gateway.serve import Supervisor, open_archive
 from gateway.sink import Sink
 
@@ -72,7 +76,9 @@ def demo(target: Path | None, as_json: bool) -> None:
             extra_config="\n[archive]\ncheckpoint_every = 10\n",
         )
         settings = settings_mod.load(home)
-        say("2. The Hanoi directory (56 bodies of QĐ 18/2017 Điều 8), three with certificates")
+        _load_obligations(settings)
+        say("2. The Hanoi directory (56 bodies of QĐ 18/2017 Điều 8), three with certificates,")
+        say("   and the obligations of Điều 8 (preset hanoi-2017)")
         ready: queue.Queue[dict[str, Any]] = queue.Queue()
         supervisor = Supervisor(settings, log_format="text", log_level="error", on_ready=ready.put)
         runner = threading.Thread(target=supervisor.run, name="gateway-serve", daemon=True)
@@ -93,6 +99,21 @@ def demo(target: Path | None, as_json: bool) -> None:
         try:
             _settle(db)
             results = _results(db, replies)
+            now = datetime.now(UTC)  # what has arrived by now counts
+            status = _status(settings, db, now, home)
+            run_reminders = functools.partial(
+                remind.run,
+                db,
+                calendar=remind.calendar_of(settings),
+                directory=load_context(settings, db).directory,
+                templates=remind.templates_of(settings),
+                policy=remind.policy_of(settings),
+                hub=settings.hub.address,
+                now=now,
+            )
+            reminders = run_reminders()
+            again = run_reminders()  # as if the scheduler ran twice: nothing new
+            _settle(db)
         finally:
             supervisor.stop.set()
             runner.join(timeout=60)
@@ -105,6 +126,7 @@ def demo(target: Path | None, as_json: bool) -> None:
             ).all()
         )
     outbound = {
+        "reminders": sent.get("reminder", 0),
         "receipts": sent.get("receipt", 0) + sent.get("resend", 0),
         "deliveries": sent.get("delivery", 0),
         "alerts": sent.get("alert", 0),
@@ -115,7 +137,9 @@ def demo(target: Path | None, as_json: bool) -> None:
     if as_json:
         emit_json(
             results
-            | {"home": str(home), "outbound": outbound}
+            | {"home": str(home), "outbound": outbound, "compliance": status}
+            | {"reminders": [r.as_dict() for r in reminders.planned]}
+            | {"reminders_queued": len(reminders.queued), "queued_again": len(again.queued)}
             | {"archive": {"ok": report.ok, "entries": report.entries}}
         )
         return
@@ -129,8 +153,21 @@ def demo(target: Path | None, as_json: bool) -> None:
         f"6. Sent through the relay (kept in {outbound['kept_in']}): {outbound['receipts']} "
         f"signed receipts, {outbound['deliveries']} deliveries to the police"
     )
+    say("7. Compliance (who owes what, as at now; printable reports in the home):")
+    for label, summary in status.items():
+        counts = ", ".join(f"{n} {k}" for k, n in summary["counts"].items() if n)
+        say(f"   period {label}: {counts}")
+        for line in summary["home_affairs"]:
+            say(f"     {line}")
+        say(f"     {summary['html']}")
+    kinds = Counter(r.kind for r in reminders.planned)
+    say(
+        f"8. Reminders to bodies with a mailbox: {len(reminders.planned)} owed "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), "
+        f"{outbound['reminders']} sent, signed and filed; a second run queued {len(again.queued)}"
+    )
     state = "verified" if report.ok else "DAMAGED: " + "; ".join(report.problems[:3])
-    say(f"7. Archive: {report.entries} entries, {report.checkpoints} signed checkpoints, {state}")
+    say(f"9. Archive: {report.entries} entries, {report.checkpoints} signed checkpoints, {state}")
     say("")
     say(f"Done in {time.monotonic() - started:.1f} s. Try:")
     prefix = "" if os.environ.get("GATEWAY_HOME") == str(home) else f"--home {home} "
@@ -140,11 +177,28 @@ def demo(target: Path | None, as_json: bool) -> None:
     say(f"   gateway {prefix}serve            # the same gateway, in the foreground")
 
 
+def _periods(at: datetime) -> tuple[str, str]:
+    """(the monthly period open now — sent now it is on time; one two months earlier — late)."""
+    day = local_day(at)
+    month = day.year * 12 + day.month - 1 + (1 if day.day > 15 else 0)
+    return _label(month), _label(month - 2)
+
+
+def _label(month: int) -> str:
+    return f"{month // 12:04d}-{month % 12 + 1:02d}"
+
+
 def _cases(world: DemoWorld) -> dict[str, tuple[str, str, bytes]]:
     snv, stp = "vanthu@snv.hanoi.gov.vn", "vanthu@stp.hanoi.gov.vn"
-    good = world.submission("H26.SNV")
+    current, overdue = _periods(world.at)
+    good = world.submission("H26.SNV", period=current)
     return {
-        "accepted.eml": ("work permits from Home Affairs", snv, good),
+        "accepted.eml": (f"Home Affairs' work permits, {current}", snv, good),
+        "late.eml": (
+            f"Home Affairs' work permits, {overdue}",
+            snv,
+            world.submission("H26.SNV", period=overdue, number=4),
+        ),
         "accepted-stp.eml": (
             "work permits from Justice",
             stp,
@@ -218,5 +272,52 @@ def _results(db: Database, replies: dict[str, str]) -> dict[str, dict[str, Any]]
                 "disposition": "duplicate" if duplicate else fields["status"],
                 "reasons": fields["reasons"],
                 "archive_seq": row.archive_seq,
+            }
+    return out
+
+
+def _load_obligations(settings: settings_mod.Settings) -> None:
+    db = Database.open(settings.database_url, migrate=False)
+    try:
+        with db.session() as s:
+            obligation_store.load_preset(
+                s,
+                obligation_store.preset("hanoi-2017"),
+                source="preset hanoi-2017",
+                at=datetime.now(UTC),
+                actor="demo",
+            )
+    finally:
+        db.dispose()
+
+
+def _status(
+    settings: settings_mod.Settings, db: Database, at: datetime, home: Path
+) -> dict[str, dict[str, Any]]:
+    """The status matrix of the two periods the demo sent for, and a printable page each."""
+    calendar = remind.calendar_of(settings)
+    out: dict[str, dict[str, Any]] = {}
+    with db.session(read_only=True) as s:
+        obligations = obligation_store.obligations(s)
+        names = ledger.agency_names(s)
+        for label in sorted(_periods(at), reverse=True):
+            report = compliance.matrix(
+                obligations, ledger.submissions(s, [label]), calendar, label, at
+            )
+            page = home / f"compliance-{label}.html"
+            page.write_text(compliance_html.render(report, names, generated=at), encoding="utf-8")
+            mine = [
+                c for c in report.cells
+                if c.obligation.provider == "H26.SNV" and c.obligation.category == "work-permit"
+            ]  # fmt: skip
+            out[label] = {
+                "counts": report.counts(),
+                "home_affairs": [
+                    f"Home Affairs, work permits: {c.status}"
+                    + (f" by {c.late_days} working day(s)" if c.status == "late" else "")
+                    + f" (due {c.due:%d/%m/%Y})"
+                    for c in mine
+                ],
+                "html": str(page),
             }
     return out

@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 from archive import tables as t
 from archive.db import Database
 from formats.vntime import local_day
-from gateway import compliance, ledger, obligation_store, outbound
+from gateway import adhoc, compliance, ledger, obligation_store, outbound
 from gateway.reminders import Policy, Reminder, Templates, certificate_reminders, plan
 from gateway.settings import Settings
 from gateway.workdays import Calendar
@@ -60,6 +60,20 @@ def templates_of(settings: Settings) -> Templates:
 def policy_of(settings: Settings) -> Policy:
     c = settings.compliance
     return Policy(c.courtesy_days, c.escalate_after_days, c.certificate_days)
+
+
+def record_consents(db: Database, *, calendar: Calendar, now: datetime) -> int:
+    """File a ``deemed-consent`` entry for each request whose deadline passed unanswered (once:
+    already filed ones are not filed again). Returns how many were new."""
+    with db.session(read_only=True) as s:
+        requests, replies = ledger.requests_and_replies(s)
+    statuses = adhoc.requests_status(requests, replies, calendar, now)
+    if not any(st.state == "deemed-consent" for st in statuses):
+        return 0
+    with db.session() as s:
+        if db.dialect == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
+        return len(ledger.record_deemed_consent(s, statuses, at=now))
 
 
 def labels_around(now: datetime) -> list[str]:

@@ -376,9 +376,13 @@ class Supervisor:
                         hub=settings.hub.address,
                         now=now,
                     )
+                    consents = remind.record_consents(db, calendar=calendar, now=now)
                     last = today
                     log.info(
-                        "reminders: %d owed, %d queued", len(result.planned), len(result.queued)
+                        "reminders: %d owed, %d queued; %d new deemed consent(s) recorded",
+                        len(result.planned),
+                        len(result.queued),
+                        consents,
                     )
             except (GatewayError, SQLAlchemyError, OSError) as exc:
                 log.error("reminder run failed (tried again in a minute): %s", exc)

@@ -35,6 +35,7 @@ def test_demo_shows_acceptance_and_each_refusal(demo_home: tuple[Path, dict[str,
     disposition = {name: v["disposition"] for name, v in verdicts.items() if isinstance(v, dict)}
     assert disposition == {
         "accepted.eml": "accepted",
+        "late.eml": "accepted",
         "accepted-stp.eml": "accepted",
         "duplicate.eml": "duplicate",
         "tampered.eml": "quarantined",
@@ -56,14 +57,29 @@ def test_demo_shows_acceptance_and_each_refusal(demo_home: tuple[Path, dict[str,
     assert all(str(v["smtp"]).startswith("250 ") for v in verdicts.values())  # type: ignore[index]
     # receipts: two accepted, the first one again for the duplicate, one rejection;
     # both accepted submissions delivered to the police; the archive verifies
-    assert out["outbound"] == {
-        "receipts": 4,
-        "deliveries": 2,
+    outbound = out["outbound"]
+    assert isinstance(outbound, dict)
+    reminders = outbound.pop("reminders")
+    assert outbound == {
+        "receipts": 5,  # three accepted, the first again for the duplicate, one rejection
+        "deliveries": 3,
         "alerts": 0,
         "kept_in": str(home / "sink"),
     }
     assert out["archive"]["ok"] is True  # type: ignore[index]
-    assert len(list((home / "sink").glob("*.eml"))) == 6
+    # compliance: Home Affairs' current period on time, the one two months back late
+    status = out["compliance"]
+    assert isinstance(status, dict)
+    lines = [line for period in status.values() for line in period["home_affairs"]]
+    assert any("on-time" in line for line in lines)
+    assert any("late by" in line for line in lines)
+    assert all(
+        Path(period["html"]).read_text().startswith("<!DOCTYPE html>") for period in status.values()
+    )
+    # reminders: every one owed is sent once; a second run queues nothing
+    assert reminders == out["reminders_queued"] == len(out["reminders"]) > 0  # type: ignore[arg-type]
+    assert out["queued_again"] == 0
+    assert len(list((home / "sink").glob("*.eml"))) == 8 + reminders
     key = (home / "keys/hub.key").read_bytes()
     assert b"ENCRYPTED PRIVATE KEY" in key  # private keys are encrypted at rest
     assert (home / "keys/hub.key").stat().st_mode & 0o077 == 0
