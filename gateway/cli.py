@@ -119,12 +119,14 @@ def _register() -> None:
         cli_check,
         cli_compliance,
         cli_demo,
+        cli_doctor,
         cli_init,
         cli_keys,
         cli_obligations,
         cli_send,
         cli_submitters,
     )
+    from gateway.cli_remind import remind
     from gateway.cli_serve import serve
 
     cli.add_command(cli_agencies.agencies)
@@ -132,11 +134,13 @@ def _register() -> None:
     cli.add_command(cli_check.check)
     cli.add_command(cli_compliance.compliance)
     cli.add_command(cli_demo.demo)
+    cli.add_command(cli_doctor.doctor)
     cli.add_command(cli_init.init)
     cli.add_command(cli_archive.archive_cmd)
     cli.add_command(cli_send.send)
     cli.add_command(cli_obligations.obligations)
     cli.add_command(serve)
+    cli.add_command(remind)
     cli.add_command(cli_submitters.submitters)
 
 
