@@ -138,10 +138,32 @@ def plan(
     hub: str,
     policy: Policy = Policy(),
 ) -> list[Reminder]:
-    """The reminders owed at ``now`` for ``cells`` (one status matrix or several)."""
+    """The reminders owed at ``now`` for ``cells`` (one status matrix or several).
+
+    Only cells that can owe something are looked at closely (not yet due, or missing after
+    the due date); working-day counts are worked out once per due date."""
     today = local_day(now)
     out: list[Reminder] = []
+    days_to: dict[date, int] = {}
+    days_late: dict[date, int] = {}
     for cell in cells:
+        status, due = cell.status, cell.due
+        if status == "not-due-yet":
+            if today > due or (due - today).days > 2 * policy.courtesy_days + 7:
+                continue  # too far ahead for a courtesy notice (weekends and holidays included)
+            if due not in days_to:
+                days_to[due] = _working_days_between(calendar, today, due)
+            if days_to[due] > policy.courtesy_days:
+                continue
+            kinds: tuple[Kind, ...] = ("courtesy",)
+            late = 0
+        elif status in ("missing", "rejected-only") and today > due:
+            if due not in days_late:
+                days_late[due] = working_days_late(calendar, due, today)
+            late = days_late[due]
+            kinds = ("late", "escalation") if late >= policy.escalate_after_days else ("late",)
+        else:
+            continue
         ob, period = cell.obligation, cell.period
         provider = directory.get(ob.provider)
         if provider is None or not provider.emails:
@@ -154,8 +176,8 @@ def plan(
             "category_en": category.title_en if category else ob.category,
             "period": f"{_dmy(period.first)} – {_dmy(period.last)}",
             "label": period.label,
-            "due": _dmy(cell.due),
-            "late_days": "0",
+            "due": _dmy(due),
+            "late_days": str(late),
             "legal_basis": ob.legal_basis,
             "supervisor": "",
             "recipients": ", ".join(
@@ -164,29 +186,15 @@ def plan(
             "hub": hub,
             "subject": "",
         }
-        about = {"obligation": ob.id, "period": period.label, "due": cell.due.isoformat()}
-        if cell.status == "not-due-yet":
-            if (
-                today <= cell.due
-                and _working_days_between(calendar, today, cell.due) <= policy.courtesy_days
-            ):
-                out.append(
-                    _make(templates, "courtesy", ob.provider, ob.id, period.label, values, about)
-                )
-            continue
-        if cell.status not in ("missing", "rejected-only") or today <= cell.due:
-            continue
-        late = working_days_late(calendar, cell.due, today)
-        values["late_days"] = str(late)
-        out.append(_make(templates, "late", ob.provider, ob.id, period.label, values, about))
-        supervisor = directory.get(provider.supervisor) if provider.supervisor else None
-        if late >= policy.escalate_after_days and supervisor is not None and supervisor.emails:
-            values["supervisor"] = supervisor.name_vi
-            out.append(
-                _make(
-                    templates, "escalation", supervisor.organ_id, ob.id, period.label, values, about
-                )
-            )
+        about = {"obligation": ob.id, "period": period.label, "due": due.isoformat()}
+        for kind in kinds:
+            to = ob.provider
+            if kind == "escalation":
+                supervisor = directory.get(provider.supervisor) if provider.supervisor else None
+                if supervisor is None or not supervisor.emails:
+                    continue
+                values["supervisor"], to = supervisor.name_vi, supervisor.organ_id
+            out.append(_make(templates, kind, to, ob.id, period.label, values, about))
     return out
 
 
