@@ -110,6 +110,7 @@ def demo(target: Path | None, as_json: bool) -> None:
                 policy=remind.policy_of(settings),
                 hub=settings.hub.address,
                 now=now,
+                admin=settings.serve.admin_address,
             )
             reminders = run_reminders()
             again = run_reminders()  # as if the scheduler ran twice: nothing new

@@ -37,6 +37,7 @@ def remind(ctx: click.Context, dry_run: bool, at_text: str | None, as_json: bool
             hub=settings.hub.address,
             now=at,
             dry_run=dry_run,
+            admin=settings.serve.admin_address,
         )
     finally:
         db.dispose()

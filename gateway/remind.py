@@ -92,7 +92,10 @@ def run(
     hub: str,
     now: datetime,
     dry_run: bool = False,
+    admin: str = "",
 ) -> RunResult:
+    """Plan at ``now`` and queue what is new. Certificate warnings also go to ``admin`` (as
+    an alert) when an admin address is configured."""
     labels = labels_around(now)
     with db.session(read_only=True) as s:
         obligations = obligation_store.obligations(s)
@@ -128,4 +131,8 @@ def run(
             row.detail = {"subject": r.subject, "text": r.text, "kind": r.kind} | dict(r.about)
             s.add(row)
             queued.append(r.key)
+            if r.kind == "certificate" and admin:
+                copy = outbound.alert(r.key, f"{r.organ_id}: {r.subject}\n\n{r.text}", now)
+                if s.scalar(select(t.Outbox.id).where(t.Outbox.key == copy.key)) is None:
+                    s.add(copy)
     return RunResult(tuple(planned), tuple(queued))

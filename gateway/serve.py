@@ -375,6 +375,7 @@ class Supervisor:
                         policy=remind.policy_of(settings),
                         hub=settings.hub.address,
                         now=now,
+                        admin=settings.serve.admin_address,
                     )
                     consents = remind.record_consents(db, calendar=calendar, now=now)
                     last = today

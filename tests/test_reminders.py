@@ -8,7 +8,7 @@ import dataclasses
 import os
 import subprocess
 import threading
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -225,3 +225,29 @@ def test_templates_can_be_edited_and_a_bad_placeholder_is_caught(tmp_path: Path)
 
     with pytest.raises(ConfigError, match="nonsense"):
         Templates.load(custom)
+
+
+def test_an_expiring_certificate_warns_the_agency_and_the_admin_once(
+    archive: Archive, live_world: DemoWorld
+) -> None:
+    from keys.issuing import issue_agency
+
+    at = _at(date(2026, 10, 20))
+    short = issue_agency(
+        live_world.root, email="pa08@congan.hanoi.gov.vn", organ_id="H26.CATP",
+        common_name="Hanoi City Police (short-lived)", at=at - timedelta(days=300), days=310,
+        key_kind="rsa2048",
+    )  # fmt: skip
+    with archive.db.session() as s:
+        store.add_certificate(s, short.cert, role="agency", organ_id="H26.CATP", at=at, actor="t")
+    for _ in range(2):
+        run(
+            archive.db, calendar=CAL, directory=_directory(live_world), templates=Templates.load(),
+            policy=Policy(), hub=HUB, now=at, admin="quantri@exchange.hanoi.gov.vn",
+        )  # fmt: skip
+    with archive.db.session(read_only=True) as s:
+        rows = list(s.scalars(select(t.Outbox).where(t.Outbox.key.like("%certificate%"))))
+    assert sorted((r.kind, r.organ_id) for r in rows) == [("alert", None), ("reminder", "H26.CATP")]
+    [warning] = [r for r in rows if r.kind == "reminder"]
+    assert warning.key.endswith(":30")  # the 30-days-left warning; 7 and 1 come later
+    assert "hết hạn ngày" in warning.detail["text"]
