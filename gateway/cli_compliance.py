@@ -21,9 +21,10 @@ from formats.errors import InputError
 from formats.vntime import VN_TZ, local_day
 from gateway import compliance_html, ledger, obligation_store
 from gateway.adhoc import REQUEST_STATES, RequestStatus, requests_status
-from gateway.cli import actor, emit_json, now, parse_time
+from gateway.cli import actor, emit_json, load_settings, now, parse_time
 from gateway.cli import db_session as _session
 from gateway.compliance import Cell, Report, history, matrix, month_bounds, month_labels
+from gateway.remind import calendar_of
 from gateway.workdays import MAX_YEAR, MIN_YEAR, Calendar, Day
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -216,7 +217,8 @@ def status_cmd(
     """The status of every obligation whose period ends in month PERIOD: on time, late (by how
     many working days), corrected, rejected only, missing, or not due yet."""
     _one_format(as_json, as_csv, html_file)
-    period, at, cal = _label(period, "--period"), _at(at_text), Calendar.load()
+    period, at = _label(period, "--period"), _at(at_text)
+    cal = calendar_of(load_settings(ctx))
     with _session(ctx) as s:
         obligations = obligation_store.obligations(s)
         submissions = ledger.submissions(s, [period])
@@ -274,7 +276,9 @@ def history_cmd(
         submissions = ledger.submissions(s, labels, agency=agency)
         target = f"agency={agency} from={labels[0]} to={labels[-1]}"
         ledger.log_read(s, at=now(), actor=actor(), action="compliance.history", target=target)
-    reports = history(obligations, submissions, Calendar.load(), labels, at, provider=agency)
+    reports = history(
+        obligations, submissions, calendar_of(load_settings(ctx)), labels, at, provider=agency
+    )
     if as_json:
         emit_json(
             {"agency": agency, "name": names[agency], "months": [r.as_dict() for r in reports]}
@@ -341,7 +345,7 @@ def requests_cmd(
     at = _at(at_text)
     with _session(ctx) as s:
         requests, replies = ledger.requests_and_replies(s)
-        statuses = requests_status(requests, replies, Calendar.load(), at)
+        statuses = requests_status(requests, replies, calendar_of(load_settings(ctx)), at)
         recorded = ledger.record_deemed_consent(s, statuses, at=now()) if record else []
         ledger.log_read(s, at=now(), actor=actor(), action="compliance.requests", target="all")
     shown = [

@@ -251,3 +251,24 @@ def test_an_expiring_certificate_warns_the_agency_and_the_admin_once(
     [warning] = [r for r in rows if r.kind == "reminder"]
     assert warning.key.endswith(":30")  # the 30-days-left warning; 7 and 1 come later
     assert "hết hạn ngày" in warning.detail["text"]
+
+
+def test_the_compliance_commands_use_the_calendar_the_settings_choose(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    versions = []
+    for extra in ("", "[compliance]\ninclude_proposed = false\n"):
+        home = tmp_path / f"home{len(versions)}"
+        home.mkdir()
+        (home / "gateway.toml").write_text(extra, encoding="utf-8")
+        done = CliRunner().invoke(
+            cli, ["--home", str(home), "compliance", "status", "--period", "2026-08", "--json"]
+        )
+        assert done.exit_code == 0, done.output
+        versions.append(json.loads(done.output)["calendar_version"])
+    assert versions[0] == Calendar.load().version
+    assert versions[1] == Calendar.load(include_proposed=False).version != versions[0]
