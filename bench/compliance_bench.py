@@ -44,7 +44,8 @@ from formats.vntime import VN_TZ
 from gateway import compliance, ledger
 from gateway.compliance import Submission, Submissions, matrix, month_bounds, status_for
 from gateway.obligations import CATEGORY_CODES, DueRule, Obligation, due_date, periods
-from gateway.reminders import Templates, plan
+from gateway.remind import load_templates
+from gateway.reminders import plan
 from gateway.workdays import Calendar
 from keys.directory import Agency, Directory
 
@@ -296,7 +297,7 @@ def run_reminders(obligations: list[Obligation], subs: list[Submission], cal: Ca
         )
         for a in ["H26.UBND", *agencies]
     )
-    templates = Templates.load()
+    templates = load_templates()
     index = Submissions.of(subs)
     began = time.perf_counter()
     cells = [c for label in LABELS for c in matrix(obligations, index, cal, label, NOW).cells]

@@ -389,6 +389,24 @@ def build_message(
     )
 
 
+def message_headers(
+    *, from_addr: str, to_addrs: Sequence[str], message_id: str, date: datetime, subject: str
+) -> bytes:
+    """From, To, Subject, Date, Message-ID and MIME-Version lines (CRLF; a non-ASCII Subject
+    encoded); the body part's own headers follow."""
+    if not to_addrs:
+        raise ValueError("a message needs at least one To address")
+    headers = [
+        ("From", from_addr),
+        ("To", ", ".join(to_addrs)),
+        ("Subject", subject),
+        ("Date", format_datetime(date)),
+        ("Message-ID", message_id),
+        ("MIME-Version", "1.0"),
+    ]
+    return "".join(f"{name}: {header_value(value)}\r\n" for name, value in headers).encode("ascii")
+
+
 def wrap_enveloped(
     der: bytes,
     *,
@@ -400,21 +418,14 @@ def wrap_enveloped(
     subject: str,
 ) -> bytes:
     """RFC 5322 headers around an enveloped CMS blob."""
-    if not to_addrs:
-        raise ValueError("a message needs at least one To address")
-    headers = [
-        ("From", from_addr),
-        ("To", ", ".join(to_addrs)),
-        ("Subject", subject),
-        ("Date", format_datetime(date)),
-        ("Message-ID", message_id),
-        ("MIME-Version", "1.0"),
-        ("Content-Type", f'application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"'),
-        ("Content-Transfer-Encoding", "base64"),
-        ("Content-Disposition", 'attachment; filename="smime.p7m"'),
-    ]
-    head = "".join(f"{name}: {header_value(value)}\r\n" for name, value in headers)
-    message = head.encode("ascii") + b"\r\n" + b64_lines(der)
+    head = message_headers(
+        from_addr=from_addr, to_addrs=to_addrs, message_id=message_id, date=date, subject=subject
+    ) + (
+        f'Content-Type: application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"\r\n'
+        "Content-Transfer-Encoding: base64\r\n"
+        'Content-Disposition: attachment; filename="smime.p7m"\r\n'
+    ).encode("ascii")
+    message = head + b"\r\n" + b64_lines(der)
     if len(message) > DEFAULT_LIMITS.max_message_bytes:
         raise LimitExceeded(f"the built message is {len(message)} bytes, over the message limit")
     return message

@@ -64,7 +64,9 @@ def load_settings(ctx: click.Context) -> settings_mod.Settings:
 
 def open_db(ctx: click.Context) -> Database:
     """The database named by the settings, migrated to the current schema."""
-    return Database.open(load_settings(ctx).database_url)
+    from gateway.loading import open_database
+
+    return open_database(load_settings(ctx))
 
 
 @contextmanager

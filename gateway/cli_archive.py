@@ -28,8 +28,7 @@ from sqlalchemy.orm import Session
 from archive import bundle, merkle
 from archive import checkpoint as cp
 from archive import tables as t
-from archive.blobs import BlobDamaged, BlobStore
-from archive.db import Database
+from archive.blobs import BlobDamaged
 from archive.log import LogError
 from archive.search import (
     Query,
@@ -40,11 +39,12 @@ from archive.search import (
     receipt_entry,
     summary,
 )
-from archive.service import Archive, hub_certificates, master_key
+from archive.service import Archive, hub_certificates
 from formats import cms_signed
 from formats.errors import GatewayError, InputError
 from gateway.cli import Failure, actor, emit_json, load_settings, now
 from gateway.cli_keys import key_passphrase
+from gateway.loading import open_archive, open_database
 from keys import files, store
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -67,15 +67,9 @@ def archive_cmd() -> None:
 @contextmanager
 def _opened(ctx: click.Context) -> Iterator[Archive]:
     settings = load_settings(ctx)
-    db = Database.open(settings.database_url)
-    key = master_key(settings.path(settings.archive.master_key_file), db)
+    db = open_database(settings)
     try:
-        yield Archive(
-            db,
-            BlobStore(key),
-            origin=settings.archive.origin or settings.hub.address,
-            checkpoint_every=settings.archive.checkpoint_every,
-        )
+        yield open_archive(settings, db)
     finally:
         db.dispose()
 

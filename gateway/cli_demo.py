@@ -26,8 +26,8 @@ from gateway import compliance, compliance_html, ledger, logs, obligation_store,
 from gateway import settings as settings_mod
 from gateway.cli import emit_json
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
-from gateway.loading import load_context
-from gateway.serve import Supervisor, open_archive
+from gateway.loading import load_context, open_archive, open_database
+from gateway.serve import Supervisor
 from gateway.sink import Sink
 
 ADMIN = "quantri@exchange.hanoi.gov.vn"
@@ -95,7 +95,7 @@ def demo(target: Path | None, as_json: bool) -> None:
         for name, (what, sender, raw) in cases.items():
             replies[name] = _send(port, raw, sender)
             say(f"   {name:<20} {what}: {replies[name]}")
-        db = Database.open(settings.database_url, migrate=False)
+        db = open_database(settings, migrate=False)
         try:
             _settle(db)
             results = _results(db, replies)
@@ -278,7 +278,7 @@ def _results(db: Database, replies: dict[str, str]) -> dict[str, dict[str, Any]]
 
 
 def _load_obligations(settings: settings_mod.Settings) -> None:
-    db = Database.open(settings.database_url, migrate=False)
+    db = open_database(settings, migrate=False)
     try:
         with db.session() as s:
             obligation_store.load_preset(

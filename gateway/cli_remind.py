@@ -5,9 +5,8 @@ from __future__ import annotations
 import click
 
 from gateway.cli import db_session, emit_json, load_settings, now, parse_time
-from gateway.loading import load_directory_merged
+from gateway.loading import load_directory_merged, open_database
 from gateway.remind import calendar_of, policy_of, run, templates_of
-from gateway.serve import open_database
 
 
 @click.command()

@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy.orm import Session
 
+from archive.blobs import BlobStore
 from archive.db import Database
+from archive.service import Archive, SigningKey, master_key
 from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
 from gateway.pipeline import Context
@@ -32,13 +34,34 @@ _CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".p7b", ".p7c")
 _CRL_SUFFIXES = (".crl", ".pem", ".der")
 
 
+def open_database(settings: Settings, *, migrate: bool = True) -> Database:
+    """The database the settings name, with their busy timeout (migrated unless told not to)."""
+    return Database.open(
+        settings.database_url,
+        migrate=migrate,
+        busy_timeout_ms=settings.database.busy_timeout_ms,
+    )
+
+
+def open_archive(settings: Settings, db: Database, signer: SigningKey | None = None) -> Archive:
+    """The archive on ``db``: its master key (created on first use), origin and cadence."""
+    key = master_key(settings.path(settings.archive.master_key_file), db)
+    return Archive(
+        db,
+        BlobStore(key),
+        origin=settings.archive.origin or settings.hub.address,
+        signer=signer,
+        checkpoint_every=settings.archive.checkpoint_every,
+    )
+
+
 def load_context(settings: Settings, db: Database | None = None) -> Context:
     """The pipeline context from the key store (the database) plus any files the settings name.
 
     Files are read in addition to the store, so a national CA bundle or a hub key managed by
     configuration management can live outside the database.
     """
-    db = db or Database.open(settings.database_url)
+    db = db or open_database(settings)
     secret = passphrase(settings)
     with db.session() as s:
         stored_keys = store.hub_recipient_keys(s, secret)
@@ -75,6 +98,19 @@ def _merged(stored: Sequence[Agency], from_file: Iterable[Agency]) -> Directory:
     has been imported (`gateway agencies import`), the database entry is the one that counts."""
     codes = {a.organ_id for a in stored}
     return Directory.of([*stored, *(a for a in from_file if a.organ_id not in codes)])
+
+
+def secret(settings: Settings, file: Path | None, env: str, what: str) -> str | None:
+    """A password from ``file`` (relative to the home), else from ``$env``; None if neither.
+    One line of ConfigError naming the file if it cannot be read."""
+    if file is not None:
+        path = settings.path(file)
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"cannot read the {what} file {path}: {why}") from None
+    return os.environ.get(env) or None
 
 
 def passphrase(settings: Settings) -> bytes | None:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from archive import tables as t
 from archive.db import Database
+from archive.log import Log
 from formats.errors import TransientError
 
 log = logging.getLogger("gateway.metrics")
@@ -47,7 +48,7 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
                 t.Outbox.kind, t.Outbox.state
             )
         ).all()
-        size = s.scalar(select(func.count()).select_from(t.LogEntry)) or 0
+        size = Log().size(s)  # the log head, not a count over every entry
         recent = s.execute(
             select(t.Intake.received_at, t.Intake.updated_at)
             .where(t.Intake.state == "done")

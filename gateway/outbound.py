@@ -26,7 +26,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import format_datetime
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
@@ -41,7 +40,13 @@ from archive.service import Archive, SigningKey
 from formats import cms_envelope
 from formats.errors import GatewayError
 from formats.payload import Organ
-from formats.smime import b64_lines, header_value, payload_entity, sign_entity, wrap_enveloped
+from formats.smime import (
+    b64_lines,
+    message_headers,
+    payload_entity,
+    sign_entity,
+    wrap_enveloped,
+)
 from gateway import receipts
 from gateway.verdict import Verdict
 from keys import store
@@ -50,7 +55,7 @@ from keys.directory import Directory
 log = logging.getLogger("gateway.outbound")
 
 LEASE = timedelta(minutes=5)
-_TEXT_HEAD = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+
 RETRY_LATER = timedelta(seconds=30)
 #: How long the builder trusts its lookup of an agency's certificates (a retired certificate
 #: stops being encrypted to within this time).
@@ -243,12 +248,11 @@ class Builder:
         except GatewayError as err:
             return _Built(failure=err.message)
 
-    def _agency(self, organ_id: str, now: datetime) -> tuple[Organ, tuple[str, ...]]:
+    def _addresses(self, organ_id: str) -> tuple[str, ...]:
         agency = self.directory().get(organ_id)
         if agency is None or not agency.emails:
             raise _NoAddress(f"agency {organ_id} has no e-mail address in the directory")
-        addresses = tuple(sorted(agency.emails))
-        return Organ(organ_id, agency.name_vi, addresses[0]), addresses
+        return tuple(sorted(agency.emails))
 
     def _receipt(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
         assert row.for_seq is not None and row.organ_id is not None
@@ -292,7 +296,7 @@ class Builder:
     def _delivery(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
         assert row.for_seq is not None and row.organ_id is not None
         try:
-            _organ, addresses = self._agency(row.organ_id, now)
+            addresses = self._addresses(row.organ_id)
         except _NoAddress as err:
             return _Built(failure=str(err))
         certs = self._certificates(s, row.organ_id, now)
@@ -359,12 +363,12 @@ class Builder:
         the agency's current certificates when it has any (the words are not secret)."""
         assert row.organ_id is not None
         try:
-            _organ, addresses = self._agency(row.organ_id, now)
+            addresses = self._addresses(row.organ_id)
         except _NoAddress as err:
             return _Built(failure=str(err))
         text = str(row.detail.get("text", ""))
         subject = str(row.detail.get("subject", "Nhắc việc / Reminder"))
-        entity = _TEXT_HEAD + b64_lines(text.replace("\n", "\r\n").encode())
+        entity = _text_entity(text)
         message_id = f"<reminder.{row.id}@{_domain(self.hub.address)}>"
         certs = self._certificates(s, row.organ_id, now)
         if certs:
@@ -373,7 +377,13 @@ class Builder:
             )
         else:
             cert, key = self.hub.signer
-            head = _headers(self.hub.address, addresses, message_id, subject, now)
+            head = message_headers(
+                from_addr=self.hub.address,
+                to_addrs=addresses,
+                message_id=message_id,
+                date=now,
+                subject=subject,
+            )
             message = head + sign_entity(entity, cert=cert, key=key)
         item = Item(
             "reminder",
@@ -396,20 +406,15 @@ class Builder:
         if not self.hub.admin:
             return _Built(failure="no admin address is configured ([serve] admin_address)")
         text = str(row.detail.get("text", ""))
-        body = (
-            b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-            + b64_lines(
-                f"The gateway could not complete an outbound message.\r\n\r\n{text}\r\n".encode()
-            )
-        )
+        body = _text_entity(f"The gateway could not complete an outbound message.\n\n{text}\n")
         cert, key = self.hub.signer
         signed = sign_entity(body, cert=cert, key=key)
-        head = _headers(
-            self.hub.address,
-            (self.hub.admin,),
-            f"<alert.{row.id}@{_domain(self.hub.address)}>",
-            "Gateway alert: an outbound message failed",
-            now,
+        head = message_headers(
+            from_addr=self.hub.address,
+            to_addrs=(self.hub.admin,),
+            message_id=f"<alert.{row.id}@{_domain(self.hub.address)}>",
+            date=now,
+            subject="Gateway alert: an outbound message failed",
         )
         item = Item("alert", now, {"to": [self.hub.admin], "text": text}, {})
         return _Built(head + signed, (self.hub.admin,), item)
@@ -465,22 +470,17 @@ class _NoCertificate(GatewayError):
     code = "no-certificate"
 
 
+def _text_entity(text: str) -> bytes:
+    """A text/plain MIME entity (UTF-8, base64, CRLF lines) to sign."""
+    body = "\r\n".join(text.splitlines()) + "\r\n"
+    return (
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + b64_lines(body.encode())
+    )
+
+
 def _domain(address: str) -> str:
     return address.rpartition("@")[2] or "localhost"
-
-
-def _headers(
-    from_addr: str, to: Sequence[str], message_id: str, subject: str, at: datetime
-) -> bytes:
-    lines = [
-        f"From: {from_addr}",
-        f"To: {', '.join(to)}",
-        f"Subject: {header_value(subject)}",
-        f"Date: {format_datetime(at)}",
-        f"Message-ID: {message_id}",
-        "MIME-Version: 1.0",
-    ]
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
 def backoff(attempts: int) -> timedelta:

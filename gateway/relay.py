@@ -42,7 +42,6 @@ Outcomes (the first digit of the reply decides, RFC 5321 §4.2.1):
 from __future__ import annotations
 
 import contextlib
-import os
 import smtplib
 import socket
 import ssl
@@ -51,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar, cast
 
 from formats.errors import ConfigError
+from gateway.loading import secret
 from gateway.settings import Settings
 
 Outcome = Literal["sent", "retry", "failed"]
@@ -145,14 +145,7 @@ class Relay:
 
 def _password(settings: Settings) -> str:
     r = settings.relay
-    if r.password_file is not None:
-        path = settings.path(r.password_file)
-        try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or "not UTF-8 text"
-            raise ConfigError(f"cannot read the relay password file {path}: {why}") from None
-    value = os.environ.get(r.password_env)
+    value = secret(settings, r.password_file, r.password_env, "relay password")
     if not value:
         raise ConfigError(
             f"{settings.config_file}: [relay] username = {r.username!r} but there is no password: "

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from importlib import resources
+from pathlib import Path
 
 from sqlalchemy import select, text
 
 from archive import tables as t
 from archive.db import Database
+from formats.errors import ConfigError
 from formats.vntime import local_day
 from gateway import adhoc, compliance, ledger, obligation_store, outbound
 from gateway.reminders import Policy, Reminder, Templates, certificate_reminders, plan
@@ -52,9 +55,21 @@ def calendar_of(settings: Settings) -> Calendar:
     )
 
 
+def load_templates(override: Path | None = None) -> Templates:
+    """The shipped reminder texts, with ``override`` (if the file exists) on top."""
+    shipped = resources.files("gateway.presets").joinpath("reminders.toml").read_text("utf-8")
+    if override is None or not override.exists():
+        return Templates.parse(shipped)
+    try:
+        text = override.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{override}: cannot read ({exc})") from None
+    return Templates.parse(shipped, text, where=str(override))
+
+
 def templates_of(settings: Settings) -> Templates:
     c = settings.compliance
-    return Templates.load(settings.path(c.templates or settings.home / "reminders.toml"))
+    return load_templates(settings.path(c.templates or settings.home / "reminders.toml"))
 
 
 def policy_of(settings: Settings) -> Policy:

@@ -14,7 +14,8 @@ restart) sends nothing twice:
   agency (and the admin) — ``reminder:certificate:<sha256>:<days-left bucket>``.
 
 Texts come from templates (Vietnamese, then English), which admins may edit: the shipped
-``gateway/presets/reminders.toml``, overridden key by key by ``reminders.toml`` in the home.
+``gateway/presets/reminders.toml``, overridden key by key by ``reminders.toml`` in the home
+(read by :func:`gateway.remind.load_templates`; this module reads no files).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from importlib import resources
-from pathlib import Path
 from typing import Final, Literal
 
 from formats.categories import CATEGORIES
@@ -68,25 +67,24 @@ class Templates:
     texts: Mapping[str, Mapping[str, str]]
 
     @classmethod
-    def load(cls, override: Path | None = None) -> Templates:
-        shipped = resources.files("gateway.presets").joinpath("reminders.toml").read_text("utf-8")
+    def parse(cls, shipped: str, override: str | None = None, *, where: str = "") -> Templates:
+        """The shipped texts, with an admin's ``override`` (TOML text from ``where``) on top;
+        every placeholder is tried once, so a typo fails here, not at 08:00."""
         texts: dict[str, dict[str, str]] = {k: dict(v) for k, v in tomllib.loads(shipped).items()}
-        if override is not None and override.exists():
+        if override is not None:
             try:
-                extra = tomllib.loads(override.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{override}: not valid TOML ({exc})") from None
+                extra = tomllib.loads(override)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{where}: not valid TOML ({exc})") from None
             for kind, values in extra.items():
                 if kind not in KINDS or not isinstance(values, dict):
-                    raise ConfigError(f"{override}: [{kind}] is not one of {', '.join(KINDS)}")
+                    raise ConfigError(f"{where}: [{kind}] is not one of {', '.join(KINDS)}")
                 for key, text in values.items():
                     if key not in ("subject", "body") or not isinstance(text, str):
-                        raise ConfigError(
-                            f"{override}: [{kind}] {key} must be subject or body text"
-                        )
+                        raise ConfigError(f"{where}: [{kind}] {key} must be subject or body text")
                 texts[kind][key] = text
         templates = cls(texts)
-        for kind in KINDS:  # a placeholder typo fails here, not at 08:00
+        for kind in KINDS:
             templates.render(kind, _SAMPLE)
         return templates
 

@@ -33,43 +33,34 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from archive import tables as t
-from archive.blobs import BlobStore
 from archive.db import Database
-from archive.service import Archive, SigningKey, master_key
+from archive.service import Archive, SigningKey
 from formats.errors import ConfigError, GatewayError, TransientError
 from formats.payload import Organ
 from formats.vntime import VN_TZ
 from gateway import logs
 from gateway import settings as settings_mod
-from gateway.loading import load_context
+from gateway.loading import (
+    load_context,
+    load_directory_merged,
+    open_archive,
+    open_database,
+    secret,
+)
 from gateway.metrics import MetricsServer, render
 from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
 from gateway.sender import Sender
 from gateway.settings import Settings, host_port
-from gateway.worker import Worker
+from gateway.workdays import Calendar
+from gateway.worker import Worker, worker_name
 
 log = logging.getLogger("gateway.serve")
 
 IDLE = 0.02  # seconds a worker waits when there is nothing to do
 BUILD_EVERY = 4  # during a burst, build receipts and deliveries every Nth worker cycle
-CONTEXT_CHECK = 2.0
-RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host  # seconds between checks for changed keys, directory or revocation data
-
-
-def open_database(settings: Settings) -> Database:
-    return Database.open(settings.database_url, busy_timeout_ms=settings.database.busy_timeout_ms)
-
-
-def open_archive(settings: Settings, db: Database, signer: SigningKey | None) -> Archive:
-    key = master_key(settings.path(settings.archive.master_key_file), db)
-    return Archive(
-        db,
-        BlobStore(key),
-        origin=settings.archive.origin or settings.hub.address,
-        signer=signer,
-        checkpoint_every=settings.archive.checkpoint_every,
-    )
+CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
+RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host
 
 
 def hub_signer(ctx: Context, at: datetime) -> SigningKey:
@@ -130,7 +121,7 @@ def worker_main(
     db = open_database(settings)
     contexts = ContextCache(settings, db)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    name = worker_name()
     archive = open_archive(settings, db, hub_signer(contexts(), clock()))
     worker = Worker(archive, contexts, clock=clock, name=name)
     builder = Builder(
@@ -238,7 +229,7 @@ class Supervisor:
         sender_thread.start()
         imap_thread = self._imap(db)
         scheduler = threading.Thread(
-            target=self._schedule, args=(db, ctx), name="scheduler", daemon=True
+            target=self._schedule, args=(db,), name="scheduler", daemon=True
         )
         scheduler.start()
         metrics = None
@@ -333,7 +324,7 @@ class Supervisor:
             archive,
             lambda: RelaySession(relay),  # one connection per batch
             lambda: datetime.now(UTC),
-            f"{socket.gethostname()}:{os.getpid()}",
+            worker_name(),
             admin=self.settings.serve.admin_address,
             give_up_after=timedelta(hours=self.settings.serve.give_up_after_hours),
         )
@@ -350,7 +341,7 @@ class Supervisor:
             if not busy:
                 self.stop.wait(0.2)
 
-    def _schedule(self, db: Database, ctx: Context) -> None:
+    def _schedule(self, db: Database) -> None:
         """Each working day at [compliance] remind_at (local time): the reminder run. Missed
         while stopped? It runs at start-up on a working day after that hour. Idempotent, and
         on PostgreSQL serialised across instances (gateway.remind)."""
@@ -358,19 +349,22 @@ class Supervisor:
 
         settings = self.settings
         hour, minute = (int(x) for x in settings.compliance.remind_at.split(":"))
+        calendar: Calendar | None = None
         last: date | None = None
         while not self.stop.is_set():
             now = datetime.now(UTC)
             local = now.astimezone(VN_TZ)
             today = local.date()
             try:
-                calendar = remind.calendar_of(settings)
+                calendar = calendar or remind.calendar_of(settings)
                 due = (local.hour, local.minute) >= (hour, minute)
                 if last != today and due and calendar.is_working_day(today):
+                    with db.session(read_only=True) as s:
+                        directory = load_directory_merged(settings, s)
                     result = remind.run(
                         db,
                         calendar=calendar,
-                        directory=load_context(settings, db).directory,
+                        directory=directory,
                         templates=remind.templates_of(settings),
                         policy=remind.policy_of(settings),
                         hub=settings.hub.address,
@@ -406,7 +400,7 @@ class Supervisor:
             port=imap.port,
             security=imap.security,
             username=imap.username,
-            password=_secret(self.settings, imap.password_file, imap.password_env, "[imap]"),
+            password=_imap_password(self.settings),
             mailbox=imap.mailbox,
             done_mailbox=imap.done_mailbox,
             oversize_mailbox=imap.done_mailbox.rsplit("/", 1)[0] + "/Oversize"
@@ -421,16 +415,13 @@ class Supervisor:
         return thread
 
 
-def _secret(settings: Settings, file: Path | None, env: str, section: str) -> str:
-    if file is not None:
-        path = settings.path(file)
-        try:
-            return path.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"{section} password_file {path}: {exc.strerror}") from None
-    value = os.environ.get(env)
+def _imap_password(settings: Settings) -> str:
+    imap = settings.imap
+    value = secret(settings, imap.password_file, imap.password_env, "IMAP password")
     if not value:
-        raise ConfigError(f"{section}: set the password in ${env} or name a password_file")
+        raise ConfigError(
+            f"[imap]: set the password in ${imap.password_env} or name a password_file"
+        )
     return value
 
 

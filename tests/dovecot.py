@@ -30,7 +30,6 @@ The binary is ``$DOVECOT_BIN`` if set (only there), else ``dovecot`` on ``PATH``
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import grp
 import ipaddress
 import os
@@ -56,6 +55,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from imapclient import IMAPClient
 
 from keys.issuing import Issued, make_root
+from tests.servers import die_with_parent, free_port, tail
 
 START_TIMEOUT = 30.0
 HOST = "127.0.0.1"
@@ -158,7 +158,7 @@ class DovecotServer:
         pattern = re.compile(rf"imap\({re.escape(username)}\).*Disconnected:.* body_bytes=(\d+)")
         deadline = time.monotonic() + timeout
         while True:
-            found = [int(m[1]) for m in pattern.finditer(_tail(self.log, 10_000))]
+            found = [int(m[1]) for m in pattern.finditer(tail(self.log, 10_000))]
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)
@@ -178,7 +178,7 @@ class DovecotServer:
         return client
 
     def tail(self, lines: int = 30) -> str:
-        return _tail(self.log, lines)
+        return tail(self.log, lines)
 
     def kill(self) -> None:
         """Kill the master and every child at once (SIGKILL): the server dies mid-session."""
@@ -206,20 +206,6 @@ class DovecotServer:
 def _write_passwd(path: Path, users: dict[str, str]) -> None:
     path.write_text("".join(f"{name}:{{PLAIN}}{pw}::::::\n" for name, pw in users.items()))
     path.chmod(0o644)  # read by the auth process (the internal user); throw-away passwords
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """In a child (``preexec_fn``): get SIGTERM when the test process goes away."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _accounts() -> dict[str, str | int]:
@@ -290,7 +276,7 @@ def start(binary: Path | None = None, users_count: int = 100) -> DovecotServer:
         ca_file = _write_tls(root / "tls")
         users = {f"user{n}": secrets.token_urlsafe(12) for n in range(1, users_count + 1)}
         _write_passwd(root / "passwd", users)
-        port, tls_port = _free_port(), _free_port()
+        port, tls_port = free_port(), free_port()
         config = root / "dovecot.conf"
         config.write_text(
             CONFIG.format(
@@ -313,7 +299,7 @@ def start(binary: Path | None = None, users_count: int = 100) -> DovecotServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C at the terminal is for pytest, not the server
-                preexec_fn=die_with_parent,
+                preexec_fn=die_with_parent(),
             )
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
@@ -333,7 +319,7 @@ def _wait_ready(server: DovecotServer) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(
                 f"dovecot exited with {server.process.returncode}:\n"
-                f"{_tail(server.root / 'stdout.log')}\n{server.tail()}"
+                f"{tail(server.root / 'stdout.log')}\n{server.tail()}"
             )
         try:
             with socket.create_connection((HOST, server.port), timeout=2) as s:
@@ -345,10 +331,3 @@ def _wait_ready(server: DovecotServer) -> None:
                     f"dovecot did not answer within {START_TIMEOUT:.0f} s: {exc}\n{server.tail()}"
                 ) from None
         time.sleep(0.05)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

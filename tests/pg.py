@@ -19,7 +19,6 @@ the newest ``/usr/lib/postgresql/*/bin`` (the Debian layout).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import os
 import pwd
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from tests.servers import die_with_parent, tail
 
 SUPERUSER = "postgres"
 PORT = 5432  # only names the socket file; the socket directory is private to this cluster
@@ -161,14 +162,6 @@ def _server_user() -> pwd.struct_passwd | None:
         ) from None
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGQUIT (immediate shutdown) when the test process goes away."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGQUIT)
-
-
 def start(bindir: Path | None = None) -> PgCluster:
     """initdb + start a private server; raises :class:`PgUnavailable` without binaries."""
     bindir = bindir or find_bindir()
@@ -232,7 +225,7 @@ def start(bindir: Path | None = None) -> PgCluster:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C at the terminal is for pytest, not the server
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(signal.SIGQUIT),
                 **run_as,
             )
     except BaseException:
@@ -252,7 +245,7 @@ def _wait_ready(cluster: PgCluster) -> None:
     while True:
         if cluster.process.poll() is not None:
             raise RuntimeError(
-                f"postgres exited with {cluster.process.returncode}:\n{_tail(cluster.log)}"
+                f"postgres exited with {cluster.process.returncode}:\n{tail(cluster.log)}"
             )
         try:
             cluster.connect().close()
@@ -261,13 +254,6 @@ def _wait_ready(cluster: PgCluster) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"postgres did not accept connections within {START_TIMEOUT:.0f} s: {exc}\n"
-                    f"{_tail(cluster.log)}"
+                    f"{tail(cluster.log)}"
                 ) from None
             time.sleep(0.05)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

@@ -38,7 +38,6 @@ if set (only there), else next to ``postfix`` on ``PATH`` or in ``/usr/sbin``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import pwd
@@ -56,6 +55,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.servers import die_with_parent, free_port, tail
 
 START_TIMEOUT = 30.0
 HOST = "127.0.0.1"
@@ -168,7 +169,7 @@ class PostfixServer:
         return self.root / "maillog"
 
     def tail(self, lines: int = 40) -> str:
-        return _tail(self.log, lines)
+        return tail(self.log, lines)
 
     def command(self, name: str, *args: str, check: bool = True) -> str:
         """Run a Postfix command on this instance (``-c etc``); its stdout."""
@@ -237,7 +238,7 @@ class PostfixServer:
         )
         return [
             m.groupdict()
-            for line in _tail(self.log, 100_000).splitlines()
+            for line in tail(self.log, 100_000).splitlines()
             if (m := pattern.search(line)) is not None
         ]
 
@@ -283,20 +284,6 @@ class PostfixServer:
                 self.watchdog.kill()  # its work is done (and the master's pid may be reused)
                 self.watchdog.wait()
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """In a child (``preexec_fn``): get SIGTERM when the test process goes away."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def settings(
@@ -426,7 +413,7 @@ def start(
             [sys.executable, "-c", WATCHDOG, str(process.pid), str(root), str(os.getpid())],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         _wait_ready(server)
     except BaseException:
@@ -453,7 +440,7 @@ def _wait_ready(server: PostfixServer) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(
                 f"the Postfix master exited with {server.process.returncode}:\n"
-                f"{_tail(server.root / 'master.out')}\n{server.tail()}"
+                f"{tail(server.root / 'master.out')}\n{server.tail()}"
             )
         try:
             with socket.create_connection((HOST, server.port), timeout=5) as s:
@@ -466,13 +453,6 @@ def _wait_ready(server: PostfixServer) -> None:
                     f"Postfix did not answer within {START_TIMEOUT:.0f} s: {exc}\n{server.tail()}"
                 ) from None
         time.sleep(0.05)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 # --- sending --------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from sqlalchemy import func, select
 
 from archive import tables as t
 from archive.db import Database
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,9 +52,7 @@ class Relay:
             return [m for _f, rcpt, m in self.received if address in rcpt]
 
     def start(self) -> tuple[Controller, int]:
-        with socket.socket() as probe:  # a free port (aiosmtpd's Controller cannot take 0)
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
+        port = free_port()  # aiosmtpd's Controller cannot take port 0
         controller = Controller(self, hostname="127.0.0.1", port=port, decode_data=False)
         controller.start()
         return controller, port
@@ -114,6 +112,34 @@ def submit(port: int, raw: bytes, *, mail_from: str, to: str) -> tuple[int, byte
         if code != 250:
             return code, text
         return client.data(raw)
+
+
+class Resender(threading.Thread):
+    """A client as a mail server is one: sends its messages one by one, to ``ports`` in turn,
+    and sends again whatever got no 250 (a refusal, a dropped connection, no server)."""
+
+    def __init__(self, messages: list[bytes], ports: list[int], *, mail_from: str, to: str) -> None:
+        super().__init__(daemon=True)
+        self.messages, self.ports, self.mail_from, self.to = messages, ports, mail_from, to
+        self.acknowledged: list[bytes] = []
+        self.by_port: dict[int, int] = {}
+        self.attempts = 0
+
+    def run(self) -> None:
+        for raw in self.messages:
+            while True:
+                ports = list(self.ports)  # the test may take a killed instance's port away
+                port = ports[self.attempts % len(ports)]
+                self.attempts += 1
+                try:
+                    code, _ = submit(port, raw, mail_from=self.mail_from, to=self.to)
+                except (OSError, smtplib.SMTPException):
+                    code = 0
+                if code == 250:
+                    self.acknowledged.append(raw)
+                    self.by_port[port] = self.by_port.get(port, 0) + 1
+                    break
+                time.sleep(0.02)
 
 
 def counts(db: Database) -> dict[str, int]:

@@ -35,6 +35,7 @@ from keys import store
 from keys.issuing import issue_agency
 from tests import served
 from tests.conftest import WORLD_AT
+from tests.servers import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PASSPHRASE = b"doctor passphrase"
@@ -102,12 +103,6 @@ def edit(home: Path, old: str, new: str) -> None:
 def append(home: Path, text: str) -> None:
     with (home / "gateway.toml").open("a", encoding="utf-8") as f:
         f.write("\n" + text)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_a_ready_home_is_all_ok(home: Path) -> None:

@@ -35,7 +35,7 @@ from gateway.demo import DemoWorld
 from gateway.imap import ImapPoller, PollResult
 from gateway.pipeline import Context
 from gateway.worker import Worker
-from tests import dovecot
+from tests import dovecot, servers
 from tests.conftest import WORLD_AT
 
 ASSETS = Path(__file__).parent / "assets"
@@ -304,7 +304,7 @@ def test_a_kill_between_commit_and_move_takes_the_message_in_once(
         cwd=REPO,
         env={**os.environ, "IMAP_PASSWORD": server.password(user)},
         stdout=subprocess.PIPE,
-        preexec_fn=dovecot.die_with_parent,
+        preexec_fn=servers.die_with_parent(),
     )
     try:
         assert child.stdout is not None

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -37,32 +36,6 @@ def pg_home(pg_cluster: pg.PgCluster, tmp_path: Path) -> Iterator[tuple[Path, st
     pg_cluster.drop_database(name)
 
 
-class _Client(threading.Thread):
-    """Sends to the instances in turn; anything but 250 is sent again to the next one."""
-
-    def __init__(self, messages: list[bytes], ports: list[int]) -> None:
-        super().__init__(daemon=True)
-        self.messages, self.ports = messages, ports
-        self.acknowledged: list[bytes] = []
-        self.by_port: dict[int, int] = {}
-
-    def run(self) -> None:
-        turn = 0
-        for raw in self.messages:
-            while True:
-                port = self.ports[turn % len(self.ports)]
-                turn += 1
-                try:
-                    code, _ = served.submit(port, raw, mail_from=SNV, to=HUB_ADDRESS)
-                except OSError:
-                    code = 0
-                if code == 250:
-                    self.acknowledged.append(raw)
-                    self.by_port[port] = self.by_port.get(port, 0) + 1
-                    break
-                time.sleep(0.02)
-
-
 def test_two_instances_share_a_burst_and_one_finishes_when_the_other_is_killed(
     pg_home: tuple[Path, str],
 ) -> None:
@@ -75,7 +48,9 @@ def test_two_instances_share_a_burst_and_one_finishes_when_the_other_is_killed(
     first = served.start(home, name="first")
     second = served.start(home, name="second")
     ports = [first.smtp_port, second.smtp_port]
-    clients = [_Client(messages[i::4], ports) for i in range(4)]
+    clients = [
+        served.Resender(messages[i::4], ports, mail_from=SNV, to=HUB_ADDRESS) for i in range(4)
+    ]
     for c in clients:
         c.start()
     db = Database.open(url, migrate=False)

@@ -13,7 +13,6 @@ import contextlib
 import http.server
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -41,6 +40,7 @@ from keys.directory import Agency
 from keys.issuing import Issued, issue_agency, issue_hub, make_root
 from keys.trust import TrustStore
 from tests.pki import key
+from tests.servers import free_port
 
 ACTOR = "test"
 PASS = "test-only passphrase"
@@ -116,12 +116,6 @@ def responder_cert(issuer: Issued, *, eku: bool = True, name: str = "OCSP Respon
 
 
 # --- a real responder: openssl ocsp --------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _utctime(when: datetime) -> str:

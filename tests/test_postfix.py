@@ -29,7 +29,7 @@ from archive.db import Database
 from formats.limits import Limits
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
 from gateway.settings import ListenSettings
-from tests import postfix, served
+from tests import postfix, served, servers
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -66,7 +66,7 @@ def sink() -> Iterator[served.Relay]:
 def mx(sink: served.Relay) -> Iterator[postfix.PostfixServer]:
     try:
         server = postfix.start(
-            lmtp_port=postfix.free_port(),
+            lmtp_port=servers.free_port(),
             relay_port=sink.port,  # type: ignore[attr-defined]
             message_size_limit=LIMIT,
         )

@@ -25,8 +25,8 @@ from gateway import intake, obligation_store
 from gateway.demo import DemoWorld
 from gateway.obligations import DueRule, Obligation
 from gateway.outbound import Builder, Hub
-from gateway.remind import run
-from gateway.reminders import Policy, Templates
+from gateway.remind import load_templates, run
+from gateway.reminders import Policy
 from gateway.workdays import Calendar
 from gateway.worker import Worker
 from keys import store
@@ -87,7 +87,7 @@ def _directory(world: DemoWorld) -> Directory:
 
 def _run(archive: Archive, world: DemoWorld, at: datetime, **kw: object) -> tuple[int, int]:
     result = run(
-        archive.db, calendar=CAL, directory=_directory(world), templates=Templates.load(),
+        archive.db, calendar=CAL, directory=_directory(world), templates=load_templates(),
         policy=Policy(), hub=HUB, now=at, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     return len(result.planned), len(result.queued)
@@ -219,12 +219,12 @@ def test_a_reminder_is_signed_encrypted_to_the_agency_and_filed(
 def test_templates_can_be_edited_and_a_bad_placeholder_is_caught(tmp_path: Path) -> None:
     custom = tmp_path / "reminders.toml"
     custom.write_text('[late]\nsubject = "Trễ hạn {label}"\n', encoding="utf-8")
-    assert Templates.load(custom).texts["late"]["subject"] == "Trễ hạn {label}"
+    assert load_templates(custom).texts["late"]["subject"] == "Trễ hạn {label}"
     custom.write_text('[late]\nsubject = "Trễ hạn {nonsense}"\n', encoding="utf-8")
     from formats.errors import ConfigError
 
     with pytest.raises(ConfigError, match="nonsense"):
-        Templates.load(custom)
+        load_templates(custom)
 
 
 def test_an_expiring_certificate_warns_the_agency_and_the_admin_once(
@@ -242,7 +242,7 @@ def test_an_expiring_certificate_warns_the_agency_and_the_admin_once(
         store.add_certificate(s, short.cert, role="agency", organ_id="H26.CATP", at=at, actor="t")
     for _ in range(2):
         run(
-            archive.db, calendar=CAL, directory=_directory(live_world), templates=Templates.load(),
+            archive.db, calendar=CAL, directory=_directory(live_world), templates=load_templates(),
             policy=Policy(), hub=HUB, now=at, admin="quantri@exchange.hanoi.gov.vn",
         )  # fmt: skip
     with archive.db.session(read_only=True) as s:

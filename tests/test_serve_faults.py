@@ -14,9 +14,7 @@ import json
 import os
 import random
 import shutil
-import smtplib
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -43,29 +41,6 @@ def live_world() -> DemoWorld:
     return DemoWorld.create(datetime.now(UTC))
 
 
-class _Client(threading.Thread):
-    """Sends its messages one by one; anything but 250 (or no answer) is sent again."""
-
-    def __init__(self, messages: list[bytes], port: list[int]) -> None:
-        super().__init__(daemon=True)
-        self.messages, self.port = messages, port
-        self.acknowledged: list[bytes] = []
-        self.attempts = 0
-
-    def run(self) -> None:
-        for raw in self.messages:
-            while True:
-                self.attempts += 1
-                try:
-                    code, _text = served.submit(self.port[0], raw, mail_from=SNV, to=HUB_ADDRESS)
-                except (OSError, smtplib.SMTPException):
-                    code = 0
-                if code == 250:
-                    self.acknowledged.append(raw)
-                    break
-                time.sleep(0.05)
-
-
 def test_kill_9_during_a_burst_loses_nothing_and_files_nothing_twice(
     live_world: DemoWorld, tmp_path: Path
 ) -> None:
@@ -76,7 +51,10 @@ def test_kill_9_during_a_burst_loses_nothing_and_files_nothing_twice(
     messages = [live_world.submission("H26.SNV") for _ in range(BURST)]
     process = served.start(home)
     port = [process.smtp_port]
-    clients = [_Client(messages[i::CLIENTS], port) for i in range(CLIENTS)]
+    clients = [
+        served.Resender(messages[i::CLIENTS], port, mail_from=SNV, to=HUB_ADDRESS)
+        for i in range(CLIENTS)
+    ]
     for c in clients:
         c.start()
     rng = random.Random(os.environ.get("FAULT_SEED", "serve-faults"))
