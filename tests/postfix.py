@@ -338,6 +338,7 @@ def start(
     *,
     lmtp_port: int,
     relay_port: int,
+    more_lmtp_ports: Sequence[int] = (),
     port: int | None = None,
     message_size_limit: int = MESSAGE_SIZE_LIMIT,
     hub_domain: str = HUB_DOMAIN,
@@ -347,7 +348,8 @@ def start(
     """Configure and start a private Postfix; raises :class:`PostfixUnavailable` without one.
 
     ``lmtp_port``: the gateway's LMTP listener on HOST (it need not run yet: mail waits in
-    Postfix's queue). ``relay_port``: the sink for everything else. ``extra``: more main.cf
+    Postfix's queue). ``more_lmtp_ports``: more gateway instances, tried in that order when the
+    first does not answer (a list of next hops, as in deploy/postfix/transport). ``relay_port``: the sink for everything else. ``extra``: more main.cf
     settings.
     """
     sbin = find_sbin()
@@ -376,7 +378,7 @@ def start(
         (etc / "master.cf").write_text(MASTER_CF.format(host=HOST, port=port))
         (etc / "main.cf").write_text("# tests/postfix.py: a throw-away instance.\n")
         (etc / "transport").write_text(
-            "".join(f"{a} lmtp:inet:{HOST}:{lmtp_port}\n" for a in hub_addresses)
+            "".join(f"{a} {transport(lmtp_port, *more_lmtp_ports)}\n" for a in hub_addresses)
         )
         (etc / "relay_recipients").write_text("".join(f"{a} OK\n" for a in hub_addresses))
         conf = settings(
@@ -420,6 +422,32 @@ def start(
         server.stop()
         raise
     return server
+
+
+def transport(*lmtp_ports: int) -> str:
+    """The ``transport`` entry for the hub: LMTP to the gateway instance(s) on HOST, tried in
+    order (Postfix >= 3.5 takes a list of next hops)."""
+    return "lmtp:" + ", ".join(f"[{HOST}]:{p}" for p in lmtp_ports)
+
+
+def required() -> bool:
+    """Under CI (or with TESTS_REQUIRE_POSTFIX set) a missing Postfix fails the tests."""
+    return any(
+        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
+        for var in ("CI", "TESTS_REQUIRE_POSTFIX")
+    )
+
+
+def start_or_skip(**kwargs: Any) -> PostfixServer:
+    """:func:`start`, or skip the test when there is no usable Postfix (fail where required)."""
+    import pytest
+
+    try:
+        return start(**kwargs)
+    except PostfixUnavailable as exc:
+        if required():
+            pytest.fail(f"Postfix is required here (CI): {exc}", pytrace=False)
+        pytest.skip(f"Postfix not available: {exc}")
 
 
 def _run(env: dict[str, str], *argv: str | Path) -> str:

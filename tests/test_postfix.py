@@ -12,7 +12,6 @@ LMTP delivery carries the gateway's reply, ``status=sent (250 2.0.0 queued as N)
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -40,13 +39,6 @@ POLICE = "pa08@congan.hanoi.gov.vn"
 LIMIT = 256 * 1024
 
 
-def _postfix_required() -> bool:
-    return any(
-        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
-        for var in ("CI", "TESTS_REQUIRE_POSTFIX")
-    )
-
-
 @pytest.fixture(scope="module")
 def live_world() -> DemoWorld:
     """A PKI made now: the gateway judges certificates and CRLs by the real clock."""
@@ -64,16 +56,11 @@ def sink() -> Iterator[served.Relay]:
 
 @pytest.fixture(scope="module")
 def mx(sink: served.Relay) -> Iterator[postfix.PostfixServer]:
-    try:
-        server = postfix.start(
-            lmtp_port=servers.free_port(),
-            relay_port=sink.port,  # type: ignore[attr-defined]
-            message_size_limit=LIMIT,
-        )
-    except postfix.PostfixUnavailable as exc:
-        if _postfix_required():
-            pytest.fail(f"Postfix is required here (CI): {exc}", pytrace=False)
-        pytest.skip(f"Postfix not available: {exc}")
+    server = postfix.start_or_skip(
+        lmtp_port=servers.free_port(),
+        relay_port=sink.port,  # type: ignore[attr-defined]
+        message_size_limit=LIMIT,
+    )
     try:
         yield server
     finally:
@@ -376,7 +363,7 @@ def test_the_deployment_snippet_is_valid_postfix_configuration(tmp_path: Path) -
     """deploy/postfix/main.cf.snippet parses, and every parameter in it is one Postfix knows."""
     sbin = postfix.find_sbin()
     if sbin is None:
-        if _postfix_required():
+        if postfix.required():
             pytest.fail("Postfix is required here (CI): postconf not found", pytrace=False)
         pytest.skip("Postfix not available: postconf not found")
     snippet = served.ROOT / "deploy/postfix/main.cf.snippet"
