@@ -56,19 +56,20 @@ def message_id(raw: bytes) -> str:
     return found.group(1).decode()
 
 
-def working_today() -> str:
+def working_today(today: date | None = None) -> str:
     """``[compliance]`` settings that make today (in Hanoi) a working day, so that the
     schedulers run the day's reminders at start-up whatever the date of the test run."""
-    today = datetime.now(VN_TZ).date()
+    today = today or datetime.now(VN_TZ).date()
     if Calendar.load().is_working_day(today):
         return ""
     day = {d.date: d for d in Calendar.load().year_table(today.year).days}.get(today)
     if day is not None and day.entry is not None:  # a day off of the shipped overlay
         return f'exclude = "{day.entry}"\n'
-    kind = "workday" if today.weekday() >= 5 else "not-a-holiday"
+    # A make-up Saturday or Sunday in force; or a package holiday the law does not grant.
+    kind, status = ("workday", "law") if today.weekday() >= 5 else ("not-a-holiday", "not-yet-law")
     Path("overlay.toml").write_text(
         'name = "test"\n[[entry]]\nid = "test-working-today"\n'
-        f'date = {today.isoformat()}\nkind = "{kind}"\nstatus = "law"\n'
+        f'date = {today.isoformat()}\nkind = "{kind}"\nstatus = "{status}"\n'
         'name = "A working day for the test"\nsource = "tests/test_instances_mx.py"\n',
         encoding="utf-8",
     )
@@ -196,12 +197,22 @@ def test_two_instances_behind_postfix_share_a_burst_and_send_each_reminder_once(
         controller.stop()
 
 
-def test_working_today_makes_today_a_working_day(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "day",
+    [
+        None,  # the day of the run
+        date(2026, 11, 22),  # a Sunday
+        date(2026, 9, 2),  # National Day (a holiday of the package)
+        date(2026, 8, 31),  # a day off of the shipped overlay (the proposed swap)
+        date(2026, 11, 23),  # a working day already
+    ],
+)
+def test_working_today_makes_the_day_a_working_day(
+    day: date | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    settings = working_today()
-    today: date = datetime.now(VN_TZ).date()
+    settings = working_today(day)
+    today = day or datetime.now(VN_TZ).date()
     exclude = re.findall(r'exclude = "([^"]+)"', settings)
     overlay = tmp_path / "overlay.toml" if "overlay" in settings else None
     assert Calendar.load(exclude=exclude, extra_overlay=overlay).is_working_day(today)
