@@ -170,16 +170,20 @@ class Load:
         return max(r for _s, r in self.sends) - self.t0
 
 
-def load(port: int, wires: Sequence[Wire], clients: int, rate: float | None = None) -> Load:
+def load(
+    port: int | Sequence[int], wires: Sequence[Wire], clients: int, rate: float | None = None
+) -> Load:
     """Send ``wires`` over ``clients`` connections: as fast as they are answered, or, with
-    ``rate``, message i at t0 + i/rate (open loop; a client that is behind sends at once)."""
+    ``rate``, message i at t0 + i/rate (open loop; a client that is behind sends at once).
+    Several ports (gateway instances): client k connects to ``port[k % len(port)]``."""
+    ports = [port] if isinstance(port, int) else list(port)
     result = Load(time.perf_counter() + 0.2)  # a moment for the threads to connect
     lock = threading.Lock()
 
     def client(k: int) -> None:
         mine = range(k, len(wires), clients)
         try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=600) as c:
+            with smtplib.SMTP("127.0.0.1", ports[k % len(ports)], timeout=600) as c:
                 c.ehlo("bench.example")
                 _sleep_until(result.t0)
                 for i in mine:
@@ -238,11 +242,12 @@ class Sink:
 
 
 def start_gateway(
-    home: Path, workers: int, timeout: float = 90
+    home: Path, workers: int, timeout: float = 90, name: str = "serve"
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``gateway serve`` on ``home`` (as tests/served.py starts it); the process and SMTP port."""
-    ready = home / "ready.json"
-    log = home / "serve.log"
+    """``gateway serve`` on ``home`` (as tests/served.py starts it); the process and SMTP port.
+    ``name``: of its ready file and log, for several instances on one home."""
+    ready = home / f"{name}.ready.json"
+    log = home / f"{name}.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with log.open("wb") as out:
         process = subprocess.Popen(
