@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Literal, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import defer
@@ -36,6 +36,19 @@ class Deliverer(Protocol):
 
 #: Opens a session for one batch (one relay connection), closed when the batch is done.
 OpenSession = Callable[[], AbstractContextManager[Deliverer]]
+
+
+@dataclass(frozen=True)
+class Unsendable:
+    """A row the relay is never offered (our own defect, e.g. a bare LF): failed, and the
+    admin is alerted, like any failure; the other rows of the batch go on."""
+
+    problem: str
+    outcome: Literal["failed"] = "failed"
+
+    @property
+    def reply(self) -> str:
+        return f"not sent: {self.problem}"
 
 
 @dataclass
@@ -63,11 +76,16 @@ class Sender:
                     .order_by(t.Outbox.id)
                 )
             )
-        results = []
+        results: list[tuple[int, Attempt]] = []
         with self.open_session() as session:
             for number, message, mail_from, rcpt_to in jobs:
-                assert message is not None and mail_from is not None
-                attempt = session.deliver(message, mail_from=mail_from, rcpt_to=rcpt_to or ())
+                if not message or not mail_from or not rcpt_to:
+                    results.append((number, Unsendable("no message, sender or recipient")))
+                    continue
+                try:
+                    attempt = session.deliver(message, mail_from=mail_from, rcpt_to=rcpt_to)
+                except ValueError as err:  # a message we built wrongly: never retried as is
+                    attempt = Unsendable(str(err))
                 results.append((number, attempt))
         return self._record(results)
 

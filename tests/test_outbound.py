@@ -18,6 +18,7 @@ from typing import Literal
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import select
 
 from archive import tables as t
 from archive.blobs import BlobStore
@@ -327,3 +328,29 @@ def test_sender_gives_up_after_the_configured_time(
         archive, relay.session, lambda: clock[0], "s", give_up_after=timedelta(hours=48)
     )
     assert sorted(sender.run_once()) == [(1, "failed"), (2, "failed")]
+
+
+def test_a_row_the_relay_cannot_take_fails_and_the_rest_of_the_batch_is_sent(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """A defect of ours (a bare LF in a built message) fails that row, alerts the admin, and
+    neither stops the sender nor holds up the other rows."""
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    with archive.db.session() as s:
+        row = s.scalars(select(t.Outbox).where(t.Outbox.key == f"receipt:{seq}")).one()
+        row.message = (row.message or b"").replace(b"\r\n", b"\n", 1)
+
+    class Strict(_Relay):
+        def deliver(self, message: bytes, *, mail_from: str, rcpt_to: Sequence[str]) -> _Reply:
+            if message.count(b"\n") != message.count(b"\r\n"):
+                raise ValueError("the message has a bare CR or LF")
+            return super().deliver(message, mail_from=mail_from, rcpt_to=rcpt_to)
+
+    relay = Strict(_Reply("sent", "250 ok"), _Reply("sent", "250 ok"))
+    sender = Sender(archive, relay.session, lambda: LATER, "s", admin=hub.admin)
+    assert sorted(sender.run_once()) == [(1, "failed"), (2, "sent")]
+    rows = _rows(archive)
+    assert "bare CR or LF" in (rows[f"receipt:{seq}"].last_reply or "")
+    assert rows[f"delivery:{seq}:H26.CATP"].state == "sent"
+    assert f"alert:receipt:{seq}" in rows
