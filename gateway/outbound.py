@@ -22,6 +22,7 @@ Three steps, each idempotent, each resumable after a crash:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -176,6 +177,25 @@ class _Built:
     later: bool = False
 
 
+def _preload(s: Session, rows: Sequence[t.Outbox]) -> list[Any]:
+    """The log entries the batch's receipts and deliveries answer, and the signed entities the
+    deliveries forward, in one query each: ``Session.get`` then finds them in the session, as
+    long as the caller holds the list returned."""
+    seqs = {r.for_seq for r in rows if r.kind in ("receipt", "delivery") and r.for_seq is not None}
+    if not seqs:
+        return []
+    entries = list(s.scalars(select(t.LogEntry).where(t.LogEntry.seq.in_(seqs))))
+    delivered = {r.for_seq for r in rows if r.kind == "delivery"}
+    wanted = {
+        address
+        for e in entries
+        if e.seq in delivered
+        and (address := json.loads(e.record).get("blobs", {}).get("decrypted"))
+    }
+    blobs = list(s.scalars(select(t.Blob).where(t.Blob.sha256.in_(wanted)))) if wanted else []
+    return [*entries, *blobs]
+
+
 @dataclass
 class Builder:
     archive: Archive
@@ -200,6 +220,7 @@ class Builder:
             rows = list(
                 s.scalars(select(t.Outbox).where(t.Outbox.id.in_(ids)).order_by(t.Outbox.id))
             )
+            held = _preload(s, rows)  # noqa: F841 — the session's identity map holds weak references
             for r in rows:  # in order: a resend may use a receipt built just before it
                 built[r.id] = self._build(s, r, now, built)
         with db.session() as s:
