@@ -13,7 +13,7 @@ import base64
 import hashlib
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +87,16 @@ class BlobStore:
     master_key: bytes
     _keys: dict[int, AESGCM] = field(default_factory=dict, repr=False)
     _current: int | None = field(default=None, repr=False)
+    #: Compressed ahead of the transaction (:meth:`prepare`), by address; taken by put_many.
+    _ready: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def prepare(self, blobs: Iterable[bytes]) -> None:
+        """Compress ``blobs`` now, before the transaction that stores them, so that the write
+        lock (SQLite's, or the log head's on PostgreSQL) is not held while zlib works. What an
+        earlier call prepared and no transaction stored (it failed) is dropped."""
+        self._ready.clear()
+        for data in blobs:
+            self._ready[hashlib.sha256(data).hexdigest()] = compress(data)
 
     def put(self, s: Session, data: bytes, *, at: datetime) -> str:
         """Store ``data`` (once: identical content is stored once) and return its address."""
@@ -107,12 +117,14 @@ class BlobStore:
                 select(t.Blob.sha256).where(t.Blob.sha256.in_(wanted[i : i + 500]))
             ):
                 del new[address]
+                self._ready.pop(address, None)
         if new:
             key_id, aead = self._data_key(s, at)
             rows = []
             for address, data in new.items():
                 nonce = os.urandom(NONCE_BYTES)
-                body = aead.encrypt(nonce, compress(data), address.encode())
+                packed = self._ready.pop(address, None) or compress(data)
+                body = aead.encrypt(nonce, packed, address.encode())
                 rows.append(
                     {"sha256": address, "key_id": key_id, "size": len(data), "sealed": nonce + body}
                 )

@@ -223,6 +223,7 @@ class Builder:
             held = _preload(s, rows)  # noqa: F841 — the session's identity map holds weak references
             for r in rows:  # in order: a resend may use a receipt built just before it
                 built[r.id] = self._build(s, r, now, built)
+        self.archive.prepare(b.item for b in built.values() if b.item is not None)
         with db.session() as s:
             mine = [
                 r

@@ -24,9 +24,10 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from archive import tables as t
+from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
 from gateway import intake, outbound
@@ -120,14 +121,25 @@ class Worker:
             )
             for r in rows
         ]
+        # The entries are made, and their blobs compressed, before the write transaction.
+        items = {
+            j.number: message_item(j.verdict, j.raw, j.transport)
+            for j in jobs
+            if j.verdict.disposition != "retry"
+        }
+        self.archive.prepare(items.values())
         with db.session() as s:
-            return self._file(s, jobs)
+            return self._file(s, jobs, items)
 
-    def _file(self, s: Session, jobs: list[_Job]) -> list[Outcome]:
+    def _file(self, s: Session, jobs: list[_Job], made: dict[int, Item]) -> list[Outcome]:
         now = self.clock()
         rows = {
             r.id: r
-            for r in s.scalars(select(t.Intake).where(t.Intake.id.in_([j.number for j in jobs])))
+            for r in s.scalars(
+                select(t.Intake)
+                .where(t.Intake.id.in_([j.number for j in jobs]))
+                .options(defer(t.Intake.raw))  # the job holds it; not read again under the lock
+            )
         }
         outcomes: dict[int, Outcome] = {}
         fresh: list[_Job] = []
@@ -160,7 +172,7 @@ class Worker:
             for k in job.keys:
                 first_of[k] = job
             fresh.append(job)
-        items = [message_item(j.verdict, j.raw, j.transport) for j in fresh]
+        items = [made[j.number] for j in fresh]
         entries = self.archive.file_in(s, items, at=now) if items else []
         seq_of = {j.number: e.seq for j, e in zip(fresh, entries, strict=True)}
         for job in fresh:

@@ -292,3 +292,29 @@ def _append_then_fail(db: Database, log: Log) -> None:
     with db.session() as s:
         log.append(s, "message", WORLD_AT, {}, {"raw": b"first"})
         raise RuntimeError("the transaction fails after the data key was made")
+
+
+def test_blobs_prepared_ahead_are_stored_without_compressing_in_the_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker and builder compress before their write transaction (the write lock is not held
+    while zlib works); what is stored is the same, and a blob stored already is not kept."""
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    log = Log(BlobStore(os.urandom(32)))
+    with db.session() as s:
+        old = log.append(s, "message", WORLD_AT, {}, {"raw": b"stored before"})
+    texts = [b"<x>" + b"prepared " * 400 + b"</x>", b"stored before"]
+    log.blobs.prepare(texts)
+
+    def no_compressing(data: bytes) -> bytes:
+        raise AssertionError("compressed inside the transaction")
+
+    monkeypatch.setattr("archive.blobs.compress", no_compressing)
+    with db.session() as s:
+        entry = log.append(s, "message", WORLD_AT, {}, {"a": texts[0], "b": texts[1]})
+    assert log.blobs._ready == {}
+    with db.session(read_only=True) as s:
+        assert log.blobs.get(s, entry.blobs["a"]) == texts[0]
+        assert entry.blobs["b"] == old.blobs["raw"]
+    with pytest.raises(AssertionError, match="inside the transaction"), db.session() as s:
+        log.append(s, "message", WORLD_AT, {}, {"c": b"not prepared"})
