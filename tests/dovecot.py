@@ -108,6 +108,14 @@ service anvil {
 """
 
 
+def required() -> bool:
+    """Under CI (or with TESTS_REQUIRE_DOVECOT set) a missing Dovecot fails the tests."""
+    return any(
+        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
+        for var in ("CI", "TESTS_REQUIRE_DOVECOT")
+    )
+
+
 class DovecotUnavailable(RuntimeError):
     """No Dovecot binary on this machine."""
 

@@ -46,19 +46,12 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.interop  # a real Dovecot
 
 
-def _dovecot_required() -> bool:
-    return any(
-        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
-        for var in ("CI", "TESTS_REQUIRE_DOVECOT")
-    )
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[dovecot.DovecotServer]:
     try:
         started = dovecot.start()
     except dovecot.DovecotUnavailable as exc:
-        if _dovecot_required():
+        if dovecot.required():
             pytest.fail(f"Dovecot is required here (CI): {exc}", pytrace=False)
         pytest.skip(f"Dovecot not available: {exc}")
     try:
