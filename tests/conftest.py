@@ -86,3 +86,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield cluster.url(name)
     finally:
         cluster.drop_database(name)
+
+
+# --- Hypothesis ---------------------------------------------------------------------------
+# No test depends on how fast this machine is: no per-example deadline, and no health check
+# that fails a test because generating its inputs was slow while the machine was busy (seen in
+# CI: one draw of 0.97 s under load). Tests still set their own max_examples.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("gateway", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gateway")
