@@ -27,10 +27,8 @@ Run:  .venv/bin/python bench/e2e_bench.py [--quick] [--workers N] [--clients C]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import signal
 import smtplib
 import subprocess
 import sys
@@ -53,6 +51,7 @@ from formats.categories import Value
 from formats.payload import Organ, Signer, build_payload
 from formats.smime import build_message
 from gateway.demo import HUB_ADDRESS, WORK_PERMITS, DemoWorld
+from tests import served
 
 ROOT = Path(__file__).resolve().parent.parent
 SENDER = "H26.SNV"
@@ -241,37 +240,17 @@ class Sink:
         self.process.wait(30)
 
 
-def start_gateway(
-    home: Path, workers: int, timeout: float = 90, name: str = "serve"
-) -> tuple[subprocess.Popen[bytes], int]:
-    """``gateway serve`` on ``home`` (as tests/served.py starts it); the process and SMTP port.
-    ``name``: of its ready file and log, for several instances on one home."""
-    ready = home / f"{name}.ready.json"
-    log = home / f"{name}.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--home", str(home), "serve", "--log-format",
-             "text", "--ready-file", str(ready), "--workers", str(workers)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=home, start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            raise RuntimeError(f"gateway serve did not start:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
-    return process, int(json.loads(ready.read_text())["listeners"]["smtp"])
+def start_gateway(home: Path, workers: int, name: str = "serve") -> served.Served:
+    """``gateway serve`` on ``home`` with ``workers``, as the tests start it (tests/served.py);
+    ``name``: of its ready file, for several instances on one home."""
+    return served.start(home, "--workers", str(workers), name=name)
 
 
-def stop_gateway(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
+def stop_gateway(gateway: served.Served) -> None:
     try:
-        process.wait(60)
+        gateway.stop(60)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(30)
+        gateway.kill()
 
 
 # --- watching the gateway's processes --------------------------------------------------------
@@ -391,7 +370,8 @@ def gateway_run(
     rate: float | None = None,
 ) -> Run:
     world.install(home, PASSPHRASE, relay_port=relay.port, workers=workers)
-    process, port = start_gateway(home, workers)
+    gateway = start_gateway(home, workers)
+    port = gateway.smtp_port
     db = Database.open(f"sqlite:///{home / 'archive.db'}", migrate=False)
     try:
         load(port, warm, clients)
@@ -399,7 +379,7 @@ def gateway_run(
         with db.session(read_only=True) as s:
             intake0 = s.scalar(select(func.max(t.Intake.id))) or 0
             outbox0 = s.scalar(select(func.max(t.Outbox.id))) or 0
-        watch = Watch(process.pid, relay.process.pid)
+        watch = Watch(gateway.process.pid, relay.process.pid)
         watch.start()
         result = load(port, wires, clients, rate)
         archived, sent = settle(db, intake0, outbox0, len(wires), result.t0, timeout=600)
@@ -435,7 +415,7 @@ def gateway_run(
         )
     finally:
         db.dispose()
-        stop_gateway(process)
+        stop_gateway(gateway)
 
 
 def settle(

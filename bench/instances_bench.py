@@ -94,7 +94,7 @@ def run(
     world.install(home, PASSPHRASE, relay_port=relay.port, workers=workers, database_url=url)
     db = Database.open(url or f"sqlite:///{home / 'archive.db'}", migrate=False)
     started = [start_gateway(home, workers, name=f"serve{i}") for i in range(instances)]
-    ports = [port for _p, port in started]
+    ports = [g.smtp_port for g in started]
     try:
         load(ports, warm, clients)
         settle(db, 0, 0, len(warm), time.perf_counter(), timeout=120)
@@ -115,14 +115,11 @@ def run(
             )
         if outbox != {"sent": 2 * len(wires)}:
             print(f"  ! expected {2 * len(wires)} receipts and deliveries sent, got {outbox}")
-        taken = [
-            len(_QUEUED.findall((home / f"serve{i}.log").read_text(errors="replace")))
-            for i in range(instances)
-        ]
+        taken = [len(_QUEUED.findall(g.log.read_text(errors="replace"))) for g in started]
         return Result(label, len(wires), archived, sent, result.last_reply, busy, wall, taken)
     finally:
-        for process, _port in started:
-            stop_gateway(process)
+        for g in started:
+            stop_gateway(g)
         db.dispose()
 
 

@@ -241,17 +241,10 @@ def _insert(s: Session, obligation: Obligation, *, at: datetime, actor: str, sou
 
 
 def _columns(obligation: Obligation) -> dict[str, Any]:
-    return {
-        "id": obligation.id,
-        "provider": obligation.provider,
-        "recipients": list(obligation.recipients),
-        "category": obligation.category,
-        "cadence": obligation.cadence,
-        "due": obligation.due.as_dict(),
-        "legal_basis": obligation.legal_basis,
+    """The table row: :func:`~gateway.obligations.as_dict`, with dates as dates."""
+    return as_dict(obligation) | {
         "valid_from": obligation.valid_from,
         "valid_to": obligation.valid_to,
-        "note": obligation.note,
     }
 
 

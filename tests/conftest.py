@@ -47,28 +47,17 @@ def world_ctx(world: DemoWorld):  # type: ignore[no-untyped-def]
 # database in a throw-away cluster started once per session by tests.pg, dropped after the test).
 # Without PostgreSQL server binaries the postgresql runs are skipped, except under CI (or with
 # TESTS_REQUIRE_POSTGRES set), where they fail: CI must never skip them silently.
-import os  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from tests import pg  # noqa: E402
-
-
-def _postgres_required() -> bool:
-    return any(
-        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
-        for var in ("CI", "TESTS_REQUIRE_POSTGRES")
-    )
+from tests import pg, servers  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[pg.PgCluster]:
-    try:
-        cluster = pg.start()
-    except pg.PgUnavailable as exc:
-        if _postgres_required():
-            pytest.fail(f"PostgreSQL is required here (CI): {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL not available: {exc}")
+    cluster = servers.start_or_skip(
+        pg.start, pg.PgUnavailable, "PostgreSQL", "TESTS_REQUIRE_POSTGRES"
+    )
     try:
         yield cluster
     finally:

@@ -55,6 +55,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from imapclient import IMAPClient
 
 from keys.issuing import Issued, make_root
+from tests import servers
 from tests.servers import die_with_parent, free_port, tail
 
 START_TIMEOUT = 30.0
@@ -106,14 +107,6 @@ service anvil {
   chroot =
 }
 """
-
-
-def required() -> bool:
-    """Under CI (or with TESTS_REQUIRE_DOVECOT set) a missing Dovecot fails the tests."""
-    return any(
-        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
-        for var in ("CI", "TESTS_REQUIRE_DOVECOT")
-    )
 
 
 class DovecotUnavailable(RuntimeError):
@@ -339,3 +332,9 @@ def _wait_ready(server: DovecotServer) -> None:
                     f"dovecot did not answer within {START_TIMEOUT:.0f} s: {exc}\n{server.tail()}"
                 ) from None
         time.sleep(0.05)
+
+
+def start_or_skip() -> DovecotServer:
+    """:func:`start`, or skip the test when there is no usable Dovecot (fail under CI, or with
+    TESTS_REQUIRE_DOVECOT set)."""
+    return servers.start_or_skip(start, DovecotUnavailable, "Dovecot", "TESTS_REQUIRE_DOVECOT")

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests import servers
 from tests.servers import die_with_parent, free_port, tail
 
 START_TIMEOUT = 30.0
@@ -432,22 +433,14 @@ def transport(*lmtp_ports: int) -> str:
 
 def required() -> bool:
     """Under CI (or with TESTS_REQUIRE_POSTFIX set) a missing Postfix fails the tests."""
-    return any(
-        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
-        for var in ("CI", "TESTS_REQUIRE_POSTFIX")
-    )
+    return servers.required("TESTS_REQUIRE_POSTFIX")
 
 
 def start_or_skip(**kwargs: Any) -> PostfixServer:
     """:func:`start`, or skip the test when there is no usable Postfix (fail where required)."""
-    import pytest
-
-    try:
-        return start(**kwargs)
-    except PostfixUnavailable as exc:
-        if required():
-            pytest.fail(f"Postfix is required here (CI): {exc}", pytrace=False)
-        pytest.skip(f"Postfix not available: {exc}")
+    return servers.start_or_skip(
+        lambda: start(**kwargs), PostfixUnavailable, "Postfix", "TESTS_REQUIRE_POSTFIX"
+    )
 
 
 def _run(env: dict[str, str], *argv: str | Path) -> str:

@@ -165,3 +165,14 @@ def wait_until_settled(db: Database, timeout: float = 120) -> dict[str, int]:
         if time.monotonic() > deadline:
             raise AssertionError(f"not settled after {timeout} s: {c}")
         time.sleep(0.1)
+
+
+def gateway(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway --home HOME ARGS…`` as an operator runs it (e.g. ``archive verify``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+_T = TypeVar("_T")
 
 HOST = "127.0.0.1"
 
@@ -37,3 +43,25 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def required(variable: str) -> bool:
+    """Under CI (``$CI``), or with ``variable`` set, a missing server fails the tests instead
+    of skipping them: CI must never skip them silently."""
+    return any(
+        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
+        for var in ("CI", variable)
+    )
+
+
+def start_or_skip(
+    start: Callable[[], _T], unavailable: type[Exception], what: str, variable: str
+) -> _T:
+    """``start()``; when it raises ``unavailable``, skip the test, or fail it where
+    :func:`required`."""
+    try:
+        return start()
+    except unavailable as exc:
+        if required(variable):
+            pytest.fail(f"{what} is required here (CI): {exc}", pytrace=False)
+        pytest.skip(f"{what} not available: {exc}")

@@ -48,12 +48,7 @@ pytestmark = pytest.mark.interop  # a real Dovecot
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[dovecot.DovecotServer]:
-    try:
-        started = dovecot.start()
-    except dovecot.DovecotUnavailable as exc:
-        if dovecot.required():
-            pytest.fail(f"Dovecot is required here (CI): {exc}", pytrace=False)
-        pytest.skip(f"Dovecot not available: {exc}")
+    started = dovecot.start_or_skip()
     try:
         yield started
     finally:

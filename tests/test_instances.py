@@ -7,9 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -77,11 +74,7 @@ def test_two_instances_share_a_burst_and_one_finishes_when_the_other_is_killed(
             for p in (first.smtp_port, second.smtp_port)
         )
         assert len(relay.to(SNV)) >= BURST  # every sender got its receipt
-        verify = subprocess.run(
-            [sys.executable, "-m", "gateway", "--home", str(home), "archive", "verify"],
-            capture_output=True, text=True, check=False,
-            env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
-        )  # fmt: skip
+        verify = served.gateway(home, "archive", "verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         with contextlib.suppress(Exception):

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -56,9 +53,9 @@ def message_id(raw: bytes) -> str:
     return found.group(1).decode()
 
 
-def working_today(today: date | None = None) -> str:
-    """``[compliance]`` settings that make today (in Hanoi) a working day, so that the
-    schedulers run the day's reminders at start-up whatever the date of the test run."""
+def working_today(home: Path, today: date | None = None) -> str:
+    """``[compliance]`` settings for ``home`` that make today (in Hanoi) a working day, so that
+    the schedulers run the day's reminders at start-up whatever the date of the test run."""
     today = today or datetime.now(VN_TZ).date()
     if Calendar.load().is_working_day(today):
         return ""
@@ -67,7 +64,7 @@ def working_today(today: date | None = None) -> str:
         return f'exclude = "{day.entry}"\n'
     # A make-up Saturday or Sunday in force; or a package holiday the law does not grant.
     kind, status = ("workday", "law") if today.weekday() >= 5 else ("not-a-holiday", "not-yet-law")
-    Path("overlay.toml").write_text(
+    (home / "overlay.toml").write_text(
         'name = "test"\n[[entry]]\nid = "test-working-today"\n'
         f'date = {today.isoformat()}\nkind = "{kind}"\nstatus = "{status}"\n'
         'name = "A working day for the test"\nsource = "tests/test_instances_mx.py"\n',
@@ -81,11 +78,10 @@ def reminder_runs(log: Path) -> list[tuple[int, int]]:
 
 
 def test_two_instances_behind_postfix_share_a_burst_and_send_each_reminder_once(
-    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    monkeypatch.chdir(home)
     sink = served.Relay()
     controller, sink_port = sink.start()
     lmtp = [servers.free_port(), servers.free_port()]
@@ -107,7 +103,7 @@ def test_two_instances_behind_postfix_share_a_burst_and_send_each_reminder_once(
             relay_port=mx.port,
             database_url=pg_url,
             preset="hanoi",
-            extra_config=f'\n[compliance]\nremind_at = "00:00"\n{working_today()}',
+            extra_config=f'\n[compliance]\nremind_at = "00:00"\n{working_today(home)}',
         )
         db = Database.open(pg_url, migrate=False)
         with db.session() as s:
@@ -181,11 +177,7 @@ def test_two_instances_behind_postfix_share_a_burst_and_send_each_reminder_once(
         runs = [reminder_runs(i.log) for i in instances]
         assert all(runs), [i.log.read_text()[-2000:] for i in instances]  # both schedulers ran
         assert sum(queued for r in runs for _owed, queued in r) == len(reminder_ids)
-        verify = subprocess.run(
-            [sys.executable, "-m", "gateway", "--home", str(home), "archive", "verify"],
-            capture_output=True, text=True, check=False,
-            env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
-        )  # fmt: skip
+        verify = served.gateway(home, "archive", "verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         for instance in instances:
@@ -207,11 +199,8 @@ def test_two_instances_behind_postfix_share_a_burst_and_send_each_reminder_once(
         date(2026, 11, 23),  # a working day already
     ],
 )
-def test_working_today_makes_the_day_a_working_day(
-    day: date | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    settings = working_today(day)
+def test_working_today_makes_the_day_a_working_day(day: date | None, tmp_path: Path) -> None:
+    settings = working_today(tmp_path, day)
     today = day or datetime.now(VN_TZ).date()
     exclude = re.findall(r'exclude = "([^"]+)"', settings)
     overlay = tmp_path / "overlay.toml" if "overlay" in settings else None

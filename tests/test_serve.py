@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -181,10 +180,7 @@ def test_the_main_job_end_to_end(
     assert 'gateway_smtp_replies_total{code="250"} 5' in text
     assert 'gateway_archive_latency_seconds{quantile="0.99"}' in text
 
-    verify = subprocess.run(
-        [sys.executable, "-m", "gateway", "--home", str(process.home), "archive", "verify"],
-        capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
-    )  # fmt: skip
+    verify = served.gateway(process.home, "archive", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 

@@ -87,10 +87,7 @@ def test_kill_9_during_a_burst_loses_nothing_and_files_nothing_twice(
         # every sender got its receipt (one sent again for a message it had to send again)
         receipts = relay.to(SNV)
         assert len(receipts) >= BURST
-        verify = subprocess.run(
-            [served.sys.executable, "-m", "gateway", "--home", str(home), "archive", "verify"],
-            capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
-        )  # fmt: skip
+        verify = served.gateway(home, "archive", "verify")
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         with contextlib.suppress(Exception):
