@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.headerregistry import HeaderRegistry
-from functools import cache
 
 from formats.errors import HeaderCountError, LimitExceeded, MalformedMessage
 from formats.limits import DEFAULT_LIMITS, Limits
@@ -348,12 +347,11 @@ def _split_multipart(
     """
     if len(boundary) > 70 or not boundary.isascii():
         raise MalformedMessage("multipart boundary longer than 70 characters or not ASCII")
-    delim = _delimiter_pattern(boundary)
     spans: list[tuple[int, int]] = []
     part_start: int | None = None
-    for m in delim.finditer(buffer, body_start, end):
+    for line_start, line_end, close in _delimiters(buffer, body_start, end, boundary):
         if part_start is not None:
-            part_end = m.start()
+            part_end = line_start
             if buffer[part_end - 2 : part_end] == b"\r\n":
                 part_end -= 2
             elif buffer[part_end - 1 : part_end] == b"\n":
@@ -361,19 +359,38 @@ def _split_multipart(
             spans.append((part_start, max(part_start, part_end)))
             if len(spans) > limits.max_parts:
                 raise LimitExceeded(f"more than {limits.max_parts} MIME parts")
-        if m.group(1):  # the close delimiter
+        if close:
             return spans
-        part_start = m.end()
+        part_start = line_end
     raise MalformedMessage("multipart body has no closing boundary (truncated message?)")
 
 
-@cache
-def _delimiter_pattern(boundary: str) -> re.Pattern[bytes]:
-    # Delimiter lines start a line: ^ in MULTILINE mode matches after every LF. body_start is
-    # always at a line start, so the first delimiter (with no CRLF before it) matches too.
-    return re.compile(
-        rb"^--" + re.escape(boundary.encode("ascii")) + rb"(--)?[ \t]*(?:\r?\n|\Z)", re.MULTILINE
-    )
+def _delimiters(
+    buffer: bytes | bytearray, start: int, end: int, boundary: str
+) -> Iterator[tuple[int, int, bool]]:
+    """The delimiter lines in ``buffer[start:end]``: where each starts and ends (after its line
+    break) and whether it closes. A delimiter line is ``--boundary``, ``--`` if it closes,
+    optional spaces or tabs, then CRLF, LF or the end of the body; it starts a line (the body
+    starts after the headers' blank line). Found with ``find``: every message has its own
+    boundary, so a compiled pattern per boundary would cost more than the search itself."""
+    marker = b"--" + boundary.encode("ascii")
+    pos = start
+    while (at := buffer.find(marker, pos, end)) >= 0:
+        pos = at + 1
+        if at > 0 and buffer[at - 1] != 0x0A:
+            continue  # not at the start of a line
+        i = at + len(marker)
+        close = i + 2 <= end and buffer[i : i + 2] == b"--"
+        if close:
+            i += 2
+        while i < end and buffer[i] in (0x20, 0x09):
+            i += 1
+        if i == end:
+            yield at, i, close
+        elif buffer[i] == 0x0A:
+            yield at, i + 1, close
+        elif buffer[i] == 0x0D and i + 1 < end and buffer[i + 1] == 0x0A:
+            yield at, i + 2, close
 
 
 def single_header(entity: Entity, name: str) -> str:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.errors import HeaderParseError
-from email.header import Header, decode_header, make_header
+from email.header import decode_header, make_header
 from email.utils import format_datetime
 
 from cryptography import x509
@@ -285,10 +285,27 @@ def b64_lines(data: bytes) -> bytes:
     return encoded.replace(b"\n", b"\r\n")
 
 
+#: UTF-8 bytes per RFC 2047 encoded word: 52 base64 characters, a 64-character word, so that
+#: even the first line ("Subject: " and a word) stays within 78 characters (RFC 5322 §2.1.1).
+_WORD_BYTES = 39
+
+
 def header_value(value: str) -> str:
+    """``value`` as header text: itself if ASCII, else RFC 2047 ``B`` encoded words of UTF-8,
+    cut between characters and folded one word per line."""
     if "\r" in value or "\n" in value:
         raise ValueError("header values may not contain line breaks")
-    return value if value.isascii() else Header(value, "utf-8").encode(linesep="\r\n")
+    if value.isascii():
+        return value
+    data = value.encode()
+    words, start = [], 0
+    while start < len(data):
+        end = min(start + _WORD_BYTES, len(data))
+        while end < len(data) and data[end] & 0xC0 == 0x80:  # not inside a character
+            end -= 1
+        words.append(f"=?utf-8?b?{base64.b64encode(data[start:end]).decode('ascii')}?=")
+        start = end
+    return "\r\n ".join(words)
 
 
 def payload_entity(

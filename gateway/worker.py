@@ -141,6 +141,14 @@ class Worker:
                 .options(defer(t.Intake.raw))  # the job holds it; not read again under the lock
             )
         }
+        for job in jobs:
+            v = job.verdict
+            # Only an authenticated sender can claim a Message-ID or a payload: a forgery that
+            # reuses them must not suppress (or be suppressed by) the genuine message.
+            authenticated = v.agency is not None and v.signer is not None
+            if v.disposition != "retry" and authenticated:
+                job.keys = replay_keys(v)
+        seen = _seen(s, [k for j in jobs for k in j.keys])
         outcomes: dict[int, Outcome] = {}
         fresh: list[_Job] = []
         twins: dict[int, _Job] = {}  # a duplicate of a message earlier in this batch
@@ -157,10 +165,7 @@ class Worker:
                 row.worker, row.lease_until, row.updated_at = None, None, now
                 outcomes[job.number] = Outcome(job.number, "retry", None)
                 continue
-            # Only an authenticated sender can claim a Message-ID or a payload: a forgery that
-            # reuses them must not suppress (or be suppressed by) the genuine message.
-            job.keys = replay_keys(v) if v.agency is not None and v.signer is not None else []
-            original = _seen(s, job.keys)
+            original = next((seen[k] for k in job.keys if k in seen), None)
             if original is not None:
                 self._duplicate(s, row, original, now)
                 outcomes[job.number] = Outcome(job.number, "duplicate", original)
@@ -226,12 +231,15 @@ def claim(s: Session, worker: str, now: datetime, limit: int) -> list[int]:
     return numbers
 
 
-def _seen(s: Session, keys: list[str]) -> int | None:
-    for key in keys:
-        row = s.get(t.Seen, key)
-        if row is not None:
-            return row.archive_seq
-    return None
+def _seen(s: Session, keys: list[str]) -> dict[str, int]:
+    """The entries already filed under any of ``keys``, in one query per 500 keys."""
+    found: dict[str, int] = {}
+    for chunk in range(0, len(keys), 500):
+        query = select(t.Seen.key, t.Seen.archive_seq).where(
+            t.Seen.key.in_(keys[chunk : chunk + 500])
+        )
+        found.update((key, seq) for key, seq in s.execute(query))
+    return found
 
 
 def _done(row: t.Intake, seq: int, now: datetime) -> None:

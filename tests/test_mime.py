@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from formats.errors import HeaderCountError, LimitExceeded, MalformedMessage
 from formats.limits import Limits
 from formats.mime import (
+    _delimiters,
     decode_base64,
     parse_content_type,
     parse_message,
@@ -39,6 +44,32 @@ def test_lf_only_messages_are_split_the_same_way() -> None:
 def test_boundary_that_prefixes_a_longer_line_is_not_a_delimiter() -> None:
     raw = SIGNED.replace(b"line one", b"--b1x not a delimiter")
     assert parse_message(raw).children[0].body.startswith(b"--b1x")
+
+
+_LINES = st.lists(
+    st.tuples(
+        st.sampled_from([b"", b"", b"x", b" "]),
+        st.sampled_from([b"--b1", b"--b1", b"--b", b"--b1x"]),
+        st.sampled_from([b"", b"--", b"-", b"x"]),
+        st.sampled_from([b"", b" ", b"\t", b" \t ", b"x"]),
+        st.sampled_from([b"\r\n", b"\n", b"\r", b"", b"\r\r\n"]),
+    ).map(b"".join),
+    max_size=12,
+)
+
+
+@settings(max_examples=1000)
+@given(_LINES, st.integers(0, 3))
+def test_delimiter_lines_are_found_as_rfc_2046_describes_them(
+    lines: list[bytes], trim: int
+) -> None:
+    """The delimiter scanner against the RFC 2046 grammar written as a regular expression:
+    ``--boundary``, ``--`` when it closes, transport padding, then a line break or the end."""
+    body = b"\n" + b"".join(lines)
+    end = max(1, len(body) - trim)
+    grammar = re.compile(rb"^--b1(--)?[ \t]*(?:\r?\n|\Z)", re.MULTILINE)
+    expected = [(m.start(), m.end(), bool(m.group(1))) for m in grammar.finditer(body, 1, end)]
+    assert list(_delimiters(body, 1, end, "b1")) == expected
 
 
 def test_missing_close_delimiter_is_a_truncation() -> None:

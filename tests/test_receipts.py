@@ -1,0 +1,62 @@
+"""Receipts are written from the hub's own values without a parse-back: prove here that what
+is written is a valid status payload, whatever the reasons of a rejection say."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from formats.errors import SchemaInvalid
+from formats.payload import Organ, Payload
+from gateway.receipts import MAX_DESCRIPTION, receipt_payload
+
+HUB = Organ("GATEWAY", "Cổng trao đổi", "hub@exchange.hanoi.gov.vn")
+TO = Organ("H26.SNV", "Sở Nội vụ", "vanthu@snv.hanoi.gov.vn")
+AT = datetime(2026, 11, 20, 3, 4, 5, 123456, tzinfo=UTC)
+_WORDS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=600)
+_REASON = st.fixed_dictionaries(
+    {"code": _WORDS, "message": _WORDS, "reason_vi": _WORDS},
+    optional={"detail": _WORDS},
+)
+
+
+def _fields(status: str, reasons: list[dict[str, str]]) -> dict[str, object]:
+    return {
+        "status": status,
+        "payload_sha256": hashlib.sha256(b"payload").hexdigest(),
+        "document_id": "H26.SNV,2026/11/15,123/SNV-QLNN",
+        "reasons": reasons,
+    }
+
+
+@settings(max_examples=200)
+@given(
+    st.sampled_from(["accepted", "rejected"]),
+    st.integers(0, 10**10 - 1),  # edXML document numbers have at most 10 digits
+    st.lists(_REASON, max_size=6),
+)
+def test_written_receipts_are_valid_status_payloads(
+    status: str, seq: int, reasons: list[dict[str, str]]
+) -> None:
+    payload = receipt_payload(
+        _fields(status, reasons), seq=seq, hub=HUB, to=TO, origin="hub@test", at=AT
+    )
+    try:
+        xml = payload.to_xml()
+    except SchemaInvalid:  # text XML cannot carry (control characters): never sent
+        return
+    assert Payload.from_xml(xml) == payload
+    [record] = payload.records
+    assert record["ArchiveSequence"] == seq
+    assert len(str(record["Description"])) <= MAX_DESCRIPTION
+
+
+def test_a_reason_xml_cannot_carry_is_refused_not_written() -> None:
+    fields = _fields("rejected", [{"code": "x", "message": "bad \x01 byte", "reason_vi": "x"}])
+    payload = receipt_payload(fields, seq=7, hub=HUB, to=TO, origin="hub@test", at=AT)
+    with pytest.raises(SchemaInvalid):
+        payload.to_xml()
