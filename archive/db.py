@@ -19,7 +19,9 @@ upgrades to the newest revision unless asked not to. Sessions are handed out by
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,12 +111,18 @@ class Database:
                     )
 
     @contextmanager
-    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+    def session(self, *, read_only: bool = False, priority: bool = False) -> Iterator[Session]:
         """One transaction: committed on normal exit, rolled back on any exception.
 
         Database trouble that may pass (locked, connection lost) becomes
         :class:`TransientError` (SMTP 451); the caller retries later.
+
+        ``priority``: a write that someone is waiting on (intake, before its 250). On SQLite,
+        one writer at a time holds the database, and a writer kept waiting polls with growing
+        sleeps; so while a priority write waits or runs, other writers — in every process —
+        wait at the *gate* (:meth:`_gate`) before they begin, and the priority write is next.
         """
+        gate = self._gate(priority) if not read_only and self._gate_path else None
         session = self._sessions()
         if read_only and self.dialect == "sqlite":
             # A plain (deferred) BEGIN: a long read such as `archive verify` must not hold
@@ -133,6 +141,37 @@ class Database:
             raise
         finally:
             session.close()
+            if gate is not None:
+                os.close(gate)  # lets the other writers through
+
+    @functools.cached_property
+    def _gate_path(self) -> str | None:
+        """The gate file next to a SQLite database file (none for PostgreSQL or memory)."""
+        name = self.engine.url.database
+        if self.dialect != "sqlite" or not name or name == ":memory:" or name.startswith("file:"):
+            return None
+        return f"{name}-gate"
+
+    def _gate(self, priority: bool) -> int | None:
+        """Pass the gate: a priority writer closes it (an exclusive ``flock``, held until its
+        transaction ends; the descriptor is returned); any other writer waits while it is
+        closed (a shared ``flock``, released at once). ``flock`` wakes a waiter as soon as the
+        gate opens. Each pass opens the file anew: locks on one open file would be shared by
+        the threads of a process."""
+        assert self._gate_path is not None
+        try:
+            fd = os.open(self._gate_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return None  # a read-only home: no gate, writes fail on their own
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if priority else fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        if priority:
+            return fd
+        os.close(fd)
+        return None
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -54,7 +54,7 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
     if not items:
         return []
     try:
-        with db.session() as s:
+        with db.session(priority=True) as s:  # a peer waits for this commit
             keys = {key for _, _, key in items if key is not None}
             known: dict[str, int] = {}
             if keys:

@@ -73,48 +73,51 @@ class Attempt(Protocol):
 Deliver = Callable[[bytes, str, Sequence[str]], Attempt]
 
 
-def owed_for(verdict: Verdict, seq: int, recipients: Sequence[str], at: datetime) -> list[t.Outbox]:
-    """What filing ``verdict`` as entry ``seq`` obliges the hub to send."""
+def owed_for(
+    verdict: Verdict, seq: int, recipients: Sequence[str], at: datetime
+) -> list[dict[str, Any]]:
+    """What filing ``verdict`` as entry ``seq`` obliges the hub to send: outbox rows, as the
+    column values of one ``insert(t.Outbox)`` for the whole batch."""
     authenticated = verdict.agency is not None and verdict.signer is not None
     if not authenticated or verdict.disposition not in ("accepted", "rejected"):
         return []
     assert verdict.agency is not None
-    rows = [_row(f"receipt:{seq}", "receipt", seq, verdict.agency.organ_id, at)]
+    rows = [_values(f"receipt:{seq}", "receipt", seq, verdict.agency.organ_id, at)]
     if verdict.disposition == "accepted":
         rows += [
-            _row(f"delivery:{seq}:{organ}", "delivery", seq, organ, at) for organ in recipients
+            _values(f"delivery:{seq}:{organ}", "delivery", seq, organ, at) for organ in recipients
         ]
     return rows
 
 
-def resend(intake_id: int, original_seq: int, at: datetime) -> t.Outbox:
-    """A duplicate gets the original receipt again (the same bytes)."""
-    return _row(f"resend:{intake_id}", "resend", original_seq, None, at)
+def resend(intake_id: int, original_seq: int, at: datetime) -> dict[str, Any]:
+    """A duplicate gets the original receipt again (the same bytes): its outbox row's values."""
+    return _values(f"resend:{intake_id}", "resend", original_seq, None, at)
 
 
 def alert(key: str, text: str, at: datetime) -> t.Outbox:
-    return _row(f"alert:{key}", "alert", None, None, at, {"text": text})
+    return t.Outbox(**_values(f"alert:{key}", "alert", None, None, at, {"text": text}))
 
 
-def _row(
+def _values(
     key: str,
     kind: str,
     seq: int | None,
     organ: str | None,
     at: datetime,
     detail: dict[str, Any] | None = None,
-) -> t.Outbox:
-    return t.Outbox(
-        key=key,
-        kind=kind,
-        for_seq=seq,
-        organ_id=organ,
-        detail=detail or {},
-        state="new",
-        attempts=0,
-        created_at=at,
-        updated_at=at,
-    )
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "kind": kind,
+        "for_seq": seq,
+        "organ_id": organ,
+        "detail": detail or {},
+        "state": "new",
+        "attempts": 0,
+        "created_at": at,
+        "updated_at": at,
+    }
 
 
 def waiting(now: datetime, *, sending: bool) -> Select[int]:

@@ -21,10 +21,11 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Select, or_, select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import Select, insert, or_, select, update
+from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.log import Item
@@ -132,14 +133,17 @@ class Worker:
             return self._file(s, jobs, items)
 
     def _file(self, s: Session, jobs: list[_Job], made: dict[int, Item]) -> list[Outcome]:
+        """File the batch under the write lock: entries, replay keys, what is owed, and the
+        inbox rows' new states, each as one statement for the whole batch."""
         now = self.clock()
+        query = select(t.Intake.id, t.Intake.state, t.Intake.worker, t.Intake.attempts).where(
+            t.Intake.id.in_([j.number for j in jobs])
+        )
+        if s.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()  # a claim taking them over waits, then skips them
         rows = {
-            r.id: r
-            for r in s.scalars(
-                select(t.Intake)
-                .where(t.Intake.id.in_([j.number for j in jobs]))
-                .options(defer(t.Intake.raw))  # the job holds it; not read again under the lock
-            )
+            number: (state, worker, attempts)
+            for number, state, worker, attempts in s.execute(query)
         }
         for job in jobs:
             v = job.verdict
@@ -150,24 +154,24 @@ class Worker:
                 job.keys = replay_keys(v)
         seen = _seen(s, [k for j in jobs for k in j.keys])
         outcomes: dict[int, Outcome] = {}
+        changes: list[dict[str, Any]] = []  # the inbox rows' new values
+        owed: list[dict[str, Any]] = []  # outbox rows
         fresh: list[_Job] = []
         twins: dict[int, _Job] = {}  # a duplicate of a message earlier in this batch
         first_of: dict[str, _Job] = {}
         for job in jobs:
-            row = rows.get(job.number)
-            if row is None or row.state != "working" or row.worker != self.name:
+            state, worker, attempts = rows.get(job.number, (None, None, 0))
+            if state != "working" or worker != self.name:
                 outcomes[job.number] = Outcome(job.number, "done-elsewhere", None)
                 continue
-            v = job.verdict
-            if v.disposition == "retry":
-                row.state, row.attempts = "retry", row.attempts + 1
-                row.next_attempt_at = now + intake.backoff(row.attempts)
-                row.worker, row.lease_until, row.updated_at = None, None, now
+            if job.verdict.disposition == "retry":
+                changes.append(_retry(job.number, attempts + 1, now))
                 outcomes[job.number] = Outcome(job.number, "retry", None)
                 continue
             original = next((seen[k] for k in job.keys if k in seen), None)
             if original is not None:
-                self._duplicate(s, row, original, now)
+                owed.append(outbound.resend(job.number, original, now))
+                changes.append(_done(job.number, original, now))
                 outcomes[job.number] = Outcome(job.number, "duplicate", original)
                 continue
             earlier = next((first_of[k] for k in job.keys if k in first_of), None)
@@ -180,23 +184,25 @@ class Worker:
         items = [made[j.number] for j in fresh]
         entries = self.archive.file_in(s, items, at=now) if items else []
         seq_of = {j.number: e.seq for j, e in zip(fresh, entries, strict=True)}
+        keys: list[dict[str, Any]] = []
         for job in fresh:
             seq = seq_of[job.number]
-            for k in job.keys:
-                s.add(t.Seen(key=k, archive_seq=seq))
-            owed = outbound.owed_for(job.verdict, seq, self.recipients(job.verdict), now)
-            s.add_all(owed)
-            _done(rows[job.number], seq, now)
+            keys += [{"key": k, "archive_seq": seq} for k in job.keys]
+            owed += outbound.owed_for(job.verdict, seq, self.recipients(job.verdict), now)
+            changes.append(_done(job.number, seq, now))
             outcomes[job.number] = Outcome(job.number, job.verdict.disposition, seq)
         for number, earlier in twins.items():
             original = seq_of[earlier.number]
-            self._duplicate(s, rows[number], original, now)
+            owed.append(outbound.resend(number, original, now))
+            changes.append(_done(number, original, now))
             outcomes[number] = Outcome(number, "duplicate", original)
+        if keys:
+            s.execute(insert(t.Seen), keys)
+        if owed:
+            s.execute(insert(t.Outbox), owed)
+        if changes:
+            s.execute(update(t.Intake), changes)  # by primary key, one statement per shape
         return [outcomes[j.number] for j in jobs]
-
-    def _duplicate(self, s: Session, row: t.Intake, original: int, now: datetime) -> None:
-        s.add(outbound.resend(row.id, original, now))
-        _done(row, original, now)
 
 
 def _waiting(now: datetime) -> Select[int, int]:
@@ -242,7 +248,27 @@ def _seen(s: Session, keys: list[str]) -> dict[str, int]:
     return found
 
 
-def _done(row: t.Intake, seq: int, now: datetime) -> None:
+def _retry(number: int, attempts: int, now: datetime) -> dict[str, Any]:
+    """A transient failure: the row waits and is claimed again later."""
+    return {
+        "id": number,
+        "state": "retry",
+        "attempts": attempts,
+        "next_attempt_at": now + intake.backoff(attempts),
+        "worker": None,
+        "lease_until": None,
+        "updated_at": now,
+    }
+
+
+def _done(number: int, seq: int, now: datetime) -> dict[str, Any]:
     """Filed: the archive holds the bytes now, so the working copy is emptied."""
-    row.state, row.archive_seq, row.updated_at = "done", seq, now
-    row.worker, row.lease_until, row.raw = None, None, b""
+    return {
+        "id": number,
+        "state": "done",
+        "archive_seq": seq,
+        "updated_at": now,
+        "worker": None,
+        "lease_until": None,
+        "raw": b"",
+    }

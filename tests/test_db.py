@@ -199,6 +199,42 @@ def _pragmas_then_normal(dbapi_connection: Any, _record: Any) -> None:
 # --- sessions ------------------------------------------------------------------------------------
 
 
+def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
+    tmp_path: Path, open_db: Opener
+) -> None:
+    """Intake commits (priority) go before background writers: while one is open, another
+    writer does not even begin, in this process or another (the gate is a file lock)."""
+    url = f"sqlite:///{tmp_path}/archive.db"
+    db, other = open_db(url), open_db(url)  # two engines, as two processes have
+    opened, release, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def priority() -> None:
+        with db.session(priority=True) as s:
+            _event(s, "intake")
+            opened.set()
+            release.wait(10)
+
+    def background() -> None:
+        with other.session() as s:
+            entered.set()
+            _event(s, "background")
+
+    first = threading.Thread(target=priority)
+    first.start()
+    assert opened.wait(10)
+    second = threading.Thread(target=background)
+    second.start()
+    assert not entered.wait(0.5), "a background writer began while a priority write was open"
+    release.set()
+    first.join(10)
+    assert entered.wait(10)
+    second.join(10)
+    with db.session(read_only=True) as s:
+        subjects = list(s.scalars(select(t.AdminEvent.subject).order_by(t.AdminEvent.seq)))
+    assert subjects == ["intake", "background"]
+    assert (tmp_path / "archive.db-gate").exists()
+
+
 def test_a_session_that_raises_writes_nothing(db: Database) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         _write_then_raise(db)
