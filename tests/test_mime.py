@@ -148,6 +148,17 @@ def test_single_address_refuses_anything_but_one_mailbox(value: str) -> None:
         single_address(value)
 
 
+def test_remembered_answers_are_the_same_and_name_the_header() -> None:
+    """Answers are remembered per header and value: a refusal stays a refusal, in words that
+    name the header it was given for."""
+    for _ in range(2):
+        assert single_address("Văn thư <vanthu@snv.hanoi.gov.vn>") == "vanthu@snv.hanoi.gov.vn"
+        with pytest.raises(HeaderCountError, match="^From 'no address'"):
+            single_address("no address")
+        with pytest.raises(HeaderCountError, match="^Sender 'no address'"):
+            single_address("no address", "Sender")
+
+
 def test_non_utf8_headers_are_refused() -> None:
     with pytest.raises(MalformedMessage, match="UTF-8"):
         parse_message(b"Subject: \xff\xfe\r\n\r\nbody")
