@@ -153,9 +153,9 @@ def test_remembered_answers_are_the_same_and_name_the_header() -> None:
     name the header it was given for."""
     for _ in range(2):
         assert single_address("Văn thư <vanthu@snv.hanoi.gov.vn>") == "vanthu@snv.hanoi.gov.vn"
-        with pytest.raises(HeaderCountError, match="^From must name"):
+        with pytest.raises(HeaderCountError, match=r"^From must name"):
             single_address("no address")
-        with pytest.raises(HeaderCountError, match="^Sender must name"):
+        with pytest.raises(HeaderCountError, match=r"^Sender must name"):
             single_address("no address", "Sender")
 
 
