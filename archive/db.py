@@ -259,11 +259,11 @@ def _begin_promptly(dbapi_connection: Any) -> None:
             try:
                 dbapi_connection.execute("BEGIN IMMEDIATE")
                 return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise TransientError("database unavailable (locked)") from exc
+            except sqlite3.Error as exc:
+                # Raised here, inside SQLAlchemy's begin, a driver error is not wrapped: it
+                # becomes the same TransientError (451) as any other failed intake commit.
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise TransientError(f"database unavailable ({exc})") from exc
             time.sleep(0.0005)
     finally:
         dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_ms)}")

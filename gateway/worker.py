@@ -159,6 +159,13 @@ class Worker:
         fresh: list[_Job] = []
         twins: dict[int, _Job] = {}  # a duplicate of a message earlier in this batch
         first_of: dict[str, _Job] = {}
+
+        def duplicate(number: int, original: int) -> None:
+            """Not filed again: the original receipt is sent again."""
+            owed.append(outbound.resend(number, original, now))
+            changes.append(_done(number, original, now))
+            outcomes[number] = Outcome(number, "duplicate", original)
+
         for job in jobs:
             state, worker, attempts = rows.get(job.number, (None, None, 0))
             if state != "working" or worker != self.name:
@@ -170,9 +177,7 @@ class Worker:
                 continue
             original = next((seen[k] for k in job.keys if k in seen), None)
             if original is not None:
-                owed.append(outbound.resend(job.number, original, now))
-                changes.append(_done(job.number, original, now))
-                outcomes[job.number] = Outcome(job.number, "duplicate", original)
+                duplicate(job.number, original)
                 continue
             earlier = next((first_of[k] for k in job.keys if k in first_of), None)
             if earlier is not None:
@@ -192,10 +197,7 @@ class Worker:
             changes.append(_done(job.number, seq, now))
             outcomes[job.number] = Outcome(job.number, job.verdict.disposition, seq)
         for number, earlier in twins.items():
-            original = seq_of[earlier.number]
-            owed.append(outbound.resend(number, original, now))
-            changes.append(_done(number, original, now))
-            outcomes[number] = Outcome(number, "duplicate", original)
+            duplicate(number, seq_of[earlier.number])
         if keys:
             s.execute(insert(t.Seen), keys)
         if owed:

@@ -7,6 +7,7 @@ Most tests take ``database_url`` and so run twice; the ones about one engine's b
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -26,7 +27,7 @@ from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
 from archive import tables as t
-from archive.db import Database, _alembic_config
+from archive.db import Database, _alembic_config, _begin_promptly
 from archive.tables import Base
 from formats.errors import ConfigError, TransientError
 from gateway.demo import DemoWorld
@@ -233,6 +234,20 @@ def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
         subjects = list(s.scalars(select(t.AdminEvent.subject).order_by(t.AdminEvent.seq)))
     assert subjects == ["intake", "background"]
     assert (tmp_path / "archive.db-gate").exists()
+
+
+def test_a_priority_begin_that_fails_otherwise_than_locked_is_transient(tmp_path: Path) -> None:
+    """A driver error raised while a priority writer begins is not wrapped by SQLAlchemy; it
+    must still be the TransientError (451) intake expects, with the connection's timeout kept."""
+    connection = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    try:
+        connection.execute("PRAGMA busy_timeout=1234")
+        connection.execute("BEGIN")  # a transaction is open: BEGIN again fails, not "locked"
+        with pytest.raises(TransientError, match="within a transaction"):
+            _begin_promptly(connection)
+        assert connection.execute("PRAGMA busy_timeout").fetchone() == (1234,)
+    finally:
+        connection.close()
 
 
 def test_a_session_that_raises_writes_nothing(db: Database) -> None:
