@@ -48,13 +48,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from archive.db import Database
 from archive.records import Transport
 from formats.errors import ConfigError, TransientError
 from formats.limits import Limits
 from gateway import intake
+from gateway.smtp_data import BLOCK, read_data
 
 log = logging.getLogger(__name__)
 
@@ -366,10 +367,19 @@ REWRITES: tuple[Rewrite, ...] = (
 
 
 class _Replies:
-    """Mixed into aiosmtpd's SMTP/LMTP: our replies, and a 451 for anything unexpected."""
+    """Mixed into aiosmtpd's SMTP/LMTP: our replies, a 451 for anything unexpected, and the
+    DATA phase read in blocks (:mod:`gateway.smtp_data`)."""
 
     data_size_limit: int | None
     envelope: Envelope | None
+    session: Session | None
+    event_handler: IntakeHandler
+    _reader: asyncio.StreamReader
+
+    #: aiosmtpd sizes the session's stream with this. Its own DATA reader (replaced below) is
+    #: the only other user; lines are held to 998 octets by :func:`check_data`, and command
+    #: lines to aiosmtpd's command size limits.
+    line_length_limit = BLOCK
 
     #: The listener's set of live transports (so that stop() can close every one).
     transports: set[asyncio.BaseTransport] | None = None
@@ -400,6 +410,32 @@ class _Replies:
         # Replaces aiosmtpd's '500 Error: (ExcName) text': details go to the log only.
         log.error("SMTP session error", exc_info=error)
         return TRANSIENT
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA (the same checks and replies) with the data read in blocks."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):  # type: ignore[attr-defined]
+            return
+        if self.envelope is None or not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            data = await read_data(self._reader, self.data_size_limit)
+        except asyncio.IncompleteReadError as err:  # closed mid-DATA: the session ends quietly
+            raise ConnectionResetError("connection closed during DATA") from err
+        if data.content is None:
+            self._set_post_data_state()  # type: ignore[attr-defined]
+            await self.push("552 Error: Too much mail data")
+            return
+        envelope, session = self.envelope, self.session
+        envelope.content = envelope.original_content = data.content
+        status = await self.event_handler.handle_DATA(self, session, envelope)  # type: ignore[arg-type]
+        self._set_post_data_state()  # type: ignore[attr-defined]
+        await self.push(status)
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self._authenticator is None:  # type: ignore[attr-defined]

@@ -132,6 +132,34 @@ def test_a_message_is_stored_byte_for_byte_before_250(serve: Any, database_url: 
         db.dispose()
 
 
+def test_a_pipelined_next_transaction_is_left_for_the_session(serve: Any, db: Database) -> None:
+    """RFC 2920: the data, its end line and the next transaction's commands in one write; each
+    command gets its reply, in order, and both messages are stored as sent (the data is read
+    in blocks, gateway.smtp_data: nothing after the end line may be taken for data)."""
+    server = serve()
+    one, two = b"Subject: one\r\n\r\n..dot\r\n", b"Subject: two\r\n\r\nbody.\r\n"
+    transaction = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{HUB_ADDRESS}>\r\nDATA\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        replies = sock.makefile("rb")
+
+        def codes(n: int) -> list[bytes]:
+            out = []
+            while len(out) < n:
+                line = replies.readline()
+                if line[3:4] != b"-":
+                    out.append(line[:3])
+            return out
+
+        assert codes(1) == [b"220"]
+        sock.sendall(b"EHLO mail.snv.hanoi.gov.vn\r\n" + transaction)
+        assert codes(4) == [b"250", b"250", b"250", b"354"]
+        sock.sendall(one + b".\r\n" + transaction)
+        assert codes(4) == [b"250", b"250", b"250", b"354"]
+        sock.sendall(two + b".\r\nQUIT\r\n")
+        assert codes(2) == [b"250", b"221"]
+    assert [row.raw for row in rows(db)] == [b"Subject: one\r\n\r\n.dot\r\n", two]
+
+
 def test_ehlo_advertises_size_and_enhanced_codes_and_no_auth(serve: Any) -> None:
     server = serve()
     with client(server) as c:

@@ -1,0 +1,95 @@
+"""The DATA phase read in blocks (gateway.smtp_data) gives what RFC 5321 line-by-line reading
+gives, whatever the chunks the bytes arrive in, and leaves what follows the end line alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.smtp_data import read_data, unstuff
+
+END = b".\r\n"
+
+
+def by_lines(wire: bytes, limit: int | None) -> tuple[bytes | None, int, bytes]:
+    """RFC 5321 §4.1.1.4 / §4.5.2 the plain way: lines end with CRLF (a bare CR or LF does not
+    end one); the first line that is a lone dot ends the data; a line's leading dot goes.
+    Returns (content or None if over ``limit``, stuffed size, what follows the end line)."""
+    pos, size, lines = 0, 0, []
+    while True:
+        cut = wire.index(b"\r\n", pos) + 2
+        line = wire[pos:cut]
+        pos = cut
+        if line == END:
+            break
+        size += len(line)
+        lines.append(line[1:] if line.startswith(b".") else line)
+    over = bool(limit) and size > (limit or 0)
+    return (None if over else b"".join(lines)), size, wire[pos:]
+
+
+def run(wire: bytes, cuts: list[int], stream_limit: int, limit: int | None) -> tuple:
+    async def go() -> tuple:
+        reader = asyncio.StreamReader(limit=stream_limit)
+
+        async def feed() -> None:
+            at = 0
+            for cut in [*sorted(cuts), len(wire)]:
+                reader.feed_data(wire[at:cut])
+                at = max(at, cut)
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        data = await read_data(reader, limit)
+        rest = await reader.read()
+        await feeder
+        return data.content, data.size, rest
+
+    return asyncio.run(go())
+
+
+# Lines drawn to hit the corners: dots at the start and end, lone dots, bare CR and LF, CRs.
+_LINE = st.lists(
+    st.sampled_from([b".", b"..", b"a", b"=", b"\r", b"\n", b" ", b"x.", b"\r.", b"\n."]),
+    max_size=8,
+).map(b"".join)
+
+
+@st.composite
+def wires(draw: st.DrawFn) -> tuple[bytes, list[int]]:
+    lines = draw(st.lists(_LINE, max_size=12))
+    # Sent as a client sends it: each line stuffed and ended with CRLF, then the end line, then
+    # maybe a pipelined command. A line that is (after a bare CR/LF) a lone dot is the point.
+    body = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    wire = body + END + draw(st.sampled_from([b"", b"QUIT\r\n", b".\r\n", b"MAIL FROM:<>\r\n"]))
+    cuts = draw(st.lists(st.integers(0, len(wire)), max_size=6))
+    return wire, cuts
+
+
+@given(wires(), st.sampled_from([3, 4, 7, 64, 2**16]), st.sampled_from([None, 0, 5, 20, 10**6]))
+def test_blocks_read_as_lines_would(
+    case: tuple[bytes, list[int]], stream_limit: int, limit: int | None
+) -> None:
+    wire, cuts = case
+    assert run(wire, cuts, stream_limit, limit) == by_lines(wire, limit)
+
+
+@given(st.binary(max_size=200).map(lambda b: b.replace(b"\r\n.\r\n", b"")), st.binary(max_size=40))
+def test_any_bytes_before_the_end_line_read_as_lines_would(body: bytes, after: bytes) -> None:
+    # Arbitrary bytes (bare CR/LF, NULs, lines that start with dots) ending in CRLF.CRLF.
+    if body.startswith(b".\r\n"):
+        body = body[3:]
+    wire = body + b"\r\n.\r\n" + after
+    assert run(wire, [len(wire) // 3], 16, None) == by_lines(wire, None)
+
+
+def test_a_message_that_is_only_the_end_line_is_empty() -> None:
+    assert run(b".\r\nQUIT\r\n", [], 64, None) == (b"", 0, b"QUIT\r\n")
+
+
+def test_unstuff() -> None:
+    assert unstuff(b"..a\r\nb\r\n...\r\n") == b".a\r\nb\r\n..\r\n"
+    assert unstuff(b"a.\r\n.\r\n") == b"a.\r\n\r\n"  # (a lone "." line cannot be stuffed data)
