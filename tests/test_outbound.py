@@ -354,3 +354,26 @@ def test_a_row_the_relay_cannot_take_fails_and_the_rest_of_the_batch_is_sent(
     assert "bare CR or LF" in (rows[f"receipt:{seq}"].last_reply or "")
     assert rows[f"delivery:{seq}:H26.CATP"].state == "sent"
     assert f"alert:receipt:{seq}" in rows
+
+
+def test_a_run_sends_several_batches_over_one_session_and_leaves_no_row_claimed(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """Each batch's outcome is recorded in the transaction that claims the next; the last batch
+    of a run claims nothing more, so no row waits out a lease."""
+    for _ in range(3):
+        _receive(archive, world.submission("H26.SNV"))
+    _process(archive, world_ctx, world.directory, hub)  # a receipt and a delivery each: 6 rows
+    relay = _Relay(*[_Reply("sent", "250 ok")] * 6)
+    sender = Sender(archive, relay.session, lambda: LATER, "s", admin=hub.admin)
+    assert sender.run_once(limit=2, batches=2) == [
+        (1, "sent"),
+        (2, "sent"),
+        (3, "sent"),
+        (4, "sent"),
+    ]
+    assert relay.sessions == 1
+    states = {r.id: (r.state, r.worker) for r in _rows(archive).values()}
+    assert states[5] == states[6] == ("ready", None)  # not claimed, not leased
+    assert sender.run_once(limit=2, batches=2) == [(5, "sent"), (6, "sent")]
+    assert relay.sessions == 2 and not relay.answers
