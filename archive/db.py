@@ -161,10 +161,12 @@ class Database:
         transaction ends; the descriptor is returned); any other writer waits while it is
         closed (a shared ``flock``, released at once). ``flock`` wakes a waiter as soon as the
         gate opens. Each pass opens the file anew: locks on one open file would be shared by
-        the threads of a process."""
+        the threads of a process. The file is empty and opened read-only (``flock`` needs no
+        more), so whoever created it, root running a CLI command or the service, every user
+        that may write the database can pass it."""
         assert self._gate_path is not None
         try:
-            fd = os.open(self._gate_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self._gate_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError:
             return None  # a read-only home: no gate, writes fail on their own
         try:

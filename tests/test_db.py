@@ -7,6 +7,7 @@ Most tests take ``database_url`` and so run twice; the ones about one engine's b
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -207,6 +208,7 @@ def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
     writer does not even begin, in this process or another (the gate is a file lock)."""
     url = f"sqlite:///{tmp_path}/archive.db"
     db, other = open_db(url), open_db(url)  # two engines, as two processes have
+    umask = os.umask(0o022)  # the usual one, whatever this shell's
     opened, release, entered = threading.Event(), threading.Event(), threading.Event()
 
     def priority() -> None:
@@ -230,10 +232,13 @@ def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
     first.join(10)
     assert entered.wait(10)
     second.join(10)
+    os.umask(umask)
     with db.session(read_only=True) as s:
         subjects = list(s.scalars(select(t.AdminEvent.subject).order_by(t.AdminEvent.seq)))
     assert subjects == ["intake", "background"]
-    assert (tmp_path / "archive.db-gate").exists()
+    # Opened read-only, and readable by all: the service's user can pass a gate that root
+    # created by running a command first (it could not open a 0600 file of root's).
+    assert (tmp_path / "archive.db-gate").stat().st_mode & 0o044 == 0o044
 
 
 def test_a_priority_begin_that_fails_otherwise_than_locked_is_transient(tmp_path: Path) -> None:
