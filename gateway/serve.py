@@ -15,6 +15,7 @@ SIGINT) closes the listeners first, then lets the workers finish the batch in ha
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -132,6 +133,9 @@ def worker_main(
         name,
     )
     log.info("worker %d ready", index)
+    # What start-up loaded (modules, schemas, keys, the directory) lives as long as the process:
+    # kept out of the collector's full passes, which otherwise walk it again and again.
+    gc.freeze()
     failures = 0
     cycle = 0
     while not stop.is_set():
@@ -251,6 +255,7 @@ class Supervisor:
             "pid": os.getpid(),
         }
         log.info("gateway serving", extra={"fields": info})
+        gc.freeze()  # as in the workers: start-up's objects stay; full passes skip them
         self.on_ready(info)
         restarts: dict[int, float] = {}
         last_sweep = time.monotonic()
