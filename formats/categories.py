@@ -27,7 +27,7 @@ enum       inline enumeration  str         one of the field's choices
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -90,6 +90,40 @@ class Field:
         if value is None:
             raise ValueError(f"{text!r} is not {self.expected}")
         return value
+
+    def parser(self) -> Callable[[str], Value]:
+        """:meth:`parse`, specialised to this field's kind: the same value for what is valid,
+        found with one or two C calls (a payload of a million bytes has ~10,000 fields). What
+        the quick test does not pass goes to :meth:`parse`, which explains it."""
+        slow = self.parse
+        kind = self.kind
+        if kind == "enum":
+            choices = frozenset(self.choices)
+            return lambda text: text if text in choices else slow(text)
+        if kind in ("date", "datetime"):
+            shape = (_DATE if kind == "date" else _DATETIME).fullmatch
+            convert = date.fromisoformat if kind == "date" else datetime.fromisoformat
+
+            def dated(text: str) -> Value:
+                if shape(text) is not None:
+                    try:
+                        return convert(text)
+                    except ValueError:
+                        pass
+                return slow(text)
+
+            return dated
+        match = _PATTERNS[kind][0].fullmatch
+        if kind in ("text", "code"):  # the patterns let through characters XML cannot carry
+            bad = _NOT_XML_CHAR.search
+            longest = TEXT_MAX if kind == "text" else 64
+            return lambda text: (
+                text
+                if len(text) <= longest and match(text) is not None and bad(text) is None
+                else slow(text)
+            )
+        make: Callable[[str], Value] = {"count": int, "amount": Decimal}.get(kind, str)
+        return lambda text: make(text) if match(text) is not None else slow(text)
 
     def _parse(self, text: str) -> Value | None:
         if _NOT_XML_CHAR.search(text):

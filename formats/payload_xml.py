@@ -163,7 +163,8 @@ class RecordReader:
         #: Tag of the record element, ``{namespace}WorkPermit``.
         self.tag = f"{_NS}{category.record_element}"
         self._fields = {
-            f"{_NS}{f.name}": (1 << i, f, _vocabulary(f)) for i, f in enumerate(category.fields)
+            f"{_NS}{f.name}": (1 << i, f, f.parser(), _vocabulary(f))
+            for i, f in enumerate(category.fields)
         }
         self._shapes: dict[int, tuple[str, ...]] = {}
 
@@ -176,12 +177,12 @@ class RecordReader:
                 if isinstance(child.tag, str):  # not a comment: an element the XSD forbids
                     raise Invalid(child, f"{etree.QName(child).localname} is not a field")
                 continue
-            bit, field, vocabulary = known
+            bit, field, parse, vocabulary = known
             if shape >= bit:  # repeated or out of order: the XSD forbids it
                 raise Invalid(child, f"{field.name} is repeated or out of order")
             try:
                 text = (child.text or "") if len(child) == 0 else text_of(child)
-                value = field.parse(text)
+                value = parse(text)
             except ValueError as err:
                 raise Invalid(child, f"{field.name}: {err}") from None
             if vocabulary is not None and isinstance(value, str):
@@ -191,7 +192,7 @@ class RecordReader:
         names = self._shapes.get(shape)
         if names is None:
             names = self._shapes[shape] = shared_names(
-                tuple(f.name for bit, f, _ in self._fields.values() if shape & bit)
+                tuple(f.name for bit, f, _, _ in self._fields.values() if shape & bit)
             )
         return Record.from_shared(names, tuple(values))
 
