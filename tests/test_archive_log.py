@@ -7,9 +7,11 @@ while an untouched archive verifies.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import threading
+import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -17,8 +19,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from archive import blobs, merkle
 from archive import checkpoint as cp
-from archive import merkle
 from archive import tables as t
 from archive.blobs import BlobStore
 from archive.db import Database
@@ -318,3 +320,29 @@ def test_blobs_prepared_ahead_are_stored_without_compressing_in_the_transaction(
         assert entry.blobs["b"] == old.blobs["raw"]
     with pytest.raises(AssertionError, match="inside the transaction"), db.session() as s:
         log.append(s, "message", WORLD_AT, {}, {"c": b"not prepared"})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<Record><FullName>Nguyen</FullName></Record>\n" * 2000,  # text: LZ77
+        base64.encodebytes(os.urandom(40_000)),  # base64 of ciphertext: Huffman only
+        b"x",
+    ],
+    ids=["text", "base64", "tiny"],
+)
+def test_blobs_are_plain_zlib_streams_whichever_library_wrote_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes
+) -> None:
+    """Blobs are compressed with zlib-ng: stdlib zlib reads what it writes, and blobs that an
+    archive wrote with stdlib zlib (before zlib-ng) still open and verify."""
+    assert zlib.decompress(blobs.compress(data)) == data
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    key = os.urandom(32)
+    monkeypatch.setattr("archive.blobs.compress", lambda d: zlib.compress(d, 6))
+    with db.session() as s:
+        address = BlobStore(key).put(s, data, at=WORLD_AT)
+    monkeypatch.undo()
+    with db.session(read_only=True) as s:
+        assert BlobStore(key).get(s, address) == data
+    db.dispose()
