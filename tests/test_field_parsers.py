@@ -45,4 +45,3 @@ def test_the_specialised_parser_answers_as_parse(field: Field, text: str) -> Non
     fast = answer(field.parser(), text)
     assert fast == answer(field.parse, text)
     assert type(fast[1]) is type(answer(field.parse, text)[1])
-
