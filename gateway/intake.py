@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from archive import tables as t
@@ -62,21 +63,32 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
                     select(t.Intake.source_key, t.Intake.id).where(t.Intake.source_key.in_(keys))
                 )
                 known = {key: number for key, number in found if key is not None}
-            rows: list[t.Intake | int] = []
-            fresh: dict[str, t.Intake] = {}
+            # Each item is an existing number or the index of its new row; the new rows go in
+            # with one multi-row INSERT … RETURNING, numbers in the order of the rows.
+            places: list[tuple[bool, int]] = []
+            fresh: dict[str, int] = {}
+            new: list[dict[str, Any]] = []
             for raw, transport, key in items:
                 if key is not None and key in known:
-                    rows.append(known[key])
+                    places.append((False, known[key]))
                 elif key is not None and key in fresh:
-                    rows.append(fresh[key])
+                    places.append((True, fresh[key]))
                 else:
-                    row = _row(raw, transport, key)
-                    s.add(row)
-                    rows.append(row)
+                    places.append((True, len(new)))
                     if key is not None:
-                        fresh[key] = row
-            s.flush()
-            numbers = [r if isinstance(r, int) else r.id for r in rows]
+                        fresh[key] = len(new)
+                    new.append(_row(raw, transport, key))
+            ids = (
+                list(
+                    s.scalars(
+                        insert(t.Intake).returning(t.Intake.id, sort_by_parameter_order=True),
+                        new,
+                    )
+                )
+                if new
+                else []
+            )
+            numbers = [ids[at] if is_new else at for is_new, at in places]
     except TransientError:
         raise
     except (SQLAlchemyError, OSError) as exc:
@@ -85,20 +97,20 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
     return numbers
 
 
-def _row(raw: bytes, transport: Transport, source_key: str | None) -> t.Intake:
-    return t.Intake(
-        received_at=transport.received_at,
-        transport=transport.as_dict(),
-        raw=raw,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        state="new",
-        attempts=0,
-        next_attempt_at=None,
-        archive_seq=None,
-        updated_at=transport.received_at,
-        size=len(raw),
-        source_key=source_key,
-    )
+def _row(raw: bytes, transport: Transport, source_key: str | None) -> dict[str, Any]:
+    return {
+        "received_at": transport.received_at,
+        "transport": transport.as_dict(),
+        "raw": raw,
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "state": "new",
+        "attempts": 0,
+        "next_attempt_at": None,
+        "archive_seq": None,
+        "updated_at": transport.received_at,
+        "size": len(raw),
+        "source_key": source_key,
+    }
 
 
 def backoff(attempts: int) -> timedelta:
