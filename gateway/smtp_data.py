@@ -50,25 +50,20 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> Dat
             piece = await reader.readuntil(_END)
         except asyncio.LimitOverrunError as err:  # no ".<CRLF>" within BLOCK: take what is safe
             piece = await reader.readexactly(err.consumed)
-        if piece.endswith(_END):
-            before = piece[-5:-3] if len(piece) >= 5 else (tail + piece[:-3])[-2:]
-            if before == _CRLF:  # the dot opens a line: the end of the data
-                piece = piece[:-3]
-                size += len(piece)
-                over = over or (limit is not None and size > limit)
-                if not over:
-                    parts.append(piece)
-                break
+        # The end: a ".<CRLF>" whose dot opens a line (a piece taken at the limit never ends so).
+        before = piece[-5:-3] if len(piece) >= 5 else (tail + piece[:-3])[-2:]
+        end = piece.endswith(_END) and before == _CRLF
+        if end:
+            piece = piece[:-3]
         size += len(piece)
-        tail = (tail + piece[-2:])[-2:]
         if not over and limit is not None and size > limit:
             over = True
             parts.clear()  # read on to the end, keep nothing
         if not over:
             parts.append(piece)
-    if over:
-        return Data(None, size)
-    return Data(unstuff(b"".join(parts)), size)
+        if end:
+            return Data(None if over else unstuff(b"".join(parts)), size)
+        tail = (tail + piece[-2:])[-2:]
 
 
 def unstuff(data: bytes) -> bytes:

@@ -38,7 +38,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -47,7 +46,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -315,23 +316,28 @@ def start(binary: Path | None = None, users_count: int = 100) -> DovecotServer:
 
 
 def _wait_ready(server: DovecotServer) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"dovecot exited with {server.process.returncode}:\n"
-                f"{tail(server.root / 'stdout.log')}\n{server.tail()}"
-            )
+    servers.wait_ready(
+        "dovecot",
+        server.process,
+        lambda: servers.greets(server.port, b"* OK"),
+        lambda: f"{tail(server.root / 'stdout.log')}\n{server.tail()}",
+        timeout=START_TIMEOUT,
+    )
+
+
+def module_fixture() -> Any:
+    """A module-scoped pytest fixture with one Dovecot for a module's tests (skipped where there
+    is none, failed under CI): ``server = dovecot.module_fixture()`` in the test module."""
+
+    @pytest.fixture(scope="module")
+    def server() -> Iterator[DovecotServer]:
+        started = start_or_skip()
         try:
-            with socket.create_connection((HOST, server.port), timeout=2) as s:
-                if s.recv(100).startswith(b"* OK"):
-                    return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"dovecot did not answer within {START_TIMEOUT:.0f} s: {exc}\n{server.tail()}"
-                ) from None
-        time.sleep(0.05)
+            yield started
+        finally:
+            started.stop()
+
+    return server
 
 
 def start_or_skip() -> DovecotServer:

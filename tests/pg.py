@@ -27,13 +27,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from tests import servers
 from tests.servers import die_with_parent, tail
 
 SUPERUSER = "postgres"
@@ -241,19 +241,15 @@ def start(bindir: Path | None = None) -> PgCluster:
 
 
 def _wait_ready(cluster: PgCluster) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if cluster.process.poll() is not None:
-            raise RuntimeError(
-                f"postgres exited with {cluster.process.returncode}:\n{tail(cluster.log)}"
-            )
-        try:
-            cluster.connect().close()
-            return
-        except psycopg.OperationalError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"postgres did not accept connections within {START_TIMEOUT:.0f} s: {exc}\n"
-                    f"{tail(cluster.log)}"
-                ) from None
-            time.sleep(0.05)
+    def accepts() -> bool:
+        cluster.connect().close()
+        return True
+
+    servers.wait_ready(
+        "postgres",
+        cluster.process,
+        accepts,
+        lambda: tail(cluster.log),
+        timeout=START_TIMEOUT,
+        errors=(psycopg.OperationalError,),
+    )

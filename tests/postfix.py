@@ -45,7 +45,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -456,24 +455,13 @@ def _run(env: dict[str, str], *argv: str | Path) -> str:
 
 
 def _wait_ready(server: PostfixServer) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"the Postfix master exited with {server.process.returncode}:\n"
-                f"{tail(server.root / 'master.out')}\n{server.tail()}"
-            )
-        try:
-            with socket.create_connection((HOST, server.port), timeout=5) as s:
-                if s.recv(100).startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"Postfix did not answer within {START_TIMEOUT:.0f} s: {exc}\n{server.tail()}"
-                ) from None
-        time.sleep(0.05)
+    servers.wait_ready(
+        "the Postfix master",
+        server.process,
+        lambda: servers.greets(server.port, b"220", b"QUIT\r\n"),
+        lambda: f"{tail(server.root / 'master.out')}\n{server.tail()}",
+        timeout=START_TIMEOUT,
+    )
 
 
 # --- sending --------------------------------------------------------------------------------

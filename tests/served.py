@@ -167,6 +167,19 @@ def wait_until_settled(db: Database, timeout: float = 120) -> dict[str, int]:
         time.sleep(0.1)
 
 
+def archived_digests(db: Database) -> list[str]:
+    """The SHA-256 (hex) of the raw bytes of every message filed in the log, in log order."""
+    with db.session(read_only=True) as s:
+        return [
+            json.loads(record)["digest"]
+            for record in s.scalars(
+                select(t.LogEntry.record)
+                .where(t.LogEntry.kind == "message")
+                .order_by(t.LogEntry.seq)
+            )
+        ]
+
+
 def gateway(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m gateway --home HOME ARGS…`` as an operator runs it (e.g. ``archive verify``)."""
     return subprocess.run(

@@ -7,6 +7,8 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -43,6 +45,44 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def greets(port: int, prefix: bytes, bye: bytes = b"") -> bool:
+    """Whether the server on ``port`` greets with ``prefix`` (then says ``bye``, if given)."""
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        if s.recv(100).startswith(prefix):
+            if bye:
+                s.sendall(bye)
+            return True
+    return False
+
+
+def wait_ready(
+    name: str,
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    log: Callable[[], str],
+    *,
+    timeout: float = 30.0,
+    errors: tuple[type[Exception], ...] = (OSError,),
+) -> None:
+    """Poll ``ready()`` (``errors`` it raises mean "not yet") until it is true; RuntimeError
+    with what the server logged (``log()``) when the process exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()}")
+        try:
+            if ready():
+                return
+            problem = "it did not answer as expected"
+        except errors as exc:
+            problem = str(exc)
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{name} was not ready within {timeout:.0f} s: {problem}\n{log()}"
+            ) from None
+        time.sleep(0.05)
 
 
 def required(variable: str) -> bool:

@@ -46,13 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.interop  # a real Dovecot
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[dovecot.DovecotServer]:
-    started = dovecot.start_or_skip()
-    try:
-        yield started
-    finally:
-        started.stop()
+server = dovecot.module_fixture()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,13 +25,7 @@ SNIPPET = Path(__file__).resolve().parent.parent / "deploy" / "imap" / "gateway.
 SNV = "vanthu@snv.hanoi.gov.vn"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[dovecot.DovecotServer]:
-    started = dovecot.start_or_skip()
-    try:
-        yield started
-    finally:
-        started.stop()
+server = dovecot.module_fixture()
 
 
 def configured(text: str, **values: str | int) -> str:
