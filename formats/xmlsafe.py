@@ -28,7 +28,8 @@ and 6 itself and defers to :func:`parse_xml` whenever anything is amiss.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final, Literal
+from functools import cache
+from typing import Any, Final, Literal, cast
 
 from lxml import etree
 
@@ -38,6 +39,8 @@ from formats.limits import DEFAULT_LIMITS, Limits
 XINCLUDE_NAMESPACES = frozenset(
     {"http://www.w3.org/2001/XInclude", "http://www.w3.org/2003/XInclude"}
 )
+#: Any element in an XInclude namespace, as ``Element.iter`` takes it.
+_XINCLUDE_ANY: Final = tuple(f"{{{ns}}}*" for ns in sorted(XINCLUDE_NAMESPACES))
 #: libxml2 messages that mean "a built-in resource cap was hit", not "bad syntax".
 _LIBXML_CAPS = ("XML_PARSE_HUGE", "Resource limit exceeded", "Excessive depth", "huge text")
 #: libxml2 messages about entities (undeclared references, amplification, external loads).
@@ -185,12 +188,12 @@ def _refuse_in_tree(tree: etree._ElementTree) -> None:
             f"line {node.sourceline}: XML payload contains the entity reference {node.text}; "
             "entities are refused, write the characters themselves"
         )
-    for element in root.iter(etree.Element):
-        if etree.QName(element).namespace in XINCLUDE_NAMESPACES:
-            raise XmlForbidden(
-                f"line {element.sourceline}: XML payload contains an XInclude element; "
-                "XInclude is refused, put the content in the payload or attach it"
-            )
+    element = next(root.iter(*_XINCLUDE_ANY), None)  # the root included; a walk in C
+    if element is not None:
+        raise XmlForbidden(
+            f"line {element.sourceline}: XML payload contains an XInclude element; "
+            "XInclude is refused, put the content in the payload or attach it"
+        )
 
 
 def _pi_error(node: etree._Element) -> XmlForbidden:
@@ -202,14 +205,16 @@ def _pi_error(node: etree._Element) -> XmlForbidden:
 
 
 def _check_depth(root: etree._Element, max_depth: int) -> None:
-    depth = 0
-    for event, element in etree.iterwalk(root, events=("start", "end")):
-        if event == "start":
-            depth += 1
-            if depth > max_depth:
-                raise LimitExceeded(
-                    f"line {element.sourceline}: XML nesting is deeper than the limit of "
-                    f"{max_depth} levels; flatten the structure"
-                )
-        else:
-            depth -= 1
+    deeper = cast(list[etree._Element], _deeper_than(max_depth)(root))  # in document order
+    if deeper:
+        raise LimitExceeded(
+            f"line {deeper[0].sourceline}: XML nesting is deeper than the limit of "
+            f"{max_depth} levels; flatten the structure"
+        )
+
+
+@cache
+def _deeper_than(max_depth: int) -> etree.XPath:
+    """The elements at depth ``max_depth + 1`` (the root is depth 1): ``*/*/…/*`` from the
+    root, ``max_depth`` steps, which libxml2 walks level by level without recursion."""
+    return etree.XPath("/".join(["*"] * max_depth))

@@ -1,9 +1,11 @@
 """The streaming read of a payload: bounded trees, and the values and errors of the tree path.
 
-``Payload.from_xml`` reads a valid payload with :mod:`formats.payload_stream` and falls back to
-the whole tree only to explain what is wrong. These tests hold it to three promises: a valid
-payload never builds the whole tree, the trees hold a chunk's records at most, and no input is
-accepted, or refused differently, than by the tree path (``Payload._from_tree``).
+``Payload.from_xml`` reads a valid payload over ``WHOLE_TREE_BYTES`` with
+:mod:`formats.payload_stream` and falls back to the whole tree only to explain what is wrong.
+Here every payload is over it (:func:`stream_always`). These tests hold the stream to three
+promises: a valid payload never builds the whole tree, the trees hold a chunk's records at
+most, and no input is accepted, or refused differently, than by the tree path
+(``Payload._from_tree``). The last two tests check the choice of road itself.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from formats import payload_stream
 from formats.categories import CATEGORIES
 from formats.errors import GatewayError, LimitExceeded, SchemaInvalid, XmlForbidden, XmlMalformed
 from formats.limits import DEFAULT_LIMITS, Limits
+from formats.payload import WHOLE_TREE_BYTES as DEFAULT_THRESHOLD
 from formats.payload import Payload, Record
 from formats.payload_stream import CHUNK, PAYLOAD_DEPTH, read_stream
+from formats.payload_xml import Parts
 from tests.payload_samples import sample_payload, sample_values
 
 WORK_PERMIT = CATEGORIES["work-permit"]
@@ -55,14 +59,20 @@ def big() -> tuple[Payload, bytes]:
     return payload, payload.to_xml()
 
 
+@pytest.fixture(autouse=True)
+def stream_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every payload is too big for the whole tree: ``Payload.from_xml`` streams."""
+    monkeypatch.setattr(payload_module, "WHOLE_TREE_BYTES", 0)
+
+
+def _no_tree(data: bytes, **_: object) -> etree._Element:
+    raise AssertionError("the whole tree was built for a valid payload")
+
+
 @pytest.fixture
 def no_tree(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the tree path unusable: only the stream can answer."""
-
-    def refuse(data: bytes, **_: object) -> etree._Element:
-        raise AssertionError("the whole tree was built for a valid payload")
-
-    monkeypatch.setattr(payload_module, "parse_xml", refuse)
+    monkeypatch.setattr(payload_module, "parse_xml", _no_tree)
 
 
 def outcome(data: bytes, *, tree: bool = False) -> tuple[str, object]:
@@ -304,3 +314,30 @@ def _edited(seed: int, where: int, edit: bytes, cut: int) -> bytes:
 def test_stream_and_tree_agree_on_any_edit(seed: int, where: int, edit: bytes, cut: int) -> None:
     data = _edited(seed, where, edit, cut)
     assert outcome(data) == outcome(data, tree=True)
+
+
+# --- which road: the whole tree up to WHOLE_TREE_BYTES, the stream beyond ----------------------
+
+
+def test_a_payload_up_to_the_threshold_is_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = permits(40)
+    xml = payload.to_xml()
+    monkeypatch.setattr(payload_module, "WHOLE_TREE_BYTES", len(xml))
+
+    def refuse(data: bytes, **_: object) -> Parts:
+        raise AssertionError("a payload small enough for the whole tree was streamed")
+
+    monkeypatch.setattr(payload_module, "read_stream", refuse)
+    assert Payload.from_xml(xml) == payload
+
+
+def test_a_payload_over_the_threshold_streams(
+    monkeypatch: pytest.MonkeyPatch, big: tuple[Payload, bytes]
+) -> None:
+    payload = permits(40)
+    xml = payload.to_xml()
+    monkeypatch.setattr(payload_module, "WHOLE_TREE_BYTES", len(xml) - 1)
+    monkeypatch.setattr(payload_module, "parse_xml", _no_tree)
+    assert Payload.from_xml(xml) == payload
+    # By default a payload of tens of KB is read whole, one of 2 MB streams.
+    assert len(xml) < DEFAULT_THRESHOLD < len(big[1])

@@ -171,3 +171,51 @@ def test_any_bytes_parse_or_raise_a_payload_error(data: bytes) -> None:
 def test_markup_soup_parses_or_raises_a_payload_error(text: str) -> None:
     with contextlib.suppress(XmlForbidden, XmlMalformed, LimitExceeded):
         parse_xml(text.encode("utf-8"))
+
+
+# --- the tree checks (step 5 and 6) on any shape ----------------------------------------------
+
+#: A tree as nested lists of children; each element goes on a line of its own.
+_TREES = st.recursive(st.just([]), lambda kids: st.lists(kids, max_size=3), max_leaves=25)
+
+
+def _xml(children: list[object], out: list[bytes], starts: list[int], depth: int = 1) -> None:
+    """Write the tree one tag a line; ``starts`` gets each start tag's depth, by line."""
+    out.append(b"<e>\n")
+    starts.append(depth)
+    for child in children:
+        _xml(child, out, starts, depth + 1)  # type: ignore[arg-type]
+    out.append(b"</e>\n")
+    starts.append(0)  # an end tag
+
+
+@settings(max_examples=200, deadline=None)
+@given(tree=_TREES, limit=st.integers(1, 8))
+def test_depth_cap_refuses_exactly_the_trees_deeper_than_it(tree: list[object], limit: int) -> None:
+    out: list[bytes] = []
+    starts: list[int] = []
+    _xml(tree, out, starts)
+    data = b"".join(out)
+    expected = next((n for n, depth in enumerate(starts, 1) if depth > limit), None)
+    if expected is None:
+        assert parse_xml(data, limits=Limits(max_xml_depth=limit)).tag == "e"
+    else:
+        with pytest.raises(LimitExceeded, match=f"^line {expected}: .* limit of {limit} levels"):
+            parse_xml(data, limits=Limits(max_xml_depth=limit))
+
+
+@pytest.mark.parametrize("namespace", sorted(xmlsafe.XINCLUDE_NAMESPACES))
+@pytest.mark.parametrize(
+    ("template", "line"),
+    [
+        (b'<x:include xmlns:x="{ns}" href="a"/>', 1),  # the root itself
+        (b'<a>\n<b>\n<c><include xmlns="{ns}" href="a"/></c></b></a>', 3),  # default namespace
+        (b'<a xmlns:x="{ns}">\n<b/>\n<x:fallback/>\n<x:include href="a"/></a>', 3),  # the first
+    ],
+)
+def test_xinclude_elements_are_refused_wherever_they_are(
+    namespace: str, template: bytes, line: int
+) -> None:
+    data = template.replace(b"{ns}", namespace.encode())
+    with pytest.raises(XmlForbidden, match=f"^line {line}: .*XInclude element"):
+        parse_xml(data)
