@@ -49,6 +49,11 @@ _PATTERNS: Final[Mapping[str, tuple[re.Pattern[str], str]]] = {
     "sha256": (re.compile(r"[0-9a-f]{64}"), "64 lowercase hexadecimal digits (SHA-256)"),
 }
 KINDS: Final = (*_PATTERNS, "date", "datetime", "enum")
+#: Kinds whose value is the text itself and whose XSD type (an ``xs:string`` pattern or
+#: enumeration, whitespace preserved) accepts exactly the texts :meth:`Field.parse` accepts: a
+#: reader of XSD-valid XML takes their text as it is. (``xs:date``, ``xs:dateTime``,
+#: ``xs:nonNegativeInteger`` and ``xs:decimal`` collapse whitespace first; ``parse`` does not.)
+VERBATIM_KINDS: Final = frozenset({"text", "code", "country", "currency", "sha256", "enum"})
 #: Characters XML 1.0 cannot carry (§2.2 Char production).
 _NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 TEXT_MAX = 2000

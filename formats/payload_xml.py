@@ -12,7 +12,7 @@ from uuid import UUID
 
 from lxml import etree
 
-from formats.categories import CATEGORIES, Category, Field, Value
+from formats.categories import CATEGORIES, VERBATIM_KINDS, Category, Field, Value
 from formats.payload_model import (
     Attachment,
     Business,
@@ -149,12 +149,15 @@ def read_attachment(element: etree._Element) -> Attachment:
 
 
 class RecordReader:
-    """Reads one category's record elements (already XSD-valid) into compact :class:`Record` s.
+    """Reads one category's record elements (XSD-valid) into compact :class:`Record` s.
 
     Field elements are looked up by their full tag in a table built once per reader; every
     record with the same fields present shares one name tuple (:func:`shared_names`), and a
     value from a closed set is shared (:func:`_vocabulary`), so a record holds only what is its
-    own. A reader is for one document: its country codes are not kept beyond it.
+    own. A field of a :data:`~formats.categories.VERBATIM_KINDS` kind is its text, which the XSD
+    has checked; the others are converted by :meth:`Field.parser`. A reader is for one
+    document: its country codes are not kept beyond it. (The stream reads a record before the
+    validator has said its last word; what it read is thrown away if the validator refuses.)
     """
 
     __slots__ = ("_fields", "_shapes", "tag")
@@ -163,7 +166,12 @@ class RecordReader:
         #: Tag of the record element, ``{namespace}WorkPermit``.
         self.tag = f"{_NS}{category.record_element}"
         self._fields = {
-            f"{_NS}{f.name}": (1 << i, f, f.parser(), _vocabulary(f))
+            f"{_NS}{f.name}": (
+                1 << i,
+                f,
+                None if f.kind in VERBATIM_KINDS else f.parser(),
+                _vocabulary(f),
+            )
             for i, f in enumerate(category.fields)
         }
         self._shapes: dict[int, tuple[str, ...]] = {}
@@ -180,13 +188,14 @@ class RecordReader:
             bit, field, parse, vocabulary = known
             if shape >= bit:  # repeated or out of order: the XSD forbids it
                 raise Invalid(child, f"{field.name} is repeated or out of order")
-            try:
-                text = (child.text or "") if len(child) == 0 else text_of(child)
-                value = parse(text)
-            except ValueError as err:
-                raise Invalid(child, f"{field.name}: {err}") from None
-            if vocabulary is not None and isinstance(value, str):
-                value = vocabulary.setdefault(value, value)
+            text = (child.text or "") if len(child) == 0 else text_of(child)
+            if parse is None:
+                value: Value = text if vocabulary is None else vocabulary.setdefault(text, text)
+            else:
+                try:
+                    value = parse(text)
+                except ValueError as err:
+                    raise Invalid(child, f"{field.name}: {err}") from None
             values.append(value)
             shape |= bit
         names = self._shapes.get(shape)
