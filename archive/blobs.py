@@ -90,16 +90,26 @@ class BlobStore:
     master_key: bytes
     _keys: dict[int, AESGCM] = field(default_factory=dict, repr=False)
     _current: int | None = field(default=None, repr=False)
-    #: Compressed ahead of the transaction (:meth:`prepare`), by address; taken by put_many.
-    _ready: dict[str, bytes] = field(default_factory=dict, repr=False)
+    #: Hashed and compressed ahead of the transaction (:meth:`prepare`), taken by put_many:
+    #: by ``id(data)``, then ``(data, address, zlib stream)``. Holding ``data`` keeps its id
+    #: from going to another object while the entry lasts.
+    _ready: dict[int, tuple[bytes, str, bytes]] = field(default_factory=dict, repr=False)
 
     def prepare(self, blobs: Iterable[bytes]) -> None:
-        """Compress ``blobs`` now, before the transaction that stores them, so that the write
-        lock (SQLite's, or the log head's on PostgreSQL) is not held while zlib works. What an
-        earlier call prepared and no transaction stored (it failed) is dropped."""
+        """Hash and compress ``blobs`` now, before the transaction that stores the very same
+        objects, so that the write lock (SQLite's, or the log head's on PostgreSQL) is not held
+        while SHA-256 and zlib work. What an earlier call prepared and no transaction stored
+        (it failed) is dropped."""
         self._ready.clear()
         for data in blobs:
-            self._ready[hashlib.sha256(data).hexdigest()] = compress(data)
+            self._ready[id(data)] = (data, hashlib.sha256(data).hexdigest(), compress(data))
+
+    def _take_ready(self, data: bytes) -> tuple[str, bytes | None]:
+        """The address of ``data``, and its zlib stream if :meth:`prepare` made it."""
+        ready = self._ready.pop(id(data), None)
+        if ready is not None:
+            return ready[1], ready[2]
+        return hashlib.sha256(data).hexdigest(), None
 
     def put(self, s: Session, data: bytes, *, at: datetime) -> str:
         """Store ``data`` (once: identical content is stored once) and return its address."""
@@ -112,22 +122,22 @@ class BlobStore:
         look-up per blob would also flush the session once per blob, which made batched
         appends no faster than single ones (bench/archive_bench.py).
         """
-        addresses = [hashlib.sha256(data).hexdigest() for data in blobs]
-        new = dict(zip(addresses, blobs, strict=True))  # also drops repeats within the batch
+        taken = [self._take_ready(data) for data in blobs]
+        addresses = [address for address, _ in taken]
+        # By address: also drops repeats within the batch.
+        new = {a: (data, packed) for (a, packed), data in zip(taken, blobs, strict=True)}
         wanted = sorted(new)
         for i in range(0, len(wanted), 500):
             for address in s.scalars(
                 select(t.Blob.sha256).where(t.Blob.sha256.in_(wanted[i : i + 500]))
             ):
                 del new[address]
-                self._ready.pop(address, None)
         if new:
             key_id, aead = self._data_key(s, at)
             rows = []
-            for address, data in new.items():
+            for address, (data, packed) in new.items():
                 nonce = os.urandom(NONCE_BYTES)
-                packed = self._ready.pop(address, None) or compress(data)
-                body = aead.encrypt(nonce, packed, address.encode())
+                body = aead.encrypt(nonce, packed or compress(data), address.encode())
                 rows.append(
                     {"sha256": address, "key_id": key_id, "size": len(data), "sealed": nonce + body}
                 )

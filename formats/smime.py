@@ -78,8 +78,9 @@ class OpenedMessage:
     #: The decrypted inner entity exactly as decrypted: the signed S/MIME entity, which
     #: ``openssl cms -verify`` checks on its own (a read-only view; no copy is kept).
     decrypted: memoryview
-    #: The payload XML bytes, not yet parsed.
+    #: The payload XML bytes, not yet parsed, and their SHA-256 (hex).
     payload: bytes
+    payload_sha256: str
     attachments: tuple[Attachment, ...] = ()
 
     @property
@@ -165,6 +166,7 @@ def open_envelope(
         signature=check,
         decrypted=memoryview(decrypted.content).toreadonly(),
         payload=payload,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
         attachments=attachments,
     )
 

@@ -58,7 +58,7 @@ def message_item(verdict: Verdict, raw: bytes, transport: Transport) -> Item:
         }
         blobs["decrypted"] = bytes(opened.decrypted)
         blobs["payload"] = opened.payload
-        fields["payload_sha256"] = hashlib.sha256(opened.payload).hexdigest()
+        fields["payload_sha256"] = opened.payload_sha256
         for n, att in enumerate(opened.attachments, start=1):
             blobs[f"attachment-{n}"] = att.data
     if verdict.signer is not None:

@@ -196,7 +196,8 @@ def process(raw: bytes, ctx: Context, *, at: datetime) -> Verdict:
         disposition=disposition_for(errors, authenticated=authenticated),
         errors=errors,
         steps=tuple(outcomes),
-        raw_sha256=hashlib.sha256(raw).hexdigest(),
+        # The digest of what was received: open_envelope's, once it has read the whole of raw.
+        raw_sha256=w.opened.raw_sha256 if w.opened else hashlib.sha256(raw).hexdigest(),
         from_addr=w.envelope.from_addr if w.envelope else None,
         message_id=w.envelope.message_id if w.envelope else None,
         subject=w.envelope.subject if w.envelope else None,

@@ -56,8 +56,7 @@ def replay_keys(verdict: Verdict) -> list[str]:
         keys.append(_key("sender", verdict.from_addr.lower(), verdict.message_id))
     if verdict.signer is not None and verdict.opened is not None:
         signer = hashlib.sha256(verdict.signer.cert.public_bytes(Encoding.DER)).hexdigest()
-        payload = hashlib.sha256(verdict.opened.payload).hexdigest()
-        keys.append(_key("signed", signer, payload))
+        keys.append(_key("signed", signer, verdict.opened.payload_sha256))
     return keys
 
 

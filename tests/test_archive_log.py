@@ -8,6 +8,7 @@ while an untouched archive verifies.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import subprocess
 import threading
@@ -15,6 +16,7 @@ import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -296,11 +298,12 @@ def _append_then_fail(db: Database, log: Log) -> None:
         raise RuntimeError("the transaction fails after the data key was made")
 
 
-def test_blobs_prepared_ahead_are_stored_without_compressing_in_the_transaction(
+def test_blobs_prepared_ahead_are_stored_without_hashing_or_compressing_in_the_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Worker and builder compress before their write transaction (the write lock is not held
-    while zlib works); what is stored is the same, and a blob stored already is not kept."""
+    """Worker and builder hash and compress before their write transaction (the write lock is
+    not held while SHA-256 and zlib work); what is stored is the same, and a blob stored
+    already is not kept."""
     db = Database.open(f"sqlite:///{tmp_path}/a.db")
     log = Log(BlobStore(os.urandom(32)))
     with db.session() as s:
@@ -308,18 +311,25 @@ def test_blobs_prepared_ahead_are_stored_without_compressing_in_the_transaction(
     texts = [b"<x>" + b"prepared " * 400 + b"</x>", b"stored before"]
     log.blobs.prepare(texts)
 
-    def no_compressing(data: bytes) -> bytes:
-        raise AssertionError("compressed inside the transaction")
+    def refuse(data: bytes) -> bytes:
+        raise AssertionError("hashed or compressed inside the transaction")
 
-    monkeypatch.setattr("archive.blobs.compress", no_compressing)
-    with db.session() as s:
-        entry = log.append(s, "message", WORLD_AT, {}, {"a": texts[0], "b": texts[1]})
-    assert log.blobs._ready == {}
+    with monkeypatch.context() as m:
+        m.setattr("archive.blobs.compress", refuse)
+        m.setattr("archive.blobs.hashlib", SimpleNamespace(sha256=refuse))
+        with db.session() as s:
+            entry = log.append(s, "message", WORLD_AT, {}, {"a": texts[0], "b": texts[1]})
+        assert log.blobs._ready == {}
+        # The same content in another object was not prepared: it is hashed (and refused here).
+        with pytest.raises(AssertionError, match="inside the transaction"), db.session() as s:
+            log.append(s, "message", WORLD_AT, {}, {"c": bytes(bytearray(texts[0]))})
     with db.session(read_only=True) as s:
         assert log.blobs.get(s, entry.blobs["a"]) == texts[0]
+        assert entry.blobs["a"] == hashlib.sha256(texts[0]).hexdigest()
         assert entry.blobs["b"] == old.blobs["raw"]
-    with pytest.raises(AssertionError, match="inside the transaction"), db.session() as s:
-        log.append(s, "message", WORLD_AT, {}, {"c": b"not prepared"})
+    with db.session() as s:
+        again = log.append(s, "message", WORLD_AT, {}, {"c": bytes(bytearray(texts[0]))})
+    assert again.blobs["c"] == entry.blobs["a"]  # stored once, under the same address
 
 
 @pytest.mark.parametrize(

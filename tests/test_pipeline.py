@@ -45,6 +45,8 @@ def test_a_genuine_submission_is_accepted_with_everything_it_proves(
     assert verdict.payload.exchange.category == "work-permit"
     assert str(verdict.payload.exchange.period_start) == "2026-09-16"
     assert verdict.raw_sha256 == hashlib.sha256(raw).hexdigest()
+    assert verdict.opened is not None
+    assert verdict.opened.payload_sha256 == hashlib.sha256(verdict.opened.payload).hexdigest()
     summary = verdict.as_dict()
     assert summary["payload"]["records"] == 2
     assert summary["signer"]["emails"] == [SNV_EMAIL]
@@ -53,8 +55,10 @@ def test_a_genuine_submission_is_accepted_with_everything_it_proves(
 def test_tampering_is_caught_and_nothing_after_it_runs(
     world: DemoWorld, world_ctx: Context
 ) -> None:
-    verdict = process(tamper(world.submission(SNV)), world_ctx, at=WORLD_AT)
+    raw = tamper(world.submission(SNV))
+    verdict = process(raw, world_ctx, at=WORLD_AT)
     assert verdict.disposition == "quarantined"
+    assert verdict.raw_sha256 == hashlib.sha256(raw).hexdigest()  # though nothing opened it
     assert isinstance(verdict.errors[0], SignatureInvalid)
     outcomes = {s.name: s.outcome for s in verdict.steps}
     assert outcomes["decrypt-verify"] == "failed"
