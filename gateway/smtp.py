@@ -135,10 +135,25 @@ def check_data(raw: bytes, limits: Limits) -> str | None:
         return _bare("LF")
     if raw.count(b"\r") != crlf:
         return _bare("CR")
-    # (A regex such as [^\r\n]{999} backtracks at every offset: 47 s on 32 MiB; this, 50 ms.)
-    if raw and max(map(len, raw.split(b"\r\n"))) > limits.max_line_bytes:
+    if not _lines_within(raw, limits.max_line_bytes):
         return _LINE_TOO_LONG
     return None
+
+
+def _lines_within(raw: bytes, limit: int) -> bool:
+    """No line of ``raw`` (CRLF line ends only) holds more than ``limit`` octets.
+
+    A line over the limit and its CR are a run of at least ``limit + 2`` octets with no LF,
+    and such a run covers a whole block of ``block`` octets (``2 * block - 1 <= limit + 2``)
+    counted from the start. So when every block holds an LF, which one ``find`` per block
+    tells (~0.25 ms per MiB), no line is too long; only otherwise is every line measured
+    (~2.5 ms per MiB). (A regex such as ``[^\r\n]{999}`` backtracks at every offset: 47 s
+    on 32 MiB.)
+    """
+    block = (limit + 3) // 2
+    if all(raw.find(b"\n", at, at + block) >= 0 for at in range(0, len(raw), block)):
+        return True
+    return max(map(len, raw.split(b"\r\n"))) <= limit
 
 
 _INLINE_CHECK_BYTES = 1024 * 1024
@@ -256,7 +271,7 @@ class IntakeHandler:
         raw = envelope.original_content
         if not isinstance(raw, bytes):  # decode_data=False guarantees bytes
             raise TypeError("message data is not bytes")
-        if len(raw) > _INLINE_CHECK_BYTES:  # ~2 ms per MiB: keep big ones off the loop
+        if len(raw) > _INLINE_CHECK_BYTES:  # ~1.5 ms per MiB: keep big ones off the loop
             refusal = await asyncio.to_thread(check_data, raw, self.limits)
         else:
             refusal = check_data(raw, self.limits)

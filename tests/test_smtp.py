@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, func, select
 
 from archive import tables as t
@@ -501,6 +503,21 @@ def test_too_many_commands_close_the_session(serve: Any) -> None:
 def test_check_data(data: bytes, reply: str | None) -> None:
     got = listener.check_data(data, Limits())
     assert (got[:9] if got else None) == reply
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    limit=st.integers(1, 20),
+    # Lines a little under, at and just over the limit, at every offset against check_data's
+    # blocks (small limits: small blocks), and lines of any length.
+    shape=st.lists(st.one_of(st.integers(-3, 1), st.integers(-20, 20)), max_size=30),
+)
+def test_line_limit_is_checked_exactly_for_any_line_lengths(limit: int, shape: list[int]) -> None:
+    lengths = [max(0, limit + d) for d in shape]
+    data = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    got = listener.check_data(data, Limits(max_line_bytes=limit))
+    assert (got is not None) == any(n > limit for n in lengths)
+    assert got is None or got.startswith("500 5.5.2")
 
 
 # --- STARTTLS ---------------------------------------------------------------------------------
