@@ -24,6 +24,8 @@ from email.errors import HeaderParseError
 from email.headerregistry import HeaderRegistry
 from functools import lru_cache
 
+import pybase64
+
 from formats.errors import HeaderCountError, LimitExceeded, MalformedMessage
 from formats.limits import DEFAULT_LIMITS, Limits
 
@@ -121,39 +123,16 @@ class Entity:
 
 
 _WS = b" \t\r\n"
-_B64_VALID = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=" + _WS
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
-#: Bodies are checked and decoded in slices of this size, so no full-size copy is made.
+#: Bodies are decoded in slices of this size, so no full-size copy of the input is made.
 _SLICE = 1 << 20
 
 
-def _slices(data: memoryview, start: int = 0) -> Iterator[tuple[int, bytes]]:
-    for at in range(start, len(data), _SLICE):
-        yield at, bytes(data[at : at + _SLICE])
-
-
-def _check_base64(data: memoryview, limit: int) -> None:
-    """Strict base64 (RFC 2045 §6.8): only the alphabet, padding only at the end.
-
-    Line breaks and blanks are allowed between characters. Deleting every valid byte leaves
-    only the invalid ones.
-    """
-    if len(data) // 4 * 3 > limit + limit // 3 + 1024:
-        raise LimitExceeded(
-            f"decoded body would be about {len(data) // 4 * 3} bytes, limit is {limit}"
-        )
-    pad = -1
-    for at, piece in _slices(data):
-        invalid = piece.translate(None, _B64_VALID)
-        if invalid:
-            raise _bad_base64(f"unexpected {invalid[:1]!r}")
-        if pad < 0 and (found := piece.find(b"=")) >= 0:
-            pad = at + found
-    if pad >= 0:
-        for _, piece in _slices(data, pad):
-            if piece.translate(None, b"=" + _WS):
-                raise _bad_base64("unexpected b'='")
+def _slices(data: memoryview) -> Iterator[bytes]:
+    for at in range(0, len(data), _SLICE):
+        yield bytes(data[at : at + _SLICE])
 
 
 def _bad_base64(why: str) -> MalformedMessage:
@@ -161,41 +140,56 @@ def _bad_base64(why: str) -> MalformedMessage:
 
 
 def decode_base64(data: bytes | bytearray | memoryview, *, limit: int) -> bytes:
-    """Strictly decode a base64 body (see :func:`_check_base64`), without copying the input."""
-    view = memoryview(data)
-    _check_base64(view, limit)
-    try:
-        decoded = binascii.a2b_base64(view)
-    except binascii.Error as exc:
-        raise _bad_base64(str(exc)) from None
-    if len(decoded) > limit:
-        raise LimitExceeded(f"decoded body is {len(decoded)} bytes, limit is {limit}")
-    return decoded
+    """Strictly decode a base64 body (see :func:`decode_base64_buffer`)."""
+    return bytes(decode_base64_buffer(data, limit=limit))
 
 
 def decode_base64_buffer(data: bytes | bytearray | memoryview, *, limit: int) -> bytearray:
-    """:func:`decode_base64` into a bytearray, slice by slice: the only full-size allocation
-    is the result."""
+    """Strictly decode a base64 body (RFC 2045 §6.8) into a new mutable buffer.
+
+    Only the alphabet, with blanks and line breaks anywhere; ``=`` only at the end, where it
+    completes the last quantum (more of it says no more than "the end", and is ignored, as
+    binascii does). Decoded slice by slice, with pybase64 (SIMD, about five times binascii's
+    speed), so that the only full-size allocation is the result.
+    """
     view = memoryview(data)
-    _check_base64(view, limit)
-    out = bytearray(len(view) // 4 * 3 + 3)
-    written, carry = 0, b""
-    try:
-        for _, piece in _slices(view):
-            chars = carry + piece.translate(None, _WS)
-            whole = len(chars) // 4 * 4
-            decoded = binascii.a2b_base64(chars[:whole])
-            out[written : written + len(decoded)] = decoded
-            written += len(decoded)
-            carry = chars[whole:]
-        if carry:
-            binascii.a2b_base64(carry)  # raises: a dangling partial quantum
-    except binascii.Error as exc:
-        raise _bad_base64(str(exc)) from None
-    if written > limit:
-        raise LimitExceeded(f"decoded body is {written} bytes, limit is {limit}")
-    del out[written:]
+    if len(view) // 4 * 3 > limit + limit // 3 + 1024:
+        raise LimitExceeded(
+            f"decoded body would be about {len(view) // 4 * 3} bytes, limit is {limit}"
+        )
+    out = bytearray()
+    carry = padding = b""
+    for piece in _slices(view):
+        chars = piece.translate(None, _WS)
+        if not padding and (at := chars.find(b"=")) >= 0:
+            chars, padding = chars[:at], chars[at:]
+        elif padding:
+            chars, padding = b"", padding + chars
+        if padding.strip(b"="):
+            raise _bad_base64("unexpected b'='")
+        chars = carry + chars
+        whole = len(chars) // 4 * 4
+        out += _strict(chars[:whole])
+        carry = chars[whole:]
+        if len(out) > limit:
+            raise LimitExceeded(f"decoded body is over {limit} bytes, the limit")
+    if carry:  # the last quantum: two or three characters and its "=" or "=="
+        missing = 4 - len(carry)
+        if missing == 3 or len(padding) < missing:
+            raise _bad_base64(f"{len(carry)} characters at the end, without their padding")
+        out += _strict(carry + b"=" * missing)
+    if len(out) > limit:
+        raise LimitExceeded(f"decoded body is {len(out)} bytes, limit is {limit}")
     return out
+
+
+def _strict(quanta: bytes) -> bytes:
+    """Whole quanta of the alphabet (and padding at the end) decoded, or :func:`_bad_base64`."""
+    try:
+        return pybase64.b64decode(quanta, validate=True)
+    except binascii.Error:
+        invalid = quanta.translate(None, _B64_ALPHABET + b"=")
+        raise _bad_base64(f"unexpected {invalid[:1]!r}" if invalid else "bad padding") from None
 
 
 def check_message_limits(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> None:

@@ -33,6 +33,7 @@ from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import format_datetime
 
+import pybase64
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -283,8 +284,9 @@ def _filename(part: Entity) -> str | None:
 
 
 def b64_lines(data: bytes) -> bytes:
-    encoded = base64.encodebytes(data)  # 76-character lines, LF
-    return encoded.replace(b"\n", b"\r\n")
+    """``data`` in base64 lines of 76 characters, each ending CRLF (RFC 2045 §6.8), as
+    ``base64.encodebytes`` writes them (with LF) but about four times as fast (pybase64)."""
+    return pybase64.encodebytes(data).replace(b"\n", b"\r\n")
 
 
 #: UTF-8 bytes per RFC 2047 encoded word: 52 base64 characters, a 64-character word, so that

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from formats import mime
 from formats.errors import HeaderCountError, LimitExceeded, MalformedMessage
 from formats.limits import Limits
 from formats.mime import (
     _delimiters,
     decode_base64,
+    decode_base64_buffer,
     parse_content_type,
     parse_message,
     single_address,
     single_header,
 )
+from formats.smime import b64_lines
 
 SIGNED = (
     b"From: a@x.vn\r\nMessage-ID: <1@x.vn>\r\n"
@@ -164,6 +169,38 @@ def test_non_utf8_headers_are_refused() -> None:
         parse_message(b"Subject: \xff\xfe\r\n\r\nbody")
 
 
+def _reference_base64(data: bytes) -> bytes | None:
+    """The rule of decode_base64, written plainly over binascii: ``None`` where it refuses."""
+    chars = data.translate(None, b" \t\r\n")
+    if re.fullmatch(rb"[A-Za-z0-9+/]*=*", chars) is None:
+        return None
+    body = chars.rstrip(b"=")
+    short = -len(body) % 4  # padding the last quantum needs
+    if short == 3 or len(chars) - len(body) < short:
+        return None
+    return binascii.a2b_base64(body + b"=" * short)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=40).map(lambda b: base64.encodebytes(b).replace(b"\n", b"\r\n")),
+        st.text("AQgw+/=\r\n $", max_size=40).map(str.encode),
+    ),
+    cut=st.integers(1, 9),
+)
+def test_base64_decodes_as_the_plain_rule_says_across_any_slices(data: bytes, cut: int) -> None:
+    expected = _reference_base64(data)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(mime, "_SLICE", cut)  # slice boundaries anywhere
+        for decode in (decode_base64, decode_base64_buffer):
+            try:
+                got: bytes | None = bytes(decode(data, limit=1000))
+            except MalformedMessage:
+                got = None
+            assert got == expected
+
+
 def test_base64_is_strict() -> None:
     assert decode_base64(b"aGVs\r\nbG8=\r\n", limit=100) == b"hello"
     with pytest.raises(MalformedMessage, match="invalid base64"):
@@ -172,3 +209,11 @@ def test_base64_is_strict() -> None:
         decode_base64(b"aGVsbG8", limit=100)  # bad padding
     with pytest.raises(LimitExceeded):
         decode_base64(b"aGVsbG8gd29ybGQ=", limit=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=400), st.integers(0, 3000).map(bytes)))
+def test_base64_lines_are_what_the_standard_library_writes_with_crlf(data: bytes) -> None:
+    lines = b64_lines(data)
+    assert lines == base64.encodebytes(data).replace(b"\n", b"\r\n")
+    assert decode_base64(lines, limit=len(data) + 1) == data
