@@ -220,9 +220,18 @@ def _engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
     return engine
 
 
+#: Page size of a new SQLite database. The archive is mostly blobs (raw messages, sealed
+#: entries, outbound mail): 16 KiB pages store and read a 1 MB message with a quarter of the
+#: pages of SQLite's default 4 KiB, ~1 ms less CPU per MB on each side, and cost nothing
+#: measurable on 10 KB messages. An existing database keeps its page size.
+SQLITE_PAGE_SIZE = 16 * 1024
+
+
 def _sqlite_pragmas(busy_timeout_ms: int, dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # no implicit BEGIN from the driver
     cursor = dbapi_connection.cursor()
+    # Takes effect only on a database with nothing written yet (and before WAL is entered).
+    cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")

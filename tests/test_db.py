@@ -173,6 +173,22 @@ def _set_fsync(cluster: pg.PgCluster, admin: Any, value: str) -> None:
     raise AssertionError(f"fsync did not become {value}")
 
 
+def test_a_new_sqlite_database_has_large_pages_and_an_old_one_keeps_its_own(
+    tmp_path: Path, open_db: Opener
+) -> None:
+    new = open_db(f"sqlite:///{tmp_path}/new.db")
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("CREATE TABLE made_before (x)")  # SQLite's default 4 KiB pages
+    old.close()
+    reopened = open_db(f"sqlite:///{tmp_path}/old.db")
+    for db, size in ((new, 16384), (reopened, 4096)):
+        with db.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA page_size").scalar() == size
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    with reopened.session() as s:
+        _event(s, "written on 4 KiB pages")
+
+
 def test_sqlite_without_wal_is_refused(open_db: Opener) -> None:
     # A database in SQLite's in-memory VFS (its name is not ":memory:") cannot use WAL.
     with pytest.raises(ConfigError, match="journal_mode is memory, not WAL"):
