@@ -1,10 +1,12 @@
 """Reading a payload as a stream: validated while it is parsed, one record at a time.
 
 The tree path (:func:`formats.xmlsafe.parse_xml`, the XSD, :func:`formats.payload_xml.read_parts`)
-holds the whole element tree, about nine times the XML's size, beside the records it builds.
-This path holds the header and one chunk's worth of records. Its plan, the happy path of
-``Payload.from_xml`` (whose caller has already run :func:`formats.xmlsafe.check_bytes`: size,
-UTF-8, no DOCTYPE or entity declaration):
+holds the whole element tree, about ten times the XML's size, beside the records it builds.
+This path holds the header and one chunk's worth of records; it is slower (libxml2 validates
+while parsing at about a third of the speed it validates a tree), so ``Payload.from_xml`` takes
+it only for payloads over ``WHOLE_TREE_BYTES``. Its plan, the happy path for those (the caller
+has already run :func:`formats.xmlsafe.check_bytes`: size, UTF-8, no DOCTYPE or entity
+declaration):
 
 1. the *reader*, a hardened pull parser (:func:`formats.xmlsafe.pull_parser`, with exactly the
    settings of ``parse_xml`` and no schema), is fed :data:`CHUNK` bytes at a time and reports
