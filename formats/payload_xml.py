@@ -7,6 +7,7 @@ say where. Writing emits elements in XSD order, in :data:`formats.xsd.NAMESPACE`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
 from uuid import UUID
 
@@ -151,13 +152,12 @@ def read_attachment(element: etree._Element) -> Attachment:
 class RecordReader:
     """Reads one category's record elements (XSD-valid) into compact :class:`Record` s.
 
-    Field elements are looked up by their full tag in a table built once per reader; every
-    record with the same fields present shares one name tuple (:func:`shared_names`), and a
-    value from a closed set is shared (:func:`_vocabulary`), so a record holds only what is its
-    own. A field of a :data:`~formats.categories.VERBATIM_KINDS` kind is its text, which the XSD
-    has checked; the others are converted by :meth:`Field.parser`. A reader is for one
-    document: its country codes are not kept beyond it. (The stream reads a record before the
-    validator has said its last word; what it read is thrown away if the validator refuses.)
+    Field elements are looked up by their full tag in a table built once per reader, with how
+    each one's text becomes its value (:func:`_converter`); every record with the same fields
+    present shares one name tuple (:func:`shared_names`), and a value from a closed set is
+    shared, so a record holds only what is its own. A reader is for one document: its country
+    codes are not kept beyond it. (The stream reads a record before the validator has said its
+    last word; what it read is thrown away if the validator refuses.)
     """
 
     __slots__ = ("_fields", "_shapes", "tag")
@@ -166,13 +166,7 @@ class RecordReader:
         #: Tag of the record element, ``{namespace}WorkPermit``.
         self.tag = f"{_NS}{category.record_element}"
         self._fields = {
-            f"{_NS}{f.name}": (
-                1 << i,
-                f,
-                None if f.kind in VERBATIM_KINDS else f.parser(),
-                _vocabulary(f),
-            )
-            for i, f in enumerate(category.fields)
+            f"{_NS}{f.name}": (1 << i, f, _converter(f)) for i, f in enumerate(category.fields)
         }
         self._shapes: dict[int, tuple[str, ...]] = {}
 
@@ -185,36 +179,48 @@ class RecordReader:
                 if isinstance(child.tag, str):  # not a comment: an element the XSD forbids
                     raise Invalid(child, f"{etree.QName(child).localname} is not a field")
                 continue
-            bit, field, parse, vocabulary = known
+            bit, field, convert = known
             if shape >= bit:  # repeated or out of order: the XSD forbids it
                 raise Invalid(child, f"{field.name} is repeated or out of order")
             text = (child.text or "") if len(child) == 0 else text_of(child)
-            if parse is None:
-                value: Value = text if vocabulary is None else vocabulary.setdefault(text, text)
+            if convert is None:
+                values.append(text)
             else:
                 try:
-                    value = parse(text)
+                    values.append(convert(text))
                 except ValueError as err:
                     raise Invalid(child, f"{field.name}: {err}") from None
-            values.append(value)
             shape |= bit
         names = self._shapes.get(shape)
         if names is None:
             names = self._shapes[shape] = shared_names(
-                tuple(f.name for bit, f, _, _ in self._fields.values() if shape & bit)
+                tuple(f.name for bit, f, _ in self._fields.values() if shape & bit)
             )
         return Record.from_shared(names, tuple(values))
 
 
-def _vocabulary(field: Field) -> dict[str, str] | None:
-    """Where a field's values come from a small closed set, one string per value to share.
+def _converter(field: Field) -> Callable[[str], Value] | None:
+    """How a field's text becomes its value; ``None``: the text is the value.
 
-    Enumerations are the category's own choices; country and currency codes are three capital
-    letters (at most 17,576, a few dozen in practice) and are shared as they are met.
+    A field of a :data:`~formats.categories.VERBATIM_KINDS` kind is its text, which the XSD has
+    checked. Where the values come from a small closed set, one string per value is shared:
+    enumerations are the category's own choices; country and currency codes are three capital
+    letters (at most 17,576, a few dozen in practice) and are shared as they are met. The
+    other kinds are converted by :meth:`Field.parser`.
     """
     if field.kind == "enum":
-        return {choice: choice for choice in field.choices}
-    return {} if field.kind in ("country", "currency") else None
+        return _Shared({choice: choice for choice in field.choices}).__getitem__
+    if field.kind in ("country", "currency"):
+        return _Shared().__getitem__
+    return None if field.kind in VERBATIM_KINDS else field.parser()
+
+
+class _Shared(dict[str, str]):
+    """Strings by value: ``shared[text]`` is the first string equal to ``text`` it was given."""
+
+    def __missing__(self, text: str) -> str:
+        self[text] = text
+        return text
 
 
 def element_at(root: etree._Element, path: str) -> etree._Element:
