@@ -59,7 +59,7 @@ from gateway.worker import Worker, worker_name
 log = logging.getLogger("gateway.serve")
 
 IDLE = 0.02  # seconds a worker waits when there is nothing to do
-BUILD_EVERY = 4  # during a burst, build receipts and deliveries every Nth worker cycle
+BUILD_EVERY = 4  # while intake is backlogged, build receipts and deliveries every Nth cycle
 CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
 RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host
 
@@ -141,10 +141,11 @@ def worker_main(
     while not stop.is_set():
         cycle += 1
         try:
-            # Taking mail in comes first: during a burst receipts and deliveries are built
-            # every few cycles, and fully once the burst is over.
+            # Taking mail in comes first: while intake is backlogged (a burst), receipts and
+            # deliveries are built every few cycles; otherwise, steady load included, every
+            # cycle, so that they keep pace with what is filed.
             filed = worker.run_once()
-            built = builder.run_once() if not filed or cycle % BUILD_EVERY == 0 else 0
+            built = builder.run_once() if build_now(worker.backlog, cycle) else 0
             busy = bool(filed) or bool(built)
             failures = 0
         except (TransientError, SQLAlchemyError, OSError) as exc:
@@ -155,6 +156,11 @@ def worker_main(
         if not busy:
             stop.wait(IDLE)
     db.dispose()
+
+
+def build_now(backlog: bool, cycle: int) -> bool:
+    """Whether a worker builds receipts and deliveries in this cycle of its loop."""
+    return not backlog or cycle % BUILD_EVERY == 0
 
 
 def release_stale_claims(db: Database, host: str) -> int:

@@ -97,6 +97,8 @@ class Worker:
     name: str = field(default_factory=worker_name)
     #: Which agencies an accepted payload is delivered to (the obligations add theirs).
     recipients: Callable[[Verdict], Sequence[str]] = recipients_of
+    #: The last claim left rows waiting (it stopped at its count or byte limit): a backlog.
+    backlog: bool = False
 
     def run_once(self, limit: int = 32) -> list[Outcome]:
         """Claim what is waiting now, process it, file it; returns what happened to each."""
@@ -105,7 +107,7 @@ class Worker:
             if not s.execute(_waiting(self.clock()).limit(1)).first():
                 return []
         with db.session() as s:
-            numbers = claim(s, self.name, self.clock(), limit)
+            numbers, self.backlog = claim(s, self.name, self.clock(), limit)
         if not numbers:
             return []
         with db.session(read_only=True) as s:
@@ -217,14 +219,16 @@ def _waiting(now: datetime) -> Select[int, int]:
     )
 
 
-def claim(s: Session, worker: str, now: datetime, limit: int) -> list[int]:
-    """Claim up to ``limit`` waiting rows (new, due retries, expired claims), oldest first."""
-    query = _waiting(now).order_by(t.Intake.id).limit(limit)
+def claim(s: Session, worker: str, now: datetime, limit: int) -> tuple[list[int], bool]:
+    """Claim up to ``limit`` waiting rows (new, due retries, expired claims), oldest first, and
+    up to :data:`BATCH_BYTES`; and whether rows are left waiting."""
+    query = _waiting(now).order_by(t.Intake.id).limit(limit + 1)  # one more: any left?
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
+    rows = s.execute(query).all()
     numbers: list[int] = []
     total = 0
-    for number, size in s.execute(query):
+    for number, size in rows[:limit]:
         if numbers and total + size > BATCH_BYTES:
             break
         numbers.append(number)
@@ -235,7 +239,7 @@ def claim(s: Session, worker: str, now: datetime, limit: int) -> list[int]:
             .where(t.Intake.id.in_(numbers))
             .values(state="working", worker=worker, lease_until=now + LEASE, updated_at=now)
         )
-    return numbers
+    return numbers, len(rows) > len(numbers)
 
 
 def _seen(s: Session, keys: list[str]) -> dict[str, int]:

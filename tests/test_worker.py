@@ -16,8 +16,10 @@ from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
 from gateway import intake
+from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
 from gateway.pipeline import Context
+from gateway.serve import BUILD_EVERY, build_now
 from gateway.worker import Worker
 from keys.trust import TrustStore
 from tests.conftest import WORLD_AT
@@ -104,3 +106,28 @@ def test_a_transient_failure_is_retried_later_and_not_filed_meanwhile(
     assert _worker(archive, world_ctx, minutes=5).run_once() == []  # not due yet
     [later] = _worker(archive, world_ctx, minutes=7).run_once()
     assert (later.disposition, later.archive_seq) == ("accepted", 0)
+
+
+def test_a_claim_says_whether_it_left_a_backlog(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a claim leaves rows waiting (intake is backlogged), the serve loop builds receipts
+    and deliveries only every few cycles; otherwise every cycle, so that they keep pace."""
+    raw = world.submission("H26.SNV")
+    for minute in range(5):
+        _receive(archive, raw, minutes=minute)  # duplicates after the first: all quick to file
+    worker = _worker(archive, world_ctx, minutes=10)
+    assert len(worker.run_once(limit=2)) == 2 and worker.backlog  # 3 left
+    assert len(worker.run_once(limit=3)) == 3 and not worker.backlog  # none left
+    assert worker.run_once() == [] and not worker.backlog
+    for minute in range(5, 8):
+        _receive(archive, raw, minutes=minute)
+    monkeypatch.setattr(worker_module, "BATCH_BYTES", len(raw))  # one message per claim
+    assert len(worker.run_once()) == 1 and worker.backlog  # stopped by the byte limit
+    assert len(worker.run_once()) == 1 and worker.backlog
+    assert len(worker.run_once()) == 1 and not worker.backlog
+
+    steady = [build_now(backlog=False, cycle=c) for c in range(1, 9)]
+    burst = [build_now(backlog=True, cycle=c) for c in range(1, 9)]
+    assert all(steady)
+    assert burst == [c % BUILD_EVERY == 0 for c in range(1, 9)] and any(burst)
