@@ -40,6 +40,9 @@ from gateway.verdict import Verdict
 LEASE = timedelta(minutes=2)
 #: A claimed batch stops growing at this many bytes of raw messages (memory stays bounded).
 BATCH_BYTES = 32 * 1024 * 1024
+#: A claim of this many messages or bytes is a long cycle's work (~0.1–0.2 s): a backlog.
+BACKLOG_ROWS = 16
+BACKLOG_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ class Worker:
     name: str = field(default_factory=worker_name)
     #: Which agencies an accepted payload is delivered to (the obligations add theirs).
     recipients: Callable[[Verdict], Sequence[str]] = recipients_of
-    #: The last claim left rows waiting (it stopped at its count or byte limit): a backlog.
+    #: The last claim left rows waiting (it stopped at its count or byte limit), or took
+    #: :data:`BACKLOG_ROWS` or :data:`BACKLOG_BYTES`: a backlog.
     backlog: bool = False
 
     def run_once(self, limit: int = 32) -> list[Outcome]:
@@ -221,7 +225,7 @@ def _waiting(now: datetime) -> Select[int, int]:
 
 def claim(s: Session, worker: str, now: datetime, limit: int) -> tuple[list[int], bool]:
     """Claim up to ``limit`` waiting rows (new, due retries, expired claims), oldest first, and
-    up to :data:`BATCH_BYTES`; and whether rows are left waiting."""
+    up to :data:`BATCH_BYTES`; and whether that is a backlog (rows left, or a long batch)."""
     query = _waiting(now).order_by(t.Intake.id).limit(limit + 1)  # one more: any left?
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
@@ -239,7 +243,8 @@ def claim(s: Session, worker: str, now: datetime, limit: int) -> tuple[list[int]
             .where(t.Intake.id.in_(numbers))
             .values(state="working", worker=worker, lease_until=now + LEASE, updated_at=now)
         )
-    return numbers, len(rows) > len(numbers)
+    long = len(numbers) >= BACKLOG_ROWS or total >= BACKLOG_BYTES
+    return numbers, long or len(rows) > len(numbers)
 
 
 def _seen(s: Session, keys: list[str]) -> dict[str, int]:

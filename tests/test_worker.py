@@ -111,8 +111,9 @@ def test_a_transient_failure_is_retried_later_and_not_filed_meanwhile(
 def test_a_claim_says_whether_it_left_a_backlog(
     archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While a claim leaves rows waiting (intake is backlogged), the serve loop builds receipts
-    and deliveries only every few cycles; otherwise every cycle, so that they keep pace."""
+    """While a claim leaves rows waiting or takes several MB (intake is backlogged), the serve
+    loop builds receipts and deliveries only every few cycles; otherwise every cycle, so that
+    they keep pace."""
     raw = world.submission("H26.SNV")
     for minute in range(5):
         _receive(archive, raw, minutes=minute)  # duplicates after the first: all quick to file
@@ -126,6 +127,14 @@ def test_a_claim_says_whether_it_left_a_backlog(
     assert len(worker.run_once()) == 1 and worker.backlog  # stopped by the byte limit
     assert len(worker.run_once()) == 1 and worker.backlog
     assert len(worker.run_once()) == 1 and not worker.backlog
+    _receive(archive, raw, minutes=9)
+    monkeypatch.setattr(worker_module, "BACKLOG_BYTES", len(raw))  # a batch this big: long
+    assert len(worker.run_once()) == 1 and worker.backlog  # though nothing is left
+    monkeypatch.undo()
+    for minute in (10, 11):
+        _receive(archive, raw, minutes=minute)
+    monkeypatch.setattr(worker_module, "BACKLOG_ROWS", 2)  # so many messages: long too
+    assert len(worker.run_once()) == 2 and worker.backlog
 
     steady = [build_now(backlog=False, cycle=c) for c in range(1, 9)]
     burst = [build_now(backlog=True, cycle=c) for c in range(1, 9)]
