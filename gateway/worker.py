@@ -107,6 +107,7 @@ class Worker:
     def run_once(self, limit: int = 32) -> list[Outcome]:
         """Claim what is waiting now, process it, file it; returns what happened to each."""
         db = self.archive.db
+        self.backlog = False  # until a claim finds one
         with db.session(read_only=True) as s:  # idle polls never take the write lock
             if not s.execute(_waiting(self.clock()).limit(1)).first():
                 return []

@@ -135,6 +135,7 @@ def test_a_claim_says_whether_it_left_a_backlog(
         _receive(archive, raw, minutes=minute)
     monkeypatch.setattr(worker_module, "BACKLOG_ROWS", 2)  # so many messages: long too
     assert len(worker.run_once()) == 2 and worker.backlog
+    assert worker.run_once() == [] and not worker.backlog  # the burst is over
 
     steady = [build_now(backlog=False, cycle=c) for c in range(1, 9)]
     burst = [build_now(backlog=True, cycle=c) for c in range(1, 9)]
