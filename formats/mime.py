@@ -158,15 +158,16 @@ def decode_base64_buffer(data: bytes | bytearray | memoryview, *, limit: int) ->
             f"decoded body would be about {len(view) // 4 * 3} bytes, limit is {limit}"
         )
     out = bytearray()
-    carry = padding = b""
+    carry = b""
+    padding = -1  # how many "=" so far; -1 until the first
     for piece in _slices(view):
         chars = piece.translate(None, _WS)
-        if not padding and (at := chars.find(b"=")) >= 0:
-            chars, padding = chars[:at], chars[at:]
-        elif padding:
-            chars, padding = b"", padding + chars
-        if padding.strip(b"="):
-            raise _bad_base64("unexpected b'='")
+        at = 0 if padding >= 0 else chars.find(b"=")
+        if at >= 0:  # from here on only "=" may come
+            chars, tail = chars[:at], chars[at:]
+            if after := tail.translate(None, b"="):
+                raise _bad_base64(f"unexpected {after[:1]!r} after the padding")
+            padding = max(padding, 0) + len(tail)
         chars = carry + chars
         whole = len(chars) // 4 * 4
         out += _strict(chars[:whole])
@@ -175,7 +176,7 @@ def decode_base64_buffer(data: bytes | bytearray | memoryview, *, limit: int) ->
             raise LimitExceeded(f"decoded body is over {limit} bytes, the limit")
     if carry:  # the last quantum: two or three characters and its "=" or "=="
         missing = 4 - len(carry)
-        if missing == 3 or len(padding) < missing:
+        if missing == 3 or padding < missing:
             raise _bad_base64(f"{len(carry)} characters at the end, without their padding")
         out += _strict(carry + b"=" * missing)
     if len(out) > limit:
