@@ -43,6 +43,9 @@ BATCH_BYTES = 32 * 1024 * 1024
 #: A claim of this many messages or bytes is a long cycle's work (~0.1–0.2 s): a backlog.
 BACKLOG_ROWS = 16
 BACKLOG_BYTES = 4 * 1024 * 1024
+#: A claim takes at least this many bytes of what is waiting (when there is that much), or its
+#: share among the workers, whichever is more (:func:`claim`).
+SHARE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class Worker:
     name: str = field(default_factory=worker_name)
     #: Which agencies an accepted payload is delivered to (the obligations add theirs).
     recipients: Callable[[Verdict], Sequence[str]] = recipients_of
+    #: How many workers share the intake (this instance's): each claims its share of a
+    #: backlog of big messages (:func:`claim`).
+    peers: int = 1
     #: The last claim left rows waiting (it stopped at its count or byte limit), or took
     #: :data:`BACKLOG_ROWS` or :data:`BACKLOG_BYTES`: a backlog.
     backlog: bool = False
@@ -112,7 +118,7 @@ class Worker:
             if not s.execute(_waiting(self.clock()).limit(1)).first():
                 return []
         with db.session() as s:
-            numbers, self.backlog = claim(s, self.name, self.clock(), limit)
+            numbers, self.backlog = claim(s, self.name, self.clock(), limit, self.peers)
         if not numbers:
             return []
         with db.session(read_only=True) as s:
@@ -224,17 +230,26 @@ def _waiting(now: datetime) -> Select[int, int]:
     )
 
 
-def claim(s: Session, worker: str, now: datetime, limit: int) -> tuple[list[int], bool]:
+def claim(
+    s: Session, worker: str, now: datetime, limit: int, peers: int = 1
+) -> tuple[list[int], bool]:
     """Claim up to ``limit`` waiting rows (new, due retries, expired claims), oldest first, and
-    up to :data:`BATCH_BYTES`; and whether that is a backlog (rows left, or a long batch)."""
+    up to :data:`BATCH_BYTES`; and whether that is a backlog (rows left, or a long batch).
+
+    Of what it sees waiting, a worker takes its share among ``peers`` (but at least
+    :data:`SHARE_BYTES`): of 31 MB waiting, 16 MB, not all of it, so that at the end of a burst
+    of big messages one worker does not work through a long batch alone while the others idle.
+    Small messages are claimed as before: 33 of them are far below :data:`SHARE_BYTES`.
+    """
     query = _waiting(now).order_by(t.Intake.id).limit(limit + 1)  # one more: any left?
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     rows = s.execute(query).all()
     numbers: list[int] = []
     total = 0
+    share = max(SHARE_BYTES, -(-sum(size for _, size in rows) // max(1, peers)))
     for number, size in rows[:limit]:
-        if numbers and total + size > BATCH_BYTES:
+        if numbers and (total + size > BATCH_BYTES or total >= share):
             break
         numbers.append(number)
         total += size

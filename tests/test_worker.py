@@ -141,3 +141,30 @@ def test_a_claim_says_whether_it_left_a_backlog(
     burst = [build_now(backlog=True, cycle=c) for c in range(1, 9)]
     assert all(steady)
     assert burst == [c % BUILD_EVERY == 0 for c in range(1, 9)] and any(burst)
+
+
+def test_workers_claim_their_share_of_a_backlog_of_big_messages(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = world.submission("H26.SNV")
+    for minute in range(5):
+        _receive(archive, raw, minutes=minute)
+    # Make these "big": the share floor is one message's size.
+    monkeypatch.setattr(worker_module, "SHARE_BYTES", len(raw))
+    one, other = _worker(archive, world_ctx, minutes=10), _worker(archive, world_ctx, minutes=10)
+    one.peers = other.peers = 2
+    assert len(one.run_once()) == 3  # of 5 waiting, half rounded up
+    assert one.backlog
+    assert len(other.run_once()) == 1  # of 2, half
+    assert len(other.run_once()) == 1  # the last: the floor is one message
+    assert not other.backlog
+    alone = _worker(archive, world_ctx, minutes=10)
+    for minute in range(20, 24):
+        _receive(archive, raw, minutes=minute)
+    assert len(alone.run_once()) == 4  # one worker takes what it sees
+    monkeypatch.undo()
+    for minute in range(30, 34):
+        _receive(archive, raw, minutes=minute)
+    one.run_once()
+    with archive.db.session() as s:  # small messages: all at once, as before
+        assert s.query(t.Intake).filter(t.Intake.state != "done").count() == 0
