@@ -40,8 +40,8 @@ from gateway.verdict import Verdict
 LEASE = timedelta(minutes=2)
 #: A claimed batch stops growing at this many bytes of raw messages (memory stays bounded).
 BATCH_BYTES = 32 * 1024 * 1024
-#: A claim of this many messages or bytes is a long cycle's work (~0.1–0.2 s): a backlog.
-BACKLOG_ROWS = 16
+#: A claim of this many messages or bytes is a long cycle's work: a backlog.
+BACKLOG_ROWS = 8
 BACKLOG_BYTES = 4 * 1024 * 1024
 #: A claim takes at least this many bytes of what is waiting (when there is that much), or its
 #: share among the workers, whichever is more (:func:`claim`).
