@@ -216,5 +216,6 @@ def _check_depth(root: etree._Element, max_depth: int) -> None:
 @cache
 def _deeper_than(max_depth: int) -> etree.XPath:
     """The elements at depth ``max_depth + 1`` (the root is depth 1): ``*/*/…/*`` from the
-    root, ``max_depth`` steps, which libxml2 walks level by level without recursion."""
+    root, ``max_depth`` steps, which libxml2 walks level by level without recursion. Shared
+    between threads safely: lxml runs one evaluation of an ``XPath`` object at a time."""
     return etree.XPath("/".join(["*"] * max_depth))

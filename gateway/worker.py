@@ -241,7 +241,9 @@ def claim(
     of big messages one worker does not work through a long batch alone while the others idle.
     Small messages are claimed as before: 33 of them are far below :data:`SHARE_BYTES`.
     """
-    query = _waiting(now).order_by(t.Intake.id).limit(limit + 1)  # one more: any left?
+    # One more row than it may take: is any left? (On PostgreSQL that row is locked until this
+    # short transaction commits; a concurrent claim skips it meanwhile, as it would a taken one.)
+    query = _waiting(now).order_by(t.Intake.id).limit(limit + 1)
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     rows = s.execute(query).all()
