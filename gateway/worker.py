@@ -113,10 +113,13 @@ class Worker:
     def run_once(self, limit: int = 32) -> list[Outcome]:
         """Claim what is waiting now, process it, file it; returns what happened to each."""
         db = self.archive.db
+        # Idle polls never take the write lock: they look first. After a backlog, the claim
+        # is tried at once (at worst, once, it finds nothing).
+        if not self.backlog:
+            with db.session(read_only=True) as s:
+                if not s.execute(_waiting(self.clock()).limit(1)).first():
+                    return []
         self.backlog = False  # until a claim finds one
-        with db.session(read_only=True) as s:  # idle polls never take the write lock
-            if not s.execute(_waiting(self.clock()).limit(1)).first():
-                return []
         with db.session() as s:
             numbers, self.backlog = claim(s, self.name, self.clock(), limit, self.peers)
         if not numbers:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -137,10 +138,39 @@ def test_a_claim_says_whether_it_left_a_backlog(
     assert len(worker.run_once()) == 2 and worker.backlog
     assert worker.run_once() == [] and not worker.backlog  # the burst is over
 
-    steady = [build_now(backlog=False, cycle=c) for c in range(1, 9)]
-    burst = [build_now(backlog=True, cycle=c) for c in range(1, 9)]
+    cycles = range(1, 2 * BUILD_EVERY + 1)
+    steady = [build_now(backlog=False, cycle=c) for c in cycles]
+    burst = [build_now(backlog=True, cycle=c) for c in cycles]
     assert all(steady)
-    assert burst == [c % BUILD_EVERY == 0 for c in range(1, 9)] and any(burst)
+    assert burst == [c % BUILD_EVERY == 0 for c in cycles] and sum(burst) == 2
+
+
+def test_idle_polls_only_look_and_a_backlog_is_claimed_without_looking(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle worker never takes the write lock (it looks in a read-only transaction first);
+    while intake is backlogged, it claims at once, without the look."""
+    sessions: list[bool] = []  # read_only, for each transaction the worker opens
+    opened = archive.db.session
+
+    def session(*, read_only: bool = False, priority: bool = False) -> Any:
+        sessions.append(read_only)
+        return opened(read_only=read_only, priority=priority)
+
+    monkeypatch.setattr(archive.db, "session", session)
+    worker = _worker(archive, world_ctx, minutes=10)
+    assert worker.run_once() == [] and sessions == [True]
+    raw = world.submission("H26.SNV")
+    for minute in range(3):
+        _receive(archive, raw, minutes=minute)
+    sessions.clear()
+    assert len(worker.run_once(limit=2)) == 2 and worker.backlog
+    assert sessions[:2] == [True, False]  # looked, then claimed
+    sessions.clear()
+    assert len(worker.run_once(limit=2)) == 1 and not worker.backlog
+    assert sessions[0] is False  # claimed at once
+    sessions.clear()
+    assert worker.run_once() == [] and sessions == [True]  # idle again: only a look
 
 
 def test_workers_claim_their_share_of_a_backlog_of_big_messages(
