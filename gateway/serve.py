@@ -59,7 +59,7 @@ from gateway.worker import Worker, worker_name
 log = logging.getLogger("gateway.serve")
 
 IDLE = 0.02  # seconds a worker waits when there is nothing to do
-BUILD_EVERY = 4  # while intake is backlogged, build receipts and deliveries every Nth cycle
+BUILD_EVERY = 16  # while intake is backlogged, build receipts and deliveries every Nth cycle
 CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
 RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host
 
