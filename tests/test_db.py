@@ -7,6 +7,7 @@ Most tests take ``database_url`` and so run twice; the ones about one engine's b
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -218,37 +219,62 @@ def _pragmas_then_normal(dbapi_connection: Any, _record: Any) -> None:
 
 
 def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
-    tmp_path: Path, open_db: Opener
+    tmp_path: Path, open_db: Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Intake commits (priority) go before background writers: while one is open, another
     writer does not even begin, in this process or another (the gate is a file lock)."""
     url = f"sqlite:///{tmp_path}/archive.db"
     db, other = open_db(url), open_db(url)  # two engines, as two processes have
     umask = os.umask(0o022)  # the usual one, whatever this shell's
-    opened, release, entered = threading.Event(), threading.Event(), threading.Event()
+    opened, release, at_gate = threading.Event(), threading.Event(), threading.Event()
+    steps: list[str] = []
+    flock = fcntl.flock
+
+    def watched(fd: int, operation: int) -> None:  # the background writer's pass of the gate
+        mine = threading.current_thread().name == "background"
+        if mine:
+            steps.append("background at the gate")
+            at_gate.set()
+        flock(fd, operation)
+        if mine:
+            steps.append("background passed the gate")
+
+    monkeypatch.setattr(fcntl, "flock", watched)
 
     def priority() -> None:
         with db.session(priority=True) as s:
             _event(s, "intake")
             opened.set()
             release.wait(10)
+            steps.append("priority write ends")
 
     def background() -> None:
         with other.session() as s:
-            entered.set()
+            steps.append("background began")
             _event(s, "background")
 
     first = threading.Thread(target=priority)
     first.start()
     assert opened.wait(10)
-    second = threading.Thread(target=background)
+    # The gate is closed: not even a shared lock can be had.
+    probe = os.open(tmp_path / "archive.db-gate", os.O_RDONLY)
+    with pytest.raises(BlockingIOError):
+        flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    second = threading.Thread(target=background, name="background")
     second.start()
-    assert not entered.wait(0.5), "a background writer began while a priority write was open"
+    assert at_gate.wait(10)
     release.set()
     first.join(10)
-    assert entered.wait(10)
     second.join(10)
+    flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # open again
+    os.close(probe)
     os.umask(umask)
+    assert steps == [
+        "background at the gate",
+        "priority write ends",
+        "background passed the gate",
+        "background began",
+    ]
     with db.session(read_only=True) as s:
         subjects = list(s.scalars(select(t.AdminEvent.subject).order_by(t.AdminEvent.seq)))
     assert subjects == ["intake", "background"]
