@@ -21,8 +21,9 @@ Replies (enhanced status codes, RFC 3463; ENHANCEDSTATUSCODES is advertised, RFC
     530 5.7.0                   STARTTLS required first
     502 5.5.1                   AUTH (not offered here)
 
-aiosmtpd's own reply texts are rewritten in one place (:data:`REWRITES`, applied by
-``push``) so that every reply carries an enhanced code and none echoes what the peer sent.
+aiosmtpd's own reply texts are rewritten in one place (:mod:`gateway.smtp_protocol`) so that
+every reply carries an enhanced code and none echoes what the peer sent; the checks behind the
+refusals are pure (:mod:`gateway.smtp_checks`).
 
 Usage::
 
@@ -36,26 +37,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from archive.db import Database
 from archive.records import Transport
 from formats.errors import ConfigError, TransientError
 from formats.limits import Limits
 from gateway import intake
-from gateway.smtp_data import BLOCK, read_data
+from gateway.smtp_checks import check_data, is_mailbox, safe_text
+from gateway.smtp_protocol import TRANSIENT, IntakeLMTP, IntakeSMTP
 
 log = logging.getLogger(__name__)
 
@@ -83,88 +83,9 @@ COMMAND_LIMITS: dict[str, int] = {
     "AUTH": 3,
 }
 
-TRANSIENT = "451 4.3.0 Temporary failure; the message was not stored, please try again later"
 
-
-def safe_text(text: str, limit: int = 100) -> str:
-    """Peer-supplied text made fit to echo: printable address characters only, bounded."""
-    kept = "".join(
-        c if c.isascii() and (c.isalnum() or c in ".-_+=@!#$%&'*/?^`{|}~") else "?"
-        for c in text[:limit]
-    )
-    return kept + ("..." if len(text) > limit else "")
-
-
-# RFC 5321 §4.1.2 Mailbox: Dot-string or Quoted-string "@" a domain or an address literal;
-# aiosmtpd's parser is lenient (it takes "<broken" for the address "broken").
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_MAILBOX = re.compile(
-    rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
-    rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])\Z"
-)
-
-
-def is_mailbox(address: str) -> bool:
-    """RFC 5321 Mailbox syntax, within the §4.5.3.1 size limits (local 64, path 256)."""
-    local, _, domain = address.rpartition("@")
-    return (
-        len(address) <= 254
-        and len(local) <= 64
-        and len(domain) <= 255
-        and _MAILBOX.match(address) is not None
-    )
-
-
-# --- the data checks (pure) -----------------------------------------------------------------
-
-# RFC 5321 §4.5.3.1.6 / RFC 5322 §2.1.1: 998 octets plus CRLF; aiosmtpd's reader lets 999
-# through (its 1001 counts a transparency dot), so the exact rule is checked again here.
-_LINE_TOO_LONG = (
-    "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6: at most 998 octets plus CRLF)"
-)
-
-
-def check_data(raw: bytes, limits: Limits) -> str | None:
-    """The refusal reply for message data that breaks a limit, or ``None`` when it is fine.
-
-    ``raw`` is the data as received, dot-unstuffed: every line ends with CRLF.
-    """
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") != crlf:
-        return _bare("LF")
-    if raw.count(b"\r") != crlf:
-        return _bare("CR")
-    if not _lines_within(raw, limits.max_line_bytes):
-        return _LINE_TOO_LONG
-    return None
-
-
-def _lines_within(raw: bytes, limit: int) -> bool:
-    """No line of ``raw`` (CRLF line ends only) holds more than ``limit`` octets.
-
-    A line over the limit and its CR are a run of at least ``limit + 2`` octets with no LF,
-    and such a run covers a whole block of ``block`` octets (``2 * block - 1 <= limit + 2``)
-    counted from the start. So when every block holds an LF, which one ``find`` per block
-    tells (~0.25 ms per MiB), no line is too long; only otherwise is every line measured
-    (~2.5 ms per MiB). (A regex such as ``[^\r\n]{999}`` backtracks at every offset: 47 s
-    on 32 MiB.)
-    """
-    block = (limit + 3) // 2
-    if all(raw.find(b"\n", at, at + block) >= 0 for at in range(0, len(raw), block)):
-        return True
-    return max(map(len, raw.split(b"\r\n"))) <= limit
-
-
+#: Bigger message data is checked in a thread (~1.5 ms per MiB), off the event loop.
 _INLINE_CHECK_BYTES = 1024 * 1024
-
-
-def _bare(what: str) -> str:
-    # RFC 5321 §2.3.8: lines end with CRLF; a bare CR or LF must not be treated as one.
-    return (
-        f"550 5.6.2 Bare {what} in the message data; RFC 5321 section 2.3.8 requires CRLF "
-        "line endings. The message was not stored"
-    )
 
 
 # --- the handler ------------------------------------------------------------------------------
@@ -322,149 +243,6 @@ def _tls(session: Session) -> str | None:
     version = ssl_object.version() if ssl_object is not None else None
     name = cipher[0] if cipher else None
     return " ".join(str(p) for p in (version, name) if p) or "TLS"
-
-
-# --- the protocol: aiosmtpd's SMTP with our replies -------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """Replace an aiosmtpd reply that starts with ``prefix`` (``data``: a DATA-phase reply)."""
-
-    prefix: str
-    reply: str
-    data: bool = False
-
-
-#: aiosmtpd's replies → ours: an enhanced code on each, no peer text echoed, no internals.
-REWRITES: tuple[Rewrite, ...] = (
-    # handle_exception's default "500 Error: (Exc) text" leaks internals and bounces for good.
-    Rewrite("500 Error: (", TRANSIENT),
-    Rewrite("500 Error: Cannot describe error", TRANSIENT),
-    Rewrite("500 Command line too long", "500 5.5.2 Command line too long"),
-    Rewrite("500 Error: bad syntax", "500 5.5.2 Syntax error"),
-    Rewrite("500 Error: strict ASCII mode", "500 5.5.2 Non-ASCII command; SMTPUTF8 is not offered"),
-    Rewrite('500 Error: command "', "500 5.5.1 Command not recognized"),
-    Rewrite("500 Error: command 'AUTH'", "502 5.5.1 AUTH is not offered"),
-    Rewrite("554 Command refused due to lack of security", "554 5.7.0 TLS negotiation failed"),
-    Rewrite(
-        "530 Must issue a STARTTLS command first", "530 5.7.0 Must issue a STARTTLS command first"
-    ),
-    Rewrite("421 4.7.0 ", "421 4.7.0 Too many commands in one session; closing"),
-    Rewrite("503 Error: send ", "503 5.5.1 Send EHLO, HELO or LHLO first"),
-    Rewrite("503 Error: nested MAIL command", "503 5.5.1 Nested MAIL command"),
-    Rewrite("503 Error: need MAIL command", "503 5.5.1 Need MAIL command"),
-    Rewrite("503 Error: need RCPT command", "503 5.5.1 Need RCPT command"),
-    Rewrite("501 Error: BODY can only be", "501 5.5.4 BODY must be 7BIT or 8BITMIME"),
-    Rewrite("501 Error: SMTPUTF8", "501 5.5.4 SMTPUTF8 is not offered"),
-    Rewrite("501 Syntax: MAIL", "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"),
-    Rewrite("501 Syntax: RCPT", "501 5.5.4 Syntax: RCPT TO:<address>"),
-    Rewrite("501 Syntax: ", "501 5.5.4 Syntax error in parameters"),
-    Rewrite("555 MAIL FROM parameters", "555 5.5.4 MAIL FROM parameters not recognized"),
-    Rewrite("555 RCPT TO parameters", "555 5.5.4 RCPT TO parameters not recognized"),
-    Rewrite(
-        "552 Error: message size exceeds", "552 5.3.4 Message size exceeds the limit ({size} bytes)"
-    ),
-    Rewrite("502 Could not VRFY", "502 5.5.4 Could not VRFY that address"),
-    Rewrite("252 Cannot VRFY", "252 2.5.0 Cannot VRFY user; send the message"),
-    Rewrite("502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
-    Rewrite("454 TLS not available", "454 4.7.0 TLS not available"),
-    Rewrite("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),
-    Rewrite("221 Bye", "221 2.0.0 Bye"),
-    Rewrite("250 OK", "250 2.0.0 OK"),
-    Rewrite("500 Line too long", _LINE_TOO_LONG, data=True),
-    Rewrite(
-        "552 Error: Too much mail data",
-        "552 5.3.4 Message too big (at most {size} bytes)",
-        data=True,
-    ),
-)
-
-
-class _Replies:
-    """Mixed into aiosmtpd's SMTP/LMTP: our replies, a 451 for anything unexpected, and the
-    DATA phase read in blocks (:mod:`gateway.smtp_data`)."""
-
-    data_size_limit: int | None
-    envelope: Envelope | None
-    session: Session | None
-    event_handler: IntakeHandler
-    _reader: asyncio.StreamReader
-
-    #: aiosmtpd sizes the session's stream with this. Its own DATA reader (replaced below) is
-    #: the only other user; lines are held to 998 octets by :func:`check_data`, and command
-    #: lines to aiosmtpd's command size limits.
-    line_length_limit = BLOCK
-
-    #: The listener's set of live transports (so that stop() can close every one).
-    transports: set[asyncio.BaseTransport] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transports is not None:
-            self.transports.add(transport)
-        super().connection_made(transport)  # type: ignore[misc]
-
-    async def push(self, status: Any) -> None:
-        if isinstance(status, str):
-            status = self.rewrite(status)
-            if not status.isascii():  # replies are ASCII (no SMTPUTF8): never fail on one
-                status = status.encode("ascii", "replace").decode("ascii")
-        await super().push(status)  # type: ignore[misc]
-
-    def rewrite(self, status: str) -> str:
-        for rule in REWRITES:
-            if status.startswith(rule.prefix):
-                reply = rule.reply.replace("{size}", str(self.data_size_limit))
-                if rule.data and isinstance(self, LMTP) and self.envelope is not None:
-                    # LMTP (RFC 2033 §4.2): a DATA refusal is given once per recipient.
-                    return "\r\n".join([reply] * max(1, len(self.envelope.rcpt_tos)))
-                return reply
-        return status
-
-    async def handle_exception(self, error: Exception) -> str:
-        # Replaces aiosmtpd's '500 Error: (ExcName) text': details go to the log only.
-        log.error("SMTP session error", exc_info=error)
-        return TRANSIENT
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA (the same checks and replies) with the data read in blocks."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):  # type: ignore[attr-defined]
-            return
-        if self.envelope is None or not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        try:
-            data = await read_data(self._reader, self.data_size_limit)
-        except asyncio.IncompleteReadError as err:  # closed mid-DATA: the session ends quietly
-            raise ConnectionResetError("connection closed during DATA") from err
-        if data.content is None:
-            self._set_post_data_state()  # type: ignore[attr-defined]
-            await self.push("552 Error: Too much mail data")
-            return
-        envelope, session = self.envelope, self.session
-        envelope.content = envelope.original_content = data.content
-        status = await self.event_handler.handle_DATA(self, session, envelope)  # type: ignore[arg-type]
-        self._set_post_data_state()  # type: ignore[attr-defined]
-        await self.push(status)
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        if self._authenticator is None:  # type: ignore[attr-defined]
-            await self.push("502 5.5.1 AUTH is not offered")
-            return
-        await super().smtp_AUTH(arg)  # type: ignore[misc]
-
-
-class IntakeSMTP(_Replies, SMTP):
-    """aiosmtpd's SMTP with the gateway's replies."""
-
-
-class IntakeLMTP(_Replies, LMTP):
-    """aiosmtpd's LMTP (LHLO, one reply per recipient) with the gateway's replies."""
 
 
 # --- the listener -----------------------------------------------------------------------------
@@ -670,13 +448,8 @@ def start(
 __all__ = [
     "COMMAND_LIMITS",
     "MAX_RECIPIENTS",
-    "REWRITES",
     "SESSION_TIMEOUT",
-    "TRANSIENT",
     "IntakeHandler",
-    "IntakeLMTP",
-    "IntakeSMTP",
     "Listener",
-    "check_data",
     "start",
 ]

@@ -8,7 +8,7 @@ base64 body arrives in a few pieces of up to :data:`BLOCK` bytes, and the messag
 
 The result is what aiosmtpd's reader gives for the same bytes: the data ends at the first
 ``<CRLF>.<CRLF>`` (or at a ``.<CRLF>`` that opens the data); a line's leading dot is removed; a
-bare CR or LF is not a line end (and is refused later, :func:`gateway.smtp.check_data`); the
+bare CR or LF is not a line end (and is refused later, :func:`gateway.smtp_checks.check_data`); the
 size counted against the limit is the stuffed size without the end line; over the limit the data
 is read to its end and dropped. Nothing after the end line is consumed: a pipelined command
 (RFC 2920) stays in the stream for the session.

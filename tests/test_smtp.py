@@ -24,7 +24,7 @@ from sqlalchemy import event, func, select
 from archive import tables as t
 from archive.db import Database
 from formats.limits import Limits
-from gateway import intake
+from gateway import intake, smtp_checks
 from gateway import smtp as listener
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context, process
@@ -458,7 +458,7 @@ def test_the_null_sender_is_accepted(serve: Any) -> None:
     ],
 )
 def test_is_mailbox(address: str, ok: bool) -> None:
-    assert listener.is_mailbox(address) is ok
+    assert smtp_checks.is_mailbox(address) is ok
 
 
 def test_replies_never_echo_what_the_peer_sent(serve: Any) -> None:
@@ -501,7 +501,7 @@ def test_too_many_commands_close_the_session(serve: Any) -> None:
     ],
 )
 def test_check_data(data: bytes, reply: str | None) -> None:
-    got = listener.check_data(data, Limits())
+    got = smtp_checks.check_data(data, Limits())
     assert (got[:9] if got else None) == reply
 
 
@@ -515,7 +515,7 @@ def test_check_data(data: bytes, reply: str | None) -> None:
 def test_line_limit_is_checked_exactly_for_any_line_lengths(limit: int, shape: list[int]) -> None:
     lengths = [max(0, limit + d) for d in shape]
     data = b"".join(b"x" * n + b"\r\n" for n in lengths)
-    got = listener.check_data(data, Limits(max_line_bytes=limit))
+    got = smtp_checks.check_data(data, Limits(max_line_bytes=limit))
     assert (got is not None) == any(n > limit for n in lengths)
     assert got is None or got.startswith("500 5.5.2")
 

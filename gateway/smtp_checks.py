@@ -1,0 +1,87 @@
+"""What an SMTP peer sends, checked (pure): addresses and message data.
+
+The listener (:mod:`gateway.smtp`) answers with the replies these return; nothing here does
+I/O. Text a peer wrote is only ever echoed through :func:`safe_text`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from formats.limits import Limits
+
+
+def safe_text(text: str, limit: int = 100) -> str:
+    """Peer-supplied text made fit to echo: printable address characters only, bounded."""
+    kept = "".join(
+        c if c.isascii() and (c.isalnum() or c in ".-_+=@!#$%&'*/?^`{|}~") else "?"
+        for c in text[:limit]
+    )
+    return kept + ("..." if len(text) > limit else "")
+
+
+# RFC 5321 §4.1.2 Mailbox: Dot-string or Quoted-string "@" a domain or an address literal;
+# aiosmtpd's parser is lenient (it takes "<broken" for the address "broken").
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_MAILBOX = re.compile(
+    rf'(?:{_ATOM}(?:\.{_ATOM})*|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")'
+    rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])\Z"
+)
+
+
+def is_mailbox(address: str) -> bool:
+    """RFC 5321 Mailbox syntax, within the §4.5.3.1 size limits (local 64, path 256)."""
+    local, _, domain = address.rpartition("@")
+    return (
+        len(address) <= 254
+        and len(local) <= 64
+        and len(domain) <= 255
+        and _MAILBOX.match(address) is not None
+    )
+
+
+# --- the data checks (pure) -----------------------------------------------------------------
+
+# RFC 5321 §4.5.3.1.6 / RFC 5322 §2.1.1: 998 octets plus CRLF; aiosmtpd's reader lets 999
+# through (its 1001 counts a transparency dot), so the exact rule is checked again here.
+LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6: at most 998 octets plus CRLF)"
+
+
+def check_data(raw: bytes, limits: Limits) -> str | None:
+    """The refusal reply for message data that breaks a limit, or ``None`` when it is fine.
+
+    ``raw`` is the data as received, dot-unstuffed: every line ends with CRLF.
+    """
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") != crlf:
+        return _bare_line_end("LF")
+    if raw.count(b"\r") != crlf:
+        return _bare_line_end("CR")
+    if not _lines_within(raw, limits.max_line_bytes):
+        return LINE_TOO_LONG
+    return None
+
+
+def _lines_within(raw: bytes, limit: int) -> bool:
+    """No line of ``raw`` (CRLF line ends only) holds more than ``limit`` octets.
+
+    A line over the limit and its CR are a run of at least ``limit + 2`` octets with no LF,
+    and such a run covers a whole block of ``block`` octets (``2 * block - 1 <= limit + 2``)
+    counted from the start. So when every block holds an LF, which one ``find`` per block
+    tells (~0.25 ms per MiB), no line is too long; only otherwise is every line measured
+    (~2.5 ms per MiB). (A regex such as ``[^\r\n]{999}`` backtracks at every offset: 47 s
+    on 32 MiB.)
+    """
+    block = (limit + 3) // 2
+    if all(raw.find(b"\n", at, at + block) >= 0 for at in range(0, len(raw), block)):
+        return True
+    return max(map(len, raw.split(b"\r\n"))) <= limit
+
+
+def _bare_line_end(what: str) -> str:
+    # RFC 5321 §2.3.8: lines end with CRLF; a bare CR or LF must not be treated as one.
+    return (
+        f"550 5.6.2 Bare {what} in the message data; RFC 5321 section 2.3.8 requires CRLF "
+        "line endings. The message was not stored"
+    )
