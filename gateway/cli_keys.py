@@ -23,7 +23,7 @@ from gateway.cli import actor as who
 from gateway.cli import db_session, emit_json, load_settings, now, parse_time
 from gateway.cli_ca import ca, crl_cmd, issue_cmd, revoke_cmd
 from gateway.loading import passphrase as settings_passphrase
-from keys import fetch, files, inspect, issuing, ocsp, store
+from keys import evidence, fetch, files, inspect, issuing, ocsp, store
 from keys.store import StoredCertificate
 
 _P12 = (".p12", ".pfx")
@@ -426,7 +426,7 @@ def crls_import(ctx: click.Context, file: Path) -> None:
     """Import a CRL by hand (PEM or DER). Its signature is checked when it is used."""
     crl = files.load_crl(file)
     with db_session(ctx) as s:
-        added = store.add_crl(s, crl, source=f"import {file.name}", at=now(), actor=who())
+        added = evidence.add_crl(s, crl, source=f"import {file.name}", at=now(), actor=who())
     click.echo(
         ("stored" if added else "already stored") + f": CRL of {crl.issuer.rfc4514_string()}"
     )
@@ -439,7 +439,7 @@ def crls_list(ctx: click.Context, as_json: bool) -> None:
     """Stored CRLs, with their freshness."""
     at = now()
     with db_session(ctx) as s:
-        rows = store.crl_rows(s)
+        rows = evidence.crl_rows(s)
     out: list[dict[str, Any]] = [
         {
             "issuer": r.issuer,
@@ -525,7 +525,7 @@ def ocsp_list(ctx: click.Context, as_json: bool) -> None:
     """Stored OCSP responses, with the status they give and their freshness."""
     at = now()
     with db_session(ctx) as s:
-        rows = store.ocsp_rows(s)
+        rows = evidence.ocsp_rows(s)
     out: list[dict[str, Any]] = [
         {
             "issuer": r.issuer,

@@ -25,7 +25,7 @@ from formats.payload import Organ, Signer, build_payload
 from formats.smime import build_message
 from gateway.loading import dump_directory
 from gateway.pipeline import Context
-from keys import agency_io, presets, store
+from keys import agency_io, evidence, presets, store
 from keys.directory import Agency, Directory
 from keys.issuing import Issued, issue_agency, issue_hub, make_crl, make_root
 from keys.trust import TrustStore
@@ -259,7 +259,7 @@ class DemoWorld:
                     store.add_agency(s, agency, at=self.at, actor="demo")
                 store.add_certificate(s, self.root.cert, role="anchor", at=self.at, actor="demo")
                 crl = x509.load_der_x509_crl(self.crl())
-                store.add_crl(s, crl, source="demo", at=self.at, actor="demo")
+                evidence.add_crl(s, crl, source="demo", at=self.at, actor="demo")
                 key = self.hub.key
                 assert isinstance(key, rsa.RSAPrivateKey)
                 store.add_private_key(

@@ -52,7 +52,7 @@ from formats.cms_envelope import RecipientKey
 from formats.errors import GatewayError
 from gateway import loading
 from gateway.settings import Settings
-from keys import store
+from keys import evidence, store
 from keys.trust import TrustStore
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -326,7 +326,7 @@ def trust_anchors(
         with db.session(read_only=True) as s:
             anchors = store.certificates(s, role="anchor", include_retired=False)
             inter = store.certificates(s, role="intermediate", include_retired=False)
-            crl_ders, ocsps = store.latest_crls(s), store.latest_ocsps(s)
+            crl_ders, ocsps = evidence.latest_crls(s), evidence.latest_ocsps(s)
         trust = loading.load_trust(
             settings,
             [c.certificate for c in anchors],

@@ -26,7 +26,7 @@ from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
 from gateway.pipeline import Context
 from gateway.settings import Settings
-from keys import files, store
+from keys import evidence, files, store
 from keys.directory import Agency, Directory
 from keys.trust import TrustStore
 
@@ -71,8 +71,8 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
         intermediates = [
             c.certificate for c in store.certificates(s, role="intermediate", include_retired=False)
         ]
-        crls = store.latest_crls(s)
-        ocsps = store.latest_ocsps(s)
+        crls = evidence.latest_crls(s)
+        ocsps = evidence.latest_ocsps(s)
         agencies = store.agencies(s)
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)

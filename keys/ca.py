@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 from archive import tables as t
 from formats.errors import ConfigError, InputError
 from formats.vntime import local_day
-from keys import store
+from keys import evidence, store
 from keys.directory import normalize_email
 from keys.issuing import Issued, issue_agency, make_crl, make_root
 
@@ -411,7 +411,7 @@ def _sign_crl(
         next_update=at + timedelta(days=days),
         number=number,
     )
-    store.add_crl(s, crl, source=SOURCE, at=at, actor=actor)
+    evidence.add_crl(s, crl, source=SOURCE, at=at, actor=actor)
     store.record(
         s,
         at=at,

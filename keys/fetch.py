@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy.orm import Session
 
 from formats.errors import InputError
-from keys import http, store
+from keys import evidence, http, store
 
 MAX_CRL_BYTES = 16 * 1024 * 1024
 
@@ -58,7 +58,7 @@ def refresh(
     certs = store.certificates(s, include_retired=False)
     issuers = [c.certificate for c in store.certificates(s, role=("anchor", "intermediate", "ca"))]
     fresh_issuers = {
-        r.issuer for r in store.crl_rows(s) if r.next_update is not None and at < r.next_update
+        r.issuer for r in evidence.crl_rows(s) if r.next_update is not None and at < r.next_update
     }
     urls: dict[str, x509.Name] = {}
     for c in certs:
@@ -72,7 +72,7 @@ def refresh(
         try:
             crl = _parse(fetch(url))
             _check_signed(crl, issuers)
-            added = store.add_crl(s, crl, source=url, at=at, actor=actor)
+            added = evidence.add_crl(s, crl, source=url, at=at, actor=actor)
         except InputError as err:
             out.append(Outcome(url, "failed", err.message))
             continue

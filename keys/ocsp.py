@@ -45,7 +45,7 @@ from cryptography.x509.oid import (
 from sqlalchemy.orm import Session
 
 from formats.errors import InputError
-from keys import http, store
+from keys import evidence, http, store
 from keys.trust import ALLOWED_HASHES
 
 MAX_OCSP_BYTES = 256 * 1024
@@ -304,7 +304,7 @@ def refresh(
     ]
     fresh = {
         (r.issuer, r.number)
-        for r in store.ocsp_rows(s)
+        for r in evidence.ocsp_rows(s)
         if r.next_update is not None and at < r.next_update
     }
     out = []
@@ -325,7 +325,9 @@ def refresh(
         try:
             der = post(urls[0], build_request(cert, issuer))
             resp = verify_response(der, cert, issuer, at=at)
-            added = store.add_ocsp(s, der, issuer=cert.issuer, source=urls[0], at=at, actor=actor)
+            added = evidence.add_ocsp(
+                s, der, issuer=cert.issuer, source=urls[0], at=at, actor=actor
+            )
         except InputError as err:
             out.append(_with(outcome, "failed", err.message))
             continue

@@ -34,7 +34,7 @@ from gateway import cli, settings  # cli first: it registers the rest
 from gateway.demo import WORK_PERMITS
 from gateway.pipeline import Context, process
 from keys import ca as ca_mod
-from keys import store
+from keys import evidence, store
 from keys.directory import Agency
 from keys.issuing import ORGAN_ID_ATTRIBUTE, issue_hub
 from tests.pki import build_pki, key
@@ -153,8 +153,8 @@ def test_init_keeps_key_encrypted_trusts_root_and_publishes_first_crl(home: Path
         assert b"ENCRYPTED PRIVATE KEY" in key_row.encrypted_pem
         assert anchor.source == ca_mod.SOURCE
         assert anchor.subject == "CN=Test Built-in CA"
-        assert len(store.latest_crls(s)) == 1
-        store.trust_store(s)  # the pipeline finds an anchor
+        assert len(evidence.latest_crls(s)) == 1
+        evidence.trust_store(s)  # the pipeline finds an anchor
         actions = [e.action for e in store.events(s)]
     db.dispose()
     assert actions[:4] == ["certificate.add.anchor", "ca.init", "evidence.crl", "ca.crl"]
@@ -320,7 +320,7 @@ def context(home: Path, hub: ca_mod.Issued) -> Context:
     with db.session() as s:
         ctx = Context(
             keys=(RecipientKey(hub.cert, hub.key),),
-            trust=store.trust_store(s),
+            trust=evidence.trust_store(s),
             directory=store.directory(s),
             enrolled=store.enrolled(s),
         )

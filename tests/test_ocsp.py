@@ -34,8 +34,8 @@ from formats.errors import ConfigError, InputError, RevocationUnavailable, Signe
 from gateway import settings as settings_mod
 from gateway.cli import cli
 from gateway.loading import load_context
+from keys import evidence, store
 from keys import ocsp as ocsp_mod
-from keys import store
 from keys.directory import Agency
 from keys.issuing import Issued, issue_agency, issue_hub, make_root
 from keys.trust import TrustStore
@@ -256,7 +256,7 @@ def _fetch(world: World, **kwargs: object) -> list[ocsp_mod.Outcome]:
 
 def _trust(world: World) -> TrustStore:
     with world.db.session() as s:
-        return TrustStore(anchors=(world.root.cert,), ocsps=tuple(store.latest_ocsps(s)))
+        return TrustStore(anchors=(world.root.cert,), ocsps=tuple(evidence.latest_ocsps(s)))
 
 
 # --- against openssl ocsp -------------------------------------------------------------------------
@@ -281,8 +281,8 @@ def test_openssl_answers_decide_validation_without_any_crl(tmp_path: Path) -> No
         assert {o.status for o in _fetch(world, force=True)} <= {"stored", "unchanged"}
 
     with world.db.session() as s:
-        assert len(store.latest_ocsps(s)) == 2  # one per certificate, however often fetched
-        assert store.latest_crls(s) == []
+        assert len(evidence.latest_ocsps(s)) == 2  # one per certificate, however often fetched
+        assert evidence.latest_crls(s) == []
         events = [e for e in store.events(s) if e.action == "evidence.ocsp"]
     assert {e.detail["status"] for e in events} == {"good", "revoked"}
     assert {e.subject for e in events} == {"CN=OCSP Test Root"}
@@ -293,8 +293,8 @@ def test_openssl_answers_decide_validation_without_any_crl(tmp_path: Path) -> No
     trust = _trust(world)
     signer = trust.validate_signer(world.good.cert, at=checked)
     assert signer.revocation_checked
-    [evidence] = signer.evidence
-    assert ocsp.load_der_ocsp_response(evidence).serial_number == world.good.cert.serial_number
+    [response] = signer.evidence
+    assert ocsp.load_der_ocsp_response(response).serial_number == world.good.cert.serial_number
     with pytest.raises(SignerRevoked, match="key compromise"):
         trust.validate_signer(world.revoked.cert, at=checked)
     # The OCSP answers are what decided: without them there is no evidence at all.
@@ -352,7 +352,7 @@ def test_cli_fetch_and_list_and_the_pipeline_context(
         store.add_private_key(
             s, hub.cert, hub.key, role="hub", passphrase=PASS.encode(), at=world.at, actor=ACTOR
         )
-        stored = tuple(store.latest_ocsps(s))
+        stored = tuple(evidence.latest_ocsps(s))
     monkeypatch.setenv("GATEWAY_KEY_PASSPHRASE", PASS)
     context = load_context(settings_mod.load(tmp_path))
     assert set(context.trust.ocsps) == set(stored)
@@ -421,7 +421,7 @@ def test_refused_answers_store_nothing(tmp_path: Path, fake: FakeResponder, case
     assert (outcome.status, outcome.url) == ("failed", fake.url)
     assert message in outcome.detail
     with world.db.session() as s:
-        assert store.ocsp_rows(s) == []
+        assert evidence.ocsp_rows(s) == []
         assert not [e for e in store.events(s) if e.action == "evidence.ocsp"]
 
 
@@ -455,7 +455,7 @@ def test_an_unreachable_responder_fails_with_a_reason_and_exit_1(tmp_path: Path)
     assert "Connection refused" in outcome["detail"]
     assert "refused" in outcome["detail"].lower()
     with world.db.session() as s:
-        assert store.ocsp_rows(s) == []
+        assert evidence.ocsp_rows(s) == []
 
 
 def test_a_certificate_without_an_ocsp_url_is_not_asked_about(
@@ -480,13 +480,13 @@ def test_the_store_keeps_each_answer_once_and_serves_the_newest(tmp_path: Path) 
     issuer = world.root.cert.subject
     with world.db.session() as s:
         for der in (newer, older, other):
-            assert store.add_ocsp(s, der, issuer=issuer, source="t", at=world.at, actor=ACTOR)
-        assert not store.add_ocsp(s, newer, issuer=issuer, source="t", at=world.at, actor=ACTOR)
-        assert sorted(store.latest_ocsps(s)) == sorted([newer, other])
-        [row] = [r for r in store.ocsp_rows(s) if r.der == newer]
+            assert evidence.add_ocsp(s, der, issuer=issuer, source="t", at=world.at, actor=ACTOR)
+        assert not evidence.add_ocsp(s, newer, issuer=issuer, source="t", at=world.at, actor=ACTOR)
+        assert sorted(evidence.latest_ocsps(s)) == sorted([newer, other])
+        [row] = [r for r in evidence.ocsp_rows(s) if r.der == newer]
         assert (row.kind, row.number) == ("ocsp", f"{world.good.cert.serial_number:x}")
         with pytest.raises(InputError, match="only a successful OCSP response"):
-            store.add_ocsp(s, b"junk", issuer=issuer, source="t", at=world.at, actor=ACTOR)
+            evidence.add_ocsp(s, b"junk", issuer=issuer, source="t", at=world.at, actor=ACTOR)
 
 
 def test_the_responder_setting_must_be_an_http_url(tmp_path: Path) -> None:
