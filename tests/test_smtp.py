@@ -489,6 +489,19 @@ def test_too_many_commands_close_the_session(serve: Any) -> None:
     assert (code, text) == (421, b"4.7.0 Too many commands in one session; closing")
 
 
+def test_a_session_carries_more_than_a_thousand_messages(serve: Any, db: Database) -> None:
+    """A relay keeps its connection for as long as it has mail (Postfix sets no count): the
+    budgets of MAIL, RCPT and DATA are their own, not the 1,000 of every other command."""
+    server = serve()
+    with client(server) as c:
+        for _ in range(listener.COMMAND_LIMITS["*"]):  # refused before any commit: quick
+            envelope(c)
+            assert send_raw_data(c, b"a\nb\r\n")[0] == 550
+        envelope(c)
+        assert c.data(MESSAGE)[0] == 250
+    assert count(db) == 1
+
+
 @pytest.mark.parametrize(
     ("data", "reply"),
     [
