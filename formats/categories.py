@@ -55,7 +55,7 @@ KINDS: Final = (*_PATTERNS, "date", "datetime", "enum")
 #: ``xs:nonNegativeInteger`` and ``xs:decimal`` collapse whitespace first; ``parse`` does not.)
 VERBATIM_KINDS: Final = frozenset({"text", "code", "country", "currency", "sha256", "enum"})
 #: Characters XML 1.0 cannot carry (§2.2 Char production).
-_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+NOT_XML_CHAR: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 TEXT_MAX = 2000
 
 
@@ -120,7 +120,7 @@ class Field:
             return dated
         match = _PATTERNS[kind][0].fullmatch
         if kind in ("text", "code"):  # the patterns let through characters XML cannot carry
-            bad = _NOT_XML_CHAR.search
+            bad = NOT_XML_CHAR.search
             longest = TEXT_MAX if kind == "text" else 64
             return lambda text: (
                 text
@@ -131,7 +131,7 @@ class Field:
         return lambda text: make(text) if match(text) is not None else slow(text)
 
     def _parse(self, text: str) -> Value | None:
-        if _NOT_XML_CHAR.search(text):
+        if NOT_XML_CHAR.search(text):
             return None
         if self.kind == "enum":
             return text if text in self.choices else None

@@ -14,12 +14,12 @@ origin and the sequence number, so a receipt rebuilt after a crash is the same r
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
+from formats.categories import NOT_XML_CHAR
 from formats.payload import Organ, Payload, build_payload
 from formats.vntime import local_day
 
@@ -32,9 +32,6 @@ REJECTED_VI: Final = "Bị từ chối (số lưu trữ {seq}). Lý do:"
 REJECTED_EN: Final = "Rejected (archive entry {seq}). Reasons:"
 FIX_VI: Final = "Đề nghị sửa và gửi lại."
 FIX_EN: Final = "Please correct the message and send it again."
-
-#: What XML 1.0 cannot carry (most C0 controls, lone surrogates, U+FFFE/U+FFFF).
-_NOT_XML: Final = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def receipt_status(disposition: str) -> str:
@@ -57,7 +54,7 @@ def description(disposition: str, seq: int, reasons: Sequence[Mapping[str, Any]]
     lines.append(FIX_EN)
     # A reason may quote what the sender sent; what XML cannot carry becomes U+FFFD, so that
     # the receipt is still written (a refused receipt would leave the sender without an answer).
-    text = _NOT_XML.sub("\ufffd", "\n".join(lines))
+    text = NOT_XML_CHAR.sub("\ufffd", "\n".join(lines))
     if len(text) > MAX_DESCRIPTION:
         text = text[: MAX_DESCRIPTION - 1].rstrip() + "…"
     return text

@@ -200,7 +200,7 @@ class IntakeHandler:
         raw = envelope.original_content
         if not isinstance(raw, bytes):  # decode_data=False guarantees bytes
             raise TypeError("message data is not bytes")
-        if len(raw) > _INLINE_CHECK_BYTES:  # ~1.5 ms per MiB: keep big ones off the loop
+        if len(raw) > _INLINE_CHECK_BYTES:
             refusal = await asyncio.to_thread(check_data, raw, self.limits)
         else:
             refusal = check_data(raw, self.limits)

@@ -255,20 +255,26 @@ def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
 
     first = threading.Thread(target=priority)
     first.start()
-    assert opened.wait(10)
-    # The gate is closed: not even a shared lock can be had.
-    probe = os.open(tmp_path / "archive.db-gate", os.O_RDONLY)
-    with pytest.raises(BlockingIOError):
-        flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    second = threading.Thread(target=background, name="background")
-    second.start()
-    assert at_gate.wait(10)
-    release.set()
-    first.join(10)
-    second.join(10)
-    flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # open again
-    os.close(probe)
-    os.umask(umask)
+    try:
+        assert opened.wait(10)
+        # The gate is closed: not even a shared lock can be had.
+        probe = os.open(tmp_path / "archive.db-gate", os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            second = threading.Thread(target=background, name="background")
+            second.start()
+            assert at_gate.wait(10)
+            release.set()
+            first.join(10)
+            second.join(10)
+            flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # open again
+        finally:
+            os.close(probe)
+    finally:
+        release.set()  # whatever failed, the priority writer ends
+        first.join(10)
+        os.umask(umask)
     assert steps == [
         "background at the gate",
         "priority write ends",
