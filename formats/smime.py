@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.errors import HeaderParseError
+from email.errors import CharsetError, HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import format_datetime
 
@@ -114,7 +114,7 @@ def _decoded(value: str | None) -> str | None:
         return None
     try:
         return str(make_header(decode_header(value)))[:998]
-    except (ValueError, LookupError, UnicodeDecodeError, HeaderParseError):
+    except (ValueError, LookupError, UnicodeDecodeError, HeaderParseError, CharsetError):
         return value[:998]
 
 
