@@ -33,8 +33,10 @@ Verification plan (:func:`verify_bundle`), each step one named check:
    (RFC 9162 §2.1.3.2) for the checkpoint's size;
 7. ``agency signature``: decrypted.eml's CMS signature verifies, made by the first
    certificate of chain.pem (skipped when the message was never decrypted);
-8. ``agency chain`` (only with anchors): chain.pem chains to a given anchor, valid when the
-   message was received;
+8. ``agency chain``: chain.pem chains to a given anchor, valid when the message was received
+   (skipped without anchors, and when the entry holds no chain.pem because the signer's path
+   did not validate on receipt: the signature of step 7 is then only checked against the
+   certificate the message carries);
 9. ``receipt``: receipt.eml hashes to the receipt entry's blob and that entry names this one.
 """
 
@@ -504,13 +506,24 @@ def _agency(
     if chain and check.signer != chain[0]:
         report.add("agency signature", "fail", "signed by another certificate than chain.pem's")
         return
-    report.add("agency signature", "pass", f"signed by {_name(check.signer)}")
-    if anchors and chain:
-        _step(
-            report,
-            "agency chain",
-            lambda: _chain(chain, anchors, check.signing_time or _at(fields)),
+    if not chain:
+        report.add(
+            "agency signature",
+            "pass",
+            f"signed by {_name(check.signer)}, the certificate the message carries",
         )
+        report.add(
+            "agency chain",
+            "skip",
+            "no chain.pem: the signer's certificate path did not validate when the message "
+            "was received (see reasons in entry.json)",
+        )
+        return
+    report.add("agency signature", "pass", f"signed by {_name(check.signer)}")
+    if not anchors:
+        report.add("agency chain", "skip", "no trust anchor given (--ca): chain.pem is taken as is")
+        return
+    _step(report, "agency chain", lambda: _chain(chain, anchors, check.signing_time or _at(fields)))
 
 
 def _at(fields: Mapping[str, Any]) -> datetime:

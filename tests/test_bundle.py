@@ -83,6 +83,18 @@ def file_messages(archive: Archive, world: DemoWorld) -> dict[str, int]:
     return seqs
 
 
+def file_revoked(archive: Archive, world: DemoWorld) -> int:
+    """A message signed with a revoked certificate: decrypted, but its signer's path did not
+    validate, so its entry has no chain. Filed after the others, under a new checkpoint."""
+    raw = world.submission("H26.STP", signer=world.revoked["H26.STP"], number=4)
+    verdict = process(raw, world.context(), at=RECEIVED)
+    assert verdict.disposition == "quarantined" and verdict.opened is not None
+    at = RECEIVED + timedelta(seconds=20)
+    (entry,) = archive.file([message_item(verdict, raw, Transport(at, "smtp", "203.0.113.7"))])
+    archive.checkpoint(RECEIVED + timedelta(minutes=2))
+    return entry.seq
+
+
 @dataclass
 class Filed:
     archive: Archive
@@ -122,7 +134,9 @@ def filed(world: DemoWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     key = world.hub.key
     assert isinstance(key, rsa.RSAPrivateKey)
     archive = Archive(db, BlobStore(os.urandom(32)), HUB_ADDRESS, signer=(world.hub.cert, key))
-    filed = Filed(archive, file_messages(archive, world), [world.hub.cert, world.root.cert])
+    seqs = file_messages(archive, world)
+    seqs["revoked"] = file_revoked(archive, world)
+    filed = Filed(archive, seqs, [world.hub.cert, world.root.cert])
     yield filed
     db.dispose()
 
@@ -131,7 +145,7 @@ def filed(world: DemoWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def zips(filed: Filed) -> dict[str, bytes]:
     return {
         name: bundle.build(filed.contents(filed.seqs[name]))
-        for name in ("accepted", "rejected", "quarantined")
+        for name in ("accepted", "rejected", "quarantined", "revoked")
     }
 
 
@@ -213,9 +227,23 @@ def test_bundles_verify_offline(world: DemoWorld, zips: dict[str, bytes], name: 
 def test_without_an_anchor_the_chains_are_skipped_not_passed(zips: dict[str, bytes]) -> None:
     report = bundle.verify_bundle(zips["accepted"])
     assert report.ok
-    assert statuses(report)["hub chain"] == "skip"
-    assert "agency chain" not in statuses(report)
+    assert statuses(report)["hub chain"] == statuses(report)["agency chain"] == "skip"
     assert statuses(report)["receipt"] == "pass"
+
+
+def test_a_signer_whose_path_did_not_validate_is_never_shown_as_trusted(
+    world: DemoWorld, zips: dict[str, bytes]
+) -> None:
+    """A revoked certificate's message was decrypted and its signature checks, but the entry
+    holds no chain: the report says the chain was not checked, whatever anchor is given."""
+    assert "chain.pem" not in members(zips["revoked"])
+    report = bundle.verify_bundle(zips["revoked"], anchors=[world.root.cert])
+    assert report.ok and report.entry["status"] == "quarantined"
+    checks = {c.name: c for c in report.checks}
+    assert checks["agency signature"].status == "pass"
+    assert "the certificate the message carries" in checks["agency signature"].detail
+    assert checks["agency chain"].status == "skip"
+    assert "did not validate" in checks["agency chain"].detail
 
 
 def test_another_anchor_fails_both_chains(zips: dict[str, bytes]) -> None:
