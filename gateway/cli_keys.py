@@ -1,4 +1,5 @@
-"""``gateway keys …``: certificates, trust anchors, the hub's keys, revocation evidence, expiry.
+"""``gateway keys …``: certificates, trust anchors, the hub's keys, expiry (the CA commands are in
+``gateway.cli_ca``, revocation evidence in ``gateway.cli_evidence``).
 
 Every command works in one database transaction: a refused import or change leaves nothing
 half-written, and every change is recorded as an admin event.
@@ -11,7 +12,6 @@ import re
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import click
 from cryptography import x509
@@ -22,8 +22,9 @@ from formats.vntime import VN_TZ
 from gateway.cli import actor as who
 from gateway.cli import db_session, emit_json, load_settings, now, parse_time
 from gateway.cli_ca import ca, crl_cmd, issue_cmd, revoke_cmd
+from gateway.cli_evidence import crls, ocsp_group
 from gateway.loading import passphrase as settings_passphrase
-from keys import evidence, fetch, files, inspect, issuing, ocsp, store
+from keys import files, inspect, issuing, store
 from keys.store import StoredCertificate
 
 _P12 = (".p12", ".pfx")
@@ -38,6 +39,8 @@ keys.add_command(ca)
 keys.add_command(issue_cmd)
 keys.add_command(revoke_cmd)
 keys.add_command(crl_cmd)
+keys.add_command(crls)
+keys.add_command(ocsp_group)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -409,144 +412,3 @@ def hub_retire(ctx: click.Context, ref: str) -> None:
             )
         store.retire_certificate(s, ref, at=now(), actor=who())
     click.echo(f"retired hub key {row.sha256[:16]}; {len(left)} key(s) remain")
-
-
-# --- revocation evidence -------------------------------------------------------------------------
-
-
-@keys.group()
-def crls() -> None:
-    """Certificate revocation lists the hub checks signers against."""
-
-
-@crls.command("import")
-@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.pass_context
-def crls_import(ctx: click.Context, file: Path) -> None:
-    """Import a CRL by hand (PEM or DER). Its signature is checked when it is used."""
-    crl = files.load_crl(file)
-    with db_session(ctx) as s:
-        added = evidence.add_crl(s, crl, source=f"import {file.name}", at=now(), actor=who())
-    click.echo(
-        ("stored" if added else "already stored") + f": CRL of {crl.issuer.rfc4514_string()}"
-    )
-
-
-@crls.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def crls_list(ctx: click.Context, as_json: bool) -> None:
-    """Stored CRLs, with their freshness."""
-    at = now()
-    with db_session(ctx) as s:
-        rows = evidence.crl_rows(s)
-    out: list[dict[str, Any]] = [
-        {
-            "issuer": r.issuer,
-            "number": r.number,
-            "this_update": r.this_update.isoformat(),
-            "next_update": r.next_update.isoformat() if r.next_update else None,
-            "fresh": r.next_update is None or at <= r.next_update,
-            "source": r.source,
-            "sha256": r.sha256,
-        }
-        for r in rows
-    ]
-    if as_json:
-        emit_json(out)
-        return
-    for r in out:
-        state = "fresh" if r["fresh"] else "STALE"
-        click.echo(
-            f"{state:<6} #{r['number'] or '-':<5} next {r['next_update'] or '-':<26} {r['issuer']}"
-        )
-    if not out:
-        click.echo("(none)")
-
-
-@crls.command("fetch")
-@click.option("--force", is_flag=True, help="Fetch even lists that are still fresh.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def crls_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
-    """Download CRLs from the distribution points of stored certificates.
-
-    Exit status 1 if any distribution point failed (the others are still stored).
-    """
-    with db_session(ctx) as s:
-        outcomes = fetch.refresh(s, at=now(), actor=who(), force=force)
-    if as_json:
-        emit_json([o.__dict__ for o in outcomes])
-    else:
-        for o in outcomes:
-            click.echo(f"{o.status:<9} {o.url}" + (f": {o.detail}" if o.detail else ""))
-        if not outcomes:
-            click.echo("no stored certificate names a CRL distribution point")
-    ctx.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
-
-
-@keys.group("ocsp")
-def ocsp_group() -> None:
-    """OCSP responses about stored certificates, fetched from their responders."""
-
-
-@ocsp_group.command("fetch")
-@click.option("--force", is_flag=True, help="Fetch even where the stored response is fresh.")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def ocsp_fetch(ctx: click.Context, force: bool, as_json: bool) -> None:
-    """Ask the OCSP responder of every agency certificate and intermediate about it.
-
-    The responder is `[trust] ocsp_responder` if set, else each certificate's AIA OCSP URL.
-    Exit status 1 if any certificate failed (the others are still stored).
-    """
-    responder = load_settings(ctx).trust.ocsp_responder
-    with db_session(ctx) as s:
-        outcomes = ocsp.refresh(s, at=now(), actor=who(), responder=responder, force=force)
-    if as_json:
-        emit_json([o.__dict__ for o in outcomes])
-    else:
-        for o in outcomes:
-            click.echo(
-                f"{o.status:<9} {o.serial:<40} {o.subject}" + (f": {o.detail}" if o.detail else "")
-            )
-        if not outcomes:
-            click.echo(
-                "no stored certificate names an OCSP responder, and [trust] ocsp_responder is "
-                "not set"
-            )
-    ctx.exit(1 if any(o.status == "failed" for o in outcomes) else 0)
-
-
-@ocsp_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def ocsp_list(ctx: click.Context, as_json: bool) -> None:
-    """Stored OCSP responses, with the status they give and their freshness."""
-    at = now()
-    with db_session(ctx) as s:
-        rows = evidence.ocsp_rows(s)
-    out: list[dict[str, Any]] = [
-        {
-            "issuer": r.issuer,
-            "serial": r.number,
-            "status": ocsp.status_of(r.der),
-            "this_update": r.this_update.isoformat(),
-            "next_update": r.next_update.isoformat() if r.next_update else None,
-            "fresh": r.next_update is not None and at <= r.next_update,
-            "source": r.source,
-            "sha256": r.sha256,
-        }
-        for r in rows
-    ]
-    if as_json:
-        emit_json(out)
-        return
-    for r in out:
-        state = "fresh" if r["fresh"] else "STALE"
-        click.echo(
-            f"{state:<6} {r['serial']:<40} next {r['next_update'] or '-':<26} {r['status']} "
-            f"({r['issuer']})"
-        )
-    if not out:
-        click.echo("(none)")
