@@ -113,9 +113,12 @@ def _decoded(value: str | None) -> str | None:
     if value is None:
         return None
     try:
-        return str(make_header(decode_header(value)))[:998]
-    except (ValueError, LookupError, UnicodeDecodeError, HeaderParseError, CharsetError):
+        text = str(make_header(decode_header(value)))[:998]
+        # A charset such as UTF-7 decodes to lone surrogates, which no record can hold.
+        text.encode("utf-8")
+    except (ValueError, LookupError, UnicodeError, HeaderParseError, CharsetError):
         return value[:998]
+    return text
 
 
 def open_message(

@@ -664,6 +664,7 @@ SAMPLES: dict[str, Sample] = {
         Sample("from-text-after-group", "From: agencies: vanthu@snv.hanoi.gov.vn; attacker — text after a group's closing semicolon", HeaderCountError, "from-text-after-group.eml"),
         Sample("subject-bad-encoded-word", "a Subject encoded-word with broken base64 (=?utf-8?b?Q?=): display-only text must not break intake; the junk body answers", MalformedCMS, "subject-bad-encoded-word.eml"),
         Sample("subject-non-ascii-charset", "a Subject encoded-word whose charset name holds a non-ASCII character (=?\\u0080utf-8?b?QQ==?=): Python's email package raises CharsetError, not a ValueError; the junk body answers", MalformedCMS, "subject-non-ascii-charset.eml"),
+        Sample("subject-lone-surrogate", "a Subject encoded-word in UTF-7 that decodes to a lone surrogate (=?utf-7?q?+2AA-?=): text no archive record can hold as UTF-8, so filing failed and the worker crash-looped on every message behind it; the junk body answers", MalformedCMS, "subject-lone-surrogate.eml"),
         Sample("header-64k", "64 KB of (individually short) header lines: header-block memory exhaustion", LimitExceeded, "header-64k.eml", match="header block"),
         Sample("long-header-line", "a 2 KB unfolded Subject line, beyond RFC 5322 §2.1.1's 998 characters", LimitExceeded, "long-header-line.eml", match="header line longer than 998"),
         Sample("ten-thousand-parts", "a multipart with 10,000 parts (MIME part bomb)", LimitExceeded, "ten-thousand-parts.eml", match="MIME parts"),

@@ -2,7 +2,8 @@
 
 For each sample: the verdict is not ``accepted``; the first error is exactly the sample's class
 (STYLE: one error tree, each subclass knows its meaning); its message is non-empty and safe to
-show a peer (DESIGN §5 rule 5: no traceback, no internal path). The README and the asset
+show a peer (DESIGN §5 rule 5: no traceback, no internal path); and its archive entry can be
+written (every text in it is UTF-8, whatever the message made its decoders produce). The README and the asset
 directory are checked against the table so nothing goes undocumented or unused.
 """
 
@@ -16,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from archive.log import canonical
+from archive.records import Transport
 from formats.errors import GatewayError
 from gateway.demo import DemoWorld
+from gateway.filing import message_item
 from gateway.pipeline import Context, process
 from tests.conftest import WORLD_AT
 from tests.hostile import ASSETS, SAMPLES, Sample
@@ -75,6 +79,8 @@ def test_hostile_sample_gets_its_typed_error(
             assert not _INTERNAL.search(text), f"internal detail leaked: {text!r}"
             assert not _PASSWD.search(text), f"file content leaked: {text!r}"
     assert verdict.smtp_reply.startswith(first.smtp)
+    item = message_item(verdict, raw, Transport(WORLD_AT, "smtp", "203.0.113.7"))
+    assert canonical(item.fields)  # what filing hashes: raises on text UTF-8 cannot hold
 
 
 @pytest.mark.parametrize("name", ["xxe-file", "xxe-network", "xinclude"])
