@@ -46,6 +46,8 @@ Tree::
     │   ├── SchemaInvalid                well-formed but fails the category XSD (line/column)
     │   └── AttachmentMismatch           attachments differ from the payload's manifest
     ├── TransientError                451 4.3.0  retry later; never a rejection
+    ├── InternalError                    the gateway's own code failed on this message:
+    │                                    quarantined, kept for an admin, never retried in a loop
     └── LocalError                    (not a peer's fault) configuration or usage problems
         ├── ConfigError
         └── InputError                   a file or argument given to the CLI is unusable
@@ -272,6 +274,29 @@ class TransientError(GatewayError):
     smtp = "451 4.3.0"
     status = "01"
     reason_vi = "Lỗi tạm thời; thư sẽ được xử lý lại"
+
+
+class InternalError(GatewayError):
+    """The gateway's own code failed on one message (a defect, not the sender's fault).
+
+    The message is quarantined with its bytes kept, for an administrator to look at and release
+    once the defect is fixed; the other messages go on. The exception is the ``__cause__`` (for
+    the log); the message names only where it happened, never the exception's text, which may
+    hold the message's own bytes.
+    """
+
+    code = "internal-error"
+    smtp = "451 4.3.0"
+    reason_vi = "Cổng gặp lỗi nội bộ khi xử lý thông điệp; quản trị viên sẽ xem xét"
+
+    @classmethod
+    def during(cls, what: str, exc: BaseException) -> InternalError:
+        err = cls(
+            f"the gateway failed while {what} ({type(exc).__name__}); the message is kept for "
+            "an administrator"
+        )
+        err.__cause__ = exc
+        return err
 
 
 class LocalError(GatewayError):

@@ -25,7 +25,7 @@ from types import MappingProxyType
 from cryptography import x509
 
 from formats.cms_envelope import RecipientKey
-from formats.errors import AttachmentMismatch, GatewayError
+from formats.errors import AttachmentMismatch, GatewayError, InternalError
 from formats.limits import DEFAULT_LIMITS, Limits
 from formats.mime import Entity
 from formats.payload import Payload
@@ -188,6 +188,10 @@ def process(raw: bytes, ctx: Context, *, at: datetime) -> Verdict:
         except GatewayError as err:
             w.errors.append(err)
             outcomes.append(StepOutcome(step.name, "failed"))
+        except Exception as exc:  # a defect of ours: this message is quarantined, not the rest
+            w.errors.append(InternalError.during(f"checking it (step {step.name})", exc))
+            outcomes.append(StepOutcome(step.name, "failed"))
+            stopped = True
         if step.gate and w.errors:
             stopped = True
     authenticated = w.agency is not None and w.signer is not None

@@ -136,6 +136,15 @@ def worker_main(
     # What start-up loaded (modules, schemas, keys, the directory) lives as long as the process:
     # kept out of the collector's full passes, which otherwise walk it again and again.
     gc.freeze()
+    work(worker, builder, stop, index)
+    db.dispose()
+
+
+def work(
+    worker: Worker, builder: Builder, stop: ProcessEvent | threading.Event, index: int
+) -> None:
+    """A worker's loop: take mail in, file it, build what is owed; until ``stop``. Failures
+    back off and are tried again: the process never exits on one (no crash loop)."""
     failures = 0
     cycle = 0
     while not stop.is_set():
@@ -153,9 +162,13 @@ def worker_main(
             log.warning("worker %d: %s; trying again", index, exc)
             stop.wait(min(30.0, 0.5 * 2**failures))
             continue
+        except Exception:  # a defect of ours: logged, and the process stays up
+            failures += 1
+            log.exception("worker %d: unexpected failure; trying again", index)
+            stop.wait(min(30.0, 0.5 * 2**failures))
+            continue
         if not busy:
             stop.wait(IDLE)
-    db.dispose()
 
 
 def build_now(backlog: bool, cycle: int) -> bool:

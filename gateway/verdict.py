@@ -15,13 +15,14 @@ A transient failure leaves the message ``received`` to be processed again (SMTP 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from formats.errors import GatewayError, is_transient
+from formats.errors import GatewayError, InternalError, is_transient
 from formats.payload import Payload
 from formats.smime import OpenedMessage
 from keys.directory import Agency
@@ -143,6 +144,19 @@ def payload_summary(p: Payload) -> dict[str, Any]:
 def disposition_for(errors: tuple[GatewayError, ...], *, authenticated: bool) -> Disposition:
     if not errors:
         return "accepted"
+    if any(isinstance(e, InternalError) for e in errors):
+        return "quarantined"  # an admin looks first: no receipt is built from half a result
     if any(is_transient(e) for e in errors):
         return "retry"
     return "rejected" if authenticated else "quarantined"
+
+
+def failed_inside(raw: bytes, what: str, exc: BaseException) -> Verdict:
+    """The verdict on a message the gateway's own code failed on (:class:`InternalError`):
+    quarantined, with nothing taken from the message but its bytes and their digest."""
+    return Verdict(
+        disposition="quarantined",
+        errors=(InternalError.during(what, exc),),
+        steps=(),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+    )

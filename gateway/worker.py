@@ -16,6 +16,7 @@ row points at the original entry, and the original receipt is sent again.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -25,16 +26,24 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, insert, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
+from formats.errors import InternalError, TransientError
 from gateway import intake, outbound
 from gateway.filing import message_item
 from gateway.pipeline import Context, process
-from gateway.verdict import Verdict
+from gateway.verdict import Verdict, failed_inside
+
+log = logging.getLogger("gateway.worker")
+
+#: Failures of the database or the disk, not of a message: a batch that meets one is left to
+#: its lease (and the worker backs off); it is not split up or quarantined.
+ENVIRONMENT: tuple[type[Exception], ...] = (TransientError, SQLAlchemyError, OSError)
 
 #: How long a claim holds before another worker may take the rows over.
 LEASE = timedelta(minutes=2)
@@ -131,21 +140,54 @@ class Worker:
                 .order_by(t.Intake.id)
             ).all()
         ctx = self.context()
-        jobs = [
-            _Job(
-                r.id, r.raw, Transport.from_dict(r.transport), process(r.raw, ctx, at=r.received_at)
-            )
-            for r in rows
-        ]
-        # The entries are made, and their blobs compressed, before the write transaction.
-        items = {
-            j.number: message_item(j.verdict, j.raw, j.transport)
-            for j in jobs
-            if j.verdict.disposition != "retry"
-        }
+        jobs = [self._job(r.id, r.raw, r.transport, r.received_at, ctx) for r in rows]
+        return self._settle(jobs)
+
+    def _job(
+        self, number: int, raw: bytes, transport: dict[str, Any], at: datetime, ctx: Context
+    ) -> _Job:
+        """The verdict on one message; a defect of ours quarantines it (and only it)."""
+        try:
+            verdict = process(raw, ctx, at=at)
+        except Exception as exc:
+            verdict = failed_inside(raw, "checking it", exc)
+        for err in verdict.errors:
+            if isinstance(err, InternalError):
+                log.error("intake %d: %s", number, err.message, exc_info=err.__cause__)
+        return _Job(number, raw, Transport.from_dict(transport), verdict)
+
+    def _settle(self, jobs: list[_Job], *, bare: bool = False) -> list[Outcome]:
+        """File ``jobs`` in one transaction. If that fails for a reason other than the
+        database or the disk (:data:`ENVIRONMENT`: raised, the batch waits for its lease), one
+        of them is poison: the jobs are filed one by one, and one that still cannot be is
+        quarantined with only its bytes — it never holds up the messages behind it."""
+        items: dict[int, Item] = {}
+        for job in jobs:  # made, and their blobs compressed, before the write transaction
+            if job.verdict.disposition == "retry":
+                continue
+            try:
+                items[job.number] = message_item(job.verdict, job.raw, job.transport)
+            except Exception as exc:
+                self._quarantine(job, "filing it", exc)
+                items[job.number] = message_item(job.verdict, job.raw, job.transport)
         self.archive.prepare(items.values())
-        with db.session() as s:
-            return self._file(s, jobs, items)
+        try:
+            with self.archive.db.session() as s:
+                return self._file(s, jobs, items)
+        except ENVIRONMENT:
+            raise
+        except Exception as exc:
+            if len(jobs) > 1:
+                log.warning("a batch of %d could not be filed (%r): one by one", len(jobs), exc)
+                return [outcome for job in jobs for outcome in self._settle([job])]
+            if bare:
+                raise  # even its bytes alone cannot be filed: not this message's doing
+            self._quarantine(jobs[0], "filing it", exc)
+            return self._settle(jobs, bare=True)
+
+    def _quarantine(self, job: _Job, what: str, exc: Exception) -> None:
+        job.verdict = failed_inside(job.raw, what, exc)
+        log.error("intake %d: %s", job.number, job.verdict.errors[0].message, exc_info=exc)
 
     def _file(self, s: Session, jobs: list[_Job], made: dict[int, Item]) -> list[Outcome]:
         """File the batch under the write lock: entries, replay keys, what is owed, and the

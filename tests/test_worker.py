@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from archive.blobs import BlobStore
 from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
-from gateway import intake
+from formats.errors import InternalError
+from gateway import intake, pipeline, serve
 from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
 from gateway.pipeline import Context
@@ -198,3 +200,112 @@ def test_workers_claim_their_share_of_a_backlog_of_big_messages(
     one.run_once()
     with archive.db.session() as s:  # small messages: all at once, as before
         assert s.query(t.Intake).filter(t.Intake.state != "done").count() == 0
+
+
+# --- a message our own code fails on -------------------------------------------------------
+
+
+def test_a_message_that_cannot_be_filed_is_quarantined_and_the_rest_go_on(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A defect that makes one entry unwritable (here: text UTF-8 cannot hold, taken from the
+    message, as a UTF-7 Subject once was) quarantines that message with its bytes; the batch it
+    came in is filed one by one instead of failing again and again."""
+    poison = world.submission("H26.SNV", number=2)
+    real = worker_module.message_item
+
+    def faulty(verdict: Any, raw: bytes, transport: Transport) -> Any:
+        item = real(verdict, raw, transport)
+        if raw == poison and verdict.subject is not None:
+            return dataclasses.replace(item, fields={**item.fields, "subject": "\ud800"})
+        return item
+
+    monkeypatch.setattr(worker_module, "message_item", faulty)
+    numbers = [
+        _receive(archive, m)
+        for m in (world.submission("H26.SNV"), poison, world.submission("H26.SNV", number=3))
+    ]
+    outcomes = _worker(archive, world_ctx).run_once()
+    assert [(o.intake_id, o.disposition) for o in outcomes] == list(
+        zip(numbers, ["accepted", "quarantined", "accepted"], strict=True)
+    )
+    with archive.db.session() as s:
+        assert {r.state for r in s.query(t.Intake)} == {"done"}
+        seq = s.get(t.Intake, numbers[1]).archive_seq  # type: ignore[union-attr]
+        entry = archive.log.entry(s, seq)
+        assert entry.fields["status"] == "quarantined"
+        assert [r["code"] for r in entry.fields["reasons"]] == ["internal-error"]
+        assert "UnicodeEncodeError" in entry.fields["reasons"][0]["message"]
+        assert archive.blobs.get(s, entry.blobs["raw"]) == poison  # nothing is lost
+    assert archive.verify().ok
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert f"intake {numbers[1]}" in record.getMessage() and record.exc_info is not None
+
+
+def test_a_defect_in_a_pipeline_step_quarantines_only_that_message(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    poison = world.submission("H26.SNV", number=2)
+
+    def payload(w: Any) -> None:
+        if w.raw == poison:
+            raise KeyError("a bug, holding the message's \ud800 text")
+        original(w)
+
+    steps = list(pipeline.STEPS)
+    index = [s.name for s in steps].index("payload")
+    original = steps[index].run
+    steps[index] = dataclasses.replace(steps[index], run=payload)
+    monkeypatch.setattr(pipeline, "STEPS", tuple(steps))
+
+    verdict = pipeline.process(poison, world_ctx, at=WORLD_AT)
+    assert verdict.disposition == "quarantined"  # though the sender was authenticated
+    [error] = verdict.errors
+    assert isinstance(error, InternalError) and isinstance(error.__cause__, KeyError)
+    assert "step payload" in error.message and "\ud800" not in error.message
+    assert [s.outcome for s in verdict.steps][index:] == ["failed"] + ["skipped"] * (
+        len(steps) - index - 1
+    )
+
+    numbers = [_receive(archive, m) for m in (poison, world.submission("H26.SNV"))]
+    outcomes = _worker(archive, world_ctx).run_once()
+    assert [(o.intake_id, o.disposition) for o in outcomes] == list(
+        zip(numbers, ["quarantined", "accepted"], strict=True)
+    )
+    with archive.db.session() as s:
+        assert archive.log.size(s) == 2
+
+
+def test_the_worker_loop_outlives_a_defect(
+    archive: Archive, world_ctx: Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception of no known kind is logged with its traceback and tried again after a
+    back-off; the worker process does not exit (the supervisor would restart it into the same
+    failure, again and again)."""
+    stop = threading.Event()
+    calls: list[str] = []
+    worker = _worker(archive, world_ctx)
+
+    def run_once(limit: int = 32) -> list[Any]:
+        calls.append("worker")
+        if len(calls) == 1:
+            raise RuntimeError("a defect")
+        stop.set()
+        return []
+
+    class Builder:  # stands in for the outbound builder: this test is about the loop
+        def run_once(self) -> int:
+            calls.append("builder")
+            return 0
+
+    worker.run_once = run_once  # type: ignore[method-assign]
+    stop_wait = stop.wait
+    stop.wait = lambda timeout=None: stop_wait(0)  # type: ignore[method-assign]  # no real back-off
+    serve.work(worker, Builder(), stop, 0)  # type: ignore[arg-type]
+    assert calls == ["worker", "worker", "builder"]
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "unexpected failure" in record.getMessage() and record.exc_info is not None
