@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -55,6 +55,9 @@ from gateway.sender import Sender
 from gateway.settings import Settings, host_port
 from gateway.workdays import Calendar
 from gateway.worker import Worker, worker_name
+
+if TYPE_CHECKING:
+    from gateway.relay import Relay
 
 log = logging.getLogger("gateway.serve")
 
@@ -224,6 +227,9 @@ class Supervisor:
         settings = self.settings
         db = open_database(settings)
         ctx = load_context(settings, db)  # fails here, clearly, if keys or trust are missing
+        from gateway.relay import Relay  # (the workers never load the relay client)
+
+        relay = Relay.from_settings(settings)  # so does a [relay] the sender could not use
         now = datetime.now(UTC)
         signer = hub_signer(ctx, now)
         archive = open_archive(settings, db, signer)  # creates the master key once, here
@@ -247,7 +253,7 @@ class Supervisor:
         processes = [start_worker(i) for i in range(settings.serve.workers)]
         listeners = self._listeners(db, ctx)
         sender_thread = threading.Thread(
-            target=self._send_loop, args=(archive,), name="sender", daemon=True
+            target=self._send_loop, args=(archive, relay), name="sender", daemon=True
         )
         sender_thread.start()
         imap_thread = self._imap(db)
@@ -340,10 +346,9 @@ class Supervisor:
             )
         return out
 
-    def _send_loop(self, archive: Archive) -> None:
-        from gateway.relay import Relay, RelaySession
+    def _send_loop(self, archive: Archive, relay: Relay) -> None:
+        from gateway.relay import RelaySession
 
-        relay = Relay.from_settings(self.settings)
         sender = Sender(
             archive,
             lambda: RelaySession(relay),  # one connection per batch
@@ -360,6 +365,11 @@ class Supervisor:
             except (TransientError, SQLAlchemyError, OSError) as exc:
                 failures += 1
                 log.warning("sender: %s; trying again", exc)
+                self.stop.wait(min(30.0, 0.5 * 2**failures))
+                continue
+            except Exception:  # a defect of ours: logged; the thread goes on (it alone sends)
+                failures += 1
+                log.exception("sender: unexpected failure; trying again")
                 self.stop.wait(min(30.0, 0.5 * 2**failures))
                 continue
             if not busy:
@@ -405,6 +415,8 @@ class Supervisor:
                     )
             except (GatewayError, SQLAlchemyError, OSError) as exc:
                 log.error("reminder run failed (tried again in a minute): %s", exc)
+            except Exception:  # a defect of ours: logged; the schedule goes on
+                log.exception("reminder run failed unexpectedly (tried again in a minute)")
             self.stop.wait(60)
 
     def _imap(self, db: Database) -> threading.Thread | None:

@@ -150,3 +150,29 @@ def test_a_full_disk_answers_451_never_250(small_disk: Path) -> None:
     finally:
         server.stop()
         db.dispose()
+
+
+def test_a_relay_the_sender_cannot_use_stops_start_up(
+    live_world: DemoWorld, tmp_path: Path
+) -> None:
+    """A [relay] that names a user but no password (the service's environment lacks it) is a
+    start-up error, like missing keys: not a sender thread that dies after serve said ready,
+    while mail is still taken in and nothing can be sent (nor the admin told)."""
+    home = tmp_path / "home"
+    live_world.install(home, b"throw-away passphrase", relay_port=2525)
+    config = home / "gateway.toml"
+    config.write_text(
+        config.read_text().replace(
+            'security = "none"\n',
+            'security = "none"\nusername = "hub"\npassword_env = "GATEWAY_TEST_UNSET"\n',
+        )
+    )
+    os.environ.pop("GATEWAY_TEST_UNSET", None)
+    try:
+        started = served.start(home)
+    except RuntimeError as failed:
+        assert "[relay] username = 'hub' but there is no password" in str(failed)
+        assert "Traceback" not in str(failed)
+    else:
+        started.kill()
+        pytest.fail("gateway serve started with a relay it cannot use")
