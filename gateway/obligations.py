@@ -237,6 +237,20 @@ def active(obligation: Obligation, day: date) -> bool:
     )
 
 
+def fulfilled_by(
+    obligation: Obligation, provider: str, category: str, cadence: str | None, day: date
+) -> bool:
+    """Whether a payload from ``provider`` of ``category`` and ``cadence`` whose period ends on
+    ``day`` is owed under ``obligation`` (as :mod:`gateway.compliance` matches a submission:
+    the same cadence, or ad-hoc, or none stated)."""
+    return (
+        obligation.provider == provider
+        and obligation.category == category
+        and cadence in (None, "ad-hoc", obligation.cadence)
+        and active(obligation, day)
+    )
+
+
 def period_containing(obligation: Obligation, day: date) -> Period:
     """The period of ``obligation``'s cadence that ``day`` falls in."""
     if obligation.cadence == "monthly":

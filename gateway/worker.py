@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,8 +34,9 @@ from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
 from formats.errors import InternalError, TransientError
-from gateway import intake, outbound
+from gateway import intake, obligation_store, outbound
 from gateway.filing import message_item
+from gateway.obligations import Obligation, fulfilled_by
 from gateway.pipeline import Context, process
 from gateway.verdict import Verdict, failed_inside
 
@@ -83,15 +84,28 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def recipients_of(verdict: Verdict) -> list[str]:
-    """Agencies an accepted payload goes to: its ``To`` list, without the sender itself."""
+def recipients_of(verdict: Verdict, obligations: Iterable[Obligation] = ()) -> list[str]:
+    """Agencies an accepted payload goes to: its ``To`` list, then, for a payload with a
+    period, the recipients of each of ``obligations`` it is owed under (its sender's, same
+    category and cadence, in force on the period's last day: what compliance counts it for);
+    each once, without the sender itself."""
     if verdict.payload is None:
         return []
-    sender = verdict.payload.header.sender.organ_id
+    header, exchange = verdict.payload.header, verdict.payload.exchange
+    sender = header.sender.organ_id
+    wanted = [o.organ_id for o in header.recipients]
+    if exchange.period_end is not None:
+        day = exchange.period_end
+        wanted += [
+            organ_id
+            for ob in obligations
+            if fulfilled_by(ob, sender, exchange.category, exchange.cadence, day)
+            for organ_id in ob.recipients
+        ]
     out: list[str] = []
-    for organ in verdict.payload.header.recipients:
-        if organ.organ_id != sender and organ.organ_id not in out:
-            out.append(organ.organ_id)
+    for organ_id in wanted:
+        if organ_id != sender and organ_id not in out:
+            out.append(organ_id)
     return out
 
 
@@ -110,8 +124,8 @@ class Worker:
     context: Callable[[], Context]
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     name: str = field(default_factory=worker_name)
-    #: Which agencies an accepted payload is delivered to (the obligations add theirs).
-    recipients: Callable[[Verdict], Sequence[str]] = recipients_of
+    #: Which agencies an accepted payload is delivered to, given its sender's obligations.
+    recipients: Callable[[Verdict, Sequence[Obligation]], Sequence[str]] = recipients_of
     #: How many workers share the intake (this instance's): each claims its share of a
     #: backlog of big messages (:func:`claim`).
     peers: int = 1
@@ -243,6 +257,10 @@ class Worker:
             for k in job.keys:
                 first_of[k] = job
             fresh.append(job)
+        providers = {
+            j.verdict.agency.organ_id for j in fresh if j.verdict.agency and j.verdict.accepted
+        }
+        owes = obligation_store.of_providers(s, providers)
         items = [made[j.number] for j in fresh]
         entries = self.archive.file_in(s, items, at=now) if items else []
         seq_of = {j.number: e.seq for j, e in zip(fresh, entries, strict=True)}
@@ -250,7 +268,8 @@ class Worker:
         for job in fresh:
             seq = seq_of[job.number]
             keys += [{"key": k, "archive_seq": seq} for k in job.keys]
-            owed += outbound.owed_for(job.verdict, seq, self.recipients(job.verdict), now)
+            to = self.recipients(job.verdict, owes) if job.verdict.accepted else []
+            owed += outbound.owed_for(job.verdict, seq, to, now)
             changes.append(_done(job.number, seq, now))
             outcomes[job.number] = Outcome(job.number, job.verdict.disposition, seq)
         for number, earlier in twins.items():

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import select
 
 from archive import tables as t
 from archive.blobs import BlobStore
@@ -18,12 +19,14 @@ from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
 from formats.errors import InternalError
-from gateway import intake, pipeline, serve
+from gateway import intake, obligation_store, pipeline, serve
 from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
+from gateway.obligations import Obligation, default_due
 from gateway.pipeline import Context
 from gateway.serve import BUILD_EVERY, build_now
 from gateway.worker import Worker
+from keys import store
 from keys.trust import TrustStore
 from tests.conftest import WORLD_AT
 
@@ -309,3 +312,36 @@ def test_the_worker_loop_outlives_a_defect(
     assert calls == ["worker", "worker", "builder"]
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "unexpected failure" in record.getMessage() and record.exc_info is not None
+
+
+# --- who an accepted payload goes to -------------------------------------------------------
+
+
+def _obligation(id: str, recipients: tuple[str, ...], **kw: Any) -> Obligation:
+    return Obligation(
+        id, "H26.SNV", recipients, kw.pop("category", "work-permit"), "monthly",
+        default_due("monthly"), "QĐ 18/2017/QĐ-UBND Điều 8", **kw,
+    )  # fmt: skip
+
+
+def test_an_accepted_payload_goes_to_its_to_and_to_the_recipients_it_is_owed_to(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """DESIGN §5: payload To plus the obligation's recipients. The demo submission is for
+    period 2026-10 (16 Sep – 15 Oct) and addressed To the police only."""
+    with archive.db.session() as s:
+        for agency in world.directory:
+            store.add_agency(s, agency, at=WORLD_AT, actor="test")
+        for ob in (
+            _obligation("owed", ("H26.CATP", "H26.STP")),
+            _obligation("other-category", ("H26.UBND",), category="residence-card"),
+            _obligation("ended", ("H26.UBND",), valid_to=date(2026, 9, 30)),
+        ):
+            obligation_store.add(s, ob, at=WORLD_AT, actor="test")
+    _receive(archive, world.submission("H26.SNV"))
+    [outcome] = _worker(archive, world_ctx).run_once()
+    assert outcome.disposition == "accepted"
+    with archive.db.session() as s:
+        keys = sorted(s.scalars(select(t.Outbox.key)))
+    seq = outcome.archive_seq
+    assert keys == [f"delivery:{seq}:H26.CATP", f"delivery:{seq}:H26.STP", f"receipt:{seq}"]
