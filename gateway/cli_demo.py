@@ -119,17 +119,18 @@ def demo(target: Path | None, as_json: bool) -> None:
             supervisor.stop.set()
             runner.join(timeout=60)
     with db.session(read_only=True) as s:
-        sent = dict(
-            s.execute(
-                select(t.Outbox.kind, func.count())
-                .where(t.Outbox.state == "sent")
-                .group_by(t.Outbox.kind)
-            ).all()
-        )
+        states = s.execute(
+            select(t.Outbox.kind, t.Outbox.state, func.count()).group_by(
+                t.Outbox.kind, t.Outbox.state
+            )
+        ).all()
+    sent = {kind: n for kind, state, n in states if state == "sent"}
     outbound = {
         "reminders": sent.get("reminder", 0),
         "receipts": sent.get("receipt", 0) + sent.get("resend", 0),
         "deliveries": sent.get("delivery", 0),
+        # owed under Điều 8 to bodies of the preset that have no certificate in the demo
+        "deliveries_failed": sum(n for k, st, n in states if k == "delivery" and st == "failed"),
         "alerts": sent.get("alert", 0),
         "kept_in": str(sink.directory),
     }
@@ -154,6 +155,12 @@ def demo(target: Path | None, as_json: bool) -> None:
         f"6. Sent through the relay (kept in {outbound['kept_in']}): {outbound['receipts']} "
         f"signed receipts, {outbound['deliveries']} deliveries to the police"
     )
+    if outbound["deliveries_failed"]:
+        say(
+            f"   {outbound['deliveries_failed']} more deliveries are owed under Điều 8 to bodies "
+            f"that have no certificate in this demo: failed, {outbound['alerts']} alerts "
+            "to the admin"
+        )
     say("7. Compliance (who owes what, as at now; printable reports in the home):")
     for label, summary in status.items():
         counts = ", ".join(f"{n} {k}" for k, n in summary["counts"].items() if n)
