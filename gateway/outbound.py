@@ -14,9 +14,11 @@ Three steps, each idempotent, each resumable after a crash:
    ``receipt`` blob; ``delivery`` entries keep their digest) and the row becomes ``ready``.
 3. **Sent** (:class:`Sender`, a thread of ``gateway serve``): through the relay; 250 → ``sent``,
    4xx or no connection → ``retry`` with backoff, 5xx or too old → ``failed`` and the admin is
-   alerted. Each final state is filed as an ``outcome`` entry. A failure is never recorded as
-   sent. Sending is at-least-once: a crash after the relay's 250 and before it is recorded
-   sends that message again once the claim expires.
+   alerted — per recipient, when the relay refuses some at RCPT: the row is retried for those
+   refused with a 4xx alone, and is ``sent`` only if every recipient took it. Each final state
+   is filed as an ``outcome`` entry. A failure is never recorded as sent. Sending is
+   at-least-once: a crash after the relay's 250 and before it is recorded sends that message
+   again once the claim expires.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
 from sqlalchemy import Select, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from archive import tables as t
@@ -39,7 +43,7 @@ from archive.db import Database
 from archive.log import Item
 from archive.service import Archive, SigningKey
 from formats import cms_envelope
-from formats.errors import GatewayError
+from formats.errors import ConfigError, GatewayError, TransientError
 from formats.payload import Organ
 from formats.smime import (
     b64_lines,
@@ -48,19 +52,25 @@ from formats.smime import (
     sign_entity,
     wrap_enveloped,
 )
+from formats.vntime import local_day
 from gateway import receipts
 from gateway.verdict import Verdict
-from keys import store
+from keys import evidence, store
 from keys.directory import Directory
+from keys.recipients import Recipients, choose
+from keys.trust import TrustStore
 
 log = logging.getLogger("gateway.outbound")
 
 LEASE = timedelta(minutes=5)
 
 RETRY_LATER = timedelta(seconds=30)
-#: How long the builder trusts its lookup of an agency's certificates (a retired certificate
-#: stops being encrypted to within this time).
+#: How long the builder trusts its lookup of an agency's certificates and of the revocation
+#: evidence (a retired or newly revoked certificate stops being encrypted to within this time).
 CERT_CACHE = timedelta(seconds=10)
+#: Failures of the database or the disk, not of one row: raised, and the batch waits for its
+#: lease (as in :mod:`gateway.worker`).
+ENVIRONMENT: tuple[type[Exception], ...] = (TransientError, SQLAlchemyError, OSError)
 
 
 class Attempt(Protocol):
@@ -68,6 +78,10 @@ class Attempt(Protocol):
     def outcome(self) -> Literal["sent", "retry", "failed"]: ...
     @property
     def reply(self) -> str: ...
+    @property
+    def refused(self) -> Mapping[str, str]:
+        """Recipients refused at RCPT (address → reply) while others were not."""
+        ...
 
 
 Deliver = Callable[[bytes, str, Sequence[str]], Attempt]
@@ -95,8 +109,25 @@ def resend(intake_id: int, original_seq: int, at: datetime) -> dict[str, Any]:
     return _values(f"resend:{intake_id}", "resend", original_seq, None, at)
 
 
-def alert(key: str, text: str, at: datetime) -> t.Outbox:
-    return t.Outbox(**_values(f"alert:{key}", "alert", None, None, at, {"text": text}))
+def alert(about: str, text: str, at: datetime, *, copy: bool = False) -> t.Outbox:
+    """An admin alert about outbox row ``about``: that it failed (key ``alert:ABOUT``) or, with
+    ``copy``, a copy of what it tells an agency (key ``alert:copy:ABOUT``). The keys differ: a
+    certificate reminder copied to the admin may fail later, and that alert is owed too."""
+    key = f"alert:copy:{about}" if copy else f"alert:{about}"
+    return t.Outbox(**_values(key, "alert", None, None, at, {"text": text}))
+
+
+def add_alert(s: Session, about: str, text: str, at: datetime) -> None:
+    """Queue the alert that outbox row ``about`` failed, unless it is queued already.
+
+    Insert-or-ignore (``ON CONFLICT DO NOTHING``: SQLite ≥ 3.24, PostgreSQL ≥ 9.5): the alert
+    rides in the transaction that records the failure, and a key already taken must never roll
+    that back — the batch's rows would stay claimed and be sent again after every lease."""
+    values = _values(f"alert:{about}", "alert", None, None, at, {"text": text})
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(postgresql.insert(t.Outbox).values(values).on_conflict_do_nothing())
+    else:
+        s.execute(sqlite.insert(t.Outbox).values(values).on_conflict_do_nothing())
 
 
 def _values(
@@ -206,7 +237,8 @@ class Builder:
     directory: Callable[[], Directory]
     clock: Callable[[], datetime]
     name: str
-    _certs: dict[str, tuple[datetime, list[x509.Certificate]]] = field(default_factory=dict)
+    _certs: dict[str, tuple[datetime, Recipients]] = field(default_factory=dict)
+    _trust: tuple[datetime, TrustStore | None] | None = None
 
     def run_once(self, limit: int = 32) -> int:
         """Build what is owed now; returns how many rows it handled."""
@@ -252,7 +284,7 @@ class Builder:
             row.state, row.last_reply = "failed", b.failure
             log.error("outbox %s (%s) cannot be built: %s", row.id, row.key, b.failure)
             if row.kind != "alert" and self.hub.admin:
-                s.add(alert(row.key, f"{row.kind} {row.key}: {b.failure}", now))
+                add_alert(s, row.key, f"{row.kind} {row.key}: {b.failure}", now)
             return
         row.state, row.message = "ready", b.message
         row.mail_from, row.rcpt_to = self.hub.address, list(b.rcpt_to)
@@ -270,13 +302,36 @@ class Builder:
             if row.kind == "reminder":
                 return self._reminder(s, row, now)
             return _Built(failure=f"unknown outbox kind {row.kind!r}")
+        except ENVIRONMENT:
+            raise
         except GatewayError as err:
             return _Built(failure=err.message)
+        except Exception as exc:  # a defect of ours: this row fails, and the others go on
+            log.exception("outbox %s (%s) cannot be built: a defect", row.id, row.key)
+            # Never the exception's text, which may quote what is being sent (formats.errors).
+            return _Built(
+                failure=f"the gateway failed while building it ({type(exc).__name__}); the "
+                f"traceback is in the log (outbox {row.id})"
+            )
 
-    def _addresses(self, organ_id: str) -> tuple[str, ...]:
+    def _addresses(self, organ_id: str, now: datetime) -> tuple[str, ...]:
+        """The mailboxes of an agency active today. A mailbox outlives its agency (handed on to
+        a successor after a merger), so an agency outside its validity window gets nothing."""
         agency = self.directory().get(organ_id)
         if agency is None or not agency.emails:
             raise _NoAddress(f"agency {organ_id} has no e-mail address in the directory")
+        day = local_day(now)
+        if not agency.active_on(day):
+            when = (
+                f"its directory entry ended on {agency.valid_to}"
+                if agency.valid_to and agency.valid_to < day
+                else f"its directory entry starts on {agency.valid_from}"
+            )
+            raise _NoAddress(
+                f"agency {organ_id} is not active on {day} ({when}): nothing is sent to its "
+                "mailboxes; forward the message to the agency now responsible, or correct the "
+                "directory's dates"
+            )
         return tuple(sorted(agency.emails))
 
     def _receipt(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
@@ -294,10 +349,16 @@ class Builder:
             origin=self.archive.origin,
             at=now,
         )
-        certs = self._certificates(s, row.organ_id, now) or self._signer_cert(s, entry.blobs)
+        certs = self._certificates(s, row.organ_id, now)
+        if not certs.usable:  # none enrolled (or none to use): the certificate that signed
+            trust = self._trust_store(s, now)
+            signer = choose(self._signer_cert(s, entry.blobs), trust=trust, at=now)
+            certs = Recipients(signer.usable, certs.left_out + signer.left_out)
+        if not certs.usable:
+            return _Built(failure=certs.none_usable(row.organ_id))
         message = self._seal(
             payload_entity(payload.to_xml()),
-            certs,
+            certs.usable,
             to=(to_addr,),
             message_id=f"<receipt.{row.for_seq}.{payload.header.message_id}@{_domain(self.hub.address)}>",
             subject=receipts.subject(str(fields["status"]), row.for_seq),
@@ -321,18 +382,18 @@ class Builder:
     def _delivery(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
         assert row.for_seq is not None and row.organ_id is not None
         try:
-            addresses = self._addresses(row.organ_id)
+            addresses = self._addresses(row.organ_id, now)
         except _NoAddress as err:
             return _Built(failure=str(err))
         certs = self._certificates(s, row.organ_id, now)
-        if not certs:
-            return _Built(failure=f"agency {row.organ_id} has no usable encryption certificate")
+        if not certs.usable:
+            return _Built(failure=certs.none_usable(row.organ_id))
         entry = self.archive.log.entry(s, row.for_seq)
         signed = self.archive.blobs.get(s, entry.blobs["decrypted"])
         message_id = f"<delivery.{row.for_seq}.{row.id}@{_domain(self.hub.address)}>"
         message = self._seal(
             signed,
-            certs,
+            certs.usable,
             to=addresses,
             message_id=message_id,
             subject=f"Chuyển tiếp dữ liệu (số {row.for_seq}) / Forwarded data (entry {row.for_seq})",
@@ -388,14 +449,14 @@ class Builder:
         the agency's current certificates when it has any (the words are not secret)."""
         assert row.organ_id is not None
         try:
-            addresses = self._addresses(row.organ_id)
+            addresses = self._addresses(row.organ_id, now)
         except _NoAddress as err:
             return _Built(failure=str(err))
         text = str(row.detail.get("text", ""))
         subject = str(row.detail.get("subject", "Nhắc việc / Reminder"))
         entity = _text_entity(text)
         message_id = f"<reminder.{row.id}@{_domain(self.hub.address)}>"
-        certs = self._certificates(s, row.organ_id, now)
+        certs = self._certificates(s, row.organ_id, now).usable
         if certs:
             message = self._seal(
                 entity, certs, to=addresses, message_id=message_id, subject=subject, at=now
@@ -444,14 +505,27 @@ class Builder:
         item = Item("alert", now, {"to": [self.hub.admin], "text": text}, {})
         return _Built(head + signed, (self.hub.admin,), item)
 
-    def _certificates(self, s: Session, organ_id: str, now: datetime) -> list[x509.Certificate]:
+    def _certificates(self, s: Session, organ_id: str, now: datetime) -> Recipients:
         """An agency's current encryption certificates, looked up at most every few seconds."""
         cached = self._certs.get(organ_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        certs = store.encryption_certificates(s, organ_id, now)
+        trust = self._trust_store(s, now)
+        certs = store.encryption_certificates(s, organ_id, now, trust=trust)
         self._certs[organ_id] = (now + CERT_CACHE, certs)
         return certs
+
+    def _trust_store(self, s: Session, now: datetime) -> TrustStore | None:
+        """The key store's anchors and revocation evidence, loaded at most every few seconds;
+        soft-fail, since only what the evidence says counts here (:mod:`keys.recipients`).
+        ``None`` without a trust anchor: no evidence can then be checked."""
+        if self._trust is None or self._trust[0] <= now:
+            try:
+                trust: TrustStore | None = evidence.trust_store(s, revocation_mode="soft-fail")
+            except ConfigError:
+                trust = None
+            self._trust = (now + CERT_CACHE, trust)
+        return self._trust[1]
 
     def _signer_cert(self, s: Session, blobs: dict[str, str]) -> list[x509.Certificate]:
         if "chain" not in blobs:

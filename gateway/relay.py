@@ -30,7 +30,9 @@ Outcomes (the first digit of the reply decides, RFC 5321 §4.2.1):
 
 * ``sent``   — DATA answered 2xx. If some recipients were refused, ``refused`` maps each to its
   reply; the message went to the others. The caller decides: a 4xx refusal
-  (:attr:`Attempt.temporarily_refused`) may be retried for that recipient alone.
+  (:attr:`Attempt.temporarily_refused`) may be retried for that recipient alone (the outbox
+  does so, and fails the 5xx ones: :mod:`gateway.sender`), so ``sent`` alone never means
+  that every recipient has the message.
 * ``retry``  — any 4xx (MAIL, RCPT, DATA); connection refused, reset or timed out; a TLS
   failure; and *every* refusal before MAIL FROM (greeting, EHLO, STARTTLS not offered, AUTH
   refused, even with 5xx): those concern the relay or our configuration, not this message, and

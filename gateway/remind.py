@@ -147,7 +147,9 @@ def run(
             s.add(row)
             queued.append(r.key)
             if r.kind == "certificate" and admin:
-                copy = outbound.alert(r.key, f"{r.organ_id}: {r.subject}\n\n{r.text}", now)
+                copy = outbound.alert(
+                    r.key, f"{r.organ_id}: {r.subject}\n\n{r.text}", now, copy=True
+                )
                 if s.scalar(select(t.Outbox.id).where(t.Outbox.key == copy.key)) is None:
                     s.add(copy)
     return RunResult(tuple(planned), tuple(queued))

@@ -4,6 +4,13 @@ Part of :mod:`gateway.outbound` (step 3): ``ready`` rows go to the relay; 250 �
 no connection → ``retry`` with backoff, 5xx or too old → ``failed`` and the admin is alerted;
 each final state is filed as an ``outcome`` entry. A failure is never recorded as sent.
 
+The relay's answer is decided per recipient (:func:`fates`): a recipient refused at RCPT has
+its own reply, the others share the one that decided the attempt. A row whose recipients were
+refused in part stays in ``retry`` for those refused with a 4xx alone (``rcpt_to`` narrows to
+them), and the admin is alerted at once for those refused with a 5xx; it ends ``sent`` only if
+every recipient took the message, ``failed`` otherwise. The reply of each recipient is kept in
+``detail["recipients"]`` across attempts and filed with the outcome.
+
 A run (:meth:`Sender.run_once`) goes over one session (one relay connection, RSET between
 messages) in batches; a batch is recorded in one transaction, for the rows this sender still
 holds, and that transaction claims the next batch.
@@ -12,11 +19,11 @@ holds, and that transaction claims the next batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -24,7 +31,7 @@ from sqlalchemy.orm import Session
 from archive import tables as t
 from archive.log import Item
 from archive.service import Archive
-from gateway.outbound import Attempt, alert, backoff, claim
+from gateway.outbound import Attempt, add_alert, backoff, claim
 
 log = logging.getLogger("gateway.sender")
 
@@ -46,6 +53,7 @@ class Unsendable:
 
     problem: str
     outcome: Literal["failed"] = "failed"
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def reply(self) -> str:
@@ -108,24 +116,29 @@ class Sender:
         o = t.Outbox
         query = select(
             o.id, o.state, o.worker, o.attempts, o.created_at, o.next_attempt_at,
-            o.entry_seq, o.key, o.kind,
+            o.entry_seq, o.key, o.kind, o.rcpt_to, o.detail,
         ).where(o.id.in_([number for number, _ in results]))  # fmt: skip
         if s.get_bind().dialect.name == "postgresql":
             query = query.with_for_update()  # held to the commit: a lease takeover waits
         rows = {row.id: row for row in s.execute(query)}
-        out, items, changes = [], [], []
+        out: list[tuple[int, str]] = []
+        items, changes = [], []
         for number, attempt in results:
             row = rows.get(number)
             if row is None or row.state != "sending" or row.worker != self.name:
                 continue
-            attempts, reply = row.attempts + 1, attempt.reply[:2000]
-            state: str = attempt.outcome
-            if state == "retry" and now - row.created_at >= self.give_up_after:
-                state = "failed"
-            retry_at = row.next_attempt_at
-            if state == "retry":
+            attempts = row.attempts + 1
+            give_up = now - row.created_at >= self.give_up_after
+            told = fates(attempt, row.rcpt_to or (), give_up=give_up)
+            # Recipients settled by earlier attempts keep their reply; this attempt's override.
+            recipients = {**row.detail.get("recipients", {}), **told}
+            state = _overall(recipients, attempt.outcome, give_up)
+            reply = _summary(recipients, attempt.reply)[:2000]
+            retry_at, rcpt_to = row.next_attempt_at, row.rcpt_to
+            if state == "retry":  # for the recipients to retry alone
                 retry_at = now + backoff(attempts)
-                log.warning("outbox %s (%s) will be retried: %s", row.id, row.key, attempt.reply)
+                rcpt_to = [r for r in row.rcpt_to or () if told[r]["status"] == "retry"]
+                log.warning("outbox %s (%s) will be retried: %s", row.id, row.key, reply)
             else:
                 items.append(
                     Item(
@@ -137,14 +150,22 @@ class Sender:
                             "status": state,
                             "reply": reply,
                             "attempts": attempts,
+                            "recipients": recipients,
                         },
                         {},
                     )
                 )
                 if state == "failed":
-                    log.error("outbox %s (%s) failed: %s", row.id, row.key, attempt.reply)
-                    if row.kind != "alert" and self.admin:
-                        s.add(alert(row.key, f"{row.kind} {row.key}: {attempt.reply}", now))
+                    log.error("outbox %s (%s) failed: %s", row.id, row.key, reply)
+            # The admin hears once of each recipient refused for good, when it is: at once
+            # while others are retried (under that attempt's key), else with the row's failure.
+            failed_now = any(v["status"] == "failed" for v in told.values())
+            if failed_now or (state == "failed" and not told):
+                final = state == "failed"
+                about = row.key if final else f"{row.key}:attempt-{attempts}"
+                more = "" if final else f"; retrying {', '.join(rcpt_to or ())}"
+                if row.kind != "alert" and self.admin:
+                    add_alert(s, about, f"{row.kind} {row.key}: {reply}{more}", now)
             changes.append(
                 {
                     "id": number,
@@ -152,6 +173,8 @@ class Sender:
                     "attempts": attempts,
                     "last_reply": reply,
                     "next_attempt_at": retry_at,
+                    "rcpt_to": rcpt_to,
+                    "detail": {**row.detail, "recipients": recipients},
                     "worker": None,
                     "lease_until": None,
                     "updated_at": now,
@@ -163,3 +186,40 @@ class Sender:
         if items:
             self.archive.file_in(s, items, at=now)
         return out
+
+
+Fate = Literal["sent", "retry", "failed"]
+
+
+def fates(attempt: Attempt, rcpt_to: Sequence[str], *, give_up: bool) -> dict[str, dict[str, str]]:
+    """What ``attempt`` did for each recipient: ``{address: {"status", "reply"}}``.
+
+    A recipient refused at RCPT has its own reply — 4xx: ``retry``, 5xx: ``failed`` (RFC 5321
+    §4.2.1); the others share the outcome and reply that decided the attempt (DATA's, MAIL's,
+    or why nothing was offered). ``give_up``: what would be retried fails instead."""
+    out: dict[str, dict[str, str]] = {}
+    for rcpt in rcpt_to:
+        reply = attempt.refused.get(rcpt)
+        status: Fate = attempt.outcome
+        if reply is not None:
+            status = "retry" if reply.startswith("4") else "failed"
+        if status == "retry" and give_up:
+            status = "failed"
+        out[rcpt] = {"status": status, "reply": (reply or attempt.reply)[:500]}
+    return out
+
+
+def _overall(recipients: Mapping[str, Mapping[str, Any]], outcome: Fate, give_up: bool) -> Fate:
+    """A row is retried while a recipient is to be retried, and ``sent`` only if every
+    recipient took it: a failure is never recorded as sent."""
+    statuses = {str(v["status"]) for v in recipients.values()}
+    if not statuses:  # a row with no recipient, never offered (:class:`Unsendable`)
+        return "failed" if give_up and outcome == "retry" else outcome
+    return "retry" if "retry" in statuses else "failed" if "failed" in statuses else "sent"
+
+
+def _summary(recipients: Mapping[str, Mapping[str, Any]], reply: str) -> str:
+    """The row's last reply: the attempt's, or each recipient's when they differ."""
+    if len({str(v["reply"]) for v in recipients.values()}) <= 1:
+        return reply
+    return "; ".join(f"{addr}: {v['reply']}" for addr, v in sorted(recipients.items()))

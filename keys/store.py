@@ -30,6 +30,8 @@ from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
 from keys.binding import Registered
 from keys.directory import Agency, Directory
+from keys.recipients import Recipients, choose
+from keys.trust import TrustStore
 
 ROLES = ("agency", "anchor", "intermediate", "hub", "ca")
 
@@ -433,15 +435,19 @@ def enrolled(s: Session) -> dict[str, tuple[Registered, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def encryption_certificates(s: Session, organ_id: str, at: datetime) -> list[x509.Certificate]:
-    """Every certificate of ``organ_id`` usable at ``at``: what the hub encrypts to. During a
-    rollover overlap that is both the old and the new one, so the agency can decrypt with
-    either key."""
-    return [
+def encryption_certificates(
+    s: Session, organ_id: str, at: datetime, *, trust: TrustStore | None
+) -> Recipients:
+    """Every certificate of ``organ_id`` usable at ``at`` that the hub can encrypt to and the
+    evidence in ``trust`` does not say is revoked (:func:`keys.recipients.choose`; ``None``
+    when the key store has no trust anchor). During a rollover overlap that is both the old and
+    the new one, so the agency can decrypt with either key."""
+    current = [
         c.certificate
         for c in certificates(s, role="agency", organ_id=organ_id, include_retired=False)
         if c.usable_at(at)
     ]
+    return choose(current, trust=trust, at=at)
 
 
 # --- private keys (hub, built-in CA) -------------------------------------------------------------

@@ -12,6 +12,7 @@ import threading
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -34,8 +35,9 @@ from formats.smime import build_message
 from gateway.cli import cli
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context, process
-from keys import store
+from keys import evidence, store
 from keys.issuing import Issued, issue_agency, issue_hub, make_crl, make_root
+from keys.recipients import Recipients
 from tests.conftest import WORLD_AT
 
 PASS = "test-only passphrase"
@@ -516,8 +518,12 @@ def test_during_an_overlap_the_hub_encrypts_to_both_certificates(
         store.add_certificate(
             s, new.cert, role="agency", organ_id="H26.SNV", at=WORLD_AT, actor=ACTOR
         )
-        during = store.encryption_certificates(s, "H26.SNV", cutover - timedelta(days=1))
-        after = store.encryption_certificates(s, "H26.SNV", cutover + timedelta(days=1))
+        during = store.encryption_certificates(
+            s, "H26.SNV", cutover - timedelta(days=1), trust=None
+        ).usable
+        after = store.encryption_certificates(
+            s, "H26.SNV", cutover + timedelta(days=1), trust=None
+        ).usable
     assert {c.serial_number for c in during} == {old.cert.serial_number, new.cert.serial_number}
     assert [c.serial_number for c in after] == [new.cert.serial_number]
     # Either agency key opens what the hub encrypts during the overlap.
@@ -529,6 +535,47 @@ def test_during_an_overlap_the_hub_encrypts_to_both_certificates(
             bytearray(sealed), [RecipientKey(issued.cert, key)], max_bytes=1 << 20
         )
         assert bytes(opened.content) == b"receipt"
+
+
+def test_the_hub_encrypts_only_to_unrevoked_rsa_certificates_that_allow_key_transport(
+    db: Database, world: DemoWorld
+) -> None:
+    """An EC key (no key transport), a signing-only RSA certificate and a certificate a stored
+    CRL lists are left out, each with its reason; the rest is encrypted to."""
+    police = world.agencies["H26.CATP"]
+
+    def issue(name: str, **options: Any) -> Issued:
+        return issue_agency(
+            world.root, email="pa08@congan.hanoi.gov.vn", organ_id="H26.CATP",
+            common_name=name, at=WORLD_AT - timedelta(days=10), **options,
+        )  # fmt: skip
+
+    ec, signing, lost = (
+        issue("EC", key_kind="ec-p256"),
+        issue("sign", key_usage="sign"),
+        issue("lost"),
+    )
+    crl = make_crl(
+        world.root, revoked=[(lost.cert.serial_number, WORLD_AT - timedelta(days=1))],
+        this_update=WORLD_AT - timedelta(hours=1), next_update=WORLD_AT + timedelta(days=7),
+        number=7,
+    )  # fmt: skip
+    with db.session() as s:
+        for issued in (police, ec, signing, lost):
+            store.add_certificate(
+                s, issued.cert, role="agency", organ_id="H26.CATP", at=WORLD_AT, actor=ACTOR
+            )
+        evidence.add_crl(s, crl, source="test", at=WORLD_AT, actor=ACTOR)
+        trust = evidence.trust_store(s, revocation_mode="soft-fail")
+        chosen = store.encryption_certificates(s, "H26.CATP", WORLD_AT, trust=trust)
+        unjudged = store.encryption_certificates(s, "H26.CATP", WORLD_AT, trust=None)
+    assert chosen.usable == (police.cert,)
+    ec_why, signing_why, lost_why = chosen.left_out
+    assert "has an EC key; the hub encrypts to RSA keys only" in ec_why
+    assert "does not allow keyEncipherment" in signing_why
+    assert f"serial 0x{lost.cert.serial_number:X}" in lost_why and "was revoked on" in lost_why
+    assert unjudged.usable == (police.cert, lost.cert)  # no anchor: no evidence can count
+    assert "no usable encryption certificate" in Recipients((), chosen.left_out).none_usable("X")
 
 
 def test_a_pkcs7_bundle_is_imported_by_its_end_entity_certificate(

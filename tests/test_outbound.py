@@ -46,9 +46,19 @@ LATER = WORLD_AT + timedelta(minutes=5)
 
 @pytest.fixture
 def archive(tmp_path: Path, world: DemoWorld) -> Archive:
+    return make_archive(f"sqlite:///{tmp_path}/a.db", world)
+
+
+@pytest.fixture
+def hub(world: DemoWorld) -> Hub:
+    return make_hub(world)
+
+
+def make_archive(url: str, world: DemoWorld) -> Archive:
+    """An archive whose directory and certificates are the demo world's."""
     key = world.hub.key
     assert isinstance(key, rsa.RSAPrivateKey)
-    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    db = Database.open(url)
     with db.session() as s:
         for agency in world.directory:
             store.add_agency(s, agency, at=WORLD_AT, actor="test")
@@ -59,8 +69,7 @@ def archive(tmp_path: Path, world: DemoWorld) -> Archive:
     return Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
 
 
-@pytest.fixture
-def hub(world: DemoWorld) -> Hub:
+def make_hub(world: DemoWorld) -> Hub:
     key = world.hub.key
     assert isinstance(key, rsa.RSAPrivateKey)
     return Hub(
@@ -251,6 +260,7 @@ def test_an_agency_missing_from_the_directory_is_a_failed_delivery(
 class _Reply:
     outcome: Literal["sent", "retry", "failed"]
     reply: str
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class _Relay:

@@ -1,0 +1,90 @@
+"""Which certificates the hub encrypts to: a choice with no I/O, and the reason for each one
+left out.
+
+Of the certificates offered (an agency's current ones, see
+:func:`keys.store.encryption_certificates`), the hub encrypts to those that pass, in order:
+
+1. an RSA key: the hub sends key transport (RFC 8551 §2.3, RSA PKCS#1 v1.5), and
+   ``cryptography`` builds EnvelopedData for RSA recipients only; an EC key would need ECDH
+   key agreement (RFC 5753), which the hub does not build;
+2. a keyUsage that allows keyEncipherment, if the certificate has one (RFC 5280 §4.2.1.3;
+   RFC 8550 §4.4.2: RSA key transport needs keyEncipherment);
+3. not revoked at ``at`` by the stored evidence: the trust store's own check
+   (:meth:`keys.trust.TrustStore.validate_signer` in soft-fail mode), so a CRL or OCSP response
+   that makes the pipeline refuse a signer also stops the hub encrypting to it. A certificate
+   without evidence is not judged revoked; one the trust store cannot judge at all (no anchors,
+   no path) was checked when it was enrolled and is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from formats.errors import GatewayError, SignerRevoked
+from keys.trust import TrustStore, describe
+
+
+@dataclass(frozen=True)
+class Recipients:
+    """The certificates to encrypt to, and why each other one offered is left out."""
+
+    usable: tuple[x509.Certificate, ...] = ()
+    left_out: tuple[str, ...] = ()
+
+    def none_usable(self, organ_id: str) -> str:
+        """Why nothing can be encrypted to ``organ_id``, and the fix (when :attr:`usable` is
+        empty)."""
+        why = f": {'; '.join(self.left_out)}" if self.left_out else ""
+        return (
+            f"agency {organ_id} has no usable encryption certificate{why}; import a current RSA "
+            "certificate of the agency (`gateway keys import`)"
+        )
+
+
+def choose(
+    certs: Iterable[x509.Certificate], *, trust: TrustStore | None, at: datetime
+) -> Recipients:
+    """The certificates of ``certs`` the hub encrypts to at ``at`` (see the module docstring);
+    ``trust=None`` when the key store has no trust anchor (no evidence can then be checked)."""
+    usable: list[x509.Certificate] = []
+    left_out: list[str] = []
+    for cert in certs:
+        problem = encryption_problem(cert) or _revoked(cert, trust, at)
+        if problem is None:
+            usable.append(cert)
+        else:
+            left_out.append(problem)
+    return Recipients(tuple(usable), tuple(left_out))
+
+
+def encryption_problem(cert: x509.Certificate) -> str | None:
+    """Why the hub cannot encrypt to ``cert``'s key (steps 1–2), or ``None``."""
+    key = cert.public_key()
+    if not isinstance(key, rsa.RSAPublicKey):
+        kind = "an EC" if isinstance(key, ec.EllipticCurvePublicKey) else f"a {type(key).__name__}"
+        return f"{describe(cert)} has {kind} key; the hub encrypts to RSA keys only"
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if not usage.key_encipherment:
+        return f"{describe(cert)} does not allow keyEncipherment (a signing-only certificate)"
+    return None
+
+
+def _revoked(cert: x509.Certificate, trust: TrustStore | None, at: datetime) -> str | None:
+    """Step 3: the trust store's message when the evidence says ``cert`` is revoked."""
+    if trust is None:
+        return None
+    try:
+        trust.validate_signer(cert, at=at)
+    except SignerRevoked as err:
+        return err.message
+    except GatewayError:  # not a signer now for another reason (path, usage): not ours to judge
+        return None
+    return None

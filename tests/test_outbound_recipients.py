@@ -1,0 +1,213 @@
+"""Who the builder encrypts to and delivers to: only certificates the hub can encrypt to and no
+stored evidence says are revoked, only agencies active today; and a row it cannot build fails
+alone, with an alert, while the rest of the batch goes on.
+
+Deliveries are opened with ``openssl cms`` as the agency would (:func:`tests.test_outbound._open_as`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from archive import tables as t
+from archive.service import Archive
+from gateway.demo import DemoWorld
+from gateway.outbound import Builder, Hub
+from gateway.pipeline import Context
+from gateway.worker import Worker
+from keys import evidence, store
+from keys.directory import Agency, Directory
+from keys.issuing import Issued, issue_agency, make_crl
+from tests.conftest import WORLD_AT
+from tests.test_outbound import LATER, _open_as, _process, _receive, _rows, make_archive, make_hub
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run(["openssl", "version"], capture_output=True, check=False).returncode != 0,
+    reason="openssl is not installed",
+)
+
+POLICE = "pa08@congan.hanoi.gov.vn"
+
+
+@pytest.fixture
+def archive(tmp_path: Path, world: DemoWorld) -> Archive:
+    return make_archive(f"sqlite:///{tmp_path}/a.db", world)
+
+
+@pytest.fixture
+def hub(world: DemoWorld) -> Hub:
+    return make_hub(world)
+
+
+def _police(world: DemoWorld, name: str, **options: object) -> Issued:
+    """Another certificate for the police (a rollover), from the demo's CA."""
+    return issue_agency(
+        world.root, email=POLICE, organ_id="H26.CATP", common_name=name,
+        at=WORLD_AT - timedelta(days=10), **options,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _enrol(archive: Archive, *issued: Issued) -> None:
+    with archive.db.session() as s:
+        for one in issued:
+            store.add_certificate(
+                s, one.cert, role="agency", organ_id="H26.CATP", at=WORLD_AT, actor="test"
+            )
+
+
+def _retire_police_certificate(archive: Archive, world: DemoWorld) -> None:
+    with archive.db.session() as s:
+        store.retire_certificate(
+            s, store.fingerprint(world.agencies["H26.CATP"].cert), at=WORLD_AT, actor="test"
+        )
+
+
+def _openssl_opens(message: bytes, issued: Issued, tmp_path: Path) -> bool:
+    (tmp_path / "m.eml").write_bytes(message)
+    (tmp_path / "c.pem").write_bytes(issued.cert_pem())
+    (tmp_path / "k.pem").write_bytes(issued.key_pem())
+    done = subprocess.run(
+        ["openssl", "cms", "-decrypt", "-in", tmp_path / "m.eml", "-recip", tmp_path / "c.pem",
+         "-inkey", tmp_path / "k.pem"], capture_output=True, check=False,
+    )  # fmt: skip
+    return done.returncode == 0
+
+
+# --- certificates the hub can encrypt to --------------------------------------------------------
+
+
+def test_an_ec_certificate_is_left_out_and_the_rsa_one_still_gets_the_delivery(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """The police enrolled an EC-P256 certificate (it may sign; the hub cannot encrypt to it)
+    next to their RSA one: the delivery is encrypted to the RSA one alone."""
+    _enrol(archive, _police(world, "Police (EC)", key_kind="ec-p256"))
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    assert {k: r.state for k, r in rows.items()} == {
+        f"receipt:{seq}": "ready",
+        f"delivery:{seq}:H26.CATP": "ready",
+    }
+    message = rows[f"delivery:{seq}:H26.CATP"].message
+    assert message is not None
+    _open_as(message, world, "H26.CATP", tmp_path)
+
+
+def test_an_agency_with_only_an_ec_certificate_gets_a_failed_delivery_and_an_alert(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    _enrol(archive, _police(world, "Police (EC)", key_kind="ec-p256"))
+    _retire_police_certificate(archive, world)
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    assert rows[f"receipt:{seq}"].state == "ready"  # the sender is not held up
+    failed = rows[f"delivery:{seq}:H26.CATP"]
+    assert failed.state == "failed"
+    assert "has an EC key; the hub encrypts to RSA keys only" in (failed.last_reply or "")
+    assert rows[f"alert:delivery:{seq}:H26.CATP"].state == "ready"
+
+
+# --- revoked certificates -----------------------------------------------------------------------
+
+
+def test_a_certificate_a_stored_crl_revokes_is_never_encrypted_to(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """The police's new certificate was revoked (a stolen laptop) and the admin imported the
+    CRL: deliveries go to their other certificate only, and with none left they fail."""
+    lost = _police(world, "Police (stolen laptop)")
+    crl = make_crl(
+        world.root, revoked=[(lost.cert.serial_number, WORLD_AT - timedelta(days=1))],
+        this_update=WORLD_AT - timedelta(hours=1), next_update=WORLD_AT + timedelta(days=7),
+        number=2,
+    )  # fmt: skip
+    _enrol(archive, lost)
+    with archive.db.session() as s:
+        store.add_certificate(s, world.root.cert, role="anchor", at=WORLD_AT, actor="test")
+        evidence.add_crl(s, crl, source="test", at=WORLD_AT, actor="test")
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    delivery = _rows(archive)[f"delivery:{seq}:H26.CATP"]
+    assert delivery.state == "ready" and delivery.message is not None
+    assert _openssl_opens(delivery.message, world.agencies["H26.CATP"], tmp_path)
+    assert not _openssl_opens(delivery.message, lost, tmp_path)
+
+    _retire_police_certificate(archive, world)  # only the revoked one is left
+    _receive(archive, world.submission("H26.SNV", number=2))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    failed = rows[f"delivery:{seq}:H26.CATP"]
+    assert failed.state == "failed" and failed.message is None
+    assert "was revoked on" in (failed.last_reply or "")
+    assert "was revoked on" in rows[f"alert:delivery:{seq}:H26.CATP"].detail["text"]
+
+
+# --- agencies no longer active ------------------------------------------------------------------
+
+
+def test_a_delivery_to_an_agency_no_longer_active_fails_and_alerts_the_admin(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """The police were merged away 30 days ago and their mailbox handed on to the successor:
+    a payload still addressed to them is not sent to that mailbox."""
+    police = world.directory.get("H26.CATP")
+    assert police is not None
+    gone = dataclasses.replace(police, valid_to=WORLD_AT.date() - timedelta(days=30))
+    successor = Agency(
+        "H26.CAHN2", "Công an thành phố (mới)", "City Police (successor)", police.emails,
+        valid_from=WORLD_AT.date() - timedelta(days=29),
+    )  # fmt: skip
+    directory = Directory.of(
+        [gone if a.organ_id == "H26.CATP" else a for a in world.directory] + [successor]
+    )
+    _receive(archive, world.submission("H26.SNV"))  # addressed to H26.CATP
+    ctx = dataclasses.replace(world_ctx, directory=directory)
+    seq = _process(archive, ctx, directory, hub)
+    rows = _rows(archive)
+    failed = rows[f"delivery:{seq}:H26.CATP"]
+    assert (failed.state, failed.message, failed.rcpt_to) == ("failed", None, None)
+    assert f"ended on {gone.valid_to}" in (failed.last_reply or "")
+    assert "not active" in rows[f"alert:delivery:{seq}:H26.CATP"].detail["text"]
+    assert rows[f"receipt:{seq}"].state == "ready"
+
+
+# --- one row that cannot be built ---------------------------------------------------------------
+
+
+def test_a_row_the_builder_fails_on_fails_alone_and_the_batch_goes_on(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A defect (here: a delivery row pointing at a log entry that is not a message, so its
+    signed entity is missing) fails that row with an alert; the rows around it are built."""
+    _receive(archive, world.submission("H26.SNV"))
+    [filed] = Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    seq = filed.archive_seq
+    poison = {"key": "delivery:0:H26.CATP", "kind": "delivery", "for_seq": 0, "detail": {}}
+    with archive.db.session() as s:
+        s.add(
+            t.Outbox(**poison, organ_id="H26.CATP", state="new", created_at=LATER, updated_at=LATER)
+        )
+    with caplog.at_level(logging.ERROR, logger="gateway.outbound"):
+        Builder(archive, hub, lambda: world.directory, lambda: LATER, "b").run_once()
+    rows = _rows(archive)
+    bad = rows["delivery:0:H26.CATP"]
+    assert bad.state == "failed" and "KeyError" in (bad.last_reply or "")
+    assert rows["alert:delivery:0:H26.CATP"].state == "new"  # built in the next run
+    assert rows[f"receipt:{seq}"].state == rows[f"delivery:{seq}:H26.CATP"].state == "ready"
+    [logged] = [r for r in caplog.records if r.exc_info]
+    assert logged.exc_info is not None and logged.exc_info[0] is KeyError
+    with archive.db.session(read_only=True) as s:
+        assert not s.scalars(select(t.Outbox).where(t.Outbox.state == "building")).all()
