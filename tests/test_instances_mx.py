@@ -35,6 +35,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.interop, pytest.mark.slow]
 
 SNV = "vanthu@snv.hanoi.gov.vn"
 BURST = 2000
+#: Bodies the work-permit obligation of the preset also owes Home Affairs' reports to (Điều
+#: 8.2.c), with no certificate in the demo world: their deliveries fail.
+UNCERTIFIED = ("H26.SCT", "H26.SYT", "H26.SGDDT", "H26.SVHTT", "H26.SDL", "H26.SKHCN", "H26.CCTKV1")
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
 _QUEUED = re.compile(r": queued as \d+ \(")
 _REMINDERS = re.compile(r"reminders: (\d+) owed, (\d+) queued")
@@ -167,8 +170,15 @@ def test_two_instances_behind_postfix_share_a_burst_and_send_each_reminder_once(
         # Both instances took mail in from Postfix (the second after the kill at least).
         taken = [len(_QUEUED.findall(i.log.read_text(errors="replace"))) for i in instances]
         assert all(taken) and sum(taken) <= settled["intake:done"], (taken, settled)
-        # Every sender got its receipt (the killed instance may have sent a few twice).
-        assert settled.get("outbox:failed", 0) == 0, settled
+        # Every sender got its receipt (the killed instance may have sent a few twice). What
+        # failed is only what Điều 8.2.c owes to bodies that have no certificate in this world.
+        with db.session(read_only=True) as s:
+            failed = set(
+                s.execute(
+                    select(t.Outbox.kind, t.Outbox.organ_id).where(t.Outbox.state == "failed")
+                )
+            )
+        assert failed == {("delivery", o) for o in UNCERTIFIED}, failed
         assert len(sink.to(SNV)) >= BURST, (len(sink.to(SNV)), settled)
         # Each reminder reached its agency exactly once, however many schedulers ran.
         assert reminder_ids, "no reminder was owed today: the test shows nothing"
