@@ -125,6 +125,7 @@ def _register() -> None:
         cli_init,
         cli_keys,
         cli_obligations,
+        cli_outbox,
         cli_send,
         cli_submitters,
     )
@@ -141,6 +142,7 @@ def _register() -> None:
     cli.add_command(cli_archive.archive_cmd)
     cli.add_command(cli_send.send)
     cli.add_command(cli_obligations.obligations)
+    cli.add_command(cli_outbox.outbox)
     cli.add_command(serve)
     cli.add_command(remind)
     cli.add_command(cli_submitters.submitters)

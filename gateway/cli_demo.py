@@ -129,7 +129,7 @@ def demo(target: Path | None, as_json: bool) -> None:
         "reminders": sent.get("reminder", 0),
         "receipts": sent.get("receipt", 0) + sent.get("resend", 0),
         "deliveries": sent.get("delivery", 0),
-        # owed under Điều 8 to bodies of the preset that have no certificate in the demo
+        # owed under Điều 8 to bodies of the preset with no mailbox or certificate in the demo
         "deliveries_failed": sum(n for k, st, n in states if k == "delivery" and st == "failed"),
         "alerts": sent.get("alert", 0),
         "kept_in": str(sink.directory),
@@ -158,8 +158,8 @@ def demo(target: Path | None, as_json: bool) -> None:
     if outbound["deliveries_failed"]:
         say(
             f"   {outbound['deliveries_failed']} more deliveries are owed under Điều 8 to bodies "
-            f"that have no certificate in this demo: failed, {outbound['alerts']} alerts "
-            "to the admin"
+            f"that have no mailbox or certificate in this demo: failed, {outbound['alerts']} "
+            "alerts to the admin (one per body a day; `gateway outbox list --state failed`)"
         )
     say("7. Compliance (who owes what, as at now; printable reports in the home):")
     for label, summary in status.items():

@@ -208,6 +208,9 @@ class _Built:
     rcpt_to: tuple[str, ...] = ()
     item: Item | None = None
     failure: str | None = None
+    #: The failure is the agency's setup (no mailbox, not active, no certificate to use): the
+    #: same for every row to it until an admin fixes it, so it is alerted once a day.
+    setup: bool = False
     later: bool = False
 
 
@@ -283,7 +286,20 @@ class Builder:
         if b.failure is not None:
             row.state, row.last_reply = "failed", b.failure
             log.error("outbox %s (%s) cannot be built: %s", row.id, row.key, b.failure)
-            if row.kind != "alert" and self.hub.admin:
+            if row.kind == "alert" or not self.hub.admin:
+                return
+            if b.setup and row.organ_id:
+                day = local_day(now)
+                add_alert(
+                    s,
+                    f"agency:{row.organ_id}:{day}",
+                    f"Mail for {row.organ_id} cannot be built ({day}): {b.failure}. The first: "
+                    f"{row.kind} {row.key}; any more today fail for the same reason without "
+                    f"another alert. `gateway outbox list --state failed --agency {row.organ_id}` "
+                    "shows them; `gateway outbox retry --rebuild` builds them again once fixed.",
+                    now,
+                )
+            else:
                 add_alert(s, row.key, f"{row.kind} {row.key}: {b.failure}", now)
             return
         row.state, row.message = "ready", b.message
@@ -355,7 +371,7 @@ class Builder:
             signer = choose(self._signer_cert(s, entry.blobs), trust=trust, at=now)
             certs = Recipients(signer.usable, certs.left_out + signer.left_out)
         if not certs.usable:
-            return _Built(failure=certs.none_usable(row.organ_id))
+            return _Built(failure=certs.none_usable(row.organ_id), setup=True)
         message = self._seal(
             payload_entity(payload.to_xml()),
             certs.usable,
@@ -384,10 +400,10 @@ class Builder:
         try:
             addresses = self._addresses(row.organ_id, now)
         except _NoAddress as err:
-            return _Built(failure=str(err))
+            return _Built(failure=str(err), setup=True)
         certs = self._certificates(s, row.organ_id, now)
         if not certs.usable:
-            return _Built(failure=certs.none_usable(row.organ_id))
+            return _Built(failure=certs.none_usable(row.organ_id), setup=True)
         entry = self.archive.log.entry(s, row.for_seq)
         signed = self.archive.blobs.get(s, entry.blobs["decrypted"])
         message_id = f"<delivery.{row.for_seq}.{row.id}@{_domain(self.hub.address)}>"
@@ -451,7 +467,7 @@ class Builder:
         try:
             addresses = self._addresses(row.organ_id, now)
         except _NoAddress as err:
-            return _Built(failure=str(err))
+            return _Built(failure=str(err), setup=True)
         text = str(row.detail.get("text", ""))
         subject = str(row.detail.get("subject", "Nhắc việc / Reminder"))
         entity = _text_entity(text)

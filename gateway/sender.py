@@ -32,6 +32,7 @@ from archive import tables as t
 from archive.log import Item
 from archive.service import Archive
 from gateway.outbound import Attempt, add_alert, backoff, claim
+from gateway.outbox_admin import REQUEUED_AT
 
 log = logging.getLogger("gateway.sender")
 
@@ -128,7 +129,7 @@ class Sender:
             if row is None or row.state != "sending" or row.worker != self.name:
                 continue
             attempts = row.attempts + 1
-            give_up = now - row.created_at >= self.give_up_after
+            give_up = now - _since(row.detail, row.created_at) >= self.give_up_after
             told = fates(attempt, row.rcpt_to or (), give_up=give_up)
             # Recipients settled by earlier attempts keep their reply; this attempt's override.
             recipients = {**row.detail.get("recipients", {}), **told}
@@ -189,6 +190,12 @@ class Sender:
 
 
 Fate = Literal["sent", "retry", "failed"]
+
+
+def _since(detail: Mapping[str, Any], created_at: datetime) -> datetime:
+    """Since when a row has been tried: its birth, or when an admin last requeued it."""
+    requeued = detail.get(REQUEUED_AT)
+    return datetime.fromisoformat(requeued) if isinstance(requeued, str) else created_at
 
 
 def fates(attempt: Attempt, rcpt_to: Sequence[str], *, give_up: bool) -> dict[str, dict[str, str]]:

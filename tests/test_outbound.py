@@ -100,6 +100,12 @@ def _rows(archive: Archive) -> dict[str, t.Outbox]:
     return {r.key: r for r in rows}
 
 
+def agency_alert(rows: dict[str, t.Outbox], organ_id: str) -> t.Outbox:
+    """The one alert of the day about ``organ_id``'s setup (key ``alert:agency:ORGAN:DAY``)."""
+    [alert] = [r for k, r in rows.items() if k.startswith(f"alert:agency:{organ_id}:")]
+    return alert
+
+
 def _openssl(*args: str | Path, data: bytes | None = None) -> bytes:
     proc = subprocess.run(
         ["openssl", *map(str, args)], input=data, capture_output=True, check=False
@@ -227,12 +233,16 @@ def test_a_delivery_without_a_certificate_fails_and_alerts_the_admin(
         for c in store.certificates(s, role="agency", organ_id="H26.CATP"):
             store.retire_certificate(s, c.sha256, at=WORLD_AT, actor="test")
     _receive(archive, world.submission("H26.SNV"))
-    seq = _process(archive, world_ctx, world.directory, hub)
+    _receive(archive, world.submission("H26.SNV", number=2))
+    _process(archive, world_ctx, world.directory, hub)
     rows = _rows(archive)
-    failed = rows[f"delivery:{seq}:H26.CATP"]
-    assert failed.state == "failed"
-    assert "no usable encryption certificate" in (failed.last_reply or "")
-    alert = rows[f"alert:delivery:{seq}:H26.CATP"]
+    failed = [r for k, r in rows.items() if k.startswith("delivery:")]
+    assert [r.state for r in failed] == ["failed", "failed"]
+    assert all("no usable encryption certificate" in (r.last_reply or "") for r in failed)
+    # The same cause for every row to the agency until an admin acts: one alert a day.
+    alert = agency_alert(rows, "H26.CATP")
+    assert [k for k in rows if k.startswith("alert:")] == [alert.key]
+    assert f"delivery {failed[0].key}" in alert.detail["text"]
     assert alert.state == "ready" and alert.rcpt_to == [hub.admin]
     assert alert.message is not None
     (tmp_path / "alert.eml").write_bytes(alert.message)

@@ -26,7 +26,16 @@ from keys import evidence, store
 from keys.directory import Agency, Directory
 from keys.issuing import Issued, issue_agency, make_crl
 from tests.conftest import WORLD_AT
-from tests.test_outbound import LATER, _open_as, _process, _receive, _rows, make_archive, make_hub
+from tests.test_outbound import (
+    LATER,
+    _open_as,
+    _process,
+    _receive,
+    _rows,
+    agency_alert,
+    make_archive,
+    make_hub,
+)
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["openssl", "version"], capture_output=True, check=False).returncode != 0,
@@ -113,7 +122,7 @@ def test_an_agency_with_only_an_ec_certificate_gets_a_failed_delivery_and_an_ale
     failed = rows[f"delivery:{seq}:H26.CATP"]
     assert failed.state == "failed"
     assert "has an EC key; the hub encrypts to RSA keys only" in (failed.last_reply or "")
-    assert rows[f"alert:delivery:{seq}:H26.CATP"].state == "ready"
+    assert agency_alert(rows, "H26.CATP").state == "ready"
 
 
 # --- revoked certificates -----------------------------------------------------------------------
@@ -148,7 +157,7 @@ def test_a_certificate_a_stored_crl_revokes_is_never_encrypted_to(
     failed = rows[f"delivery:{seq}:H26.CATP"]
     assert failed.state == "failed" and failed.message is None
     assert "was revoked on" in (failed.last_reply or "")
-    assert "was revoked on" in rows[f"alert:delivery:{seq}:H26.CATP"].detail["text"]
+    assert "was revoked on" in agency_alert(rows, "H26.CATP").detail["text"]
 
 
 # --- agencies no longer active ------------------------------------------------------------------
@@ -176,7 +185,7 @@ def test_a_delivery_to_an_agency_no_longer_active_fails_and_alerts_the_admin(
     failed = rows[f"delivery:{seq}:H26.CATP"]
     assert (failed.state, failed.message, failed.rcpt_to) == ("failed", None, None)
     assert f"ended on {gone.valid_to}" in (failed.last_reply or "")
-    assert "not active" in rows[f"alert:delivery:{seq}:H26.CATP"].detail["text"]
+    assert "not active" in agency_alert(rows, "H26.CATP").detail["text"]
     assert rows[f"receipt:{seq}"].state == "ready"
 
 

@@ -1,0 +1,96 @@
+"""``gateway outbox …``: what the hub owes and has sent, and sending again what failed.
+
+A thin edge over :mod:`gateway.outbox_admin`; one database transaction per command.
+"""
+
+from __future__ import annotations
+
+import click
+
+from formats.errors import InputError
+from gateway import outbox_admin
+from gateway.cli import actor, db_session, emit_json, now
+from gateway.outbox_admin import PENDING, STATES
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group()
+def outbox() -> None:
+    """Receipts, deliveries, reminders and alerts the hub owes: their state, and retries."""
+
+
+@outbox.command("list")
+@click.option(
+    "--state",
+    type=click.Choice([*STATES, "all"]),
+    help="Only rows in this state (default: every state but sent).",
+)
+@click.option("--kind", type=click.Choice(["receipt", "resend", "delivery", "reminder", "alert"]))
+@click.option("--agency", metavar="ORGAN_ID", help="Only rows to this agency.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@json_option
+@click.pass_context
+def list_cmd(
+    ctx: click.Context,
+    state: str | None,
+    kind: str | None,
+    agency: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """The newest rows, oldest first: state, attempts, next attempt and the last reply."""
+    states = STATES if state == "all" else (state,) if state else PENDING
+    with db_session(ctx) as s:
+        rows = outbox_admin.listing(s, states=states, kind=kind, agency=agency, limit=limit)
+    if as_json:
+        emit_json([r.as_dict() for r in rows])
+        return
+    for r in rows:
+        due = f" next {r.next_attempt_at:%Y-%m-%d %H:%M}Z" if r.state == "retry" else ""
+        click.echo(
+            f"{r.id:>7} {r.state:<8} {r.key:<32} {r.organ_id or '-':<14} "
+            f"tries {r.attempts}{due}" + (f"  {r.last_reply}" if r.last_reply else "")
+        )
+    if not rows:
+        click.echo("(none)")
+
+
+@outbox.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--failed", "every_failed", is_flag=True, help="Every failed row (see --agency).")
+@click.option("--agency", metavar="ORGAN_ID", help="With --failed: only rows to this agency.")
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Build the messages again (after a new certificate or mailbox), not resend them.",
+)
+@json_option
+@click.pass_context
+def retry_cmd(
+    ctx: click.Context,
+    ids: tuple[int, ...],
+    every_failed: bool,
+    agency: str | None,
+    rebuild: bool,
+    as_json: bool,
+) -> None:
+    """Send failed rows IDS again (or --failed). A row never built, or --rebuild, is built
+    anew for the agency's mailboxes and certificates of now; a row the relay refused is sent
+    again, the same bytes, to the recipients that did not take it. Recorded as admin events."""
+    if bool(ids) == every_failed:
+        raise InputError("name the rows to retry (IDS) or give --failed, not both")
+    if agency is not None and not every_failed:
+        raise InputError("--agency selects among --failed rows")
+    with db_session(ctx) as s:
+        chosen = list(ids) or outbox_admin.failed_ids(s, agency=agency)
+        done = outbox_admin.requeue(s, chosen, rebuild=rebuild, at=now(), actor=actor())
+    if as_json:
+        emit_json([{"id": row.id, "key": row.key, "was": row.last_reply, "now": state}
+                   for row, state in done])  # fmt: skip
+        return
+    for row, state in done:
+        how = "to be built again" if state == "new" else "to be sent again"
+        click.echo(f"{row.id:>7} {row.key}: {how} (was: {row.last_reply or 'failed'})")
+    if not done:
+        click.echo("no failed row" + (f" to {agency}" if agency else ""))

@@ -1,0 +1,144 @@
+"""What an admin does with the outbox: look at it, and send again what failed.
+
+The outbox (:mod:`gateway.outbound`) holds every receipt, delivery, reminder and alert the hub
+owes, with its state (``new`` → ``building`` → ``ready`` → ``sending`` → ``sent``, or ``retry``,
+or ``failed``) and the relay's last reply. :func:`listing` reads it; :func:`requeue` puts
+failed rows back, each change recorded as an admin event in the same transaction.
+
+Requeueing a failed row:
+
+- never built (no certificate, no mailbox, agency not active), or with ``rebuild``: built again
+  from scratch, for the agency's mailboxes and certificates of now (``new``);
+- built, and failed at the relay (5xx, or retried too long): sent again, the same bytes, to the
+  recipients that did not take it (``retry``, due now); a recipient that took it is not sent it
+  twice. The time until the sender gives up counts from the requeue, not from the row's birth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from archive import tables as t
+from formats.errors import InputError
+from keys import store
+
+STATES = ("new", "building", "ready", "sending", "retry", "sent", "failed")
+#: The rows still owed something (what ``mailq`` would show): every state but ``sent``.
+PENDING = tuple(s for s in STATES if s != "sent")
+#: ``detail`` key: when an admin last requeued the row (ISO 8601); the sender's give-up
+#: time counts from it.
+REQUEUED_AT = "requeued_at"
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    key: str
+    kind: str
+    organ_id: str | None
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    rcpt_to: list[str] | None
+    last_reply: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "key": self.key,
+            "kind": self.kind,
+            "agency": self.organ_id,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": _iso(self.next_attempt_at),
+            "rcpt_to": self.rcpt_to,
+            "last_reply": self.last_reply,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+def listing(
+    s: Session,
+    *,
+    states: Sequence[str] = PENDING,
+    kind: str | None = None,
+    agency: str | None = None,
+    limit: int = 100,
+) -> list[Row]:
+    """The newest ``limit`` rows in ``states`` (of ``kind``, to ``agency``), oldest first."""
+    o = t.Outbox
+    query = select(
+        o.id, o.key, o.kind, o.organ_id, o.state, o.attempts, o.next_attempt_at, o.rcpt_to,
+        o.last_reply, o.created_at, o.updated_at,
+    ).where(o.state.in_(states))  # fmt: skip
+    if kind is not None:
+        query = query.where(o.kind == kind)
+    if agency is not None:
+        query = query.where(o.organ_id == agency)
+    rows = s.execute(query.order_by(o.id.desc()).limit(limit)).all()
+    return [Row(*r) for r in reversed(rows)]
+
+
+def failed_ids(s: Session, *, agency: str | None = None) -> list[int]:
+    query = select(t.Outbox.id).where(t.Outbox.state == "failed")
+    if agency is not None:
+        query = query.where(t.Outbox.organ_id == agency)
+    return list(s.scalars(query.order_by(t.Outbox.id)))
+
+
+def requeue(
+    s: Session, ids: Sequence[int], *, rebuild: bool, at: datetime, actor: str
+) -> list[tuple[Row, str]]:
+    """Put the failed rows ``ids`` back (see the module docstring); for each, the row as it
+    was and what it goes back to (``new`` or ``retry``). :class:`InputError` if any of them is
+    unknown or not failed: then nothing changes."""
+    rows = {r.id: r for r in s.scalars(select(t.Outbox).where(t.Outbox.id.in_(ids)))}
+    for number in ids:
+        row = rows.get(number)
+        if row is None:
+            raise InputError(f"no outbox row {number}; `gateway outbox list` shows them")
+        if row.state != "failed":
+            raise InputError(
+                f"outbox row {number} ({row.key}) is {row.state}, not failed: only a failed row "
+                "is sent again by hand"
+            )
+    out: list[tuple[Row, str]] = []
+    for number in dict.fromkeys(ids):
+        row = rows[number]
+        before = _row(row)
+        recipients = dict(row.detail.get("recipients", {}))
+        untaken = [r for r in row.rcpt_to or () if recipients.get(r, {}).get("status") != "sent"]
+        detail = {**row.detail, REQUEUED_AT: at.isoformat()}
+        if rebuild or row.message is None or not untaken:
+            row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
+            detail.pop("recipients", None)  # a new message, to the mailboxes of now
+        else:
+            row.state, row.rcpt_to = "retry", untaken
+        row.detail, row.attempts, row.next_attempt_at = detail, 0, at
+        row.worker, row.lease_until, row.updated_at = None, None, at
+        store.record(
+            s, at=at, actor=actor, action="outbox-requeue", subject=row.key,
+            state=row.state, last_reply=before.last_reply,
+        )  # fmt: skip
+        out.append((before, row.state))
+    return out
+
+
+def _row(row: t.Outbox) -> Row:
+    return Row(
+        row.id, row.key, row.kind, row.organ_id, row.state, row.attempts, row.next_attempt_at,
+        row.rcpt_to, row.last_reply, row.created_at, row.updated_at,
+    )  # fmt: skip
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
