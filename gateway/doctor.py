@@ -22,7 +22,9 @@ The plan (later steps use what earlier ones found):
 11. listeners — SMTP, LMTP and metrics addresses can be bound, or the gateway already answers
     there (a foreign process there is a FAIL); the STARTTLS certificate loads and is in date;
 12. relay — connect, EHLO, STARTTLS and AUTH as configured, QUIT;
-13. IMAP — connect, STARTTLS as configured, CAPABILITY (when ``[imap] host`` is set).
+13. IMAP — connect, STARTTLS as configured, CAPABILITY (when ``[imap] host`` is set);
+14. deliveries — every recipient of an obligation in force has a mailbox in the directory and
+    a usable certificate (WARN, naming those that lack one: their deliveries would fail).
 
 Steps 11–13 are in :mod:`gateway.doctor_net`.
 """
@@ -50,7 +52,8 @@ from archive.blobs import BlobDamaged, BlobStore, load_master_key
 from archive.db import MIGRATIONS, Database
 from formats.cms_envelope import RecipientKey
 from formats.errors import GatewayError
-from gateway import loading
+from formats.vntime import local_day
+from gateway import loading, obligation_store
 from gateway.settings import Settings
 from keys import evidence, store
 from keys.trust import TrustStore
@@ -103,6 +106,7 @@ def _with_database(settings: Settings, db: Database, at: datetime) -> list[Resul
     out += certificates(db, at)
     if trust is not None:
         out += crls(trust, at, hard_fail=settings.trust.revocation == "hard-fail")
+    out.append(deliveries(settings, db, at))
     return out
 
 
@@ -382,6 +386,38 @@ def certificates(db: Database, at: datetime) -> list[Result]:
             )
         )
     return out or [ok("certificates", "no agency or CA certificate ends within 60 days")]
+
+
+def deliveries(settings: Settings, db: Database, at: datetime) -> Result:
+    """Recipients of obligations in force that could not be sent a delivery today."""
+    with db.session(read_only=True) as s:
+        owed = obligation_store.obligations(s, at=local_day(at))
+        directory = loading.load_directory_merged(settings, s)
+        certified = {
+            c.organ_id
+            for c in store.certificates(s, role="agency", include_retired=False)
+            if c.usable_at(at)
+        }
+    lacking: dict[str, str] = {}
+    for organ_id in sorted({r for ob in owed for r in ob.recipients}):
+        agency = directory.get(organ_id)
+        if agency is None or not agency.emails:
+            lacking[organ_id] = "no mailbox"
+        elif organ_id not in certified:
+            lacking[organ_id] = "no certificate"
+    if not lacking:
+        return ok(
+            "deliveries",
+            f"every recipient of the {len(owed)} obligation(s) in force can be sent its deliveries",
+        )
+    named = [f"{organ_id} ({why})" for organ_id, why in lacking.items()]
+    more = f" and {len(named) - 8} more" if len(named) > 8 else ""
+    return warn(
+        "deliveries",
+        f"{len(named)} recipient(s) of obligations in force cannot be sent deliveries, which "
+        f"will fail and alert: {', '.join(named[:8])}{more}; add mailboxes with `gateway "
+        "agencies`, certificates with `gateway keys import`",
+    )
 
 
 def _end(not_after: datetime, use_until: datetime | None) -> datetime:

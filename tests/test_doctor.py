@@ -27,10 +27,11 @@ from archive.blobs import BlobStore
 from archive.db import Database
 from archive.service import master_key
 from formats.limits import Limits
-from gateway import cli, smtp
+from gateway import cli, obligation_store, smtp
 from gateway import doctor as doctor_mod
 from gateway import settings as settings_mod
 from gateway.demo import HUB_ADDRESS, DemoWorld
+from gateway.obligations import Obligation, default_due
 from keys import store
 from keys.issuing import issue_agency
 from tests import served
@@ -235,6 +236,33 @@ def test_an_ending_agency_certificate_warns_unless_it_has_a_successor(
     line = one(result, "certificates")
     assert line["status"] == "WARN" and "H26.UBND" in line["message"]
     assert "gateway keys retire" in line["message"]
+
+
+def test_recipients_that_could_not_be_sent_their_deliveries_warn(home: Path) -> None:
+    """An obligation in force owes H26.CATP (mailbox and certificate), H26.UBND (no mailbox in
+    the demo directory) and H26.STP, whose certificate is retired: two of them warn."""
+    assert one(doctor(home, "--json"), "deliveries")["status"] == "OK"
+    db = Database.open(f"sqlite:///{home / 'archive.db'}")
+    try:
+        with db.session() as s:
+            obligation_store.add(
+                s,
+                Obligation(
+                    "snv-work-permit", "H26.SNV", ("H26.CATP", "H26.UBND", "H26.STP"),
+                    "work-permit", "monthly", default_due("monthly"), "QĐ 18/2017 Điều 8.2.c",
+                ),
+                at=WORLD_AT, actor="test",
+            )  # fmt: skip
+            for c in store.certificates(s, role="agency", organ_id="H26.STP"):
+                store.retire_certificate(s, c.sha256, at=WORLD_AT, actor="test")
+    finally:
+        db.dispose()
+    result = doctor(home, "--json")
+    assert result.exit_code == 0, result.output
+    line = one(result, "deliveries")
+    assert line["status"] == "WARN", line
+    assert "H26.STP (no certificate), H26.UBND (no mailbox)" in line["message"]
+    assert "H26.CATP" not in line["message"]
 
 
 def test_the_hub_certificate_warns_before_its_end_and_fails_after(home: Path) -> None:
