@@ -393,18 +393,13 @@ def deliveries(settings: Settings, db: Database, at: datetime) -> Result:
     with db.session(read_only=True) as s:
         owed = obligation_store.obligations(s, at=local_day(at))
         directory = loading.load_directory_merged(settings, s)
-        certified = {
-            c.organ_id
-            for c in store.certificates(s, role="agency", include_retired=False)
-            if c.usable_at(at)
-        }
-    lacking: dict[str, str] = {}
-    for organ_id in sorted({r for ob in owed for r in ob.recipients}):
-        agency = directory.get(organ_id)
-        if agency is None or not agency.emails:
-            lacking[organ_id] = "no mailbox"
-        elif organ_id not in certified:
-            lacking[organ_id] = "no certificate"
+        lacking: dict[str, str] = {}
+        for organ_id in sorted({r for ob in owed for r in ob.recipients}):
+            agency = directory.get(organ_id)
+            if agency is None or not agency.emails:
+                lacking[organ_id] = "no mailbox"
+            elif not store.encryption_certificates(s, organ_id, at, trust=None).usable:
+                lacking[organ_id] = "no certificate the hub can encrypt to"
     if not lacking:
         return ok(
             "deliveries",

@@ -261,7 +261,9 @@ def test_recipients_that_could_not_be_sent_their_deliveries_warn(home: Path) -> 
     assert result.exit_code == 0, result.output
     line = one(result, "deliveries")
     assert line["status"] == "WARN", line
-    assert "H26.STP (no certificate), H26.UBND (no mailbox)" in line["message"]
+    assert (
+        "H26.STP (no certificate the hub can encrypt to), H26.UBND (no mailbox)" in line["message"]
+    )
     assert "H26.CATP" not in line["message"]
 
 
