@@ -341,6 +341,8 @@ class Supervisor:
                 lmtp=name == "lmtp",
                 max_recipients=s.listen.max_recipients,
                 timeout=s.listen.timeout,
+                max_sessions=s.listen.max_sessions,
+                max_sessions_per_ip=s.listen.max_sessions_per_ip,
                 authenticator=authenticator if name == "smtp" else None,
                 require_auth=s.listen.require_auth and name == "smtp",
             )

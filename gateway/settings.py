@@ -47,6 +47,8 @@ Example (all keys optional)::
     require_auth = false                     # true: 530 until AUTH (needs auth_file)
     max_recipients = 50
     timeout = 300.0                          # seconds a session may idle
+    max_sessions = 100                       # sessions at once (each listener); over it: 421
+    max_sessions_per_ip = 20                 # … from one IP address
 
     [imap]                                   # poll a mailbox instead of (or as well as) listening
     host = ""                                # "" disables IMAP mode
@@ -146,6 +148,9 @@ class ListenSettings:
     require_auth: bool = False
     max_recipients: int = 50
     timeout: float = 300.0
+    #: Sessions open at once, per listener, and from one IP address (gateway.smtp).
+    max_sessions: int = 100
+    max_sessions_per_ip: int = 20
 
 
 @dataclass(frozen=True)
@@ -321,6 +326,9 @@ def load(home: Path) -> Settings:
         )
     if settings.listen.require_auth and settings.listen.auth_file is None:
         raise ConfigError(f"{config}: [listen] require_auth needs auth_file")
+    for key in ("max_sessions", "max_sessions_per_ip"):
+        if getattr(settings.listen, key) < 1:
+            raise ConfigError(f"{config}: [listen] {key} must be at least 1")
     return settings
 
 

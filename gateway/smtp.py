@@ -15,11 +15,14 @@ Replies (enhanced status codes, RFC 3463; ENHANCEDSTATUSCODES is advertised, RFC
     552 5.3.4                   message over Limits.max_message_bytes (SIZE= or data)
     452 4.5.3                   more than max_recipients recipients (RFC 5321 §4.5.3.1.10)
     550 5.1.1                   a recipient that is not one of the hub's addresses
+    421 4.7.0                   at connect: max_sessions open, or max_sessions_per_ip from
+                                the peer's address; then closed
     500 5.5.2                   a line over 998 octets + CRLF (RFC 5321 §4.5.3.1.6)
     550 5.6.2                   bare LF or bare CR in the data (RFC 5321 §2.3.8); not stored
     501 5.5.4 / 553 5.1.3       MAIL FROM / RCPT TO syntax
     530 5.7.0                   STARTTLS required first
-    502 5.5.1                   AUTH (not offered here)
+    502 5.5.1                   AUTH, when no submitters are configured (not offered)
+    454 4.7.0                   AUTH while too many password checks wait (gateway.submitters)
 
 aiosmtpd's own reply texts are rewritten in one place (:mod:`gateway.smtp_protocol`) so that
 every reply carries an enhanced code and none echoes what the peer sent; the checks behind the
@@ -54,7 +57,7 @@ from archive.records import Transport
 from formats.errors import ConfigError, TransientError
 from formats.limits import Limits
 from gateway import intake
-from gateway.smtp_checks import check_data, is_mailbox, safe_text
+from gateway.smtp_checks import SessionGate, check_data, is_mailbox, safe_text
 from gateway.smtp_protocol import TRANSIENT, IntakeLMTP, IntakeSMTP
 
 log = logging.getLogger(__name__)
@@ -63,10 +66,24 @@ log = logging.getLogger(__name__)
 #: naming more than this many is not for us (answered 452 4.5.3, RFC 5321 §4.5.3.1.10).
 MAX_RECIPIENTS = 50
 
-#: Seconds a session may stay idle (and a DATA transfer may take). RFC 5321 §4.5.3.2 asks for
-#: at least 5 minutes; it must stay above the worst commit time (SQLite busy_timeout 5 s,
-#: a PostgreSQL commit, a slow fsync), or a committed message would lose its 250.
+#: Seconds a session may stay idle, or wait between two blocks of message data. RFC 5321
+#: §4.5.3.2 asks for at least 5 minutes. (The commit has its own budget, COMMIT_TIMEOUT.)
 SESSION_TIMEOUT = 300.0
+
+#: Seconds the commit of one message may take (the session timer, re-armed as the data
+#: arrives, is set to this once it has all arrived). Far above the worst commit time: SQLite
+#: waits up to busy_timeout (5 s) for the write lock, a message may wait for the group before
+#: its own, and a PostgreSQL commit or a slow fsync takes seconds. Past it the session is
+#: closed without a reply (the peer sends the message again; the workers file it once).
+COMMIT_TIMEOUT = 120.0
+
+#: Sessions open at once, in all and from one IP address; over either cap a connection is
+#: answered 421 4.7.0 and closed (DESIGN §5 rule 4). A session in DATA holds up to
+#: max_message_bytes in memory, so this bounds memory too. Postfix's own defaults, which
+#: the relays in front of the hub use: 100 smtpd processes, 20 connections to one
+#: destination (default_destination_concurrency_limit).
+MAX_SESSIONS = 100
+MAX_SESSIONS_PER_IP = 20
 
 #: Messages one session may carry. A relay reuses its connection for as long as it has mail
 #: (Postfix sets no count by default): at 300 msgs/s, five minutes of it is 90,000.
@@ -143,6 +160,10 @@ class IntakeHandler:
         # aiosmtpd offers it only once TLS is up.
         lines = [r for r in responses if self.auth or not r[4:].upper().startswith("AUTH")]
         lines.insert(-1, "250-ENHANCEDSTATUSCODES")
+        if isinstance(server, LMTP):
+            # RFC 2033 §5: an LMTP server MUST support PIPELINING (RFC 2920). The session reads
+            # commands in order and leaves what follows the data for the next one.
+            lines.insert(-1, "250-PIPELINING")
         return lines
 
     async def handle_MAIL(
@@ -393,6 +414,9 @@ def start(
     lmtp: bool = False,
     max_recipients: int = MAX_RECIPIENTS,
     timeout: float = SESSION_TIMEOUT,
+    commit_timeout: float = COMMIT_TIMEOUT,
+    max_sessions: int = MAX_SESSIONS,
+    max_sessions_per_ip: int = MAX_SESSIONS_PER_IP,
     hostname: str | None = None,
     commit_threads: int | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -404,7 +428,10 @@ def start(
     ``hostname`` is the name in the greeting (default: the domain of the first hub address;
     no DNS lookup). ``commit_threads``, the group transactions under way at once, defaults to
     1 on SQLite (one writer at a time anyway: queue in Python, not on the busy lock; messages
-    arriving meanwhile are committed together next) and 8 on PostgreSQL.
+    arriving meanwhile are committed together next) and 8 on PostgreSQL. ``timeout`` is how
+    long a session may idle or wait between two blocks of data, ``commit_timeout`` how long one
+    commit may take; ``max_sessions`` and ``max_sessions_per_ip`` cap the sessions at once
+    (421 4.7.0 at connect over either).
     """
     if require_tls and tls_context is None:
         raise ConfigError("require_tls needs a tls_context (a certificate and key for STARTTLS)")
@@ -432,6 +459,10 @@ def start(
     handler.auth = authenticator is not None
     name = hostname or hub_addresses[0].rpartition("@")[2] or "localhost"
     kind = IntakeLMTP if lmtp else IntakeSMTP
+    try:
+        gate = SessionGate(max_sessions, max_sessions_per_ip, hostname=name)
+    except ValueError as exc:
+        raise ConfigError(f"listener: {exc}") from None
 
     def protocol() -> SMTP:
         return kind(
@@ -444,6 +475,8 @@ def start(
             tls_context=tls_context,
             require_starttls=require_tls,
             timeout=timeout,
+            commit_timeout=commit_timeout,
+            gate=gate,
             command_call_limit=COMMAND_LIMITS,
             authenticator=authenticator,
             auth_required=require_auth,
@@ -455,7 +488,10 @@ def start(
 
 __all__ = [
     "COMMAND_LIMITS",
+    "COMMIT_TIMEOUT",
     "MAX_RECIPIENTS",
+    "MAX_SESSIONS",
+    "MAX_SESSIONS_PER_IP",
     "SESSION_TIMEOUT",
     "IntakeHandler",
     "Listener",

@@ -1,4 +1,4 @@
-"""What an SMTP peer sends, checked (pure): addresses and message data.
+"""What an SMTP peer sends, checked (pure): addresses, message data, sessions at once.
 
 The listener (:mod:`gateway.smtp`) answers with the replies these return; nothing here does
 I/O. Text a peer wrote is only ever echoed through :func:`safe_text`.
@@ -7,6 +7,7 @@ I/O. Text a peer wrote is only ever echoed through :func:`safe_text`.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from formats.limits import Limits
 
@@ -85,3 +86,52 @@ def _bare_line_end(what: str) -> str:
         f"550 5.6.2 Bare {what} in the message data; RFC 5321 section 2.3.8 requires CRLF "
         "line endings. The message was not stored"
     )
+
+
+# --- sessions at once -----------------------------------------------------------------------
+
+
+class SessionGate:
+    """Counts the sessions open at once, in all and per peer address, and refuses one over
+    either cap (DESIGN §5 rule 4): a session in DATA holds up to ``max_message_bytes`` in
+    memory, so memory stays within about ``max_sessions`` times that.
+
+    ``enter(peer)`` admits a session (``None``: counted until ``leave(peer)``) or returns the
+    421 reply to close it with. One gate per listener, used on its event loop only.
+    """
+
+    def __init__(self, max_sessions: int, max_per_peer: int, *, hostname: str = "") -> None:
+        if max_sessions < 1 or max_per_peer < 1:
+            raise ValueError("the session caps must be at least 1")
+        self.max_sessions = max_sessions
+        self.max_per_peer = max_per_peer
+        self.hostname = hostname
+        self.open = 0
+        #: Connections refused since the last one admitted (the first of a run is logged).
+        self.refused_in_a_row = 0
+        self._per_peer: Counter[str] = Counter()
+
+    def enter(self, peer: str) -> str | None:
+        if self.open >= self.max_sessions:
+            return self._refusal(f"Too many sessions open (at most {self.max_sessions})")
+        if self._per_peer[peer] >= self.max_per_peer:
+            return self._refusal(
+                f"Too many sessions from your address (at most {self.max_per_peer} at once)"
+            )
+        self.open += 1
+        self._per_peer[peer] += 1
+        self.refused_in_a_row = 0
+        return None
+
+    def leave(self, peer: str) -> None:
+        self.open -= 1
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
+
+    def _refusal(self, why: str) -> str:
+        self.refused_in_a_row += 1
+        # RFC 5321 §3.8/§4.2.3: 421 closes the channel; 4.7.0 (RFC 3463): a temporary refusal
+        # on policy grounds: the peer tries again later.
+        host = f"{self.hostname} " if self.hostname else ""
+        return f"421 4.7.0 {host}{why}; try again later"

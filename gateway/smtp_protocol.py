@@ -4,6 +4,21 @@ Every reply carries an enhanced status code (RFC 3463) and none echoes what the 
 aiosmtpd's own texts are rewritten in one place (:data:`REWRITES`, applied by ``push``), and
 an unexpected error is the generic :data:`TRANSIENT` 451, never aiosmtpd's ``500 Error: (…)``.
 The DATA phase is read in blocks (:mod:`gateway.smtp_data`).
+
+A message whose data has arrived gets its reply whenever the connection still allows it
+(DESIGN §5 rule 7: never committed without its 250 being at least attempted):
+
+- the session timer is re-armed as the data arrives, and set to ``commit_timeout`` while the
+  message is committed (aiosmtpd arms it only when a command line arrives, so one timer would
+  cover the whole transfer and the commit);
+- the commit is shielded from the session's cancellation: cancelled with the connection still
+  open, the session waits for the commit and sends its reply before it ends. aiosmtpd cancels
+  the session when the peer half-closes (``shutdown(SHUT_WR)`` after the end line and QUIT,
+  while it reads the replies): that peer gets its reply.
+
+It also admits a connection only within the listener's caps on sessions at once
+(:class:`gateway.smtp_checks.SessionGate`; over one: ``421 4.7.0`` and closed), and runs the
+AUTH password check off the event loop (:meth:`gateway.submitters.Authenticator.verify`).
 """
 
 from __future__ import annotations
@@ -14,9 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
-from gateway.smtp_checks import LINE_TOO_LONG
+from gateway.smtp_checks import LINE_TOO_LONG, SessionGate
 from gateway.smtp_data import BLOCK, read_data
 
 if TYPE_CHECKING:
@@ -82,14 +97,17 @@ REWRITES: tuple[Rewrite, ...] = (
 
 
 class _Replies:
-    """Mixed into aiosmtpd's SMTP/LMTP: our replies, a 451 for anything unexpected, and the
-    DATA phase read in blocks (:mod:`gateway.smtp_data`)."""
+    """Mixed into aiosmtpd's SMTP/LMTP: our replies, a 451 for anything unexpected, the DATA
+    phase read in blocks (:mod:`gateway.smtp_data`), timed and shielded, the session caps and
+    the AUTH check off the event loop (module docstring)."""
 
     data_size_limit: int | None
     envelope: Envelope | None
     session: Session | None
     event_handler: IntakeHandler
+    transport: asyncio.BaseTransport | None
     _reader: asyncio.StreamReader
+    _writer: asyncio.StreamWriter
 
     #: aiosmtpd sizes the session's stream with this. Its own DATA reader (replaced below) is
     #: the only other user; lines are held to 998 octets by :func:`check_data`, and command
@@ -99,12 +117,62 @@ class _Replies:
     #: The listener's set of live transports (so that stop() can close every one).
     transports: set[asyncio.BaseTransport] | None = None
 
+    #: Whether message data is being received (from 354 to the end line).
+    _receiving = False
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        commit_timeout: float,
+        gate: SessionGate | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(handler, **options)  # type: ignore[call-arg]
+        #: Seconds one commit may take before the session is closed without its reply.
+        self.commit_timeout = commit_timeout
+        #: The listener's caps on sessions at once; ``_admitted`` is the address it counted.
+        self.gate = gate
+        self._admitted: str | None = None
+        self._refused = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.session is None and self.gate is not None:  # (STARTTLS calls this again)
+            peer = _address(transport)
+            refusal = self.gate.enter(peer)
+            if refusal is not None:  # over a cap: 421 at once, no session
+                if self.gate.refused_in_a_row == 1:  # not a line per connection of a flood
+                    log.warning("%s: %s (no more logged until one is admitted)", peer, refusal)
+                self._refused = True
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(refusal.encode("ascii") + b"\r\n")
+                transport.close()
+                return
+            self._admitted = peer
         if self.transports is not None:
             self.transports.add(transport)
         super().connection_made(transport)  # type: ignore[misc]
 
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._admitted is not None and self.gate is not None:
+            self.gate.leave(self._admitted)
+            self._admitted = None
+        super().connection_lost(error)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self._receiving:
+            # RFC 5321 §4.5.3.2.5: the data timeout runs from the last block received, not from
+            # the DATA command: a transfer that keeps arriving is not cut off.
+            self._reset_timeout()  # type: ignore[attr-defined]
+        super().data_received(data)  # type: ignore[misc]
+
     async def push(self, status: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            # Nothing more can be said (asyncio's TLS transport even raises AttributeError when
+            # written to once closed): the session ends, as when the peer resets it.
+            raise ConnectionResetError("the connection is closing")
         if isinstance(status, str):
             status = self.rewrite(status)
             if not status.isascii():  # replies are ASCII (no SMTPUTF8): never fail on one
@@ -138,25 +206,89 @@ class _Replies:
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._receiving = True
         try:
             data = await read_data(self._reader, self.data_size_limit)
         except asyncio.IncompleteReadError as err:  # closed mid-DATA: the session ends quietly
             raise ConnectionResetError("connection closed during DATA") from err
+        finally:
+            self._receiving = False
         if data.content is None:
-            self._set_post_data_state()  # type: ignore[attr-defined]
-            await self.push("552 Error: Too much mail data")
-            return
-        envelope, session = self.envelope, self.session
-        envelope.content = envelope.original_content = data.content
-        status = await self.event_handler.handle_DATA(self, session, envelope)  # type: ignore[arg-type]
-        self._set_post_data_state()  # type: ignore[attr-defined]
+            status = "552 Error: Too much mail data"
+        else:
+            self.envelope.content = self.envelope.original_content = data.content
+            status = await self._commit()
+        # Pushed before the envelope is reset: LMTP's replies are one line per recipient.
         await self.push(status)
+        self._set_post_data_state()  # type: ignore[attr-defined]
+        self._reset_timeout()  # type: ignore[attr-defined]
+
+    async def _commit(self) -> str:
+        """The handler's limits and durable commit, timed and shielded (module docstring)."""
+        self._reset_timeout(self.commit_timeout)  # type: ignore[attr-defined]
+        job = asyncio.ensure_future(
+            self.event_handler.handle_DATA(self, self.session, self.envelope)  # type: ignore[arg-type]
+        )
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if self.transport is None or self.transport.is_closing():
+                # No one to answer: a message still queued is dropped (the peer sends it
+                # again); one in a transaction is committed all the same.
+                job.cancel()
+                raise
+            # Cancelled with the connection open: the peer half-closed (aiosmtpd's eof_received
+            # cancels the session; a batch sender writes the data, the end line and QUIT, then
+            # shuts down writing while it reads the replies), or anything else ended the
+            # session. The commit goes on, and its reply is sent before the session ends.
+            await asyncio.wait([job])
+            await self.push(job.result() if not job.cancelled() else TRANSIENT)
+            raise
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self._authenticator is None:  # type: ignore[attr-defined]
             await self.push("502 5.5.1 AUTH is not offered")
             return
         await super().smtp_AUTH(arg)  # type: ignore[misc]
+
+    # aiosmtpd calls the authenticator synchronously (auth_PLAIN and auth_LOGIN return
+    # _authenticate's result), on the event loop: a password check (scrypt, ~40 ms) would hold
+    # up every session. _authenticate only notes what to check; the check is awaited below.
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False, auth_data=_Pending(mechanism, auth_data))
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._check_login(await super().auth_PLAIN(server, args))  # type: ignore[misc]
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._check_login(await super().auth_LOGIN(server, args))  # type: ignore[misc]
+
+    async def _check_login(self, result: AuthResult) -> AuthResult:
+        pending = result.auth_data
+        if not isinstance(pending, _Pending):  # refused before any check (bad base64, "*")
+            return result
+        args = (self, self.session, self.envelope, pending.mechanism, pending.data)
+        authenticator: Any = self._authenticator  # type: ignore[attr-defined]
+        verify = getattr(authenticator, "verify", None)  # gateway.submitters.Authenticator
+        if verify is not None:
+            return await verify(*args)  # type: ignore[no-any-return]
+        checked: AuthResult = await asyncio.to_thread(lambda: authenticator(*args))
+        return checked
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A login to check (mechanism and aiosmtpd's LoginPassword), noted by _authenticate."""
+
+    mechanism: str
+    data: Any
+
+
+def _address(transport: asyncio.BaseTransport) -> str:
+    """The peer's address (without the port) for the per-address session cap."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 class IntakeSMTP(_Replies, SMTP):

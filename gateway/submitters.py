@@ -11,16 +11,23 @@ The file holds one ``address scrypt$N$r$p$salt$hash`` line per submitter (``#`` 
 mode 0600, written by ``gateway submitters set``. Hashes are scrypt (RFC 7914, stdlib); a
 verified password is remembered in memory (as a salted digest) so that a client that opens a
 session per message does not pay scrypt's cost each time.
+
+scrypt costs ~40 ms of CPU a check: the listener awaits :meth:`Authenticator.verify`, which runs
+it in the authenticator's own :data:`CHECK_THREADS` threads, never on the event loop (where a
+few wrong passwords would hold up every session). At most :data:`MAX_WAITING` checks wait for
+a thread; past that, AUTH gets ``454 4.7.0`` (RFC 4954 §6: try again later) at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import os
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,13 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from formats.errors import ConfigError
 
 N, R, P = 2**14, 8, 1
+
+#: scrypt checks at once (each ~40 ms of CPU and 16 MiB of memory).
+CHECK_THREADS = 2
+#: Checks that may wait for a thread; more are refused (454) rather than queued.
+MAX_WAITING = 32
+#: RFC 4954 §6: "454 4.7.0 Temporary authentication failure".
+BUSY = "454 4.7.0 Temporary authentication failure; try again later"
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -90,29 +104,77 @@ def write_file(path: Path, entries: Mapping[str, str]) -> None:
 
 
 class Authenticator:
-    """An aiosmtpd ``authenticator``: checks a login (an address) and its password."""
+    """An aiosmtpd ``authenticator``: checks a login (an address) and its password.
 
-    def __init__(self, entries: Mapping[str, str]) -> None:
+    The listener awaits :meth:`verify` (scrypt off the event loop); calling the object itself
+    is aiosmtpd's synchronous interface, the same check on the caller's thread.
+    """
+
+    def __init__(
+        self,
+        entries: Mapping[str, str],
+        *,
+        threads: int = CHECK_THREADS,
+        max_waiting: int = MAX_WAITING,
+    ) -> None:
         self.entries = dict(entries)
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
         self._pepper = os.urandom(16)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smtp-auth")
+        self._max_checks = threads + max_waiting
+        self._checks = 0  # running or waiting for a thread
 
     def __call__(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
     ) -> AuthResult:
-        if not isinstance(data, LoginPassword):
+        found = self._lookup(data)
+        if found is None:
             return AuthResult(success=False, handled=False)
+        login, stored, password, memo = found
+        return self._result(login, memo, ok=self._known(memo) or check_password(stored, password))
+
+    async def verify(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        """:meth:`__call__` with scrypt in the authenticator's threads, off the event loop."""
+        found = self._lookup(data)
+        if found is None:
+            return AuthResult(success=False, handled=False)
+        login, stored, password, memo = found
+        if self._known(memo):
+            return self._result(login, memo, ok=True)
+        with self._lock:
+            if self._checks >= self._max_checks:
+                return AuthResult(success=False, handled=False, message=BUSY)
+            self._checks += 1
+        try:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(self._executor, check_password, stored, password)
+        finally:
+            with self._lock:
+                self._checks -= 1
+        return self._result(login, memo, ok=ok)
+
+    def _lookup(self, data: Any) -> tuple[str, str, str, bytes] | None:
+        """``(login, stored hash, password, memo)`` for a known login, else ``None``."""
+        if not isinstance(data, LoginPassword):
+            return None
         login = data.login.decode("utf-8", "replace").strip().lower()
         password = data.password.decode("utf-8", "replace")
         stored = self.entries.get(login)
         if stored is None:
-            return AuthResult(success=False, handled=False)
+            return None
         memo = hashlib.sha256(self._pepper + stored.encode() + b"\0" + password.encode()).digest()
+        return login, stored, password, memo
+
+    def _known(self, memo: bytes) -> bool:
         with self._lock:
-            known = memo in self._verified
-        if known or check_password(stored, password):
-            with self._lock:
-                self._verified.add(memo)
-            return AuthResult(success=True, auth_data=login)
-        return AuthResult(success=False, handled=False)
+            return memo in self._verified
+
+    def _result(self, login: str, memo: bytes, *, ok: bool) -> AuthResult:
+        if not ok:
+            return AuthResult(success=False, handled=False)
+        with self._lock:
+            self._verified.add(memo)
+        return AuthResult(success=True, auth_data=login)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from imapclient.exceptions import IMAPClientError
 from sqlalchemy import select as sql_select
 
 from archive import tables as t
@@ -224,6 +225,37 @@ def test_an_oversize_message_is_moved_aside_without_being_fetched(
     assert f"UID 1: {len(big)} bytes, over the 5000-byte limit" in caplog.text
     # Dovecot's own account of the poller's session: only the small message's bytes were sent.
     assert server.body_bytes(user)[0] == len(small)
+
+
+def test_a_backlog_too_long_for_one_command_line_is_fetched_in_chunks(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ``UID FETCH 1,2,3,… (RFC822.SIZE)`` for the whole mailbox is refused (BAD) once it
+    is longer than the server takes (Dovecot's imap_max_line_length, 64 KiB: ~11,000 UIDs), on
+    every pass: the mailbox would be wedged. Here a server that takes 300 bytes, 120 messages
+    (a 372-byte UID set) and chunks of 25 UIDs."""
+    monkeypatch.setattr(dovecot, "CONFIG", dovecot.CONFIG + "imap_max_line_length = 300\n")
+    short = dovecot.start_or_skip()
+    try:
+        user, _ = short.add_user()
+        messages = [
+            b"Message-ID: <%d@snv.example>\r\nSubject: x\r\n\r\nbody\r\n" % n for n in range(120)
+        ]
+        imap = short.client(user)
+        try:
+            imap.multiappend("INBOX", messages)
+            imap.select_folder("INBOX", readonly=True)
+            with pytest.raises(IMAPClientError, match="Too long"):  # what one FETCH would get
+                imap.fetch(imap.search("ALL"), ["RFC822.SIZE"])
+            poller = _poller(db, short, user, fetch_chunk=25)
+            assert poller.poll_once() == PollResult(taken=120, moved=120)
+            assert _bodies(db) == messages  # in UID order, across the chunks
+            assert _mailbox(imap, "INBOX") == {}
+            assert _state(db, f"{user}@127.0.0.1/INBOX")[1] == 120  # type: ignore[index]
+        finally:
+            imap.logout()
+    finally:
+        short.stop()
 
 
 # --- failures and crashes ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -172,3 +173,22 @@ def test_a_relay_the_sender_cannot_use_stops_start_up(
         served.start(home).kill()  # killed, should it start: the test then fails
     assert "[relay] username = 'hub' but there is no password" in str(failed.value)
     assert "Traceback" not in str(failed.value)
+
+
+def test_the_session_caps_of_the_settings_apply(live_world: DemoWorld, tmp_path: Path) -> None:
+    """``[listen] max_sessions_per_ip = 1``: a second connection from 127.0.0.1, while the first
+    is open, is told 421 at once (the caps reach the listener from the settings)."""
+    home = tmp_path / "home"
+    live_world.install(home, b"throw-away passphrase", relay_port=2525)
+    config = home / "gateway.toml"
+    config.write_text(
+        config.read_text().replace("[listen]\n", "[listen]\nmax_sessions_per_ip = 1\n", 1)
+    )
+    gateway = served.start(home)
+    try:
+        with socket.create_connection(("127.0.0.1", gateway.smtp_port), timeout=30) as first:
+            assert first.recv(512).startswith(b"220")
+            with socket.create_connection(("127.0.0.1", gateway.smtp_port), timeout=30) as second:
+                assert second.recv(512).startswith(b"421 4.7.0")
+    finally:
+        gateway.stop()

@@ -31,6 +31,16 @@ def test_values_are_read_and_typed(tmp_path: Path) -> None:
     assert s.limits.max_parts == 8
 
 
+def test_listen_session_caps(tmp_path: Path) -> None:
+    s = settings.load(tmp_path)
+    assert (s.listen.max_sessions, s.listen.max_sessions_per_ip) == (100, 20)
+    (tmp_path / "gateway.toml").write_text(
+        "[listen]\nmax_sessions = 300\nmax_sessions_per_ip = 50\n", encoding="utf-8"
+    )
+    s = settings.load(tmp_path)
+    assert (s.listen.max_sessions, s.listen.max_sessions_per_ip) == (300, 50)
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
@@ -41,6 +51,8 @@ def test_values_are_read_and_typed(tmp_path: Path) -> None:
         ("[limits]\nmax_parts = 0\n", "positive integer"),
         ("[trust]\nrevocation = 'maybe'\n", "hard-fail"),
         ("[hub]\ncertificates = ['a.pem', 'b.pem']\n", "pair up"),
+        ("[listen]\nmax_sessions = 0\n", r"\[listen\] max_sessions must be at least 1"),
+        ("[listen]\nmax_sessions_per_ip = -1\n", "max_sessions_per_ip must be at least 1"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, match: str) -> None:

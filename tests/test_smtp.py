@@ -615,6 +615,32 @@ def test_lmtp_refusals_are_also_given_per_recipient(serve: Any, db: Database) ->
     assert count(db) == 0
 
 
+def test_lmtp_over_size_is_refused_once_per_recipient(serve: Any, db: Database) -> None:
+    """RFC 2033 §4.2: after DATA, one reply per accepted recipient, refusals included; a client
+    that got only one would read the reply to its next command as the second recipient's."""
+    other = "hub2@exchange.hanoi.gov.vn"
+    server = serve(lmtp=True, hub_addresses=[HUB_ADDRESS, other])
+    big = (b"y" * 900 + b"\r\n") * (SMALL.max_message_bytes // 900 + 1)
+    with smtplib.LMTP("127.0.0.1", server.port, timeout=10) as c:  # (a missing reply: no hang)
+        c.ehlo_or_helo_if_needed()
+        envelope(c, (HUB_ADDRESS, other))
+        first = c.data(big)
+        second = c.getreply()
+        assert c.noop() == (250, b"2.0.0 OK")  # nothing left over, nothing missing
+    assert first == second
+    assert (first[0], first[1].split()[0]) == (552, b"5.3.4")
+    assert count(db) == 0
+
+
+def test_lhlo_advertises_pipelining(serve: Any) -> None:
+    """RFC 2033 §5: LMTP servers MUST support PIPELINING (RFC 2920), and so say so."""
+    server = serve(lmtp=True)
+    with smtplib.LMTP("127.0.0.1", server.port) as c:
+        c.ehlo_or_helo_if_needed()
+        assert c.has_extn("pipelining")
+        assert c.has_extn("enhancedstatuscodes")
+
+
 def test_lmtp_with_required_tls_is_refused_at_start(db: Database) -> None:
     with pytest.raises(Exception, match="LMTP"):
         listener.start(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import queue
 import smtplib
 import ssl
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -18,6 +22,7 @@ from archive import tables as t
 from archive.db import Database
 from formats.limits import Limits
 from gateway import smtp as listener
+from gateway import submitters
 from gateway.cli import cli
 from gateway.demo import HUB_ADDRESS
 from gateway.submitters import Authenticator, check_password, hash_password, read_file
@@ -160,3 +165,84 @@ def test_submitters_cli_keeps_salted_scrypt_hashes_in_a_private_file(tmp_path: P
     assert gone.exit_code == 0 and read_file(path) == {}
     again = runner.invoke(cli, ["--home", str(home), "submitters", "remove", SNV])
     assert again.exit_code == 2
+
+
+# --- the password check is off the event loop -------------------------------------------------
+
+
+@pytest.fixture
+def held_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """``(started, release)``: every scrypt check waits for ``release`` once it has begun."""
+    started, release = threading.Event(), threading.Event()
+    real = submitters.check_password
+
+    def held(stored: str, password: str) -> bool:
+        started.set()
+        release.wait(30)
+        return real(stored, password)
+
+    monkeypatch.setattr(submitters, "check_password", held)
+    yield started, release
+    release.set()
+
+
+def _plain(login: str, password: str) -> str:
+    return "PLAIN " + base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def _in_thread(work: Any) -> tuple[threading.Event, list[Any]]:
+    done, out = threading.Event(), []
+    threading.Thread(target=lambda: (out.append(work()), done.set()), daemon=True).start()
+    return done, out
+
+
+def test_other_sessions_are_served_while_a_password_is_checked(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], held_check: Any
+) -> None:
+    """scrypt (~40 ms a check) on the event loop would hold up every session: a few wrong
+    passwords would stall the listener, 250s of committed messages included."""
+    started, release = held_check
+    server = start(authenticator=Authenticator({SNV: hash_password(PASSWORD)}))  # type: ignore[operator]
+    with _client(server, tls) as c, _client(server, tls) as other:
+        c.starttls(context=tls[1])
+        c.ehlo("snv.hanoi.gov.vn")
+        login, result = _in_thread(lambda: c.docmd("AUTH", _plain(SNV, PASSWORD)))
+        assert started.wait(10)
+        served, _ = _in_thread(other.noop)
+        assert served.wait(10)  # answered while the check is still under way
+        assert not login.is_set()
+        release.set()
+        assert login.wait(10)
+        assert result[0][0] == 235
+
+
+def test_password_checks_beyond_the_bound_get_454_at_once(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], held_check: Any
+) -> None:
+    """One check running and one waiting at most here: a third is refused, not queued."""
+    started, release = held_check
+    auth = Authenticator({SNV: hash_password(PASSWORD)}, threads=1, max_waiting=1)
+    server = start(authenticator=auth)  # type: ignore[operator]
+    clients = [_client(server, tls) for _ in range(3)]
+    try:
+        for c in clients:
+            c.starttls(context=tls[1])
+            c.ehlo("snv.hanoi.gov.vn")
+        first = _in_thread(lambda: clients[0].docmd("AUTH", _plain(SNV, "wrong password")))
+        assert started.wait(10)
+        answers: queue.Queue[tuple[int, bytes]] = queue.Queue()
+        for c in clients[1:]:
+            threading.Thread(
+                target=lambda c=c: answers.put(c.docmd("AUTH", _plain(SNV, PASSWORD))), daemon=True
+            ).start()
+        code, text = answers.get(timeout=10)  # one waits for a thread, the other is refused
+        assert (code, text.split()[0]) == (454, b"4.7.0")
+        release.set()
+        assert answers.get(timeout=10)[0] == 235  # the waiting one, checked after the first
+        assert first[0].wait(10)
+        assert first[1][0][0] == 535
+    finally:
+        for c in clients:
+            c.close()
