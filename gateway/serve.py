@@ -257,10 +257,10 @@ class Supervisor:
         )
         sender_thread.start()
         imap_thread = self._imap(db)
-        scheduler = threading.Thread(
-            target=self._schedule, args=(db,), name="scheduler", daemon=True
-        )
-        scheduler.start()
+        if settings.compliance.remind_at != settings_mod.REMIND_OFF:
+            threading.Thread(
+                target=self._schedule, args=(db,), name="scheduler", daemon=True
+            ).start()
         metrics = None
         if settings.serve.metrics:
             host, port = host_port(settings.serve.metrics, "[serve] metrics")

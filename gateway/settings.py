@@ -77,6 +77,7 @@ Example (all keys optional)::
     exclude = ""                             # … and to drop (e.g. "2026-national-day-swap")
     # overlay = "calendar.toml"              # extra official changes (docs/compliance.md)
     remind_at = "08:00"                      # reminders: each working day at this local time
+                                             # ("off": only `gateway remind`, e.g. from a timer)
     courtesy_days = 2                        # courtesy notice: working days before due
     escalate_after_days = 5                  # escalate to the supervisor: working days late
     certificate_days = 30                    # warn before an agency certificate expires
@@ -102,6 +103,10 @@ from formats.limits import Limits
 
 CONFIG_NAME = "gateway.toml"
 DEFAULT_HOME = "gateway-home"
+
+
+#: ``[compliance] remind_at`` that turns the daily reminder run of ``gateway serve`` off.
+REMIND_OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -314,8 +319,12 @@ def load(home: Path) -> Settings:
     if settings.serve.metrics:
         host_port(settings.serve.metrics, f"{config}: [serve] metrics")
     hour, _, minute = settings.compliance.remind_at.partition(":")
-    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
-        raise ConfigError(f"{config}: [compliance] remind_at must be HH:MM (local time)")
+    if settings.compliance.remind_at != REMIND_OFF and not (
+        hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60
+    ):
+        raise ConfigError(
+            f'{config}: [compliance] remind_at must be HH:MM (local time) or "{REMIND_OFF}"'
+        )
     if settings.serve.workers < 1:
         raise ConfigError(f"{config}: [serve] workers must be at least 1")
     if settings.listen.require_tls and settings.listen.tls_certificate is None:

@@ -41,6 +41,12 @@ def test_listen_session_caps(tmp_path: Path) -> None:
     assert (s.listen.max_sessions, s.listen.max_sessions_per_ip) == (300, 50)
 
 
+def test_the_daily_reminder_run_can_be_turned_off(tmp_path: Path) -> None:
+    assert settings.load(tmp_path).compliance.remind_at == "08:00"
+    (tmp_path / "gateway.toml").write_text('[compliance]\nremind_at = "off"\n', encoding="utf-8")
+    assert settings.load(tmp_path).compliance.remind_at == settings.REMIND_OFF
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
@@ -53,6 +59,7 @@ def test_listen_session_caps(tmp_path: Path) -> None:
         ("[hub]\ncertificates = ['a.pem', 'b.pem']\n", "pair up"),
         ("[listen]\nmax_sessions = 0\n", r"\[listen\] max_sessions must be at least 1"),
         ("[listen]\nmax_sessions_per_ip = -1\n", "max_sessions_per_ip must be at least 1"),
+        ("[compliance]\nremind_at = '8am'\n", 'remind_at must be HH:MM .* or "off"'),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, match: str) -> None:
