@@ -13,6 +13,10 @@ import pytest
 # issue it from `pki.inter` with `pki.leaf(...)`.
 from tests.pki import Pki, build_pki
 
+#: Fixtures shared by the outbound and the listener tests (a module may define its own of the
+#: same name).
+pytest_plugins = ["tests.outbox_world", "tests.smtp_world"]
+
 
 @pytest.fixture(scope="session")
 def pki() -> Pki:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -17,15 +16,12 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
 from archive import tables as t
-from archive.blobs import BlobStore
-from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
-from formats.payload import Organ, Payload
+from formats.payload import Payload
 from gateway import intake
 from gateway.demo import DemoWorld, tamper
 from gateway.outbound import Builder, Hub
@@ -42,42 +38,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 LATER = WORLD_AT + timedelta(minutes=5)
-
-
-@pytest.fixture
-def archive(tmp_path: Path, world: DemoWorld) -> Archive:
-    return make_archive(f"sqlite:///{tmp_path}/a.db", world)
-
-
-@pytest.fixture
-def hub(world: DemoWorld) -> Hub:
-    return make_hub(world)
-
-
-def make_archive(url: str, world: DemoWorld) -> Archive:
-    """An archive whose directory and certificates are the demo world's."""
-    key = world.hub.key
-    assert isinstance(key, rsa.RSAPrivateKey)
-    db = Database.open(url)
-    with db.session() as s:
-        for agency in world.directory:
-            store.add_agency(s, agency, at=WORLD_AT, actor="test")
-        for organ_id, issued in world.agencies.items():
-            store.add_certificate(
-                s, issued.cert, role="agency", organ_id=organ_id, at=WORLD_AT, actor="test"
-            )
-    return Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
-
-
-def make_hub(world: DemoWorld) -> Hub:
-    key = world.hub.key
-    assert isinstance(key, rsa.RSAPrivateKey)
-    return Hub(
-        "hub@exchange.hanoi.gov.vn",
-        Organ("GATEWAY", "Cổng trao đổi"),
-        (world.hub.cert, key),
-        admin="admin@exchange.hanoi.gov.vn",
-    )
 
 
 def _receive(archive: Archive, raw: bytes) -> int:

@@ -33,8 +33,6 @@ from tests.test_outbound import (
     _receive,
     _rows,
     agency_alert,
-    make_archive,
-    make_hub,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -43,16 +41,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 POLICE = "pa08@congan.hanoi.gov.vn"
-
-
-@pytest.fixture
-def archive(tmp_path: Path, world: DemoWorld) -> Archive:
-    return make_archive(f"sqlite:///{tmp_path}/a.db", world)
-
-
-@pytest.fixture
-def hub(world: DemoWorld) -> Hub:
-    return make_hub(world)
 
 
 def _police(world: DemoWorld, name: str, **options: object) -> Issued:

@@ -4,7 +4,6 @@ Against a real relay (aiosmtpd on loopback, as in tests/test_sender.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -22,23 +21,11 @@ from gateway.relay import Relay
 from keys import store
 from keys.issuing import issue_agency
 from tests.conftest import WORLD_AT
-from tests.test_outbound import LATER, _process, _receive, _rows, make_archive, make_hub
+from tests.test_outbound import LATER, _process, _receive, _rows
 from tests.test_relay import Peer
-from tests.test_sender import DUTY, POLICE, _delivered_to, _police_with, _sender, peer  # noqa: F401
+from tests.test_sender import DUTY, POLICE, _police_with, _sender
 
 ADMIN = "admin@cli"
-
-
-@pytest.fixture
-def archive(tmp_path: Any, world: DemoWorld) -> Iterator[Archive]:
-    made = make_archive(f"sqlite:///{tmp_path}/a.db", world)
-    yield made
-    made.db.dispose()
-
-
-@pytest.fixture
-def hub(world: DemoWorld) -> Hub:
-    return make_hub(world)
 
 
 def _requeue(archive: Archive, ids: list[int], at: Any, *, rebuild: bool = False) -> list[str]:
@@ -54,7 +41,7 @@ def test_a_row_refused_by_one_mailbox_goes_again_to_that_mailbox_alone(
     world: DemoWorld,
     world_ctx: Context,
     hub: Hub,
-    peer: tuple[Peer, Relay],  # noqa: F811
+    peer: tuple[Peer, Relay],
 ) -> None:
     handler, relay = peer
     _receive(archive, world.submission("H26.SNV"))

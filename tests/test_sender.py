@@ -4,7 +4,6 @@ some recipients of a message, and alerts that never stop a batch from being reco
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,35 +24,12 @@ from keys import store
 from keys.directory import Directory
 from keys.issuing import issue_agency
 from tests.conftest import WORLD_AT
-from tests.test_outbound import LATER, _process, _receive, _rows, make_archive, make_hub
-from tests.test_relay import LoopbackController, Peer
+from tests.outbox_world import make_archive
+from tests.test_outbound import LATER, _process, _receive, _rows
+from tests.test_relay import Peer
 
 POLICE = "pa08@congan.hanoi.gov.vn"
 DUTY, NIGHT = "truc-ban@congan.hanoi.gov.vn", "truc-dem@congan.hanoi.gov.vn"
-
-
-@pytest.fixture
-def archive(tmp_path: Any, world: DemoWorld) -> Iterator[Archive]:
-    made = make_archive(f"sqlite:///{tmp_path}/a.db", world)
-    yield made
-    made.db.dispose()
-
-
-@pytest.fixture
-def hub(world: DemoWorld) -> Hub:
-    return make_hub(world)
-
-
-@pytest.fixture
-def peer() -> Iterator[tuple[Peer, Relay]]:
-    """The relay: aiosmtpd answering as its :class:`Peer` is told."""
-    handler = Peer()
-    controller = LoopbackController(handler, hostname="127.0.0.1", port=0)
-    controller.start()
-    try:
-        yield handler, Relay("127.0.0.1", controller.port, security="none", timeout=10, helo="gw")
-    finally:
-        controller.stop()
 
 
 def _police_with(world: DemoWorld, *more: str) -> Directory:

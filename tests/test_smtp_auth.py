@@ -9,13 +9,11 @@ import smtplib
 import ssl
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from sqlalchemy import select
 
 from archive import tables as t
@@ -26,31 +24,12 @@ from gateway import submitters
 from gateway.cli import cli
 from gateway.demo import HUB_ADDRESS
 from gateway.submitters import Authenticator, check_password, hash_password, read_file
-from keys.issuing import issue_agency, make_root
-from tests.conftest import WORLD_AT
 
 SNV = "vanthu@snv.hanoi.gov.vn"
 PASSWORD = "correct horse battery staple"
 MESSAGE = (
     f"From: {SNV}\r\nTo: {HUB_ADDRESS}\r\nMessage-ID: <auth@snv>\r\nSubject: x\r\n\r\nbody\r\n"
 ).encode()
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    home = tmp_path_factory.mktemp("tls")
-    root = make_root("Test TLS root", at=WORLD_AT - timedelta(days=1), key_kind="ec-p256")
-    leaf = issue_agency(
-        root, email=HUB_ADDRESS, organ_id=None, common_name="127.0.0.1",
-        at=WORLD_AT - timedelta(days=1), key_kind="ec-p256", eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
-    )  # fmt: skip
-    (home / "cert.pem").write_bytes(leaf.cert_pem())
-    (home / "key.pem").write_bytes(leaf.key_pem())
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(home / "cert.pem", home / "key.pem")
-    client = ssl.create_default_context(cadata=root.cert_pem().decode())
-    client.check_hostname = False
-    return server, client
 
 
 @pytest.fixture

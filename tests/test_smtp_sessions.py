@@ -13,12 +13,10 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from sqlalchemy import func
 from sqlalchemy import select as sql_select
 
@@ -29,7 +27,6 @@ from formats.limits import Limits
 from gateway import intake
 from gateway import smtp as listener
 from gateway.demo import HUB_ADDRESS
-from keys.issuing import issue_agency, make_root
 from tests.conftest import WORLD_AT
 
 SENDER = "vanthu@snv.hanoi.gov.vn"
@@ -361,24 +358,6 @@ def test_the_caps_are_checked_at_start(db: Database) -> None:
             db, host="127.0.0.1", port=0, hub_addresses=[HUB_ADDRESS], limits=Limits(),
             max_sessions_per_ip=0,
         )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts: a throw-away CA and a certificate for 127.0.0.1."""
-    home = tmp_path_factory.mktemp("tls")
-    root = make_root("Test TLS root", at=WORLD_AT - timedelta(days=1), key_kind="ec-p256")
-    leaf = issue_agency(
-        root, email=HUB_ADDRESS, organ_id=None, common_name="127.0.0.1",
-        at=WORLD_AT - timedelta(days=1), key_kind="ec-p256", eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
-    )  # fmt: skip
-    (home / "cert.pem").write_bytes(leaf.cert_pem())
-    (home / "key.pem").write_bytes(leaf.key_pem())
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(home / "cert.pem", home / "key.pem")
-    client = ssl.create_default_context(cadata=root.cert_pem().decode())
-    client.check_hostname = False
-    return server, client
 
 
 def test_a_session_after_starttls_counts_once(
