@@ -127,7 +127,14 @@ def worker_main(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731
     name = worker_name()
     archive = open_archive(settings, db, hub_signer(contexts(), clock()))
-    worker = Worker(archive, contexts, clock=clock, name=name, peers=settings.serve.workers)
+    worker = Worker(
+        archive,
+        contexts,
+        clock=clock,
+        name=name,
+        peers=settings.serve.workers,
+        admin=settings.serve.admin_address,
+    )
     builder = Builder(
         archive,
         hub_identity(settings, contexts(), clock()),

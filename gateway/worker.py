@@ -33,7 +33,8 @@ from archive import tables as t
 from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
-from formats.errors import InternalError, TransientError
+from formats.errors import InternalError, TransientError, is_transient
+from formats.vntime import local_day
 from gateway import intake, obligation_store, outbound
 from gateway.filing import message_item
 from gateway.obligations import Obligation, fulfilled_by
@@ -45,6 +46,10 @@ log = logging.getLogger("gateway.worker")
 #: Failures of the database or the disk, not of a message: a batch that meets one is left to
 #: its lease (and the worker backs off); it is not split up or quarantined.
 ENVIRONMENT: tuple[type[Exception], ...] = (TransientError, SQLAlchemyError, OSError)
+
+#: A message still undecided this long after its 250 (a transient failure: no fresh CRL, the
+#: database) is worth an admin alert.
+WAIT_ALERT = timedelta(hours=1)
 
 #: How long a claim holds before another worker may take the rows over.
 LEASE = timedelta(minutes=2)
@@ -132,6 +137,9 @@ class Worker:
     #: The last claim left rows waiting (it stopped at its count or byte limit), or took
     #: :data:`BACKLOG_ROWS` or :data:`BACKLOG_BYTES`: a backlog.
     backlog: bool = False
+    #: Where to say that messages taken in have waited :data:`WAIT_ALERT` or more for a
+    #: transient failure to clear (once a day, naming the first); ``""``: only logged.
+    admin: str = ""
 
     def run_once(self, limit: int = 32) -> list[Outcome]:
         """Claim what is waiting now, process it, file it; returns what happened to each."""
@@ -203,6 +211,22 @@ class Worker:
         job.verdict = failed_inside(job.raw, what, exc)
         log.error("intake %d: %s", job.number, job.verdict.errors[0].message, exc_info=exc)
 
+    def _waiting(self, s: Session, job: _Job, now: datetime) -> None:
+        """A message taken in (it got its 250) still cannot be decided: say so, once a day."""
+        since = job.transport.received_at
+        log.warning("intake %d has waited since %s: %s", job.number, since, _reason(job.verdict))
+        if self.admin:
+            day = local_day(now)
+            outbound.add_alert(
+                s,
+                f"intake-waiting:{day}",
+                f"Messages taken in are waiting to be processed ({day}): the first, intake "
+                f"{job.number}, since {since:%Y-%m-%d %H:%M} UTC: {_reason(job.verdict)}. They "
+                "are tried again, at most an hour apart, until this clears; the metric "
+                'gateway_intake_queue{state="retry"} counts them.',
+                now,
+            )
+
     def _file(self, s: Session, jobs: list[_Job], made: dict[int, Item]) -> list[Outcome]:
         """File the batch under the write lock: entries, replay keys, what is owed, and the
         inbox rows' new states, each as one statement for the whole batch."""
@@ -245,6 +269,8 @@ class Worker:
             if job.verdict.disposition == "retry":
                 changes.append(_retry(job.number, attempts + 1, now))
                 outcomes[job.number] = Outcome(job.number, "retry", None)
+                if now - job.transport.received_at >= WAIT_ALERT:
+                    self._waiting(s, job, now)
                 continue
             original = next((seen[k] for k in job.keys if k in seen), None)
             if original is not None:
@@ -281,6 +307,10 @@ class Worker:
         if changes:
             s.execute(update(t.Intake), changes)  # by primary key, one statement per shape
         return [outcomes[j.number] for j in jobs]
+
+
+def _reason(verdict: Verdict) -> str:
+    return next((e.message for e in verdict.errors if is_transient(e)), "a transient failure")
 
 
 def _waiting(now: datetime) -> Select[int, int]:

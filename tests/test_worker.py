@@ -345,3 +345,27 @@ def test_an_accepted_payload_goes_to_its_to_and_to_the_recipients_it_is_owed_to(
         keys = sorted(s.scalars(select(t.Outbox.key)))
     seq = outcome.archive_seq
     assert keys == [f"delivery:{seq}:H26.CATP", f"delivery:{seq}:H26.STP", f"receipt:{seq}"]
+
+
+def test_a_message_still_undecided_after_an_hour_is_alerted_once_a_day(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Without a fresh CRL (hard-fail) messages that got their 250 wait; after an hour the
+    admin is told, once a day whatever the number of messages, naming the first."""
+    no_crl = dataclasses.replace(world_ctx, trust=TrustStore(anchors=(world.root.cert,)))
+    first = _receive(archive, world.submission("H26.SNV"))
+
+    def run(minutes: int) -> list[str]:
+        at = WORLD_AT + timedelta(minutes=minutes)
+        Worker(archive, lambda: no_crl, clock=lambda: at, admin="admin@hub").run_once()
+        with archive.db.session() as s:
+            return list(s.scalars(select(t.Outbox.key).where(t.Outbox.kind == "alert")))
+
+    assert run(30) == []  # half an hour: not yet
+    _receive(archive, world.submission("H26.SNV", number=2))
+    [alert] = run(90)  # both wait; one alert
+    assert alert.startswith("alert:intake-waiting:")
+    assert run(200) == [alert]  # later the same day: no second one
+    with archive.db.session() as s:
+        text = s.scalar(select(t.Outbox.detail).where(t.Outbox.key == alert))["text"]
+    assert f"intake {first}" in text and "CRL" in text
