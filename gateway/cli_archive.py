@@ -1,4 +1,5 @@
-"""``gateway archive …``: list, search, show, verify, checkpoint, prove, export, verify-bundle.
+"""``gateway archive …``: list, search, show, release, verify, checkpoint, prove, export,
+verify-bundle.
 
 Every read by a person (list, search, show, prove, export) is logged as a ``read`` entry of
 the archive in the same transaction as the read, and printed only once that is committed
@@ -42,6 +43,7 @@ from archive.search import (
 from archive.service import Archive, hub_certificates
 from formats import cms_signed
 from formats.errors import GatewayError, InputError
+from gateway import intake
 from gateway.cli import Failure, actor, emit_json, load_settings, now
 from gateway.cli_keys import key_passphrase
 from gateway.loading import open_archive, open_database
@@ -200,6 +202,28 @@ def show_cmd(
         click.echo(f"{name}: {shown}")
     for b in blobs:
         click.echo(f"blob {b['name']:<14} {b['size'] or '?':>9} bytes  sha256 {b['sha256']}")
+
+
+@archive_cmd.command("release")
+@click.argument("seq", type=click.IntRange(min=0))
+@json_option
+@click.pass_context
+def release_cmd(ctx: click.Context, seq: int, as_json: bool) -> None:
+    """Put quarantined message SEQ back in the inbox to be decided again (after the cause is
+    fixed: a trust anchor or certificate added, a defect of the gateway's corrected). It keeps
+    its time of receipt; the running service decides it and files a new entry."""
+    with _opened(ctx) as a, a.db.session() as s:
+        entry = a.log.entry(s, seq)
+        raw = a.blobs.get(s, entry.blobs["raw"]) if "raw" in entry.blobs else b""
+        number, new = intake.release(s, seq, entry.fields, raw, at=now(), actor=actor())
+    if as_json:
+        emit_json({"seq": seq, "intake": number, "released": new})
+    elif new:
+        click.echo(
+            f"entry {seq} is back in the inbox as intake {number}: `gateway serve` decides it"
+        )
+    else:
+        click.echo(f"entry {seq} was released already, as intake {number}")
 
 
 # --- verify, checkpoint --------------------------------------------------------------------------

@@ -9,27 +9,33 @@ synchronous=FULL, or PostgreSQL synchronous commit), and raise
 :class:`GroupCommitter` is the listener's group commit: messages whose data completes while a
 commit is under way are committed together in the next transaction (one write lock, one fsync),
 and each learns its number — or the failure — only once that transaction is over.
+
+:func:`release` puts a quarantined message back, by an admin's decision (``gateway archive
+release``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.db import Database
 from archive.records import Transport
-from formats.errors import TransientError
+from formats.errors import InputError, TransientError
+from keys import store
 
 #: One message to take in: the raw bytes, how they came, and the origin key (or ``None``).
 Item = tuple[bytes, Transport, str | None]
@@ -95,6 +101,36 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
         # Disk full, read-only file system, I/O error: not committed, so the peer must retry.
         raise TransientError(f"the message could not be stored ({type(exc).__name__})") from exc
     return numbers
+
+
+def release(
+    s: Session, seq: int, fields: Mapping[str, Any], raw: bytes, *, at: datetime, actor: str
+) -> tuple[int, bool]:
+    """Put quarantined message entry ``seq`` (its ``fields``, its ``raw`` bytes) back in the
+    inbox, to be decided again (the state machine's quarantined → received), in the caller's
+    transaction with its admin event. It keeps its transport and time of receipt: it is judged
+    as it would have been when it arrived. Released once: ``(intake number, True)``; again, the
+    first release's number and ``False``. :class:`InputError` for anything but a quarantined
+    message."""
+    if fields.get("kind") != "message" or fields.get("status") != "quarantined":
+        what = f"a {fields.get('status')} {fields.get('kind')}" if fields.get("kind") else "not"
+        raise InputError(f"entry {seq} is {what} entry: only a quarantined message is released")
+    key = f"release:{seq}"
+    known = s.scalar(select(t.Intake.id).where(t.Intake.source_key == key))
+    if known is not None:
+        return known, False
+    transport = Transport.from_dict(fields["transport"])
+    transport = dataclasses.replace(
+        transport,
+        extra={**transport.extra, "released_from": str(seq), "released_at": at.isoformat()},
+    )
+    number = s.scalar(insert(t.Intake).values(**_row(raw, transport, key)).returning(t.Intake.id))
+    assert number is not None
+    store.record(
+        s, at=at, actor=actor, action="release", subject=f"entry {seq}", intake=number,
+        reasons=[r.get("code") for r in fields.get("reasons", [])],
+    )  # fmt: skip
+    return number, True
 
 
 def _row(raw: bytes, transport: Transport, source_key: str | None) -> dict[str, Any]:

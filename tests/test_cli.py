@@ -177,3 +177,20 @@ def test_outbox_lists_what_failed_and_sends_it_again(
     assert refused.returncode == 2 and "is new, not failed" in refused.stderr
     both = gateway("--home", home, "outbox", "retry", "--failed", "1")
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_archive_release_puts_a_quarantined_message_back_once(
+    demo_home: tuple[Path, dict[str, object]],
+) -> None:
+    home, out = demo_home
+    tampered, accepted = out["tampered.eml"], out["accepted.eml"]
+    assert isinstance(tampered, dict) and isinstance(accepted, dict)
+    first = gateway("--home", home, "archive", "release", str(tampered["archive_seq"]), "--json")
+    assert first.returncode == 0, first.stderr
+    released = json.loads(first.stdout)
+    assert released["released"] is True and released["intake"] > 0
+    again = gateway("--home", home, "archive", "release", str(tampered["archive_seq"]))
+    assert again.returncode == 0 and f"as intake {released['intake']}" in again.stdout
+    refused = gateway("--home", home, "archive", "release", str(accepted["archive_seq"]))
+    assert refused.returncode == 2
+    assert "only a quarantined message is released" in refused.stderr

@@ -18,7 +18,7 @@ from archive.blobs import BlobStore
 from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
-from formats.errors import InternalError
+from formats.errors import InputError, InternalError
 from gateway import intake, obligation_store, pipeline, serve
 from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
@@ -27,6 +27,7 @@ from gateway.pipeline import Context
 from gateway.serve import BUILD_EVERY, build_now
 from gateway.worker import Worker
 from keys import store
+from keys.issuing import make_root
 from keys.trust import TrustStore
 from tests.conftest import WORLD_AT
 
@@ -369,3 +370,41 @@ def test_a_message_still_undecided_after_an_hour_is_alerted_once_a_day(
     with archive.db.session() as s:
         text = s.scalar(select(t.Outbox.detail).where(t.Outbox.key == alert))["text"]
     assert f"intake {first}" in text and "CRL" in text
+
+
+# --- released by an admin --------------------------------------------------------------------
+
+
+def test_a_released_message_is_decided_again_as_of_its_arrival(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Quarantined because the hub did not yet trust the agencies' CA; once it does, the admin
+    releases the entry: it is decided again, at its original time of receipt, and accepted."""
+    other = make_root("Some Other Root", at=WORLD_AT - timedelta(days=30)).cert
+    untrusting = dataclasses.replace(world_ctx, trust=TrustStore(anchors=(other,)))
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    [first] = _worker(archive, untrusting).run_once()
+    assert first.disposition == "quarantined" and first.archive_seq is not None
+
+    with archive.db.session() as s:
+        entry = archive.log.entry(s, first.archive_seq)
+        released = intake.release(
+            s, first.archive_seq, entry.fields, raw, at=WORLD_AT + timedelta(days=1), actor="t"
+        )
+    with archive.db.session() as s:  # twice: the same row, nothing new
+        again = intake.release(
+            s, first.archive_seq, entry.fields, raw, at=WORLD_AT + timedelta(days=2), actor="t"
+        )
+    assert released[1] and again == (released[0], False)
+
+    [second] = _worker(archive, world_ctx, minutes=60 * 24 + 5).run_once()
+    assert (second.intake_id, second.disposition) == (released[0], "accepted")
+    with archive.db.session() as s:
+        fields = archive.log.entry(s, second.archive_seq).fields  # type: ignore[arg-type]
+        events = [e.action for e in store.events(s)]
+        with pytest.raises(InputError, match="only a quarantined message is released"):
+            intake.release(s, second.archive_seq, fields, raw, at=WORLD_AT, actor="t")  # type: ignore[arg-type]
+    assert fields["transport"]["received_at"] == entry.fields["transport"]["received_at"]
+    assert fields["transport"]["released_from"] == str(first.archive_seq)
+    assert events == ["release"]
