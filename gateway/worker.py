@@ -243,9 +243,11 @@ class Worker:
         for job in jobs:
             v = job.verdict
             # Only an authenticated sender can claim a Message-ID or a payload: a forgery that
-            # reuses them must not suppress (or be suppressed by) the genuine message.
+            # reuses them must not suppress (or be suppressed by) the genuine message. And only
+            # a decided message (a receipt answers it): one quarantined for a defect of ours,
+            # sender authenticated or not, is no original to a copy or to its own release.
             authenticated = v.agency is not None and v.signer is not None
-            if v.disposition != "retry" and authenticated:
+            if v.disposition in ("accepted", "rejected") and authenticated:
                 job.keys = replay_keys(v)
         seen = _seen(s, [k for j in jobs for k in j.keys])
         outcomes: dict[int, Outcome] = {}

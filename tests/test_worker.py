@@ -282,6 +282,14 @@ def test_a_defect_in_a_pipeline_step_quarantines_only_that_message(
     )
     with archive.db.session() as s:
         assert archive.log.size(s) == 2
+        quarantined = archive.log.entry(s, outcomes[0].archive_seq)  # type: ignore[arg-type]
+
+    # The defect fixed, the admin releases it: decided anew, not taken for a copy of itself.
+    monkeypatch.undo()  # the real steps again
+    with archive.db.session() as s:
+        intake.release(s, quarantined.seq, quarantined.fields, poison, at=WORLD_AT, actor="t")
+    [again] = _worker(archive, world_ctx).run_once()
+    assert again.disposition == "accepted"
 
 
 def test_the_worker_loop_outlives_a_defect(
