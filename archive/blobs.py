@@ -179,6 +179,11 @@ class BlobStore:
             self._current = newest.id
         return self._current, self._key(s, self._current)
 
+    def key(self, s: Session, key_id: int) -> AESGCM:
+        """Data key ``key_id``, unwrapped (cached); :class:`ConfigError` if the master key does
+        not open it."""
+        return self._key(s, key_id)
+
     def _key(self, s: Session, key_id: int) -> AESGCM:
         aead = self._keys.get(key_id)
         if aead is None:

@@ -137,7 +137,7 @@ class Log:
                 **item.fields,
                 "seq": seq,
                 "kind": item.kind,
-                "at": _iso(item.at),
+                "at": iso(item.at),
                 "blobs": {name: next(addresses) for name in item.blobs},
             }
             data = canonical(record)
@@ -239,7 +239,8 @@ def _frontier_nodes(size: int) -> set[merkle.Node]:
     return out
 
 
-def _iso(at: datetime) -> str:
+def iso(at: datetime) -> str:
+    """An entry's time as its record holds it (UTC, microseconds, ``Z``)."""
     return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 

@@ -90,7 +90,13 @@ class Archive:
         """Log that a person read the archive (in the caller's transaction)."""
         self.log.append_many(s, [read_item(at, actor, action, target)])
 
-    def verify(self, *, check_blobs: bool = True, progress: Progress | None = None) -> Report:
+    def verify(
+        self,
+        *,
+        check_blobs: bool = True,
+        progress: Progress | None = None,
+        anchors: Sequence[x509.Certificate] = (),
+    ) -> Report:
         with self.db.session(read_only=True) as s:
             return verify(
                 s,
@@ -98,6 +104,7 @@ class Archive:
                 hub_certificates(s),
                 check_blobs=check_blobs,
                 progress=progress or (lambda _a, _b, _c: None),
+                anchors=anchors,
             )
 
 

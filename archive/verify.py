@@ -1,21 +1,28 @@
 """`archive verify`: recompute everything from the rows and blobs, and say what differs, where.
 
-Nothing stored is believed: each record is re-hashed, the whole tree is rebuilt from those
-hashes, every stored tree node is compared with the rebuilt one, every checkpoint's signature is
-checked and its root compared with the rebuilt tree at its size, and every blob is decrypted
-and re-hashed. A problem names the entry (sequence number), node, checkpoint or blob.
+Nothing stored is believed: each record is re-hashed and the columns copied from it compared,
+the whole tree is rebuilt from those hashes, every stored tree node is compared with the
+rebuilt one, every checkpoint's signature is checked (against the hub certificates, or only
+those issued by given anchors) and its root compared with the rebuilt tree at its size, every
+admin_events row is matched with its admin entry, and every data key is unwrapped and every
+blob decrypted and re-hashed. A problem names the entry (sequence number), node, checkpoint,
+event or blob. What it cannot see without something kept outside the database: docs/archive.md.
 
 Memory is a few dozen bytes per entry (the rebuilt levels); entries and blobs are streamed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -23,7 +30,8 @@ from archive import checkpoint as cp
 from archive import merkle
 from archive import tables as t
 from archive.blobs import BlobDamaged, BlobStore
-from archive.log import SEARCH_FIELDS
+from archive.log import SEARCH_FIELDS, iso
+from formats.errors import ConfigError
 
 Progress = Callable[[str, int, int], None]
 _BATCH = 5000
@@ -62,18 +70,50 @@ def verify(
     *,
     check_blobs: bool = True,
     progress: Progress = lambda _stage, _done, _total: None,
+    anchors: Sequence[x509.Certificate] = (),
 ) -> Report:
+    """``signers``: the hub's certificates (as stored); with ``anchors`` (from outside the
+    database), only those issued by one of them count."""
     report = Report()
-    leaves = _entries(s, report, progress)
+    admin: dict[int, tuple[int, dict[str, Any]]] = {}
+    leaves = _entries(s, report, progress, admin)
     levels = _levels(leaves)
     report.entries = len(leaves) // merkle.HASH_SIZE
     report.root = _root(levels, report.entries)
     _nodes(s, levels, report, progress)
     _head(s, report)
+    if anchors:
+        signers = _issued_by_anchors(signers, anchors, report)
     _checkpoints(s, levels, signers, report)
+    _admin_events(s, admin, report)
     if check_blobs:
         _blobs(s, blobs, report, progress)
     return report
+
+
+def _issued_by_anchors(
+    signers: list[x509.Certificate], anchors: Sequence[x509.Certificate], report: Report
+) -> list[x509.Certificate]:
+    """The hub certificates that are an anchor or issued by one: a certificate someone added
+    to the database does not sign checkpoints as the hub."""
+    kept = []
+    for cert in signers:
+        for anchor in anchors:
+            try:
+                if cert != anchor:
+                    cert.verify_directly_issued_by(anchor)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            kept.append(cert)
+            break
+        else:
+            fp = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()[:16]
+            _add(
+                report,
+                f"hub certificate {fp}… ({cert.subject.rfc4514_string()}) is not issued by a "
+                "given anchor: checkpoints it signs are not trusted",
+            )
+    return kept
 
 
 def _add(report: Report, text: str) -> None:
@@ -94,18 +134,26 @@ def _bytes(value: object, report: Report, what: str) -> bytes:
     return str(value).encode() if value is not None else b""
 
 
-def _entries(s: Session, report: Report, progress: Progress) -> bytearray:
-    """Re-hash every record in order; returns the recomputed leaf hashes, concatenated."""
+def _entries(
+    s: Session, report: Report, progress: Progress, admin: dict[int, tuple[int, dict[str, Any]]]
+) -> bytearray:
+    """Re-hash every record in order; returns the recomputed leaf hashes, concatenated.
+    ``admin``: filled with each admin entry's event number → (seq, its fields)."""
     total = s.scalar(select(func.count()).select_from(t.LogEntry)) or 0
     leaves = bytearray()
     expected = 0
     referenced: set[str] = set()
     columns = [getattr(t.LogEntry, f) for f in SEARCH_FIELDS]
     query = select(
-        t.LogEntry.seq, t.LogEntry.kind, t.LogEntry.record, t.LogEntry.leaf_hash, *columns
+        t.LogEntry.seq,
+        t.LogEntry.kind,
+        t.LogEntry.at,
+        t.LogEntry.record,
+        t.LogEntry.leaf_hash,
+        *columns,
     ).order_by(t.LogEntry.seq)
     for n, row in enumerate(_rows(s, query)):
-        seq, kind, raw_record, stored_leaf, *searchable = row
+        seq, kind, at, raw_record, stored_leaf, *searchable = row
         record = _bytes(raw_record, report, f"entry {seq}: its record")
         if seq != expected:
             if seq > expected:
@@ -135,6 +183,10 @@ def _entries(s: Session, report: Report, progress: Progress) -> bytearray:
             _add(
                 report, f"entry {seq}: kind column says {kind!r}, the record {fields.get('kind')!r}"
             )
+        if not isinstance(at, datetime) or iso(at) != fields.get("at"):
+            _add(report, f"entry {seq}: time column says {at}, the record {fields.get('at')!r}")
+        if kind == "admin" and isinstance(fields.get("event"), int):
+            admin[fields["event"]] = (seq, fields)
         for name, value in zip(SEARCH_FIELDS, searchable, strict=True):
             want = fields.get(name)
             if (None if want is None else str(want)) != value:
@@ -231,11 +283,23 @@ def _head(s: Session, report: Report) -> None:
 
 
 def _checkpoints(
-    s: Session, levels: list[bytearray], signers: list[x509.Certificate], report: Report
+    s: Session,
+    levels: list[bytearray],
+    signers: list[x509.Certificate],
+    report: Report,
 ) -> None:
+    """Each checkpoint's signature and root; none missing between the first and the last, and
+    the sizes never going down. (Deleting the newest ones leaves no gap: only a checkpoint kept
+    outside the database shows that; see docs/archive.md.)"""
+    last_id, last_size = 0, 0
     for row in s.scalars(select(t.Checkpoint).order_by(t.Checkpoint.id)):
         report.checkpoints += 1
         where = f"checkpoint #{row.id} (size {row.size}, {row.at:%Y-%m-%d %H:%M} UTC)"
+        if row.id != last_id + 1:
+            _add(report, f"checkpoint {_span(last_id + 1, row.id - 1)} missing (deleted rows)")
+        if row.size < last_size:
+            _add(report, f"{where}: covers fewer entries than the one before it ({last_size})")
+        last_id, last_size = row.id, max(last_size, row.size)
         try:
             signed = cp.verify(row.body, row.signature, signers)
         except cp.CheckpointError as err:
@@ -253,10 +317,44 @@ def _checkpoints(
             _add(report, f"{where}: the entries it covers no longer hash to its signed root")
 
 
+def _admin_events(
+    s: Session, logged: dict[int, tuple[int, dict[str, Any]]], report: Report
+) -> None:
+    """Every admin_events row is its admin entry in the log, field for field, and the other way
+    round: the rows that `agencies show` and the key history read were not edited."""
+    seen: set[int] = set()
+    for row in s.scalars(select(t.AdminEvent).order_by(t.AdminEvent.seq)):
+        seen.add(row.seq)
+        entry = logged.get(row.seq)
+        if entry is None:
+            _add(report, f"admin event {row.seq} ({row.action} {row.subject}) is not in the log")
+            continue
+        seq, fields = entry
+        stored = (iso(row.at), row.actor, row.action, row.subject, row.detail)
+        if stored != tuple(fields.get(k) for k in ("at", "actor", "action", "subject", "detail")):
+            _add(report, f"admin event {row.seq} differs from its log entry {seq}: it was edited")
+    for event in sorted(set(logged) - seen):
+        _add(report, f"admin event {event} of log entry {logged[event][0]} is missing (deleted)")
+
+
 def _blobs(s: Session, blobs: BlobStore, report: Report, progress: Progress) -> None:
     total = s.scalar(select(func.count()).select_from(t.Blob)) or 0
+    unopened: set[int] = set()
+    blobs.forget()  # each data key is unwrapped again from its row, not taken from a cache
+    for key_id in s.scalars(select(t.DataKey.id).order_by(t.DataKey.id)):
+        try:
+            blobs.key(s, key_id)
+        except ConfigError:
+            unopened.add(key_id)
+            _add(
+                report,
+                f"data key {key_id} does not open under the master key (altered, or the wrong "
+                "master key): its blobs cannot be checked",
+            )
     for n, row in enumerate(s.scalars(select(t.Blob).execution_options(yield_per=500))):
         report.blobs += 1
+        if row.key_id in unopened:
+            continue
         try:
             blobs.open(s, row)
         except BlobDamaged as err:

@@ -243,12 +243,24 @@ class _Progress:
 
 @archive_cmd.command("verify")
 @click.option("--no-blobs", is_flag=True, help="Skip decrypting and re-hashing every blob.")
+@click.option(
+    "--ca",
+    "anchors",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Trust only hub certificates issued by this CA (a file from outside the database).",
+)
 @json_option
 @click.pass_context
-def verify_cmd(ctx: click.Context, no_blobs: bool, as_json: bool) -> None:
-    """Recompute every leaf, node, checkpoint and blob. Exit 0 if all agree, 1 if not."""
+def verify_cmd(
+    ctx: click.Context, no_blobs: bool, anchors: tuple[Path, ...], as_json: bool
+) -> None:
+    """Recompute every leaf, node, checkpoint, admin event and blob. Exit 0 if all agree, 1 if
+    not. Without --ca, checkpoints are checked against the hub certificates the database
+    holds, which whoever can write the database could replace."""
+    trusted = [cert for p in anchors for cert in files.load_certificates(p)]
     with _opened(ctx) as a:
-        report = a.verify(check_blobs=not no_blobs, progress=_Progress())
+        report = a.verify(check_blobs=not no_blobs, progress=_Progress(), anchors=trusted)
     if as_json:
         emit_json(report.as_dict())
     else:

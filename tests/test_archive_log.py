@@ -29,6 +29,7 @@ from archive.db import Database
 from archive.log import Item, Log
 from archive.verify import verify
 from gateway.demo import DemoWorld
+from keys.issuing import make_root
 from tests.conftest import WORLD_AT
 
 N = 40
@@ -150,7 +151,31 @@ def _forge(db: Database) -> None:
         )
 
 
+def _move_time(db: Database) -> None:
+    with db.engine.begin() as c:
+        at = c.exec_driver_sql("SELECT at FROM log_entries WHERE seq = 5").scalar()
+        c.exec_driver_sql(
+            "UPDATE log_entries SET at = ? WHERE seq = 5", (at.replace("2026", "2031"),)
+        )
+
+
+def _data_key_byte(db: Database) -> None:
+    with db.engine.begin() as c:
+        wrapped = c.exec_driver_sql("SELECT wrapped FROM data_keys WHERE id = 1").scalar()
+        flipped = bytes(wrapped[:-1]) + bytes([wrapped[-1] ^ 1])
+        c.exec_driver_sql("UPDATE data_keys SET wrapped = ? WHERE id = 1", (flipped,))
+
+
 TAMPERING: dict[str, tuple[Callable[[Database], None], list[str]]] = {
+    "move an entry's time column (what search and list read)": (
+        _move_time,
+        ["entry 5: time column says 2031"],
+    ),
+    "delete a checkpoint": (
+        lambda db: _sql(db, "DELETE FROM checkpoints WHERE id = 1"),
+        ["checkpoint 1 missing (deleted rows)"],
+    ),
+    "change the wrapped data key": (_data_key_byte, ["data key 1 does not open"]),
     "edit a row": (_edit, ["entry 7: its record was changed", "entry 7: search column status"]),
     "edit a row and its hashes": (
         _edit_consistently,
@@ -240,6 +265,53 @@ def test_admin_changes_are_chained_into_the_log(tmp_path: Path, world: DemoWorld
     assert [e.fields["event"] for e in entries] == [e.seq for e in events]
     assert entries[0].fields["actor"] == "admin@test"
     assert entries[0].fields["action"] == "agency.add"
+
+
+def test_edited_admin_events_are_found(tmp_path: Path, world: DemoWorld) -> None:
+    """The admin_events rows (what `agencies show` reads) must be their log entries."""
+    from keys import store
+
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    with db.session() as s:
+        for agency in world.directory:
+            store.add_agency(s, agency, at=WORLD_AT, actor="admin@test")
+    _sql(
+        db,
+        "UPDATE admin_events SET actor = 'someone@else' WHERE seq = 1",
+        "DELETE FROM admin_events WHERE seq = 2",
+        "INSERT INTO admin_events (seq, at, actor, action, subject, detail) SELECT 99, at, "
+        "actor, 'agency.add', 'H26.FAKE', detail FROM admin_events WHERE seq = 3",
+    )
+    with db.session() as s:
+        problems = verify(s, Log(BlobStore(os.urandom(32))).blobs, []).problems
+    assert problems == [
+        "admin event 1 differs from its log entry 0: it was edited",
+        "admin event 99 (agency.add H26.FAKE) is not in the log",
+        "admin event 2 of log entry 1 is missing (deleted)",
+    ]
+
+
+def test_with_an_anchor_a_hub_certificate_planted_in_the_database_signs_nothing(
+    archive: tuple[Database, Log], world: DemoWorld
+) -> None:
+    """Someone who can write the database adds a certificate of their own as a hub certificate
+    and re-signs checkpoint #2: checked against the stored certificates alone that passes;
+    against the CA given from outside (``archive verify --ca``), it is found."""
+    db, log = archive
+    intruder = make_root("Not the hub", at=WORLD_AT - timedelta(days=1))
+    key = intruder.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    with db.session() as s:
+        row = s.get(t.Checkpoint, 2)
+        assert row is not None
+        row.signature = cp.sign(cp.Checkpoint.parse(row.body), intruder.cert, key)
+    stored = [world.hub.cert, intruder.cert]
+    with db.session() as s:
+        assert verify(s, log.blobs, stored).ok  # what the database says is all it has
+        problems = verify(s, log.blobs, stored, anchors=[world.root.cert]).problems
+    assert len(problems) == 2, problems
+    assert "is not issued by a given anchor" in problems[0]
+    assert problems[1].startswith("checkpoint #2") and "forged or altered" in problems[1]
 
 
 def test_a_stolen_database_file_reveals_no_payload(tmp_path: Path) -> None:
