@@ -21,8 +21,11 @@ checkpoint always give the same bytes)::
 
 Verification plan (:func:`verify_bundle`), each step one named check:
 
-1. ``members``: the zip opens, has no duplicate, unknown or oversized member, and holds
-   entry.json, proof.json, checkpoint.txt, checkpoint.p7s and hub.pem;
+1. ``members``: the zip opens, has no duplicate, unknown or oversized member (by the sizes
+   it declares, before anything is inflated), holds entry.json, proof.json, checkpoint.txt,
+   checkpoint.p7s and hub.pem, and nothing else but VERIFY.txt, the receipt pair and one
+   member for each blob entry.json names (a file added afterwards is refused unread);
+   entry.json and proof.json are JSON records;
 2. ``blob NAME``: every blob named in entry.json is present and hashes to its address;
 3. ``leaf hash``: SHA-256(0x00 || entry.json) equals proof.json's leaf hash, same seq;
 4. ``checkpoint signature``: checkpoint.p7s verifies over checkpoint.txt, signed by the
@@ -34,10 +37,13 @@ Verification plan (:func:`verify_bundle`), each step one named check:
 7. ``agency signature``: decrypted.eml's CMS signature verifies, made by the first
    certificate of chain.pem (skipped when the message was never decrypted);
 8. ``agency chain``: chain.pem chains to a given anchor, valid when the message was received
-   (skipped without anchors, and when the entry holds no chain.pem because the signer's path
-   did not validate on receipt: the signature of step 7 is then only checked against the
+   (skipped without anchors, and when entry.json names no ``chain`` blob because the signer's
+   path did not validate on receipt: the signature of step 7 is then only checked against the
    certificate the message carries);
 9. ``receipt``: receipt.eml hashes to the receipt entry's blob and that entry names this one.
+
+A check that meets input it cannot make sense of (a field of the wrong type, JSON nested too
+deeply, a damaged member) fails with what it found; :func:`verify_bundle` never raises on it.
 """
 
 from __future__ import annotations
@@ -47,11 +53,11 @@ import io
 import json
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -81,6 +87,7 @@ MAX_TOTAL_BYTES = 512 << 20
 MAX_MEMBERS = 1000
 
 Status = Literal["pass", "fail", "skip"]
+T = TypeVar("T")
 
 
 class BundleError(Exception):
@@ -178,11 +185,14 @@ def build(c: Contents) -> bytes:
     return _zip(members, _at(fields))
 
 
-def _blob_order(name: str) -> tuple[int, int, str]:
+def _blob_order(name: str) -> tuple[int, int, str, str]:
     fixed = ("raw", "decrypted", "payload", "attachment", "chain", "evidence")
     kind, _, n = name.partition("-")
     rank = fixed.index(kind) if kind in fixed else len(fixed)
-    return rank, int(n) if n.isdigit() else 0, name
+    # Numbers in order without int(): a name from a hostile entry.json may hold digits int()
+    # refuses (superscripts) or more of them than it converts.
+    number = n if n.isascii() and n.isdigit() else ""
+    return rank, len(number), number, name
 
 
 def _zip(members: Sequence[tuple[str, bytes]], at: datetime) -> bytes:
@@ -314,26 +324,27 @@ class Report:
 
 
 class _Failed(Exception):
-    pass
+    """The check fails; the message says what was found."""
+
+
+@dataclass(frozen=True)
+class _Opened:
+    files: dict[str, bytes]
+    fields: dict[str, Any]
+    proof: dict[str, Any]
+    addresses: dict[str, str]
 
 
 def verify_bundle(data: bytes, *, anchors: Sequence[x509.Certificate] = ()) -> Report:
-    """Check a bundle (the plan in the module docstring); never raises on bad input."""
+    """Check a bundle (the plan in the module docstring). Never raises on bad input: whatever
+    a check cannot read or make sense of is that check's FAIL."""
     report = Report()
-    try:
-        files = _members(data)
-    except _Failed as err:
-        report.add("members", "fail", str(err))
+    opened = _step(report, "members", lambda: _members(data))
+    if opened is None:
         return report
-    report.add("members", "pass", f"{len(files)} files")
-    try:
-        fields = _json_object(files["entry.json"], "entry.json")
-        proof = _json_object(files["proof.json"], "proof.json")
-    except _Failed as err:
-        report.add("entry", "fail", str(err))
-        return report
-    report.entry = {k: fields.get(k) for k in ("seq", "kind", "at", "status", "agency")}
-    _blobs(files, fields, report)
+    files, fields, proof = opened.files, opened.fields, opened.proof
+    report.entry = {k: _scalar(fields.get(k)) for k in ("seq", "kind", "at", "status", "agency")}
+    _blobs(files, opened.addresses, report)
     leaf = _step(report, "leaf hash", lambda: _leaf(files["entry.json"], fields, proof))
     hub = _step(report, "checkpoint signature", lambda: _checkpoint(files))
     signed = hub[1] if hub else None
@@ -342,51 +353,101 @@ def verify_bundle(data: bytes, *, anchors: Sequence[x509.Certificate] = ()) -> R
     elif not anchors:
         report.add("hub chain", "skip", "no trust anchor given (--ca): hub.pem is taken as is")
     _step(report, "inclusion proof", lambda: _inclusion(leaf, proof, signed))
-    _agency(files, fields, anchors, report)
+    _agency(files, fields, opened.addresses, anchors, report)
     if "receipt.eml" in files or "receipt.json" in files:
         _step(report, "receipt", lambda: _receipt(files, fields["seq"]))
     return report
 
 
-def _step(report: Report, name: str, check: Any) -> Any:
+def _step(report: Report, name: str, check: Callable[[], tuple[T, str]]) -> T | None:
+    """Run one check and report it; its value, or None if it did not pass."""
     try:
         value, detail = check()
     except _Failed as err:
         report.add(name, "fail", str(err))
         return None
+    except Exception as exc:  # bad input no check foresaw: still a FAIL, never a traceback
+        report.add(name, "fail", f"cannot be checked: the bundle is malformed ({_describe(exc)})")
+        return None
     report.add(name, "pass", detail)
     return value
 
 
-def _members(data: bytes) -> dict[str, bytes]:
+def _members(data: bytes) -> tuple[_Opened, str]:
+    """The members entry.json accounts for, read, with entry.json and proof.json parsed.
+
+    Nothing is inflated before the sizes the zip declares are checked, and a member is read
+    only up to its declared size. The members allowed are the required files, VERIFY.txt,
+    the receipt pair, and for each blob entry.json names its one member: anything else was
+    put there after the export, and is refused unread."""
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
-        infos = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _Failed(f"not a readable zip file ({exc})") from None
+    except Exception as exc:  # BadZipFile, OSError, ValueError, EOFError …: not a zip
+        raise _Failed(f"not a readable zip file ({_describe(exc)})") from None
+    with z:
+        infos = _listing(z.infolist())
+        files = {name: _read(z, infos[name]) for name in ("entry.json", "proof.json")}
+        fields = _json_object(files["entry.json"], "entry.json")
+        proof = _json_object(files["proof.json"], "proof.json")
+        addresses = _addresses(fields, "entry.json")
+        allowed = {"VERIFY.txt", *REQUIRED, "receipt.json", "receipt.eml"}
+        for blob in addresses:
+            present = [m for m in member_names(blob) if m in infos]
+            if len(present) > 1:
+                raise _Failed(f"blob {_shown(blob)} is there twice: {' and '.join(present)}")
+            allowed.update(present)
+        for name in infos:
+            if name not in allowed:
+                raise _Failed(
+                    f"{name} is not a blob entry.json names: it was not exported with the "
+                    "entry (added afterwards?)"
+                )
+        files.update((name, _read(z, info)) for name, info in infos.items() if name not in files)
+    return _Opened(files, fields, proof, addresses), f"{len(infos)} files"
+
+
+def _listing(infos: Sequence[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
+    """The zip's directory: known names, each once, within the sizes a bundle may have."""
     if len(infos) > MAX_MEMBERS:
         raise _Failed(f"{len(infos)} members; a bundle has far fewer")
-    files: dict[str, bytes] = {}
+    listed: dict[str, zipfile.ZipInfo] = {}
     total = 0
-    with z:
-        for info in infos:
-            if info.filename in files:
-                raise _Failed(f"{info.filename} appears twice (which one is evidence?)")
-            if not _known(info.filename):
-                raise _Failed(f"unexpected member {info.filename!r}")
-            try:
-                with z.open(info) as f:
-                    body = f.read(MAX_MEMBER_BYTES + 1)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-                raise _Failed(f"{info.filename} is damaged ({exc})") from None
-            total += len(body)
-            if len(body) > MAX_MEMBER_BYTES or total > MAX_TOTAL_BYTES:
-                raise _Failed(f"{info.filename} is larger than a bundle member may be")
-            files[info.filename] = body
-    missing = [m for m in REQUIRED if m not in files]
+    for info in infos:
+        name = info.filename
+        if name in listed:
+            raise _Failed(f"{_shown(name)} appears twice (which one is evidence?)")
+        if not _known(name):
+            raise _Failed(f"unexpected member '{_shown(name)}'")
+        # The sizes the zip declares, before inflating anything (a zip bomb declares its
+        # size or is cut off there: zipfile reads no more than a member declares).
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise _Failed(
+                f"{name} unpacks to {info.file_size} bytes; a bundle member may hold at most "
+                f"{MAX_MEMBER_BYTES}"
+            )
+        total += info.file_size
+        if total > MAX_TOTAL_BYTES:
+            raise _Failed(
+                f"the members up to {name} unpack to {total} bytes together; a bundle may hold "
+                f"at most {MAX_TOTAL_BYTES}"
+            )
+        listed[name] = info
+    missing = [m for m in REQUIRED if m not in listed]
     if missing:
         raise _Failed(f"missing {', '.join(missing)}")
-    return files
+    return listed
+
+
+def _read(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes, never more than it declares (checked by :func:`_listing`)."""
+    try:
+        with z.open(info) as f:
+            body = f.read(info.file_size + 1)
+    except Exception as exc:  # BadZipFile (bad CRC), EOFError, zlib.error, encrypted …
+        raise _Failed(f"{info.filename} is damaged ({_describe(exc)})") from None
+    if len(body) != info.file_size:
+        raise _Failed(f"{info.filename} is damaged: not the {info.file_size} bytes it declares")
+    return body
 
 
 def _known(name: str) -> bool:
@@ -397,39 +458,51 @@ def _known(name: str) -> bool:
 def _json_object(data: bytes, name: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
+    except RecursionError:
+        raise _Failed(f"{name} is nested too deeply to be an archive record") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise _Failed(f"{name} is not JSON ({exc})") from None
-    if not isinstance(value, dict) or not isinstance(value.get("seq"), int):
+    if not isinstance(value, dict) or not _is_seq(value.get("seq")):
         raise _Failed(f"{name} is not an archive record (no seq)")
     return value
 
 
-def _blobs(files: Mapping[str, bytes], fields: Mapping[str, Any], report: Report) -> None:
-    addresses = fields.get("blobs")
-    if not isinstance(addresses, dict):
-        report.add("blobs", "fail", "entry.json names no blobs")
-        return
+def _addresses(record: Mapping[str, Any], name: str) -> dict[str, str]:
+    """A record's ``blobs``: each blob's name and address (its SHA-256, hex)."""
+    blobs = record.get("blobs")
+    if not isinstance(blobs, dict) or not all(isinstance(a, str) for a in blobs.values()):
+        raise _Failed(f'{name} has no "blobs" object of names and SHA-256 addresses')
+    return blobs
+
+
+def _is_seq(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _blobs(files: Mapping[str, bytes], addresses: Mapping[str, str], report: Report) -> None:
     for name, address in sorted(addresses.items(), key=lambda kv: _blob_order(kv[0])):
         present = [m for m in member_names(name) if m in files]
-        label = f"blob {present[0] if present else member_names(name)[0]}"
+        label = f"blob {_shown(present[0] if present else member_names(name)[0])}"
         if not present:
-            report.add(label, "fail", f"blob {name} is named in entry.json but missing")
+            report.add(label, "fail", f"blob {_shown(name)} is named in entry.json but missing")
             continue
         digest = hashlib.sha256(files[present[0]]).hexdigest()
         if digest != address:
-            report.add(label, "fail", f"hashes to {digest}, entry.json says {address}: changed")
+            report.add(
+                label, "fail", f"hashes to {digest}, entry.json says {_shown(address)}: changed"
+            )
         else:
             report.add(label, "pass", f"sha256 {digest}")
 
 
 def _leaf(record: bytes, fields: Mapping[str, Any], proof: Mapping[str, Any]) -> tuple[bytes, str]:
     leaf = merkle.leaf_hash(record)
-    if proof.get("seq") != fields["seq"]:
-        raise _Failed(f"proof.json is for entry {proof.get('seq')}, entry.json is {fields['seq']}")
+    if proof["seq"] != fields["seq"]:
+        raise _Failed(f"proof.json is for entry {proof['seq']}, entry.json is {fields['seq']}")
     if proof.get("leaf_hash") != leaf.hex():
         raise _Failed(
             f"SHA-256(0x00 || entry.json) is {leaf.hex()}, proof.json says "
-            f"{proof.get('leaf_hash')}: entry.json was changed"
+            f"{_shown(proof.get('leaf_hash'))}: entry.json was changed"
         )
     return leaf, leaf.hex()
 
@@ -451,10 +524,13 @@ def _checkpoint(
     try:
         signed = cp.verify(files["checkpoint.txt"], files["checkpoint.p7s"], chain[:1])
     except cp.CheckpointError as err:
-        raise _Failed(f"{err} (by {_name(chain[0])} of hub.pem)") from None
+        raise _Failed(f"{_shown(str(err), 300)} (by {_name(chain[0])} of hub.pem)") from None
     fp = hashlib.sha256(chain[0].public_bytes(Encoding.DER)).hexdigest()
     detail = f"size {signed.size}, signed by {_name(chain[0])} (sha256 {fp})"
     return (chain, signed), detail
+
+
+_HASH = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _inclusion(
@@ -463,14 +539,13 @@ def _inclusion(
     if leaf is None or signed is None:
         raise _Failed("not checked: the leaf hash or the checkpoint did not verify")
     size, path = proof.get("size"), proof.get("audit_path")
-    if size != signed.size:
-        raise _Failed(f"proof.json is for size {size}, the checkpoint for {signed.size}")
-    try:
-        hashes = [bytes.fromhex(h) for h in path] if isinstance(path, list) else None
-    except (ValueError, TypeError):
-        hashes = None
-    if hashes is None:
-        raise _Failed("proof.json has no audit path of hex hashes")
+    if not _is_seq(size) or size != signed.size:
+        raise _Failed(f"proof.json is for size {_shown(size)}, the checkpoint for {signed.size}")
+    if not isinstance(path, list) or not all(
+        isinstance(h, str) and _HASH.fullmatch(h) for h in path
+    ):
+        raise _Failed("proof.json has no audit path of hex SHA-256 hashes")
+    hashes = [bytes.fromhex(h) for h in path]
     if not merkle.verify_inclusion(leaf, proof["seq"], signed.size, hashes, signed.root):
         raise _Failed(
             f"the audit path ({len(hashes)} hashes) does not lead to the checkpoint root "
@@ -485,52 +560,64 @@ def _inclusion(
 def _agency(
     files: Mapping[str, bytes],
     fields: Mapping[str, Any],
+    addresses: Mapping[str, str],
     anchors: Sequence[x509.Certificate],
     report: Report,
 ) -> None:
-    if "decrypted" not in fields.get("blobs", {}):
+    if "decrypted" not in addresses:
         report.add("agency signature", "skip", "no decrypted part: the message was not opened")
         return
-    if "decrypted.eml" not in files:
-        report.add("agency signature", "fail", "decrypted.eml is missing")
+    # Only a chain.pem that entry.json names is the signer's path as validated on receipt
+    # (no other chain.pem gets past _members; this is said again here, where it matters).
+    named = "chain" in addresses
+    signed = _step(report, "agency signature", lambda: _agency_signature(files, named))
+    if signed is None:
         return
-    try:
-        chain = _certificates(files["chain.pem"], "chain.pem") if "chain.pem" in files else []
-        check = verify_signed_entity(files["decrypted.eml"], known=chain)
-    except _Failed as err:
-        report.add("agency signature", "fail", str(err))
-        return
-    except GatewayError as err:
-        report.add("agency signature", "fail", f"decrypted.eml: {err.message}")
-        return
-    if chain and check.signer != chain[0]:
-        report.add("agency signature", "fail", "signed by another certificate than chain.pem's")
-        return
+    chain, signing_time = signed
     if not chain:
-        report.add(
-            "agency signature",
-            "pass",
-            f"signed by {_name(check.signer)}, the certificate the message carries",
-        )
         report.add(
             "agency chain",
             "skip",
-            "no chain.pem: the signer's certificate path did not validate when the message "
-            "was received (see reasons in entry.json)",
+            "entry.json names no chain: the signer's certificate path did not validate when "
+            "the message was received (see reasons in entry.json)",
         )
-        return
-    report.add("agency signature", "pass", f"signed by {_name(check.signer)}")
-    if not anchors:
+    elif not anchors:
         report.add("agency chain", "skip", "no trust anchor given (--ca): chain.pem is taken as is")
-        return
-    _step(report, "agency chain", lambda: _chain(chain, anchors, check.signing_time or _at(fields)))
+    else:
+        _step(report, "agency chain", lambda: _chain(chain, anchors, signing_time or _at(fields)))
+
+
+def _agency_signature(
+    files: Mapping[str, bytes], named: bool
+) -> tuple[tuple[list[x509.Certificate], datetime | None], str]:
+    if "decrypted.eml" not in files:
+        raise _Failed("decrypted.eml is missing")
+    if named and "chain.pem" not in files:
+        raise _Failed("chain.pem, named in entry.json, is missing")
+    chain = _certificates(files["chain.pem"], "chain.pem") if named else []
+    try:
+        check = verify_signed_entity(files["decrypted.eml"], known=chain)
+    except GatewayError as err:
+        raise _Failed(f"decrypted.eml: {_shown(err.message, 300)}") from None
+    if not chain:
+        detail = f"signed by {_name(check.signer)}, the certificate the message carries"
+        return ([], check.signing_time), detail
+    if check.signer != chain[0]:
+        raise _Failed("signed by another certificate than chain.pem's")
+    return (chain, check.signing_time), f"signed by {_name(check.signer)}"
 
 
 def _at(fields: Mapping[str, Any]) -> datetime:
-    try:
-        return datetime.fromisoformat(str(fields["at"]).replace("Z", "+00:00"))
-    except (KeyError, ValueError):
-        raise _Failed("entry.json has no valid time") from None
+    value = fields.get("at")
+    if isinstance(value, str):
+        try:
+            at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if at.utcoffset() is not None:  # a time without offset names no instant
+                return at
+    raise _Failed("entry.json has no valid time (ISO 8601, with its offset)")
 
 
 def _chain(
@@ -567,8 +654,9 @@ def _receipt(files: Mapping[str, bytes], seq: int) -> tuple[None, str]:
     if "receipt.json" not in files or "receipt.eml" not in files:
         raise _Failed("receipt.json and receipt.eml come together")
     receipt = _json_object(files["receipt.json"], "receipt.json")
-    address = receipt.get("blobs", {}).get(RECEIPT_BLOB)
-    if receipt.get("kind") != RECEIPT_KIND or receipt.get(RECEIPT_FOR) != seq:
+    address = _addresses(receipt, "receipt.json").get(RECEIPT_BLOB)
+    answers = receipt.get(RECEIPT_FOR)
+    if receipt.get("kind") != RECEIPT_KIND or not _is_seq(answers) or answers != seq:
         raise _Failed(f"receipt.json is not a receipt for entry {seq}")
     if hashlib.sha256(files["receipt.eml"]).hexdigest() != address:
         raise _Failed("receipt.eml does not hash to the receipt blob of receipt.json")
@@ -576,4 +664,26 @@ def _receipt(files: Mapping[str, bytes], seq: int) -> tuple[None, str]:
 
 
 def _name(cert: x509.Certificate) -> str:
-    return f'"{cert.subject.rfc4514_string()}"'
+    return f'"{_shown(cert.subject.rfc4514_string(), 300)}"'
+
+
+def _scalar(value: Any) -> Any:
+    """A value of entry.json fit for the report (not a structure built to choke its reader)."""
+    return value if value is None or isinstance(value, str | int | float) else None
+
+
+def _shown(value: object, limit: int = 120) -> str:
+    """Text from the bundle as it may be printed: control characters escaped, cut short."""
+    if isinstance(value, str):
+        text = value
+    elif value is None or isinstance(value, int | float):
+        text = repr(value)
+    else:  # a structure: its type is enough (and its repr could recurse too deep)
+        text = f"<{type(value).__name__}>"
+    cut = text[:limit]
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return shown + ("…" if len(text) > limit else "")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_shown(str(exc), 200)}"

@@ -60,6 +60,10 @@ class Checkpoint:
             if len(root) != 32:
                 raise ValueError("root is not 32 bytes")
             at = datetime.fromisoformat(values["time"].replace("Z", "+00:00"))
+            if at.utcoffset() is None:
+                # A time without an offset names no instant: it cannot be compared with a
+                # certificate's validity, so it is refused here rather than guessed at.
+                raise ValueError(f"time {values['time']!r} has no offset (write it ending in Z)")
             return cls(values["origin"], int(values["size"]), root, at)
         except (ValueError, KeyError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"checkpoint does not parse ({exc})") from None

@@ -119,6 +119,10 @@ class Database:
         Database trouble that may pass (locked, connection lost) becomes
         :class:`TransientError` (SMTP 451); the caller retries later.
 
+        ``read_only``: a transaction that writes nothing and sees one snapshot of the whole
+        database from its first read to its end, whatever writers commit meanwhile (on
+        PostgreSQL, writing in it is an error).
+
         ``priority``: a write that someone is waiting on (intake, before its 250). On SQLite,
         one writer at a time holds the database, and a writer kept waiting polls with growing
         sleeps; so while a priority write waits or runs, other writers — in every process —
@@ -128,8 +132,18 @@ class Database:
         session = self._sessions()
         if read_only and self.dialect == "sqlite":
             # A plain (deferred) BEGIN: a long read such as `archive verify` must not hold
-            # the write lock and stall intake (writers begin IMMEDIATE).
+            # the write lock and stall intake (writers begin IMMEDIATE). A SQLite read
+            # transaction sees one snapshot from its first read to its end.
             session.connection(execution_options={_READ_ONLY: True})
+        elif read_only:
+            # PostgreSQL's READ COMMITTED takes a new snapshot for every statement: a reader
+            # of several tables (`archive verify`: entries, then nodes, then the head and the
+            # checkpoints) would see a writer's commit halfway and report the log as damaged.
+            # REPEATABLE READ is one snapshot for the whole transaction, and a transaction
+            # that writes nothing is never cancelled for a serialization failure there; READ
+            # ONLY makes sure it writes nothing. Writers do not wait for it (MVCC). Both
+            # settings are undone when the connection goes back to the pool.
+            session.connection(execution_options=_PG_READ_ONLY)
         elif gate is not None:
             session.connection(execution_options={_PRIORITY: True})
         try:
@@ -241,6 +255,7 @@ def _sqlite_pragmas(busy_timeout_ms: int, dbapi_connection: Any, _record: Any) -
 
 _READ_ONLY = "gateway_read_only"
 _PRIORITY = "gateway_priority"
+_PG_READ_ONLY = {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
 #: PostgreSQL advisory lock key taken while migrating ("gw-mig" in ASCII).
 _MIGRATION_LOCK = 0x67772D6D6967
 

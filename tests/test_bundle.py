@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import zipfile
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
 from archive import bundle
@@ -33,6 +36,8 @@ from archive.db import Database
 from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
+from formats import cms_signed
+from gateway import cli
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
 from gateway.filing import message_item
 from gateway.pipeline import process
@@ -154,9 +159,9 @@ def members(data: bytes) -> dict[str, bytes]:
         return {i.filename: z.read(i) for i in z.infolist()}
 
 
-def rezip(files: dict[str, bytes]) -> bytes:
+def rezip(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
+    with zipfile.ZipFile(out, "w", compression) as z:
         for name, data in files.items():
             z.writestr(name, data)
     return out.getvalue()
@@ -337,6 +342,200 @@ def test_junk_is_reported_not_raised(junk: bytes) -> None:
     report = bundle.verify_bundle(junk)
     assert not report.ok
     assert statuses(report) == {"members": "fail"}
+
+
+# --- hostile bundles --------------------------------------------------------------------------
+# Made at test time from the genuine bundles above; each case stands for one attack on
+# verify-bundle, which must answer it with a FAIL of the check named, never an exception.
+
+
+def _damaged(data: bytes, member: str) -> bytes:
+    """The zip with ``member``'s stored bytes overwritten: reading it fails (bad CRC or bad
+    deflate data), so a check that reports anything else did not read it."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = z.getinfo(member)
+    out = bytearray(data)
+    name_length, extra_length = struct.unpack_from("<HH", out, info.header_offset + 26)
+    start = info.header_offset + 30 + name_length + extra_length
+    out[start : start + info.compress_size] = b"\xff" * info.compress_size
+    return bytes(out)
+
+
+def _encrypted(data: bytes, member: str) -> bytes:
+    """The zip with ``member`` flagged as encrypted (zipfile then refuses to read it)."""
+    out = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        out[z.getinfo(member).header_offset + 6] |= 1  # local header: general purpose flags
+    name = member.encode()
+    at = out.find(b"PK\x01\x02")
+    while out[at + 46 : at + 46 + len(name)] != name:
+        at = out.find(b"PK\x01\x02", at + 1)
+    out[at + 8] |= 1  # the central directory's copy
+    return bytes(out)
+
+
+UNNAMED: dict[str, tuple[str, str, Callable[[DemoWorld], bytes]]] = {
+    # case: (bundle, the member planted, its content)
+    "a payload for a message never decrypted": ("quarantined", "payload.xml", lambda _w: b"<Payload>planted</Payload>"),
+    "an attachment": ("accepted", "attachments/9.bin", lambda _w: b"MZ planted executable"),
+    "a blob of any other name": ("accepted", "blobs/anything", lambda _w: b"planted"),
+    "a chain for a signer that did not validate": ("revoked", "chain.pem", lambda w: w.revoked["H26.STP"].cert_pem()),
+    "the evidence again, as OCSP": ("accepted", "evidence/1.ocsp", lambda _w: b"planted"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", UNNAMED)
+def test_a_member_entry_json_does_not_name_fails_unread(
+    world: DemoWorld, zips: dict[str, bytes], case: str
+) -> None:
+    """A file put in after the export is not evidence. It used to verify, unchecked; and a
+    chain.pem added to a revoked signer's bundle turned "agency chain" from SKIP into PASS."""
+    name, member, content = UNNAMED[case]
+    files = members(zips[name])
+    assert member not in files
+    files[member] = content(world)
+    report = bundle.verify_bundle(_damaged(rezip(files), member), anchors=[world.root.cert])
+    assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
+    assert member in report.checks[0].detail
+    assert "damaged" not in report.checks[0].detail  # refused by its name, never read
+    assert not report.ok
+
+
+def _deep(opening: bytes) -> bytes:
+    return opening + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+def _edit(member: str, **changes: object) -> Callable[[dict[str, bytes]], None]:
+    def change(f: dict[str, bytes]) -> None:
+        f[member] = json.dumps({**json.loads(f[member]), **changes}).encode()
+
+    return change
+
+
+def _add_blob(name: str) -> Callable[[dict[str, bytes]], None]:
+    def change(f: dict[str, bytes]) -> None:
+        record = json.loads(f["entry.json"])
+        record["blobs"][name] = "00" * 32
+        f["entry.json"] = json.dumps(record).encode()
+
+    return change
+
+
+def _for_seq_as_bool(f: dict[str, bytes]) -> None:
+    """for_seq as the JSON boolean that Python takes for the entry's seq (false == 0)."""
+    seq = json.loads(f["entry.json"])["seq"]
+    assert seq in (0, 1)
+    _edit("receipt.json", for_seq=bool(seq))(f)
+
+
+def _bad_utf8_hub_name(f: dict[str, bytes]) -> None:
+    """A byte 0xFF in the UTF8String names of the hub certificate inside the signature: an
+    error that formats.cms_signed does not type (ValueError), caught as a FAIL all the same."""
+    hub = x509.load_pem_x509_certificates(f["hub.pem"])[0]
+    name = str(hub.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value).encode()
+    assert name in f["checkpoint.p7s"]
+    f["checkpoint.p7s"] = f["checkpoint.p7s"].replace(name, b"\xff" + name[1:])
+
+
+HOSTILE: dict[str, tuple[Callable[[dict[str, bytes]], None], str, str]] = {
+    # case: (change, the check that fails, what it says)
+    "entry.json nested 100,000 deep": (lambda f: f.update({"entry.json": _deep(b'{"seq":0,"x":')}), "members", "nested too deeply"),
+    "proof.json nested 100,000 deep": (lambda f: f.update({"proof.json": _deep(b'{"seq":0,"x":')}), "members", "nested too deeply"),
+    "entry.json blobs as a list": (_edit("entry.json", blobs=[]), "members", '"blobs"'),
+    "entry.json blob address as a number": (_edit("entry.json", blobs={"raw": 1}), "members", '"blobs"'),
+    "receipt.json blobs as a list": (_edit("receipt.json", blobs=[]), "receipt", '"blobs"'),
+    "receipt.json nested 100,000 deep": (lambda f: f.update({"receipt.json": _deep(b'{"seq":9,"x":')}), "receipt", "nested too deeply"),
+    "receipt.json for_seq as a boolean": (_for_seq_as_bool, "receipt", "not a receipt for entry"),
+    "an audit path of numbers": (_edit("proof.json", audit_path=[1, 2]), "inclusion proof", "hex SHA-256"),
+    "a proof size that is a list": (_edit("proof.json", size=[[1]]), "inclusion proof", "for size <list>"),
+    "a certificate in checkpoint.p7s named in invalid UTF-8": (_bad_utf8_hub_name, "checkpoint signature", "malformed (ValueError"),
+    "an attachment numbered in superscript": (_add_blob("attachment-\u00b2"), "blob attachments/\u00b2.bin", "missing"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_input_is_a_failed_check_never_an_exception(
+    world: DemoWorld, zips: dict[str, bytes], case: str
+) -> None:
+    change, check, says = HOSTILE[case]
+    files = members(zips["accepted"])
+    change(files)
+    report = bundle.verify_bundle(rezip(files), anchors=[world.root.cert])
+    assert not report.ok
+    failed = {c.name: c.detail for c in report.checks if c.status == "fail"}
+    assert says in failed[check], report.as_dict()
+
+
+def test_the_cli_reports_a_hostile_bundle_and_exits_1(
+    zips: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Not "gateway: internal error: RecursionError" with exit 70."""
+    files = members(zips["accepted"])
+    files["entry.json"] = _deep(b'{"seq":0,"x":')
+    (tmp_path / "b.zip").write_bytes(rezip(files))
+    result = CliRunner().invoke(cli.cli, ["archive", "verify-bundle", str(tmp_path / "b.zip")])
+    assert not isinstance(result.exception, Exception), result.exception
+    assert result.exit_code == 1
+    assert "FAIL  members: entry.json is nested too deeply" in result.stdout
+
+
+def test_a_checkpoint_time_without_offset_fails_the_checkpoint(
+    world: DemoWorld, zips: dict[str, bytes]
+) -> None:
+    """Anyone may sign such a body with a certificate of their own; with --ca, comparing its
+    time with the hub certificate's validity raised TypeError."""
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    files = members(zips["accepted"])
+    body = files["checkpoint.txt"].replace(b"Z\r\n", b"\r\n")
+    files["checkpoint.txt"] = body
+    files["checkpoint.p7s"] = cms_signed.sign(body, cert=world.hub.cert, key=key)
+    report = bundle.verify_bundle(rezip(files), anchors=[world.root.cert])
+    checks = {c.name: c for c in report.checks}
+    assert checks["checkpoint signature"].status == "fail"
+    assert "has no offset" in checks["checkpoint signature"].detail
+    assert "hub chain" not in checks and checks["inclusion proof"].status == "fail"
+    assert not report.ok
+
+
+def test_an_encrypted_member_is_damaged_not_a_crash(zips: dict[str, bytes]) -> None:
+    report = bundle.verify_bundle(_encrypted(zips["accepted"], "raw.eml"))
+    assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
+    assert "raw.eml is damaged (RuntimeError" in report.checks[0].detail
+
+
+def test_a_zip_bomb_is_refused_by_its_declared_size_before_anything_is_inflated(
+    zips: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 MiB of zeros deflate to 2 KiB; the limit is lowered to 1 MiB for the test. entry.json
+    is damaged too: had anything been read before the sizes were checked, it would show."""
+    monkeypatch.setattr(bundle, "MAX_MEMBER_BYTES", 1 << 20)
+    files = members(zips["accepted"])
+    files["blobs/bomb"] = bytes(2 << 20)
+    data = _damaged(rezip(files, zipfile.ZIP_DEFLATED), "entry.json")
+    assert len(data) < 1 << 20
+    report = bundle.verify_bundle(data)
+    assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
+    detail = report.checks[0].detail
+    assert (
+        detail
+        == f"blobs/bomb unpacks to {2 << 20} bytes; a bundle member may hold at most {1 << 20}"
+    )
+
+
+def test_members_too_large_together_are_refused_where_the_total_passes_the_limit(
+    zips: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = members(zips["accepted"])
+    total = sum(len(data) for data in files.values())
+    monkeypatch.setattr(bundle, "MAX_TOTAL_BYTES", total - 1)
+    last = list(files)[-1]
+    report = bundle.verify_bundle(_damaged(rezip(files), "entry.json"))
+    assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
+    assert report.checks[0].detail == (
+        f"the members up to {last} unpack to {total} bytes together; a bundle may hold at "
+        f"most {total - 1}"
+    )
 
 
 # --- by hand, with other tools ---------------------------------------------------------------

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, event, select, text
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
 from archive import tables as t
@@ -423,6 +423,44 @@ def test_concurrent_admin_events_commit_with_distinct_increasing_seq(db: Databas
         events = store.events(s)
     assert [e.seq for e in events] == sorted(seqs["a"] + seqs["b"])
     assert {e.subject for e in events} == {f"{n}{i}" for n in "ab" for i in range(rounds)}
+
+
+def test_a_read_only_session_sees_one_snapshot(db: Database) -> None:
+    """A reader of several statements (`archive verify`) sees the database as it was at its
+    first read, whatever a writer commits meanwhile; the next transaction sees the commit."""
+    with db.session() as s:
+        _event(s, "before")
+    with db.session(read_only=True) as reader:
+        assert [e.subject for e in store.events(reader)] == ["before"]
+        with db.session() as writer:  # its own connection, committed while the reader reads
+            _event(writer, "during")
+        assert [e.subject for e in store.events(reader)] == ["before"]
+    with db.session(read_only=True) as s:
+        assert [e.subject for e in store.events(s)] == ["before", "during"]
+
+
+@pytest.mark.postgres
+def test_postgresql_read_only_sessions_are_repeatable_read_and_write_nothing(
+    pg_url: str, open_db: Opener
+) -> None:
+    db = open_db(pg_url)
+    with db.session(read_only=True) as s:
+        assert s.scalar(text("SHOW transaction_isolation")) == "repeatable read"
+        assert s.scalar(text("SHOW transaction_read_only")) == "on"
+    with pytest.raises(DBAPIError, match="read-only transaction"):
+        _write_read_only(db)
+    with db.session() as s:  # the pooled connection is a plain read-write one again
+        assert s.scalar(text("SHOW transaction_isolation")) == "read committed"
+        assert s.scalar(text("SHOW transaction_read_only")) == "off"
+        _event(s, "written")
+    with db.session(read_only=True) as s:
+        assert [e.subject for e in store.events(s)] == ["written"]
+
+
+def _write_read_only(db: Database) -> None:
+    with db.session(read_only=True) as s:
+        _event(s, "refused")
+        s.flush()
 
 
 # --- the key store on both engines ---------------------------------------------------------------
