@@ -166,7 +166,11 @@ class BlobStore:
 
     def _data_key(self, s: Session, at: datetime) -> tuple[int, AESGCM]:
         if self._current is not None and s.get(t.DataKey, self._current) is None:
-            self._current = None  # created in a transaction that was rolled back
+            # Created in a transaction that was rolled back. Its number may be given again to
+            # the next key made (SQLite reuses the highest rowid): the unwrapped key cached
+            # under it must go too, or blobs would be sealed with a key no row holds.
+            self._keys.pop(self._current, None)
+            self._current = None
         if self._current is None:
             newest = s.scalar(select(t.DataKey).order_by(t.DataKey.id.desc()).limit(1))
             if newest is None:
@@ -176,6 +180,7 @@ class BlobStore:
                 newest = t.DataKey(wrapped=wrapped, created_at=at)
                 s.add(newest)
                 s.flush()
+                self._keys[newest.id] = AESGCM(raw)
             self._current = newest.id
         return self._current, self._key(s, self._current)
 

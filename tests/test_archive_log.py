@@ -362,6 +362,10 @@ def test_a_data_key_lost_to_a_rollback_is_replaced(tmp_path: Path) -> None:
         entry = log.append(s, "message", WORLD_AT, {}, {"raw": b"second"})
     with db.session() as s:
         assert log.blobs.get(s, entry.blobs["raw"]) == b"second"
+    # and after a restart: sealed with the key the database holds, not one cached in memory
+    # under a number SQLite gave again
+    with db.session() as s:
+        assert BlobStore(log.blobs.master_key).get(s, entry.blobs["raw"]) == b"second"
 
 
 def _append_then_fail(db: Database, log: Log) -> None:
