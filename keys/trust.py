@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -85,6 +85,10 @@ CRLInput = x509.CertificateRevocationList | bytes
 #: Certificate signature hashes allowed anywhere on the path. Key sizes and curves come from
 #: the one allow-list in :mod:`formats.algorithms` (DESIGN §3: RSA 2048 accepted, smaller refused).
 ALLOWED_HASHES = frozenset({"sha256", "sha384", "sha512"})
+#: Certificates a message carries that path building looks at (a signer's chain is 1–3).
+MAX_CARRIED = 16
+#: Candidate paths tried before the signer is refused as untrusted.
+MAX_PATHS = 8
 
 _T = TypeVar("_T")
 
@@ -167,8 +171,17 @@ def validate_signer(
 
 def describe(cert: x509.Certificate) -> str:
     """``certificate "CN=…,O=…" (serial 0x1A2B…)`` — how messages name a certificate."""
-    subject = cert.subject.rfc4514_string({ORGAN_ID_ATTRIBUTE: "serialNumber"})
-    return f'certificate "{subject}" (serial 0x{cert.serial_number:X})'
+    return f'certificate "{name_of(lambda: cert.subject)}" (serial 0x{cert.serial_number:X})'
+
+
+def name_of(name: Callable[[], x509.Name] | x509.Name) -> str:
+    """A distinguished name as text, or a placeholder when it cannot be decoded (cryptography
+    parses names lazily: a message may carry a certificate whose name is not valid)."""
+    try:
+        value = name() if callable(name) else name
+        return value.rfc4514_string({ORGAN_ID_ATTRIBUTE: "serialNumber"})
+    except ValueError:
+        return "(a name that cannot be decoded)"
 
 
 def check_algorithms(cert: x509.Certificate) -> None:
@@ -285,8 +298,11 @@ class Validator:
         self, cert: x509.Certificate, carried: Sequence[x509.Certificate], at: datetime
     ) -> tuple[tuple[x509.Certificate, ...], bool]:
         known = dict(self._known)
-        leaf = self._parse(cert, known)
-        candidates = self._intermediates + [self._parse(c, known) for c in carried]
+        try:
+            leaf = self._parse(cert, known)
+        except ValueError as exc:  # cryptography read it, asn1crypto cannot (a bad name…)
+            raise self._untrusted(cert, f"unreadable certificate: {exc}") from None
+        candidates = self._intermediates + self._carried(cert, carried, known)
         registry = CertificateRegistry.build(candidates)
         for root in self._trust.iter_certs():
             registry.register(root)
@@ -302,7 +318,10 @@ class Validator:
                     RevocationCheckingRule.NO_CHECK, RevocationCheckingRule.CRL_OR_OCSP_REQUIRED
                 )
             for c in [*self._store.intermediates, *carried]:
-                if not self._has_evidence(c, at):
+                # Only CA certificates: the leaf is carried too, and an assertion on it would
+                # make pyhanko skip revocation for the whole path (a CA revoked on a fresh CRL
+                # would pass).
+                if _is_ca(c) and _fp(c) != _fp(cert) and not self._has_evidence(c, at):
                     assertions.append(NonRevokedStatusAssertion(_fp(c), at))
         context = ValidationContext(
             trust_manager=self._trust,
@@ -314,15 +333,20 @@ class Validator:
                 ocsps=self._ocsp_containers,
                 assertions=assertions,
             ),
-            revinfo_policy=CertRevTrustPolicy(policy),
+            # Evidence issued after `at` proves the status at `at` as well (it lists the
+            # revocation date): a message decided later than it arrived (a backlog, a restart,
+            # a release) is judged with the evidence of now, not left waiting forever because
+            # the CRL of its day has been replaced.
+            revinfo_policy=CertRevTrustPolicy(policy, retroactive_revinfo=True),
             moment=at,
             allow_fetching=False,
             time_tolerance=timedelta(0),
         )
         try:
-            found: ValidationPath = _drive(
-                find_valid_path(leaf, context.path_builder.async_build_paths_lazy(leaf), context)
-            )
+            paths = _FirstPaths(context.path_builder.async_build_paths_lazy(leaf), MAX_PATHS)
+            found: ValidationPath = _drive(find_valid_path(leaf, paths, context))  # type: ignore[arg-type]
+        except (AssertionError, ValueError, TypeError) as exc:  # pyhanko on a malformed path
+            raise self._untrusted(cert, f"{type(exc).__name__} while building its path") from None
         except pv_errors.PathBuildingError as exc:
             raise self._untrusted(cert, str(exc)) from None
         except pv_errors.InvalidCertificateError as exc:  # self-signed, not an anchor
@@ -345,7 +369,7 @@ class Validator:
 
     def _untrusted(self, cert: x509.Certificate, detail: str) -> UntrustedSigner:
         return UntrustedSigner(
-            f'{describe(cert)}, issued by "{cert.issuer.rfc4514_string()}", does not chain '
+            f'{describe(cert)}, issued by "{name_of(lambda: cert.issuer)}", does not chain '
             "to a configured trust anchor; add the issuing CA to the trust store or have the "
             "certificate re-issued by a trusted CA",
             detail=detail,
@@ -443,6 +467,31 @@ class Validator:
             ) and crl.is_signature_valid(key)
         return self._crl_verified[cache_key]
 
+    def _carried(
+        self,
+        cert: x509.Certificate,
+        carried: Sequence[x509.Certificate],
+        known: dict[bytes, x509.Certificate],
+    ) -> list[asn1_x509.Certificate]:
+        """The certificates a message carries, as path-building candidates: the first
+        :data:`MAX_CARRIED` other than the signer's, skipping any asn1crypto cannot read (the
+        set is not signed: anyone may add to it)."""
+        out: list[asn1_x509.Certificate] = []
+        for c in carried:
+            if len(out) >= MAX_CARRIED:
+                break
+            if _fp(c) == _fp(cert):
+                continue
+            try:
+                parsed = self._parse(c, known)
+                # The registry keys certificates by name, which asn1crypto decodes lazily:
+                # a name that is not what its string type says fails there, not when parsed.
+                _ = (parsed.subject.hashable, parsed.issuer.hashable)
+            except ValueError:  # (UnicodeDecodeError too)
+                continue
+            out.append(parsed)
+        return out
+
     def _parse(
         self, cert: x509.Certificate, known: dict[bytes, x509.Certificate]
     ) -> asn1_x509.Certificate:
@@ -529,9 +578,39 @@ def _reason(exc: pv_errors.RevokedError) -> str:
 
 
 def _fresh(this_update: datetime | None, next_update: datetime | None, at: datetime) -> bool:
-    return (
-        this_update is not None and this_update <= at and (next_update is None or at <= next_update)
-    )
+    """Whether evidence tells the status at ``at``: current then, or issued after it (it lists
+    revocation dates, so a later CRL proves the status at an earlier moment as well)."""
+    if this_update is None:
+        return False
+    return at < this_update or next_update is None or at <= next_update
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+class _FirstPaths:
+    """At most ``limit`` of pyhanko's candidate paths: certificates carried in layers that
+    share names make exponentially many (m per layer, k layers: m^k), each one validated."""
+
+    def __init__(self, paths: Any, limit: int) -> None:
+        self._paths, self._left = paths, limit
+
+    def __aiter__(self) -> _FirstPaths:
+        return self
+
+    async def __anext__(self) -> ValidationPath:
+        if self._left <= 0:
+            raise StopAsyncIteration
+        self._left -= 1
+        path: ValidationPath = await self._paths.__anext__()
+        return path
+
+    async def cancel(self) -> None:
+        await self._paths.cancel()
 
 
 def _check_path_cert(cert: x509.Certificate) -> None:

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -218,6 +219,95 @@ def test_soft_fail_still_honours_crls_it_has(pki: Pki) -> None:
     )
     with pytest.raises(SignerRevoked):
         validate_signer(soft_leaf_only, leaf.cert, at=T0)
+
+
+def test_soft_fail_checks_the_path_when_the_signer_carries_its_own_certificate(pki: Pki) -> None:
+    """Every openssl-signed message carries the signer's certificate. The root's fresh CRL
+    revokes the intermediate, which publishes no CRL of its own: soft-fail lets the leaf's
+    missing evidence through, never the revoked CA above it."""
+    root_crl = make_crl(
+        pki.root, revoked=[(pki.inter.cert.serial_number, T0 - timedelta(days=2))],
+        this_update=CRL_THIS, next_update=CRL_NEXT, number=5,
+    )  # fmt: skip
+    store = TrustStore(
+        anchors=(pki.root.cert,), intermediates=(pki.inter.cert,), crls=(root_crl,),
+        revocation_mode="soft-fail",
+    )  # fmt: skip
+    for carried in ((), (pki.agency.cert,), (pki.agency.cert, pki.inter.cert)):
+        with pytest.raises(SignerRevoked, match="Test Agency CA G1"):
+            store.validate_signer(pki.agency.cert, carried=carried, at=T0)
+
+
+def test_a_crl_issued_after_the_message_arrived_tells_its_status_then(pki: Pki) -> None:
+    """A message decided after its day's CRL was replaced (a backlog, a restart, a release):
+    the newer CRL, which lists revocation dates, proves the status at receipt, under
+    hard-fail too. Revoked after the message arrived: still valid for it."""
+    arrived = CRL_THIS - timedelta(hours=6)  # before the stored CRLs were issued
+    assert pki.root_crl.last_update_utc > arrived
+    signer = validate_signer(pki.store(), pki.agency.cert, at=arrived)
+    assert signer.revocation_checked and der(pki.inter_crl) in signer.evidence
+    later = pki.inter_crl_with((pki.agency.cert.serial_number, arrived + timedelta(hours=1)))
+    assert store_with(pki, later).validate_signer(pki.agency.cert, at=arrived)
+    earlier = pki.inter_crl_with((pki.agency.cert.serial_number, arrived - timedelta(hours=1)))
+    with pytest.raises(SignerRevoked):  # but revoked before it arrived: refused
+        store_with(pki, earlier).validate_signer(pki.agency.cert, at=arrived)
+
+
+def test_certificates_carried_in_layers_do_not_multiply_the_work(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message may carry certificates that share names in layers (m per layer, k layers:
+    m**k paths, each validated): at most MAX_PATHS are tried before the signer is untrusted."""
+    import pyhanko_certvalidator
+
+    from keys import trust
+
+    tried = []
+    real = pyhanko_certvalidator.async_validate_path
+
+    async def counting(*args: object, **kw: object) -> object:
+        tried.append(1)
+        return await real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pyhanko_certvalidator, "async_validate_path", counting)
+    forger = key("forger")
+
+    def forged(subject: x509.Name, issuer: x509.Name) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())  # each its own
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(T0 - timedelta(days=1))
+            .not_valid_after(T0 + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(forger, hashes.SHA256())
+        )
+
+    # leaf → 3 × "Test Agency CA G1" → 3 × "Layer 1" → 3 × "Layer 2" → 3 × "Layer 3" → root
+    names = [pki.agency.cert.issuer] + [
+        x509.Name.from_rfc4514_string(f"CN=Layer {i}") for i in (1, 2, 3)
+    ]
+    issuers = [*names[1:], pki.root.cert.subject]
+    layers = [[forged(n, i) for _ in range(3)] for n, i in zip(names, issuers, strict=True)]
+    carried = [c for layer in layers for c in layer]  # 3**4 = 81 candidate paths
+    store = TrustStore(anchors=(pki.root.cert,), crls=(pki.root_crl,))
+    with pytest.raises(UntrustedSigner):
+        store.validate_signer(pki.agency.cert, carried=carried, at=T0)
+    assert len(tried) == trust.MAX_PATHS == 8  # not 81
+
+
+def test_a_carried_certificate_whose_name_cannot_be_decoded_is_ignored(pki: Pki) -> None:
+    """The set of carried certificates is not signed: anyone may add one whose UTF8String name
+    is not UTF-8 (cryptography loads it, asn1crypto cannot decode it)."""
+    raw = pki.inter.cert.public_bytes(Encoding.DER)
+    assert raw.count(b"Test Agency CA G1") == 1  # the subject (the issuer is the root)
+    bad = x509.load_der_x509_certificate(raw.replace(b"Agency", b"Ag\xe1\x41cy", 1))
+    signer = pki.store().validate_signer(pki.agency.cert, carried=(bad, pki.agency.cert), at=T0)
+    assert signer.cert == pki.agency.cert
+    with pytest.raises(UntrustedSigner, match=r"cannot be decoded|unreadable"):
+        pki.store().validate_signer(bad, carried=(), at=T0)
 
 
 def test_soft_fail_reports_an_unchecked_intermediate(pki: Pki) -> None:
