@@ -573,7 +573,7 @@ def _agency(
     signed = _step(report, "agency signature", lambda: _agency_signature(files, named))
     if signed is None:
         return
-    chain, signing_time = signed
+    chain, _signing_time = signed  # the sender's own claim: not the moment to judge at
     if not chain:
         report.add(
             "agency chain",
@@ -584,7 +584,7 @@ def _agency(
     elif not anchors:
         report.add("agency chain", "skip", "no trust anchor given (--ca): chain.pem is taken as is")
     else:
-        _step(report, "agency chain", lambda: _chain(chain, anchors, signing_time or _at(fields)))
+        _step(report, "agency chain", lambda: _chain(chain, anchors, _received(fields)))
 
 
 def _agency_signature(
@@ -605,6 +605,22 @@ def _agency_signature(
     if check.signer != chain[0]:
         raise _Failed("signed by another certificate than chain.pem's")
     return (chain, check.signing_time), f"signed by {_name(check.signer)}"
+
+
+def _received(fields: Mapping[str, Any]) -> datetime:
+    """When the message was received (the moment the gateway validated its signer at), else
+    when it was filed."""
+    transport = fields.get("transport")
+    value = transport.get("received_at") if isinstance(transport, Mapping) else None
+    if isinstance(value, str):
+        try:
+            at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if at.utcoffset() is not None:
+                return at
+    return _at(fields)
 
 
 def _at(fields: Mapping[str, Any]) -> datetime:

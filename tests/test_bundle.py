@@ -18,7 +18,7 @@ import subprocess
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,7 @@ from gateway import cli
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
 from gateway.filing import message_item
 from gateway.pipeline import process
-from keys.issuing import make_root
+from keys.issuing import issue_agency, make_root
 from tests.conftest import WORLD_AT
 
 RECEIVED = WORLD_AT + timedelta(minutes=5)
@@ -587,3 +587,29 @@ def test_the_steps_in_verify_txt_reach_the_checkpoint_root(
     proof = json.loads((d / "proof.json").read_text())
     assert leaf == proof["leaf_hash"]
     assert computed == signed == proof["root"]
+
+
+def test_the_agency_chain_is_judged_when_the_message_arrived_not_when_it_says_it_was_signed(
+    world: DemoWorld, tmp_path: Path
+) -> None:
+    """signingTime is the sender's own claim (here: the moment the test signed, weeks after
+    the certificate ended); the gateway validated the signer when the message arrived, and so
+    does the bundle's chain check."""
+    short = issue_agency(
+        world.root, email="vanthu@snv.hanoi.gov.vn", organ_id="H26.SNV",
+        common_name="Sở Nội vụ (short-lived)", at=WORLD_AT - timedelta(days=30), days=40,
+    )  # fmt: skip
+    assert short.cert.not_valid_after_utc < datetime.now(UTC)  # the signing time: after it
+    raw = world.submission("H26.SNV", signer=short, number=5)
+    verdict = process(raw, world.context(), at=RECEIVED)
+    assert verdict.disposition == "accepted", verdict.errors
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    archive = Archive(db, BlobStore(os.urandom(32)), HUB_ADDRESS, signer=(world.hub.cert, key))
+    (entry,) = archive.file([message_item(verdict, raw, Transport(RECEIVED, "smtp", "192.0.2.1"))])
+    archive.checkpoint(RECEIVED + timedelta(minutes=1))
+    data = bundle.build(Filed(archive, {}, [world.hub.cert, world.root.cert]).contents(entry.seq))
+    report = bundle.verify_bundle(data, anchors=[world.root.cert])
+    db.dispose()
+    assert statuses(report)["agency chain"] == "pass", report.as_dict()
