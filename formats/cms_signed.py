@@ -32,9 +32,10 @@ from typing import Any
 from asn1crypto import cms
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from formats import algorithms, der
@@ -46,6 +47,7 @@ from formats.errors import (
     SignatureInvalid,
     SignerCountError,
     UntrustedSigner,
+    WeakAlgorithm,
 )
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -160,7 +162,7 @@ def _verify(
     carried_asn1 = [c.chosen for c in signed.certificates or () if c.name == "certificate"]
     signer_asn1 = _find_signer(signer_info["sid"], carried_asn1, known)
     signer = x509.load_der_x509_certificate(signer_asn1.dump())
-    public_key = signer.public_key()
+    public_key = _public_key(signer, signer_asn1)
     algorithms.check_public_key(public_key)
     carried = tuple(x509.load_der_x509_certificate(c.dump()) for c in carried_asn1)
 
@@ -259,6 +261,38 @@ def _find_signer(
     )
 
 
+def _public_key(cert: x509.Certificate, asn1: asn1_x509.Certificate) -> PublicKeyTypes:
+    """The certificate's key; one of an algorithm ``cryptography`` does not implement (which
+    it reports as UnsupportedAlgorithm, not a ValueError) is off the allow-list too."""
+    try:
+        return cert.public_key()
+    except UnsupportedAlgorithm:
+        oid = asn1.public_key["algorithm"]["algorithm"].dotted
+        raise WeakAlgorithm(
+            f"signer key algorithm {oid} is not allowed; use RSA (at least 2048 bits) or "
+            "ECDSA P-256"
+        ) from None
+
+
+def _pss_salt_length(
+    params: Any, public_key: rsa.RSAPublicKey, pss_hash: hashes.HashAlgorithm
+) -> int:
+    """The declared salt length, if a signature by ``public_key`` can have it at all.
+
+    RFC 8017 §9.1.2 step 3: with emLen = ⌈(modBits − 1)/8⌉, a salt longer than
+    emLen − hLen − 2 is "inconsistent" — and a sender's 2³¹ overflowed ``cryptography``.
+    """
+    salt = params["salt_length"].native
+    most = (public_key.key_size + 6) // 8 - pss_hash.digest_size - 2
+    if not 0 <= salt <= most:
+        raise SignatureInvalid(
+            f"RSA-PSS salt length {salt} is impossible for an RSA-{public_key.key_size} key "
+            f"and a {pss_hash.digest_size}-byte hash (RFC 8017 §9.1.2: 0 to {most}); the "
+            "signature was altered or made wrongly"
+        )
+    return int(salt)
+
+
 def _check_signature(
     public_key: object,
     kind: str,
@@ -280,7 +314,10 @@ def _check_signature(
             public_key.verify(
                 signature,
                 data,
-                padding.PSS(mgf=padding.MGF1(mgf_hash), salt_length=params["salt_length"].native),
+                padding.PSS(
+                    mgf=padding.MGF1(mgf_hash),
+                    salt_length=_pss_salt_length(params, public_key, pss_hash),
+                ),
                 pss_hash,
             )
         elif kind == "ecdsa" and isinstance(public_key, ec.EllipticCurvePublicKey):

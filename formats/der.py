@@ -7,22 +7,39 @@ of an opaque SignedData) is located as spans of the received buffer, and only th
 around it are given to asn1crypto. asn1crypto copies every nested value it parses, which costs
 several times the message size for a 25 MB submission (X.690 §8.1: identifier, length,
 contents; lengths may be definite or, in BER, indefinite and ended by two zero octets).
+
+BER lets a sender make elements almost free: ``04 00``, an empty segment of an OCTET STRING, is
+two bytes, and finding where an indefinite length ends means reading every element inside it.
+So the walker (1) reads each element once: an indefinite-length element keeps the children it
+was read through (:attr:`Tlv.kids`), and nobody reads them again; (2) lets the elements inside
+one constructed element number at most :data:`FREE_ELEMENTS` plus one per
+:data:`BYTES_PER_ELEMENT` bytes of content they carry, refusing (:class:`LimitExceeded`) as soon as
+they are more — before the rest is read; (3) takes an OCTET STRING in segments of one level only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from asn1crypto import cms, x509
 
-from formats.errors import MalformedCMS
+from formats.errors import LimitExceeded, MalformedCMS
 
 #: Universal tag numbers used by the callers.
 INTEGER, OCTET_STRING, OID, SEQUENCE, SET = 2, 4, 6, 16, 17
 UNIVERSAL, CONTEXT = 0, 2
 #: Nesting cap for the walker: CMS needs about ten levels; this stops recursion bombs.
 MAX_DEPTH = 32
+#: Elements inside one constructed element, counted with everything read to find their ends:
+#: this many whatever they carry, then one more per BYTES_PER_ELEMENT bytes of content. Real
+#: producers are far inside: ``openssl cms -stream`` and gpgsm cut content into 4096-byte
+#: segments (a 16-byte last one for the final cipher block), CER (X.690 §9.2) into 1000-byte
+#: ones; ``cryptography`` and asn1crypto write DER, one segment. Segments of 4 bytes, or empty
+#: ones, are refused after the first thousand: the walker's work stays proportional to the
+#: content, not to how finely a sender chose to cut it.
+FREE_ELEMENTS = 1024
+BYTES_PER_ELEMENT = 256
 
 
 def load_content_info(der: bytes, *, expect: tuple[str, ...]) -> cms.ContentInfo:
@@ -50,6 +67,15 @@ class Tlv:
     body: int  # first contents octet
     body_end: int  # end of the contents (before the end-of-contents octets, if indefinite)
     end: int  # end of the whole element
+    #: The children, for an indefinite length: they were read to find the end, and are kept so
+    #: that nothing is read twice (a nested indefinite length would otherwise be read again at
+    #: every level above it). ``None`` for a definite length: children are read when asked for.
+    kids: tuple[Tlv, ...] | None = field(default=None, repr=False, compare=False)
+    #: Elements read to locate this one: itself and, for an indefinite length, all it holds.
+    weight: int = 1
+    #: Content bytes it carries: its contents for a definite length (not looked into), the sum
+    #: of its children's for an indefinite one (what is left is identifiers and lengths).
+    carried: int = 0
 
     def is_(self, tag_class: int, number: int) -> bool:
         return self.tag_class == tag_class and self.number == number
@@ -81,13 +107,21 @@ def read_tlv(buf: memoryview, pos: int, limit: int, depth: int = 0) -> Tlv:
     if first == 0x80:  # indefinite length: contents end with two zero octets
         if not constructed:
             raise MalformedCMS("CMS structure has an indefinite length on a primitive value")
+        kids: list[Tlv] = []
+        tally = _Tally()
         q = p
         while True:
             if q + 2 > limit:
                 raise MalformedCMS("CMS structure is truncated (no end-of-contents)")
             if buf[q] == 0 and buf[q + 1] == 0:
-                return Tlv(tag_class, constructed, number, pos, p, q, q + 2)
-            q = read_tlv(buf, q, limit, depth + 1).end
+                return Tlv(
+                    tag_class, constructed, number, pos, p, q, q + 2,
+                    kids=tuple(kids), weight=1 + tally.elements, carried=tally.carried,
+                )  # fmt: skip
+            kid = read_tlv(buf, q, limit, depth + 1)
+            tally.add(kid)
+            kids.append(kid)
+            q = kid.end
     if first & 0x80:
         count = first & 0x7F
         if count > 4 or p + count > limit:
@@ -98,31 +132,65 @@ def read_tlv(buf: memoryview, pos: int, limit: int, depth: int = 0) -> Tlv:
         length = first
     if p + length > limit:
         raise MalformedCMS("CMS structure is truncated")
-    return Tlv(tag_class, constructed, number, pos, p, p + length, p + length)
+    return Tlv(tag_class, constructed, number, pos, p, p + length, p + length, carried=length)
+
+
+class _Tally:
+    """The elements inside one constructed element, checked against what they carry."""
+
+    __slots__ = ("carried", "elements")
+
+    def __init__(self) -> None:
+        self.elements = 0
+        self.carried = 0
+
+    def add(self, kid: Tlv) -> None:
+        self.elements += kid.weight
+        self.carried += kid.carried
+        if self.elements > FREE_ELEMENTS + self.carried // BYTES_PER_ELEMENT:
+            raise LimitExceeded(
+                f"CMS structure has {self.elements} elements inside one element, carrying only "
+                f"{self.carried} bytes (at most {FREE_ELEMENTS} plus one per "
+                f"{BYTES_PER_ELEMENT} bytes); encode it in DER or in BER segments of a kilobyte "
+                "or more"
+            )
 
 
 def children(buf: memoryview, parent: Tlv, depth: int = 0) -> Iterator[Tlv]:
-    """The elements inside a constructed ``parent``."""
+    """The elements inside a constructed ``parent`` (those already read, if it has them)."""
     if not parent.constructed:
         raise MalformedCMS("CMS structure has a primitive value where a constructed one belongs")
+    if parent.kids is not None:
+        yield from parent.kids
+        return
+    tally = _Tally()
     pos = parent.body
     while pos < parent.body_end:
         child = read_tlv(buf, pos, parent.body_end, depth + 1)
+        tally.add(child)
         yield child
         pos = child.end
 
 
-def octets(buf: memoryview, tlv: Tlv, depth: int = 0) -> list[memoryview]:
-    """The value of an OCTET STRING (any tag) as views: one span, or the BER segments."""
+def octets(buf: memoryview, tlv: Tlv) -> list[memoryview]:
+    """The value of an OCTET STRING (any tag) as views: one span, or the BER segments.
+
+    Segments are primitive, one level deep: X.690 §8.7.3 would allow segments of segments, but
+    CER (§9.2) forbids them and no S/MIME producer writes them; each level is only another way
+    to make the walker work for nothing.
+    """
     if not tlv.constructed:
         return [buf[tlv.body : tlv.body_end]]
-    if depth > MAX_DEPTH:
-        raise MalformedCMS("CMS structure is nested too deeply")
     out: list[memoryview] = []
     for child in children(buf, tlv):
         if not child.is_(UNIVERSAL, OCTET_STRING):
             raise MalformedCMS("a segmented OCTET STRING holds something else")
-        out.extend(octets(buf, child, depth + 1))
+        if child.constructed:
+            raise MalformedCMS(
+                "a segmented OCTET STRING holds segmented OCTET STRINGs; only one level of "
+                "segments is allowed (X.690 §9.2)"
+            )
+        out.append(buf[child.body : child.body_end])
     return out
 
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.errors import CharsetError, HeaderParseError
 from email.header import decode_header, make_header
 from email.utils import format_datetime
+from urllib.parse import quote
 
 import pybase64
 from cryptography import x509
@@ -49,7 +51,14 @@ from formats.errors import (
     UnsignedContent,
 )
 from formats.limits import DEFAULT_LIMITS, Limits
-from formats.mime import Entity, parse_entity, parse_message, single_address, single_header
+from formats.mime import (
+    Entity,
+    parse_disposition,
+    parse_entity,
+    parse_message,
+    single_address,
+    single_header,
+)
 
 PKCS7_MIME = frozenset({"application/pkcs7-mime", "application/x-pkcs7-mime"})
 PKCS7_SIGNATURE = frozenset({"application/pkcs7-signature", "application/x-pkcs7-signature"})
@@ -274,13 +283,30 @@ def _payload_of(entity: Entity, limits: Limits) -> tuple[bytes, tuple[Attachment
     raise ProfileViolation(f"the signed content is {ctype}; it must be application/xml")
 
 
+#: The manifest's FileName (envelope XSD) is at most 255 characters; no longer name can match.
+_MAX_NAME = 255
+
+
 def _filename(part: Entity) -> str | None:
-    disposition = part.get("content-disposition") or ""
-    for item in disposition.split(";")[1:]:
-        key, _, value = item.strip().partition("=")
-        if key.lower() == "filename":
-            return value.strip().strip('"')[:200] or None
-    return part.content_type.param("name")
+    """An attachment's file name, to show and to compare with the manifest — never to write
+    into a header we send.
+
+    Content-Disposition's ``filename`` (RFC 2183), else Content-Type's ``name``, parsed as
+    parameters (a quoted ``;`` is text), RFC 2231 values decoded (``filename*=utf-8''…``, as
+    Thunderbird, Outlook and Python's email write a non-ASCII name), then RFC 2047 encoded-words
+    (which RFC 2047 §5 keeps out of quoted strings, yet many clients put there). Control
+    characters, which decoding can produce and no manifest name holds, become U+FFFD.
+    """
+    name: str | None = None
+    disposition = part.get("content-disposition")
+    if disposition is not None:
+        name = parse_disposition(disposition)[1].get("filename")
+    if name is None:
+        name = part.content_type.param("name")
+    if name is None:
+        return None
+    text = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in _decoded(name) or "")
+    return text[:_MAX_NAME] or None
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -329,15 +355,48 @@ def payload_entity(
     b = (boundary or _boundary()).encode()
     parts = [xml_part]
     for att in attachments:
-        name = header_value(att.filename).replace('"', "")
+        disposition = f"attachment;\r\n {filename_parameter(att.filename)}"
         parts.append(
             f"Content-Type: {header_value(att.media_type)}\r\n"
             "Content-Transfer-Encoding: base64\r\n"
-            f'Content-Disposition: attachment; filename="{name}"\r\n\r\n'.encode()
+            f"Content-Disposition: {disposition}\r\n\r\n".encode()
             + b64_lines(att.data)
         )
     body = b"".join(b"--" + b + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + b + b"--\r\n"
     return b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n' + body
+
+
+#: RFC 2231 §7 attribute-char, beside letters and digits (which ``quote`` always keeps).
+_ATTRIBUTE_CHARS = "!#$&+-.^_`|~"
+#: Percent-encoded characters per RFC 2231 section: `` filename*NN*=utf-8''`` and 50 more
+#: keep every folded line within 78 characters (RFC 5322 §2.1.1).
+_SECTION_CHARS = 50
+
+
+def filename_parameter(name: str) -> str:
+    """The ``filename`` parameter of a Content-Disposition (RFC 2183 §2.3) for ``name``, to
+    follow a folding ``;\\r\\n ``.
+
+    Short printable ASCII goes in quotes (``"`` and ``\\`` as quoted pairs); anything else as
+    RFC 2231 ``filename*``: percent-encoded UTF-8 in sections of whole characters (readers such
+    as Python's email decode each section on its own), one per folded line. Not RFC 2047
+    encoded-words, which RFC 2047 §5 keeps out of quoted strings.
+    """
+    if "\r" in name or "\n" in name:
+        raise ValueError("file names may not contain line breaks")
+    quoted = 'filename="' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if name.isascii() and name.isprintable() and len(quoted) <= 77:
+        return quoted
+    sections = [""]
+    for char in name:
+        encoded = quote(char, safe=_ATTRIBUTE_CHARS, encoding="utf-8")
+        if len(sections[-1]) + len(encoded) > _SECTION_CHARS:
+            sections.append("")
+        sections[-1] += encoded
+    if len(sections) == 1:
+        return f"filename*=utf-8''{sections[0]}"
+    sections[0] = "utf-8''" + sections[0]
+    return ";\r\n ".join(f"filename*{i}*={section}" for i, section in enumerate(sections))
 
 
 def _boundary() -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -29,8 +30,10 @@ from email.utils import format_datetime
 from pathlib import Path
 
 from asn1crypto import cms
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -445,6 +448,52 @@ def nested_encryption(world: DemoWorld) -> bytes:
     return _encrypt_inner(world, inner)
 
 
+# --- builders: BER encodings ---------------------------------------------------------------
+
+
+def _ber_enveloped(world: DemoWorld, der: bytes, segmented: bytes) -> bytes:
+    """``der``, an EnvelopedData to the hub, in BER as ``openssl cms -stream`` writes it (every
+    length indefinite) with ``segmented`` (the contents of a constructed OCTET STRING) as its
+    encryptedContent [0]; RecipientInfo and algorithm stay genuine."""
+    env = cms.ContentInfo.load(der)["content"]
+    eci = env["encrypted_content_info"]
+    body = (
+        b"\x30\x80" + eci["content_type"].dump() + eci["content_encryption_algorithm"].dump()
+        + b"\xa0\x80" + segmented + b"\0\0" + b"\0\0"
+    )  # fmt: skip
+    enveloped = b"\x30\x80" + env["version"].dump() + env["recipient_infos"].dump() + body + b"\0\0"
+    der = b"\x30\x80" + cms.ContentType("enveloped_data").dump() + b"\xa0\x80" + enveloped
+    return _envelope(world, der + b"\0\0\0\0")
+
+
+def _segment(data: bytes) -> bytes:
+    """``data`` as one primitive OCTET STRING segment (definite length)."""
+    n = len(data)
+    return b"\x04" + (bytes([n]) if n < 0x80 else b"\x82" + n.to_bytes(2, "big")) + data
+
+
+def ber_empty_segments(world: DemoWorld) -> bytes:
+    """A million empty ``04 00`` segments under ten nested indefinite lengths: 2 MB that cost
+    the walker a million elements, read again at every level (about 20 s for 10 MB)."""
+    segmented = b"\x04\x00" * 1_000_000
+    for _ in range(10):
+        segmented = b"\x24\x80" + segmented + b"\0\0"
+    return _ber_enveloped(world, cms_envelope.encrypt(b"x" * 32, [world.hub.cert]), segmented)
+
+
+def ber_nested_segments(world: DemoWorld) -> bytes:
+    """The genuine ciphertext of a signed payload, its 1000-byte segments grouped in segmented
+    OCTET STRINGs of four: X.690 §8.7.3 allows it, CER and every S/MIME producer do not."""
+    der = cms_envelope.encrypt(_signed_payload(world), [world.hub.cert])
+    ciphertext = cms.ContentInfo.load(der)["content"]["encrypted_content_info"][
+        "encrypted_content"
+    ].native
+    pieces = [_segment(ciphertext[i : i + 1000]) for i in range(0, len(ciphertext), 1000)]
+    groups = [b"".join(pieces[i : i + 4]) for i in range(0, len(pieces), 4)]
+    segmented = b"".join(b"\x24\x80" + g + b"\0\0" for g in groups)
+    return _ber_enveloped(world, der, segmented)
+
+
 # --- builders: S/MIME structure -----------------------------------------------------------
 
 
@@ -524,6 +573,90 @@ def sha1_digest(world: DemoWorld) -> bytes:
             stdin=entity,
         )  # fmt: skip
     return _encrypt_inner(world, _multipart_signed(entity, der, micalg="sha-1"))
+
+
+def crafted_signature(
+    entity: bytes,
+    signer: Issued,
+    *,
+    pss_salt: int | None = None,
+    used_salt: int = 32,
+    cert_der: bytes | None = None,
+) -> bytes:
+    """A detached SignedData over ``entity`` put together field by field with asn1crypto, for
+    what ``cryptography``'s signer never writes: an RSA-PSS salt length declared (``pss_salt``)
+    other than the one used, or a certificate altered after it was issued (``cert_der``)."""
+    attrs = cms.CMSAttributes(
+        [
+            {"type": "content_type", "values": ["data"]},
+            {"type": "message_digest", "values": [hashlib.sha256(entity).digest()]},
+        ]
+    )
+    key = signer.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    algorithm: dict[str, object] = {"algorithm": "rsassa_pkcs1v15"}
+    pad: padding.AsymmetricPadding = padding.PKCS1v15()
+    if pss_salt is not None:
+        pad = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=used_salt)
+        algorithm = {
+            "algorithm": "rsassa_pss",
+            "parameters": {
+                "hash_algorithm": {"algorithm": "sha256"},
+                "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
+                "salt_length": pss_salt,
+            },
+        }
+    cert = asn1_x509.Certificate.load(
+        cert_der or signer.cert.public_bytes(serialization.Encoding.DER)
+    )
+    signer_info = cms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": cms.SignerIdentifier(
+                name="issuer_and_serial_number",
+                value={"issuer": cert.issuer, "serial_number": cert.serial_number},
+            ),
+            "digest_algorithm": {"algorithm": "sha256"},
+            "signed_attrs": attrs,
+            "signature_algorithm": algorithm,
+            "signature": key.sign(attrs.dump(), pad, hashes.SHA256()),
+        }
+    )
+    signed = cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [{"algorithm": "sha256"}],
+            "encap_content_info": {"content_type": "data"},
+            "certificates": [cert],
+            "signer_infos": [signer_info],
+        }
+    )
+    return bytes(cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump())
+
+
+def pss_salt_overflow(world: DemoWorld) -> bytes:
+    entity = payload_entity(_payload_xml(world))
+    der = crafted_signature(entity, _snv(world), pss_salt=2**31)
+    return _encrypt_inner(world, _multipart_signed(entity, der))
+
+
+#: rsaEncryption, and an OID next to it that names no algorithm (1.2.840.113549.1.1.99).
+RSA_ENCRYPTION = bytes.fromhex("06092a864886f70d010101")
+UNKNOWN_KEY_OID = bytes.fromhex("06092a864886f70d010163")
+
+
+def unknown_key_algorithm_cert(issued: Issued) -> bytes:
+    """``issued``'s certificate with its key's algorithm replaced by an unknown OID."""
+    der = issued.cert.public_bytes(serialization.Encoding.DER)
+    assert der.count(RSA_ENCRYPTION) == 1  # the key's; the signature's OID ends in 0b
+    return der.replace(RSA_ENCRYPTION, UNKNOWN_KEY_OID)
+
+
+def signer_key_unknown_algorithm(world: DemoWorld) -> bytes:
+    entity = payload_entity(_payload_xml(world))
+    snv = _snv(world)
+    der = crafted_signature(entity, snv, cert_der=unknown_key_algorithm_cert(snv))
+    return _encrypt_inner(world, _multipart_signed(entity, der))
 
 
 # --- builders: the signer's certificate ---------------------------------------------------
@@ -662,6 +795,7 @@ SAMPLES: dict[str, Sample] = {
         Sample("from-without-domain", "From: vanthu@ — an address cut off after the @", HeaderCountError, "from-without-domain.eml"),
         Sample("from-unclosed-angle", "From: < — an unterminated angle-addr", HeaderCountError, "from-unclosed-angle.eml"),
         Sample("from-text-after-group", "From: agencies: vanthu@snv.hanoi.gov.vn; attacker — text after a group's closing semicolon", HeaderCountError, "from-text-after-group.eml"),
+        Sample("from-nested-comments", "From: 1,500 nested comments, folded (3 KB): the standard library's address parser recursed once per level into RecursionError, an InternalError quarantine for plain SMTP input", HeaderCountError, "from-nested-comments.eml", match="nests comments 1500 deep"),
         Sample("subject-bad-encoded-word", "a Subject encoded-word with broken base64 (=?utf-8?b?Q?=): display-only text must not break intake; the junk body answers", MalformedCMS, "subject-bad-encoded-word.eml"),
         Sample("subject-non-ascii-charset", "a Subject encoded-word whose charset name holds a non-ASCII character (=?\\u0080utf-8?b?QQ==?=): Python's email package raises CharsetError, not a ValueError; the junk body answers", MalformedCMS, "subject-non-ascii-charset.eml"),
         Sample("subject-lone-surrogate", "a Subject encoded-word in UTF-7 that decodes to a lone surrogate (=?utf-7?q?+2AA-?=): text no archive record can hold as UTF-8, so filing failed and the worker crash-looped on every message behind it; the junk body answers", MalformedCMS, "subject-lone-surrogate.eml"),
@@ -685,6 +819,8 @@ SAMPLES: dict[str, Sample] = {
         Sample("triple-des", "content encrypted with 3DES by the real `openssl cms -encrypt -des3` (downgrade)", WeakAlgorithm, triple_des, match="3DES", needs="openssl"),
         Sample("oaep-sha1", "RSA-OAEP key transport with SHA-1 (openssl's default OAEP), outside the profile", WeakAlgorithm, oaep_sha1, match="SHA-1", needs="openssl"),
         Sample("nested-encryption", "an enveloped-data inside the enveloped-data (encrypt twice, sign never)", ProfileViolation, nested_encryption, match="encrypted twice"),
+        Sample("ber-empty-segments", "encryptedContent cut into a million empty BER segments (04 00) under ten nested indefinite lengths: 2 MB that cost the walker a million elements, read again at every level (unauthenticated CPU and memory exhaustion)", LimitExceeded, ber_empty_segments, match="elements inside one"),
+        Sample("ber-nested-segments", "a genuine ciphertext in segments of segments (X.690 §8.7.3 allows them; CER and every S/MIME producer do not): each level is only more work for the walker", MalformedCMS, ber_nested_segments, match="one level of segments"),
         # The S/MIME structure inside the envelope.
         Sample("encrypted-unsigned", "encrypted to the hub but carrying no signature at all", NotSigned, encrypted_unsigned),
         Sample("signed-unencrypted", "a valid multipart/signed sent in clear, not encrypted to the hub", NotEncrypted, signed_unencrypted),
@@ -698,6 +834,8 @@ SAMPLES: dict[str, Sample] = {
         Sample("no-signed-attributes", "a SignerInfo without signed attributes (no content-type / message-digest binding)", ProfileViolation, no_signed_attributes, match="signed attributes"),
         Sample("signer-cert-omitted", "a signature that carries no certificate, by a signer the hub does not know", UntrustedSigner, signer_cert_omitted),
         Sample("sha1-digest", "signed with SHA-1 by the real `openssl cms -sign -md sha1` (collision-prone digest)", WeakAlgorithm, sha1_digest, match="SHA-1", needs="openssl"),
+        Sample("pss-salt-overflow", "an RSA-PSS signature declaring a salt length of 2^31, which overflowed cryptography's verifier into an InternalError quarantine (no agency key needed: any signer will do)", SignatureInvalid, pss_salt_overflow, match="salt length 2147483648 is impossible"),
+        Sample("signer-key-unknown-algorithm", "a signer certificate whose key names an algorithm cryptography does not implement (UnsupportedAlgorithm, not a ValueError: an InternalError quarantine)", WeakAlgorithm, signer_key_unknown_algorithm, match="signer key algorithm 1.2.840.113549.1.1.99"),
         # The signer's certificate.
         Sample("self-signed-signer", "a self-signed certificate bearing Home Affairs' name, mailbox and OrganId", UntrustedSigner, self_signed),
         Sample("foreign-ca-chain", "a certificate from a CA we do not trust, its whole chain carried in the message", UntrustedSigner, foreign_ca_chain),

@@ -13,7 +13,7 @@ import pytest
 
 from formats import cms_envelope, cms_signed, der, mime
 from formats.der import CONTEXT, OCTET_STRING, UNIVERSAL, Tlv, children, octets, read_tlv
-from formats.errors import GatewayError, MalformedCMS, MalformedMessage
+from formats.errors import GatewayError, LimitExceeded, MalformedCMS, MalformedMessage
 from gateway.demo import DemoWorld
 
 
@@ -55,14 +55,16 @@ def to_ber(encoded: bytes, *, over: int = 1000, segment: int = 700) -> bytes:
 
 
 def test_definite_and_indefinite_lengths_and_segmented_octets() -> None:
-    segmented = b"\x24\x80" + _tlv(0x04, b"ab") + b"\x24\x80" + _tlv(0x04, b"c") + b"\0\0\0\0"
-    data = b"\x30\x80" + _tlv(0x04, b"xyz") + segmented + b"\0\0"
+    segmented = b"\x24\x80" + _tlv(0x04, b"ab") + _tlv(0x04, b"c") + b"\0\0"
+    definite = _tlv(0x24, _tlv(0x04, b"de") + _tlv(0x04, b""))
+    data = b"\x30\x80" + _tlv(0x04, b"xyz") + segmented + definite + b"\0\0"
     buf = memoryview(data)
     top = read_tlv(buf, 0, len(buf))
     assert (top.constructed, top.body_end, top.end) == (True, len(data) - 2, len(data))
-    first, second = children(buf, top)
+    first, second, third = children(buf, top)
     assert [bytes(v) for v in octets(buf, first)] == [b"xyz"]
     assert b"".join(octets(buf, second)) == b"abc"
+    assert b"".join(octets(buf, third)) == b"de"
 
 
 def test_long_form_lengths_and_high_tag_numbers() -> None:
@@ -106,6 +108,96 @@ def test_a_segmented_octet_string_holding_something_else_is_refused() -> None:
     buf = memoryview(data)
     with pytest.raises(MalformedCMS, match="holds something else"):
         octets(buf, read_tlv(buf, 0, len(buf)))
+
+
+@pytest.mark.parametrize("length", ["definite", "indefinite"])
+def test_segments_of_segments_are_refused(length: str) -> None:
+    """X.690 §8.7.3 allows them, CER (§9.2) and every S/MIME producer do without: refused."""
+    inner = b"\x24\x80" + _tlv(0x04, b"c") + b"\0\0"
+    data = (
+        b"\x24\x80" + _tlv(0x04, b"ab") + inner + b"\0\0"
+        if length == "indefinite"
+        else _tlv(0x24, _tlv(0x04, b"ab") + _tlv(0x24, _tlv(0x04, b"c")))
+    )
+    buf = memoryview(data)
+    with pytest.raises(MalformedCMS, match="only one level of segments"):
+        octets(buf, read_tlv(buf, 0, len(buf)))
+
+
+# --- elements that carry nothing -----------------------------------------------------------------
+
+#: An empty segment: two bytes that carry nothing.
+_EMPTY = b"\x04\x00"
+
+
+def _reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every position :func:`read_tlv` is called at (the walker's recursion included)."""
+    calls: list[int] = []
+    real = der.read_tlv
+
+    def counting(buf: memoryview, pos: int, limit: int, depth: int = 0) -> Tlv:
+        calls.append(pos)
+        return real(buf, pos, limit, depth)
+
+    monkeypatch.setattr(der, "read_tlv", counting)
+    return calls
+
+
+@pytest.mark.parametrize("length", ["definite", "indefinite"])
+def test_empty_segments_are_refused_at_the_cap_before_the_rest_is_read(
+    monkeypatch: pytest.MonkeyPatch, length: str
+) -> None:
+    """A million empty ``04 00`` segments: refused once there are FREE_ELEMENTS + 1 of them.
+
+    What follows the cap is garbage that would fail on its own ("malformed tag"): the refusal
+    names the count, so the walker never got there.
+    """
+    body = _EMPTY * (der.FREE_ELEMENTS + 1) + b"\x9f\xff\xff\xff\xff\xff" + _EMPTY * 1_000_000
+    data = (
+        b"\x24\x80" + body + b"\0\0"
+        if length == "indefinite"
+        else b"\x24\x84" + len(body).to_bytes(4, "big") + body
+    )
+    buf = memoryview(data)
+    calls = _reads(monkeypatch)
+    with pytest.raises(LimitExceeded, match=f"{der.FREE_ELEMENTS + 1} elements inside one"):
+        octets(buf, der.read_tlv(buf, 0, len(buf)))
+    assert len(calls) == der.FREE_ELEMENTS + 2  # the OCTET STRING and its segments up to the cap
+
+
+def test_nested_indefinite_lengths_cost_what_they_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty segments under 20 levels of indefinite lengths (the walker used to read the whole
+    subtree again at every level): the innermost level stops at the cap, the rest is not read."""
+    data = b"\x24\x80" * 20 + _EMPTY * 100_000 + b"\0\0" * 20
+    buf = memoryview(data)
+    calls = _reads(monkeypatch)
+    with pytest.raises(LimitExceeded):
+        der.read_tlv(buf, 0, len(buf))
+    assert len(calls) == 20 + der.FREE_ELEMENTS + 1
+
+
+def test_segments_that_carry_data_are_not_capped() -> None:
+    """Segments averaging BYTES_PER_ELEMENT bytes pass, however many (openssl cuts 4096)."""
+    n = 4 * der.FREE_ELEMENTS
+    data = b"\x24\x80" + _tlv(0x04, b"x" * der.BYTES_PER_ELEMENT) * n + _EMPTY * 100 + b"\0\0"
+    buf = memoryview(data)
+    spans = octets(buf, read_tlv(buf, 0, len(buf)))
+    assert len(spans) == n + 100
+    assert sum(map(len, spans)) == n * der.BYTES_PER_ELEMENT
+
+
+def test_elements_are_read_once_however_deep_the_indefinite_lengths(
+    world: DemoWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a BER message reads each element once: the ends found while looking for an
+    indefinite length's end are kept, never looked for again."""
+    encrypted = to_ber(cms_envelope.encrypt(CONTENT, [world.hub.cert]))
+    assert encrypted.startswith(b"\x30\x80")  # indefinite lengths from the top down
+    calls = _reads(monkeypatch)
+    opened = cms_envelope.decrypt(bytearray(encrypted), world.context().keys, max_bytes=1 << 20)
+    assert opened.content == CONTENT
+    assert len(calls) == len(set(calls))
+    assert len(calls) > 15  # really walked the segments (CONTENT is ~10 KB in 700-byte pieces)
 
 
 # --- enveloped data ------------------------------------------------------------------------------

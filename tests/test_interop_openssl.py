@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
 import shutil
 import subprocess
 import uuid
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
 
-from formats.smime import build_message, payload_entity
+from formats.payload import Attachment as Listed
+from formats.payload import Organ, build_payload
+from formats.smime import Attachment, build_message, payload_entity
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context, process
 from keys.issuing import Issued, issue_agency
@@ -120,6 +124,56 @@ def test_openssl_made_submission_is_accepted(
     assert verdict.opened.key_transport == ("rsaes_oaep" if enc == "oaep" else "rsaes_pkcs1v15")
     if sig == "detached-pss":
         assert verdict.opened.signature.signature_algorithm == "rsassa_pss"
+
+
+def document_with_scan(world: DemoWorld, scan: Attachment) -> bytes:
+    """A document payload whose manifest lists ``scan`` (so the message can be large)."""
+    return build_payload(
+        "document",
+        sender=Organ(SENDER, None, SENDER_EMAIL),
+        recipients=[Organ("H26.CATP")],
+        records=[{"DocumentType": "Công văn", "Summary": "Gửi kèm bản quét", "PageCount": 40}],
+        document_number="9/SNV-VP",
+        issued_on=WORLD_AT.date(),
+        message_id=uuid.uuid4(),
+        attachments=[
+            Listed(scan.filename, scan.media_type, len(scan.data), sha256(scan.data).hexdigest())
+        ],
+    ).to_xml()
+
+
+@pytest.mark.parametrize("sign_opts", [[], ["-nodetach"]], ids=["detached", "opaque"])
+def test_openssl_streamed_submission_is_accepted(
+    world: DemoWorld, world_ctx: Context, files: Path, tmp_path: Path, sign_opts: list[str]
+) -> None:
+    """``openssl cms -stream`` writes BER: indefinite lengths, and the content (signed opaque
+    content, ciphertext) in segments. A 3 MiB scan makes hundreds of them: the walker's cap on
+    elements per byte carried (formats/der.py) must let every one through."""
+    scan = Attachment("ban-quet.pdf", "application/pdf", os.urandom(3 * 1024 * 1024))
+    xml = document_with_scan(world, scan)
+    (tmp_path / "entity").write_bytes(payload_entity(xml, [scan]))
+    signed = openssl(
+        "cms", "-sign", "-stream", "-binary", "-md", "sha256", "-in", tmp_path / "entity",
+        "-signer", files / "rsa.pem", "-inkey", files / "rsa.key", *sign_opts,
+    )  # fmt: skip
+    (tmp_path / "signed").write_bytes(signed)
+    encrypted = openssl(
+        "cms", "-encrypt", "-stream", "-binary", "-in", tmp_path / "signed", "-aes-256-cbc",
+        "-from", SENDER_EMAIL, "-to", HUB_ADDRESS, "-subject", "openssl interop (stream)",
+        "-recip", files / "hub.pem",
+    )  # fmt: skip
+    raw = f"Message-ID: <{uuid.uuid4()}@snv.hanoi.gov.vn>\n".encode() + encrypted
+    der = base64.b64decode(encrypted.split(b"\n\n", 1)[1])
+    assert der.startswith(b"\x30\x80")  # BER, indefinite lengths
+    assert der.count(b"\x04\x82\x10\x00") > 700  # ciphertext in 4096-byte segments
+
+    verdict = process(raw, world_ctx, at=WORLD_AT)
+
+    assert verdict.errors == ()
+    assert verdict.accepted
+    assert verdict.opened is not None
+    assert verdict.opened.style == ("opaque" if sign_opts else "detached")
+    assert verdict.opened.attachments == (scan,)
 
 
 OURS = {

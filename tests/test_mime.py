@@ -18,6 +18,7 @@ from formats.mime import (
     decode_base64,
     decode_base64_buffer,
     parse_content_type,
+    parse_disposition,
     parse_message,
     single_address,
     single_header,
@@ -127,6 +128,52 @@ def test_malformed_content_types_are_failures_not_defaults(value: str) -> None:
         parse_content_type(value)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("name*=utf-8''%C4%91.pdf", "đ.pdf"),
+        ("name*=''plain", "plain"),  # no charset: US-ASCII
+        ("name*0*=utf-8''%C4; name*1*=%91.pdf", "đ.pdf"),  # one character over two sections
+        ('name*0*=utf-8\'\'%C4%91; name*1=" .pdf"', "đ .pdf"),  # a plain section after one
+        ('name*1="b"; name*0="a"', "ab"),  # sections in any order
+        ("name=old; name*=utf-8''new", "new"),  # RFC 2231 wins (RFC 6266 §4.3)
+    ],
+)  # fmt: skip
+def test_rfc_2231_parameters_are_joined_and_decoded(value: str, expected: str) -> None:
+    assert parse_content_type(f"application/pdf; {value}").params == {"name": expected}
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("name*1=b", r"sections \[1\]"),
+        ("name*0=a; name*2=c", r"sections \[0, 2\]"),
+        ("name*=utf-8''a; name*0*=utf-8''b", "section 0 given twice"),
+        ("name*1234=a", "not an RFC 2231 name"),
+        ("name*01=a", "not an RFC 2231 name"),
+        ("name*=utf-8", "charset'language'"),
+        ("name*=utf-8''%G1", "% not followed by two hex digits"),
+        ("name*=utf-8''%C4", "not valid 'utf-8' text"),
+        ("name*=x-no-such-charset''a", "not valid"),
+        ("name*=base64''YQ", "not valid"),  # a codec, but not a text encoding
+        ("name*=utf-7''%2B2AA-", "not valid 'utf-7' text"),  # a lone surrogate
+    ],
+)
+def test_rfc_2231_values_that_do_not_decode_are_refused(value: str, match: str) -> None:
+    with pytest.raises(MalformedMessage, match=match):
+        parse_content_type(f"application/pdf; {value}")
+
+
+def test_content_disposition_is_parsed_like_content_type() -> None:
+    assert parse_disposition('Attachment; filename="a;b.pdf"; size=3') == (
+        "attachment",
+        {"filename": "a;b.pdf", "size": "3"},
+    )
+    for bad in ("", 'attachment; filename="open', "attachment; filename=a b"):
+        with pytest.raises(MalformedMessage, match="Content-Disposition"):
+            parse_disposition(bad)
+
+
 def test_exactly_one_from_is_required() -> None:
     top = parse_message(b"From: a@x.vn\r\nFrom: b@x.vn\r\n\r\nbody")
     with pytest.raises(HeaderCountError, match="2 From headers"):
@@ -151,6 +198,27 @@ def test_single_address_takes_the_addr_spec_never_the_display_name(
 def test_single_address_refuses_anything_but_one_mailbox(value: str) -> None:
     with pytest.raises(HeaderCountError):
         single_address(value)
+
+
+def test_nested_comments_in_from_are_refused_before_the_parser_recurses() -> None:
+    """~1,500 nested comments made the standard library's parser raise RecursionError (an
+    InternalError quarantine): refused, by name, before it is called."""
+    nested = "(" * 1500 + ")" * 1500
+    with pytest.raises(HeaderCountError, match="nests comments 1500 deep"):
+        single_address(f"{nested} vanthu@snv.hanoi.gov.vn")
+    deep = mime.MAX_COMMENT_NESTING * "(" + mime.MAX_COMMENT_NESTING * ")"
+    assert single_address(f"{deep} vanthu@snv.hanoi.gov.vn") == "vanthu@snv.hanoi.gov.vn"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"' + "(" * 20 + '" <vanthu@snv.hanoi.gov.vn>',  # a quoted display name
+        "Văn thư (phòng " + "\\( " * 20 + ") <vanthu@snv.hanoi.gov.vn>",  # quoted pairs
+    ],
+)
+def test_parentheses_that_open_no_comment_are_not_counted(value: str) -> None:
+    assert single_address(value) == "vanthu@snv.hanoi.gov.vn"
 
 
 def test_remembered_answers_are_the_same_and_name_the_header() -> None:

@@ -1,0 +1,55 @@
+"""SignedData fields a sender chooses freely end in a typed refusal, never in a crash.
+
+The signatures here are put together field by field (:func:`tests.hostile.crafted_signature`),
+since ``cryptography``'s signer never writes what is tested: a declared RSA-PSS salt length other
+than the one used, a signer certificate altered after it was issued.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from formats import cms_signed
+from formats.errors import SignatureInvalid, WeakAlgorithm
+from gateway.demo import DemoWorld
+from tests.hostile import crafted_signature, unknown_key_algorithm_cert
+
+ENTITY = b"Content-Type: text/plain\r\n\r\nsigned\r\n"
+#: RFC 8017 §9.1.2: the demo agencies' RSA-3072 keys and SHA-256 leave room for
+#: 384 - 32 - 2 bytes of salt.
+MOST_SALT = 350
+
+
+@pytest.mark.parametrize("salt", [0, 32, MOST_SALT])
+def test_pss_salt_lengths_that_fit_the_key_verify(world: DemoWorld, salt: int) -> None:
+    signer = world.agencies["H26.SNV"]
+    assert signer.cert.public_key().key_size == 3072  # type: ignore[union-attr]
+    der = crafted_signature(ENTITY, signer, pss_salt=salt, used_salt=salt)
+    check = cms_signed.verify_signed_data(der, detached=ENTITY)
+    assert check.signature_algorithm == "rsassa_pss"
+
+
+@pytest.mark.parametrize("declared", [MOST_SALT + 1, 2**31, 2**64, -1])
+def test_impossible_pss_salt_lengths_are_refused_by_name(world: DemoWorld, declared: int) -> None:
+    """2**31 reached ``cryptography`` as it came and overflowed there (an InternalError)."""
+    der = crafted_signature(ENTITY, world.agencies["H26.SNV"], pss_salt=declared)
+    with pytest.raises(
+        SignatureInvalid, match=rf"salt length {declared} is impossible .* 0 to {MOST_SALT}\)"
+    ):
+        cms_signed.verify_signed_data(der, detached=ENTITY)
+
+
+def test_a_signer_key_of_an_unknown_algorithm_is_not_allowed(world: DemoWorld) -> None:
+    """``cryptography`` raises UnsupportedAlgorithm (not a ValueError) for a key it does not
+    implement; it is off our allow-list too."""
+    signer = world.agencies["H26.SNV"]
+    der = crafted_signature(ENTITY, signer, cert_der=unknown_key_algorithm_cert(signer))
+    with pytest.raises(WeakAlgorithm, match=r"signer key algorithm 1\.2\.840\.113549\.1\.1\.99"):
+        cms_signed.verify_signed_data(der, detached=ENTITY)
+
+
+def test_the_crafted_signature_is_genuine_otherwise(world: DemoWorld) -> None:
+    """The control: without the one altered field, the same construction verifies."""
+    signer = world.agencies["H26.SNV"]
+    check = cms_signed.verify_signed_data(crafted_signature(ENTITY, signer), detached=ENTITY)
+    assert check.signer == signer.cert
