@@ -611,28 +611,25 @@ def _received(fields: Mapping[str, Any]) -> datetime:
     """When the message was received (the moment the gateway validated its signer at), else
     when it was filed."""
     transport = fields.get("transport")
-    value = transport.get("received_at") if isinstance(transport, Mapping) else None
+    received = _instant(transport.get("received_at") if isinstance(transport, Mapping) else None)
+    return received or _at(fields)
+
+
+def _instant(value: object) -> datetime | None:
+    """An ISO 8601 time with its offset (a time without one names no instant), else None."""
     if isinstance(value, str):
         try:
             at = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            pass
-        else:
-            if at.utcoffset() is not None:
-                return at
-    return _at(fields)
+            return None
+        return at if at.utcoffset() is not None else None
+    return None
 
 
 def _at(fields: Mapping[str, Any]) -> datetime:
-    value = fields.get("at")
-    if isinstance(value, str):
-        try:
-            at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-        else:
-            if at.utcoffset() is not None:  # a time without offset names no instant
-                return at
+    at = _instant(fields.get("at"))
+    if at is not None:
+        return at
     raise _Failed("entry.json has no valid time (ISO 8601, with its offset)")
 
 

@@ -285,7 +285,10 @@ class Builder:
             return
         if b.failure is not None:
             row.state, row.last_reply = "failed", b.failure
-            log.error("outbox %s (%s) cannot be built: %s", row.id, row.key, b.failure)
+            # An agency's setup (alerted once a day) is a warning; anything else an error.
+            (log.warning if b.setup else log.error)(
+                "outbox %s (%s) cannot be built: %s", row.id, row.key, b.failure
+            )
             if row.kind == "alert" or not self.hub.admin:
                 return
             if b.setup and row.organ_id:
