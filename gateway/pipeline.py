@@ -16,6 +16,7 @@ have all been accepted, and nothing in an untrusted certificate is interpreted.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -118,9 +119,12 @@ def _check_attachments(w: _Work) -> None:
     """The signed MIME attachments are exactly those the payload's manifest lists."""
     assert w.payload is not None
     assert w.opened is not None
-    listed = Counter((a.name, a.size, a.sha256) for a in w.payload.attachments)
+    # Names compare in Unicode NFC: a client on macOS writes Vietnamese decomposed (NFD),
+    # the XML usually precomposed; the same name either way.
+    listed = Counter((_nfc(a.name), a.size, a.sha256) for a in w.payload.attachments)
     carried = Counter(
-        (a.filename, len(a.data), hashlib.sha256(a.data).hexdigest()) for a in w.opened.attachments
+        (_nfc(a.filename), len(a.data), hashlib.sha256(a.data).hexdigest())
+        for a in w.opened.attachments
     )
     if listed == carried:
         return
@@ -134,6 +138,10 @@ def _check_attachments(w: _Work) -> None:
     if extra:
         problems.append(f"attached but not listed in the manifest: {', '.join(extra)}")
     raise AttachmentMismatch("; ".join(problems) + "; attach exactly the files the payload lists")
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 def _bind_payload(w: _Work) -> None:

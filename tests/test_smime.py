@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from email.message import EmailMessage
@@ -102,6 +103,31 @@ def test_names_come_through_our_builder_and_the_pipeline(
     assert verdict.accepted
     assert verdict.opened is not None
     assert verdict.opened.attachments == (scan,)
+
+
+def test_a_decomposed_name_matches_its_precomposed_manifest_entry(
+    world: DemoWorld, world_ctx: Context
+) -> None:
+    """macOS mail clients write Vietnamese file names decomposed (NFD); the manifest has them
+    precomposed (NFC). The same name: accepted."""
+    listed = _scan(unicodedata.normalize("NFC", VIETNAMESE))
+    sent = Attachment(unicodedata.normalize("NFD", VIETNAMESE), listed.media_type, listed.data)
+    assert sent.filename != listed.filename
+    snv = world.agencies[SNV]
+    raw = build_message(
+        _payload([listed]),
+        signer_cert=snv.cert,
+        signer_key=snv.key,  # type: ignore[arg-type]
+        recipients=[world.hub.cert],
+        from_addr=SNV_EMAIL,
+        to_addrs=[HUB_ADDRESS],
+        message_id=f"<{uuid.uuid4()}@snv.hanoi.gov.vn>",
+        date=WORLD_AT,
+        attachments=[sent],
+    )
+    verdict = process(raw, world_ctx, at=WORLD_AT)
+    assert verdict.errors == ()
+    assert verdict.accepted
 
 
 @pytest.mark.parametrize("name", [VIETNAMESE, LONG], ids=["one-section", "continuations"])
