@@ -68,8 +68,8 @@ RETRY_LATER = timedelta(seconds=30)
 #: How long the builder trusts its lookup of an agency's certificates and of the revocation
 #: evidence (a retired or newly revoked certificate stops being encrypted to within this time).
 CERT_CACHE = timedelta(seconds=10)
-#: Failures of the database or the disk, not of one row: raised, and the batch waits for its
-#: lease (as in :mod:`gateway.worker`).
+#: Failures of the database or the disk, not of one message or row: raised, the batch waits
+#: for its lease and the loop backs off (the worker's filing and builder, serve's loops).
 ENVIRONMENT: tuple[type[Exception], ...] = (TransientError, SQLAlchemyError, OSError)
 
 

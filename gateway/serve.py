@@ -49,7 +49,7 @@ from gateway.loading import (
     secret,
 )
 from gateway.metrics import MetricsServer, render
-from gateway.outbound import Builder, Hub
+from gateway.outbound import ENVIRONMENT, Builder, Hub
 from gateway.pipeline import Context
 from gateway.sender import Sender
 from gateway.settings import Settings, host_port
@@ -167,7 +167,7 @@ def work(
             built = builder.run_once() if build_now(worker.backlog, cycle) else 0
             busy = bool(filed) or bool(built)
             failures = 0
-        except (TransientError, SQLAlchemyError, OSError) as exc:
+        except ENVIRONMENT as exc:
             failures += 1
             log.warning("worker %d: %s; trying again", index, exc)
             stop.wait(min(30.0, 0.5 * 2**failures))
@@ -371,7 +371,7 @@ class Supervisor:
             try:
                 busy = bool(sender.run_once())
                 failures = 0
-            except (TransientError, SQLAlchemyError, OSError) as exc:
+            except ENVIRONMENT as exc:
                 failures += 1
                 log.warning("sender: %s; trying again", exc)
                 self.stop.wait(min(30.0, 0.5 * 2**failures))

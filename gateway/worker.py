@@ -26,14 +26,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, insert, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
-from formats.errors import InternalError, TransientError, is_transient
+from formats.errors import InternalError, is_transient
 from formats.vntime import local_day
 from gateway import intake, obligation_store, outbound
 from gateway.filing import message_item
@@ -42,10 +41,6 @@ from gateway.pipeline import Context, process
 from gateway.verdict import Verdict, failed_inside
 
 log = logging.getLogger("gateway.worker")
-
-#: Failures of the database or the disk, not of a message: a batch that meets one is left to
-#: its lease (and the worker backs off); it is not split up or quarantined.
-ENVIRONMENT: tuple[type[Exception], ...] = (TransientError, SQLAlchemyError, OSError)
 
 #: A message still undecided this long after its 250 (a transient failure: no fresh CRL, the
 #: database) is worth an admin alert.
@@ -180,9 +175,10 @@ class Worker:
 
     def _settle(self, jobs: list[_Job], *, bare: bool = False) -> list[Outcome]:
         """File ``jobs`` in one transaction. If that fails for a reason other than the
-        database or the disk (:data:`ENVIRONMENT`: raised, the batch waits for its lease), one
-        of them is poison: the jobs are filed one by one, and one that still cannot be is
-        quarantined with only its bytes — it never holds up the messages behind it."""
+        database or the disk (:data:`gateway.outbound.ENVIRONMENT`: raised, the batch waits for
+        its lease), one of them is poison: the jobs are filed one by one, and one that still
+        cannot be is quarantined with only its bytes — it never holds up the messages behind
+        it."""
         items: dict[int, Item] = {}
         for job in jobs:  # made, and their blobs compressed, before the write transaction
             if job.verdict.disposition == "retry":
@@ -196,7 +192,7 @@ class Worker:
         try:
             with self.archive.db.session() as s:
                 return self._file(s, jobs, items)
-        except ENVIRONMENT:
+        except outbound.ENVIRONMENT:
             raise
         except Exception as exc:
             if len(jobs) > 1:
@@ -211,7 +207,7 @@ class Worker:
         job.verdict = failed_inside(job.raw, what, exc)
         log.error("intake %d: %s", job.number, job.verdict.errors[0].message, exc_info=exc)
 
-    def _waiting(self, s: Session, job: _Job, now: datetime) -> None:
+    def _alert_waiting(self, s: Session, job: _Job, now: datetime) -> None:
         """A message taken in (it got its 250) still cannot be decided: say so, once a day."""
         since = job.transport.received_at
         log.warning("intake %d has waited since %s: %s", job.number, since, _reason(job.verdict))
@@ -272,7 +268,7 @@ class Worker:
                 changes.append(_retry(job.number, attempts + 1, now))
                 outcomes[job.number] = Outcome(job.number, "retry", None)
                 if now - job.transport.received_at >= WAIT_ALERT:
-                    self._waiting(s, job, now)
+                    self._alert_waiting(s, job, now)
                 continue
             original = next((seen[k] for k in job.keys if k in seen), None)
             if original is not None:

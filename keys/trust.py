@@ -174,12 +174,12 @@ def describe(cert: x509.Certificate) -> str:
     return f'certificate "{name_of(lambda: cert.subject)}" (serial 0x{cert.serial_number:X})'
 
 
-def name_of(name: Callable[[], x509.Name] | x509.Name) -> str:
-    """A distinguished name as text, or a placeholder when it cannot be decoded (cryptography
-    parses names lazily: a message may carry a certificate whose name is not valid)."""
+def name_of(name: Callable[[], x509.Name]) -> str:
+    """A distinguished name as text, or a placeholder when it cannot be decoded: cryptography
+    parses names lazily (on ``cert.subject``), and a message may carry a certificate whose name
+    is not valid."""
     try:
-        value = name() if callable(name) else name
-        return value.rfc4514_string({ORGAN_ID_ATTRIBUTE: "serialNumber"})
+        return name().rfc4514_string({ORGAN_ID_ATTRIBUTE: "serialNumber"})
     except ValueError:
         return "(a name that cannot be decoded)"
 

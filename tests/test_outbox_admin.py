@@ -23,7 +23,7 @@ from keys.issuing import issue_agency
 from tests.conftest import WORLD_AT
 from tests.test_outbound import LATER, _process, _receive, _rows
 from tests.test_relay import Peer
-from tests.test_sender import DUTY, POLICE, _police_with, _sender
+from tests.test_sender import DUTY, POLICE, _delivery_to_police, _sender
 
 ADMIN = "admin@cli"
 
@@ -44,9 +44,7 @@ def test_a_row_refused_by_one_mailbox_goes_again_to_that_mailbox_alone(
     peer: tuple[Peer, Relay],
 ) -> None:
     handler, relay = peer
-    _receive(archive, world.submission("H26.SNV"))
-    seq = _process(archive, world_ctx, _police_with(world, DUTY), hub)
-    key = f"delivery:{seq}:H26.CATP"
+    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
     handler.rcpt_replies[DUTY] = "550 5.1.1 no such user"
     clock = [LATER]
     sender = _sender(archive, relay, clock, hub)

@@ -42,6 +42,16 @@ def _police_with(world: DemoWorld, *more: str) -> Directory:
     )
 
 
+def _delivery_to_police(
+    archive: Archive, world: DemoWorld, ctx: Context, hub: Hub, *more: str
+) -> str:
+    """A submission filed and what it owes built, the police having ``more`` mailboxes too;
+    the key of its delivery to the police."""
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, ctx, _police_with(world, *more), hub)
+    return f"delivery:{seq}:H26.CATP"
+
+
 def _sender(archive: Archive, relay: Relay, clock: list[datetime], hub: Hub) -> Sender:
     return Sender(archive, lambda: RelaySession(relay), lambda: clock[0], "s", admin=hub.admin)
 
@@ -68,9 +78,7 @@ def test_recipients_refused_with_a_4xx_are_retried_alone(
     peer: tuple[Peer, Relay],
 ) -> None:
     handler, relay = peer
-    _receive(archive, world.submission("H26.SNV"))
-    seq = _process(archive, world_ctx, _police_with(world, DUTY), hub)
-    key = f"delivery:{seq}:H26.CATP"
+    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
     handler.rcpt_replies[DUTY] = "450 4.2.1 mailbox busy"
     clock = [LATER]
     sender = _sender(archive, relay, clock, hub)
@@ -103,9 +111,7 @@ def test_recipients_refused_with_a_5xx_fail_and_the_admin_is_alerted(
     peer: tuple[Peer, Relay],
 ) -> None:
     handler, relay = peer
-    _receive(archive, world.submission("H26.SNV"))
-    seq = _process(archive, world_ctx, _police_with(world, DUTY), hub)
-    key = f"delivery:{seq}:H26.CATP"
+    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
     handler.rcpt_replies[DUTY] = "550 5.1.1 no such user"
     assert dict(_sender(archive, relay, [LATER], hub).run_once())[2] == "failed"
     assert _delivered_to(handler) == sorted([POLICE, "vanthu@snv.hanoi.gov.vn"])
@@ -126,9 +132,7 @@ def test_a_4xx_and_a_5xx_refusal_retry_one_and_alert_the_other_at_once(
     peer: tuple[Peer, Relay],
 ) -> None:
     handler, relay = peer
-    _receive(archive, world.submission("H26.SNV"))
-    seq = _process(archive, world_ctx, _police_with(world, DUTY, NIGHT), hub)
-    key = f"delivery:{seq}:H26.CATP"
+    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY, NIGHT)
     handler.rcpt_replies |= {DUTY: "452 4.2.2 mailbox full", NIGHT: "550 5.1.1 no such user"}
     clock = [LATER]
     sender = _sender(archive, relay, clock, hub)

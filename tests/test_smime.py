@@ -68,6 +68,25 @@ def _payload(attachments: Sequence[Attachment]) -> bytes:
     ).to_xml()
 
 
+def _built(
+    world: DemoWorld, *, listed: Sequence[Attachment], attached: Sequence[Attachment]
+) -> bytes:
+    """A submission by Home Affairs from our builder: the manifest lists ``listed``, the
+    message carries ``attached``."""
+    snv = world.agencies[SNV]
+    return build_message(
+        _payload(listed),
+        signer_cert=snv.cert,
+        signer_key=snv.key,  # type: ignore[arg-type]
+        recipients=[world.hub.cert],
+        from_addr=SNV_EMAIL,
+        to_addrs=[HUB_ADDRESS],
+        message_id=f"<{uuid.uuid4()}@snv.hanoi.gov.vn>",
+        date=WORLD_AT,
+        attachments=attached,
+    )
+
+
 def _signed_and_sent(world: DemoWorld, ctx: Context, entity: bytes) -> Verdict:
     """``entity`` signed by Home Affairs, encrypted to the hub, through the pipeline."""
     snv = world.agencies[SNV]
@@ -84,18 +103,7 @@ def test_names_come_through_our_builder_and_the_pipeline(
     world: DemoWorld, world_ctx: Context, name: str
 ) -> None:
     scan = _scan(name)
-    snv = world.agencies[SNV]
-    raw = build_message(
-        _payload([scan]),
-        signer_cert=snv.cert,
-        signer_key=snv.key,  # type: ignore[arg-type]
-        recipients=[world.hub.cert],
-        from_addr=SNV_EMAIL,
-        to_addrs=[HUB_ADDRESS],
-        message_id=f"<{uuid.uuid4()}@snv.hanoi.gov.vn>",
-        date=WORLD_AT,
-        attachments=[scan],
-    )
+    raw = _built(world, listed=[scan], attached=[scan])
 
     verdict = process(raw, world_ctx, at=WORLD_AT)
 
@@ -113,18 +121,7 @@ def test_a_decomposed_name_matches_its_precomposed_manifest_entry(
     listed = _scan(unicodedata.normalize("NFC", VIETNAMESE))
     sent = Attachment(unicodedata.normalize("NFD", VIETNAMESE), listed.media_type, listed.data)
     assert sent.filename != listed.filename
-    snv = world.agencies[SNV]
-    raw = build_message(
-        _payload([listed]),
-        signer_cert=snv.cert,
-        signer_key=snv.key,  # type: ignore[arg-type]
-        recipients=[world.hub.cert],
-        from_addr=SNV_EMAIL,
-        to_addrs=[HUB_ADDRESS],
-        message_id=f"<{uuid.uuid4()}@snv.hanoi.gov.vn>",
-        date=WORLD_AT,
-        attachments=[sent],
-    )
+    raw = _built(world, listed=[listed], attached=[sent])
     verdict = process(raw, world_ctx, at=WORLD_AT)
     assert verdict.errors == ()
     assert verdict.accepted
