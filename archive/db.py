@@ -32,7 +32,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -147,18 +147,34 @@ class Database:
         elif gate is not None:
             session.connection(execution_options={_PRIORITY: True})
         try:
-            yield session
-            session.commit()
-        except DBAPIError as exc:
-            session.rollback()
-            if exc.connection_invalidated or _is_transient(exc):
-                raise TransientError(f"database unavailable ({type(exc.orig).__name__})") from exc
-            raise
-        except BaseException:
-            session.rollback()
-            raise
+            with _transient():
+                try:
+                    yield session
+                    session.commit()
+                except BaseException:
+                    session.rollback()
+                    raise
         finally:
             session.close()
+            if gate is not None:
+                os.close(gate)  # lets the other writers through
+
+    @contextmanager
+    def connection(self, *, priority: bool = False) -> Iterator[Connection]:
+        """One write transaction on a bare connection (SQLAlchemy Core, no ORM unit of work),
+        for a hot path whose statements need none: the intake's insert before its 250. As
+        :meth:`session` for a writer: committed on normal exit, rolled back on any exception,
+        :class:`TransientError` for trouble that may pass, the same ``priority`` gate; the
+        ORM's bookkeeping around one small transaction costs more CPU than SQLite's commit
+        (bench/e2e_bench.py)."""
+        gate = self._gate(priority) if self._gate_path else None
+        try:
+            with _transient(), self.engine.connect() as connection:
+                if gate is not None:
+                    connection = connection.execution_options(**{_PRIORITY: True})
+                with connection.begin():
+                    yield connection
+        finally:
             if gate is not None:
                 os.close(gate)  # lets the other writers through
 
@@ -195,6 +211,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@contextmanager
+def _transient() -> Iterator[None]:
+    """Database trouble that may pass (locked, connection lost) as :class:`TransientError`."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if exc.connection_invalidated or _is_transient(exc):
+            raise TransientError(f"database unavailable ({type(exc.orig).__name__})") from exc
+        raise
 
 
 # PostgreSQL SQLSTATEs worth a retry: connection exception, transaction rollback (serialization

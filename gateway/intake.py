@@ -61,11 +61,11 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
     if not items:
         return []
     try:
-        with db.session(priority=True) as s:  # a peer waits for this commit
+        with db.connection(priority=True) as c:  # a peer waits for this commit
             keys = {key for _, _, key in items if key is not None}
             known: dict[str, int] = {}
             if keys:
-                found = s.execute(
+                found = c.execute(
                     select(t.Intake.source_key, t.Intake.id).where(t.Intake.source_key.in_(keys))
                 )
                 known = {key: number for key, number in found if key is not None}
@@ -86,7 +86,7 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
                     new.append(_row(raw, transport, key))
             ids = (
                 list(
-                    s.scalars(
+                    c.scalars(
                         insert(t.Intake).returning(t.Intake.id, sort_by_parameter_order=True),
                         new,
                     )

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
@@ -218,11 +218,13 @@ def _pragmas_then_normal(dbapi_connection: Any, _record: Any) -> None:
 # --- sessions ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("writer", ["session", "connection"])
 def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
-    tmp_path: Path, open_db: Opener, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, open_db: Opener, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
     """Intake commits (priority) go before background writers: while one is open, another
-    writer does not even begin, in this process or another (the gate is a file lock)."""
+    writer does not even begin, in this process or another (the gate is a file lock). The
+    priority write is an ORM session or a bare connection (what the intake uses)."""
     url = f"sqlite:///{tmp_path}/archive.db"
     db, other = open_db(url), open_db(url)  # two engines, as two processes have
     umask = os.umask(0o022)  # the usual one, whatever this shell's
@@ -242,11 +244,18 @@ def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
     monkeypatch.setattr(fcntl, "flock", watched)
 
     def priority() -> None:
-        with db.session(priority=True) as s:
-            _event(s, "intake")
-            opened.set()
-            release.wait(10)
-            steps.append("priority write ends")
+        if writer == "session":
+            with db.session(priority=True) as s:
+                _event(s, "intake")
+                opened.set()
+                release.wait(10)
+                steps.append("priority write ends")
+        else:
+            with db.connection(priority=True) as c:
+                c.execute(insert(t.Counter).values(name="intake", value=1))
+                opened.set()
+                release.wait(10)
+                steps.append("priority write ends")
 
     def background() -> None:
         with other.session() as s:
@@ -283,7 +292,9 @@ def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
     ]
     with db.session(read_only=True) as s:
         subjects = list(s.scalars(select(t.AdminEvent.subject).order_by(t.AdminEvent.seq)))
-    assert subjects == ["intake", "background"]
+        counters = list(s.scalars(select(t.Counter.name)))
+    assert subjects == (["intake", "background"] if writer == "session" else ["background"])
+    assert counters == ([] if writer == "session" else ["intake"])
     # Opened read-only, and readable by all: the service's user can pass a gate that root
     # created by running a command first (it could not open a 0600 file of root's).
     assert (tmp_path / "archive.db-gate").stat().st_mode & 0o044 == 0o044
@@ -314,6 +325,41 @@ def test_a_session_that_raises_writes_nothing(db: Database) -> None:
         _event(s, "kept")
     with db.session() as s:
         assert [e.subject for e in store.events(s)] == ["kept"]
+
+
+def test_a_connection_commits_on_exit_writes_nothing_if_it_raises_and_is_transient_if_locked(
+    tmp_path: Path, open_db: Opener
+) -> None:
+    """The bare-connection transaction keeps the session's promises (the intake relies on
+    them before answering 250 or 451)."""
+    url = f"sqlite:///{tmp_path}/archive.db"
+    db = open_db(url, busy_timeout_ms=50)
+    _insert(db, "kept", priority=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        _insert_then_raise(db)
+    with pytest.raises(IntegrityError):  # a constraint: not transient
+        _insert(db, "kept")
+    holder = sqlite3.connect(tmp_path / "archive.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
+        for priority in (False, True):
+            with pytest.raises(TransientError, match="database unavailable"):
+                _insert(db, "locked out", priority=priority)
+    finally:
+        holder.close()
+    with db.session(read_only=True) as s:
+        assert list(s.execute(select(t.Counter.name, t.Counter.value))) == [("kept", 1)]
+
+
+def _insert(db: Database, name: str, *, priority: bool = False) -> None:
+    with db.connection(priority=priority) as c:
+        c.execute(insert(t.Counter).values(name=name, value=1))
+
+
+def _insert_then_raise(db: Database) -> None:
+    with db.connection() as c:
+        c.execute(insert(t.Counter).values(name="lost", value=1))
+        raise RuntimeError("boom")
 
 
 def _write_then_raise(db: Database) -> None:
