@@ -16,9 +16,11 @@ here, moving the message out. ``gateway serve`` builds it from values the CLI re
 
 1. LOGIN, SELECT, read UIDVALIDITY; one that differs from the stored ``MailboxState`` is logged
    and recorded with ``last_uid`` 0 (see *UIDVALIDITY*).
-2. UID SEARCH ALL: committed messages leave, so what is there is new or was committed just
-   before a crash. Then, in UID order, :data:`FETCH_CHUNK` UIDs at a time (one UID FETCH of
-   their RFC822.SIZE, then steps 3–7 for each):
+2. Every message there: committed messages leave, so what is there is new or was committed
+   just before a crash. The lowest and highest UIDs (FETCH of the first and last message's
+   UID by sequence number, as SELECT counted them), then UID SEARCH over
+   windows of :data:`SEARCH_WINDOW` UIDs between them; in UID order, :data:`FETCH_CHUNK` UIDs
+   at a time (one UID FETCH of their RFC822.SIZE, then steps 3–7 for each):
 3. RFC822.SIZE over ``max_message_bytes`` (DESIGN §5 rule 4, the IMAP literal limit): not
    fetched; moved to ``oversize_mailbox`` and logged.
 4. Source key (``imap:user@host/mailbox/uidvalidity/uid``) already in the intake: committed
@@ -56,7 +58,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -86,6 +88,10 @@ NETWORK_ERRORS = (IMAPClientError, OSError)
 #: ``imap_max_line_length``, 64 KiB: ~11,000 UIDs) with BAD, on every pass: a backlog that
 #: size would never be taken in. 500 UIDs of up to 10 digits are 5.5 KB.
 FETCH_CHUNK = 500
+#: UIDs per ``UID SEARCH UID lo:hi``. The answer lists every UID found on one line, and
+#: imaplib (under imapclient) refuses a line over 1,000,000 bytes: one ``SEARCH ALL`` fails, on
+#: every pass, once the mailbox holds ~140,000 messages. 10,000 UIDs of up to 10 digits: 110 KB.
+SEARCH_WINDOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class ImapPoller:
     clock: Callable[[], datetime] = _utcnow
     timeout: float = 60.0  # seconds for any one network read or write
     fetch_chunk: int = FETCH_CHUNK  # UIDs per UID FETCH of sizes
+    search_window: int = SEARCH_WINDOW  # UIDs per UID SEARCH
     _caps: set[bytes] = field(default_factory=set, init=False, repr=False)
     _separator: str | None = field(default=None, init=False, repr=False)
     _ready: set[str] = field(default_factory=set, init=False, repr=False)  # mailboxes that exist
@@ -144,8 +151,11 @@ class ImapPoller:
             )
         if self.poll_seconds <= 0:
             raise ConfigError(f"IMAP poll_seconds must be positive, got {self.poll_seconds}")
-        if self.fetch_chunk < 1:
-            raise ConfigError(f"IMAP fetch_chunk must be at least 1, got {self.fetch_chunk}")
+        if self.fetch_chunk < 1 or self.search_window < 1:
+            raise ConfigError(
+                f"IMAP fetch_chunk and search_window must be at least 1, got "
+                f"{self.fetch_chunk} and {self.search_window}"
+            )
         if self.ssl_context is None:
             self.ssl_context = ssl.create_default_context()
         self.where = f"{self.username}@{self.host}/{self.mailbox}"
@@ -212,9 +222,7 @@ class ImapPoller:
         error, reset, highest, expunge = None, False, 0, False
         try:
             reset, last_uid = self._check_state(uidvalidity)
-            uids = sorted(client.search("ALL"))
-            for at in range(0, len(uids), self.fetch_chunk):
-                chunk = uids[at : at + self.fetch_chunk]
+            for chunk in self._uids(client, selected):
                 sizes = client.fetch(chunk, ["RFC822.SIZE"])
                 for uid in chunk:
                     size = sizes.get(uid, {}).get(b"RFC822.SIZE")
@@ -236,6 +244,26 @@ class ImapPoller:
             error = str(exc)
             log.warning("IMAP %s: %s; the rest waits for the next poll", self.where, error)
         return PollResult(**counts, uidvalidity_reset=reset, error=error)
+
+    def _uids(self, client: Any, selected: dict[bytes, Any]) -> Iterator[list[int]]:
+        """The UIDs of the selected mailbox's messages at the start of the pass, ascending, at
+        most :attr:`fetch_chunk` at a time (step 2); none if it holds no message."""
+        exists = int(selected.get(b"EXISTS", 0))
+        if exists < 1:
+            return
+        client.use_uid = False  # by sequence number: the first message, and the last
+        try:
+            ends = [data[b"UID"] for data in client.fetch([1, exists], ["UID"]).values()]
+        finally:
+            client.use_uid = True
+        if not ends:  # emptied by someone else meanwhile
+            return
+        lowest, highest = min(ends), max(ends)
+        for start in range(lowest, highest + 1, self.search_window):
+            end = min(highest, start + self.search_window - 1)
+            uids = sorted(client.search(["UID", f"{start}:{end}"]))
+            for at in range(0, len(uids), self.fetch_chunk):
+                yield uids[at : at + self.fetch_chunk]
 
     def _take(self, client: Any, uid: int, size: int, uidvalidity: int) -> str | None:
         """Steps 3–6 for one message: its counter's name, or ``None`` if it vanished."""

@@ -7,6 +7,7 @@ Maildir hierarchy separator is ``.``, so the poller's ``Gateway/Processed`` is
 
 from __future__ import annotations
 
+import imaplib
 import logging
 import os
 import re
@@ -256,6 +257,41 @@ def test_a_backlog_too_long_for_one_command_line_is_fetched_in_chunks(
             imap.logout()
     finally:
         short.stop()
+
+
+def test_a_backlog_whose_uid_list_is_too_long_for_one_line_is_searched_in_windows(
+    db: Database,
+    server: dovecot.DovecotServer,
+    user: str,
+    imap: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``UID SEARCH ALL`` answers with every UID on one line, and imaplib refuses a line over
+    its ``_MAXLINE`` (1,000,000 bytes: ~140,000 messages) on every pass: the mailbox would be
+    wedged. Here a 700-byte limit, 300 messages (the answer to SEARCH ALL is ~1,100 bytes),
+    windows of 40 UIDs, chunks of 15, and UIDs with gaps that do not start at 1."""
+    messages = [
+        b"Message-ID: <%d@snv.example>\r\nSubject: x\r\n\r\nbody\r\n" % n for n in range(300)
+    ]
+    imap.multiappend("INBOX", messages)
+    imap.select_folder("INBOX")
+    gone = [uid for uid in imap.search("ALL") if uid <= 5 or uid % 7 == 0]
+    imap.add_flags(gone, [b"\\Deleted"], silent=True)
+    imap.expunge()
+    kept = [m for uid, m in enumerate(messages, 1) if uid not in gone]
+    monkeypatch.setattr(imaplib, "_MAXLINE", 700)
+    probe = server.client(user)  # what one SEARCH ALL gets (and the connection is lost)
+    probe.select_folder("INBOX", readonly=True)
+    with pytest.raises(IMAPClientError, match="got more than 700 bytes"):
+        probe.search("ALL")
+    probe.shutdown()
+    poller = _poller(db, server, user, search_window=40, fetch_chunk=15)
+    assert poller.poll_once() == PollResult(taken=len(kept), moved=len(kept))
+    assert _bodies(db) == kept  # in UID order, across windows and chunks
+    assert _state(db, f"{user}@127.0.0.1/INBOX")[1] == 300  # type: ignore[index]
+    monkeypatch.undo()
+    assert _mailbox(imap, "INBOX") == {}
+    assert poller.poll_once() == PollResult()  # an empty mailbox: nothing to search
 
 
 # --- failures and crashes ---------------------------------------------------------------------
