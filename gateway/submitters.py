@@ -121,6 +121,7 @@ class Authenticator:
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
         self._pepper = os.urandom(16)
+        self._nobody = hash_password(base64.b64encode(os.urandom(24)).decode())  # see _lookup
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smtp-auth")
         self._max_checks = threads + max_waiting
         self._checks = 0  # running or waiting for a thread
@@ -132,7 +133,8 @@ class Authenticator:
         if found is None:
             return AuthResult(success=False, handled=False)
         login, stored, password, memo = found
-        return self._result(login, memo, ok=self._known(memo) or check_password(stored, password))
+        ok = self._known(memo) or check_password(stored, password)
+        return self._result(login, memo, ok=ok and login in self.entries)
 
     async def verify(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -154,17 +156,18 @@ class Authenticator:
         finally:
             with self._lock:
                 self._checks -= 1
-        return self._result(login, memo, ok=ok)
+        return self._result(login, memo, ok=ok and login in self.entries)
 
     def _lookup(self, data: Any) -> tuple[str, str, str, bytes] | None:
-        """``(login, stored hash, password, memo)`` for a known login, else ``None``."""
+        """``(login, stored hash, password, memo)``, else ``None`` (not a login and password).
+        A login that is not a submitter's is checked against a hash no password matches, so
+        that a wrong login takes as long as a wrong password: the time of the answer does not
+        tell which addresses may submit."""
         if not isinstance(data, LoginPassword):
             return None
         login = data.login.decode("utf-8", "replace").strip().lower()
         password = data.password.decode("utf-8", "replace")
-        stored = self.entries.get(login)
-        if stored is None:
-            return None
+        stored = self.entries.get(login, self._nobody)
         memo = hashlib.sha256(self._pepper + stored.encode() + b"\0" + password.encode()).digest()
         return login, stored, password, memo
 

@@ -197,6 +197,30 @@ def test_other_sessions_are_served_while_a_password_is_checked(
         assert result[0][0] == 235
 
 
+def test_an_unknown_login_is_answered_after_a_password_check_as_a_wrong_password_is(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], held_check: Any
+) -> None:
+    """Answered at once, an unknown login would tell by the time of the 535 which addresses
+    may submit (a wrong password costs a ~40 ms scrypt check)."""
+    started, release = held_check
+    server = start(authenticator=Authenticator({SNV: hash_password(PASSWORD)}))  # type: ignore[operator]
+    with _client(server, tls) as c:
+        c.starttls(context=tls[1])
+        c.ehlo("snv.hanoi.gov.vn")
+        for login in ("nobody@snv.hanoi.gov.vn", SNV):
+            started.clear()
+            release.clear()
+            answered, result = _in_thread(
+                lambda login=login: c.docmd("AUTH", _plain(login, "wrong password"))
+            )
+            assert started.wait(10), login  # a check runs for it
+            release.set()
+            assert answered.wait(10)
+            assert result[0][0] == 535
+        # The check an unknown login gets never lets it in, whatever its password.
+        assert c.docmd("AUTH", _plain("nobody@snv.hanoi.gov.vn", PASSWORD))[0] == 535
+
+
 def test_password_checks_beyond_the_bound_get_454_at_once(
     start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], held_check: Any
 ) -> None:
