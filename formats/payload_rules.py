@@ -50,12 +50,16 @@ def rule_violations(payload: Payload) -> list[tuple[str, str]]:
                 ),
             )
         )
-    if x.category in ("reply", "status") and h.response_for is None:
+    # A reply names the document it answers by its DocumentId. A status names the payload it
+    # answers by ReceivedDigest (required in its records), and by ResponseFor only when there
+    # is a DocumentId to name: a message refused before its payload could be read (not
+    # decrypted, not valid XML) still gets its receipt.
+    if x.category == "reply" and h.response_for is None:
         out.append(
             (
                 "Header/Subject",
                 (
-                    f"a {x.category} must name what it answers: add ResponseFor with the DocumentId "
+                    "a reply must name what it answers: add ResponseFor with the DocumentId "
                     "of the message it responds to"
                 ),
             )

@@ -209,7 +209,6 @@ def _edit(code: str, old: str, new: str, **overrides: object) -> bytes:
          "Business 3 \\(replace\\) requires ReplacesDocumentId"),
         ("reply", f"<ResponseFor>{EARLIER}</ResponseFor>", "",
          "a reply must name what it answers: add ResponseFor"),
-        ("status", f"<ResponseFor>{EARLIER}</ResponseFor>", "", "a status must name"),
         ("request", "<DueDate>2024-03-30</DueDate>", "", "a request must carry a deadline"),
         ("request", "<DueDate>2024-03-30</DueDate>", "<DueDate>2024-03-01</DueDate>",
          "DueDate 2024-03-01 is before the document date 2024-03-16"),

@@ -22,7 +22,11 @@ _REASON = st.fixed_dictionaries(
 )
 
 
-def _fields(status: str, reasons: list[dict[str, str]]) -> dict[str, object]:
+def _fields(status: str, reasons: list[dict[str, str]], *, read: bool = True) -> dict[str, object]:
+    """An archive entry's fields; ``read=False``: a message refused before its payload could
+    be read (no payload digest, no DocumentId: only the raw message's digest)."""
+    if not read:
+        return {"status": status, "digest": hashlib.sha256(b"raw").hexdigest(), "reasons": reasons}
     return {
         "status": status,
         "payload_sha256": hashlib.sha256(b"payload").hexdigest(),
@@ -36,14 +40,16 @@ def _fields(status: str, reasons: list[dict[str, str]]) -> dict[str, object]:
     st.sampled_from(["accepted", "rejected"]),
     st.integers(0, 10**18 - 1),  # the receipt's document number is the sequence number
     st.lists(_REASON, max_size=6),
+    st.booleans(),
 )
 def test_written_receipts_are_valid_status_payloads(
-    status: str, seq: int, reasons: list[dict[str, str]]
+    status: str, seq: int, reasons: list[dict[str, str]], read: bool
 ) -> None:
-    payload = receipt_payload(
-        _fields(status, reasons), seq=seq, hub=HUB, to=TO, origin="hub@test", at=AT
-    )
+    fields = _fields(status, reasons, read=read)
+    payload = receipt_payload(fields, seq=seq, hub=HUB, to=TO, origin="hub@test", at=AT)
     assert Payload.from_xml(payload.to_xml()) == payload
+    answered = payload.header.response_for
+    assert (str(answered) if answered else None) == fields.get("document_id")
     [record] = payload.records
     assert record["ArchiveSequence"] == seq
     assert len(str(record["Description"])) <= MAX_DESCRIPTION
