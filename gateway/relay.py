@@ -340,7 +340,7 @@ def _transaction(
     with _dropped_if_closed(relay):
         code, text = _not_closing(smtp.mail(mail_from, options))
         if code != 250:
-            return _answer(code, text)
+            return _not_taken(code, text)
         refused: dict[str, str] = {}
         for rcpt in rcpt_to:
             code, text = _not_closing(smtp.rcpt(rcpt))
@@ -355,8 +355,8 @@ def _transaction(
             )
         smtp.putcmd("data")
         code, text = _not_closing(smtp.getreply())
-    if code != 354:  # DATA itself refused
-        return _answer(code, text, refused)
+    if code != 354:  # DATA itself refused (or answered as if the data had come)
+        return _not_taken(code, text, refused)
     code, final = _data(smtp, message)
     return _answer(code, final, refused)
 
@@ -378,6 +378,14 @@ def _data(smtp: smtplib.SMTP, message: bytes) -> tuple[int, bytes]:
     end = b".\r\n" if message.endswith(b"\r\n") else b"\r\n.\r\n"
     smtp.send(message + end)  # one send: the end in a packet of its own may wait for an ACK
     return smtp.getreply()
+
+
+def _not_taken(code: int, text: bytes | str, refused: dict[str, str] | None = None) -> Attempt:
+    """A reply to MAIL other than 250, or to DATA other than 354: the data was not sent, so
+    the message was not taken, whatever the code says — 5xx fails, anything else (4xx, or a
+    2xx a relay should not send there) is tried again; never ``sent``."""
+    outcome: Outcome = "failed" if 500 <= code < 600 else "retry"
+    return Attempt(outcome, _reply(code, text), refused or {})
 
 
 def _answer(code: int, text: bytes | str, refused: dict[str, str] | None = None) -> Attempt:

@@ -252,6 +252,7 @@ REPLIES = {
     # case: (MAIL reply, {recipient: RCPT reply}, DATA reply, outcome, reply, refused)
     "mail-451": ("451 4.3.0 try later", {}, None, "retry", "451 4.3.0 try later", {}),
     "mail-553": ("553 5.7.1 not yours", {}, None, "failed", "553 5.7.1 not yours", {}),
+    "mail-251": ("251 2.1.0 odd", {}, None, "retry", "251 2.1.0 odd", {}),  # not MAIL's 250
     "rcpt-451": (None, {TO: BUSY, OTHER: BUSY}, None, "retry", BUSY, "all"),
     "rcpt-550": (None, {TO: UNKNOWN, OTHER: UNKNOWN}, None, "failed", UNKNOWN, "all"),
     "rcpt-550+451": (None, {TO: UNKNOWN, OTHER: BUSY}, None, "retry", UNKNOWN, "all"),
@@ -391,6 +392,41 @@ def test_connection_refused_is_retried() -> None:
         port = s.getsockname()[1]
     attempt = send(port)
     assert (attempt.outcome, attempt.reply) == ("retry", f"connection refused by 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("reply", ["250 2.0.0 ok", "221 2.0.0 bye", "500 5.5.1 no"])
+def test_a_reply_to_data_other_than_354_means_nothing_was_sent(reply: str) -> None:
+    """A relay that answers DATA as if the message had come (it never saw a byte of it) must
+    not get the message recorded as sent."""
+    seen: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as lines:
+                conn.sendall(b"220 relay.example ESMTP\r\n")
+                for line in lines:
+                    seen.append(line.split()[0].upper())
+                    verb = seen[-1]
+                    conn.sendall(
+                        (
+                            reply if verb == b"DATA" else "221 bye" if verb == b"QUIT" else "250 ok"
+                        ).encode()
+                        + b"\r\n"
+                    )
+                    if verb == b"QUIT":
+                        return
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        attempt = send(listener.getsockname()[1])
+        thread.join(10)
+    assert attempt.outcome == ("failed" if reply.startswith("5") else "retry")
+    assert attempt.reply == reply
+    after = seen[seen.index(b"DATA") + 1 :]
+    assert set(after) <= {b"RSET", b"QUIT"}  # and the message was not sent after all
 
 
 @pytest.mark.parametrize("behaviour", ["silent", "hang-up"])
