@@ -10,7 +10,9 @@ first, in one line naming the mismatch. Plan:
 3. the key opens (PKCS#12, or a PEM key with ``--cert``) and belongs to the certificate;
 4. the certificate is valid now, names ``--as`` if it names an OrganId, and its e-mail is one of
    the agency's mailboxes — that address becomes ``From`` (DESIGN §5 rule 2); when the hub has
-   certificates enrolled for the agency, it is one of them, usable now;
+   certificates enrolled for the agency, it is one of them, usable now; and it validates with
+   the home's trust store as the hub would: a trusted CA, not revoked by the evidence held
+   (no fresh evidence: a warning, since the hub checks again before it decides);
 5. the files given with ``--attach`` are exactly the payload's attachment manifest;
 6. sign, encrypt to every current hub certificate, send to ``[hub] address`` via ``[relay]``.
 
@@ -33,19 +35,25 @@ import click
 from cryptography import x509
 from sqlalchemy.orm import Session
 
-from formats.errors import ConfigError, GatewayError, InputError
+from formats.errors import (
+    ConfigError,
+    GatewayError,
+    InputError,
+    RevocationUnavailable,
+    TrustError,
+)
 from formats.payload import Payload
 from formats.smime import Attachment, build_message
 from formats.vntime import local_day
 from gateway.cli import db_session, emit_json, load_settings, now
-from gateway.loading import load_directory
+from gateway.loading import load_directory, stored_trust
 from gateway.relay import Relay, deliver
 from gateway.settings import Settings
 from keys import files, store
 from keys.binding import Registered
 from keys.directory import Directory, normalize_email
 from keys.issuing import ORGAN_ID_ATTRIBUTE
-from keys.trust import describe
+from keys.trust import TrustStore, describe
 
 PASSPHRASE_ENV = "GATEWAY_SEND_PASSPHRASE"  # noqa: S105 — a variable name
 _T = TypeVar("_T")
@@ -124,8 +132,10 @@ def send(
         enrolled = store.enrolled(s).get(organ_id, ())
         stored = store.certificates(s, role="hub", include_retired=False)
         hub_certs = {c.sha256: c.certificate for c in stored if c.usable_at(at)}
+        trust = stored_trust(settings, s)
     hub_certs.update({store.fingerprint(c): c for c in _hub_files(settings, at)})
     from_addr = _sender(bundle.cert, organ_id, directory, enrolled, at)
+    _trusted(trust, bundle, at)
     attachments = _attachments(payload, attached)
     if not hub_certs:
         raise ConfigError(
@@ -314,6 +324,16 @@ def _sender(
             f"`gateway keys import --agency {organ_id}`"
         )
     return sorted(mine)[0]
+
+
+def _trusted(trust: TrustStore, bundle: files.KeyBundle, at: datetime) -> None:
+    """The certificate validates now as the hub would validate it (its chain as carried)."""
+    try:
+        trust.validate_signer(bundle.cert, carried=bundle.chain, at=at)
+    except RevocationUnavailable as exc:
+        click.echo(f"gateway: warning: {exc.message}; the hub checks it before deciding", err=True)
+    except TrustError as exc:
+        raise InputError(f"the hub would refuse this signature: {exc.message}") from None
 
 
 # --- step 5: attachments ------------------------------------------------------------------------

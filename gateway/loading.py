@@ -65,14 +65,7 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
     secret = passphrase(settings)
     with db.session() as s:
         stored_keys = store.hub_recipient_keys(s, secret)
-        anchors = [
-            c.certificate for c in store.certificates(s, role="anchor", include_retired=False)
-        ]
-        intermediates = [
-            c.certificate for c in store.certificates(s, role="intermediate", include_retired=False)
-        ]
-        crls = evidence.latest_crls(s)
-        ocsps = evidence.latest_ocsps(s)
+        trust = stored_trust(settings, s)
         agencies = store.agencies(s)
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)
@@ -80,7 +73,7 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
     keys = stored_keys + load_hub_keys(settings, secret, required=not stored_keys)
     return Context(
         keys=keys,
-        trust=load_trust(settings, anchors, intermediates, crls, ocsps),
+        trust=trust,
         directory=_merged(agencies, file_directory),
         limits=settings.limits,
         known_certs=tuple(agency_certs),
@@ -148,6 +141,18 @@ def load_hub_keys(
             f"{settings.config_file}; `gateway demo --dir DIR` shows a complete home"
         )
     return tuple(out)
+
+
+def stored_trust(settings: Settings, s: Session) -> TrustStore:
+    """The trust store the pipeline decides with: the key store's anchors, intermediates and
+    latest CRL and OCSP evidence, plus the files named in ``[trust]``."""
+    return load_trust(
+        settings,
+        [c.certificate for c in store.certificates(s, role="anchor", include_retired=False)],
+        [c.certificate for c in store.certificates(s, role="intermediate", include_retired=False)],
+        evidence.latest_crls(s),
+        evidence.latest_ocsps(s),
+    )
 
 
 def load_trust(

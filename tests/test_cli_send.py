@@ -23,10 +23,10 @@ from gateway import settings as settings_mod
 from gateway.demo import HUB_ADDRESS, WORK_PERMITS, DemoWorld
 from gateway.loading import load_context
 from gateway.pipeline import process
-from keys.issuing import issue_agency, pkcs12_bundle
+from keys.issuing import issue_agency, make_root, pkcs12_bundle
 from tests.test_relay import LoopbackController, Peer
 
-SNV, CATP = "H26.SNV", "H26.CATP"
+SNV, CATP, STP = "H26.SNV", "H26.CATP", "H26.STP"
 SNV_EMAIL = "vanthu@snv.hanoi.gov.vn"
 P12_SECRET = "p12 passphrase for tests"
 PASSPHRASE = b"demo passphrase"
@@ -70,6 +70,32 @@ def home(
     )
     (home / "agencies/stranger.pem").write_bytes(stranger.cert_pem())
     (home / "agencies/stranger.key").write_bytes(stranger.key_pem(PASSPHRASE))
+    # SNV's own name and mailbox, from a CA the hub does not trust.
+    foreign = make_root("A CA the hub does not trust", at=world.at, key_kind="rsa2048")
+    outsider = issue_agency(
+        foreign,
+        email=SNV_EMAIL,
+        organ_id=SNV,
+        common_name="SNV from elsewhere",
+        at=world.at,
+        key_kind="rsa2048",
+    )
+    for name, issued in (("foreign", outsider), ("STP-revoked", world.revoked[STP])):
+        (home / f"agencies/{name}.pem").write_bytes(issued.cert_pem())
+        (home / f"agencies/{name}.key").write_bytes(issued.key_pem(PASSPHRASE))
+    stp = world.directory.get(STP)
+    assert stp is not None
+    revoked_payload = build_payload(
+        "document",
+        sender=Organ(STP, stp.name_vi, sorted(stp.emails)[0]),
+        recipients=[Organ(CATP, "Công an thành phố Hà Nội", "pa08@congan.hanoi.gov.vn")],
+        records=[{"DocumentType": "Công văn", "Summary": "signed with a revoked certificate"}],
+        document_number="8/STP-VP",
+        issued_on=world.at.date(),
+        message_id=uuid.uuid4(),
+        signer=Signer("Nguyễn Văn A", "Chánh Văn phòng"),
+    )
+    (home / "stp.xml").write_bytes(revoked_payload.to_xml())
     annex = b"%PDF-1.4 an annex the payload lists\n"
     (home / "annex.pdf").write_bytes(annex)
     listed = Attachment("annex.pdf", "application/pdf", len(annex), sha256(annex).hexdigest())
@@ -262,6 +288,14 @@ def test_refusals_before_sending(home: Path, relay: Peer, tmp_path: Path) -> Non
             [home / "payload-annex.xml", "--as", SNV, *pem(home)],
             "the payload lists attachment(s) annex.pdf: give each with --attach FILE",
         ),
+        "certificate from a CA the hub does not trust": (
+            [xml, "--as", SNV, *pem(home, "foreign")],
+            "does not chain to a configured trust anchor",
+        ),
+        "revoked certificate": (
+            [home / "stp.xml", "--as", STP, *pem(home, "STP-revoked")],
+            "was revoked on",
+        ),
         "no passphrase": (
             [xml, "--as", SNV, "--key", home / "agencies/H26.SNV.p12"],
             "no passphrase: give --passphrase-file or set $GATEWAY_SEND_PASSPHRASE",
@@ -273,6 +307,21 @@ def test_refusals_before_sending(home: Path, relay: Peer, tmp_path: Path) -> Non
         assert message in result.output, (name, result.output)
         assert result.output.count("\n") == 1, (name, result.output)
     assert relay.received == []
+
+
+def test_without_fresh_revocation_evidence_it_warns_and_sends(
+    home: Path, relay: Peer, tmp_path: Path
+) -> None:
+    """The hub holds the message until it can check revocation (hard-fail): no reason to
+    refuse it here, but worth a word."""
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    (copy / "trust/crls/demo-root.crl").unlink()
+    result = send(copy, copy / "payload.xml", "--as", SNV, *pem(copy))
+    assert result.exit_code == 0, result.output
+    assert "gateway: warning: " in result.output
+    assert "the hub checks it before deciding" in result.output
+    assert len(relay.received) == 1
 
 
 # --- the relay says no --------------------------------------------------------------------------
