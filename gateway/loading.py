@@ -65,12 +65,13 @@ def load_context(settings: Settings, db: Database | None = None) -> Context:
     secret = passphrase(settings)
     with db.session() as s:
         stored_keys = store.hub_recipient_keys(s, secret)
-        trust = stored_trust(settings, s)
         agencies = store.agencies(s)
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)
     file_directory = load_directory(settings.path(settings.directory.file))
     keys = stored_keys + load_hub_keys(settings, secret, required=not stored_keys)
+    with db.session(read_only=True) as s:  # after the keys: a missing key pair is said first
+        trust = stored_trust(settings, s)
     return Context(
         keys=keys,
         trust=trust,
