@@ -100,6 +100,7 @@ from typing import Any
 
 from formats.errors import ConfigError
 from formats.limits import Limits
+from keys.directory import normalize_email
 
 CONFIG_NAME = "gateway.toml"
 DEFAULT_HOME = "gateway-home"
@@ -303,6 +304,17 @@ def load(home: Path) -> Settings:
             f"{config}: [trust] ocsp_responder must be an http:// or https:// URL (or empty to "
             "use each certificate's own OCSP URL)"
         )
+    # Both go into the headers of every receipt, delivery and alert.
+    addresses = {"[hub] address": settings.hub.address}
+    if settings.serve.admin_address:
+        addresses["[serve] admin_address"] = settings.serve.admin_address
+    for where, address in addresses.items():
+        try:
+            normalize_email(address)
+        except ValueError:
+            raise ConfigError(
+                f"{config}: {where} must be one bare e-mail address (local@domain), not {address!r}"
+            ) from None
     if len(settings.hub.certificates) != len(settings.hub.private_keys):
         raise ConfigError(f"{config}: [hub] certificates and private_keys must pair up one to one")
     _check_choice(config, "imap", "security", settings.imap.security, ("tls", "starttls", "none"))

@@ -60,6 +60,11 @@ def test_the_daily_reminder_run_can_be_turned_off(tmp_path: Path) -> None:
         ("[listen]\nmax_sessions = 0\n", r"\[listen\] max_sessions must be at least 1"),
         ("[listen]\nmax_sessions_per_ip = -1\n", "max_sessions_per_ip must be at least 1"),
         ("[compliance]\nremind_at = '8am'\n", 'remind_at must be HH:MM .* or "off"'),
+        # Addresses go into outbound headers: one bare address, nothing more.
+        ('[hub]\naddress = "hub@x.vn\\r\\nBcc: evil@x.vn"\n', r"\[hub\] address must be one bare"),
+        ('[hub]\naddress = "hub@x.vn>, evil@x.vn"\n', r"\[hub\] address must be one bare"),
+        ("[hub]\naddress = 'hub'\n", r"\[hub\] address must be one bare"),
+        ("[serve]\nadmin_address = 'a@x.vn, b@x.vn'\n", r"\[serve\] admin_address must be one"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, match: str) -> None:
