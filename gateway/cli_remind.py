@@ -44,7 +44,10 @@ def remind(ctx: click.Context, dry_run: bool, at_text: str | None, as_json: bool
         emit_json(result.as_dict() | {"dry_run": dry_run, "at": at.isoformat()})
         return
     queued = set(result.queued)
+    new = "would send" if dry_run else "queued"
     for r in result.planned:
-        state = "queued" if r.key in queued else ("would send" if dry_run else "already sent")
+        state = new if r.key in queued else "already sent"
         click.echo(f"{state:<13} {r.kind:<11} to {r.organ_id:<12} {r.subject}")
-    click.echo(f"{len(result.planned)} owed, {len(queued)} newly queued")
+    click.echo(
+        f"{len(result.planned)} owed, {len(queued)} {'would be queued' if dry_run else 'newly queued'}"
+    )

@@ -9,6 +9,7 @@ like receipts (:mod:`gateway.outbound`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
@@ -36,13 +37,18 @@ MONTHS_BACK = 3
 @dataclass(frozen=True)
 class RunResult:
     planned: tuple[Reminder, ...]
-    queued: tuple[str, ...]  # keys new in the outbox
+    queued: tuple[str, ...]  # keys new in the outbox (a dry run: the keys that would be)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "planned": [r.as_dict() for r in self.planned],
             "queued": list(self.queued),
         }
+
+
+def planned_keys(planned: Sequence[Reminder]) -> list[str]:
+    """The outbox keys of ``planned``, each once, in order (a key is sent once, ever)."""
+    return list(dict.fromkeys(r.key for r in planned))
 
 
 def calendar_of(settings: Settings) -> Calendar:
@@ -129,14 +135,19 @@ def run(
         cells, directory=directory, calendar=calendar, templates=templates, now=now, hub=hub,
         policy=policy,
     ) + certificate_reminders(expiring, directory=directory, templates=templates, now=now, hub=hub)  # fmt: skip
-    if dry_run or not planned:
-        return RunResult(tuple(planned), ())
+    if not planned:
+        return RunResult((), ())
+    if dry_run:
+        with db.session(read_only=True) as s:
+            known = set(
+                s.scalars(select(t.Outbox.key).where(t.Outbox.key.in_(planned_keys(planned))))
+            )
+        return RunResult(tuple(planned), tuple(k for k in planned_keys(planned) if k not in known))
     queued = []
     with db.session() as s:
         if db.dialect == "postgresql":
             s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
-        keys = [r.key for r in planned]
-        known = set(s.scalars(select(t.Outbox.key).where(t.Outbox.key.in_(keys))))
+        known = set(s.scalars(select(t.Outbox.key).where(t.Outbox.key.in_(planned_keys(planned)))))
         for r in planned:
             if r.key in known:
                 continue

@@ -114,7 +114,12 @@ def test_a_month_of_reminders_each_sent_once(archive: Archive, live_world: DemoW
     assert _run(archive, live_world, _at(date(2026, 10, 20), 15)) == (1, 0)
     # Fri 23 Oct: a day late → late notice
     assert _run(archive, live_world, _at(date(2026, 10, 23))) == (1, 1)
-    # Fri 30 Oct: 6 working days late → escalation to the supervisor (the People's Committee)
+    # Fri 30 Oct: 6 working days late → escalation to the supervisor (the People's Committee).
+    # A dry run first: it names only what would be new (not the late notice sent already),
+    # and queues nothing.
+    before = _keys(archive)
+    assert _run(archive, live_world, _at(date(2026, 10, 30)), dry_run=True) == (2, 1)
+    assert _keys(archive) == before
     planned, queued = _run(archive, live_world, _at(date(2026, 10, 30)))
     assert (planned, queued) == (2, 1)
     assert _keys(archive) == [
