@@ -9,9 +9,11 @@ over the last messages filed. The listener's SMTP replies are counted in this pr
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -106,10 +108,55 @@ def _quantiles(values: list[float]) -> list[tuple[str, float]]:
     ]
 
 
-class MetricsServer:
-    """``GET /metrics`` on ``host:port`` in a thread; ``port=0`` picks a free port."""
+#: Scrapes served at once; a connection beyond them is closed at once. Each holds a thread and
+#: a descriptor of the supervisor, which the SMTP listener and the database need too.
+MAX_CONNECTIONS = 16
+#: Seconds a scrape may take to send its request (a client that sends nothing is dropped).
+REQUEST_TIMEOUT = 10.0
 
-    def __init__(self, host: str, port: int, text: Callable[[], str]) -> None:
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most ``limit`` requests at once; failures logged as one line, not a traceback."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, limit: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self._slots.acquire(blocking=False)  # refused: socketserver closes it
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # a thread of its own
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.warning("metrics: a request from %s failed: %r", client_address[0], sys.exc_info()[1])
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port`` in a thread; ``port=0`` picks a free port. At most
+    ``max_connections`` at once, each with ``timeout`` seconds to send its request."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        text: Callable[[], str],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path.split("?")[0] != "/metrics":
@@ -130,8 +177,8 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        Handler.timeout = timeout  # socketserver sets it on the connection
+        self._server = _BoundedServer((host, port), Handler, max_connections)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True

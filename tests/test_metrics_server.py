@@ -1,0 +1,67 @@
+"""The metrics endpoint cannot be made to hold the supervisor's threads and descriptors: a
+client that sends nothing is dropped after the request timeout, and connections beyond the cap
+are closed at once (before, 1,000 idle connections took every descriptor and stopped intake)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.metrics import MetricsServer
+
+
+@pytest.fixture
+def server() -> Iterator[MetricsServer]:
+    metrics = MetricsServer(
+        "127.0.0.1", 0, lambda: "gateway_up 1\n", max_connections=2, timeout=0.5
+    ).start()
+    yield metrics
+    metrics.stop()
+
+
+def _scrape(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        body: bytes = answer.read()
+        return body
+
+
+def _closed_by_the_server(conn: socket.socket) -> bool:
+    conn.settimeout(10)
+    try:
+        return conn.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_are_capped_and_dropped(server: MetricsServer) -> None:
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as third:
+            assert _closed_by_the_server(third)  # over the cap: closed without a word
+        for conn in idle:  # they sent nothing within the request timeout
+            assert _closed_by_the_server(conn)
+    finally:
+        for conn in idle:
+            conn.close()
+    assert _scrape(server.port) == b"gateway_up 1\n"  # the slots are free again
+
+
+def test_a_client_that_goes_away_is_a_log_line_not_a_traceback(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    big = "gateway_up 1\n" * 200_000  # more than the socket buffers: the write fails
+    metrics = MetricsServer("127.0.0.1", 0, lambda: big, timeout=5).start()
+    try:
+        with socket.create_connection(("127.0.0.1", metrics.port)) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            conn.recv(100)  # the answer has begun; then a reset
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert _scrape(metrics.port) == big.encode()
+    finally:
+        metrics.stop()
+    assert "metrics: a request from 127.0.0.1 failed" in caplog.text
+    assert "Traceback" not in capfd.readouterr().err
