@@ -77,7 +77,8 @@ def rule_violations(payload: Payload) -> list[tuple[str, str]]:
                 ),
             )
         )
-    # edXML Business: 3 (replace) names the document it replaces; 0 (new) replaces nothing.
+    # edXML Business: 3 (replace) names the document it replaces, 1 (revoke) the one it
+    # revokes (compliance withdraws only that report); 0 (new) replaces nothing.
     if h.business == 3 and h.replaces is None:
         out.append(
             (
@@ -85,6 +86,16 @@ def rule_violations(payload: Payload) -> list[tuple[str, str]]:
                 (
                     "Business 3 (replace) requires ReplacesDocumentId: add the DocumentId of the "
                     "document being replaced, or use Business 0"
+                ),
+            )
+        )
+    if h.business == 1 and h.replaces is None:
+        out.append(
+            (
+                "Header/Business",
+                (
+                    "Business 1 (revoke) requires ReplacesDocumentId: add the DocumentId of the "
+                    "document being revoked"
                 ),
             )
         )

@@ -7,18 +7,22 @@ Described in ``docs/compliance.md`` ("Status").
 
 Matching. A submission fulfils (obligation, period) when its sender is the provider, its
 category the obligation's, its period (the month of its ``PeriodEnd``, as filed) the month of
-the period's last day, and its cadence the obligation's (or ad-hoc, or not stated: a November
-monthly report is not the annual one). Only entries received
-by ``now`` count, so a report "as at" a past moment shows what was known then.
+the period's last day, and its cadence the obligation's or not stated (a November monthly
+report is not the annual one, and an ad-hoc payload answers a request, not a periodic
+obligation: Điều 8.4.a). Only entries received by ``now`` count, so a report "as at" a past
+moment shows what was known then.
 
 One cell, in order (:func:`status_for`):
 
 1. accepted payloads, oldest first: the first one that is not a revoke fulfils the period; its
    local receipt day against the due date decides on time or late (working days after the due
    date, at least 1: a weekend receipt after a Friday deadline is a day late). A later accepted
-   ``update``/``replace`` (or a new one after a revoke) is a correction: the cell is
-   ``corrected``, timeliness still judged on the first. A revoke that is not followed by
-   anything withdraws the report: the cell is missing again.
+   ``update``/``replace`` is a correction: the cell is ``corrected``, timeliness still judged
+   on the first; a later ``new`` is ignored. A revoke withdraws the report in force when its
+   ``replaces`` names it or a document it superseded (or names nothing: archives from before
+   the rule that a revoke names its document); a revoke of anything else changes nothing. A
+   withdrawn report is as if never sent: the next accepted payload is judged as a first one,
+   and if none follows the cell is missing again (``withdrawn``).
 2. no accepted payload but rejected ones: ``rejected-only`` (missing in effect);
 3. nothing: ``missing`` once the due date has passed (24:00 UTC+7), ``not-due-yet`` before.
 """
@@ -199,7 +203,7 @@ class Cell(NamedTuple):
     document_id: str | None = None  # the report in force: the last correction, or the first
     corrections: int = 0
     rejected: int = 0
-    withdrawn: bool = False  # the last accepted payload revoked the report
+    withdrawn: bool = False  # a revoke withdrew the report, and nothing is in force since
 
     def as_dict(self, calendar_version: str) -> dict[str, Any]:
         ob = self.obligation
@@ -229,7 +233,7 @@ def _matches(s: Submission, ob: Obligation, label: str) -> bool:
         s.provider == ob.provider
         and s.category == ob.category
         and s.period == label
-        and s.cadence in (None, "ad-hoc", ob.cadence)
+        and s.cadence in (None, ob.cadence)
     )
 
 
@@ -243,23 +247,30 @@ def _cell(
     today: date,
 ) -> Cell:
     """Step 1–3 of the module docstring over ``candidates`` (this key's, oldest first)."""
-    first: Submission | None = None
-    current: Submission | None = None
+    first: Submission | None = None  # the first report since nothing was in force
+    current: Submission | None = None  # the report in force
+    chain: list[str | None] = []  # its DocumentId and those of the reports it superseded
     corrections = rejected = 0
+    withdrawn = False
     cadence = ob.cadence
     for s in candidates:
         c = s.cadence
-        if s.received_at > now or (c is not None and c != cadence and c != "ad-hoc"):
+        if s.received_at > now or (c is not None and c != cadence):
             continue
         if s.status != "accepted":
             rejected += 1
-        elif s.business == "revoke":
-            current = None
-        elif first is None:
+            continue
+        if s.business == "revoke":
+            if current is not None and (s.replaces is None or s.replaces in chain):
+                first = current = None
+                chain, corrections, withdrawn = [], 0, True
+        elif current is None:
             first = current = s
-        elif current is None or s.business in _CORRECTIONS:
+            chain, withdrawn = [s.document_id], False
+        elif s.business in _CORRECTIONS:
             corrections += 1
             current = s
+            chain.append(s.document_id)
     if first is not None and current is not None:
         day = first.received_on
         late = late_days(due, day) if day > due else 0
@@ -268,10 +279,10 @@ def _cell(
             ob, period, due, status, late, first.received_at, current.document_id,
             corrections, rejected,
         )  # fmt: skip
-    if rejected and first is None:
+    if rejected and not withdrawn:
         return Cell(ob, period, due, "rejected-only", rejected=rejected)
     status = "missing" if today > due else "not-due-yet"
-    return Cell(ob, period, due, status, rejected=rejected, withdrawn=first is not None)
+    return Cell(ob, period, due, status, rejected=rejected, withdrawn=withdrawn)
 
 
 def status_for(
@@ -381,7 +392,7 @@ def _matrix(
                     and found.business != "revoke"
                     and found.received_on <= due
                     and found.received_at <= now
-                    and (c is None or c == ob.cadence or c == "ad-hoc")
+                    and (c is None or c == ob.cadence)
                 ):
                     add(Cell(ob, period, due, "on-time", 0, found.received_at, found.document_id))
                     continue

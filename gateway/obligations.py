@@ -242,11 +242,12 @@ def fulfilled_by(
 ) -> bool:
     """Whether a payload from ``provider`` of ``category`` and ``cadence`` whose period ends on
     ``day`` is owed under ``obligation`` (as :mod:`gateway.compliance` matches a submission:
-    the same cadence, or ad-hoc, or none stated)."""
+    the same cadence, or none stated; an ad-hoc payload answers a request, not a periodic
+    obligation, Điều 8.4.a)."""
     return (
         obligation.provider == provider
         and obligation.category == category
-        and cadence in (None, "ad-hoc", obligation.cadence)
+        and cadence in (None, obligation.cadence)
         and active(obligation, day)
     )
 

@@ -26,6 +26,7 @@ from archive.db import Database, sqlite_url
 from archive.records import Transport
 from archive.service import Archive
 from formats.categories import CATEGORIES
+from formats.errors import InputError
 from formats.payload import Business, Organ, Signer, build_payload
 from formats.smime import build_message
 from formats.vntime import VN_TZ
@@ -185,17 +186,21 @@ def test_the_deadline_ends_at_midnight_in_vietnam() -> None:
 def test_matrix_agrees_with_status_for_on_random_histories() -> None:
     rng = random.Random(7)
     obligations = [ob(f"H26.R{n}") for n in range(60)]
-    subs = [
-        sub(
-            n,
-            f"H26.R{rng.randrange(60)}",
-            local("10-16") + timedelta(hours=rng.randrange(24 * 25)),
-            rng.choice(["accepted", "accepted", "rejected"]),
-            business=rng.choice(["new", "new", "update", "replace", "revoke"]),
-            cadence=rng.choice(["monthly", "monthly", None, "ad-hoc", "annual"]),
+    subs = []
+    for n in range(150):
+        provider = f"H26.R{rng.randrange(60)}"
+        subs.append(
+            sub(
+                n,
+                provider,
+                local("10-16") + timedelta(hours=rng.randrange(24 * 25)),
+                rng.choice(["accepted", "accepted", "rejected"]),
+                business=rng.choice(["new", "new", "update", "replace", "revoke"]),
+                cadence=rng.choice(["monthly", "monthly", None, "ad-hoc", "annual"]),
+                # a revoke names nothing (archived before the rule), or one of the provider's
+                replaces=rng.choice([None, f"{provider},2026/10/01,{rng.randrange(n + 1)}/BC"]),
+            )
         )
-        for n in range(150)
-    ]
     for now in (local("10-21"), local("10-28"), local("11-15")):
         report = matrix(obligations, subs, CAL, "2026-10", now)
         for cell in report.cells:
@@ -251,6 +256,89 @@ def test_submissions_from_entries() -> None:
     )
     assert Submission.from_entry(6, {**fields, "status": "quarantined"}) is None
     assert Submission.from_entry(7, {**fields, "period": None}) is None
+
+
+def _both(o: Obligation, subs: Sequence[Submission], now: datetime) -> Any:
+    """The cell of ``o``'s period ending in the month of ``subs``, by :func:`status_for` and
+    by :func:`matrix` (which agree)."""
+    label = subs[0].period
+    [cell] = [c for c in matrix([o], subs, CAL, label, now).cells]
+    assert cell == status_for(o, cell.period, subs, CAL, now)
+    return cell
+
+
+def test_a_revoke_withdraws_only_the_report_it_names() -> None:
+    o, now = ob("H26.A"), local("11-15")
+    a = sub(1, "H26.A", local("10-20"), document_id="A")
+    b = sub(2, "H26.A", local("10-21"), document_id="B")  # a second "new": ignored, A in force
+    c = sub(3, "H26.A", local("10-21"), business="update", replaces="A", document_id="C")
+
+    def revoke(replaces: str | None) -> Submission:
+        return sub(
+            9, "H26.A", local("10-23"), business="revoke", replaces=replaces, document_id="R"
+        )
+
+    for history, revoked, expected in (
+        ([a, b], "B", ("on-time", "A", False)),  # what it names was never in force
+        ([a], "H26.A,2020/01/01,999/XYZ", ("on-time", "A", False)),
+        ([a], "A", ("missing", None, True)),
+        ([a, c], "C", ("missing", None, True)),  # the report in force
+        ([a, c], "A", ("missing", None, True)),  # the report it superseded
+        ([a, b, c], "B", ("corrected", "C", False)),
+        ([a, b], None, ("missing", None, True)),  # archived before a revoke had to name it
+    ):
+        cell = _both(o, [*history, revoke(revoked)], now)
+        assert (cell.status, cell.document_id, cell.withdrawn) == expected, (history, revoked)
+    # A revoke with nothing in force changes nothing, and does not hide the rejected ones.
+    rejected = sub(5, "H26.A", local("10-20"), "rejected")
+    assert _both(o, [rejected, revoke("A")], now).status == "rejected-only"
+
+
+def test_a_withdrawn_report_is_as_if_never_sent() -> None:
+    """An on-time placeholder, revoked, then the real report a month late: late, not
+    corrected; corrections are counted from the real one."""
+    o, now = ob("H26.A"), local("11-30")
+    placeholder = sub(1, "H26.A", local("10-20"), document_id="P")
+    revoke = sub(2, "H26.A", local("10-21"), business="revoke", replaces="P", document_id="R")
+    real = sub(3, "H26.A", local("11-20"), document_id="X")
+    cell = _both(o, [placeholder, revoke, real], now)
+    assert (cell.status, cell.late_days, cell.received_at) == ("late", 21, local("11-20"))
+    assert (cell.document_id, cell.corrections, cell.withdrawn) == ("X", 0, False)
+    fix = sub(4, "H26.A", local("11-25"), business="replace", replaces="X", document_id="Y")
+    cell = _both(o, [placeholder, revoke, real, fix], now)
+    assert (cell.status, cell.late_days, cell.document_id, cell.corrections) == (
+        "corrected",
+        21,
+        "Y",
+        1,
+    )
+    # Withdrawn again: nothing in force, and an update of the withdrawn report starts afresh.
+    again = sub(5, "H26.A", local("11-26"), business="revoke", replaces="X", document_id="R2")
+    cell = _both(o, [placeholder, revoke, real, fix, again], now)
+    assert (cell.status, cell.document_id, cell.corrections, cell.withdrawn) == (
+        "missing",
+        None,
+        0,
+        True,
+    )
+
+
+def test_an_ad_hoc_payload_fulfils_no_periodic_obligation() -> None:
+    """Điều 8.4.a: periodic reports or ad-hoc requests. One ad-hoc payload in November is
+    neither the monthly 2026-11 report nor the annual 2026 one."""
+    monthly, annual = ob("H26.A"), ob("H26.A", cadence="annual")
+    now = local("11-30")
+    adhoc = sub(1, "H26.A", local("11-01"), period="2026-11", cadence="ad-hoc")
+    cells = matrix([monthly, annual], [adhoc], CAL, "2026-11", now).cells
+    assert [(c.obligation.cadence, c.status) for c in cells] == [
+        ("monthly", "missing"),
+        ("annual", "missing"),
+    ]
+    for cell in cells:  # also among several payloads, and as the first one
+        assert status_for(cell.obligation, cell.period, [adhoc], CAL, now).status == "missing"
+    unstated = sub(2, "H26.A", local("11-02"), period="2026-11", cadence=None)
+    cell = matrix([monthly], [adhoc, unstated], CAL, "2026-11", now).cells[0]
+    assert (cell.status, cell.received_at) == ("on-time", local("11-02"))
 
 
 # --- requests: a whole month, day by day -------------------------------------------------------
@@ -582,3 +670,43 @@ def test_cli_refusals(home: Path) -> None:
     ):
         result = CliRunner().invoke(cli, ["--home", str(home), "compliance", *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_real_revokes_and_ad_hoc_payloads(world: DemoWorld, tmp_path: Path) -> None:
+    """Through signed messages and the archive: a revoke of an ignored second report leaves
+    the first in force; a revoke must name its document; an ad-hoc payload fulfils neither
+    the monthly nor the annual obligation it falls in."""
+    home = tmp_path / "home"
+    world.install(home, b"passphrase")
+    mail = Mail(world, home)
+    with mail.db.session() as s:
+        obligation_store.add(s, ob("H26.SNV"), at=world.at, actor="t")
+        obligation_store.add(s, ob("H26.SNV", cadence="annual"), at=world.at, actor="t")
+    wp = {"records": WORK_PERMITS, "period": "2026-10"}
+    first = mail.send("H26.SNV", "work-permit", at=local("10-20"), **wp)
+    second = mail.send("H26.SNV", "work-permit", at=local("10-21"), **wp)
+    with pytest.raises(InputError, match=r"Business 1 \(revoke\) requires ReplacesDocumentId"):
+        mail.send("H26.SNV", "work-permit", at=local("10-22"), business=Business.REVOKE, **wp)
+    revoke = {"business": Business.REVOKE, "at": local("10-22"), **wp}
+    mail.send("H26.SNV", "work-permit", replaces=second, **revoke)
+    mail.send(
+        "H26.SNV", "work-permit", WORK_PERMITS, local("11-01"), cadence="ad-hoc",
+        period_start=date(2026, 11, 1), period_end=date(2026, 11, 1),
+    )  # fmt: skip
+    mail.db.dispose()
+
+    def cells(period: str) -> list[tuple[str, str, str | None, bool]]:
+        report = json.loads(
+            gateway(
+                home, "compliance", "status", "--period", period, "--at", "2026-11-30", "--json"
+            )
+        )
+        return [
+            (c["cadence"], c["status"], c["document_id"], c["withdrawn"]) for c in report["cells"]
+        ]
+
+    assert cells("2026-10") == [("monthly", "on-time", first, False)]
+    assert sorted(cells("2026-11")) == [
+        ("annual", "missing", None, False),
+        ("monthly", "missing", None, False),
+    ]

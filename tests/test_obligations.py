@@ -26,6 +26,7 @@ from gateway.obligations import (
     active,
     default_due,
     due_date,
+    fulfilled_by,
     period_containing,
     periods,
 )
@@ -221,6 +222,23 @@ def test_annual_periods_and_due_dates() -> None:
     assert [p.label for p in listed] == ["2025", "2026"]
     assert listed[1] == Period("2026", date(2025, 11, 16), date(2026, 11, 15))
     assert due_date(o, listed[1], Weekdays()) == date(2026, 11, 15)  # a Sunday: still in time
+
+
+def test_a_payload_is_owed_under_an_obligation_of_its_own_cadence_only() -> None:
+    """What the worker delivers to an obligation's recipients (as compliance counts it): the
+    same cadence or none stated; an ad-hoc payload answers a request (Điều 8.4.a)."""
+    monthly, day = obligation(), date(2026, 10, 15)
+    assert fulfilled_by(monthly, "H26.STP", "judicial-civil", "monthly", day)
+    assert fulfilled_by(monthly, "H26.STP", "judicial-civil", None, day)
+    for cadence in ("ad-hoc", "annual", "semiannual"):
+        assert not fulfilled_by(monthly, "H26.STP", "judicial-civil", cadence, day), cadence
+    annual = obligation("annual", category="document")
+    assert not fulfilled_by(annual, "H26.STP", "document", "ad-hoc", date(2026, 11, 1))
+    assert fulfilled_by(annual, "H26.STP", "document", "annual", date(2026, 11, 1))
+    assert not fulfilled_by(monthly, "H26.CATP", "judicial-civil", "monthly", day)
+    assert not fulfilled_by(
+        obligation(valid_to=date(2026, 9, 30)), "H26.STP", "judicial-civil", "monthly", day
+    )
 
 
 def test_a_period_of_another_cadence_is_refused() -> None:

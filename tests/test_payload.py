@@ -207,6 +207,9 @@ def _edit(code: str, old: str, new: str, **overrides: object) -> bytes:
          "give both PeriodStart and PeriodEnd, or neither"),
         ("work-permit", "<Business>0</Business>", "<Business>3</Business>",
          "Business 3 \\(replace\\) requires ReplacesDocumentId"),
+        ("work-permit", "<Business>0</Business>", "<Business>1</Business>",
+         "Business 1 \\(revoke\\) requires ReplacesDocumentId: add the DocumentId of the "
+         "document being revoked"),
         ("reply", f"<ResponseFor>{EARLIER}</ResponseFor>", "",
          "a reply must name what it answers: add ResponseFor"),
         ("request", "<DueDate>2024-03-30</DueDate>", "", "a request must carry a deadline"),
@@ -233,18 +236,22 @@ def test_semiannual_needs_a_period() -> None:
         Payload.from_xml(xml.replace("<Cadence>ad-hoc", "<Cadence>annual").encode())
 
 
-def test_replace_with_document_id_is_fine() -> None:
-    payload = sample_payload(
-        "work-permit",
-        business=Business.REPLACE,
-        replaces=EARLIER.replace("000.00.00.G22", POLICE.organ_id),
-    )
-    assert Payload.from_xml(payload.to_xml()).header.replaces == payload.header.replaces
+def test_replace_or_revoke_with_document_id_is_fine() -> None:
+    for business in (Business.REPLACE, Business.REVOKE):
+        payload = sample_payload(
+            "work-permit",
+            business=business,
+            replaces=EARLIER.replace("000.00.00.G22", POLICE.organ_id),
+        )
+        header = Payload.from_xml(payload.to_xml()).header
+        assert (header.business, header.replaces) == (business, payload.header.replaces)
 
 
 def test_builder_rejects_broken_rules_as_input_errors() -> None:
     with pytest.raises(InputError, match="requires ReplacesDocumentId"):
         sample_payload("work-permit", business=Business.REPLACE)
+    with pytest.raises(InputError, match=r"Business 1 \(revoke\) requires ReplacesDocumentId"):
+        sample_payload("work-permit", business=Business.REVOKE)
     with pytest.raises(InputError, match="must carry a deadline"):
         sample_payload("request", due_date=None)
     with pytest.raises(InputError, match="unknown category 'visa'"):
