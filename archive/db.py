@@ -32,6 +32,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -79,7 +80,15 @@ class Database:
                 )
             config = _alembic_config(self.engine.url.render_as_string(hide_password=False))
             config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            try:
+                command.upgrade(config, revision)
+            except CommandError as exc:
+                if "Can't locate revision" not in str(exc):
+                    raise
+                raise ConfigError(
+                    "the database's schema is newer than this gateway knows (a later version "
+                    "wrote it): upgrade the gateway package, never the other way"
+                ) from None
 
     def tables(self) -> set[str]:
         return set(inspect(self.engine).get_table_names())

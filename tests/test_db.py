@@ -196,6 +196,18 @@ def test_sqlite_without_wal_is_refused(open_db: Opener) -> None:
         open_db("sqlite:///file:not-wal?vfs=memdb&uri=true")
 
 
+def test_a_database_from_a_newer_gateway_is_one_clear_line(tmp_path: Path, open_db: Opener) -> None:
+    """Every command opens the database: an unknown revision was an 'internal error'."""
+    url = f"sqlite:///{tmp_path}/archive.db"
+    open_db(url)
+    raw = sqlite3.connect(tmp_path / "archive.db")
+    with raw:
+        raw.execute("UPDATE alembic_version SET version_num = '0099_future'")
+    raw.close()
+    with pytest.raises(ConfigError, match=r"newer than this gateway knows.*upgrade the gateway"):
+        open_db(url)
+
+
 def test_sqlite_without_synchronous_full_is_refused(tmp_path: Path, open_db: Opener) -> None:
     good = open_db(f"sqlite:///{tmp_path}/archive.db")
     engine = create_engine(good.engine.url)
