@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.db import Database
@@ -44,11 +45,6 @@ class RunResult:
             "planned": [r.as_dict() for r in self.planned],
             "queued": list(self.queued),
         }
-
-
-def planned_keys(planned: Sequence[Reminder]) -> list[str]:
-    """The outbox keys of ``planned``, each once, in order (a key is sent once, ever)."""
-    return list(dict.fromkeys(r.key for r in planned))
 
 
 def calendar_of(settings: Settings) -> Calendar:
@@ -139,15 +135,14 @@ def run(
         return RunResult((), ())
     if dry_run:
         with db.session(read_only=True) as s:
-            known = set(
-                s.scalars(select(t.Outbox.key).where(t.Outbox.key.in_(planned_keys(planned))))
-            )
-        return RunResult(tuple(planned), tuple(k for k in planned_keys(planned) if k not in known))
+            sent = _sent(s, planned)
+        new = dict.fromkeys(r.key for r in planned if r.key not in sent)
+        return RunResult(tuple(planned), tuple(new))
     queued = []
     with db.session() as s:
         if db.dialect == "postgresql":
             s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
-        known = set(s.scalars(select(t.Outbox.key).where(t.Outbox.key.in_(planned_keys(planned)))))
+        known = _sent(s, planned)
         for r in planned:
             if r.key in known:
                 continue
@@ -164,3 +159,8 @@ def run(
                 if s.scalar(select(t.Outbox.id).where(t.Outbox.key == copy.key)) is None:
                     s.add(copy)
     return RunResult(tuple(planned), tuple(queued))
+
+
+def _sent(s: Session, planned: Sequence[Reminder]) -> set[str]:
+    """The keys of ``planned`` already in the outbox (a reminder is sent once, ever)."""
+    return set(s.scalars(select(t.Outbox.key).where(t.Outbox.key.in_({r.key for r in planned}))))

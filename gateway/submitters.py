@@ -133,8 +133,7 @@ class Authenticator:
         if found is None:
             return AuthResult(success=False, handled=False)
         login, stored, password, memo = found
-        ok = self._known(memo) or check_password(stored, password)
-        return self._result(login, memo, ok=ok and login in self.entries)
+        return self._result(login, memo, ok=self._known(memo) or check_password(stored, password))
 
     async def verify(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -156,7 +155,7 @@ class Authenticator:
         finally:
             with self._lock:
                 self._checks -= 1
-        return self._result(login, memo, ok=ok and login in self.entries)
+        return self._result(login, memo, ok=ok)
 
     def _lookup(self, data: Any) -> tuple[str, str, str, bytes] | None:
         """``(login, stored hash, password, memo)``, else ``None`` (not a login and password).
@@ -176,7 +175,7 @@ class Authenticator:
             return memo in self._verified
 
     def _result(self, login: str, memo: bytes, *, ok: bool) -> AuthResult:
-        if not ok:
+        if not ok or login not in self.entries:  # an unknown login was checked for its time only
             return AuthResult(success=False, handled=False)
         with self._lock:
             self._verified.add(memo)
