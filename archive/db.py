@@ -57,9 +57,10 @@ class Database:
         engine = _engine(url, busy_timeout_ms)
         db = cls(engine, sessionmaker(engine, expire_on_commit=False))
         try:
-            db.check_durability()
-            if migrate:
-                db.upgrade()
+            with db._damaged():
+                db.check_durability()
+                if migrate:
+                    db.upgrade()
         except BaseException:
             engine.dispose()  # a refused database leaves no connection open
             raise
@@ -122,6 +123,21 @@ class Database:
                     )
 
     @contextmanager
+    def _damaged(self) -> Iterator[None]:
+        """A SQLite file that is not a database, or a damaged one, as :class:`ConfigError`
+        naming the file: no retry or restart mends it, an administrator must."""
+        try:
+            yield
+        except DBAPIError as exc:
+            damage = _sqlite_damage(exc.orig)
+            if damage is None:
+                raise
+            raise ConfigError(
+                f"the database file {self.engine.url.database} {damage} (SQLite: {exc.orig}); "
+                "restore it from a backup"
+            ) from exc
+
+    @contextmanager
     def session(self, *, read_only: bool = False, priority: bool = False) -> Iterator[Session]:
         """One transaction: committed on normal exit, rolled back on any exception.
 
@@ -156,7 +172,7 @@ class Database:
         elif gate is not None:
             session.connection(execution_options={_PRIORITY: True})
         try:
-            with _transient():
+            with self._damaged(), _transient():
                 try:
                     yield session
                     session.commit()
@@ -178,7 +194,7 @@ class Database:
         (bench/e2e_bench.py)."""
         gate = self._gate(priority) if self._gate_path else None
         try:
-            with _transient(), self.engine.connect() as connection:
+            with self._damaged(), _transient(), self.engine.connect() as connection:
                 if gate is not None:
                     connection = connection.execution_options(**{_PRIORITY: True})
                 with connection.begin():
@@ -231,6 +247,25 @@ def _transient() -> Iterator[None]:
         if exc.connection_invalidated or _is_transient(exc):
             raise TransientError(f"database unavailable ({type(exc.orig).__name__})") from exc
         raise
+
+
+#: SQLite's primary result codes for a file that is damaged (SQLITE_CORRUPT: "database disk
+#: image is malformed") or is no database at all (SQLITE_NOTADB: "file is not a database"),
+#: with what each means to an administrator.
+_SQLITE_DAMAGE = {11: "is damaged", 26: "is not a SQLite database"}
+
+
+def _sqlite_damage(error: BaseException | None) -> str | None:
+    """What a sqlite3 error says about the file, if it says it is damaged or no database."""
+    if not isinstance(error, sqlite3.DatabaseError):
+        return None
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return _SQLITE_DAMAGE.get(code & 0xFF)  # extended codes carry the primary in the low byte
+    message = str(error)
+    if "file is not a database" in message:
+        return _SQLITE_DAMAGE[26]
+    return _SQLITE_DAMAGE[11] if "malformed" in message else None
 
 
 # PostgreSQL SQLSTATEs worth a retry: connection exception, transaction rollback (serialization

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from formats.errors import GatewayError, InputError
 from gateway import intake
 from gateway.cli import Failure, actor, emit_json, load_settings, now
 from gateway.cli_keys import key_passphrase
+from gateway.cli_types import AFTER, COUNT, SEQ
 from gateway.loading import open_archive, open_database
 from keys import files, store
 
@@ -112,8 +114,8 @@ def _listing(ctx: click.Context, query: Query, action: str, as_json: bool) -> No
 
 @archive_cmd.command("list")
 @click.option("--kind", help="Only entries of this kind (message, receipt, admin, read …).")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--after", type=click.IntRange(min=-1), help="Only entries after this SEQ.")
+@click.option("--limit", type=COUNT, default=100, show_default=True)
+@click.option("--after", type=AFTER, help="Only entries after this SEQ.")
 @json_option
 @click.pass_context
 def list_cmd(
@@ -134,8 +136,8 @@ def list_cmd(
 @click.option("--message-id", help="The message's Message-ID header.")
 @click.option("--digest", help="SHA-256 of the raw message.")
 @click.option("--kind", help="Entry kind.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--after", type=click.IntRange(min=-1), help="Only entries after this SEQ.")
+@click.option("--limit", type=COUNT, default=100, show_default=True)
+@click.option("--after", type=AFTER, help="Only entries after this SEQ.")
 @json_option
 @click.pass_context
 def search_cmd(
@@ -143,15 +145,35 @@ def search_cmd(
 ) -> None:
     """Find entries by agency, category, period, status, dates, identifiers or digest."""
     query = Query(
-        start=parse_bound(start) if start else None,
-        end=parse_bound(end, end=True) if end else None,
+        start=_bound(start) if start else None,
+        end=_bound(end, end=True) if end else None,
         **kw,
     )
     _listing(ctx, query, "search", as_json)
 
 
+#: The years a ``--from``/``--to`` bound may fall in: near the ends of ``datetime``'s range
+#: (years 1 and 9999), the day after a ``--to`` date, or the bound in UTC, overflows.
+_FIRST_YEAR, _LAST_YEAR = 1900, 9998
+_EARLIEST = datetime(_FIRST_YEAR, 1, 1, tzinfo=UTC)
+_END = datetime(_LAST_YEAR + 1, 1, 1, tzinfo=UTC)
+
+
+def _bound(text: str, *, end: bool = False) -> datetime:
+    """``parse_bound``, refusing a bound out of range (:class:`QueryError`)."""
+    try:
+        value: datetime | None = parse_bound(text, end=end)
+    except OverflowError:
+        value = None
+    if value is None or not _EARLIEST <= value < _END:  # aware: compared without conversion
+        raise QueryError(
+            f"{text!r} is out of range: give a day or time in {_FIRST_YEAR}–{_LAST_YEAR}"
+        )
+    return value
+
+
 @archive_cmd.command("show")
-@click.argument("seq", type=click.IntRange(min=0))
+@click.argument("seq", type=SEQ)
 @click.option("--blob", "blob_name", metavar="NAME", help="Print (or --out) this blob's bytes.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the blob here.")
 @json_option
@@ -205,7 +227,7 @@ def show_cmd(
 
 
 @archive_cmd.command("release")
-@click.argument("seq", type=click.IntRange(min=0))
+@click.argument("seq", type=SEQ)
 @json_option
 @click.pass_context
 def release_cmd(ctx: click.Context, seq: int, as_json: bool) -> None:
@@ -341,10 +363,10 @@ def _checkpoint_json(s: Session, row: t.Checkpoint | None) -> dict[str, Any] | N
 
 
 @archive_cmd.command("prove")
-@click.argument("seq", type=click.IntRange(min=0), required=False)
-@click.option("--size", type=click.IntRange(min=1), help="Prove against the tree of this size.")
+@click.argument("seq", type=SEQ, required=False)
+@click.option("--size", type=COUNT, help="Prove against the tree of this size.")
 @click.option(
-    "--consistency", nargs=2, type=click.IntRange(min=1), metavar="OLD NEW",
+    "--consistency", nargs=2, type=COUNT, metavar="OLD NEW",
     help="Instead: prove the log of OLD entries is a prefix of the log of NEW.",
 )  # fmt: skip
 @json_option
@@ -423,7 +445,7 @@ def _receipt(a: Archive, s: Session, seq: int) -> tuple[bytes | None, bytes | No
 
 
 @archive_cmd.command("export")
-@click.argument("seq", type=click.IntRange(min=0))
+@click.argument("seq", type=SEQ)
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @json_option
 @click.pass_context

@@ -10,6 +10,7 @@ import click
 from formats.errors import InputError
 from gateway import outbox_admin
 from gateway.cli import actor, db_session, emit_json, now
+from gateway.cli_types import COUNT, OUTBOX_ID
 from gateway.outbox_admin import PENDING, STATES
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -28,7 +29,7 @@ def outbox() -> None:
 )
 @click.option("--kind", type=click.Choice(["receipt", "resend", "delivery", "reminder", "alert"]))
 @click.option("--agency", metavar="ORGAN_ID", help="Only rows to this agency.")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=COUNT, default=100, show_default=True)
 @json_option
 @click.pass_context
 def list_cmd(
@@ -57,7 +58,7 @@ def list_cmd(
 
 
 @outbox.command("retry")
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=OUTBOX_ID)
 @click.option("--failed", "every_failed", is_flag=True, help="Every failed row (see --agency).")
 @click.option("--agency", metavar="ORGAN_ID", help="With --failed: only rows to this agency.")
 @click.option(

@@ -19,6 +19,11 @@ Plan of one delivery:
    ``smtplib`` as RFC 5321 §4.5.2 requires, nothing else changed);
 5. the next message of a session: RSET, then step 4 again; QUIT when the session closes.
 
+Each try of a message (steps 1–4, or RSET and step 4) must end within ``Relay.deadline``, and
+QUIT within ``Relay.timeout``: ``timeout`` bounds each read, but a relay that drips a line of
+a reply now and then (``250-x``, forever) would hold the sender's thread for good. At the
+deadline the connection is shut down (:class:`_Deadline`) and the message is ``retry``.
+
 A relay may drop a connection that waited between messages (a 421, or a hang-up): a message
 that meets a 421 or a closed connection on a connection that has carried a message before, and
 before its data was sent, is tried once more on a new connection (steps 1–4) and only then
@@ -33,7 +38,8 @@ Outcomes (the first digit of the reply decides, RFC 5321 §4.2.1):
   (:attr:`Attempt.temporarily_refused`) may be retried for that recipient alone (the outbox
   does so, and fails the 5xx ones: :mod:`gateway.sender`), so ``sent`` alone never means
   that every recipient has the message.
-* ``retry``  — any 4xx (MAIL, RCPT, DATA); connection refused, reset or timed out; a TLS
+* ``retry``  — any 4xx (MAIL, RCPT, DATA); connection refused, reset or timed out; the
+  deadline passed before the relay's final reply (even after the data was sent); a TLS
   failure; and *every* refusal before MAIL FROM (greeting, EHLO, STARTTLS not offered, AUTH
   refused, even with 5xx): those concern the relay or our configuration, not this message, and
   may be fixed (Postfix defers likewise on a 535, ``smtp_sasl_auth_soft_bounce``).
@@ -47,9 +53,11 @@ import contextlib
 import smtplib
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from types import TracebackType
+from typing import Any, Literal, TypeVar, cast
 
 from formats.errors import ConfigError
 from gateway.loading import secret
@@ -60,6 +68,11 @@ Security = Literal["starttls", "require-starttls", "tls", "none"]
 SECURITY: tuple[Security, ...] = ("starttls", "require-starttls", "tls", "none")
 
 _T = TypeVar("_T")
+
+#: The default deadline of a try, in read timeouts: with the default 60 s timeout, 600 s, what
+#: Postfix allows a whole DATA transfer (``smtp_data_done_timeout``); time enough for 25 MB at
+#: well under 1 Mbit/s.
+DEADLINE_TIMEOUTS = 10
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,9 @@ class Relay:
     #: Verifies the server; ``None`` means the default context (system trust store).
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     helo: str | None = None
+    #: Seconds one try of a message may take in all, however often the relay answers within
+    #: ``timeout``; 0 means ``DEADLINE_TIMEOUTS`` times ``timeout``.
+    deadline: float = 0.0
 
     def __post_init__(self) -> None:
         if self.security not in SECURITY:
@@ -102,6 +118,10 @@ class Relay:
             raise ConfigError(f"port = {self.port}; give a TCP port (1–65535)")
         if self.timeout <= 0:
             raise ConfigError(f"timeout = {self.timeout}; give a positive number of seconds")
+        if self.deadline < 0:
+            raise ConfigError(f"deadline = {self.deadline}; give a positive number of seconds")
+        if not self.deadline:
+            object.__setattr__(self, "deadline", DEADLINE_TIMEOUTS * self.timeout)
         if self.username and self.password is None:
             raise ConfigError(f"username = {self.username!r} needs a password")
         if self.username and self.security == "none":
@@ -215,25 +235,36 @@ class RelaySession:
         return attempt
 
     def close(self) -> None:
-        """QUIT (or just close when the relay does not answer); the session may be used again."""
+        """QUIT (or just close when the relay does not answer, within ``timeout`` in all); the
+        session may be used again."""
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
-            try:
-                smtp.quit()
-            except (smtplib.SMTPException, OSError):
-                smtp.close()
+            with _Deadline(self.relay.timeout, smtp.sock):
+                try:
+                    smtp.quit()
+                except (smtplib.SMTPException, OSError):
+                    smtp.close()
 
     def _try(self, message: bytes, mail_from: str, rcpt_to: Sequence[str]) -> Attempt | None:
-        """One try, on the open connection (after RSET) or on a new one; ``None`` when the open
-        connection turned out to be dropped before the message was offered."""
+        """One try, on the open connection (after RSET) or on a new one, within the relay's
+        deadline; ``None`` when the open connection turned out to be dropped before the message
+        was offered."""
         relay, waited = self.relay, self._smtp is not None
+        sock = self._smtp.sock if self._smtp is not None else None
         try:
-            if self._smtp is None:
-                self._smtp = _connect(relay)
-                _secure(self._smtp, relay)
-            else:
-                _reset(self._smtp, relay)
-            attempt = _transaction(self._smtp, message, mail_from, rcpt_to, relay)
+            with _Deadline(relay.deadline, sock) as deadline:
+                if self._smtp is None:
+                    self._smtp = _connect(relay, deadline)
+                    _secure(self._smtp, relay)
+                else:
+                    _reset(self._smtp, relay)
+                attempt = _transaction(self._smtp, message, mail_from, rcpt_to, relay)
+        except _Overdue:
+            self._abandon()
+            peer = f"{relay.host}:{relay.port}"
+            return Attempt(
+                "retry", f"{peer} did not finish within the {relay.deadline:g} s deadline"
+            )
         except _Dropped as drop:
             self._abandon()
             return None if waited else Attempt("retry", drop.reply)
@@ -243,7 +274,9 @@ class RelaySession:
         except (smtplib.SMTPException, OSError) as exc:  # includes ssl.SSLError, TimeoutError
             self._abandon()
             return Attempt("retry", _broken(exc, relay))
-        if attempt.reply.startswith("421"):  # the final reply to DATA: the relay is closing
+        # A 421 as the final reply to DATA: the relay is closing. Expired: the final reply came
+        # as the deadline passed (it stands), and the connection is shut down.
+        if attempt.reply.startswith("421") or deadline.expired:
             self._abandon()
         return attempt
 
@@ -253,14 +286,109 @@ class RelaySession:
             smtp.close()
 
 
-def _connect(relay: Relay) -> smtplib.SMTP:
+class _Overdue(Exception):
+    """The deadline of a try passed; whatever failed then failed because of it."""
+
+
+class _Deadline:
+    """Shuts a connection down (both ways) when ``seconds`` have passed, from a timer thread:
+    that wakes whatever read or write is blocked on it, which then fails. As a context manager:
+    the timer runs inside the block, and an SMTP or socket failure in the block after the
+    deadline is :class:`_Overdue`.
+
+    It keeps a duplicate of the connection's descriptor (shutting a duplicate down shuts the
+    connection down), taken as the socket connects, so it also covers the greeting, the TLS
+    handshake, and a socket that STARTTLS replaced; the duplicate is closed on leaving."""
+
+    def __init__(self, seconds: float, sock: socket.socket | None = None) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._dup: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        if sock is not None:
+            self.watch(sock)
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock``'s connection down at the deadline (instead of any watched before)."""
+        with self._lock:
+            self._forget()
+            try:
+                # socket.fromfd() duplicates the descriptor; an SSLSocket cannot dup() itself.
+                self._dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+            except OSError:  # closed already: nothing left to wait on
+                return
+            if self.expired:
+                self._shut()
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._forget()
+        failure = (_NotSent, _Dropped, smtplib.SMTPException, OSError)
+        if self.expired and isinstance(exc, failure):
+            raise _Overdue(str(exc)) from exc
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._dup is not None:
+            with contextlib.suppress(OSError):  # already closed by the peer
+                self._dup.shutdown(socket.SHUT_RDWR)
+
+    def _forget(self) -> None:
+        if self._dup is not None:
+            self._dup.close()  # the connection stays open: smtplib holds its own descriptor
+            self._dup = None
+
+
+class _Watched(smtplib.SMTP):
+    """``smtplib.SMTP`` whose socket ``deadline`` watches from the moment it connects, before
+    the greeting is read."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        self.deadline = deadline
+        super().__init__(*args, **kwargs)
+
+    # smtplib's own hook for the connecting socket (SMTP_SSL overrides it too); the stubs do
+    # not declare it.
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        self.deadline.watch(sock)
+        return sock
+
+
+class _WatchedTLS(smtplib.SMTP_SSL, _Watched):
+    """``smtplib.SMTP_SSL`` likewise: ``SMTP_SSL._get_socket`` gets the TCP socket from
+    :meth:`_Watched._get_socket` (the next class in this order), so the handshake is watched."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        self.deadline = deadline
+        smtplib.SMTP_SSL.__init__(self, *args, **kwargs)  # which calls SMTP.__init__ itself
+
+
+def _connect(relay: Relay, deadline: _Deadline) -> smtplib.SMTP:
     """Step 1 of the plan (smtplib closes the socket itself if this fails)."""
     host, port, helo, timeout = relay.host, relay.port, relay.helo, relay.timeout
     try:
         if relay.security == "tls":
             context = relay.ssl_context
-            return smtplib.SMTP_SSL(host, port, helo, timeout=timeout, context=context)
-        return smtplib.SMTP(host, port, helo, timeout=timeout)
+            return _WatchedTLS(
+                host, port, helo, timeout=timeout, context=context, deadline=deadline
+            )
+        return _Watched(host, port, helo, timeout=timeout, deadline=deadline)
     except smtplib.SMTPConnectError as exc:
         raise _NotSent(f"{_reply(exc.smtp_code, exc.smtp_error)} (greeting)") from None
 

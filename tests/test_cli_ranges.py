@@ -1,0 +1,141 @@
+"""Numbers and moments out of range on the command line: a usage error (exit 2) that names the
+range, never an ``OverflowError`` from the database driver or ``datetime`` reported as
+"internal error" (exit 70)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from gateway import cli
+
+#: Wider than any integer column: SQLite's INTEGER and PostgreSQL's BIGINT are 64-bit.
+HUGE = "99999999999999999999"
+INT64_MAX = str(2**63 - 1)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home as `gateway init` writes it, and its (empty) database."""
+    home = tmp_path_factory.mktemp("ranges") / "home"
+    assert run(home, "init").exit_code == 0
+    assert run(home, "outbox", "list").exit_code == 0
+    return home
+
+
+def run(home: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli.cli, ["--home", str(home), *args])
+
+
+def refused(result: Result) -> str:
+    """A clean refusal: exit 2 and a message, not an exception escaping the command."""
+    assert result.exit_code == 2, (result.exception, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("archive", "show", HUGE),
+        ("archive", "release", HUGE),
+        ("archive", "export", HUGE, "--out", "bundle.zip"),
+        ("archive", "prove", HUGE),
+        ("archive", "prove", "0", "--size", HUGE),
+        ("archive", "prove", "--consistency", "1", HUGE),
+        ("archive", "list", "--after", HUGE),
+        ("archive", "list", "--limit", HUGE),
+        ("archive", "search", "--after", HUGE),
+        ("archive", "search", "--limit", HUGE),
+        ("outbox", "list", "--limit", HUGE),
+        ("outbox", "retry", HUGE),
+        ("outbox", "retry", "1", str(2**31)),  # outbox ids are PostgreSQL INTEGERs
+    ],
+)
+def test_a_number_wider_than_the_database_is_a_usage_error(
+    home: Path, args: tuple[str, ...]
+) -> None:
+    assert "is not in the range" in refused(run(home, *args))
+
+
+@pytest.mark.parametrize(
+    ("args", "answer"),
+    [
+        (("archive", "show", INT64_MAX), f"no entry {INT64_MAX}"),
+        (("archive", "release", INT64_MAX), f"no entry {INT64_MAX}"),
+        (("archive", "prove", "0", "--size", INT64_MAX), "no entry 0"),
+        (("outbox", "retry", str(2**31 - 1)), f"no outbox row {2**31 - 1}"),
+    ],
+)
+def test_the_widest_number_accepted_is_answered(
+    home: Path, args: tuple[str, ...], answer: str
+) -> None:
+    assert answer in refused(run(home, *args))
+
+
+def test_listing_after_the_widest_number_finds_nothing(home: Path) -> None:
+    result = run(home, "archive", "list", "--after", INT64_MAX, "--limit", INT64_MAX)
+    assert result.exit_code == 0, (result.exception, result.output)
+    assert result.stdout == "(no entries)\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "bound"),
+    [
+        ("--to", "9999-12-31"),  # the day after overflows
+        ("--from", "9999-12-31"),
+        ("--from", "0001-01-01"),  # in UTC: before year 1
+        ("--to", "0001-01-01T00:00"),
+        ("--from", "1899-12-31T23:59:59+00:00"),
+    ],
+)
+def test_a_search_bound_out_of_range_is_refused(home: Path, option: str, bound: str) -> None:
+    message = refused(run(home, "archive", "search", option, bound))
+    assert message == f"Error: {bound!r} is out of range: give a day or time in 1900–9998\n"
+
+
+def test_search_bounds_at_the_ends_of_the_range_are_searched(home: Path) -> None:
+    result = run(home, "archive", "search", "--from", "1900-01-01T00:00Z", "--to", "9998-12-31")
+    assert result.exit_code == 0, (result.exception, result.output)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        "9999-12-31T23:59",  # to Vietnam time: past year 9999
+        "0001-01-01T00:00",
+        "0001-01-01T00:00+23:59",  # to UTC: before year 1
+        "1999-12-31T16:59:59+00:00",  # 1999-12-31 23:59:59 in Vietnam
+        "2100-01-01T00:00+07:00",
+    ],
+)
+def test_remind_at_a_moment_outside_the_calendar_is_refused(home: Path, at: str) -> None:
+    message = refused(run(home, "remind", "--dry-run", "--at", at))
+    assert f"--at {at!r} is outside the years the working-day calendar covers (2000–2099" in message
+    assert len(message.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("at", ["2000-01-01T00:00+07:00", "2099-12-31T23:59:59+07:00"])
+def test_remind_at_the_ends_of_the_calendar_runs(home: Path, at: str) -> None:
+    result = run(home, "remind", "--dry-run", "--at", at)
+    assert result.exit_code == 0, (result.exception, result.output)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("archive", "show", HUGE), ("outbox", "retry", HUGE), ("remind", "--at", "9999-12-31T23:59")],
+)
+def test_the_real_command_exits_2_not_70(home: Path, args: tuple[str, ...]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert "Traceback" not in proc.stderr
