@@ -5,6 +5,8 @@ addressee answers with a ``reply`` whose ``ResponseFor`` is the request's Docume
 1342/QĐ-UBND 2023 (Quy chế, Điều 7.3 and 8.2.a):
 
 * the deadline is the requester's (``DueDate``), "theo yêu cầu của cơ quan, đơn vị chủ trì";
+  a DueDate on a weekly rest day or a public holiday ends with the next working day (BLDS 2015
+  Điều 148.5), as an obligation's due date does (:func:`gateway.obligations.due_date`);
 * otherwise 15 working days "kể từ ngày nhận đầy đủ hồ sơ" (7.3.a) — the request as received
   is taken to be the complete dossier — or 7 working days after a meeting (7.3.b);
 * "Nếu quá thời gian trên thì xem như đồng ý": no reply by 24:00 UTC+7 of the last day is
@@ -26,6 +28,8 @@ from typing import Any, Final, Literal, get_args
 from archive.log import Item
 from formats.vntime import local_day
 from gateway.compliance import Calendar, end_of, working_days_late
+from gateway.obligations import next_working_day
+from gateway.workdays import MAX_YEAR, MIN_YEAR
 
 RequestState = Literal["open", "answered", "answered-late", "deemed-consent"]
 REQUEST_STATES: Final[tuple[RequestState, ...]] = get_args(RequestState)
@@ -69,7 +73,20 @@ class Request:
         """The last day to reply, and the rule it comes from."""
         if self.due_date is not None:
             # Điều 7.3.a: "thời gian trả lời văn bản theo yêu cầu của cơ quan, đơn vị chủ trì".
-            return self.due_date, "DueDate given by the requester (QĐ 1342 Điều 7.3.a)"
+            given = self.due_date
+            rule = "DueDate given by the requester (QĐ 1342 Điều 7.3.a)"
+            if not MIN_YEAR <= given.year <= MAX_YEAR:  # the calendar cannot say: as given
+                return given, rule
+            # BLDS 2015 Điều 148.5: "Khi ngày cuối cùng của thời hạn là ngày nghỉ cuối tuần
+            # hoặc ngày nghỉ lễ thì thời hạn kết thúc tại thời điểm kết thúc ngày làm việc tiếp
+            # theo ngày nghỉ đó".
+            day = next_working_day(calendar, given)
+            if day == given:
+                return day, rule
+            return day, (
+                f"DueDate {given} given by the requester (QĐ 1342 Điều 7.3.a), a day off: "
+                "the next working day (BLDS 2015 Điều 148.5)"
+            )
         if self.after_meeting:
             day = calendar.add_working_days(local_day(self.received_at), AFTER_MEETING_DAYS)
             return day, f"{AFTER_MEETING_DAYS} working days after the meeting (Điều 7.3.b)"

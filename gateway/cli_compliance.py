@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,30 +109,55 @@ _EN = {
 CSV_COLUMNS = (
     "period", "provider", "provider_name", "category", "obligation", "cadence", "period_label",
     "period_first", "period_last", "due", "deadline", "calendar_version", "status", "late_days",
-    "received_at", "document_id", "corrections", "rejected", "withdrawn",
+    "received_at", "document_id", "corrections", "rejected", "withdrawn", "early",
+    "ignored_corrections",
 )  # fmt: skip
+#: The note beside the status of a cell whose report in force came before its period could be
+#: complete (``Cell.early``): a flag, not a status.
+EARLY_NOTE = "sent before the period ended: it cannot cover the period's last days"
+#: The months a status can be asked for: the years the working-day calendar covers.
+FIRST_MONTH, LAST_MONTH = f"{MIN_YEAR}-01", f"{MAX_YEAR}-12"
 
 
 def status_text(cell: Cell) -> str:
     text = _EN[cell.status].format(n=cell.late_days)
     if cell.status == "corrected" and cell.late_days:
         text += f" (first sent {cell.late_days} working days late)"
+    if cell.early:
+        text += f" ({EARLY_NOTE})"
     if cell.withdrawn:
         text += " (revoked)"
+    if cell.ignored:
+        text += f" (ignored: {', '.join(cell.ignored)} names no report in force)"
     return text
 
 
 def _at(text: str | None) -> datetime:
-    return parse_time(text, naive=VN_TZ) if text else now()
+    at = parse_time(text, naive=VN_TZ) if text else now()
+    try:
+        year = local_day(at).year
+    except OverflowError:
+        year = 0
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        what = f"--at {text!r}" if text else "the current time"
+        raise InputError(
+            f"{what} is outside {MIN_YEAR}–{MAX_YEAR}, the years the working-day calendar covers"
+        )
+    return at
 
 
 def _label(text: str, option: str) -> str:
     try:
-        month_bounds(text)
+        first, _ = month_bounds(text)
     except ValueError:
         raise InputError(
             f"{option} {text!r} is not a month; write it as YYYY-MM (e.g. 2026-10)"
         ) from None
+    if not MIN_YEAR <= first.year <= MAX_YEAR:
+        raise InputError(
+            f"{option} {text} is outside {FIRST_MONTH} – {LAST_MONTH}, the months the "
+            "working-day calendar covers"
+        )
     return text
 
 
@@ -178,15 +203,20 @@ def report_csv(reports: Iterable[Report], names: dict[str, str]) -> str:
                 "period_label": period["label"],
                 "period_first": period["first"],
                 "period_last": period["last"],
+                "ignored_corrections": " ".join(d["ignored_corrections"]),
             }
             writer.writerow([_csv_safe(row[c]) for c in CSV_COLUMNS])
     return out.getvalue()
 
 
+def _minute(at: datetime) -> str:
+    return at.astimezone(VN_TZ).isoformat(sep=" ", timespec="minutes")[:16]
+
+
 def _text(report: Report) -> None:
     counts = ", ".join(f"{k.replace('-', ' ')} {v}" for k, v in report.counts().items() if v)
     click.echo(
-        f"Period {report.period} as at {report.at.astimezone(VN_TZ):%Y-%m-%d %H:%M} (UTC+7) — "
+        f"Period {report.period} as at {_minute(report.at)} (UTC+7) — "
         f"calendar {report.calendar_version}"
     )
     click.echo(counts or "no obligation has a period ending in this month")
@@ -215,7 +245,8 @@ def status_cmd(
     html_file: Path | None,
 ) -> None:
     """The status of every obligation whose period ends in month PERIOD: on time, late (by how
-    many working days), corrected, rejected only, missing, or not due yet."""
+    many working days), corrected, rejected only, missing, or not due yet; a report sent before
+    its period ended is noted beside its status."""
     _one_format(as_json, as_csv, html_file)
     period, at = _label(period, "--period"), _at(at_text)
     cal = calendar_of(load_settings(ctx))
@@ -260,10 +291,14 @@ def history_cmd(
     """One agency's status month by month (months × categories in the HTML)."""
     _one_format(as_json, as_csv, html_file)
     at = _at(at_text)
-    last = _label(last, "--to") if last else f"{local_day(at):%Y-%m}"
+    if last is None:
+        day = local_day(at)
+        last = f"{day.year:04}-{day.month:02}"
+    last = _label(last, "--to")
     if first is None:
-        start = month_bounds(last)[0] - timedelta(days=330)
-        first = f"{start:%Y-%m}"
+        end = month_bounds(last)[0]
+        index = max(end.year * 12 + end.month - 1 - 11, MIN_YEAR * 12)  # 11 months before
+        first = f"{index // 12:04}-{index % 12 + 1:02}"
     try:
         labels = month_labels(_label(first, "--from"), last)
     except ValueError as exc:

@@ -7,22 +7,35 @@ Described in ``docs/compliance.md`` ("Status").
 
 Matching. A submission fulfils (obligation, period) when its sender is the provider, its
 category the obligation's, its period (the month of its ``PeriodEnd``, as filed) the month of
-the period's last day, and its cadence the obligation's or not stated (a November monthly
-report is not the annual one, and an ad-hoc payload answers a request, not a periodic
-obligation: Điều 8.4.a). Only entries received by ``now`` count, so a report "as at" a past
+the period's last day, and its cadence the obligation's — as stated, or for an entry archived
+without one, as its period's length says (:func:`gateway.obligations.cadence_of`). A November
+monthly report is not the annual one, and an ad-hoc payload answers a request, not a periodic
+obligation (Điều 8.4.a). Only entries received by ``now`` count, so a report "as at" a past
 moment shows what was known then.
 
 One cell, in order (:func:`status_for`):
 
-1. accepted payloads, oldest first: the first one that is not a revoke fulfils the period; its
-   local receipt day against the due date decides on time or late (working days after the due
-   date, at least 1: a weekend receipt after a Friday deadline is a day late). A later accepted
-   ``update``/``replace`` is a correction: the cell is ``corrected``, timeliness still judged
-   on the first; a later ``new`` is ignored. A revoke withdraws the report in force when its
-   ``replaces`` names it or a document it superseded (or names nothing: archives from before
-   the rule that a revoke names its document); a revoke of anything else changes nothing. A
-   withdrawn report is as if never sent: the next accepted payload is judged as a first one,
-   and if none follows the cell is missing again (``withdrawn``).
+1. accepted payloads, oldest first. The first ``new`` one is the report in force. A later
+   ``update``/``replace`` is a correction only when its ``replaces`` names the report in force
+   or one it superseded (or names nothing: an update need not name it); one that names
+   anything else — a document never filed for this sender, obligation and period, or a
+   withdrawn one — is ignored and listed (``ignored``). A later ``new`` is ignored. A revoke
+   withdraws the report in force under the same naming rule (names nothing: archives from
+   before the rule that a revoke names its document); a revoke of anything else changes
+   nothing. A withdrawn report is as if never sent: the next ``new`` is judged as a first
+   one, and if none follows the cell is missing again (``withdrawn``).
+
+   Timeliness is judged on the first report: its local receipt day against the due date
+   decides on time or late (working days after the due date, at least 1: a weekend receipt
+   after a Friday deadline is a day late). With corrections the cell is ``corrected``.
+
+   ``early`` is a flag, not a status: the report in force (the last correction, or the first
+   report) was received before the period could be complete
+   (:func:`gateway.obligations.complete_from`: after the period's last day for a working-days
+   rule, Điều 8.4.a "mốc số liệu … đến ngày 15"; from its first day for a "before" rule), so
+   it cannot cover the period's last days. The regulation fixes the data cut-off but no
+   earliest day to send, so an early report is still sent and judged as above; a correction
+   received once the period could be complete clears the flag.
 2. no accepted payload but rejected ones: ``rejected-only`` (missing in effect);
 3. nothing: ``missing`` once the due date has passed (24:00 UTC+7), ``not-due-yet`` before.
 """
@@ -30,6 +43,8 @@ One cell, in order (:func:`status_for`):
 from __future__ import annotations
 
 import gc
+import re
+from calendar import monthrange
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,13 +54,21 @@ from functools import cache, partial
 from typing import Any, Final, Literal, NamedTuple, Protocol, get_args
 
 from formats.vntime import VN_TZ, local_day
-from gateway.obligations import Obligation, Period, due_date, periods
+from gateway.obligations import (
+    Obligation,
+    Period,
+    cadence_of,
+    complete_from,
+    due_date,
+    periods,
+)
 
 #: In the order reports count them: fulfilled first, then the problems.
 Status = Literal["on-time", "late", "corrected", "rejected-only", "missing", "not-due-yet"]
 STATUSES: Final[tuple[Status, ...]] = get_args(Status)
 _CORRECTIONS: Final = frozenset({"update", "replace"})
 _ONE_DAY: Final = timedelta(days=1)
+_MONTH: Final = re.compile(r"([0-9]{4})-([0-9]{2})")
 
 
 class Calendar(Protocol):
@@ -107,11 +130,17 @@ class Submission:
     document_id: str | None = None
     business: str = "new"  # new | revoke | update | replace
     replaces: str | None = None
-    cadence: str | None = None
+    cadence: str | None = None  # as stated (None: archived without one)
+    period_start: date | None = None
+    period_end: date | None = None
     received_on: date = field(init=False, compare=False, repr=False)  # local day, UTC+7
+    #: The cadence it counts for: as stated, or by its period's length (``cadence_of``).
+    counts_for: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "received_on", local_day(self.received_at))
+        counts = cadence_of(self.cadence, self.period_start, self.period_end)
+        object.__setattr__(self, "counts_for", counts)
 
     @classmethod
     def from_entry(cls, seq: int, fields: Mapping[str, Any]) -> Submission | None:
@@ -134,7 +163,13 @@ class Submission:
             payload.get("business") or "new",
             payload.get("replaces"),
             payload.get("cadence"),
+            _day(payload.get("period_start")),
+            _day(payload.get("period_end")),
         )
+
+
+def _day(text: Any) -> date | None:
+    return date.fromisoformat(text) if isinstance(text, str) and text else None
 
 
 #: period → provider → category → the submission, or several (oldest first).
@@ -204,6 +239,11 @@ class Cell(NamedTuple):
     corrections: int = 0
     rejected: int = 0
     withdrawn: bool = False  # a revoke withdrew the report, and nothing is in force since
+    #: A flag beside the status: the report in force came before its period could be complete
+    #: (``complete_from``), so it cannot cover the period's last days.
+    early: bool = False
+    #: DocumentIds of corrections that named no report in force (ignored).
+    ignored: tuple[str, ...] = ()
 
     def as_dict(self, calendar_version: str) -> dict[str, Any]:
         ob = self.obligation
@@ -225,6 +265,8 @@ class Cell(NamedTuple):
             "corrections": self.corrections,
             "rejected": self.rejected,
             "withdrawn": self.withdrawn,
+            "early": self.early,
+            "ignored_corrections": list(self.ignored),
         }
 
 
@@ -233,7 +275,7 @@ def _matches(s: Submission, ob: Obligation, label: str) -> bool:
         s.provider == ob.provider
         and s.category == ob.category
         and s.period == label
-        and s.cadence in (None, ob.cadence)
+        and s.counts_for == ob.cadence
     )
 
 
@@ -241,48 +283,52 @@ def _cell(
     ob: Obligation,
     period: Period,
     due: date,
+    complete: date,
     candidates: Sequence[Submission],
     late_days: Callable[[date, date], int],
     now: datetime,
     today: date,
 ) -> Cell:
-    """Step 1–3 of the module docstring over ``candidates`` (this key's, oldest first)."""
-    first: Submission | None = None  # the first report since nothing was in force
-    current: Submission | None = None  # the report in force
-    chain: list[str | None] = []  # its DocumentId and those of the reports it superseded
-    corrections = rejected = 0
+    """Step 1–3 of the module docstring over ``candidates`` (this key's, oldest first);
+    ``complete`` is the first day a report can cover the whole period (the ``early`` flag)."""
+    chain: list[Submission] = []  # the report in force, and the reports it superseded first
+    ignored: list[str] = []
+    rejected = 0
     withdrawn = False
     cadence = ob.cadence
     for s in candidates:
-        c = s.cadence
-        if s.received_at > now or (c is not None and c != cadence):
+        if s.received_at > now or s.counts_for != cadence:
             continue
         if s.status != "accepted":
             rejected += 1
             continue
-        if s.business == "revoke":
-            if current is not None and (s.replaces is None or s.replaces in chain):
-                first = current = None
-                chain, corrections, withdrawn = [], 0, True
-        elif current is None:
-            first = current = s
-            chain, withdrawn = [s.document_id], False
-        elif s.business in _CORRECTIONS:
-            corrections += 1
-            current = s
-            chain.append(s.document_id)
-    if first is not None and current is not None:
+        business = s.business
+        if business == "new":
+            if not chain:  # a later "new" is not a correction: the first stays in force
+                chain, withdrawn = [s], False
+        elif chain and (s.replaces is None or any(c.document_id == s.replaces for c in chain)):
+            if business == "revoke":
+                chain, withdrawn = [], True
+            elif business in _CORRECTIONS:
+                chain.append(s)
+        elif business in _CORRECTIONS:
+            ignored.append(s.document_id or f"entry {s.seq}")
+    status: Status
+    if chain:
+        first, current = chain[0], chain[-1]
         day = first.received_on
         late = late_days(due, day) if day > due else 0
-        status: Status = "corrected" if corrections else "late" if late else "on-time"
+        status = "corrected" if len(chain) > 1 else "late" if late else "on-time"
         return Cell(
             ob, period, due, status, late, first.received_at, current.document_id,
-            corrections, rejected,
+            len(chain) - 1, rejected, False, current.received_on < complete, tuple(ignored),
         )  # fmt: skip
     if rejected and not withdrawn:
-        return Cell(ob, period, due, "rejected-only", rejected=rejected)
+        return Cell(ob, period, due, "rejected-only", rejected=rejected, ignored=tuple(ignored))
     status = "missing" if today > due else "not-due-yet"
-    return Cell(ob, period, due, status, rejected=rejected, withdrawn=withdrawn)
+    return Cell(
+        ob, period, due, status, rejected=rejected, withdrawn=withdrawn, ignored=tuple(ignored)
+    )
 
 
 def status_for(
@@ -293,11 +339,12 @@ def status_for(
     now: datetime,
 ) -> Cell:
     """The status of ``obligation`` for ``period`` at ``now``, from any ``submissions``."""
-    label = f"{period.last:%Y-%m}"
+    label = f"{period.last.year:04}-{period.last.month:02}"
     found = sorted((s for s in submissions if _matches(s, obligation, label)), key=_order)
     due = due_date(obligation, period, calendar)
+    complete = complete_from(obligation, period)
     late = partial(working_days_late, calendar)
-    return _cell(obligation, period, due, found, late, now, local_day(now))
+    return _cell(obligation, period, due, complete, found, late, now, local_day(now))
 
 
 @dataclass(frozen=True)
@@ -324,12 +371,13 @@ class Report:
 
 
 def month_bounds(label: str) -> tuple[date, date]:
-    """First and last day of month ``label`` (YYYY-MM); ``ValueError`` otherwise."""
-    if len(label) != 7:
+    """First and last day of month ``label`` (YYYY-MM, years 0001–9999); ``ValueError``
+    otherwise."""
+    match = _MONTH.fullmatch(label)
+    if not match or match[1] == "0000" or not 1 <= int(match[2]) <= 12:
         raise ValueError(f"{label!r} is not YYYY-MM")
-    first = date.fromisoformat(f"{label}-01")
-    after = (first + timedelta(days=31)).replace(day=1)
-    return first, after - _ONE_DAY
+    year, month = int(match[1]), int(match[2])
+    return date(year, month, 1), date(year, month, monthrange(year, month)[1])
 
 
 def matrix(
@@ -361,7 +409,7 @@ def _matrix(
     today = local_day(now)
     # Equal rules share their periods and due dates (keyed by the rule's fields: hashing a
     # DueRule per cell would cost a tenth of the time); late days are counted once per day.
-    plans: dict[tuple[Any, ...], list[tuple[Period, date]]] = {}
+    plans: dict[tuple[Any, ...], list[tuple[Period, date, date]]] = {}
     late = cache(partial(working_days_late, calendar))
     cells: list[Cell] = []
     add = cells.append
@@ -371,10 +419,13 @@ def _matrix(
         plan = plans.get(key)
         if plan is None:
             free = replace(ob, valid_from=None, valid_to=None)
-            plan = [(p, due_date(free, p, calendar)) for p in periods(free, first, last)]
+            plan = [
+                (p, due_date(free, p, calendar), complete_from(free, p))
+                for p in periods(free, first, last)
+            ]
             plans[key] = plan
         start, end = ob.valid_from, ob.valid_to
-        for period, due in plan:
+        for period, due, complete in plan:
             if (start is not None and period.last < start) or (
                 end is not None and period.last > end
             ):
@@ -386,18 +437,19 @@ def _matrix(
                 add(Cell(ob, period, due, status))
                 continue
             if not isinstance(found, list):  # the common case of _cell, inlined: one report
-                c = found.cadence
+                day = found.received_on
                 if (
                     found.status == "accepted"
-                    and found.business != "revoke"
-                    and found.received_on <= due
+                    and found.business == "new"
+                    and day <= due
                     and found.received_at <= now
-                    and (c is None or c == ob.cadence)
+                    and found.counts_for == ob.cadence
                 ):
-                    add(Cell(ob, period, due, "on-time", 0, found.received_at, found.document_id))
+                    at, doc = found.received_at, found.document_id
+                    add(Cell(ob, period, due, "on-time", 0, at, doc, early=day < complete))
                     continue
                 found = [found]
-            add(_cell(ob, period, due, found, late, now, today))
+            add(_cell(ob, period, due, complete, found, late, now, today))
     return Report(period_label, now, calendar.version, tuple(cells))
 
 
@@ -422,8 +474,5 @@ def month_labels(first: str, last: str) -> list[str]:
     end, _ = month_bounds(last)
     if end < start:
         raise ValueError(f"{last} is before {first}")
-    out, day = [], start
-    while day <= end:
-        out.append(f"{day:%Y-%m}")
-        day = (day + timedelta(days=31)).replace(day=1)
-    return out
+    months = range(start.year * 12 + start.month - 1, end.year * 12 + end.month)
+    return [f"{m // 12:04}-{m % 12 + 1:02}" for m in months]

@@ -45,6 +45,16 @@ _COLOURS: Final[Mapping[str, tuple[str, str]]] = {  # background, border
     "missing": ("#f2b8b8", "#a61b1b"),
     "not-due-yet": ("#eeeeee", "#888888"),
 }
+#: The note beside the status of a cell whose report in force came before its period could be
+#: complete (``Cell.early``): a flag, not a status, and not counted apart.
+EARLY_NOTE: Final = "gửi trước khi hết kỳ: chưa thể có số liệu những ngày cuối kỳ"
+_EARLY_MEANING: Final = (
+    "Ghi chú bên cạnh tình trạng, không phải một tình trạng riêng: báo cáo đang có hiệu lực "
+    "được gửi trước khi kỳ số liệu kết thúc (QĐ 18/2017/QĐ-UBND Điều 8.4.a: “mốc số liệu từ "
+    "ngày 16 tháng trước đến ngày 15 tháng tiếp theo”), nên chưa thể có số liệu những ngày "
+    "cuối kỳ. Đúng hay trễ hạn vẫn tính như trên; bản cập nhật hoặc thay thế gửi sau khi hết "
+    "kỳ thì không còn ghi chú này."
+)
 _CSS: Final = """
 @page { size: A4 landscape; margin: 12mm; }
 * { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
@@ -75,8 +85,15 @@ def label(cell: Cell) -> str:
     text = LABELS[cell.status].format(n=cell.late_days)
     if cell.status == "corrected" and cell.late_days:
         text += f" (bản đầu trễ {cell.late_days} ngày làm việc)"
+    if cell.early:
+        text += f" ({EARLY_NOTE})"
     if cell.withdrawn:
         text += " (đã thu hồi)"
+    if cell.ignored:
+        text += (
+            f" (bỏ qua bản đính chính {', '.join(cell.ignored)}: không nêu báo cáo nào đang có "
+            "hiệu lực)"
+        )
     return text
 
 
@@ -155,7 +172,8 @@ def _page(
 <dl class="meta">{rows}</dl>
 {table}
 <h2>Chú giải</h2>
-<ul class="legend">{legend}<li>—: không có nghĩa vụ cung cấp loại thông tin này.</li></ul>
+<ul class="legend">{legend}<li>({escape(EARLY_NOTE)}): {escape(_EARLY_MEANING)}</li>
+<li>—: không có nghĩa vụ cung cấp loại thông tin này.</li></ul>
 <footer><div>Người lập biểu<br><br><br><br>(Ký, ghi rõ họ tên)</div>
 <div>Thủ trưởng cơ quan<br><br><br><br>(Ký, ghi rõ họ tên, đóng dấu)</div></footer>
 </body>

@@ -27,6 +27,12 @@ Due rules (:class:`DueRule`):
   16/11", Điều 13.1). The dates also cut the year into the periods, so each report covers the
   time up to its deadline and is due on the period's last day, the day before the date.
 
+Either way, a due date that falls on a weekly rest day or a public holiday moves to the next
+working day (BLDS 2015 Điều 148.5); a working-days rule always ends on one.
+
+Labels: a monthly period by the month of its last day; a semi-annual or annual one by the year
+of its last day, the halves numbered in the order they end within that year.
+
 An obligation owes the periods whose **last day** falls inside its validity window: a body
 ending on 28 Feb owes the period ending 15 Feb, its successor from 1 Mar the one ending 15 Mar.
 """
@@ -71,6 +77,11 @@ class WorkingDayCalendar(Protocol):
     def add_working_days(self, start: date, n: int) -> date:
         """The ``n``-th working day after ``start`` (``start`` itself not counted)."""
         ...
+
+
+def next_working_day(calendar: WorkingDayCalendar, day: date) -> date:
+    """``day`` if it is a working day, else the first working day after it."""
+    return calendar.add_working_days(day - timedelta(days=1), 1)
 
 
 @dataclass(frozen=True)
@@ -237,17 +248,45 @@ def active(obligation: Obligation, day: date) -> bool:
     )
 
 
+#: The longest period, in days, of a payload without a Cadence that is taken as monthly (a
+#: monthly period is 28–31 days), then semi-annual (uneven "before" dates make halves of up to
+#: about nine months); anything longer is annual.
+_MONTHLY_AT_MOST: Final = 62
+_SEMIANNUAL_AT_MOST: Final = 273
+
+
+def cadence_of(stated: str | None, first: date | None = None, last: date | None = None) -> str:
+    """The cadence a payload reports in: the ``Cadence`` it states (the envelope schema requires
+    one), or, for an entry archived without one, the cadence its period's length fits — ``first``
+    to ``last`` (PeriodStart, PeriodEnd) up to 62 days monthly, up to 273 semi-annual, longer
+    annual; with no period either, monthly (Điều 8.4.a: "theo định kỳ hàng tháng")."""
+    if stated:
+        return stated
+    if first is None or last is None:
+        return "monthly"
+    days = (last - first).days + 1
+    if days <= _MONTHLY_AT_MOST:
+        return "monthly"
+    return "semiannual" if days <= _SEMIANNUAL_AT_MOST else "annual"
+
+
 def fulfilled_by(
-    obligation: Obligation, provider: str, category: str, cadence: str | None, day: date
+    obligation: Obligation,
+    provider: str,
+    category: str,
+    cadence: str | None,
+    day: date,
+    first: date | None = None,
 ) -> bool:
     """Whether a payload from ``provider`` of ``category`` and ``cadence`` whose period ends on
-    ``day`` is owed under ``obligation`` (as :mod:`gateway.compliance` matches a submission:
-    the same cadence, or none stated; an ad-hoc payload answers a request, not a periodic
-    obligation, Điều 8.4.a)."""
+    ``day`` (and starts on ``first``, if known) is owed under ``obligation``, as
+    :mod:`gateway.compliance` matches a submission: the obligation's cadence only, as
+    :func:`cadence_of` reads it (a November monthly report is not the annual one; an ad-hoc
+    payload answers a request, not a periodic obligation, Điều 8.4.a)."""
     return (
         obligation.provider == provider
         and obligation.category == category
-        and cadence in (None, obligation.cadence)
+        and cadence_of(cadence, first, day) == obligation.cadence
         and active(obligation, day)
     )
 
@@ -259,15 +298,39 @@ def period_containing(obligation: Obligation, day: date) -> Period:
         end = day.replace(day=MONTHLY_LAST_DAY)
         if day.day > MONTHLY_LAST_DAY:
             end = _add_months(end, 1)
-        return Period(f"{end:%Y-%m}", _add_months(end, -1) + timedelta(days=1), end)
-    dates = obligation.due.dates if obligation.due.kind == BEFORE_DATE else None
-    dates = dates or DEFAULT_DATES[obligation.cadence]
-    cuts = [(date(y, m, d), i) for y in (day.year, day.year + 1) for i, (m, d) in enumerate(dates)]
-    starts = [date(day.year - 1, m, d) for m, d in dates] + [c for c, _ in cuts]
-    end_cut, index = next((c, i) for c, i in cuts if c > day)
+        return Period(
+            f"{end.year:04}-{end.month:02}", _add_months(end, -1) + timedelta(days=1), end
+        )
+    dates = cut_dates(obligation)
+    cuts = [date(y, m, d) for y in (day.year, day.year + 1) for m, d in dates]
+    starts = [date(day.year - 1, m, d) for m, d in dates] + cuts
+    last = next(c for c in cuts if c > day) - timedelta(days=1)
     first = max(s for s in starts if s <= day)
-    label = f"{end_cut.year}" if len(dates) == 1 else f"{end_cut.year}-H{index + 1}"
-    return Period(label, first, end_cut - timedelta(days=1))
+    return Period(_cut_label(dates, last), first, last)
+
+
+def cut_dates(obligation: Obligation) -> tuple[tuple[int, int], ...]:
+    """The (month, day) dates that cut a semi-annual or annual obligation's year into periods:
+    its "before" dates, or the defaults for a working-days rule."""
+    if obligation.due.kind == BEFORE_DATE:
+        return obligation.due.dates
+    return DEFAULT_DATES[obligation.cadence]
+
+
+def _cut_label(dates: tuple[tuple[int, int], ...], last: date) -> str:
+    """The label of the period of ``dates`` ending on ``last``: the year of its last day (a
+    period due before 1 January ends on 31 December and is that year's), and for halves
+    ``-H1``/``-H2`` in the order they end within that year."""
+    year = f"{last.year:04}"
+    if len(dates) == 1:
+        return year
+    # Each cut (month, day) ends a period on the day before it: in that year, or, for 1
+    # January, on 31 December of that year (the cut of the next year).
+    ends = sorted(
+        date(last.year, 12, 31) if (m, d) == (1, 1) else date(last.year, m, d) - timedelta(days=1)
+        for m, d in dates
+    )
+    return f"{year}-H{ends.index(last) + 1}"
 
 
 def periods(obligation: Obligation, start: date, end: date) -> list[Period]:
@@ -293,8 +356,23 @@ def due_date(obligation: Obligation, period: Period, calendar: WorkingDayCalenda
         assert rule.n is not None
         return calendar.add_working_days(period.last, rule.n)
     # "trước ngày 16/11": the day before the date, which is the period's last day by construction.
-    # Calendar days: a report sent by e-mail on a Sunday 15 November is still before the 16th.
-    return period.last
+    # BLDS 2015 Điều 148.5: "Khi ngày cuối cùng của thời hạn là ngày nghỉ cuối tuần hoặc ngày
+    # nghỉ lễ thì thời hạn kết thúc tại thời điểm kết thúc ngày làm việc tiếp theo ngày nghỉ
+    # đó" — a last day on a Sunday 15 November moves to Monday the 16th.
+    return next_working_day(calendar, period.last)
+
+
+def complete_from(obligation: Obligation, period: Period) -> date:
+    """The first day a report on ``period`` can be complete: one received earlier is *early*.
+
+    A working-days rule is due after the period: its data run to the period's last day (Điều
+    8.4.a: "mốc số liệu từ ngày 16 tháng trước đến ngày 15 tháng tiếp theo"), so a report sent
+    on or before that day cannot cover the whole period. A "before" rule is due within its
+    period (the report covers the time up to its deadline), so only a report sent before the
+    period began is early."""
+    if obligation.due.kind == WORKING_DAYS_AFTER:
+        return period.last + timedelta(days=1)
+    return period.first
 
 
 def _add_months(day: date, months: int) -> date:

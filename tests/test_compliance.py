@@ -33,7 +33,10 @@ from formats.vntime import VN_TZ
 from gateway import intake, obligation_store
 from gateway.adhoc import Reply, Request, deemed_consent_item, requests_status
 from gateway.cli import cli
-from gateway.compliance import Submission, matrix, month_bounds, status_for
+from gateway.cli_compliance import report_csv, status_text
+from gateway.compliance import Submission, matrix, month_bounds, month_labels, status_for
+from gateway.compliance_html import label as label_vi
+from gateway.compliance_html import render as render_html
 from gateway.demo import HUB_ADDRESS, WORK_PERMITS, DemoWorld
 from gateway.obligations import Obligation, default_due, periods
 from gateway.pipeline import Context
@@ -110,7 +113,7 @@ STORY = {
         sub(6, "H26.E", local("10-21"), "rejected"),
     ],
     "H26.F": [
-        sub(7, "H26.F", local("10-24")),  # a Saturday after the Thursday deadline
+        sub(7, "H26.F", local("10-24"), document_id="F,1"),  # a Saturday after Thursday's deadline
         sub(8, "H26.F", local("11-03"), business="replace", replaces="F,1", document_id="F,2"),
     ],
     "H26.G": [sub(9, "H26.G", local("10-21"), "rejected"), sub(10, "H26.G", local("10-23"))],
@@ -193,7 +196,7 @@ def test_matrix_agrees_with_status_for_on_random_histories() -> None:
             sub(
                 n,
                 provider,
-                local("10-16") + timedelta(hours=rng.randrange(24 * 25)),
+                local("10-10") + timedelta(hours=rng.randrange(24 * 31)),  # some early
                 rng.choice(["accepted", "accepted", "rejected"]),
                 business=rng.choice(["new", "new", "update", "replace", "revoke"]),
                 cadence=rng.choice(["monthly", "monthly", None, "ad-hoc", "annual"]),
@@ -220,10 +223,10 @@ def test_the_hanoi_preset_matrix() -> None:
     november = matrix(preset, [], CAL, "2026-11", local("11-20"))
     annual = [c for c in november.cells if c.obligation.cadence == "annual"]
     assert [(c.obligation.provider, c.period.label, c.due) for c in annual] == [
-        ("H26.VPUBND", "2026", date(2026, 11, 15))
+        ("H26.VPUBND", "2026", date(2026, 11, 16))  # before the 16th: Sunday 15th → Monday
     ]
     # A monthly November report does not fulfil the annual one.
-    report = sub(1, "H26.VPUBND", local("11-12"), category="foreign-affairs", period="2026-11")
+    report = sub(1, "H26.VPUBND", local("11-18"), category="foreign-affairs", period="2026-11")
     cells = matrix(preset, [report], CAL, "2026-11", local("11-20")).cells
     found = {
         c.obligation.cadence: c.status
@@ -336,9 +339,168 @@ def test_an_ad_hoc_payload_fulfils_no_periodic_obligation() -> None:
     ]
     for cell in cells:  # also among several payloads, and as the first one
         assert status_for(cell.obligation, cell.period, [adhoc], CAL, now).status == "missing"
-    unstated = sub(2, "H26.A", local("11-02"), period="2026-11", cadence=None)
+    unstated = sub(2, "H26.A", local("11-17"), period="2026-11", cadence=None)
     cell = matrix([monthly], [adhoc, unstated], CAL, "2026-11", now).cells[0]
-    assert (cell.status, cell.received_at) == ("on-time", local("11-02"))
+    assert (cell.status, cell.received_at) == ("on-time", local("11-17"))
+
+
+def test_a_report_sent_before_its_period_ended_is_early() -> None:
+    """Điều 8.4.a: the October data run to Thursday 15 October. A report received by then
+    cannot cover the period's last days, but the regulation sets no earliest day to send: it
+    keeps its status (on time by the due date) with the ``early`` flag, shown as a note and
+    counted under no status of its own. A correction received after the period clears it."""
+    o, now = ob("H26.A"), local("11-15")
+    on_the_15th = sub(1, "H26.A", local("10-15", "23:00"), document_id="E")
+    cell = _both(o, [on_the_15th], now)
+    assert (cell.status, cell.early, cell.late_days, cell.document_id) == ("on-time", True, 0, "E")
+    assert cell.received_at == local("10-15", "23:00")
+    at_once = _both(o, [on_the_15th], local("10-15", "23:30"))
+    assert (at_once.status, at_once.early) == ("on-time", True)
+    after = _both(o, [sub(2, "H26.A", local("10-16", "00:00"))], now)
+    assert (after.status, after.early) == ("on-time", False)
+
+    def fix(when: datetime, business: str = "replace") -> Submission:
+        return sub(3, "H26.A", when, business=business, replaces="E", document_id="F")
+
+    # Timeliness is the first report's; the flag follows the report in force.
+    completed = _both(o, [on_the_15th, fix(local("10-19"))], now)
+    assert (completed.status, completed.early, completed.late_days) == ("corrected", False, 0)
+    assert (completed.received_at, completed.document_id) == (local("10-15", "23:00"), "F")
+    after_due = _both(o, [on_the_15th, fix(local("10-26"), "update")], now)  # due Thu 22 Oct
+    assert (after_due.status, after_due.early, after_due.late_days) == ("corrected", False, 0)
+    still = _both(o, [on_the_15th, fix(local("10-15", "23:30"))], now)  # early too
+    assert (still.status, still.early, still.corrections) == ("corrected", True, 1)
+    second_new = _both(o, [on_the_15th, sub(4, "H26.A", local("10-19"))], now)  # not a fix
+    assert (second_new.status, second_new.early) == ("on-time", True)
+
+    # Shown as a note beside the status, in English and Vietnamese; kept in JSON and CSV.
+    note = "sent before the period ended: it cannot cover the period's last days"
+    assert status_text(cell) == f"on time ({note})"
+    assert status_text(still) == f"corrected ({note})"
+    assert status_text(completed) == "corrected"
+    note_vi = "gửi trước khi hết kỳ: chưa thể có số liệu những ngày cuối kỳ"
+    assert label_vi(cell) == f"Đúng hạn ({note_vi})"
+    assert "trước khi hết kỳ" not in label_vi(completed)
+    assert cell.as_dict(CAL.version)["early"] is True
+    assert completed.as_dict(CAL.version)["early"] is False
+    report = matrix([o], [on_the_15th], CAL, "2026-10", now)
+    assert report.counts()["on-time"] == 1 and "early" not in report.counts()
+    [row] = csv.DictReader(io.StringIO(report_csv([report], {})))
+    assert row["early"] == "True" and row["status"] == "on-time"
+    page = render_html(report, {}, generated=now)
+    assert page.count(note_vi) == 2  # the cell's note, and the legend's
+    assert 'class="cell early"' not in page and "Gửi trước khi hết kỳ" not in page
+    # A report after the due date is late, not early.
+    late = _both(o, [sub(5, "H26.A", local("10-26"))], now)
+    assert (late.status, late.early, late.late_days) == ("late", False, 2)
+
+    # A report due before a date is due within its period: the annual report of 2026 (16 Nov
+    # 2025 – 15 Nov 2026) sent on 10 November is on time, not early; one sent before the
+    # period began is on time too, and early.
+    annual = ob("H26.A", cadence="annual")
+    in_period = sub(6, "H26.A", local("11-10"), period="2026-11", cadence="annual")
+    ahead = sub(
+        7, "H26.A", datetime(2025, 11, 10, 9, tzinfo=VN_TZ), period="2026-11", cadence="annual"
+    )
+    for payload, early in ((in_period, False), (ahead, True)):
+        found = _both(annual, [payload], now)
+        assert (found.status, found.early) == ("on-time", early), payload
+
+
+def test_an_annual_report_due_on_a_sunday_is_due_the_next_working_day() -> None:
+    """BLDS 2015 Điều 148.5: "trước ngày 16/11" makes Sunday 15 November 2026 the last day, so
+    the deadline ends with Monday the 16th; Tuesday is a working day late."""
+    annual, now = ob("H26.A", cadence="annual"), local("11-30")
+
+    def at(day: str) -> Any:
+        return _both(annual, [sub(1, "H26.A", local(day), period="2026-11", cadence="annual")], now)
+
+    assert at("11-16").due == date(2026, 11, 16)
+    assert (at("11-16").status, at("11-17").status, at("11-17").late_days) == ("on-time", "late", 1)
+    assert _both(annual, [sub(1, "H26.A", local("11-16"), period="2026-11")], now).status == (
+        "missing"  # a monthly report is not the annual one
+    )
+    nothing = matrix([annual], [], CAL, "2026-11", local("11-16", "23:59")).cells[0]
+    assert nothing.status == "not-due-yet"
+
+
+def test_a_payload_without_cadence_counts_for_its_period_length_only() -> None:
+    """The envelope requires Cadence; an entry archived without one fulfils the obligation whose
+    cadence its period's length fits — not every cadence — and without a period, monthly."""
+    monthly, annual, now = ob("H26.A"), ob("H26.A", cadence="annual"), local("11-30")
+    a_year = sub(
+        1, "H26.A", local("11-13"), period="2026-11", cadence=None,
+        period_start=date(2025, 11, 16), period_end=date(2026, 11, 15),
+    )  # fmt: skip
+    a_month = sub(
+        2, "H26.A", local("11-18"), period="2026-11", cadence=None,
+        period_start=date(2026, 10, 16), period_end=date(2026, 11, 15),
+    )  # fmt: skip
+    unknown = sub(3, "H26.A", local("11-18"), period="2026-11", cadence=None)
+    for subs, expected in (
+        ([a_year], {"monthly": "missing", "annual": "on-time"}),
+        ([a_month], {"monthly": "on-time", "annual": "missing"}),
+        ([unknown], {"monthly": "on-time", "annual": "missing"}),
+    ):
+        cells = matrix([monthly, annual], subs, CAL, "2026-11", now).cells
+        assert {c.obligation.cadence: c.status for c in cells} == expected, subs
+        for cell in cells:
+            assert cell == status_for(cell.obligation, cell.period, subs, CAL, now)
+    fields = {
+        "status": "accepted",
+        "agency": "H26.A",
+        "category": "work-permit",
+        "period": "2026-11",
+        "transport": {"received_at": "2026-11-13T03:00:00+00:00"},
+        "payload": {"period_start": "2025-11-16", "period_end": "2026-11-15"},
+    }
+    entry = Submission.from_entry(9, fields)
+    assert entry is not None and (entry.cadence, entry.counts_for) == (None, "annual")
+
+
+def test_a_correction_counts_only_when_it_names_a_report_in_force() -> None:
+    """A correction (update, replace) supersedes the report in force only when it names it or
+    a report it superseded, filed by the same sender for the same obligation and period (an
+    update may name nothing: it updates the report in force). Otherwise it is ignored and the
+    cell says so."""
+    o, now = ob("H26.A"), local("11-15")
+    a = sub(1, "H26.A", local("10-20"), document_id="A")
+    c = sub(2, "H26.A", local("10-21"), business="update", replaces="A", document_id="C")
+    other_period = sub(3, "H26.A", local("10-01"), period="2026-09", document_id="S")
+    revoke_a = sub(4, "H26.A", local("10-22"), business="revoke", replaces="A", document_id="R")
+
+    def fix(replaces: str | None, business: str = "replace") -> Submission:
+        return sub(
+            9, "H26.A", local("10-23"), business=business, replaces=replaces, document_id="X"
+        )
+
+    for history, expected in (
+        ([a, fix("H26.A,2020/01/01,999/XYZ")], ("on-time", "A", 0, ("X",))),  # never filed
+        ([a, other_period, fix("S")], ("on-time", "A", 0, ("X",))),  # another period's
+        ([fix("A")], ("missing", None, 0, ("X",))),  # nothing in force
+        ([a, revoke_a, fix("A")], ("missing", None, 0, ("X",))),  # withdrawn
+        ([a, fix("A")], ("corrected", "X", 1, ())),
+        ([a, c, fix("A")], ("corrected", "X", 2, ())),  # one it superseded
+        ([a, fix(None, "update")], ("corrected", "X", 1, ())),  # an update names nothing
+    ):
+        cell = _both(o, history, now)
+        assert (cell.status, cell.document_id, cell.corrections, cell.ignored) == expected, history
+    # Another sender's report of that DocumentId is not this sender's report.
+    theirs = sub(5, "H26.B", local("10-20"), document_id="B")
+    cell = _both(o, [theirs, a, fix("B")], now)
+    assert (cell.status, cell.ignored) == ("on-time", ("X",))
+    assert status_text(cell) == "on time (ignored: X names no report in force)"
+    assert "bỏ qua bản đính chính X" in label_vi(cell)
+    assert cell.as_dict(CAL.version)["ignored_corrections"] == ["X"]
+
+
+def test_months_have_a_supported_range() -> None:
+    assert month_bounds("9999-12") == (date(9999, 12, 1), date(9999, 12, 31))
+    assert month_bounds("2028-02") == (date(2028, 2, 1), date(2028, 2, 29))
+    for bad in ("0000-01", "2026-13", "2026-1", "26-10", "２０２６-10"):
+        with pytest.raises(ValueError, match="is not YYYY-MM"):
+            month_bounds(bad)
+    assert month_labels("0999-11", "1000-02") == ["0999-11", "0999-12", "1000-01", "1000-02"]
 
 
 # --- requests: a whole month, day by day -------------------------------------------------------
@@ -670,6 +832,43 @@ def test_cli_refusals(home: Path) -> None:
     ):
         result = CliRunner().invoke(cli, ["--home", str(home), "compliance", *args])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_months_and_times_out_of_range_are_usage_errors(home: Path) -> None:
+    """One line and exit 2, never "internal error" (exit 70): periods and --at outside the
+    years the working-day calendar covers (2000–2099). Times at the ends of what Python can
+    hold (years 1 and 9999, which overflow in UTC) may be refused earlier, by the CLI's own
+    range for times: still one line and exit 2."""
+    calendar_range = (
+        ["status", "--period", "9999-12"],
+        ["status", "--period", "0001-01"],
+        ["status", "--period", "1999-12"],
+        ["status", "--period", "2100-01"],
+        ["history", "--agency", "H26.SNV", "--from", "0001-01", "--to", "2026-10"],
+        ["history", "--agency", "H26.SNV", "--to", "9999-12"],
+        ["history", "--agency", "H26.SNV", "--to", "0001-01"],
+        ["status", "--period", "2026-10", "--at", "1999-12-31T23:00+07:00"],
+        ["status", "--period", "2026-10", "--at", "2099-12-31T20:00-05:00"],  # 2100 in Hanoi
+        ["history", "--agency", "H26.SNV", "--at", "2100-01-01"],
+        ["requests", "--at", "2100-06-01T09:00+07:00"],
+    )
+    extreme = (
+        ["status", "--period", "2026-10", "--at", "0001-01-01T00:00+09:00"],
+        ["status", "--period", "2026-10", "--at", "9999-12-31T23:00-05:00"],
+        ["history", "--agency", "H26.SNV", "--at", "0001-01-01"],
+        ["requests", "--at", "9999-12-31T23:00-05:00"],
+    )
+    for args in (*calendar_range, *extreme):
+        result = CliRunner().invoke(cli, ["--home", str(home), "compliance", *args])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, (args, result.output)
+        if args in calendar_range:
+            assert "2000" in lines[0] and "2099" in lines[0], (args, lines)
+    # The first and last months still work; --to 2000-05 starts at 2000-01, not 1999-06.
+    assert "Period 2099-12" in gateway(home, "compliance", "status", "--period", "2099-12")
+    assert "Period 2000-01" in gateway(home, "compliance", "status", "--period", "2000-01")
+    first = gateway(home, "compliance", "history", "--agency", "H26.SNV", "--to", "2000-05")
+    assert first.splitlines()[0].endswith("2000-01 to 2000-05")
 
 
 def test_real_revokes_and_ad_hoc_payloads(world: DemoWorld, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +17,24 @@ from click.testing import CliRunner, Result
 from archive.db import Database, sqlite_url
 from formats.categories import CATEGORIES
 from formats.errors import InputError
+from formats.vntime import VN_TZ
 from gateway import obligation_store
 from gateway.cli import cli
+from gateway.compliance import Submission, status_for
 from gateway.obligations import (
     DueRule,
     Obligation,
     Period,
     active,
+    cadence_of,
+    complete_from,
     default_due,
     due_date,
     fulfilled_by,
     period_containing,
     periods,
 )
+from gateway.workdays import Calendar
 from keys import agency_io, presets, store
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -161,7 +166,8 @@ def test_the_annual_part_of_8_2_b_is_due_before_16_november() -> None:
         (o.provider, p) for o in annual for p in periods(o, date(2025, 1, 1), date(2025, 12, 31))
     ]
     assert owed == [("H26.VPUBND", Period("2025", date(2024, 11, 16), date(2025, 11, 15)))]
-    assert due_date(annual[0], owed[0][1], Weekdays()) == date(2025, 11, 15)
+    # Before the 16th: the 15th, a Saturday in 2025, so Monday the 17th (BLDS 2015 Điều 148.5).
+    assert due_date(annual[0], owed[0][1], Weekdays()) == date(2025, 11, 17)
 
 
 # --- periods and due dates -----------------------------------------------------------------------
@@ -210,7 +216,8 @@ def test_semiannual_periods_and_due_dates() -> None:
         Period("2026-H1", date(2025, 11, 15), date(2026, 5, 14)),
         Period("2026-H2", date(2026, 5, 15), date(2026, 11, 14)),
     ]
-    assert [due_date(o, p, Weekdays()) for p in listed] == [date(2026, 5, 14), date(2026, 11, 14)]
+    # Thursday 14 May; Saturday 14 November moves to Monday the 16th (BLDS 2015 Điều 148.5).
+    assert [due_date(o, p, Weekdays()) for p in listed] == [date(2026, 5, 14), date(2026, 11, 16)]
     by_days = obligation("semiannual", category="document", due=DueRule.working_days_after(3))
     h1 = period_containing(by_days, date(2026, 1, 1))  # same periods, due 3 working days later
     assert h1 == listed[0] and due_date(by_days, h1, Weekdays()) == date(2026, 5, 19)
@@ -221,7 +228,7 @@ def test_annual_periods_and_due_dates() -> None:
     listed = periods(o, date(2025, 1, 1), date(2026, 12, 31))
     assert [p.label for p in listed] == ["2025", "2026"]
     assert listed[1] == Period("2026", date(2025, 11, 16), date(2026, 11, 15))
-    assert due_date(o, listed[1], Weekdays()) == date(2026, 11, 15)  # a Sunday: still in time
+    assert due_date(o, listed[1], Weekdays()) == date(2026, 11, 16)  # Sunday 15th → Monday
 
 
 def test_a_payload_is_owed_under_an_obligation_of_its_own_cadence_only() -> None:
@@ -229,7 +236,7 @@ def test_a_payload_is_owed_under_an_obligation_of_its_own_cadence_only() -> None
     same cadence or none stated; an ad-hoc payload answers a request (Điều 8.4.a)."""
     monthly, day = obligation(), date(2026, 10, 15)
     assert fulfilled_by(monthly, "H26.STP", "judicial-civil", "monthly", day)
-    assert fulfilled_by(monthly, "H26.STP", "judicial-civil", None, day)
+    assert fulfilled_by(monthly, "H26.STP", "judicial-civil", None, day)  # no period: monthly
     for cadence in ("ad-hoc", "annual", "semiannual"):
         assert not fulfilled_by(monthly, "H26.STP", "judicial-civil", cadence, day), cadence
     annual = obligation("annual", category="document")
@@ -239,6 +246,116 @@ def test_a_payload_is_owed_under_an_obligation_of_its_own_cadence_only() -> None
     assert not fulfilled_by(
         obligation(valid_to=date(2026, 9, 30)), "H26.STP", "judicial-civil", "monthly", day
     )
+
+
+def test_labels_of_custom_before_dates_take_the_year_of_the_last_day() -> None:
+    """A period due before 1 January ends on 31 December: it is that year's, not the next."""
+    annual = obligation("annual", category="document", due=DueRule.before("01-01"))
+    assert period_containing(annual, date(2026, 6, 1)) == Period(
+        "2026", date(2026, 1, 1), date(2026, 12, 31)
+    )
+    halves = obligation("semiannual", category="document", due=DueRule.before("01-01", "07-01"))
+    assert periods(halves, date(2026, 1, 1), date(2026, 12, 31)) == [
+        Period("2026-H1", date(2026, 1, 1), date(2026, 6, 30)),
+        Period("2026-H2", date(2026, 7, 1), date(2026, 12, 31)),
+    ]
+    late_cut = obligation("semiannual", category="document", due=DueRule.before("06-30", "12-31"))
+    assert [p.label for p in periods(late_cut, date(2026, 1, 1), date(2026, 12, 31))] == [
+        "2026-H1",  # 31 Dec 2025 – 29 Jun 2026
+        "2026-H2",  # 30 Jun – 30 Dec 2026
+    ]
+    # The defaults keep their labels: 2026-H1 ends 14 May 2026, the annual 2026 on 15 Nov.
+    default = obligation("semiannual", category="document")
+    assert period_containing(default, date(2026, 1, 1)).label == "2026-H1"
+    assert period_containing(obligation("annual", category="document"), date(2026, 1, 1)) == (
+        Period("2026", date(2025, 11, 16), date(2026, 11, 15))
+    )
+    # Labels are zero-padded like the months: periods of year 999 sort with the others.
+    assert period_containing(obligation(), date(999, 10, 1)).label == "0999-10"
+    assert period_containing(annual, date(999, 10, 1)).label == "0999"
+
+
+def test_a_due_date_on_a_day_off_moves_to_the_next_working_day() -> None:
+    """BLDS 2015 Điều 148.5: a period whose last day is a weekly rest day or a public holiday
+    ends at the end of the next working day — for every cadence and rule."""
+    cal = Calendar.load()
+    annual = obligation("annual", category="document")  # before 16 Nov
+    assert due_date(annual, period_containing(annual, date(2026, 1, 1)), cal) == date(2026, 11, 16)
+    # Before 3 September: Tuesday 2 September 2025 is National Day, so Wednesday the 3rd.
+    national = obligation("annual", category="document", due=DueRule.before("09-03"))
+    assert due_date(national, period_containing(national, date(2025, 1, 1)), cal) == date(
+        2025, 9, 3
+    )
+    # Before 1 May: 30 April and 1 May are holidays, Friday 2 May 2025 was swapped off
+    # (Công văn 8726/VPCP-KGVX), then the weekend: Monday 5 May.
+    may = obligation("annual", category="document", due=DueRule.before("05-01"))
+    assert due_date(may, period_containing(may, date(2025, 1, 1)), cal) == date(2025, 5, 5)
+    # Every cadence's due date, over four years, is a working day.
+    rules = [
+        obligation(),
+        obligation(due=DueRule.working_days_after(1)),
+        obligation("semiannual", category="document"),
+        obligation("semiannual", category="document", due=DueRule.before("01-01", "07-01")),
+        obligation("annual", category="document"),
+        national,
+        may,
+    ]
+    for o in rules:
+        for p in periods(o, date(2024, 1, 1), date(2027, 12, 31)):
+            due = due_date(o, p, cal)
+            assert cal.is_working_day(due) and due >= p.last, (o.due, p)
+            if o.due.kind == "before-date":  # the last day, or the first working day after it
+                passed = [p.last + timedelta(days=n) for n in range((due - p.last).days)]
+                assert not any(cal.is_working_day(d) for d in passed), (o.due, p)
+
+
+def test_a_report_can_be_complete_once_its_data_are() -> None:
+    """Điều 8.4.a: the data run to the 15th, so a monthly report is complete from the 16th; a
+    report due before a date is due within its period, so only one before the period is early.
+    Early is a flag beside the status, not a status: the report is still on time."""
+    cal = Calendar.load()
+    monthly = obligation()
+    october = period_containing(monthly, date(2026, 10, 1))
+    assert complete_from(monthly, october) == date(2026, 10, 16)
+    annual = obligation("annual", category="document")
+    year = period_containing(annual, date(2026, 1, 1))
+    assert complete_from(annual, year) == date(2025, 11, 16) == year.first
+    by_days = obligation("annual", category="document", due=DueRule.working_days_after(5))
+    assert complete_from(by_days, year) == date(2026, 11, 16)
+
+    def cell(o: Obligation, period: Period, day: date) -> tuple[str, bool]:
+        label = f"{period.last:%Y-%m}"
+        at = datetime.combine(day, time(10), VN_TZ)
+        report = Submission(1, "H26.STP", o.category, label, "accepted", at, cadence=o.cadence)
+        found = status_for(o, period, [report], cal, datetime(2027, 1, 1, tzinfo=VN_TZ))
+        return found.status, found.early
+
+    for o, period, day, expected in (
+        (monthly, october, date(2026, 10, 15), ("on-time", True)),  # the period's last day
+        (monthly, october, date(2026, 10, 16), ("on-time", False)),
+        (annual, year, date(2025, 11, 15), ("on-time", True)),  # before the period began
+        (annual, year, date(2025, 11, 16), ("on-time", False)),  # due within its period
+        (by_days, year, date(2026, 11, 15), ("on-time", True)),
+        (by_days, year, date(2026, 11, 16), ("on-time", False)),
+    ):
+        assert cell(o, period, day) == expected, (o.due, day)
+
+
+def test_the_cadence_of_a_payload_without_one_is_its_period_length() -> None:
+    """The envelope schema requires Cadence; entries archived without one count for the
+    cadence their period's length fits, never for every cadence."""
+    assert cadence_of("annual", date(2026, 10, 1), date(2026, 10, 15)) == "annual"  # as stated
+    assert cadence_of(None) == "monthly"  # no period either (Điều 8.4.a: monthly)
+    assert cadence_of(None, date(2026, 9, 16), date(2026, 10, 15)) == "monthly"
+    assert cadence_of(None, date(2026, 5, 15), date(2026, 11, 14)) == "semiannual"
+    assert cadence_of(None, date(2025, 11, 16), date(2026, 11, 15)) == "annual"
+    monthly, annual = obligation(), obligation("annual", category="document")
+    year = (date(2026, 11, 15), date(2025, 11, 16))
+    assert not fulfilled_by(monthly, "H26.STP", "judicial-civil", None, *year)
+    assert fulfilled_by(annual, "H26.STP", "document", None, *year)
+    month = (date(2026, 11, 15), date(2026, 10, 16))
+    assert fulfilled_by(monthly, "H26.STP", "judicial-civil", None, *month)
+    assert not fulfilled_by(annual, "H26.STP", "document", None, *month)
 
 
 def test_a_period_of_another_cadence_is_refused() -> None:
@@ -288,7 +405,9 @@ Run = Callable[..., Result]
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
+    home = tmp_path / "home"
+    home.mkdir()  # the CLI refuses a home that does not exist
+    return home
 
 
 @pytest.fixture

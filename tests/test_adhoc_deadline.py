@@ -1,0 +1,64 @@
+"""Ad-hoc requests: a DueDate on a day off ends with the next working day (BLDS 2015 Điều
+148.5), with a fixed clock and the real working-day calendar."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from gateway.adhoc import Reply, Request, deemed_consent_item, requests_status
+from gateway.workdays import Calendar
+
+CAL = Calendar.load()
+
+
+def at(day: str, hm: str = "10:00") -> datetime:
+    return datetime.fromisoformat(f"{day}T{hm}:00+07:00")
+
+
+def request(due: date, received: str = "2026-11-02") -> Request:
+    return Request(1, "H26.CATP,2026/11/02,1/YC", "H26.CATP", ("H26.SNV",), at(received), due)
+
+
+def reply(when: datetime) -> Reply:
+    return Reply(2, "H26.SNV,2026/11/16,1/TL", "H26.SNV", "H26.CATP,2026/11/02,1/YC", when)
+
+
+def test_a_due_date_on_a_sunday_ends_with_monday() -> None:
+    """DueDate Sunday 15 November 2026: a reply on Monday the 16th is in time, consent is
+    deemed only at 24:00 that Monday, and a reply on Tuesday is one working day late."""
+    r = request(date(2026, 11, 15))
+    day, rule = r.deadline(CAL)
+    assert day == date(2026, 11, 16)
+    assert "2026-11-15" in rule and "148.5" in rule and "7.3.a" in rule
+
+    def state(now: datetime, *replies: Reply) -> tuple[str, int]:
+        [st] = requests_status([r], replies, CAL, now)
+        return st.state, st.late_days
+
+    assert state(at("2026-11-15", "23:00")) == ("open", 0)
+    assert state(at("2026-11-16", "23:59")) == ("open", 0)
+    assert state(at("2026-11-17", "00:00")) == ("deemed-consent", 0)
+    monday = reply(at("2026-11-16", "16:00"))
+    assert state(at("2026-11-20"), monday) == ("answered", 0)
+    tuesday = reply(at("2026-11-17", "09:00"))
+    assert state(at("2026-11-20"), tuesday) == ("answered-late", 1)
+    [st] = requests_status([r], [], CAL, at("2026-11-20"))
+    assert st.as_dict()["deadline_ends"] == "2026-11-17T00:00:00+07:00"
+    item = deemed_consent_item(st, at("2026-11-20"))
+    assert item.fields["deemed_at"] == "2026-11-17T00:00:00+07:00"
+
+
+def test_a_due_date_on_a_public_holiday_moves_past_it() -> None:
+    """Tuesday 2 September 2025 is National Day (Bộ luật Lao động 2019 Điều 112): Wednesday
+    the 3rd. 30 April and 1 May 2026 (Thursday, Friday) are holidays: Monday 4 May."""
+    assert request(date(2025, 9, 2), "2025-08-25").deadline(CAL)[0] == date(2025, 9, 3)
+    assert request(date(2026, 4, 30), "2026-04-20").deadline(CAL)[0] == date(2026, 5, 4)
+    assert request(date(2026, 5, 2), "2026-04-20").deadline(CAL)[0] == date(2026, 5, 4)
+
+
+def test_a_due_date_on_a_working_day_is_kept() -> None:
+    day, rule = request(date(2026, 11, 13)).deadline(CAL)  # a Friday
+    assert day == date(2026, 11, 13)
+    assert rule == "DueDate given by the requester (QĐ 1342 Điều 7.3.a)"
+    # Outside the years the calendar covers (2000–2099) it cannot say: kept as given.
+    assert request(date(2100, 1, 2)).deadline(CAL)[0] == date(2100, 1, 2)  # a Saturday
