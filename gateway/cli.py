@@ -21,7 +21,7 @@ import click
 from sqlalchemy.orm import Session
 
 from archive.db import Database
-from formats.errors import GatewayError, InputError
+from formats.errors import ConfigError, GatewayError, InputError
 from gateway import settings as settings_mod
 from gateway.cli_payload import payload
 
@@ -58,8 +58,17 @@ def cli(ctx: click.Context, home: Path | None, debug: bool) -> None:
 
 
 def load_settings(ctx: click.Context) -> settings_mod.Settings:
+    """The settings of the home, which must exist (:func:`existing_home`)."""
+    return settings_mod.load(existing_home(ctx))
+
+
+def existing_home(ctx: click.Context) -> Path:
+    """The home directory, which must exist: a mistyped ``--home`` must not become a new, empty
+    home (with a new archive master key). ``gateway init`` and ``gateway demo`` make homes."""
     home: Path = ctx.find_root().obj["home"]
-    return settings_mod.load(home)
+    if not home.is_dir():
+        raise ConfigError(f"no gateway home at {home} (run `gateway init --home {home}` first)")
+    return home
 
 
 def open_db(ctx: click.Context) -> Database:
@@ -103,7 +112,18 @@ def parse_time(text: str, *, option: str = "--at", naive: tzinfo = UTC) -> datet
         raise InputError(
             f"{option} {text!r} is not an ISO 8601 time (e.g. 2026-11-05T09:30+07:00)"
         ) from None
-    return value if value.utcoffset() is not None else value.replace(tzinfo=naive)
+    value = value if value.utcoffset() is not None else value.replace(tzinfo=naive)
+    if not TIME_RANGE[0] <= value.year <= TIME_RANGE[1]:
+        # 9999-12-31T23:59 would overflow in UTC, or in a day's arithmetic.
+        raise InputError(
+            f"{option} {text!r} is out of range: give a time in the years "
+            f"{TIME_RANGE[0]}–{TIME_RANGE[1]}"
+        )
+    return value
+
+
+#: The years a time given on the command line may fall in.
+TIME_RANGE = (1970, 2999)
 
 
 def emit_json(data: Any) -> None:

@@ -10,16 +10,20 @@ PostgreSQL, several machines) share the queue without a coordinator.
 
 Start-up resumes whatever a crash left half done: claims held by processes of this host that
 no longer run are released at once (others expire with their lease). Stopping (SIGTERM or
-SIGINT) closes the listeners first, then lets the workers finish the batch in hand.
+SIGINT) closes the listeners first, then lets the workers finish the batch in hand. The
+listeners and the metrics endpoint are bound before any worker starts: an address in use stops
+start-up with one line naming the setting. Workers never outlive the supervisor: killed with
+``kill -9``, it leaves no one to tell them to stop, so each worker asks Linux for a SIGTERM when
+its parent dies (``PR_SET_PDEATHSIG``) and its loop also notices the parent gone.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import multiprocessing as mp
 import os
-import signal
 import socket
 import threading
 import time
@@ -27,19 +31,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from multiprocessing.synchronize import Event as ProcessEvent
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from archive import tables as t
 from archive.db import Database
-from archive.service import Archive, SigningKey
+from archive.service import Archive
 from formats.errors import ConfigError, GatewayError, TransientError
-from formats.payload import Organ
 from formats.vntime import VN_TZ
-from gateway import logs
 from gateway import settings as settings_mod
 from gateway.loading import (
     load_context,
@@ -49,141 +50,20 @@ from gateway.loading import (
     secret,
 )
 from gateway.metrics import MetricsServer, render
-from gateway.outbound import ENVIRONMENT, Builder, Hub
+from gateway.outbound import ENVIRONMENT
 from gateway.pipeline import Context
 from gateway.sender import Sender
 from gateway.settings import Settings, host_port
 from gateway.workdays import Calendar
-from gateway.worker import Worker, worker_name
+from gateway.worker import worker_name
+from gateway.worker_process import hub_signer, worker_main
 
 if TYPE_CHECKING:
     from gateway.relay import Relay
 
 log = logging.getLogger("gateway.serve")
 
-IDLE = 0.02  # seconds a worker waits when there is nothing to do
-BUILD_EVERY = 16  # while intake is backlogged, build receipts and deliveries every Nth cycle
-CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
 RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host
-
-
-def hub_signer(ctx: Context, at: datetime) -> SigningKey:
-    """The newest hub key whose certificate is valid now: it signs receipts and checkpoints."""
-    usable = [
-        k for k in ctx.keys if k.cert.not_valid_before_utc <= at <= k.cert.not_valid_after_utc
-    ]
-    if not usable:
-        raise ConfigError("no hub certificate is valid now: receipts cannot be signed")
-    newest = max(usable, key=lambda k: k.cert.not_valid_before_utc)
-    return newest.cert, newest.key
-
-
-class ContextCache:
-    """The pipeline context, loaded again when an admin changes keys, agencies or evidence."""
-
-    def __init__(self, settings: Settings, db: Database) -> None:
-        self.settings, self.db = settings, db
-        self._version: tuple[Any, ...] | None = None
-        self._ctx: Context | None = None
-        self._checked = 0.0
-
-    def __call__(self) -> Context:
-        now = time.monotonic()
-        if self._ctx is None or now - self._checked >= CONTEXT_CHECK:
-            self._checked = now
-            version = self._current_version()
-            if version != self._version or self._ctx is None:
-                self._ctx = load_context(self.settings, self.db)
-                self._version = version
-        return self._ctx
-
-    def _current_version(self) -> tuple[Any, ...]:
-        with self.db.session(read_only=True) as s:
-            return (
-                s.scalar(select(func.max(t.AdminEvent.seq))),
-                s.scalar(select(func.max(t.RevocationEvidence.id))),
-            )
-
-
-def hub_identity(settings: Settings, ctx: Context, at: datetime) -> Hub:
-    return Hub(
-        settings.hub.address,
-        Organ(settings.hub.organ_id, settings.hub.organ_name, settings.hub.address),
-        hub_signer(ctx, at),
-        settings.serve.admin_address,
-    )
-
-
-def worker_main(
-    home: str, index: int, stop: ProcessEvent, log_format: str, log_level: str = "info"
-) -> None:
-    """One pipeline process: claim, process, file, build what is owed; until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    logs.configure(log_format, log_level)
-    settings = settings_mod.load(Path(home))
-    db = open_database(settings)
-    contexts = ContextCache(settings, db)
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731
-    name = worker_name()
-    archive = open_archive(settings, db, hub_signer(contexts(), clock()))
-    worker = Worker(
-        archive,
-        contexts,
-        clock=clock,
-        name=name,
-        peers=settings.serve.workers,
-        admin=settings.serve.admin_address,
-    )
-    builder = Builder(
-        archive,
-        hub_identity(settings, contexts(), clock()),
-        lambda: contexts().directory,
-        clock,
-        name,
-    )
-    log.info("worker %d ready", index)
-    # What start-up loaded (modules, schemas, keys, the directory) lives as long as the process:
-    # kept out of the collector's full passes, which otherwise walk it again and again.
-    gc.freeze()
-    work(worker, builder, stop, index)
-    db.dispose()
-
-
-def work(
-    worker: Worker, builder: Builder, stop: ProcessEvent | threading.Event, index: int
-) -> None:
-    """A worker's loop: take mail in, file it, build what is owed; until ``stop``. Failures
-    back off and are tried again: the process never exits on one (no crash loop)."""
-    failures = 0
-    cycle = 0
-    while not stop.is_set():
-        cycle += 1
-        try:
-            # Taking mail in comes first: while intake is backlogged (a burst), receipts and
-            # deliveries are built every few cycles; otherwise, steady load included, every
-            # cycle, so that they keep pace with what is filed.
-            filed = worker.run_once()
-            built = builder.run_once() if build_now(worker.backlog, cycle) else 0
-            busy = bool(filed) or bool(built)
-            failures = 0
-        except ENVIRONMENT as exc:
-            failures += 1
-            log.warning("worker %d: %s; trying again", index, exc)
-            stop.wait(min(30.0, 0.5 * 2**failures))
-            continue
-        except Exception:  # a defect of ours: logged, and the process stays up
-            failures += 1
-            log.exception("worker %d: unexpected failure; trying again", index)
-            stop.wait(min(30.0, 0.5 * 2**failures))
-            continue
-        if not busy:
-            stop.wait(IDLE)
-
-
-def build_now(backlog: bool, cycle: int) -> bool:
-    """Whether a worker builds receipts and deliveries in this cycle of its loop."""
-    return not backlog or cycle % BUILD_EVERY == 0
 
 
 def release_stale_claims(db: Database, host: str) -> int:
@@ -211,7 +91,7 @@ def _gone(worker: str, host: str) -> bool:
     name, _, pid = worker.rpartition(":")
     if worker == "waiting":
         return False
-    if name != host or not pid.isdigit():
+    if name != host or not (pid.isascii() and pid.isdigit()):
         return False
     try:
         os.kill(int(pid), 0)
@@ -245,40 +125,53 @@ class Supervisor:
             log.info("resumed %d items left claimed by stopped processes", released)
         spawn = mp.get_context("spawn")
         workers_stop = spawn.Event()
-        processes: list[Any] = []
+        processes: list[Any] = []  # the same list throughout: metrics counts the live ones
 
         def start_worker(index: int) -> Any:
             p = spawn.Process(
                 target=worker_main,
-                args=(str(settings.home), index, workers_stop, self.log_format, self.log_level),
+                args=(
+                    str(settings.home),
+                    index,
+                    workers_stop,
+                    self.log_format,
+                    self.log_level,
+                    os.getpid(),
+                ),
                 name=f"gateway-worker-{index}",
                 daemon=True,
             )
             p.start()
             return p
 
-        processes = [start_worker(i) for i in range(settings.serve.workers)]
-        listeners = self._listeners(db, ctx)
+        listeners: dict[str, Any] = {}
+        metrics: MetricsServer | None = None
+        imap_thread: threading.Thread | None = None
+        try:
+            # Addresses first: one in use (or not ours to bind) ends start-up here, with one
+            # line naming the setting, before any worker process or thread has started.
+            listeners = self._listeners(db, ctx)
+            metrics = self._metrics(db, listeners, processes)
+            imap_thread = self._imap(db)
+            processes.extend(start_worker(i) for i in range(settings.serve.workers))
+        except BaseException:
+            self.stop.set()
+            for lst in listeners.values():
+                lst.stop()
+            if metrics is not None:
+                metrics.stop()
+            if imap_thread is not None:
+                imap_thread.join(timeout=30)
+            _stop_workers(workers_stop, processes, timeout=5)
+            db.dispose()
+            raise
         sender_thread = threading.Thread(
             target=self._send_loop, args=(archive, relay), name="sender", daemon=True
         )
         sender_thread.start()
-        imap_thread = self._imap(db)
         if settings.compliance.remind_at != settings_mod.REMIND_OFF:
             threading.Thread(
                 target=self._schedule, args=(db,), name="scheduler", daemon=True
-            ).start()
-        metrics = None
-        if settings.serve.metrics:
-            host, port = host_port(settings.serve.metrics, "[serve] metrics")
-            metrics = MetricsServer(
-                host,
-                port,
-                lambda: render(
-                    db,
-                    _merged_replies(listeners),
-                    sum(1 for p in processes if p.is_alive()),
-                ),
             ).start()
         info = {
             "listeners": {name: lst.port for name, lst in listeners.items()},
@@ -309,11 +202,7 @@ class Supervisor:
         log.info("stopping: no new mail accepted; finishing work in hand")
         for lst in listeners.values():
             lst.stop()
-        workers_stop.set()
-        for p in processes:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+        _stop_workers(workers_stop, processes, timeout=30)
         sender_thread.join(timeout=30)
         if imap_thread is not None:
             imap_thread.join(timeout=30)
@@ -322,9 +211,28 @@ class Supervisor:
         db.dispose()
         log.info("stopped")
 
-    def _listeners(self, db: Database, ctx: Context) -> dict[str, Any]:
-        from gateway import smtp  # aiosmtpd is needed only when listening
+    def _metrics(
+        self, db: Database, listeners: dict[str, Any], processes: list[Any]
+    ) -> MetricsServer | None:
+        address = self.settings.serve.metrics
+        if not address:
+            return None
+        host, port = host_port(address, "[serve] metrics")
+        try:
+            server = MetricsServer(
+                host,
+                port,
+                lambda: render(
+                    db,
+                    _merged_replies(listeners),
+                    sum(1 for p in processes if p.is_alive()),
+                ),
+            )
+        except OSError as exc:
+            raise _bind_error("[serve] metrics", address, exc) from None
+        return server.start()
 
+    def _listeners(self, db: Database, ctx: Context) -> dict[str, Any]:
         s = self.settings
         tls = _tls_context(s)
         authenticator = None
@@ -337,23 +245,38 @@ class Supervisor:
             if not address:
                 continue
             host, port = host_port(address, f"[listen] {name}")
-            out[name] = smtp.start(
-                db,
-                host=host,
-                port=port,
-                hub_addresses=[s.hub.address],
-                limits=s.limits,
-                tls_context=tls if name == "smtp" else None,
-                require_tls=s.listen.require_tls and name == "smtp",
-                lmtp=name == "lmtp",
-                max_recipients=s.listen.max_recipients,
-                timeout=s.listen.timeout,
-                max_sessions=s.listen.max_sessions,
-                max_sessions_per_ip=s.listen.max_sessions_per_ip,
-                authenticator=authenticator if name == "smtp" else None,
-                require_auth=s.listen.require_auth and name == "smtp",
-            )
+            try:
+                out[name] = self._listen(db, name, host, port, tls, authenticator)
+            except BaseException as exc:
+                for started in out.values():
+                    started.stop()
+                if isinstance(exc, OSError):
+                    raise _bind_error(f"[listen] {name}", address, exc) from None
+                raise
         return out
+
+    def _listen(
+        self, db: Database, name: str, host: str, port: int, tls: Any, authenticator: Any
+    ) -> Any:
+        from gateway import smtp  # aiosmtpd is needed only when listening
+
+        s = self.settings
+        return smtp.start(
+            db,
+            host=host,
+            port=port,
+            hub_addresses=[s.hub.address],
+            limits=s.limits,
+            tls_context=tls if name == "smtp" else None,
+            require_tls=s.listen.require_tls and name == "smtp",
+            lmtp=name == "lmtp",
+            max_recipients=s.listen.max_recipients,
+            timeout=s.listen.timeout,
+            max_sessions=s.listen.max_sessions,
+            max_sessions_per_ip=s.listen.max_sessions_per_ip,
+            authenticator=authenticator if name == "smtp" else None,
+            require_auth=s.listen.require_auth and name == "smtp",
+        )
 
     def _send_loop(self, archive: Archive, relay: Relay) -> None:
         from gateway.relay import RelaySession
@@ -458,6 +381,28 @@ class Supervisor:
         thread = threading.Thread(target=poller.run, args=(self.stop,), name="imap", daemon=True)
         thread.start()
         return thread
+
+
+def _bind_error(where: str, address: str, exc: OSError) -> ConfigError:
+    """One line for a listening address that cannot be bound, naming the setting."""
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"{where}: {address} is already in use")
+    if exc.errno == errno.EACCES:
+        return ConfigError(
+            f"{where}: {address} cannot be bound: permission denied (ports below 1024 need "
+            "CAP_NET_BIND_SERVICE)"
+        )
+    return ConfigError(f"{where}: cannot listen on {address} ({exc.strerror or exc})")
+
+
+def _stop_workers(stop: ProcessEvent, processes: list[Any], *, timeout: float) -> None:
+    """Tell the worker processes to stop, wait up to ``timeout`` each, then terminate them."""
+    stop.set()
+    for p in processes:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
 
 
 def _imap_password(settings: Settings) -> str:

@@ -2,7 +2,8 @@
 
 The home is ``--home`` or ``$GATEWAY_HOME`` or ``./gateway-home``. Every setting has a default,
 so the gateway runs with no file at all; relative paths are relative to the home. Only the CLI
-reads settings (DESIGN §2); everything else receives values.
+reads settings (DESIGN §2); everything else receives values. Every number has a range
+(:data:`RANGES`), checked at load like everything else: one ConfigError line naming the key.
 
 Example (all keys optional)::
 
@@ -271,6 +272,29 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
+#: The range of every number in the settings: ``(section, key): (low, high, above)``; with
+#: ``above`` the value must be more than ``low``, otherwise at least ``low``. ``[limits]`` checks
+#: itself (every limit a positive integer). Ports of the servers the gateway connects to are
+#: 1-65535; listener addresses (host:port strings) may use port 0 for "any free port".
+RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
+    ("database", "busy_timeout_ms"): (0, 3_600_000, False),  # an hour: anything longer is a hang
+    ("archive", "checkpoint_every"): (1, 10_000_000, False),
+    ("listen", "max_recipients"): (1, 10_000, False),  # RFC 5321 §4.5.3.1.8: at least 100 ok
+    ("listen", "timeout"): (0, 86_400, True),
+    ("listen", "max_sessions"): (1, 100_000, False),
+    ("listen", "max_sessions_per_ip"): (1, 100_000, False),
+    ("imap", "port"): (1, 65_535, False),
+    ("imap", "poll_seconds"): (0, 86_400, True),
+    ("relay", "port"): (1, 65_535, False),
+    ("relay", "timeout"): (0, 86_400, True),
+    ("compliance", "courtesy_days"): (0, 60, False),  # working days
+    ("compliance", "escalate_after_days"): (0, 250, False),  # working days: about a year
+    ("compliance", "certificate_days"): (0, 3_650, False),
+    ("serve", "workers"): (1, 64, False),
+    ("serve", "give_up_after_hours"): (0, 24 * 366, True),
+}
+
+
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
     return Path(home or os.environ.get("GATEWAY_HOME") or DEFAULT_HOME).expanduser()
 
@@ -279,10 +303,11 @@ def load(home: Path) -> Settings:
     """Read ``home/gateway.toml`` if it exists; defaults otherwise."""
     config = home / CONFIG_NAME
     data: dict[str, Any] = {}
-    if config.exists():
+    text = _read_config(config)
+    if text is not None:
         try:
-            data = tomllib.loads(config.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config}: not valid TOML ({exc})") from None
     unknown = set(data) - set(_SECTIONS)
     if unknown:
@@ -332,13 +357,15 @@ def load(home: Path) -> Settings:
         host_port(settings.serve.metrics, f"{config}: [serve] metrics")
     hour, _, minute = settings.compliance.remind_at.partition(":")
     if settings.compliance.remind_at != REMIND_OFF and not (
-        hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60
+        _digits(hour) and _digits(minute) and int(hour) < 24 and int(minute) < 60
     ):
         raise ConfigError(
             f'{config}: [compliance] remind_at must be HH:MM (local time) or "{REMIND_OFF}"'
         )
-    if settings.serve.workers < 1:
-        raise ConfigError(f"{config}: [serve] workers must be at least 1")
+    for (section, key), (low, high, above) in RANGES.items():
+        _check_range(
+            config, section, key, getattr(getattr(settings, section), key), low, high, above
+        )
     if settings.listen.require_tls and settings.listen.tls_certificate is None:
         raise ConfigError(f"{config}: [listen] require_tls needs tls_certificate and tls_key")
     if settings.listen.auth_file is not None and settings.listen.tls_certificate is None:
@@ -347,17 +374,54 @@ def load(home: Path) -> Settings:
         )
     if settings.listen.require_auth and settings.listen.auth_file is None:
         raise ConfigError(f"{config}: [listen] require_auth needs auth_file")
-    for key in ("max_sessions", "max_sessions_per_ip"):
-        if getattr(settings.listen, key) < 1:
-            raise ConfigError(f"{config}: [listen] {key} must be at least 1")
     return settings
+
+
+def _read_config(config: Path) -> str | None:
+    """The text of ``gateway.toml``; None if there is none. A file that is there but cannot
+    be read (a directory, no permission, a dangling link) is a ConfigError, never defaults."""
+    try:
+        return config.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if config.is_symlink():
+            raise ConfigError(f"{config}: a symbolic link to a file that does not exist") from None
+        return None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config}: not valid TOML (not UTF-8 text: {exc})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{config}: is a directory, not a settings file") from None
+    except OSError as exc:
+        raise ConfigError(f"{config}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes "²" and "٣", which ``int`` refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def _check_range(
+    config: Path, section: str, key: str, value: float, low: float, high: float, above: bool
+) -> None:
+    if above and not value > low:
+        wrong = f"must be more than {_number(low)}"
+    elif not above and not value >= low:
+        wrong = f"must be at least {_number(low)}"
+    elif not value <= high:
+        wrong = f"must be at most {_number(high)}"
+    else:
+        return
+    raise ConfigError(f"{config}: [{section}] {key} {wrong} (not {value!r})")
 
 
 def host_port(value: str, where: str) -> tuple[str, int]:
     """``"host:port"`` (``"[::1]:25"`` for IPv6) as a pair; ConfigError naming ``where``."""
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _digits(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where} = {value!r}: expected host:port, e.g. 127.0.0.1:2525")
     return host, int(port)
 

@@ -100,6 +100,7 @@ def db_of(home: Path) -> Database:
 def home(tmp_path: Path) -> Path:
     """A home with the built-in CA (RSA-3072 to keep the test fast) and six agencies."""
     home = tmp_path / "home"
+    home.mkdir()
     result = gw(
         home,
         "keys",

@@ -22,7 +22,9 @@ Run = Callable[..., Result]
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
+    home = tmp_path / "home"
+    home.mkdir()
+    return home
 
 
 @pytest.fixture
@@ -317,6 +319,7 @@ def test_export_then_import_round_trips_exactly(
     assert (same["added"], same["updated"], len(same["unchanged"])) == ([], [], len(original))
 
     fresh = tmp_path / "fresh"
+    fresh.mkdir()
     result = CliRunner().invoke(cli, ["--home", str(fresh), "agencies", "import", str(out)])
     assert result.exit_code == 0, result.output
     assert f"{len(original)} added, 0 updated, 0 unchanged" in result.stdout

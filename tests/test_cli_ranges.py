@@ -106,9 +106,6 @@ def test_search_bounds_at_the_ends_of_the_range_are_searched(home: Path) -> None
 @pytest.mark.parametrize(
     "at",
     [
-        "9999-12-31T23:59",  # to Vietnam time: past year 9999
-        "0001-01-01T00:00",
-        "0001-01-01T00:00+23:59",  # to UTC: before year 1
         "1999-12-31T16:59:59+00:00",  # 1999-12-31 23:59:59 in Vietnam
         "2100-01-01T00:00+07:00",
     ],
@@ -139,3 +136,33 @@ def test_the_real_command_exits_2_not_70(home: Path, args: tuple[str, ...]) -> N
     assert proc.returncode == 2, proc.stderr
     assert "internal error" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("doctor", "--at", "9999-12-31T23:59"),
+        ("doctor", "--at", "0001-01-01T00:00"),
+        ("remind", "--dry-run", "--at", "9999-12-31T23:59"),  # to Vietnam time: past 9999
+        ("remind", "--dry-run", "--at", "0001-01-01T00:00+23:59"),  # to UTC: before year 1
+    ],
+)
+def test_a_time_on_the_command_line_outside_the_years_served_is_refused(
+    home: Path, args: tuple[str, ...]
+) -> None:
+    assert "out of range: give a time in the years 1970–2999" in refused(run(home, *args))
+
+
+@pytest.mark.parametrize(
+    "args", [("archive", "list"), ("keys", "list"), ("agencies", "list"), ("outbox", "list")]
+)
+def test_a_home_that_does_not_exist_is_refused_not_made(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A mistyped --home would otherwise become a new home, with a new archive master key."""
+    missing = tmp_path / "mistyped"
+    result = run(missing, *args)
+    assert f"no gateway home at {missing} (run `gateway init --home {missing}` first)" in refused(
+        result
+    )
+    assert not missing.exists()

@@ -19,13 +19,13 @@ from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
 from formats.errors import InputError, InternalError
-from gateway import intake, obligation_store, pipeline, serve
+from gateway import intake, obligation_store, pipeline, worker_process
 from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
 from gateway.obligations import Obligation, default_due
 from gateway.pipeline import Context
-from gateway.serve import BUILD_EVERY, build_now
 from gateway.worker import Worker
+from gateway.worker_process import BUILD_EVERY, build_now
 from keys import store
 from keys.issuing import make_root
 from keys.trust import TrustStore
@@ -317,7 +317,7 @@ def test_the_worker_loop_outlives_a_defect(
     worker.run_once = run_once  # type: ignore[method-assign]
     stop_wait = stop.wait
     stop.wait = lambda timeout=None: stop_wait(0)  # type: ignore[method-assign]  # no real back-off
-    serve.work(worker, Builder(), stop, 0)  # type: ignore[arg-type]
+    worker_process.work(worker, Builder(), stop, 0)  # type: ignore[arg-type]
     assert calls == ["worker", "worker", "builder"]
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "unexpected failure" in record.getMessage() and record.exc_info is not None

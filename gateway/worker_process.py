@@ -1,0 +1,252 @@
+"""A pipeline worker process of ``gateway serve``, and what every process of it loads.
+
+A worker claims messages from the durable inbox, decides and files them, and builds the
+receipts and deliveries owed (:class:`gateway.worker.Worker`, :class:`gateway.outbound.Builder`),
+in a loop that never exits on a failure (no crash loop). It stops when the supervisor says so,
+when it is sent SIGTERM, or when the supervisor is gone: killed with ``kill -9``, the supervisor
+leaves no one to tell it, so the worker asks Linux for a SIGTERM when its parent dies
+(``PR_SET_PDEATHSIG``) and its loop also notices the parent gone.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import func, select
+
+from archive import tables as t
+from archive.db import Database
+from archive.service import SigningKey
+from formats.errors import ConfigError, GatewayError
+from formats.payload import Organ
+from gateway import logs
+from gateway import settings as settings_mod
+from gateway.loading import (
+    load_context,
+    open_archive,
+    open_database,
+)
+from gateway.outbound import ENVIRONMENT, Builder, Hub
+from gateway.pipeline import Context
+from gateway.settings import Settings
+from gateway.worker import Worker, worker_name
+
+log = logging.getLogger("gateway.serve")
+
+IDLE = 0.02  # seconds a worker waits when there is nothing to do
+BUILD_EVERY = 16  # while intake is backlogged, build receipts and deliveries every Nth cycle
+CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or revocation data
+PARENT_CHECK = 0.5  # seconds a worker waits at most before it looks whether its parent is gone
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+EXIT_START_FAILED = 3  # a worker's exit status when it could not start (logged first)
+
+
+def hub_signer(ctx: Context, at: datetime) -> SigningKey:
+    """The newest hub key whose certificate is valid now: it signs receipts and checkpoints."""
+    usable = [
+        k for k in ctx.keys if k.cert.not_valid_before_utc <= at <= k.cert.not_valid_after_utc
+    ]
+    if not usable:
+        raise ConfigError("no hub certificate is valid now: receipts cannot be signed")
+    newest = max(usable, key=lambda k: k.cert.not_valid_before_utc)
+    return newest.cert, newest.key
+
+
+class ContextCache:
+    """The pipeline context, loaded again when an admin changes keys, agencies or evidence."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings, self.db = settings, db
+        self._version: tuple[Any, ...] | None = None
+        self._ctx: Context | None = None
+        self._checked = 0.0
+
+    def __call__(self) -> Context:
+        now = time.monotonic()
+        if self._ctx is None or now - self._checked >= CONTEXT_CHECK:
+            self._checked = now
+            version = self._current_version()
+            if version != self._version or self._ctx is None:
+                self._ctx = load_context(self.settings, self.db)
+                self._version = version
+        return self._ctx
+
+    def _current_version(self) -> tuple[Any, ...]:
+        with self.db.session(read_only=True) as s:
+            return (
+                s.scalar(select(func.max(t.AdminEvent.seq))),
+                s.scalar(select(func.max(t.RevocationEvidence.id))),
+            )
+
+
+def hub_identity(settings: Settings, ctx: Context, at: datetime) -> Hub:
+    return Hub(
+        settings.hub.address,
+        Organ(settings.hub.organ_id, settings.hub.organ_name, settings.hub.address),
+        hub_signer(ctx, at),
+        settings.serve.admin_address,
+    )
+
+
+class Stopping(Protocol):
+    """What a worker's loop is told to stop by (a threading or multiprocessing Event, or a
+    :class:`WorkerStop`)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class WorkerStop:
+    """When a worker process stops: the supervisor says so (``event``), the process is sent
+    SIGTERM (:meth:`ask`, safe in a signal handler: it touches no lock), or the supervisor is
+    gone (the parent process id is no longer ``parent``; nobody would say so after kill -9)."""
+
+    def __init__(self, event: ProcessEvent, parent: int) -> None:
+        self.event, self.parent = event, parent
+        self.asked = False
+
+    def ask(self) -> None:
+        # Not event.set(): in a signal handler that interrupted event.wait(), a
+        # multiprocessing Condition's notify would wait for this very thread (a deadlock).
+        self.asked = True
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.parent
+
+    def is_set(self) -> bool:
+        return self.asked or self.event.is_set() or self.orphaned()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Like Event.wait, looking at the parent and SIGTERM every PARENT_CHECK seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = PARENT_CHECK if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.event.wait(min(left, PARENT_CHECK))
+        return True
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent dies, even by
+    SIGKILL (prctl(2) PR_SET_PDEATHSIG). False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+    return bool(done)
+
+
+def worker_main(
+    home: str,
+    index: int,
+    stop: ProcessEvent,
+    log_format: str,
+    log_level: str = "info",
+    parent: int | None = None,
+) -> None:
+    """One pipeline process: claim, process, file, build what is owed; until told to stop, or
+    until the supervisor (``parent``, by default the process that started this one) is gone.
+    A failure to start is logged (in the log format asked for) and ends the process with
+    EXIT_START_FAILED; the supervisor starts it again a little later."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
+    stopping = WorkerStop(stop, os.getppid() if parent is None else parent)
+    signal.signal(signal.SIGTERM, lambda *_: stopping.ask())
+    logs.configure(log_format, log_level)
+    if not die_with_parent():
+        log.debug("worker %d: no parent-death signal here; the loop watches the parent", index)
+    # The supervisor may have died before the line above took effect: then no signal comes.
+    if stopping.orphaned():
+        log.warning("worker %d: the supervisor is gone; not starting", index)
+        return
+    try:
+        settings = settings_mod.load(Path(home))
+        db = open_database(settings)
+        worker, builder = _start_worker(settings, db)
+    except GatewayError as exc:
+        log.error("worker %d could not start: %s", index, exc.message)
+        sys.exit(EXIT_START_FAILED)
+    except Exception:  # a defect or the environment: a log record, not a bare traceback
+        log.exception("worker %d could not start", index)
+        sys.exit(EXIT_START_FAILED)
+    log.info("worker %d ready", index)
+    # What start-up loaded (modules, schemas, keys, the directory) lives as long as the process:
+    # kept out of the collector's full passes, which otherwise walk it again and again.
+    gc.freeze()
+    work(worker, builder, stopping, index)
+    db.dispose()
+    if stopping.orphaned():
+        log.warning("worker %d: the supervisor is gone; stopped", index)
+
+
+def _start_worker(settings: Settings, db: Database) -> tuple[Worker, Builder]:
+    contexts = ContextCache(settings, db)
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731
+    name = worker_name()
+    archive = open_archive(settings, db, hub_signer(contexts(), clock()))
+    worker = Worker(
+        archive,
+        contexts,
+        clock=clock,
+        name=name,
+        peers=settings.serve.workers,
+        admin=settings.serve.admin_address,
+    )
+    builder = Builder(
+        archive,
+        hub_identity(settings, contexts(), clock()),
+        lambda: contexts().directory,
+        clock,
+        name,
+    )
+    return worker, builder
+
+
+def work(worker: Worker, builder: Builder, stop: Stopping, index: int) -> None:
+    """A worker's loop: take mail in, file it, build what is owed; until ``stop``. Failures
+    back off and are tried again: the process never exits on one (no crash loop)."""
+    failures = 0
+    cycle = 0
+    while not stop.is_set():
+        cycle += 1
+        try:
+            # Taking mail in comes first: while intake is backlogged (a burst), receipts and
+            # deliveries are built every few cycles; otherwise, steady load included, every
+            # cycle, so that they keep pace with what is filed.
+            filed = worker.run_once()
+            built = builder.run_once() if build_now(worker.backlog, cycle) else 0
+            busy = bool(filed) or bool(built)
+            failures = 0
+        except ENVIRONMENT as exc:
+            failures += 1
+            log.warning("worker %d: %s; trying again", index, exc)
+            stop.wait(min(30.0, 0.5 * 2**failures))
+            continue
+        except Exception:  # a defect of ours: logged, and the process stays up
+            failures += 1
+            log.exception("worker %d: unexpected failure; trying again", index)
+            stop.wait(min(30.0, 0.5 * 2**failures))
+            continue
+        if not busy:
+            stop.wait(IDLE)
+
+
+def build_now(backlog: bool, cycle: int) -> bool:
+    """Whether a worker builds receipts and deliveries in this cycle of its loop."""
+    return not backlog or cycle % BUILD_EVERY == 0
