@@ -105,6 +105,7 @@ class Archive:
                 check_blobs=check_blobs,
                 progress=progress or (lambda _a, _b, _c: None),
                 anchors=anchors,
+                intermediates=issuer_certificates(s) if anchors else (),
             )
 
 
@@ -119,6 +120,15 @@ def master_key(path: Path, db: Database) -> bytes:
 def hub_certificates(s: Session) -> list[x509.Certificate]:
     """Every certificate the hub has ever had (checkpoints stay verifiable after rotation)."""
     rows = s.scalars(select(t.Certificate).where(t.Certificate.role == "hub"))
+    return [x509.load_der_x509_certificate(r.der) for r in rows]
+
+
+def issuer_certificates(s: Session) -> list[x509.Certificate]:
+    """The CA certificates the hub knows (trust anchors, intermediates, the built-in CA): the
+    links from a hub certificate up to a root given from outside."""
+    rows = s.scalars(
+        select(t.Certificate).where(t.Certificate.role.in_(("anchor", "intermediate", "ca")))
+    )
     return [x509.load_der_x509_certificate(r.der) for r in rows]
 
 

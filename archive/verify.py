@@ -71,9 +71,12 @@ def verify(
     check_blobs: bool = True,
     progress: Progress = lambda _stage, _done, _total: None,
     anchors: Sequence[x509.Certificate] = (),
+    intermediates: Sequence[x509.Certificate] = (),
 ) -> Report:
     """``signers``: the hub's certificates (as stored); with ``anchors`` (from outside the
-    database), only those issued by one of them count."""
+    database), only those issued by one of them count, directly or through CA certificates
+    among ``intermediates`` (as stored: each link's signature is checked, so a stored one
+    proves nothing that the anchor did not sign)."""
     report = Report()
     admin: dict[int, tuple[int, dict[str, Any]]] = {}
     leaves = _entries(s, report, progress, admin)
@@ -83,7 +86,7 @@ def verify(
     _nodes(s, levels, report, progress)
     _head(s, report)
     if anchors:
-        signers = _issued_by_anchors(signers, anchors, report)
+        signers = _issued_by_anchors(signers, anchors, intermediates, report)
     _checkpoints(s, levels, signers, report)
     _admin_events(s, admin, report)
     if check_blobs:
@@ -92,28 +95,64 @@ def verify(
 
 
 def _issued_by_anchors(
-    signers: list[x509.Certificate], anchors: Sequence[x509.Certificate], report: Report
+    signers: list[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+    intermediates: Sequence[x509.Certificate],
+    report: Report,
 ) -> list[x509.Certificate]:
-    """The hub certificates that are an anchor or issued by one: a certificate someone added
+    """The hub certificates that are an anchor or chain up to one: a certificate someone added
     to the database does not sign checkpoints as the hub."""
+    cas = [c for c in intermediates if _is_ca(c)]
     kept = []
     for cert in signers:
-        for anchor in anchors:
-            try:
-                if cert != anchor:
-                    cert.verify_directly_issued_by(anchor)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
+        if _chains_to(cert, anchors, cas):
             kept.append(cert)
-            break
-        else:
-            fp = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()[:16]
-            _add(
-                report,
-                f"hub certificate {fp}… ({cert.subject.rfc4514_string()}) is not issued by a "
-                "given anchor: checkpoints it signs are not trusted",
-            )
+            continue
+        fp = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()[:16]
+        _add(
+            report,
+            f"hub certificate {fp}… ({cert.subject.rfc4514_string()}) is not issued by a "
+            "given anchor: checkpoints it signs are not trusted",
+        )
     return kept
+
+
+#: Links at most between a hub certificate and its anchor (a national root, a sub-CA, …).
+_MAX_CHAIN = 8
+
+
+def _chains_to(
+    cert: x509.Certificate, anchors: Sequence[x509.Certificate], cas: Sequence[x509.Certificate]
+) -> bool:
+    """``cert`` is one of ``anchors``, or is signed by one, directly or through ``cas``."""
+    if cert in anchors:
+        return True
+    below = [cert]
+    for _ in range(_MAX_CHAIN):
+        step = []
+        for child in below:
+            if any(_signed_by(child, anchor) for anchor in anchors):
+                return True
+            step += [ca for ca in cas if ca not in below and _signed_by(child, ca)]
+        if not step:
+            return False
+        below = step
+    return False
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
 
 
 def _add(report: Report, text: str) -> None:

@@ -270,7 +270,8 @@ class _Progress:
     "anchors",
     multiple=True,
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Trust only hub certificates issued by this CA (a file from outside the database).",
+    help="Trust only hub certificates issued by this CA, directly or through a stored sub-CA "
+    "(a file from outside the database).",
 )
 @json_option
 @click.pass_context

@@ -29,7 +29,7 @@ from archive.db import Database
 from archive.log import Item, Log
 from archive.verify import verify
 from gateway.demo import DemoWorld
-from keys.issuing import make_root
+from keys.issuing import Issued, issue_hub, make_intermediate, make_root
 from tests.conftest import WORLD_AT
 
 N = 40
@@ -312,6 +312,52 @@ def test_with_an_anchor_a_hub_certificate_planted_in_the_database_signs_nothing(
     assert len(problems) == 2, problems
     assert "is not issued by a given anchor" in problems[0]
     assert problems[1].startswith("checkpoint #2") and "forged or altered" in problems[1]
+
+
+def test_with_an_anchor_a_hub_certificate_issued_through_a_sub_ca_is_trusted(
+    tmp_path: Path, world: DemoWorld
+) -> None:
+    """A national root above a sub-CA that issued the hub's certificate: `archive verify --ca
+    ROOT` follows the chain through the stored sub-CA (each signature checked). A stored CA
+    certificate that the root did not sign, or a stored end-entity certificate in the middle,
+    links nothing."""
+    root = make_root("National root", at=WORLD_AT - timedelta(days=2))
+    sub = make_intermediate(root, "Sub-CA", at=WORLD_AT - timedelta(days=2))
+    hub = issue_hub(sub, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=1))
+    other_root = make_root("Someone else", at=WORLD_AT - timedelta(days=2))
+    stray = make_intermediate(other_root, "Sub-CA", at=WORLD_AT - timedelta(days=2))
+    db = Database.open(f"sqlite:///{tmp_path}/archive.db")
+    log = Log(BlobStore(os.urandom(32)))
+    key = hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    with db.session() as s:
+        log.append(s, "message", WORLD_AT, {"status": "accepted"}, {"raw": b"x" * 100})
+        c = cp.Checkpoint("hub@exchange.hanoi.gov.vn", 1, log.root(s, 1), WORLD_AT)
+        signature = cp.sign(c, hub.cert, key)
+        s.add(t.Checkpoint(size=1, root=c.root, at=c.at, body=c.body(), signature=signature))
+
+    def problems(*intermediates: Issued) -> list[str]:
+        with db.session(read_only=True) as s:
+            report = verify(
+                s, log.blobs, [hub.cert], anchors=[root.cert],
+                intermediates=[i.cert for i in intermediates],
+            )  # fmt: skip
+        return report.problems
+
+    assert problems(sub) == []
+    assert problems(stray, sub) == []
+    for links in [(), (stray,)]:
+        found = problems(*links)
+        assert len(found) == 2, found
+        assert "is not issued by a given anchor" in found[0]
+        assert found[1].startswith("checkpoint #1")
+    # An end entity in the middle is no link, even one that signed the hub's certificate.
+    leaf = issue_hub(root, email="x@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=2))
+    forged = issue_hub(leaf, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=1))
+    with db.session(read_only=True) as s:
+        report = verify(s, log.blobs, [forged.cert], anchors=[root.cert], intermediates=[leaf.cert])
+    assert "is not issued by a given anchor" in report.problems[0]
+    db.dispose()
 
 
 def test_a_stolen_database_file_reveals_no_payload(tmp_path: Path) -> None:
