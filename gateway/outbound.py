@@ -19,6 +19,13 @@ Three steps, each idempotent, each resumable after a crash:
    is filed as an ``outcome`` entry. A failure is never recorded as sent. Sending is
    at-least-once: a crash after the relay's 250 and before it is recorded sends that message
    again once the claim expires.
+
+   A built message waits encrypted to the certificates of the moment it was built
+   (``detail["encrypted_to"]``). Should one of them stop being usable before the relay takes
+   it (revoked, retired, expired: the agency may no longer hold that key, or someone else
+   may), the builder takes the row back and builds it again for the certificates of now
+   (:meth:`Builder.rebuild_stale`, every :data:`STALE_CHECK`): what the hub sends is never
+   encrypted to a certificate it would not encrypt to today.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -68,6 +76,12 @@ RETRY_LATER = timedelta(seconds=30)
 #: How long the builder trusts its lookup of an agency's certificates and of the revocation
 #: evidence (a retired or newly revoked certificate stops being encrypted to within this time).
 CERT_CACHE = timedelta(seconds=10)
+#: How often the builder looks for built messages waiting for the relay whose certificates are
+#: no longer usable (:meth:`Builder.rebuild_stale`).
+STALE_CHECK = timedelta(seconds=60)
+#: ``detail`` key: the SHA-256 fingerprints of the agency certificates a built message is
+#: encrypted to (from the key store; absent when it is not encrypted to any).
+ENCRYPTED_TO = "encrypted_to"
 #: Failures of the database or the disk, not of one message or row: raised, the batch waits
 #: for its lease and the loop backs off (the worker's filing and builder, serve's loops).
 ENVIRONMENT: tuple[type[Exception], ...] = (TransientError, SQLAlchemyError, OSError)
@@ -212,6 +226,8 @@ class _Built:
     #: same for every row to it until an admin fixes it, so it is alerted once a day.
     setup: bool = False
     later: bool = False
+    #: Fingerprints of the key store's certificates it is encrypted to (:data:`ENCRYPTED_TO`).
+    encrypted_to: tuple[str, ...] = ()
 
 
 def _preload(s: Session, rows: Sequence[t.Outbox]) -> list[Any]:
@@ -242,10 +258,15 @@ class Builder:
     name: str
     _certs: dict[str, tuple[datetime, Recipients]] = field(default_factory=dict)
     _trust: tuple[datetime, TrustStore | None] | None = None
+    _stale_check: datetime | None = None
 
     def run_once(self, limit: int = 32) -> int:
         """Build what is owed now; returns how many rows it handled."""
         db = self.archive.db
+        now = self.clock()
+        if self._stale_check is None or now >= self._stale_check:
+            self._stale_check = now + STALE_CHECK
+            self.rebuild_stale()
         if not anything_waiting(db, self.clock(), sending=False):
             return 0
         with db.session() as s:
@@ -307,6 +328,51 @@ class Builder:
             return
         row.state, row.message = "ready", b.message
         row.mail_from, row.rcpt_to = self.hub.address, list(b.rcpt_to)
+        detail = {k: v for k, v in row.detail.items() if k != ENCRYPTED_TO}
+        if b.encrypted_to:
+            detail[ENCRYPTED_TO] = list(b.encrypted_to)
+        row.detail = detail
+
+    def rebuild_stale(self) -> list[int]:
+        """Built messages waiting for the relay (``ready``, ``retry``) encrypted to a
+        certificate that is no longer usable: back to ``new``, built again for the agency's
+        certificates of now (the module docstring). Returns their ids."""
+        now = self.clock()
+        o = t.Outbox
+        waiting_rows = (o.state.in_(("ready", "retry"))) & o.worker.is_(None)
+        stale: dict[int, list[str]] = {}
+        usable: dict[str, set[str]] = {}  # by agency
+        with self.archive.db.session(read_only=True) as s:
+            for number, organ_id, detail in s.execute(
+                select(o.id, o.organ_id, o.detail).where(waiting_rows, o.organ_id.is_not(None))
+            ):
+                built_for = detail.get(ENCRYPTED_TO) or []
+                if not built_for:
+                    continue
+                if organ_id not in usable:
+                    certs = self._certificates(s, organ_id, now).usable
+                    usable[organ_id] = {_fingerprint(c) for c in certs}
+                if gone := [fp for fp in built_for if fp not in usable[organ_id]]:
+                    stale[number] = gone
+        if not stale:
+            return []
+        done: list[int] = []
+        with self.archive.db.session() as s:
+            for row in s.scalars(select(o).where(o.id.in_(stale), waiting_rows)):
+                gone = stale[row.id]
+                reason = (
+                    f"built for certificate {gone[0][:16]}…, no longer usable (revoked, retired "
+                    "or expired): built again for the agency's certificates of now"
+                )
+                log.warning("outbox %s (%s): %s", row.id, row.key, reason)
+                detail = {
+                    k: v for k, v in row.detail.items() if k not in (ENCRYPTED_TO, "recipients")
+                }
+                row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
+                row.detail, row.last_reply = detail, reason
+                row.attempts, row.next_attempt_at, row.updated_at = 0, now, now
+                done.append(row.id)
+        return done
 
     def _build(self, s: Session, row: t.Outbox, now: datetime, batch: dict[int, _Built]) -> _Built:
         try:
@@ -369,6 +435,7 @@ class Builder:
             at=now,
         )
         certs = self._certificates(s, row.organ_id, now)
+        stored = tuple(_fingerprint(c) for c in certs.usable)
         if not certs.usable:  # none enrolled (or none to use): the certificate that signed
             trust = self._trust_store(s, now)
             signer = choose(self._signer_cert(s, entry.blobs), trust=trust, at=now)
@@ -396,7 +463,7 @@ class Builder:
             },
             {RECEIPT_BLOB: message},
         )
-        return _Built(message, (to_addr,), item)
+        return _Built(message, (to_addr,), item, encrypted_to=stored)
 
     def _delivery(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
         assert row.for_seq is not None and row.organ_id is not None
@@ -432,7 +499,8 @@ class Builder:
             },
             {},
         )
-        return _Built(message, addresses, item)
+        fingerprints = tuple(_fingerprint(c) for c in certs.usable)
+        return _Built(message, addresses, item, encrypted_to=fingerprints)
 
     def _resend(self, s: Session, row: t.Outbox, batch: dict[int, _Built]) -> _Built:
         assert row.for_seq is not None
@@ -505,7 +573,7 @@ class Builder:
             },
             {"reminder": message},
         )
-        return _Built(message, addresses, item)
+        return _Built(message, addresses, item, encrypted_to=tuple(map(_fingerprint, certs)))
 
     def _alert(self, row: t.Outbox, now: datetime) -> _Built:
         if not self.hub.admin:
@@ -604,3 +672,7 @@ def _domain(address: str) -> str:
 def backoff(attempts: int) -> timedelta:
     """1, 2, 4 … minutes between tries, at most an hour (as mail servers do)."""
     return timedelta(minutes=min(60, 2 ** max(0, attempts - 1)))
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()

@@ -19,8 +19,9 @@ from sqlalchemy import select
 from archive import tables as t
 from archive.service import Archive
 from gateway.demo import DemoWorld
-from gateway.outbound import Builder, Hub
+from gateway.outbound import ENCRYPTED_TO, Builder, Hub
 from gateway.pipeline import Context
+from gateway.sender import Sender
 from gateway.worker import Worker
 from keys import evidence, store
 from keys.directory import Agency, Directory
@@ -31,6 +32,8 @@ from tests.test_outbound import (
     _open_as,
     _process,
     _receive,
+    _Relay,
+    _Reply,
     _rows,
     agency_alert,
 )
@@ -146,6 +149,43 @@ def test_a_certificate_a_stored_crl_revokes_is_never_encrypted_to(
     assert failed.state == "failed" and failed.message is None
     assert "was revoked on" in (failed.last_reply or "")
     assert "was revoked on" in agency_alert(rows, "H26.CATP").detail["text"]
+
+
+def test_a_message_waiting_for_the_relay_is_built_again_when_its_certificate_is_retired(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """The relay was down while the police rolled their certificate over and the admin retired
+    the old one: the delivery waiting for a retry is not sent encrypted to the retired
+    certificate, but built again for the new one. The receipt to Home Affairs, whose
+    certificate did not change, waits as it was."""
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    old = world.agencies["H26.CATP"]
+    rows = _rows(archive)
+    assert rows[f"delivery:{seq}:H26.CATP"].detail[ENCRYPTED_TO] == [store.fingerprint(old.cert)]
+    down = _Relay(_Reply("retry", "451 4.3.0 try later"), _Reply("retry", "451 4.3.0 try later"))
+    assert sorted(Sender(archive, down.session, lambda: LATER, "s").run_once()) == [
+        (1, "retry"),
+        (2, "retry"),
+    ]
+    receipt_before = _rows(archive)[f"receipt:{seq}"].message
+
+    new = _police(world, "Police (2027)")
+    _enrol(archive, new)
+    _retire_police_certificate(archive, world)
+    later = LATER + timedelta(minutes=10)
+    builder = Builder(archive, hub, lambda: world.directory, lambda: later, "b")
+    assert builder.run_once() == 1  # the delivery, built again
+    rows = _rows(archive)
+    delivery = rows[f"delivery:{seq}:H26.CATP"]
+    assert delivery.state == "ready" and delivery.message is not None
+    assert delivery.detail[ENCRYPTED_TO] == [store.fingerprint(new.cert)]
+    assert "no longer usable" in (delivery.last_reply or "")
+    assert _openssl_opens(delivery.message, new, tmp_path)
+    assert not _openssl_opens(delivery.message, old, tmp_path)
+    receipt = rows[f"receipt:{seq}"]
+    assert (receipt.state, receipt.message) == ("retry", receipt_before)
+    assert builder.rebuild_stale() == []  # built for what is usable now: nothing more to do
 
 
 # --- agencies no longer active ------------------------------------------------------------------
