@@ -50,10 +50,13 @@ Outcomes (the first digit of the reply decides, RFC 5321 §4.2.1):
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import smtplib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -290,9 +293,71 @@ class _Overdue(Exception):
     """The deadline of a try passed; whatever failed then failed because of it."""
 
 
+class _Watchdog:
+    """One thread for every deadline of the process: :meth:`arm` runs an action when its time
+    has come, unless :meth:`cancel` came first. (A timer thread per try cost more CPU than the
+    rest of handing a receipt to the relay, in the process that also runs the listeners.)"""
+
+    #: Cancelled deadlines are dropped once they are this many and half of those waiting.
+    PURGE = 64
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cancelled: set[int] = set()
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float, action: Callable[[], None]) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            heapq.heappush(self._heap, (time.monotonic() + seconds, token, action))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="relay-deadlines", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][1] == token:
+                self._cond.notify()  # sooner than what the thread waits for
+            return token
+
+    def cancel(self, token: int) -> None:
+        with self._cond:
+            self._cancelled.add(token)
+            if len(self._cancelled) >= max(self.PURGE, len(self._heap) // 2):
+                self._heap = [e for e in self._heap if e[1] not in self._cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled.clear()
+
+    def waiting(self) -> int:
+        """Deadlines armed and not yet run nor purged (cancelled ones included)."""
+        with self._cond:
+            return len(self._heap)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._heap[0][1] in self._cancelled:
+                        self._cancelled.discard(heapq.heappop(self._heap)[1])
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    left = self._heap[0][0] - time.monotonic()
+                    if left <= 0:
+                        _, _, action = heapq.heappop(self._heap)
+                        break
+                    self._cond.wait(left)
+            action()
+
+
+_WATCHDOG = _Watchdog()
+
+
 class _Deadline:
-    """Shuts a connection down (both ways) when ``seconds`` have passed, from a timer thread:
-    that wakes whatever read or write is blocked on it, which then fails. As a context manager:
+    """Shuts a connection down (both ways) when ``seconds`` have passed, from the process's
+    deadline thread (:class:`_Watchdog`): that wakes whatever read or write is blocked on it,
+    which then fails. As a context manager:
     the timer runs inside the block, and an SMTP or socket failure in the block after the
     deadline is :class:`_Overdue`.
 
@@ -304,8 +369,8 @@ class _Deadline:
         self.expired = False
         self._lock = threading.Lock()
         self._dup: socket.socket | None = None
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
+        self._seconds = seconds
+        self._token: int | None = None
         if sock is not None:
             self.watch(sock)
 
@@ -322,7 +387,7 @@ class _Deadline:
                 self._shut()
 
     def __enter__(self) -> _Deadline:
-        self._timer.start()
+        self._token = _WATCHDOG.arm(self._seconds, self._expire)
         return self
 
     def __exit__(
@@ -331,7 +396,8 @@ class _Deadline:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._timer.cancel()
+        if self._token is not None:
+            _WATCHDOG.cancel(self._token)
         with self._lock:
             self._forget()
         failure = (_NotSent, _Dropped, smtplib.SMTPException, OSError)

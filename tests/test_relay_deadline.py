@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from formats.errors import ConfigError
-from gateway.relay import DEADLINE_TIMEOUTS, Attempt, Relay, RelaySession
+from gateway.relay import DEADLINE_TIMEOUTS, Attempt, Relay, RelaySession, _Watchdog
 from keys.issuing import make_root
 from tests.test_relay import FROM, MESSAGE, TO, _server_context
 
@@ -244,3 +244,37 @@ def test_the_default_deadline_is_some_read_timeouts() -> None:
     assert Relay("127.0.0.1", 25, security="none", deadline=5).deadline == 5
     with pytest.raises(ConfigError, match="deadline = -1"):
         Relay("127.0.0.1", 25, security="none", deadline=-1)
+
+
+def test_the_tries_of_a_session_share_one_deadline_thread(
+    dripper: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thirty messages over one connection start no thread each: the deadlines of the whole
+    process are kept by one thread, started once."""
+    server = dripper("VRFY")  # never sent: a relay that takes every message
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(self: threading.Thread) -> None:
+        started.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    session = RelaySession(relay(server.port))
+    outcomes = {session.deliver(MESSAGE, mail_from=FROM, rcpt_to=[TO]).outcome for _ in range(30)}
+    session.close()
+    assert outcomes == {"sent"}
+    assert len(started) <= 1, started
+
+
+def test_the_deadline_thread_runs_what_is_due_and_forgets_what_was_cancelled() -> None:
+    watchdog = _Watchdog()
+    ran: list[str] = []
+    done = threading.Event()
+    watchdog.cancel(watchdog.arm(0.05, lambda: ran.append("cancelled")))
+    watchdog.arm(0.1, lambda: (ran.append("due"), done.set()))
+    assert done.wait(5)
+    assert ran == ["due"]  # the cancelled one was due first, and did not run
+    for _ in range(1000):  # a busy sender: every try ends well before its deadline
+        watchdog.cancel(watchdog.arm(600, lambda: ran.append("never")))
+    assert watchdog.waiting() <= 2 * _Watchdog.PURGE
