@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -31,6 +30,7 @@ from archive import merkle
 from archive import tables as t
 from archive.blobs import BlobDamaged, BlobStore
 from archive.log import SEARCH_FIELDS, iso
+from formats.algorithms import signed_by
 from formats.errors import ConfigError
 
 Progress = Callable[[str, int, int], None]
@@ -131,21 +131,13 @@ def _chains_to(
     for _ in range(_MAX_CHAIN):
         step = []
         for child in below:
-            if any(_signed_by(child, anchor) for anchor in anchors):
+            if any(signed_by(child, anchor) for anchor in anchors):
                 return True
-            step += [ca for ca in cas if ca not in below and _signed_by(child, ca)]
+            step += [ca for ca in cas if ca not in below and signed_by(child, ca)]
         if not step:
             return False
         below = step
     return False
-
-
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -113,3 +115,13 @@ def check_public_key(key: object, *, what: str = "signer key") -> None:
             raise KeyTooSmall(f"{what} uses curve {key.curve.name}; use P-256 or P-384")
         return
     raise WeakAlgorithm(f"{what} type {type(key).__name__} is not allowed; use RSA or ECDSA P-256")
+
+
+def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """``cert`` names ``issuer`` as its issuer and carries its valid signature (nothing more:
+    validity, constraints and revocation are the caller's)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -31,13 +31,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from archive import tables as t
+from formats.algorithms import signed_by
 from formats.errors import ConfigError, InputError
 from formats.vntime import local_day
 from keys import evidence, store
@@ -324,7 +324,7 @@ def revoke(
                     f"serial {hexserial} is the built-in CA's own root ({a.name}); a root is not "
                     "revoked by its own CRL: rotate it (`gateway keys ca init --rotate`)"
                 )
-            if cert.issuer == a.issued.cert.subject and _signed_by(cert, a.issued.cert):
+            if cert.issuer == a.issued.cert.subject and signed_by(cert, a.issued.cert):
                 target, authority = row, a
     if target is None or authority is None:
         raise InputError(
@@ -451,14 +451,6 @@ def describe(a: Authority | store.StoredCertificate) -> dict[str, Any]:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _check_days(days: int, option: str, most: int) -> None:

@@ -10,29 +10,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from formats.errors import ConfigError
 from gateway import settings
-from tests.served import ROOT
+from tests.served import gateway
 
 
 def write(home: Path, text: str) -> None:
     (home / "gateway.toml").write_text(text, encoding="utf-8")
-
-
-def gateway(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """A real ``gateway`` process, as an operator runs it (errors go through ``main``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
 
 
 def check(home: Path) -> subprocess.CompletedProcess[str]:
