@@ -37,7 +37,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from formats.errors import ConfigError, TransientError
+from formats.errors import ConfigError, DatabaseDamaged, TransientError
 
 MIGRATIONS = "archive:migrations"
 
@@ -124,15 +124,16 @@ class Database:
 
     @contextmanager
     def _damaged(self) -> Iterator[None]:
-        """A SQLite file that is not a database, or a damaged one, as :class:`ConfigError`
-        naming the file: no retry or restart mends it, an administrator must."""
+        """A SQLite file that is not a database, or a damaged one, as :class:`DatabaseDamaged`
+        naming the file: no retry or restart mends it, an administrator must (meanwhile the
+        service's work waits: the messages in hand are not to blame)."""
         try:
             yield
         except DBAPIError as exc:
             damage = _sqlite_damage(exc.orig)
             if damage is None:
                 raise
-            raise ConfigError(
+            raise DatabaseDamaged(
                 f"the database file {self.engine.url.database} {damage} (SQLite: {exc.orig}); "
                 "restore it from a backup"
             ) from exc

@@ -310,6 +310,14 @@ class ConfigError(LocalError):
     code = "config-error"
 
 
+class DatabaseDamaged(ConfigError):
+    """The database file is damaged or is no database: an administrator must restore it. Not
+    a message's fault: work waits (it is part of :data:`gateway.outbound.ENVIRONMENT`), and a
+    command stops with one line."""
+
+    code = "database-damaged"
+
+
 class InputError(LocalError):
     code = "input-error"
 

@@ -51,7 +51,7 @@ from archive.db import Database
 from archive.log import Item
 from archive.service import Archive, SigningKey
 from formats import cms_envelope
-from formats.errors import ConfigError, GatewayError, TransientError
+from formats.errors import ConfigError, DatabaseDamaged, GatewayError, TransientError
 from formats.payload import Organ
 from formats.smime import (
     b64_lines,
@@ -84,7 +84,12 @@ STALE_CHECK = timedelta(seconds=60)
 ENCRYPTED_TO = "encrypted_to"
 #: Failures of the database or the disk, not of one message or row: raised, the batch waits
 #: for its lease and the loop backs off (the worker's filing and builder, serve's loops).
-ENVIRONMENT: tuple[type[Exception], ...] = (TransientError, SQLAlchemyError, OSError)
+ENVIRONMENT: tuple[type[Exception], ...] = (
+    TransientError,
+    DatabaseDamaged,
+    SQLAlchemyError,
+    OSError,
+)
 
 
 class Attempt(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import threading
 from datetime import date, timedelta
 from pathlib import Path
@@ -12,13 +13,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
+from sqlalchemy.exc import DatabaseError
 
 from archive import tables as t
 from archive.blobs import BlobStore
 from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
-from formats.errors import InputError, InternalError
+from formats.errors import DatabaseDamaged, InputError, InternalError
 from gateway import intake, obligation_store, pipeline, worker_process
 from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
@@ -248,6 +250,32 @@ def test_a_message_that_cannot_be_filed_is_quarantined_and_the_rest_go_on(
     assert archive.verify().ok
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert f"intake {numbers[1]}" in record.getMessage() and record.exc_info is not None
+
+
+def test_a_damaged_database_met_while_filing_blames_no_message(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reports a damaged page while a batch is filed: that is the database's trouble,
+    not the messages'. The batch waits for its claim to run out and is filed as it should be
+    once the database is mended (here: the next try), never quarantined."""
+    numbers = [_receive(archive, world.submission("H26.SNV", number=n)) for n in (1, 2)]
+    real, tries = Worker._file, []
+
+    def damaged_once(self: Worker, *args: Any) -> Any:
+        tries.append(1)
+        if len(tries) == 1:
+            malformed = sqlite3.DatabaseError("database disk image is malformed")
+            raise DatabaseError("INSERT INTO log_entries …", {}, malformed)
+        return real(self, *args)
+
+    monkeypatch.setattr(Worker, "_file", damaged_once)
+    clock = [WORLD_AT + timedelta(minutes=5)]
+    worker = Worker(archive, lambda: world_ctx, clock=lambda: clock[0], name="w")
+    with pytest.raises(DatabaseDamaged, match="is damaged"):
+        worker.run_once()
+    clock[0] += worker_module.LEASE + timedelta(seconds=1)  # the claim has run out
+    outcomes = worker.run_once()
+    assert [(o.intake_id, o.disposition) for o in outcomes] == [(n, "accepted") for n in numbers]
 
 
 def test_a_defect_in_a_pipeline_step_quarantines_only_that_message(
