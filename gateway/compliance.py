@@ -15,15 +15,16 @@ moment shows what was known then.
 
 One cell, in order (:func:`status_for`):
 
-1. accepted payloads, oldest first. The first ``new`` one is the report in force. A later
+1. accepted payloads, oldest first. The first one that is not a revoke is the report in
+   force (a correction too, when nothing is in force: the data were provided). A later
    ``update``/``replace`` is a correction only when its ``replaces`` names the report in force
    or one it superseded (or names nothing: an update need not name it); one that names
-   anything else — a document never filed for this sender, obligation and period, or a
-   withdrawn one — is ignored and listed (``ignored``). A later ``new`` is ignored. A revoke
-   withdraws the report in force under the same naming rule (names nothing: archives from
-   before the rule that a revoke names its document); a revoke of anything else changes
-   nothing. A withdrawn report is as if never sent: the next ``new`` is judged as a first
-   one, and if none follows the cell is missing again (``withdrawn``).
+   anything else — a document never filed for this sender, obligation and period — is
+   ignored and listed (``ignored``). A later ``new`` is ignored. A revoke withdraws the
+   report in force under the same naming rule (names nothing: archives from before the rule
+   that a revoke names its document); a revoke of anything else changes nothing. A withdrawn
+   report is as if never sent: the next payload is judged as a first one, and if none
+   follows the cell is missing again (``withdrawn``).
 
    Timeliness is judged on the first report: its local receipt day against the due date
    decides on time or late (working days after the due date, at least 1: a weekend receipt
@@ -303,16 +304,20 @@ def _cell(
             rejected += 1
             continue
         business = s.business
-        if business == "new":
-            if not chain:  # a later "new" is not a correction: the first stays in force
-                chain, withdrawn = [s], False
-        elif chain and (s.replaces is None or any(c.document_id == s.replaces for c in chain)):
-            if business == "revoke":
+        names_chain = s.replaces is None or any(c.document_id == s.replaces for c in chain)
+        if business == "revoke":
+            if chain and names_chain:
                 chain, withdrawn = [], True
-            elif business in _CORRECTIONS:
-                chain.append(s)
+        elif not chain:
+            # Nothing in force: this is the report, "new" or not (a replace of a rejected or
+            # withdrawn one, an update naming nothing): the data were provided, on its date.
+            chain, withdrawn = [s], False
         elif business in _CORRECTIONS:
-            ignored.append(s.document_id or f"entry {s.seq}")
+            if names_chain:
+                chain.append(s)
+            else:
+                ignored.append(s.document_id or f"entry {s.seq}")
+        # A later "new" while one is in force is not a correction: the first stays in force.
     status: Status
     if chain:
         first, current = chain[0], chain[-1]

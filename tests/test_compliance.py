@@ -462,12 +462,13 @@ def test_a_correction_counts_only_when_it_names_a_report_in_force() -> None:
     """A correction (update, replace) supersedes the report in force only when it names it or
     a report it superseded, filed by the same sender for the same obligation and period (an
     update may name nothing: it updates the report in force). Otherwise it is ignored and the
-    cell says so."""
+    cell says so. With nothing in force, a correction is the report: the data were provided."""
     o, now = ob("H26.A"), local("11-15")
     a = sub(1, "H26.A", local("10-20"), document_id="A")
     c = sub(2, "H26.A", local("10-21"), business="update", replaces="A", document_id="C")
     other_period = sub(3, "H26.A", local("10-01"), period="2026-09", document_id="S")
     revoke_a = sub(4, "H26.A", local("10-22"), business="revoke", replaces="A", document_id="R")
+    rejected_a = sub(1, "H26.A", local("10-20"), "rejected", document_id="A")
 
     def fix(replaces: str | None, business: str = "replace") -> Submission:
         return sub(
@@ -477,8 +478,12 @@ def test_a_correction_counts_only_when_it_names_a_report_in_force() -> None:
     for history, expected in (
         ([a, fix("H26.A,2020/01/01,999/XYZ")], ("on-time", "A", 0, ("X",))),  # never filed
         ([a, other_period, fix("S")], ("on-time", "A", 0, ("X",))),  # another period's
-        ([fix("A")], ("missing", None, 0, ("X",))),  # nothing in force
-        ([a, revoke_a, fix("A")], ("missing", None, 0, ("X",))),  # withdrawn
+        # Nothing in force (never sent, or withdrawn): the correction is the report, judged
+        # on its own date (the 23rd: a working day late), not ignored.
+        ([fix("A")], ("late", "X", 0, ())),
+        ([fix(None, "update")], ("late", "X", 0, ())),
+        ([a, revoke_a, fix("A")], ("late", "X", 0, ())),
+        ([rejected_a, fix("A")], ("late", "X", 0, ())),  # a replace of a rejected report
         ([a, fix("A")], ("corrected", "X", 1, ())),
         ([a, c, fix("A")], ("corrected", "X", 2, ())),  # one it superseded
         ([a, fix(None, "update")], ("corrected", "X", 1, ())),  # an update names nothing
