@@ -72,11 +72,13 @@ def verify(
     progress: Progress = lambda _stage, _done, _total: None,
     anchors: Sequence[x509.Certificate] = (),
     intermediates: Sequence[x509.Certificate] = (),
+    hub_address: str | None = None,
 ) -> Report:
     """``signers``: the hub's certificates (as stored); with ``anchors`` (from outside the
     database), only those issued by one of them count, directly or through CA certificates
     among ``intermediates`` (as stored: each link's signature is checked, so a stored one
-    proves nothing that the anchor did not sign)."""
+    proves nothing that the anchor did not sign). With ``hub_address``, a hub certificate
+    must also name it (an agency's certificate under the same root is not the hub's)."""
     report = Report()
     admin: dict[int, tuple[int, dict[str, Any]]] = {}
     leaves = _entries(s, report, progress, admin)
@@ -86,7 +88,7 @@ def verify(
     _nodes(s, levels, report, progress)
     _head(s, report)
     if anchors:
-        signers = _issued_by_anchors(signers, anchors, intermediates, report)
+        signers = _issued_by_anchors(signers, anchors, intermediates, report, hub_address)
     _checkpoints(s, levels, signers, report)
     _admin_events(s, admin, report)
     if check_blobs:
@@ -99,22 +101,38 @@ def _issued_by_anchors(
     anchors: Sequence[x509.Certificate],
     intermediates: Sequence[x509.Certificate],
     report: Report,
+    hub_address: str | None = None,
 ) -> list[x509.Certificate]:
-    """The hub certificates that are an anchor or chain up to one: a certificate someone added
-    to the database does not sign checkpoints as the hub."""
+    """The hub certificates that are an anchor or chain up to one, and name ``hub_address``
+    when given: a certificate someone added to the database (an agency's, issued under the
+    same root) does not sign checkpoints as the hub."""
     cas = [c for c in intermediates if _is_ca(c)]
     kept = []
     for cert in signers:
-        if _chains_to(cert, anchors, cas):
-            kept.append(cert)
-            continue
         fp = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()[:16]
-        _add(
-            report,
-            f"hub certificate {fp}… ({cert.subject.rfc4514_string()}) is not issued by a "
-            "given anchor: checkpoints it signs are not trusted",
-        )
+        who = f"hub certificate {fp}… ({cert.subject.rfc4514_string()})"
+        if not _chains_to(cert, anchors, cas):
+            _add(
+                report,
+                f"{who} is not issued by a given anchor: checkpoints it signs are not trusted",
+            )
+        elif hub_address is not None and hub_address.casefold() not in _emails(cert):
+            _add(
+                report,
+                f"{who} does not name the hub's address {hub_address}: checkpoints it signs are "
+                "not trusted",
+            )
+        else:
+            kept.append(cert)
     return kept
+
+
+def _emails(cert: x509.Certificate) -> set[str]:
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return set()
+    return {n.casefold() for n in names.get_values_for_type(x509.RFC822Name)}
 
 
 #: Links at most between a hub certificate and its anchor (a national root, a sub-CA, …).

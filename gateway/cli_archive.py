@@ -283,7 +283,10 @@ def verify_cmd(
     holds, which whoever can write the database could replace."""
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]
     with _opened(ctx) as a:
-        report = a.verify(check_blobs=not no_blobs, progress=_Progress(), anchors=trusted)
+        hub = load_settings(ctx).hub.address if trusted else None
+        report = a.verify(
+            check_blobs=not no_blobs, progress=_Progress(), anchors=trusted, hub_address=hub
+        )
     if as_json:
         emit_json(report.as_dict())
     else:

@@ -29,7 +29,7 @@ from archive.db import Database
 from archive.log import Item, Log
 from archive.verify import verify
 from gateway.demo import DemoWorld
-from keys.issuing import Issued, issue_hub, make_intermediate, make_root
+from keys.issuing import Issued, issue_agency, issue_hub, make_intermediate, make_root
 from tests.conftest import WORLD_AT
 
 N = 40
@@ -351,6 +351,28 @@ def test_with_an_anchor_a_hub_certificate_issued_through_a_sub_ca_is_trusted(
         assert len(found) == 2, found
         assert "is not issued by a given anchor" in found[0]
         assert found[1].startswith("checkpoint #1")
+    # An agency's certificate under the same sub-CA, planted as the hub's, re-signs the
+    # checkpoint: it chains to the root, but it does not name the hub's address.
+    police = issue_agency(
+        sub, email="pa08@congan.hanoi.gov.vn", organ_id="H26.CATP", common_name="Police",
+        at=WORLD_AT - timedelta(days=1),
+    )  # fmt: skip
+    police_key = police.key
+    assert isinstance(police_key, rsa.RSAPrivateKey)
+    with db.session() as s:
+        row = s.get(t.Checkpoint, 1)
+        assert row is not None
+        row.signature = cp.sign(cp.Checkpoint.parse(row.body), police.cert, police_key)
+    with db.session(read_only=True) as s:
+        stored = [hub.cert, police.cert]
+        assert verify(s, log.blobs, stored, anchors=[root.cert], intermediates=[sub.cert]).ok
+        found = verify(
+            s, log.blobs, stored, anchors=[root.cert], intermediates=[sub.cert],
+            hub_address="HUB@exchange.hanoi.gov.vn",
+        ).problems  # fmt: skip
+    assert len(found) == 2, found
+    assert "does not name the hub's address HUB@exchange.hanoi.gov.vn" in found[0]
+    assert found[1].startswith("checkpoint #1")
     # An end entity in the middle is no link, even one that signed the hub's certificate.
     leaf = issue_hub(root, email="x@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=2))
     forged = issue_hub(leaf, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=1))

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import select
 
+from archive import checkpoint as cp
+from archive import tables as t
 from archive.blobs import BlobStore, load_master_key
 from archive.db import Database
 from archive.service import Archive
@@ -212,6 +215,32 @@ def test_verify_passes_and_names_tampering(home: Path, seqs: dict[str, int]) -> 
     bad = run(home, "verify")
     assert bad.exit_code == 1
     assert f"PROBLEM: entry {seqs['rejected']}: search column status" in bad.stdout
+
+
+def test_verify_with_the_ca_trusts_the_hub_and_not_an_agency_planted_as_the_hub(
+    home: Path, world: DemoWorld, tmp_path: Path
+) -> None:
+    """`verify --ca ROOT`: the hub's certificate passes; the police's, issued by the same root
+    and written into the database as a hub certificate, signs no checkpoint: it does not name
+    the hub's address ([hub] address)."""
+    (tmp_path / "root.pem").write_bytes(world.root.cert_pem())
+    assert (
+        "archive verifies" in ok(home, "verify", "--no-blobs", "--ca", tmp_path / "root.pem").stdout
+    )
+    police = world.agencies["H26.CATP"]
+    key = police.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    db = Database.open(settings.load(home).database_url)
+    with db.session() as s:
+        store.add_certificate(s, police.cert, role="hub", at=WORLD_AT, actor="intruder")
+        row = s.scalars(select(t.Checkpoint)).one()
+        row.signature = cp.sign(cp.Checkpoint.parse(row.body), police.cert, key)
+    db.dispose()
+    assert "archive verifies" in ok(home, "verify", "--no-blobs").stdout  # the database's word
+    bad = run(home, "verify", "--no-blobs", "--ca", tmp_path / "root.pem")
+    assert bad.exit_code == 1
+    assert f"does not name the hub's address {HUB_ADDRESS}" in bad.stdout
+    assert "checkpoint #1" in bad.stdout
 
 
 def test_checkpoint_signs_with_the_hub_key(home: Path, world: DemoWorld) -> None:
