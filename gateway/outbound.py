@@ -345,7 +345,7 @@ class Builder:
         now = self.clock()
         o = t.Outbox
         waiting_rows = (o.state.in_(("ready", "retry"))) & o.worker.is_(None)
-        stale: dict[int, list[str]] = {}
+        stale: dict[int, tuple[list[str], list[str]]] = {}  # (built for, gone)
         usable: dict[str, set[str]] = {}  # by agency
         with self.archive.db.session(read_only=True) as s:
             for number, organ_id, detail in s.execute(
@@ -358,13 +358,20 @@ class Builder:
                     certs = self._certificates(s, organ_id, now).usable
                     usable[organ_id] = {_fingerprint(c) for c in certs}
                 if gone := [fp for fp in built_for if fp not in usable[organ_id]]:
-                    stale[number] = gone
+                    stale[number] = (built_for, gone)
         if not stale:
             return []
         done: list[int] = []
         with self.archive.db.session() as s:
-            for row in s.scalars(select(o).where(o.id.in_(stale), waiting_rows)):
-                gone = stale[row.id]
+            query = select(o).where(o.id.in_(stale), waiting_rows)
+            if s.get_bind().dialect.name == "postgresql":
+                # A row the sender is claiming now is its to send; one claimed and released
+                # meanwhile is looked at again next time (SQLite writers are serialised).
+                query = query.with_for_update(skip_locked=True)
+            for row in s.scalars(query):
+                built_for, gone = stale[row.id]
+                if row.detail.get(ENCRYPTED_TO) != built_for:
+                    continue  # built again meanwhile (another builder)
                 reason = (
                     f"built for certificate {gone[0][:16]}…, no longer usable (revoked, retired "
                     "or expired): built again for the agency's certificates of now"

@@ -12,12 +12,14 @@ import logging
 import subprocess
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from archive import tables as t
 from archive.service import Archive
+from gateway import outbound
 from gateway.demo import DemoWorld
 from gateway.outbound import ENCRYPTED_TO, Builder, Hub
 from gateway.pipeline import Context
@@ -26,7 +28,9 @@ from gateway.worker import Worker
 from keys import evidence, store
 from keys.directory import Agency, Directory
 from keys.issuing import Issued, issue_agency, make_crl
+from tests import pg
 from tests.conftest import WORLD_AT
+from tests.outbox_world import make_archive, make_hub
 from tests.test_outbound import (
     LATER,
     _open_as,
@@ -186,6 +190,51 @@ def test_a_message_waiting_for_the_relay_is_built_again_when_its_certificate_is_
     receipt = rows[f"receipt:{seq}"]
     assert (receipt.state, receipt.message) == ("retry", receipt_before)
     assert builder.rebuild_stale() == []  # built for what is usable now: nothing more to do
+
+
+@pytest.mark.postgres
+def test_a_rebuild_never_takes_a_row_the_sender_is_claiming_on_postgresql(
+    pg_cluster: pg.PgCluster,
+    world: DemoWorld,
+    world_ctx: Context,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On PostgreSQL the sender claims while the builder takes stale rows back. The sender's
+    claim comes in the middle of the builder's transaction (here: when it logs its first
+    rebuild). The builder holds the rows it takes, so the sender passes over them and sends
+    nothing encrypted to the retired key. The row ends as the builder left it (``new``), not
+    half the sender's."""
+    name = pg_cluster.create_database("rebuild_race")
+    archive = make_archive(pg_cluster.url(name), world)
+    hub = make_hub(world)
+    try:
+        _receive(archive, world.submission("H26.SNV"))
+        seq = _process(archive, world_ctx, world.directory, hub)
+        _enrol(archive, _police(world, "Police (2027)"))
+        _retire_police_certificate(archive, world)
+        now = LATER + timedelta(minutes=10)
+        relay = _Relay(_Reply("sent", "250 ok"), _Reply("sent", "250 ok"))
+        sender = Sender(archive, relay.session, lambda: now, "sender")
+        recorded: list[tuple[int, str]] = []
+        warning = outbound.log.warning
+
+        def sender_claims_now(*args: Any, **kwargs: Any) -> None:
+            if not recorded:
+                recorded.extend(sender.run_once())
+            warning(*args, **kwargs)
+
+        monkeypatch.setattr(outbound.log, "warning", sender_claims_now)
+        builder = Builder(archive, hub, lambda: world.directory, lambda: now, "b")
+        assert len(builder.rebuild_stale()) == 1
+        old = world.agencies["H26.CATP"]
+        assert recorded == [(1, "sent")]  # the receipt only
+        assert not any(_openssl_opens(m, old, tmp_path) for m, _, _ in relay.sent)
+        delivery = _rows(archive)[f"delivery:{seq}:H26.CATP"]
+        assert (delivery.state, delivery.worker, delivery.message) == ("new", None, None)
+    finally:
+        archive.db.dispose()
+        pg_cluster.drop_database(name)
 
 
 # --- agencies no longer active ------------------------------------------------------------------
