@@ -346,19 +346,14 @@ class Builder:
         o = t.Outbox
         waiting_rows = (o.state.in_(("ready", "retry"))) & o.worker.is_(None)
         stale: dict[int, tuple[list[str], list[str]]] = {}  # (built for, gone)
-        usable: dict[str, set[str]] = {}  # by agency
         with self.archive.db.session(read_only=True) as s:
-            for number, organ_id, detail in s.execute(
-                select(o.id, o.organ_id, o.detail).where(waiting_rows, o.organ_id.is_not(None))
-            ):
-                built_for = detail.get(ENCRYPTED_TO) or []
+            for row in s.scalars(select(o).where(waiting_rows)):
+                built_for = row.detail.get(ENCRYPTED_TO) or []
                 if not built_for:
                     continue
-                if organ_id not in usable:
-                    certs = self._certificates(s, organ_id, now).usable
-                    usable[organ_id] = {_fingerprint(c) for c in certs}
-                if gone := [fp for fp in built_for if fp not in usable[organ_id]]:
-                    stale[number] = (built_for, gone)
+                usable = self._targets(s, row, now)
+                if gone := [fp for fp in built_for if fp not in usable]:
+                    stale[row.id] = (built_for, gone)
         if not stale:
             return []
         done: list[int] = []
@@ -381,10 +376,29 @@ class Builder:
                     k: v for k, v in row.detail.items() if k not in (ENCRYPTED_TO, "recipients")
                 }
                 row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
+                row.entry_seq = None  # that build is history (in the archive), not to be resent
                 row.detail, row.last_reply = detail, reason
                 row.attempts, row.next_attempt_at, row.updated_at = 0, now, now
                 done.append(row.id)
         return done
+
+    def _targets(self, s: Session, row: t.Outbox, now: datetime) -> set[str]:
+        """The fingerprints the builder would encrypt ``row`` to now: the agency's usable
+        certificates or, for a receipt (or a resend of one) to an agency with none, those of
+        the certificate that signed the message."""
+        if row.kind == "resend":
+            receipt = s.scalar(select(t.Outbox).where(t.Outbox.key == f"receipt:{row.for_seq}"))
+            if receipt is None:
+                return set()
+            row = receipt
+        if row.organ_id is None:
+            return set()
+        certs = self._certificates(s, row.organ_id, now).usable
+        if not certs and row.kind == "receipt" and row.for_seq is not None:
+            entry = self.archive.log.entry(s, row.for_seq)
+            signer = self._signer_cert(s, entry.blobs)
+            certs = choose(signer, trust=self._trust_store(s, now), at=now).usable
+        return {_fingerprint(c) for c in certs}
 
     def _build(self, s: Session, row: t.Outbox, now: datetime, batch: dict[int, _Built]) -> _Built:
         try:
@@ -393,7 +407,7 @@ class Builder:
             if row.kind == "delivery":
                 return self._delivery(s, row, now)
             if row.kind == "resend":
-                return self._resend(s, row, batch)
+                return self._resend(s, row, batch, now)
             if row.kind == "alert":
                 return self._alert(row, now)
             if row.kind == "reminder":
@@ -447,7 +461,6 @@ class Builder:
             at=now,
         )
         certs = self._certificates(s, row.organ_id, now)
-        stored = tuple(_fingerprint(c) for c in certs.usable)
         if not certs.usable:  # none enrolled (or none to use): the certificate that signed
             trust = self._trust_store(s, now)
             signer = choose(self._signer_cert(s, entry.blobs), trust=trust, at=now)
@@ -475,7 +488,9 @@ class Builder:
             },
             {RECEIPT_BLOB: message},
         )
-        return _Built(message, (to_addr,), item, encrypted_to=stored)
+        return _Built(
+            message, (to_addr,), item, encrypted_to=tuple(map(_fingerprint, certs.usable))
+        )
 
     def _delivery(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
         assert row.for_seq is not None and row.organ_id is not None
@@ -514,12 +529,22 @@ class Builder:
         fingerprints = tuple(_fingerprint(c) for c in certs.usable)
         return _Built(message, addresses, item, encrypted_to=fingerprints)
 
-    def _resend(self, s: Session, row: t.Outbox, batch: dict[int, _Built]) -> _Built:
+    def _resend(self, s: Session, row: t.Outbox, batch: dict[int, _Built], now: datetime) -> _Built:
+        """The original receipt again, the same bytes; built anew (and kept in the entry)
+        when a certificate it was encrypted to is no longer usable."""
         assert row.for_seq is not None
         original = s.scalar(select(t.Outbox).where(t.Outbox.key == f"receipt:{row.for_seq}"))
         if original is None:
             return _Built(failure=f"entry {row.for_seq} has no receipt to send again")
         just_built = batch.get(original.id)
+        if just_built is not None and just_built.message is None:  # built again just now
+            if just_built.failure is None:
+                return _Built(later=True)
+            return _Built(
+                failure=f"the receipt for entry {row.for_seq} could not be built: "
+                f"{just_built.failure}",
+                setup=just_built.setup,
+            )
         if just_built is not None and just_built.message is not None:
             item = Item(
                 "resend",
@@ -527,11 +552,27 @@ class Builder:
                 {"for_seq": row.for_seq, "receipt": original.key, "to": list(just_built.rcpt_to)},
                 {},
             )
-            return _Built(just_built.message, just_built.rcpt_to, item)
+            return _Built(
+                just_built.message, just_built.rcpt_to, item, encrypted_to=just_built.encrypted_to
+            )
         if original.entry_seq is None:
             if original.state in ("new", "building"):
                 return _Built(later=True)  # the original receipt is not built yet
             return _Built(failure=f"the receipt for entry {row.for_seq} could not be built")
+        built_for = tuple(original.detail.get(ENCRYPTED_TO) or ())
+        if built_for and not set(built_for) <= self._targets(s, original, now):
+            fresh = self._receipt(s, original, now)
+            if fresh.message is None:
+                return fresh
+            fields = {
+                "for_seq": row.for_seq,
+                "receipt": original.key,
+                "to": list(fresh.rcpt_to),
+                "rebuilt": "a certificate the receipt was encrypted to is no longer usable",
+                "digest": hashlib.sha256(fresh.message).hexdigest(),
+            }
+            item = Item("resend", now, fields, {RECEIPT_BLOB: fresh.message})
+            return _Built(fresh.message, fresh.rcpt_to, item, encrypted_to=fresh.encrypted_to)
         entry = self.archive.log.entry(s, original.entry_seq)
         message = self.archive.blobs.get(s, entry.blobs[RECEIPT_BLOB])
         to = tuple(entry.fields["to"])
@@ -541,7 +582,7 @@ class Builder:
             {"for_seq": row.for_seq, "receipt_seq": entry.seq, "to": list(to)},
             {},
         )
-        return _Built(message, to, item)
+        return _Built(message, to, item, encrypted_to=built_for)
 
     def _reminder(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
         """A reminder: plain text (Vietnamese, then English) signed by the hub, encrypted to

@@ -192,6 +192,104 @@ def test_a_message_waiting_for_the_relay_is_built_again_when_its_certificate_is_
     assert builder.rebuild_stale() == []  # built for what is usable now: nothing more to do
 
 
+def _revoke_on_a_crl(archive: Archive, world: DemoWorld, issued: Issued) -> None:
+    """The demo CA revokes ``issued`` (two hours before the world's moment); the admin imports
+    the CRL."""
+    crl = make_crl(
+        world.root, revoked=[(issued.cert.serial_number, WORLD_AT - timedelta(hours=2))],
+        this_update=WORLD_AT - timedelta(hours=1), next_update=WORLD_AT + timedelta(days=7),
+        number=2,
+    )  # fmt: skip
+    with archive.db.session() as s:
+        store.add_certificate(s, world.root.cert, role="anchor", at=WORLD_AT, actor="test")
+        evidence.add_crl(s, crl, source="test", at=WORLD_AT, actor="test")
+
+
+def test_a_receipt_to_the_signers_certificate_is_not_sent_once_that_is_revoked(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """Home Affairs has no enrolled certificate, so its receipt is encrypted to the one that
+    signed the message. That certificate is revoked before the relay took the receipt: the
+    receipt is taken back and, with no certificate left to encrypt to, fails with an alert."""
+    snv = world.agencies["H26.SNV"]
+    with archive.db.session() as s:
+        store.retire_certificate(s, store.fingerprint(snv.cert), at=WORLD_AT, actor="test")
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    receipt = _rows(archive)[f"receipt:{seq}"]
+    assert receipt.detail[ENCRYPTED_TO] == [store.fingerprint(snv.cert)]
+    later = LATER + timedelta(minutes=10)
+    builder = Builder(archive, hub, lambda: world.directory, lambda: later, "b")
+    assert builder.rebuild_stale() == []  # still the certificate it would use now
+    _revoke_on_a_crl(archive, world, snv)
+    builder = Builder(archive, hub, lambda: world.directory, lambda: later, "b")
+    assert builder.rebuild_stale() == [receipt.id]
+    while builder.run_once():
+        pass
+    receipt = _rows(archive)[f"receipt:{seq}"]
+    assert (receipt.state, receipt.message) == ("failed", None)
+    assert "no usable encryption certificate" in (receipt.last_reply or "")
+
+
+def test_a_duplicate_after_a_revocation_does_not_get_the_receipt_encrypted_to_it(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """A duplicate gets the original receipt again, the same bytes, unless a certificate those
+    bytes are encrypted to is no longer usable: then the receipt is built anew, and here, with
+    no certificate left, the resend fails instead of going out to the revoked key."""
+    snv = world.agencies["H26.SNV"]
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    seq = _process(archive, world_ctx, world.directory, hub)
+    _revoke_on_a_crl(archive, world, snv)
+    _receive(archive, raw)
+    _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    [again] = [r for k, r in rows.items() if k.startswith("resend:")]
+    assert (again.state, again.message) == ("failed", None)
+    # The waiting receipt was taken back too (its key revoked) and could not be built again.
+    assert rows[f"receipt:{seq}"].state == "failed"
+    assert f"the receipt for entry {seq} could not be built" in (again.last_reply or "")
+
+
+def test_a_duplicate_gets_a_receipt_built_anew_for_the_new_certificate(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """The same, after a rollover: the resend is a receipt built anew for the certificate of
+    now, kept in the archive with the resend."""
+    police_like = issue_agency(
+        world.root, email="vanthu@snv.hanoi.gov.vn", organ_id="H26.SNV",
+        common_name="Home Affairs (2027)", at=WORLD_AT - timedelta(days=10),
+    )  # fmt: skip
+    snv = world.agencies["H26.SNV"]
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    seq = _process(archive, world_ctx, world.directory, hub)
+    relay = _Relay(_Reply("sent", "250 ok"), _Reply("sent", "250 ok"))
+    assert dict(Sender(archive, relay.session, lambda: LATER, "s").run_once()) == {
+        1: "sent",
+        2: "sent",
+    }
+    with archive.db.session() as s:
+        store.add_certificate(
+            s, police_like.cert, role="agency", organ_id="H26.SNV", at=WORLD_AT, actor="test"
+        )
+        store.retire_certificate(s, store.fingerprint(snv.cert), at=WORLD_AT, actor="test")
+    _receive(archive, raw)
+    _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    [again] = [r for k, r in rows.items() if k.startswith("resend:")]
+    assert again.state == "ready" and again.message is not None
+    assert again.message != rows[f"receipt:{seq}"].message
+    assert again.detail[ENCRYPTED_TO] == [store.fingerprint(police_like.cert)]
+    assert _openssl_opens(again.message, police_like, tmp_path)
+    assert not _openssl_opens(again.message, snv, tmp_path)
+    with archive.db.session(read_only=True) as s:
+        entry = archive.log.entry(s, again.entry_seq or 0)
+        assert (entry.kind, entry.fields["for_seq"]) == ("resend", seq)
+        assert archive.blobs.get(s, entry.blobs["receipt"]) == again.message
+
+
 @pytest.mark.postgres
 def test_a_rebuild_never_takes_a_row_the_sender_is_claiming_on_postgresql(
     pg_cluster: pg.PgCluster,
