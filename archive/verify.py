@@ -159,10 +159,18 @@ def _chains_to(
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
+    """A CA certificate (basicConstraints cA) whose keyUsage, if it has one, allows signing
+    certificates (RFC 5280 §4.2.1.3)."""
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+        extensions = cert.extensions
+        if not extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
     except (x509.ExtensionNotFound, ValueError):
         return False
+    try:
+        return bool(extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
+    except x509.ExtensionNotFound:
+        return True
 
 
 def _add(report: Report, text: str) -> None:

@@ -19,7 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from archive import blobs, merkle
 from archive import checkpoint as cp
@@ -379,7 +382,44 @@ def test_with_an_anchor_a_hub_certificate_issued_through_a_sub_ca_is_trusted(
     with db.session(read_only=True) as s:
         report = verify(s, log.blobs, [forged.cert], anchors=[root.cert], intermediates=[leaf.cert])
     assert "is not issued by a given anchor" in report.problems[0]
+    # Nor is a CA certificate whose keyUsage does not allow signing certificates.
+    no_cert_sign = _ca_without_cert_sign(root, "Signs CRLs only")
+    forged = issue_hub(
+        no_cert_sign, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=1)
+    )
+    with db.session(read_only=True) as s:
+        report = verify(
+            s, log.blobs, [forged.cert], anchors=[root.cert], intermediates=[no_cert_sign.cert]
+        )
+    assert "is not issued by a given anchor" in report.problems[0]
     db.dispose()
+
+
+def _ca_without_cert_sign(parent: Issued, name: str) -> Issued:
+    """A sub-CA of ``parent`` (cA true) whose keyUsage allows CRL signing only."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    at = WORLD_AT - timedelta(days=2)
+    usage = dict.fromkeys(
+        ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+         "key_agreement", "key_cert_sign", "encipher_only", "decipher_only"), False,
+    )  # fmt: skip
+    parent_key = parent.key
+    assert isinstance(parent_key, rsa.RSAPrivateKey)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(parent.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(at)
+        .not_valid_after(at + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(crl_sign=True, **usage), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(parent_key, hashes.SHA256())
+    )
+    return Issued(cert, key)
 
 
 def test_a_stolen_database_file_reveals_no_payload(tmp_path: Path) -> None:
