@@ -325,6 +325,7 @@ def _status(
                     f"Home Affairs, work permits: {c.status}"
                     + (f" by {c.late_days} working day(s)" if c.status == "late" else "")
                     + f" (due {c.due:%d/%m/%Y})"
+                    + (", sent before the period ended" if c.early else "")
                     for c in mine
                 ],
                 "html": str(page),
