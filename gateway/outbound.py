@@ -347,13 +347,15 @@ class Builder:
         waiting_rows = (o.state.in_(("ready", "retry"))) & o.worker.is_(None)
         stale: dict[int, tuple[list[str], list[str]]] = {}  # (built for, gone)
         with self.archive.db.session(read_only=True) as s:
-            for row in s.scalars(select(o).where(waiting_rows)):
-                built_for = row.detail.get(ENCRYPTED_TO) or []
+            # Columns only: the built messages themselves (up to the size limit each) stay put.
+            query = select(o.id, o.kind, o.for_seq, o.organ_id, o.detail).where(waiting_rows)
+            for number, kind, for_seq, organ_id, detail in s.execute(query):
+                built_for = detail.get(ENCRYPTED_TO) or []
                 if not built_for:
                     continue
-                usable = self._targets(s, row, now)
+                usable = self._targets(s, kind, for_seq, organ_id, now)
                 if gone := [fp for fp in built_for if fp not in usable]:
-                    stale[row.id] = (built_for, gone)
+                    stale[number] = (built_for, gone)
         if not stale:
             return []
         done: list[int] = []
@@ -382,20 +384,22 @@ class Builder:
                 done.append(row.id)
         return done
 
-    def _targets(self, s: Session, row: t.Outbox, now: datetime) -> set[str]:
-        """The fingerprints the builder would encrypt ``row`` to now: the agency's usable
-        certificates or, for a receipt (or a resend of one) to an agency with none, those of
-        the certificate that signed the message."""
-        if row.kind == "resend":
-            receipt = s.scalar(select(t.Outbox).where(t.Outbox.key == f"receipt:{row.for_seq}"))
-            if receipt is None:
-                return set()
-            row = receipt
-        if row.organ_id is None:
+    def _targets(
+        self, s: Session, kind: str, for_seq: int | None, organ_id: str | None, now: datetime
+    ) -> set[str]:
+        """The fingerprints the builder would encrypt a row of ``kind`` to now: the agency's
+        usable certificates or, for a receipt (or a resend of one) to an agency with none,
+        those of the certificate that signed the message."""
+        if kind == "resend":
+            kind = "receipt"
+            organ_id = s.scalar(
+                select(t.Outbox.organ_id).where(t.Outbox.key == f"receipt:{for_seq}")
+            )
+        if organ_id is None:
             return set()
-        certs = self._certificates(s, row.organ_id, now).usable
-        if not certs and row.kind == "receipt" and row.for_seq is not None:
-            entry = self.archive.log.entry(s, row.for_seq)
+        certs = self._certificates(s, organ_id, now).usable
+        if not certs and kind == "receipt" and for_seq is not None:
+            entry = self.archive.log.entry(s, for_seq)
             signer = self._signer_cert(s, entry.blobs)
             certs = choose(signer, trust=self._trust_store(s, now), at=now).usable
         return {_fingerprint(c) for c in certs}
@@ -560,7 +564,9 @@ class Builder:
                 return _Built(later=True)  # the original receipt is not built yet
             return _Built(failure=f"the receipt for entry {row.for_seq} could not be built")
         built_for = tuple(original.detail.get(ENCRYPTED_TO) or ())
-        if built_for and not set(built_for) <= self._targets(s, original, now):
+        if built_for and not set(built_for) <= self._targets(
+            s, "receipt", original.for_seq, original.organ_id, now
+        ):
             fresh = self._receipt(s, original, now)
             if fresh.message is None:
                 return fresh
