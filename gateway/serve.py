@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from archive import tables as t
 from archive.db import Database
 from archive.service import Archive
-from formats.errors import ConfigError, GatewayError, TransientError
+from formats.errors import ConfigError, GatewayError
 from formats.vntime import VN_TZ
 from gateway import settings as settings_mod
 from gateway.loading import (
@@ -85,6 +85,17 @@ def release_stale_claims(db: Database, host: str) -> int:
                 )
                 released += result.rowcount  # type: ignore[attr-defined]
     return released
+
+
+def sweep_stale_claims(db: Database, host: str) -> None:
+    """:func:`release_stale_claims`, saying what it resumed; the database's trouble (locked,
+    unreachable, damaged) is a warning and the next sweep tries again, never the end of the
+    supervisor."""
+    try:
+        if released := release_stale_claims(db, host):
+            log.warning("resumed %d items held by a stopped process", released)
+    except ENVIRONMENT as exc:
+        log.warning("could not look for stale claims: %s", exc)
 
 
 def _gone(worker: str, host: str) -> bool:
@@ -189,11 +200,7 @@ class Supervisor:
                 # Another instance on this host may have died: its claims resume here now
                 # rather than when their leases run out.
                 last_sweep = time.monotonic()
-                try:
-                    if released := release_stale_claims(db, socket.gethostname()):
-                        log.warning("resumed %d items held by a stopped process", released)
-                except (TransientError, SQLAlchemyError) as exc:
-                    log.warning("could not look for stale claims: %s", exc)
+                sweep_stale_claims(db, socket.gethostname())
             for i, p in enumerate(processes):
                 if not p.is_alive() and time.monotonic() - restarts.get(i, 0.0) > 5.0:
                     log.error("worker %d exited (code %s); starting it again", i, p.exitcode)

@@ -54,7 +54,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from archive.db import Database
 from archive.records import Transport
-from formats.errors import ConfigError, TransientError
+from formats.errors import ConfigError, DatabaseDamaged, TransientError
 from formats.limits import Limits
 from gateway import intake
 from gateway.smtp_checks import SessionGate, check_data, is_mailbox, safe_text
@@ -204,7 +204,7 @@ class IntakeHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         try:
             reply = await self._commit(session, envelope, lmtp=isinstance(server, LMTP))
-        except TransientError as exc:
+        except (TransientError, DatabaseDamaged) as exc:
             log.warning("%s: not stored: %s", _peer(session), exc)
             reply = TRANSIENT
         except Exception:

@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from archive.db import Database, sqlite_url
 from formats.errors import ConfigError
 from gateway import cli
+from gateway.serve import sweep_stale_claims
 
 COMMANDS = [
     ("archive", "list"),
@@ -131,3 +132,18 @@ def test_the_real_command_exits_2_not_70(
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"Error: the database file {home / 'archive.db'} is damaged")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_the_supervisors_sweep_of_stale_claims_outlives_damage(
+    damaged: Callable[[Callable[[Path], None]], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`gateway serve` looks for claims of dead processes every few seconds: damage met there is
+    a warning, and the supervisor goes on (its workers wait the same way), not a crash."""
+    home = damaged(outbox_pages_overwritten)
+    db = Database.open(sqlite_url(home / "archive.db"))
+    try:
+        sweep_stale_claims(db, "host")
+    finally:
+        db.dispose()
+    [record] = [r for r in caplog.records if "stale claims" in r.getMessage()]
+    assert record.levelname == "WARNING" and "is damaged" in record.getMessage()
