@@ -24,8 +24,8 @@ Three steps, each idempotent, each resumable after a crash:
    (``detail["encrypted_to"]``). Should one of them stop being usable before the relay takes
    it (revoked, retired, expired: the agency may no longer hold that key, or someone else
    may), the builder takes the row back and builds it again for the certificates of now
-   (:meth:`Builder.rebuild_stale`, every :data:`STALE_CHECK`): what the hub sends is never
-   encrypted to a certificate it would not encrypt to today.
+   (:meth:`Builder.rebuild_stale`, every :data:`STALE_CHECK`, on lookups cached for
+   :data:`CERT_CACHE`), for the mailboxes that did not take the first build.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
@@ -331,8 +330,14 @@ class Builder:
             else:
                 add_alert(s, row.key, f"{row.kind} {row.key}: {b.failure}", now)
             return
+        # A build again (its certificate no longer usable) goes only to the mailboxes that
+        # did not take the first one (all of them, should none of those be left).
+        taken = {
+            a for a, r in row.detail.get("recipients", {}).items() if r.get("status") == "sent"
+        }
         row.state, row.message = "ready", b.message
-        row.mail_from, row.rcpt_to = self.hub.address, list(b.rcpt_to)
+        row.mail_from = self.hub.address
+        row.rcpt_to = [a for a in b.rcpt_to if a not in taken] or list(b.rcpt_to)
         detail = {k: v for k, v in row.detail.items() if k != ENCRYPTED_TO}
         if b.encrypted_to:
             detail[ENCRYPTED_TO] = list(b.encrypted_to)
@@ -374,9 +379,7 @@ class Builder:
                     "or expired): built again for the agency's certificates of now"
                 )
                 log.warning("outbox %s (%s): %s", row.id, row.key, reason)
-                detail = {
-                    k: v for k, v in row.detail.items() if k not in (ENCRYPTED_TO, "recipients")
-                }
+                detail = without_build(row.detail)
                 row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
                 row.entry_seq = None  # that build is history (in the archive), not to be resent
                 row.detail, row.last_reply = detail, reason
@@ -402,7 +405,7 @@ class Builder:
             entry = self.archive.log.entry(s, for_seq)
             signer = self._signer_cert(s, entry.blobs)
             certs = choose(signer, trust=self._trust_store(s, now), at=now).usable
-        return {_fingerprint(c) for c in certs}
+        return {store.fingerprint(c) for c in certs}
 
     def _build(self, s: Session, row: t.Outbox, now: datetime, batch: dict[int, _Built]) -> _Built:
         try:
@@ -493,7 +496,7 @@ class Builder:
             {RECEIPT_BLOB: message},
         )
         return _Built(
-            message, (to_addr,), item, encrypted_to=tuple(map(_fingerprint, certs.usable))
+            message, (to_addr,), item, encrypted_to=tuple(map(store.fingerprint, certs.usable))
         )
 
     def _delivery(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
@@ -530,7 +533,7 @@ class Builder:
             },
             {},
         )
-        fingerprints = tuple(_fingerprint(c) for c in certs.usable)
+        fingerprints = tuple(store.fingerprint(c) for c in certs.usable)
         return _Built(message, addresses, item, encrypted_to=fingerprints)
 
     def _resend(self, s: Session, row: t.Outbox, batch: dict[int, _Built], now: datetime) -> _Built:
@@ -632,7 +635,7 @@ class Builder:
             },
             {"reminder": message},
         )
-        return _Built(message, addresses, item, encrypted_to=tuple(map(_fingerprint, certs)))
+        return _Built(message, addresses, item, encrypted_to=tuple(map(store.fingerprint, certs)))
 
     def _alert(self, row: t.Outbox, now: datetime) -> _Built:
         if not self.hub.admin:
@@ -733,5 +736,12 @@ def backoff(attempts: int) -> timedelta:
     return timedelta(minutes=min(60, 2 ** max(0, attempts - 1)))
 
 
-def _fingerprint(cert: x509.Certificate) -> str:
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+def without_build(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's ``detail`` once its built message is dropped, to be built again for the
+    certificates of now: what it was encrypted to goes; of the recipients' replies, only
+    those of mailboxes that took it stay (they are not sent it again)."""
+    out = {k: v for k, v in detail.items() if k not in (ENCRYPTED_TO, "recipients")}
+    taken = {a: r for a, r in detail.get("recipients", {}).items() if r.get("status") == "sent"}
+    if taken:
+        out["recipients"] = taken
+    return out

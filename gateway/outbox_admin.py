@@ -11,7 +11,8 @@ Requeueing a failed row:
   from scratch, for the agency's mailboxes and certificates of now (``new``);
 - built, and failed at the relay (5xx, or retried too long): sent again, the same bytes, to the
   recipients that did not take it (``retry``, due now); a recipient that took it is not sent it
-  twice. The time until the sender gives up counts from the requeue, not from the row's birth.
+  twice. If a certificate those bytes are encrypted to is no longer usable, it is built again
+  instead (``new``), for those recipients. The time until the sender gives up counts from the requeue, not from the row's birth.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from archive import tables as t
-from formats.errors import InputError
-from keys import store
+from formats.errors import ConfigError, InputError
+from gateway.outbound import ENCRYPTED_TO, without_build
+from keys import evidence, store
+from keys.trust import TrustStore
 
 STATES = ("new", "building", "ready", "sending", "retry", "sent", "failed")
 #: The rows still owed something (what ``mailq`` would show): every state but ``sent``.
@@ -112,6 +115,7 @@ def requeue(
                 "is sent again by hand"
             )
     out: list[tuple[Row, str]] = []
+    trust = _trust(s)
     for number in dict.fromkeys(ids):
         row = rows[number]
         before = _row(row)
@@ -121,6 +125,12 @@ def requeue(
         if rebuild or row.message is None or not untaken:
             row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
             detail.pop("recipients", None)  # a new message, to the mailboxes of now
+            detail.pop(ENCRYPTED_TO, None)
+        elif _encrypted_to_unusable(s, row, at, trust):
+            # Never the old bytes to a certificate the hub would not encrypt to now: built
+            # again, for the mailboxes that did not take it.
+            row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
+            detail = without_build(detail)
         else:
             row.state, row.rcpt_to = "retry", untaken
         row.detail, row.attempts, row.next_attempt_at = detail, 0, at
@@ -131,6 +141,33 @@ def requeue(
         )  # fmt: skip
         out.append((before, row.state))
     return out
+
+
+def _trust(s: Session) -> TrustStore | None:
+    try:
+        return evidence.trust_store(s, revocation_mode="soft-fail")
+    except ConfigError:  # no trust anchor: no evidence can be checked
+        return None
+
+
+def _encrypted_to_unusable(
+    s: Session, row: t.Outbox, at: datetime, trust: TrustStore | None
+) -> bool:
+    """``row``'s built message is encrypted to a certificate its agency may no longer be
+    encrypted to (revoked, retired, expired); a receipt to the certificate that signed the
+    message counts as such too (it is built again: the builder decides)."""
+    built_for = row.detail.get(ENCRYPTED_TO) or []
+    if not built_for:
+        return False
+    organ_id = row.organ_id
+    if row.kind == "resend":
+        organ_id = s.scalar(
+            select(t.Outbox.organ_id).where(t.Outbox.key == f"receipt:{row.for_seq}")
+        )
+    if organ_id is None:
+        return True
+    usable = store.encryption_certificates(s, organ_id, at, trust=trust).usable
+    return not set(built_for) <= {store.fingerprint(c) for c in usable}
 
 
 def _row(row: t.Outbox) -> Row:

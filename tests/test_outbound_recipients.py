@@ -22,6 +22,7 @@ from archive.service import Archive
 from gateway import outbound
 from gateway.demo import DemoWorld
 from gateway.outbound import ENCRYPTED_TO, Builder, Hub
+from gateway.outbox_admin import requeue
 from gateway.pipeline import Context
 from gateway.sender import Sender
 from gateway.worker import Worker
@@ -190,6 +191,67 @@ def test_a_message_waiting_for_the_relay_is_built_again_when_its_certificate_is_
     receipt = rows[f"receipt:{seq}"]
     assert (receipt.state, receipt.message) == ("retry", receipt_before)
     assert builder.rebuild_stale() == []  # built for what is usable now: nothing more to do
+
+
+def test_a_delivery_built_again_goes_only_to_the_mailboxes_that_did_not_take_it(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """The police have two mailboxes: one took the delivery, the other answered 451. The
+    certificate is then retired: the delivery is built again for the new one and goes to the
+    second mailbox only; the first one's 250 is kept."""
+    police = world.directory.get("H26.CATP")
+    assert police is not None
+    second = "so2@catp.hanoi.gov.vn"
+    two = dataclasses.replace(police, emails=frozenset({*police.emails, second}))
+    directory = Directory.of([two if a.organ_id == "H26.CATP" else a for a in world.directory])
+    ctx = dataclasses.replace(world_ctx, directory=directory)
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, ctx, directory, hub)
+    key = f"delivery:{seq}:H26.CATP"
+    relay = _Relay(
+        _Reply("sent", "250 ok"), _Reply("sent", "250 ok", refused={second: "451 4.2.1 later"})
+    )
+    Sender(archive, relay.session, lambda: LATER, "s").run_once()
+    assert _rows(archive)[key].rcpt_to == [second]
+    _enrol(archive, _police(world, "Police (2027)"))
+    _retire_police_certificate(archive, world)
+    later = LATER + timedelta(minutes=10)
+    assert Builder(archive, hub, lambda: directory, lambda: later, "b").run_once() == 1
+    row = _rows(archive)[key]
+    assert (row.state, row.rcpt_to) == ("ready", [second])
+    assert row.detail["recipients"][POLICE]["status"] == "sent"
+    done = _Relay(_Reply("sent", "250 ok"))
+    assert Sender(archive, done.session, lambda: later, "s").run_once() == [(row.id, "sent")]
+    assert [to for _, _, to in done.sent] == [(second,)]
+
+
+def test_a_failed_delivery_sent_again_by_hand_is_built_again_if_its_certificate_went(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """`gateway outbox retry` (without --rebuild) sends the same bytes again, unless a
+    certificate they are encrypted to is no longer usable: then the row is built again, and
+    the old bytes never reach the relay."""
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    key = f"delivery:{seq}:H26.CATP"
+    relay = _Relay(_Reply("sent", "250 ok"), _Reply("failed", "550 5.2.2 mailbox full"))
+    Sender(archive, relay.session, lambda: LATER, "s").run_once()
+    new = _police(world, "Police (2027)")
+    _enrol(archive, new)
+    _retire_police_certificate(archive, world)
+    later = LATER + timedelta(hours=1)
+    row = _rows(archive)[key]
+    with archive.db.session() as s:
+        assert [state for _, state in requeue(s, [row.id], rebuild=False, at=later, actor="a")] == [
+            "new"
+        ]
+    assert Sender(archive, _Relay().session, lambda: later, "s").run_once() == []  # nothing ready
+    assert Builder(archive, hub, lambda: world.directory, lambda: later, "b").run_once() >= 1
+    again = _Relay(_Reply("sent", "250 ok"))
+    Sender(archive, again.session, lambda: later, "s").run_once()
+    [(message, _, _)] = again.sent
+    assert _openssl_opens(message, new, tmp_path)
+    assert not _openssl_opens(message, world.agencies["H26.CATP"], tmp_path)
 
 
 def _revoke_on_a_crl(archive: Archive, world: DemoWorld, issued: Issued) -> None:
