@@ -96,7 +96,7 @@ class Archive:
         check_blobs: bool = True,
         progress: Progress | None = None,
         anchors: Sequence[x509.Certificate] = (),
-        hub_address: str | None = None,
+        hub_addresses: Sequence[str] = (),
     ) -> Report:
         with self.db.session(read_only=True) as s:
             return verify(
@@ -107,7 +107,7 @@ class Archive:
                 progress=progress or (lambda _a, _b, _c: None),
                 anchors=anchors,
                 intermediates=issuer_certificates(s) if anchors else (),
-                hub_address=hub_address,
+                hub_addresses=hub_addresses,
             )
 
 

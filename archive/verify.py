@@ -72,13 +72,13 @@ def verify(
     progress: Progress = lambda _stage, _done, _total: None,
     anchors: Sequence[x509.Certificate] = (),
     intermediates: Sequence[x509.Certificate] = (),
-    hub_address: str | None = None,
+    hub_addresses: Sequence[str] = (),
 ) -> Report:
     """``signers``: the hub's certificates (as stored); with ``anchors`` (from outside the
     database), only those issued by one of them count, directly or through CA certificates
     among ``intermediates`` (as stored: each link's signature is checked, so a stored one
-    proves nothing that the anchor did not sign). With ``hub_address``, a hub certificate
-    must also name it (an agency's certificate under the same root is not the hub's)."""
+    proves nothing that the anchor did not sign). With ``hub_addresses``, a hub certificate
+    must also name one of them (an agency's certificate under the same root is not the hub's)."""
     report = Report()
     admin: dict[int, tuple[int, dict[str, Any]]] = {}
     leaves = _entries(s, report, progress, admin)
@@ -88,7 +88,7 @@ def verify(
     _nodes(s, levels, report, progress)
     _head(s, report)
     if anchors:
-        signers = _issued_by_anchors(signers, anchors, intermediates, report, hub_address)
+        signers = _issued_by_anchors(signers, anchors, intermediates, report, hub_addresses)
     _checkpoints(s, levels, signers, report)
     _admin_events(s, admin, report)
     if check_blobs:
@@ -101,10 +101,10 @@ def _issued_by_anchors(
     anchors: Sequence[x509.Certificate],
     intermediates: Sequence[x509.Certificate],
     report: Report,
-    hub_address: str | None = None,
+    hub_addresses: Sequence[str] = (),
 ) -> list[x509.Certificate]:
-    """The hub certificates that are an anchor or chain up to one, and name ``hub_address``
-    when given: a certificate someone added to the database (an agency's, issued under the
+    """The hub certificates that are an anchor or chain up to one, and name one of
+    ``hub_addresses`` when given: a certificate someone added to the database (an agency's, issued under the
     same root) does not sign checkpoints as the hub."""
     cas = [c for c in intermediates if _is_ca(c)]
     kept = []
@@ -116,11 +116,12 @@ def _issued_by_anchors(
                 report,
                 f"{who} is not issued by a given anchor: checkpoints it signs are not trusted",
             )
-        elif hub_address is not None and hub_address.casefold() not in _emails(cert):
+        elif hub_addresses and not {_address(a) for a in hub_addresses} & _emails(cert):
             _add(
                 report,
-                f"{who} does not name the hub's address {hub_address}: checkpoints it signs are "
-                "not trusted",
+                f"{who} does not name the hub's address ({', '.join(hub_addresses)}): "
+                "checkpoints it signs are not trusted (the hub's address was another then? "
+                "give it too with --hub-address)",
             )
         else:
             kept.append(cert)
@@ -132,7 +133,14 @@ def _emails(cert: x509.Certificate) -> set[str]:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (x509.ExtensionNotFound, ValueError):
         return set()
-    return {n.casefold() for n in names.get_values_for_type(x509.RFC822Name)}
+    return {_address(n) for n in names.get_values_for_type(x509.RFC822Name)}
+
+
+def _address(text: str) -> str:
+    """An address as the gateway compares them: the local part exact, the domain in lower
+    case (:func:`keys.directory.normalize_email`)."""
+    local, _, domain = text.strip().rpartition("@")
+    return f"{local}@{domain.lower()}"
 
 
 #: Links at most between a hub certificate and its anchor (a national root, a sub-CA, …).

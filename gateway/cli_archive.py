@@ -273,19 +273,31 @@ class _Progress:
     help="Trust only hub certificates issued by this CA, directly or through a stored sub-CA "
     "(a file from outside the database).",
 )
+@click.option(
+    "--hub-address",
+    "hub_addresses",
+    multiple=True,
+    metavar="ADDRESS",
+    help="With --ca: the hub's address that its certificates name (repeatable; default "
+    "[hub] address). Give earlier ones too if the hub's address changed.",
+)
 @json_option
 @click.pass_context
 def verify_cmd(
-    ctx: click.Context, no_blobs: bool, anchors: tuple[Path, ...], as_json: bool
+    ctx: click.Context,
+    no_blobs: bool,
+    anchors: tuple[Path, ...],
+    hub_addresses: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Recompute every leaf, node, checkpoint, admin event and blob. Exit 0 if all agree, 1 if
     not. Without --ca, checkpoints are checked against the hub certificates the database
     holds, which whoever can write the database could replace."""
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]
     with _opened(ctx) as a:
-        hub = load_settings(ctx).hub.address if trusted else None
+        hubs = (hub_addresses or (load_settings(ctx).hub.address,)) if trusted else ()
         report = a.verify(
-            check_blobs=not no_blobs, progress=_Progress(), anchors=trusted, hub_address=hub
+            check_blobs=not no_blobs, progress=_Progress(), anchors=trusted, hub_addresses=hubs
         )
     if as_json:
         emit_json(report.as_dict())

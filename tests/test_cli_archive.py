@@ -239,8 +239,16 @@ def test_verify_with_the_ca_trusts_the_hub_and_not_an_agency_planted_as_the_hub(
     assert "archive verifies" in ok(home, "verify", "--no-blobs").stdout  # the database's word
     bad = run(home, "verify", "--no-blobs", "--ca", tmp_path / "root.pem")
     assert bad.exit_code == 1
-    assert f"does not name the hub's address {HUB_ADDRESS}" in bad.stdout
+    assert f"does not name the hub's address ({HUB_ADDRESS})" in bad.stdout
     assert "checkpoint #1" in bad.stdout
+    # The hub's address then, given by hand when it has changed since: the same verdict for the
+    # police; an address no certificate names refuses the hub's own too.
+    root = tmp_path / "root.pem"
+    assert "CN=Official-mail" not in run(home, "verify", "--no-blobs", "--ca", root).stdout
+    other = run(home, "verify", "--no-blobs", "--ca", root, "--hub-address", "old@hub.vn")
+    assert other.exit_code == 1 and other.stdout.count("does not name the hub's address") == 2
+    given = run(home, "verify", "--no-blobs", "--ca", root, "--hub-address", HUB_ADDRESS)
+    assert given.stdout.count("does not name the hub's address") == 1
 
 
 def test_checkpoint_signs_with_the_hub_key(home: Path, world: DemoWorld) -> None:
