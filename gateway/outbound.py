@@ -358,7 +358,13 @@ class Builder:
                 built_for = detail.get(ENCRYPTED_TO) or []
                 if not built_for:
                     continue
-                usable = self._targets(s, kind, for_seq, organ_id, now)
+                try:
+                    usable = self._targets(s, kind, for_seq, organ_id, now)
+                except ENVIRONMENT:
+                    raise
+                except Exception:  # a defect of ours on one row: the others are still looked at
+                    log.exception("outbox %s: cannot tell what it would be encrypted to", number)
+                    continue
                 if gone := [fp for fp in built_for if fp not in usable]:
                     stale[number] = (built_for, gone)
         if not stale:

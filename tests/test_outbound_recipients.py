@@ -254,6 +254,36 @@ def test_a_failed_delivery_sent_again_by_hand_is_built_again_if_its_certificate_
     assert not _openssl_opens(message, world.agencies["H26.CATP"], tmp_path)
 
 
+def test_a_row_the_stale_check_fails_on_does_not_stop_the_others(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for n in (1, 2):
+        _receive(archive, world.submission("H26.SNV", number=n))
+    _process(archive, world_ctx, world.directory, hub)
+    _enrol(archive, _police(world, "Police (2027)"))
+    _retire_police_certificate(archive, world)
+    real, calls = Builder._targets, []
+
+    def first_fails(self: Builder, s: Any, kind: str, *args: Any) -> set[str]:
+        if kind == "delivery" and not calls:  # the first delivery looked at
+            calls.append(1)
+            raise RuntimeError("a defect")
+        return real(self, s, kind, *args)
+
+    monkeypatch.setattr(Builder, "_targets", first_fails)
+    later = LATER + timedelta(minutes=10)
+    builder = Builder(archive, hub, lambda: world.directory, lambda: later, "b")
+    rebuilt = builder.rebuild_stale()
+    deliveries = [r for k, r in _rows(archive).items() if k.startswith("delivery:")]
+    assert len(deliveries) == 2 and len(rebuilt) == 1
+    assert "cannot tell what it would be encrypted to" in caplog.text
+
+
 def _revoke_on_a_crl(archive: Archive, world: DemoWorld, issued: Issued) -> None:
     """The demo CA revokes ``issued`` (two hours before the world's moment); the admin imports
     the CRL."""
