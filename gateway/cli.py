@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from archive.db import Database
 from formats.errors import ConfigError, GatewayError, InputError
+from formats.vntime import local_day
 from gateway import settings as settings_mod
 from gateway.cli_payload import payload
 
@@ -124,6 +125,20 @@ def parse_time(text: str, *, option: str = "--at", naive: tzinfo = UTC) -> datet
 
 #: The years a time given on the command line may fall in.
 TIME_RANGE = (1970, 2999)
+
+
+def in_calendar(at: datetime, what: str) -> datetime:
+    """``at``, if its day in Vietnam falls in the years the working-day calendar covers (what
+    a reminder run or a compliance report can be planned at); :class:`InputError` naming
+    ``what`` otherwise."""
+    from gateway.workdays import MAX_YEAR, MIN_YEAR
+
+    if not MIN_YEAR <= local_day(at).year <= MAX_YEAR:
+        raise InputError(
+            f"{what} is outside the years the working-day calendar covers "
+            f"({MIN_YEAR}–{MAX_YEAR}, Vietnam time); give a moment within them"
+        )
+    return at
 
 
 def emit_json(data: Any) -> None:

@@ -21,7 +21,7 @@ from formats.errors import InputError
 from formats.vntime import VN_TZ, local_day
 from gateway import compliance_html, ledger, obligation_store
 from gateway.adhoc import REQUEST_STATES, RequestStatus, requests_status
-from gateway.cli import actor, emit_json, load_settings, now, parse_time
+from gateway.cli import actor, emit_json, in_calendar, load_settings, now, parse_time
 from gateway.cli import db_session as _session
 from gateway.compliance import Cell, Report, history, matrix, month_bounds, month_labels
 from gateway.remind import calendar_of
@@ -133,17 +133,9 @@ def status_text(cell: Cell) -> str:
 
 
 def _at(text: str | None) -> datetime:
-    at = parse_time(text, naive=VN_TZ) if text else now()
-    try:
-        year = local_day(at).year
-    except OverflowError:
-        year = 0
-    if not MIN_YEAR <= year <= MAX_YEAR:
-        what = f"--at {text!r}" if text else "the current time"
-        raise InputError(
-            f"{what} is outside {MIN_YEAR}–{MAX_YEAR}, the years the working-day calendar covers"
-        )
-    return at
+    if text:
+        return in_calendar(parse_time(text, naive=VN_TZ), f"--at {text!r}")
+    return in_calendar(now(), "the current time")
 
 
 def _label(text: str, option: str) -> str:

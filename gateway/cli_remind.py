@@ -6,29 +6,14 @@ from datetime import datetime
 
 import click
 
-from formats.errors import InputError
-from formats.vntime import VN_TZ
-from gateway.cli import db_session, emit_json, load_settings, now, parse_time
+from gateway.cli import db_session, emit_json, in_calendar, load_settings, now, parse_time
 from gateway.loading import load_directory_merged, open_database
 from gateway.remind import calendar_of, policy_of, run, templates_of
-from gateway.workdays import MAX_YEAR, MIN_YEAR
-
-#: The moments a run can be planned at: the years the working-day calendar answers for, in
-#: Vietnam time. Outside them there is nothing to plan, and near the ends of ``datetime``'s
-#: range (years 1 and 9999) the run's own arithmetic (to Vietnam time, days ahead) overflows.
-_FIRST = datetime(MIN_YEAR, 1, 1, tzinfo=VN_TZ)
-_END = datetime(MAX_YEAR + 1, 1, 1, tzinfo=VN_TZ)
 
 
 def _moment(text: str) -> datetime:
     """``--at``: an ISO 8601 time in the calendar's years (:class:`InputError` otherwise)."""
-    at = parse_time(text)
-    if not _FIRST <= at < _END:  # aware comparisons: no conversion, so no overflow
-        raise InputError(
-            f"--at {text!r} is outside the years the working-day calendar covers "
-            f"({MIN_YEAR}–{MAX_YEAR}, Vietnam time); give a moment within them"
-        )
-    return at
+    return in_calendar(parse_time(text), f"--at {text!r}")
 
 
 @click.command()
