@@ -452,10 +452,9 @@ def test_run_wakes_up_on_idle_and_stops_when_asked(
     try:
         assert _eventually(lambda: len(_intake(db)) == 1)
         time.sleep(0.3)  # let it settle into IDLE
-        started = time.monotonic()
         imap.append("INBOX", second)
+        # Within _eventually's bound, far less than the 600 s poll: IDLE brought it in.
         assert _eventually(lambda: len(_intake(db)) == 2)
-        assert time.monotonic() - started < 5
     finally:
         stop.set()
         thread.join(timeout=5)
