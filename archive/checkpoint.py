@@ -81,6 +81,13 @@ def sign(
 def verify(body: bytes, signature: bytes, signers: list[x509.Certificate]) -> Checkpoint:
     """The checkpoint, if ``signature`` verifies over ``body`` and was made by one of
     ``signers`` (the hub's certificates); :class:`CheckpointError` otherwise."""
+    return verify_signer(body, signature, signers)[0]
+
+
+def verify_signer(
+    body: bytes, signature: bytes, signers: list[x509.Certificate]
+) -> tuple[Checkpoint, x509.Certificate]:
+    """:func:`verify`, and which of ``signers`` made the signature."""
     try:
         check = cms_signed.verify_signed_data(signature, detached=body, known=signers)
     except GatewayError as err:
@@ -92,4 +99,4 @@ def verify(body: bytes, signature: bytes, signers: list[x509.Certificate]) -> Ch
         )
     if bytes(check.content) != body:
         raise CheckpointError("checkpoint signature covers other bytes than its body")
-    return Checkpoint.parse(body)
+    return Checkpoint.parse(body), check.signer

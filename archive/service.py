@@ -10,13 +10,14 @@ keeps the rule that every append is one durable transaction (DESIGN ยง5 rules 7โ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import ocsp
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,6 +28,8 @@ from archive.db import Database
 from archive.log import Entry, Item, Log
 from archive.records import read_item
 from archive.verify import Progress, Report, verify
+from keys import evidence
+from keys.trust import TrustStore
 
 SigningKey = tuple[x509.Certificate, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey]
 
@@ -105,8 +108,7 @@ class Archive:
                 hub_certificates(s),
                 check_blobs=check_blobs,
                 progress=progress or (lambda _a, _b, _c: None),
-                anchors=anchors,
-                intermediates=issuer_certificates(s) if anchors else (),
+                trust=outside_trust(s, anchors) if anchors else None,
                 hub_addresses=hub_addresses,
             )
 
@@ -132,6 +134,32 @@ def issuer_certificates(s: Session) -> list[x509.Certificate]:
         select(t.Certificate).where(t.Certificate.role.in_(("anchor", "intermediate", "ca")))
     )
     return [x509.load_der_x509_certificate(r.der) for r in rows]
+
+
+def outside_trust(s: Session, anchors: Sequence[x509.Certificate]) -> TrustStore:
+    """``anchors`` given from outside the database, with what it stores as path-building
+    candidates (:func:`issuer_certificates`) and the newest revocation evidence, soft-fail: a
+    stored CA certificate proves nothing its anchor did not sign, and evidence that is missing
+    (or was deleted) lets a certificate through rather than condemn the log."""
+    return TrustStore(
+        tuple(anchors),
+        tuple(issuer_certificates(s)),
+        crls=tuple(_readable(evidence.latest_crls(s), x509.load_der_x509_crl)),
+        ocsps=tuple(_readable(evidence.latest_ocsps(s), ocsp.load_der_ocsp_response)),
+        revocation_mode="soft-fail",
+    )
+
+
+def _readable(ders: list[bytes], load: Callable[[bytes], object]) -> list[bytes]:
+    """The items of ``ders`` that parse (a damaged row is no evidence either way)."""
+    kept = []
+    for der in ders:
+        try:
+            load(der)
+        except ValueError:
+            continue
+        kept.append(der)
+    return kept
 
 
 def _last_checkpoint_size(s: Session) -> int:

@@ -3,7 +3,7 @@
 Nothing stored is believed: each record is re-hashed and the columns copied from it compared,
 the whole tree is rebuilt from those hashes, every stored tree node is compared with the
 rebuilt one, every checkpoint's signature is checked (against the hub certificates, or only
-those issued by given anchors) and its root compared with the rebuilt tree at its size, every
+those whose path to a given anchor validates at the checkpoint's time) and its root compared with the rebuilt tree at its size, every
 admin_events row is matched with its admin entry, and every data key is unwrapped and every
 blob decrypted and re-hashed. A problem names the entry (sequence number), node, checkpoint,
 event or blob. What it cannot see without something kept outside the database: docs/archive.md.
@@ -30,8 +30,8 @@ from archive import merkle
 from archive import tables as t
 from archive.blobs import BlobDamaged, BlobStore
 from archive.log import SEARCH_FIELDS, iso
-from formats.algorithms import signed_by
-from formats.errors import ConfigError
+from formats.errors import ConfigError, GatewayError
+from keys.trust import TrustStore
 
 Progress = Callable[[str, int, int], None]
 _BATCH = 5000
@@ -70,15 +70,16 @@ def verify(
     *,
     check_blobs: bool = True,
     progress: Progress = lambda _stage, _done, _total: None,
-    anchors: Sequence[x509.Certificate] = (),
-    intermediates: Sequence[x509.Certificate] = (),
+    trust: TrustStore | None = None,
     hub_addresses: Sequence[str] = (),
 ) -> Report:
-    """``signers``: the hub's certificates (as stored); with ``anchors`` (from outside the
-    database), only those issued by one of them count, directly or through CA certificates
-    among ``intermediates`` (as stored: each link's signature is checked, so a stored one
-    proves nothing that the anchor did not sign). With ``hub_addresses``, a hub certificate
-    must also name one of them (an agency's certificate under the same root is not the hub's)."""
+    """``signers``: the hub's certificates (as stored). With ``trust`` (its anchors given from
+    outside the database; stored CA certificates are path-building candidates only), a
+    checkpoint counts only if its signer's path validates at the checkpoint's signed time
+    (RFC 5280, :mod:`keys.trust`: each link a CA allowed to sign certificates within its path
+    length, every certificate valid then, not revoked by the evidence ``trust`` holds). With
+    ``hub_addresses``, a hub certificate must also name one of them (an agency's certificate
+    under the same root is not the hub's)."""
     report = Report()
     admin: dict[int, tuple[int, dict[str, Any]]] = {}
     leaves = _entries(s, report, progress, admin)
@@ -87,44 +88,38 @@ def verify(
     report.root = _root(levels, report.entries)
     _nodes(s, levels, report, progress)
     _head(s, report)
-    if anchors:
-        signers = _issued_by_anchors(signers, anchors, intermediates, report, hub_addresses)
-    _checkpoints(s, levels, signers, report)
+    if hub_addresses:
+        signers = _naming(signers, hub_addresses, report)
+    _checkpoints(s, levels, signers, report, trust)
     _admin_events(s, admin, report)
     if check_blobs:
         _blobs(s, blobs, report, progress)
     return report
 
 
-def _issued_by_anchors(
-    signers: list[x509.Certificate],
-    anchors: Sequence[x509.Certificate],
-    intermediates: Sequence[x509.Certificate],
-    report: Report,
-    hub_addresses: Sequence[str] = (),
+def _who(cert: x509.Certificate) -> str:
+    fp = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()[:16]
+    return f"hub certificate {fp}… ({cert.subject.rfc4514_string()})"
+
+
+def _naming(
+    signers: list[x509.Certificate], hub_addresses: Sequence[str], report: Report
 ) -> list[x509.Certificate]:
-    """The hub certificates that are an anchor or chain up to one, and name one of
-    ``hub_addresses`` when given: a certificate someone added to the database (an agency's, issued under the
-    same root) does not sign checkpoints as the hub."""
-    cas = [c for c in intermediates if _is_ca(c)]
+    """The hub certificates that name one of ``hub_addresses``: a certificate someone added to
+    the database (an agency's, issued under the same root) does not sign checkpoints as the
+    hub."""
+    wanted = {_address(a) for a in hub_addresses}
     kept = []
     for cert in signers:
-        fp = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()[:16]
-        who = f"hub certificate {fp}… ({cert.subject.rfc4514_string()})"
-        if not _chains_to(cert, anchors, cas):
+        if wanted & _emails(cert):
+            kept.append(cert)
+        else:
             _add(
                 report,
-                f"{who} is not issued by a given anchor: checkpoints it signs are not trusted",
-            )
-        elif hub_addresses and not {_address(a) for a in hub_addresses} & _emails(cert):
-            _add(
-                report,
-                f"{who} does not name the hub's address ({', '.join(hub_addresses)}): "
+                f"{_who(cert)} does not name the hub's address ({', '.join(hub_addresses)}): "
                 "checkpoints it signs are not trusted (the hub's address was another then? "
                 "give it too with --hub-address)",
             )
-        else:
-            kept.append(cert)
     return kept
 
 
@@ -143,42 +138,13 @@ def _address(text: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
-#: Links at most between a hub certificate and its anchor (a national root, a sub-CA, …).
-_MAX_CHAIN = 8
-
-
-def _chains_to(
-    cert: x509.Certificate, anchors: Sequence[x509.Certificate], cas: Sequence[x509.Certificate]
-) -> bool:
-    """``cert`` is one of ``anchors``, or is signed by one, directly or through ``cas``."""
-    if cert in anchors:
-        return True
-    below = [cert]
-    for _ in range(_MAX_CHAIN):
-        step = []
-        for child in below:
-            if any(signed_by(child, anchor) for anchor in anchors):
-                return True
-            step += [ca for ca in cas if ca not in below and signed_by(child, ca)]
-        if not step:
-            return False
-        below = step
-    return False
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    """A CA certificate (basicConstraints cA) whose keyUsage, if it has one, allows signing
-    certificates (RFC 5280 §4.2.1.3)."""
+def _untrusted(trust: TrustStore, cert: x509.Certificate, at: datetime) -> str | None:
+    """Why ``cert``'s path does not validate at ``at`` (None: it does)."""
     try:
-        extensions = cert.extensions
-        if not extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return False
-    except (x509.ExtensionNotFound, ValueError):
-        return False
-    try:
-        return bool(extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
-    except x509.ExtensionNotFound:
-        return True
+        trust.validate_signer(cert, at=at)
+    except GatewayError as err:
+        return err.message
+    return None
 
 
 def _add(report: Report, text: str) -> None:
@@ -352,6 +318,7 @@ def _checkpoints(
     levels: list[bytearray],
     signers: list[x509.Certificate],
     report: Report,
+    trust: TrustStore | None,
 ) -> None:
     """Each checkpoint's signature and root; none missing between the first and the last, and
     the sizes never going down. (Deleting the newest ones leaves no gap: only a checkpoint kept
@@ -366,9 +333,16 @@ def _checkpoints(
             _add(report, f"{where}: covers fewer entries than the one before it ({last_size})")
         last_id, last_size = row.id, max(last_size, row.size)
         try:
-            signed = cp.verify(row.body, row.signature, signers)
+            signed, signer = cp.verify_signer(row.body, row.signature, signers)
         except cp.CheckpointError as err:
             _add(report, f"{where}: {err} (forged or altered)")
+            continue
+        if trust is not None and (why := _untrusted(trust, signer, signed.at)):
+            _add(
+                report,
+                f"{where}: signed by {_who(signer)}, whose path does not validate at its "
+                f"signed time {signed.at:%Y-%m-%d %H:%M} UTC: {why}",
+            )
             continue
         if (signed.size, signed.root) != (row.size, row.root):
             _add(report, f"{where}: its columns differ from its signed body")

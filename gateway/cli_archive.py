@@ -270,8 +270,8 @@ class _Progress:
     "anchors",
     multiple=True,
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Trust only hub certificates issued by this CA, directly or through a stored sub-CA "
-    "(a file from outside the database).",
+    help="Trust a checkpoint only if its signer's path to this CA (a file from outside the "
+    "database; stored sub-CAs may link) validates at the checkpoint's time.",
 )
 @click.option(
     "--hub-address",

@@ -14,7 +14,7 @@ import subprocess
 import threading
 import zlib
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from archive import blobs, merkle
@@ -30,9 +31,11 @@ from archive import tables as t
 from archive.blobs import BlobStore
 from archive.db import Database
 from archive.log import Item, Log
+from archive.service import outside_trust
 from archive.verify import verify
 from gateway.demo import DemoWorld
-from keys.issuing import Issued, issue_agency, issue_hub, make_intermediate, make_root
+from keys.issuing import Issued, issue_agency, issue_hub, make_crl, make_intermediate, make_root
+from keys.trust import TrustStore
 from tests.conftest import WORLD_AT
 
 N = 40
@@ -311,10 +314,10 @@ def test_with_an_anchor_a_hub_certificate_planted_in_the_database_signs_nothing(
     stored = [world.hub.cert, intruder.cert]
     with db.session() as s:
         assert verify(s, log.blobs, stored).ok  # what the database says is all it has
-        problems = verify(s, log.blobs, stored, anchors=[world.root.cert]).problems
-    assert len(problems) == 2, problems
-    assert "is not issued by a given anchor" in problems[0]
-    assert problems[1].startswith("checkpoint #2") and "forged or altered" in problems[1]
+        problems = verify(s, log.blobs, stored, trust=_trust(world.root)).problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("checkpoint #2") and "CN=Not the hub" in problems[0]
+    assert "whose path does not validate at its signed time" in problems[0]
 
 
 def test_with_an_anchor_a_hub_certificate_issued_through_a_sub_ca_is_trusted(
@@ -341,59 +344,159 @@ def test_with_an_anchor_a_hub_certificate_issued_through_a_sub_ca_is_trusted(
 
     def problems(*intermediates: Issued) -> list[str]:
         with db.session(read_only=True) as s:
-            report = verify(
-                s, log.blobs, [hub.cert], anchors=[root.cert],
-                intermediates=[i.cert for i in intermediates],
-            )  # fmt: skip
+            report = verify(s, log.blobs, [hub.cert], trust=_trust(root, *intermediates))
         return report.problems
 
     assert problems(sub) == []
     assert problems(stray, sub) == []
     for links in [(), (stray,)]:
         found = problems(*links)
-        assert len(found) == 2, found
-        assert "is not issued by a given anchor" in found[0]
-        assert found[1].startswith("checkpoint #1")
+        assert len(found) == 1, found
+        assert found[0].startswith("checkpoint #1") and "does not validate" in found[0]
     # An agency's certificate under the same sub-CA, planted as the hub's, re-signs the
     # checkpoint: it chains to the root, but it does not name the hub's address.
     police = issue_agency(
         sub, email="pa08@congan.hanoi.gov.vn", organ_id="H26.CATP", common_name="Police",
         at=WORLD_AT - timedelta(days=1),
     )  # fmt: skip
-    police_key = police.key
-    assert isinstance(police_key, rsa.RSAPrivateKey)
-    with db.session() as s:
-        row = s.get(t.Checkpoint, 1)
-        assert row is not None
-        row.signature = cp.sign(cp.Checkpoint.parse(row.body), police.cert, police_key)
+    resign(db, police)
     with db.session(read_only=True) as s:
         stored = [hub.cert, police.cert]
-        assert verify(s, log.blobs, stored, anchors=[root.cert], intermediates=[sub.cert]).ok
+        assert verify(s, log.blobs, stored, trust=_trust(root, sub)).ok
         found = verify(
-            s, log.blobs, stored, anchors=[root.cert], intermediates=[sub.cert],
+            s, log.blobs, stored, trust=_trust(root, sub),
             hub_addresses=["hub@EXCHANGE.hanoi.gov.vn"],  # the domain in any case
         ).problems  # fmt: skip
     assert len(found) == 2, found
     assert "does not name the hub's address (hub@EXCHANGE.hanoi.gov.vn)" in found[0]
     assert "CN=Police" in found[0]
     assert found[1].startswith("checkpoint #1")
+
+    def forged_through(*links: Issued) -> list[str]:
+        """The checkpoint re-signed by a hub certificate issued below ``links`` (the last
+        one signs it), each stored as an issuer."""
+        forged = issue_hub(links[-1], email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - DAY)
+        resign(db, forged)
+        with db.session(read_only=True) as s:
+            return verify(s, log.blobs, [forged.cert], trust=_trust(root, *links)).problems
+
     # An end entity in the middle is no link, even one that signed the hub's certificate.
-    leaf = issue_hub(root, email="x@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=2))
-    forged = issue_hub(leaf, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=1))
-    with db.session(read_only=True) as s:
-        report = verify(s, log.blobs, [forged.cert], anchors=[root.cert], intermediates=[leaf.cert])
-    assert "is not issued by a given anchor" in report.problems[0]
+    leaf = issue_hub(root, email="x@exchange.hanoi.gov.vn", at=WORLD_AT - 2 * DAY)
+    assert forged_through(sub) == []  # the same shape, with a real sub-CA, validates
+    found = forged_through(leaf)
+    assert len(found) == 1 and "does not validate" in found[0], found
     # Nor is a CA certificate whose keyUsage does not allow signing certificates.
-    no_cert_sign = _ca_without_cert_sign(root, "Signs CRLs only")
-    forged = issue_hub(
-        no_cert_sign, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - timedelta(days=1)
-    )
-    with db.session(read_only=True) as s:
-        report = verify(
-            s, log.blobs, [forged.cert], anchors=[root.cert], intermediates=[no_cert_sign.cert]
-        )
-    assert "is not issued by a given anchor" in report.problems[0]
+    found = forged_through(_ca_without_cert_sign(root, "Signs CRLs only"))
+    assert len(found) == 1 and "does not validate" in found[0], found
+    # Nor a sub-CA below one whose pathLenConstraint is 0 (it may issue end entities only).
+    under = make_intermediate(sub, "Sub-sub-CA", at=WORLD_AT - 2 * DAY, path_length=None)
+    found = forged_through(sub, under)
+    assert len(found) == 1 and "does not validate" in found[0], found
     db.dispose()
+
+
+def test_with_an_anchor_a_checkpoint_signed_outside_its_signers_validity_is_found(
+    tmp_path: Path,
+) -> None:
+    """The hub certificate (or its sub-CA) had expired, or was not yet valid, at the time a
+    checkpoint says it was signed: `archive verify --ca` does not trust that checkpoint. The
+    same certificate signing within its validity is fine."""
+    root = make_root("National root", at=WORLD_AT - 400 * DAY)
+    sub = make_intermediate(root, "Sub-CA", at=WORLD_AT - 400 * DAY, days=200)
+    old_hub = issue_hub(root, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - 400 * DAY, days=30)
+    under_sub = issue_hub(sub, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - 300 * DAY)
+    db = Database.open(f"sqlite:///{tmp_path}/archive.db")
+    log = Log(BlobStore(os.urandom(32)))
+    with db.session() as s:
+        log.append(s, "message", WORLD_AT, {"status": "accepted"}, {"raw": b"x" * 100})
+        c = cp.Checkpoint("hub@exchange.hanoi.gov.vn", 1, log.root(s, 1), WORLD_AT)
+        s.add(t.Checkpoint(size=1, root=c.root, at=c.at, body=c.body(), signature=b""))
+
+    def problems(signer: Issued, at: datetime) -> list[str]:
+        resign(db, signer, at=at)
+        with db.session(read_only=True) as s:
+            return verify(s, log.blobs, [signer.cert], trust=_trust(root, sub)).problems
+
+    assert problems(old_hub, WORLD_AT - 390 * DAY) == []
+    found = problems(old_hub, WORLD_AT)  # 30 days of validity, long gone
+    assert len(found) == 1 and "does not validate at its signed time" in found[0], found
+    assert problems(under_sub, WORLD_AT - 250 * DAY) == []
+    found = problems(under_sub, WORLD_AT)  # the hub is valid, its sub-CA expired
+    assert len(found) == 1 and "does not validate at its signed time" in found[0], found
+    found = problems(under_sub, WORLD_AT - 350 * DAY)  # before the hub's was issued
+    assert len(found) == 1 and "does not validate at its signed time" in found[0], found
+    db.dispose()
+
+
+def test_with_an_anchor_a_checkpoint_signed_after_its_signer_was_revoked_is_found(
+    tmp_path: Path,
+) -> None:
+    """The database holds a CRL, fresh at the checkpoint's time, that lists the hub's
+    certificate as revoked the day before (a stolen hub key): `verify --ca` (through
+    :func:`archive.service.outside_trust`) does not trust the checkpoint. Signed before the
+    revocation, it stands (no evidence fresh then: soft-fail). A damaged evidence row is no
+    evidence, not a crash."""
+    root = make_root("National root", at=WORLD_AT - 30 * DAY)
+    hub = issue_hub(root, email="hub@exchange.hanoi.gov.vn", at=WORLD_AT - 20 * DAY)
+    crl = make_crl(
+        root,
+        revoked=[(hub.cert.serial_number, WORLD_AT - DAY)],
+        this_update=WORLD_AT - DAY / 2,
+        next_update=WORLD_AT + 7 * DAY,
+        number=1,
+    )
+    db = Database.open(f"sqlite:///{tmp_path}/archive.db")
+    log = Log(BlobStore(os.urandom(32)))
+    with db.session() as s:
+        log.append(s, "message", WORLD_AT, {"status": "accepted"}, {"raw": b"x" * 100})
+        c = cp.Checkpoint("hub@exchange.hanoi.gov.vn", 1, log.root(s, 1), WORLD_AT)
+        s.add(t.Checkpoint(size=1, root=c.root, at=c.at, body=c.body(), signature=b""))
+        for der in (crl.public_bytes(Encoding.DER), b"\x30\x03not a CRL"):
+            s.add(
+                t.RevocationEvidence(
+                    kind="crl", sha256=hashlib.sha256(der).hexdigest(),
+                    issuer=f"{root.cert.subject.rfc4514_string()}{len(der)}",
+                    this_update=WORLD_AT - DAY / 2, next_update=None, number="1", der=der,
+                    source="test", fetched_at=WORLD_AT,
+                )
+            )  # fmt: skip
+
+    def problems(at: datetime) -> list[str]:
+        resign(db, hub, at=at)
+        with db.session(read_only=True) as s:
+            trust = outside_trust(s, [root.cert])
+            return verify(s, log.blobs, [hub.cert], trust=trust).problems
+
+    found = problems(WORLD_AT)
+    assert len(found) == 1 and "does not validate at its signed time" in found[0], found
+    assert "revoked" in found[0]
+    assert problems(WORLD_AT - 2 * DAY) == []
+    db.dispose()
+
+
+def resign(db: Database, signer: Issued, *, at: datetime | None = None) -> None:
+    """Checkpoint #1 signed again by ``signer`` (its time changed to ``at``, if given), as
+    someone who can write the database and holds that key would."""
+    key = signer.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    with db.session() as s:
+        row = s.get(t.Checkpoint, 1)
+        assert row is not None
+        c = cp.Checkpoint.parse(row.body)
+        if at is not None:
+            c = cp.Checkpoint(c.origin, c.size, c.root, at)
+            row.body, row.at = c.body(), at
+        row.signature = cp.sign(c, signer.cert, key)
+
+
+DAY = timedelta(days=1)
+
+
+def _trust(anchor: Issued, *intermediates: Issued) -> TrustStore:
+    """What `archive verify --ca` builds: the anchor from outside, stored CAs as candidates."""
+    return TrustStore(
+        (anchor.cert,), tuple(i.cert for i in intermediates), revocation_mode="soft-fail"
+    )
 
 
 def _ca_without_cert_sign(parent: Issued, name: str) -> Issued:

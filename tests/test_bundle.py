@@ -41,7 +41,7 @@ from gateway import cli
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
 from gateway.filing import message_item
 from gateway.pipeline import process
-from keys.issuing import issue_agency, make_root
+from keys.issuing import Issued, issue_agency, issue_hub, make_intermediate, make_root
 from tests.conftest import WORLD_AT
 
 RECEIVED = WORLD_AT + timedelta(minutes=5)
@@ -613,3 +613,35 @@ def test_the_agency_chain_is_judged_when_the_message_arrived_not_when_it_says_it
     report = bundle.verify_bundle(data, anchors=[world.root.cert])
     db.dispose()
     assert statuses(report)["agency chain"] == "pass", report.as_dict()
+
+
+def test_the_hub_chain_obeys_path_length_constraints(world: DemoWorld, tmp_path: Path) -> None:
+    """hub.pem carries the hub certificate and its issuers. Below a sub-CA whose
+    pathLenConstraint is 0, a further sub-CA may issue nothing the anchor vouches for: the
+    hub chain FAILS; issued by the sub-CA itself, it PASSES."""
+    sub = make_intermediate(world.root, "Sub-CA", at=WORLD_AT - timedelta(days=3), path_length=0)
+    under = make_intermediate(sub, "Sub-sub-CA", at=WORLD_AT - timedelta(days=3), path_length=None)
+    raw = world.submission("H26.SNV", number=6)
+    verdict = process(raw, world.context(), at=RECEIVED)
+    assert verdict.disposition == "accepted", verdict.errors
+
+    def hub_chain(*issuers: Issued) -> bundle.Check:
+        hub = issue_hub(issuers[-1], email=HUB_ADDRESS, at=WORLD_AT - timedelta(days=2))
+        key = hub.key
+        assert isinstance(key, rsa.RSAPrivateKey)
+        db = Database.open(f"sqlite:///{tmp_path}/{len(issuers)}.db")
+        archive = Archive(db, BlobStore(os.urandom(32)), HUB_ADDRESS, signer=(hub.cert, key))
+        item = message_item(verdict, raw, Transport(RECEIVED, "smtp", "192.0.2.1"))
+        (entry,) = archive.file([item])
+        archive.checkpoint(RECEIVED + timedelta(minutes=1))
+        chain = [hub.cert, *(i.cert for i in reversed(issuers))]
+        data = bundle.build(Filed(archive, {}, chain).contents(entry.seq))
+        db.dispose()
+        checks = {c.name: c for c in bundle.verify_bundle(data, anchors=[world.root.cert]).checks}
+        assert checks["checkpoint signature"].status == "pass"
+        return checks["hub chain"]
+
+    assert hub_chain(sub).status == "pass"
+    failed = hub_chain(sub, under)
+    assert failed.status == "fail", failed
+    assert "Sub-sub-CA" in failed.detail
