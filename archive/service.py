@@ -27,7 +27,7 @@ from archive.blobs import BlobStore, load_master_key
 from archive.db import Database
 from archive.log import Entry, Item, Log
 from archive.records import read_item
-from archive.verify import Progress, Report, verify
+from archive.verify import Kept, Progress, Report, verify
 from keys import evidence
 from keys.trust import TrustStore
 
@@ -100,6 +100,7 @@ class Archive:
         progress: Progress | None = None,
         anchors: Sequence[x509.Certificate] = (),
         hub_addresses: Sequence[str] = (),
+        kept: Sequence[Kept] = (),
     ) -> Report:
         with self.db.session(read_only=True) as s:
             return verify(
@@ -110,6 +111,7 @@ class Archive:
                 progress=progress or (lambda _a, _b, _c: None),
                 trust=outside_trust(s, anchors) if anchors else None,
                 hub_addresses=hub_addresses,
+                kept=kept,
             )
 
 

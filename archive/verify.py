@@ -38,10 +38,22 @@ _BATCH = 5000
 _MAX_PER_KIND = 50
 
 
+@dataclass(frozen=True)
+class Kept:
+    """A tree head kept outside the database (``gateway archive checkpoint --json`` saved
+    off-host, a bundle's checkpoint.txt): the log must still hold its entries and hash to its
+    root at its size. ``name`` says where it came from, in the report."""
+
+    size: int
+    root: bytes
+    name: str
+
+
 @dataclass
 class Report:
     entries: int = 0
     checkpoints: int = 0
+    kept: int = 0
     blobs: int = 0
     root: bytes = merkle.EMPTY_ROOT
     problems: list[str] = field(default_factory=list)
@@ -57,6 +69,7 @@ class Report:
             "ok": self.ok,
             "entries": self.entries,
             "checkpoints": self.checkpoints,
+            "kept": self.kept,
             "blobs": self.blobs,
             "root": self.root.hex(),
             "problems": self.problems,
@@ -72,6 +85,7 @@ def verify(
     progress: Progress = lambda _stage, _done, _total: None,
     trust: TrustStore | None = None,
     hub_addresses: Sequence[str] = (),
+    kept: Sequence[Kept] = (),
 ) -> Report:
     """``signers``: the hub's certificates (as stored). With ``trust`` (its anchors given from
     outside the database; stored CA certificates are path-building candidates only), a
@@ -79,7 +93,9 @@ def verify(
     (RFC 5280, :mod:`keys.trust`: each link a CA allowed to sign certificates within its path
     length, every certificate valid then, not revoked by the evidence ``trust`` holds). With
     ``hub_addresses``, a hub certificate must also name one of them (an agency's certificate
-    under the same root is not the hub's)."""
+    under the same root is not the hub's). Each of ``kept`` is compared with the rebuilt tree:
+    the one thing that shows deleted newest entries and checkpoints, or an older copy of the
+    database put back."""
     report = Report()
     admin: dict[int, tuple[int, dict[str, Any]]] = {}
     leaves = _entries(s, report, progress, admin)
@@ -91,6 +107,7 @@ def verify(
     if hub_addresses:
         signers = _naming(signers, hub_addresses, report)
     _checkpoints(s, levels, signers, report, trust)
+    _kept(levels, kept, report)
     _admin_events(s, admin, report)
     if check_blobs:
         _blobs(s, blobs, report, progress)
@@ -354,6 +371,24 @@ def _checkpoints(
             continue
         if signed.size and _root(levels, signed.size) != signed.root:
             _add(report, f"{where}: the entries it covers no longer hash to its signed root")
+
+
+def _kept(levels: list[bytearray], kept: Sequence[Kept], report: Report) -> None:
+    for k in kept:
+        report.kept += 1
+        if k.size > report.entries:
+            _add(
+                report,
+                f"{k.name}: a tree head kept outside the database covers {k.size} entries, but "
+                f"the log holds {report.entries} (the newest were deleted, or an older copy of "
+                "the database was put back)",
+            )
+        elif _root(levels, k.size) != k.root:
+            _add(
+                report,
+                f"{k.name}: the first {k.size} entries no longer hash to the root of a tree "
+                "head kept outside the database (entries were rewritten)",
+            )
 
 
 def _admin_events(

@@ -42,6 +42,7 @@ from archive.search import (
     summary,
 )
 from archive.service import Archive, hub_certificates
+from archive.verify import Kept
 from formats.errors import InputError
 from gateway import intake
 from gateway.cli import Failure, actor, emit_json, load_settings, now
@@ -280,6 +281,16 @@ class _Progress:
     help="With --ca: the hub's address that its certificates name (repeatable; default "
     "[hub] address). Give earlier ones too if the hub's address changed.",
 )
+@click.option(
+    "--kept",
+    "kept_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    metavar="FILE",
+    help="A tree head kept outside the database: the JSON of `gateway archive checkpoint "
+    "--json` (or of `prove --json`), or a bundle's checkpoint.txt. The log must still hash to "
+    "it (repeatable).",
+)
 @json_option
 @click.pass_context
 def verify_cmd(
@@ -287,16 +298,23 @@ def verify_cmd(
     no_blobs: bool,
     anchors: tuple[Path, ...],
     hub_addresses: tuple[str, ...],
+    kept_files: tuple[Path, ...],
     as_json: bool,
 ) -> None:
     """Recompute every leaf, node, checkpoint, admin event and blob. Exit 0 if all agree, 1 if
     not. Without --ca, checkpoints are checked against the hub certificates the database
-    holds, which whoever can write the database could replace."""
+    holds, which whoever can write the database could replace; without --kept, deleting the
+    newest entries with their checkpoints leaves a log that verifies."""
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]
+    kept = [_kept(p) for p in kept_files]
     with _opened(ctx) as a:
         hubs = (hub_addresses or (load_settings(ctx).hub.address,)) if trusted else ()
         report = a.verify(
-            check_blobs=not no_blobs, progress=_Progress(), anchors=trusted, hub_addresses=hubs
+            check_blobs=not no_blobs,
+            progress=_Progress(),
+            anchors=trusted,
+            hub_addresses=hubs,
+            kept=kept,
         )
     if as_json:
         emit_json(report.as_dict())
@@ -304,11 +322,47 @@ def verify_cmd(
         for problem in report.problems:
             click.echo(f"PROBLEM: {problem}")
         state = "verifies" if report.ok else f"does NOT verify ({len(report.problems)} problems)"
+        against = f", {report.kept} kept outside" if kept else ""
         click.echo(
-            f"archive {state}: {report.entries} entries, {report.checkpoints} checkpoints, "
-            f"{report.blobs} blobs; root {report.root.hex()}"
+            f"archive {state}: {report.entries} entries, {report.checkpoints} checkpoints"
+            f"{against}, {report.blobs} blobs; root {report.root.hex()}"
         )
     ctx.exit(0 if report.ok else 1)
+
+
+#: A kept tree head is a few hundred bytes; a file far larger is not one.
+_KEPT_MAX = 1 << 20
+
+
+def _kept(path: Path) -> Kept:
+    """The tree head in ``path``: checkpoint.txt, or JSON with ``size`` and ``root`` (hex),
+    at the top or under ``checkpoint`` (as `prove --json` nests it)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(_KEPT_MAX + 1)
+    except OSError as exc:
+        raise Failure(f"--kept {path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > _KEPT_MAX:
+        raise Failure(f"--kept {path}: larger than a tree head could be")
+    if data.startswith(cp.HEADER.encode()):
+        try:
+            head = cp.Checkpoint.parse(data)
+        except cp.CheckpointError as err:
+            raise Failure(f"--kept {path}: {err}") from None
+        return Kept(head.size, head.root, str(path))
+    try:
+        value = json.loads(data)
+        if isinstance(value, dict) and isinstance(value.get("checkpoint"), dict):
+            value = value["checkpoint"]
+        size, root = value["size"], bytes.fromhex(value["root"])
+        if type(size) is not int or size < 0 or len(root) != merkle.HASH_SIZE:
+            raise ValueError
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, RecursionError):
+        raise Failure(
+            f"--kept {path}: not a tree head (the JSON of `gateway archive checkpoint --json`, "
+            "with size and a 64-digit hex root, or a bundle's checkpoint.txt)"
+        ) from None
+    return Kept(size, root, str(path))
 
 
 @archive_cmd.command("checkpoint")

@@ -251,6 +251,49 @@ def test_verify_with_the_ca_trusts_the_hub_and_not_an_agency_planted_as_the_hub(
     assert given.stdout.count("does not name the hub's address") == 1
 
 
+def test_verify_against_a_tree_head_kept_outside_finds_an_older_copy_put_back(
+    home: Path, tmp_path: Path
+) -> None:
+    """An older copy of the database put back is a consistent log: `verify` alone passes it.
+    A tree head saved off-host (`checkpoint --json`, or a bundle's checkpoint.txt) given with
+    --kept shows the entries gone; a root that differs shows entries rewritten."""
+    db_file = home / "archive.db"
+    older = tmp_path / "older.db"
+    shutil.copy(db_file, older)
+    entries(home)  # a read, logged: the log grows past the older copy
+    made = ok(home, "checkpoint", "--json").stdout
+    (tmp_path / "kept.json").write_text(made)
+    db = Database.open(settings.load(home).database_url)
+    with db.session() as s:
+        body = s.scalars(select(t.Checkpoint).order_by(t.Checkpoint.id.desc())).first().body
+    db.dispose()
+    (tmp_path / "checkpoint.txt").write_bytes(body)
+    kept = ("--kept", tmp_path / "kept.json", "--kept", tmp_path / "checkpoint.txt")
+    good = ok(home, "verify", "--no-blobs", *kept).stdout
+    assert "archive verifies" in good and "2 kept outside" in good
+    assert json.loads(ok(home, "verify", "--no-blobs", "--json", *kept).stdout)["kept"] == 2
+
+    shutil.copy(older, db_file)
+    assert "archive verifies" in ok(home, "verify", "--no-blobs").stdout  # consistent, older
+    bad = run(home, "verify", "--no-blobs", *kept)
+    assert bad.exit_code == 1, bad.output
+    size = json.loads(made)["size"]
+    assert bad.stdout.count(f"a tree head kept outside the database covers {size} entries") == 2
+    assert "an older copy of the database was put back" in bad.stdout
+
+    other = {**json.loads(made), "size": 1, "root": "ab" * 32}
+    (tmp_path / "other.json").write_text(json.dumps({"checkpoint": other}))  # as prove nests it
+    bad = run(home, "verify", "--no-blobs", "--kept", tmp_path / "other.json")
+    assert bad.exit_code == 1
+    assert "the first 1 entries no longer hash to the root" in bad.stdout
+
+    for text in ["{}", '{"size": -1, "root": "00"}', "[1]", "not json", '{"size": true}']:
+        (tmp_path / "junk.json").write_text(text)
+        junk = run(home, "verify", "--no-blobs", "--kept", tmp_path / "junk.json")
+        assert junk.exit_code == 2, (text, junk.output)
+        assert "not a tree head" in junk.output and "Traceback" not in junk.output
+
+
 def test_checkpoint_signs_with_the_hub_key(home: Path, world: DemoWorld) -> None:
     size = len(entries(home))  # and the read `entries` logged
     made = json.loads(ok(home, "checkpoint", "--json").stdout)
