@@ -79,8 +79,10 @@ def retry_cmd(
     """Send failed rows IDS again (or --failed). A row never built, or --rebuild, is built
     anew for the agency's mailboxes and certificates of now; a row the relay refused is sent
     again, the same bytes, to the recipients that did not take it. Recorded as admin events."""
-    if bool(ids) == every_failed:
+    if ids and every_failed:
         raise InputError("name the rows to retry (IDS) or give --failed, not both")
+    if not ids and not every_failed:
+        raise InputError("name the rows to retry (IDS), or give --failed for every failed row")
     if agency is not None and not every_failed:
         raise InputError("--agency selects among --failed rows")
     with db_session(ctx) as s:

@@ -122,9 +122,10 @@ def owed_for(
     return rows
 
 
-def resend(intake_id: int, original_seq: int, at: datetime) -> dict[str, Any]:
-    """A duplicate gets the original receipt again (the same bytes): its outbox row's values."""
-    return _values(f"resend:{intake_id}", "resend", original_seq, None, at)
+def resend(intake_id: int, original_seq: int, organ_id: str | None, at: datetime) -> dict[str, Any]:
+    """A duplicate gets the original receipt again (the same bytes): its outbox row's values.
+    ``organ_id``: the agency that sent it (what `outbox list --agency` finds it by)."""
+    return _values(f"resend:{intake_id}", "resend", original_seq, organ_id, at)
 
 
 def alert(about: str, text: str, at: datetime, *, copy: bool = False) -> t.Outbox:

@@ -8,7 +8,8 @@ failed rows back, each change recorded as an admin event in the same transaction
 Requeueing a failed row:
 
 - never built (no certificate, no mailbox, agency not active), or with ``rebuild``: built again
-  from scratch, for the agency's mailboxes and certificates of now (``new``);
+  from scratch, for the agency's mailboxes and certificates of now, less the mailboxes that
+  took an earlier build (``new``);
 - built, and failed at the relay (5xx, or retried too long): sent again, the same bytes, to the
   recipients that did not take it (``retry``, due now); a recipient that took it is not sent it
   twice. If a certificate those bytes are encrypted to is no longer usable, it is built again
@@ -37,6 +38,8 @@ PENDING = tuple(s for s in STATES if s != "sent")
 #: ``detail`` key: when an admin last requeued the row (ISO 8601); the sender's give-up
 #: time counts from it.
 REQUEUED_AT = "requeued_at"
+#: Rows read per query when requeueing (SQLite's bound-parameter limit may be as low as 999).
+CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,10 @@ def requeue(
     """Put the failed rows ``ids`` back (see the module docstring); for each, the row as it
     was and what it goes back to (``new`` or ``retry``). :class:`InputError` if any of them is
     unknown or not failed: then nothing changes."""
-    rows = {r.id: r for r in s.scalars(select(t.Outbox).where(t.Outbox.id.in_(ids)))}
+    rows: dict[int, t.Outbox] = {}
+    for at_row in range(0, len(ids), CHUNK):  # within every database's bound parameters
+        chunk = ids[at_row : at_row + CHUNK]
+        rows |= {r.id: r for r in s.scalars(select(t.Outbox).where(t.Outbox.id.in_(chunk)))}
     for number in ids:
         row = rows.get(number)
         if row is None:
@@ -119,13 +125,16 @@ def requeue(
     for number in dict.fromkeys(ids):
         row = rows[number]
         before = _row(row)
+        # Who lacks it: every recipient the relay answered (a 5xx one too: rcpt_to narrows to
+        # those retried for a 4xx) and any not tried yet, less those that took it.
         recipients = dict(row.detail.get("recipients", {}))
-        untaken = [r for r in row.rcpt_to or () if recipients.get(r, {}).get("status") != "sent"]
+        tried = dict.fromkeys([*(row.rcpt_to or ()), *recipients])
+        untaken = [r for r in tried if recipients.get(r, {}).get("status") != "sent"]
         detail = {**row.detail, REQUEUED_AT: at.isoformat()}
         if rebuild or row.message is None or not untaken:
+            # A new message, to the mailboxes of now that did not take the old one.
             row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
-            detail.pop("recipients", None)  # a new message, to the mailboxes of now
-            detail.pop(ENCRYPTED_TO, None)
+            detail = without_build(detail)
         elif _encrypted_to_unusable(s, row, at, trust):
             # Never the old bytes to a certificate the hub would not encrypt to now: built
             # again, for the mailboxes that did not take it.

@@ -250,14 +250,16 @@ class Worker:
         changes: list[dict[str, Any]] = []  # the inbox rows' new values
         owed: list[dict[str, Any]] = []  # outbox rows
         fresh: list[_Job] = []
-        twins: dict[int, _Job] = {}  # a duplicate of a message earlier in this batch
+        twins: dict[int, tuple[_Job, _Job]] = {}  # a duplicate of one earlier in this batch
         first_of: dict[str, _Job] = {}
 
-        def duplicate(number: int, original: int) -> None:
-            """Not filed again: the original receipt is sent again."""
-            owed.append(outbound.resend(number, original, now))
-            changes.append(_done(number, original, now))
-            outcomes[number] = Outcome(number, "duplicate", original)
+        def duplicate(job: _Job, original: int) -> None:
+            """Not filed again: the original receipt is sent again (to the agency it answers:
+            a duplicate's keys are its authenticated sender's)."""
+            agency = job.verdict.agency.organ_id if job.verdict.agency else None
+            owed.append(outbound.resend(job.number, original, agency, now))
+            changes.append(_done(job.number, original, now))
+            outcomes[job.number] = Outcome(job.number, "duplicate", original)
 
         for job in jobs:
             state, worker, attempts = rows.get(job.number, (None, None, 0))
@@ -272,11 +274,11 @@ class Worker:
                 continue
             original = next((seen[k] for k in job.keys if k in seen), None)
             if original is not None:
-                duplicate(job.number, original)
+                duplicate(job, original)
                 continue
             earlier = next((first_of[k] for k in job.keys if k in first_of), None)
             if earlier is not None:
-                twins[job.number] = earlier
+                twins[job.number] = (job, earlier)
                 continue
             for k in job.keys:
                 first_of[k] = job
@@ -296,8 +298,8 @@ class Worker:
             owed += outbound.owed_for(job.verdict, seq, to, now)
             changes.append(_done(job.number, seq, now))
             outcomes[job.number] = Outcome(job.number, job.verdict.disposition, seq)
-        for number, earlier in twins.items():
-            duplicate(number, seq_of[earlier.number])
+        for twin, earlier in twins.values():
+            duplicate(twin, seq_of[earlier.number])
         if keys:
             s.execute(insert(t.Seen), keys)
         if owed:

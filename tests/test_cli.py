@@ -178,6 +178,8 @@ def test_outbox_lists_what_failed_and_sends_it_again(
     assert refused.returncode == 2 and "is new, not failed" in refused.stderr
     both = gateway("--home", home, "outbox", "retry", "--failed", "1")
     assert both.returncode == 2 and "not both" in both.stderr
+    neither = gateway("--home", home, "outbox", "retry")
+    assert neither.returncode == 2 and "or give --failed for every failed row" in neither.stderr
 
 
 def test_archive_release_puts_a_quarantined_message_back_once(
