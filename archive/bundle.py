@@ -67,7 +67,8 @@ from archive import checkpoint as cp
 from archive import merkle
 from formats.errors import GatewayError
 from formats.smime import verify_signed_entity
-from keys.trust import TrustStore
+from keys.directory import comparable
+from keys.trust import TrustStore, emails_of
 
 #: A receipt entry refers to the message entry it answers with this field, and holds the
 #: receipt message as the blob ``receipt``.
@@ -247,11 +248,14 @@ def verify_text(c: Contents, leaf: bytes, signed: cp.Checkpoint) -> str:
         "     grep '^root: ' checkpoint.txt | cut -c7- | tr -d '\\r' | base64 -d | xxd -p -c 32",
         "",
         "4. The checkpoint is signed by the hub (hub.pem; compare its fingerprint with the one",
-        "   the hub publishes, or give the trust anchor as root.pem):",
+        "   the hub publishes, or give the trust anchor as root.pem). Under the anchor, any",
+        "   certificate (an agency's too) could sign it: the signer must name the hub's address,",
+        f"   {signed.origin} (as checkpoint.txt's origin does; check it against a source you trust):",
         "",
         "     openssl cms -verify -binary -inform DER -in checkpoint.p7s \\",
         "       -content checkpoint.txt -CAfile root.pem -purpose any -out /dev/null",
         "     openssl x509 -in hub.pem -noout -fingerprint -sha256",
+        "     openssl x509 -in hub.pem -noout -ext subjectAltName",
         "",
     ]
     if "decrypted" in c.blobs:
@@ -336,9 +340,16 @@ class _Opened:
     addresses: dict[str, str]
 
 
-def verify_bundle(data: bytes, *, anchors: Sequence[x509.Certificate] = ()) -> Report:
+def verify_bundle(
+    data: bytes,
+    *,
+    anchors: Sequence[x509.Certificate] = (),
+    hub_addresses: Sequence[str] = (),
+) -> Report:
     """Check a bundle (the plan in the module docstring). Never raises on bad input: whatever
-    a check cannot read or make sense of is that check's FAIL."""
+    a check cannot read or make sense of is that check's FAIL. With ``anchors``, the hub chain
+    passes only for a certificate naming one of ``hub_addresses`` (an agency's certificate
+    under the same anchor is not the hub's): none given, it fails and says so."""
     report = Report()
     opened = _step(report, "members", lambda: _members(data))
     if opened is None:
@@ -350,7 +361,7 @@ def verify_bundle(data: bytes, *, anchors: Sequence[x509.Certificate] = ()) -> R
     hub = _step(report, "checkpoint signature", lambda: _checkpoint(files))
     signed = hub[1] if hub else None
     if anchors and hub:
-        _step(report, "hub chain", lambda: _chain(hub[0], anchors, hub[1].at))
+        _step(report, "hub chain", lambda: _hub_chain(hub[0], hub[1], anchors, hub_addresses))
     elif not anchors:
         report.add("hub chain", "skip", "no trust anchor given (--ca): hub.pem is taken as is")
     _step(report, "inclusion proof", lambda: _inclusion(leaf, proof, signed))
@@ -654,6 +665,32 @@ def _chain(
         None,
         f"{len(path) - 1} link(s) up to the anchor {_name(top)}, valid at {at:%Y-%m-%d %H:%M} UTC",
     )
+
+
+def _hub_chain(
+    chain: Sequence[x509.Certificate],
+    signed: cp.Checkpoint,
+    anchors: Sequence[x509.Certificate],
+    hub_addresses: Sequence[str],
+) -> tuple[None, str]:
+    """:func:`_chain` at the checkpoint's time, and the signer is the hub: it names one of
+    ``hub_addresses``, as the checkpoint's origin does."""
+    _, detail = _chain(chain, anchors, signed.at)
+    named = sorted(emails_of(chain[0]))
+    shown = ", ".join(_shown(a) for a in named) or "no address"
+    wanted = comparable(hub_addresses)
+    if not wanted:
+        raise _Failed(
+            f"{detail}, but is it the hub's? Any certificate under the anchor (an agency's) "
+            f"can sign a checkpoint: give the hub's address (--hub-address); this one names "
+            f"{shown}"
+        )
+    if not wanted & set(named):
+        raise _Failed(f"the signer names {shown}, not the hub's address")
+    origin = _shown(signed.origin)
+    if signed.origin not in wanted:
+        raise _Failed(f"checkpoint.txt gives origin {origin}, not the hub's address")
+    return None, f"{detail}; the hub's certificate ({origin})"
 
 
 def _receipt(files: Mapping[str, bytes], seq: int) -> tuple[None, str]:

@@ -31,7 +31,8 @@ from archive import tables as t
 from archive.blobs import BlobDamaged, BlobStore
 from archive.log import SEARCH_FIELDS, iso
 from formats.errors import ConfigError, GatewayError
-from keys.trust import TrustStore
+from keys.directory import comparable
+from keys.trust import TrustStore, emails_of
 
 Progress = Callable[[str, int, int], None]
 _BATCH = 5000
@@ -125,10 +126,10 @@ def _naming(
     """The hub certificates that name one of ``hub_addresses``: a certificate someone added to
     the database (an agency's, issued under the same root) does not sign checkpoints as the
     hub."""
-    wanted = {_address(a) for a in hub_addresses}
+    wanted = comparable(hub_addresses)
     kept = []
     for cert in signers:
-        if wanted & _emails(cert):
+        if wanted & set(emails_of(cert)):
             kept.append(cert)
         else:
             _add(
@@ -138,21 +139,6 @@ def _naming(
                 "give it too with --hub-address)",
             )
     return kept
-
-
-def _emails(cert: x509.Certificate) -> set[str]:
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
-        return set()
-    return {_address(n) for n in names.get_values_for_type(x509.RFC822Name)}
-
-
-def _address(text: str) -> str:
-    """An address as the gateway compares them: the local part exact, the domain in lower
-    case (:func:`keys.directory.normalize_email`)."""
-    local, _, domain = text.strip().rpartition("@")
-    return f"{local}@{domain.lower()}"
 
 
 def _untrusted(trust: TrustStore, cert: x509.Certificate, at: datetime) -> str | None:

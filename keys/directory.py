@@ -30,6 +30,18 @@ def normalize_email(addr: str) -> str:
     return f"{local}@{domain.lower()}"
 
 
+def comparable(addresses: Iterable[str]) -> set[str]:
+    """``addresses`` as they are compared (:func:`normalize_email`); one that is not a bare
+    address matches nothing, and is left out."""
+    out = set()
+    for address in addresses:
+        try:
+            out.add(normalize_email(address))
+        except ValueError:
+            continue
+    return out
+
+
 @dataclass(frozen=True)
 class Agency:
     """One agency (cơ quan) in the directory.

@@ -281,7 +281,7 @@ class Validator:
         result = ValidatedSigner(
             cert=cert,
             path=path,
-            emails=_emails(cert),
+            emails=emails_of(cert),
             organ_id=_organ_id(cert),
             evidence=evidence,
             revocation_checked=not unchecked,
@@ -622,7 +622,8 @@ def _check_path_cert(cert: x509.Certificate) -> None:
             raise
 
 
-def _emails(cert: x509.Certificate) -> tuple[str, ...]:
+def emails_of(cert: x509.Certificate) -> tuple[str, ...]:
+    """The subjectAltName rfc822Names of ``cert``, normalised (:func:`normalize_email`)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -215,7 +215,9 @@ def test_build_refuses_values_that_would_not_verify(filed: Filed) -> None:
 
 @pytest.mark.parametrize("name", ["accepted", "rejected", "quarantined"])
 def test_bundles_verify_offline(world: DemoWorld, zips: dict[str, bytes], name: str) -> None:
-    report = bundle.verify_bundle(zips[name], anchors=[world.root.cert])
+    report = bundle.verify_bundle(
+        zips[name], anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     assert report.ok, report.as_dict()
     got = statuses(report)
     assert got["leaf hash"] == got["inclusion proof"] == got["checkpoint signature"] == "pass"
@@ -242,7 +244,9 @@ def test_a_signer_whose_path_did_not_validate_is_never_shown_as_trusted(
     """A revoked certificate's message was decrypted and its signature checks, but the entry
     holds no chain: the report says the chain was not checked, whatever anchor is given."""
     assert "chain.pem" not in members(zips["revoked"])
-    report = bundle.verify_bundle(zips["revoked"], anchors=[world.root.cert])
+    report = bundle.verify_bundle(
+        zips["revoked"], anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     assert report.ok and report.entry["status"] == "quarantined"
     checks = {c.name: c for c in report.checks}
     assert checks["agency signature"].status == "pass"
@@ -253,7 +257,9 @@ def test_a_signer_whose_path_did_not_validate_is_never_shown_as_trusted(
 
 def test_another_anchor_fails_both_chains(zips: dict[str, bytes]) -> None:
     other = make_root("Some Other Root", at=WORLD_AT - timedelta(days=30))
-    got = statuses(bundle.verify_bundle(zips["accepted"], anchors=[other.cert]))
+    got = statuses(
+        bundle.verify_bundle(zips["accepted"], anchors=[other.cert], hub_addresses=[HUB_ADDRESS])
+    )
     assert got["hub chain"] == got["agency chain"] == "fail"
 
 
@@ -310,7 +316,9 @@ def test_each_tampering_fails_with_its_check_named(
     make, check = TAMPERING[case]
     files = members(zips["accepted"])
     make(world)(files)
-    report = bundle.verify_bundle(rezip(files), anchors=[world.root.cert])
+    report = bundle.verify_bundle(
+        rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     assert not report.ok
     failed = [c.name for c in report.checks if c.status == "fail"]
     assert check in failed, report.as_dict()
@@ -328,7 +336,9 @@ def test_swapping_in_another_checkpoint_fails_the_proof(
         earlier = cp.Checkpoint(HUB_ADDRESS, size, filed.archive.log.root(s, size), RECEIVED)
     files["checkpoint.txt"] = earlier.body()
     files["checkpoint.p7s"] = cp.sign(earlier, world.hub.cert, key)
-    report = bundle.verify_bundle(rezip(files), anchors=[world.root.cert])
+    report = bundle.verify_bundle(
+        rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     got = statuses(report)
     assert got["checkpoint signature"] == "pass"
     assert got["inclusion proof"] == "fail"
@@ -394,7 +404,9 @@ def test_a_member_entry_json_does_not_name_fails_unread(
     files = members(zips[name])
     assert member not in files
     files[member] = content(world)
-    report = bundle.verify_bundle(_damaged(rezip(files), member), anchors=[world.root.cert])
+    report = bundle.verify_bundle(
+        _damaged(rezip(files), member), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
     assert member in report.checks[0].detail
     assert "damaged" not in report.checks[0].detail  # refused by its name, never read
@@ -460,7 +472,9 @@ def test_hostile_input_is_a_failed_check_never_an_exception(
     change, check, says = HOSTILE[case]
     files = members(zips["accepted"])
     change(files)
-    report = bundle.verify_bundle(rezip(files), anchors=[world.root.cert])
+    report = bundle.verify_bundle(
+        rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     assert not report.ok
     failed = {c.name: c.detail for c in report.checks if c.status == "fail"}
     assert says in failed[check], report.as_dict()
@@ -490,7 +504,9 @@ def test_a_checkpoint_time_without_offset_fails_the_checkpoint(
     body = files["checkpoint.txt"].replace(b"Z\r\n", b"\r\n")
     files["checkpoint.txt"] = body
     files["checkpoint.p7s"] = cms_signed.sign(body, cert=world.hub.cert, key=key)
-    report = bundle.verify_bundle(rezip(files), anchors=[world.root.cert])
+    report = bundle.verify_bundle(
+        rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     checks = {c.name: c for c in report.checks}
     assert checks["checkpoint signature"].status == "fail"
     assert "has no offset" in checks["checkpoint signature"].detail
@@ -610,7 +626,7 @@ def test_the_agency_chain_is_judged_when_the_message_arrived_not_when_it_says_it
     (entry,) = archive.file([message_item(verdict, raw, Transport(RECEIVED, "smtp", "192.0.2.1"))])
     archive.checkpoint(RECEIVED + timedelta(minutes=1))
     data = bundle.build(Filed(archive, {}, [world.hub.cert, world.root.cert]).contents(entry.seq))
-    report = bundle.verify_bundle(data, anchors=[world.root.cert])
+    report = bundle.verify_bundle(data, anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS])
     db.dispose()
     assert statuses(report)["agency chain"] == "pass", report.as_dict()
 
@@ -637,7 +653,12 @@ def test_the_hub_chain_obeys_path_length_constraints(world: DemoWorld, tmp_path:
         chain = [hub.cert, *(i.cert for i in reversed(issuers))]
         data = bundle.build(Filed(archive, {}, chain).contents(entry.seq))
         db.dispose()
-        checks = {c.name: c for c in bundle.verify_bundle(data, anchors=[world.root.cert]).checks}
+        checks = {
+            c.name: c
+            for c in bundle.verify_bundle(
+                data, anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+            ).checks
+        }
         assert checks["checkpoint signature"].status == "pass"
         return checks["hub chain"]
 
@@ -645,3 +666,50 @@ def test_the_hub_chain_obeys_path_length_constraints(world: DemoWorld, tmp_path:
     failed = hub_chain(sub, under)
     assert failed.status == "fail", failed
     assert "Sub-sub-CA" in failed.detail
+
+
+def test_a_checkpoint_an_agency_signed_is_not_the_hubs(
+    world: DemoWorld, zips: dict[str, bytes]
+) -> None:
+    """An agency under the same root re-signs the bundle's checkpoint with its own key and
+    puts its own certificate in hub.pem: the signature and the path are fine, but it is not
+    the hub's certificate. And with --ca but no hub address, the check cannot tell: FAIL,
+    saying what to give."""
+    files = members(zips["accepted"])
+    snv = world.agencies["H26.SNV"]
+    key = snv.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    files["checkpoint.p7s"] = cp.sign(cp.Checkpoint.parse(files["checkpoint.txt"]), snv.cert, key)
+    files["hub.pem"] = snv.cert_pem() + world.root.cert_pem()
+    forged = rezip(files)
+    checks = {
+        c.name: c
+        for c in bundle.verify_bundle(
+            forged, anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+        ).checks
+    }
+    assert checks["checkpoint signature"].status == "pass"  # the agency did sign it
+    assert checks["hub chain"].status == "fail"
+    assert "names vanthu@snv.hanoi.gov.vn, not the hub's address" in checks["hub chain"].detail
+
+    for data in (forged, zips["accepted"]):
+        unnamed = {c.name: c for c in bundle.verify_bundle(data, anchors=[world.root.cert]).checks}
+        assert unnamed["hub chain"].status == "fail"
+        assert "give the hub's address (--hub-address)" in unnamed["hub chain"].detail
+    # The origin checkpoint.txt gives must be the hub's too.
+    files = members(zips["accepted"])
+    head = cp.Checkpoint.parse(files["checkpoint.txt"])
+    moved = cp.Checkpoint("archive@elsewhere.example", head.size, head.root, head.at)
+    hub_key = world.hub.key
+    assert isinstance(hub_key, rsa.RSAPrivateKey)
+    files["checkpoint.txt"] = moved.body()
+    files["checkpoint.p7s"] = cp.sign(moved, world.hub.cert, hub_key)
+    elsewhere = {
+        c.name: c
+        for c in bundle.verify_bundle(
+            rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+        ).checks
+    }
+    assert elsewhere["checkpoint signature"].status == "pass"
+    assert elsewhere["hub chain"].status == "fail"
+    assert "origin archive@elsewhere.example, not the hub's" in elsewhere["hub chain"].detail

@@ -361,10 +361,18 @@ def test_export_then_verify_bundle_with_no_database(home: Path, exported: Path) 
         p.unlink()  # no database: the bundle must stand on its own
     shutil.rmtree(home)
     where = exported.parent
-    plain = gateway("archive", "verify-bundle", exported, "--ca", where / "root.pem", cwd=where)
+    ca = ("--ca", where / "root.pem")
+    plain = gateway(
+        "archive", "verify-bundle", exported, *ca, "--hub-address", HUB_ADDRESS, cwd=where
+    )
     assert plain.returncode == 0, plain.stdout + plain.stderr
     assert "PASS  inclusion proof" in plain.stdout
+    assert f"the hub's certificate ({HUB_ADDRESS})" in plain.stdout
     assert plain.stdout.strip().endswith("bundle verifies")
+    unnamed = gateway("archive", "verify-bundle", exported, *ca, cwd=where)
+    assert unnamed.returncode == 1 and "give the hub's address (--hub-address)" in unnamed.stdout
+    alone = gateway("archive", "verify-bundle", exported, "--hub-address", HUB_ADDRESS, cwd=where)
+    assert alone.returncode == 2 and "give --ca too" in alone.stderr
     as_json = gateway("archive", "verify-bundle", exported, "--json", cwd=where)
     report = json.loads(as_json.stdout)
     assert report["ok"] is True
