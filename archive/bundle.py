@@ -17,7 +17,8 @@ checkpoint always give the same bytes)::
     chain.pem            revocation evidence used, evidence/N.crl or evidence/N.ocsp;
     evidence/1.crl       any other blob as blobs/NAME
     receipt.json         the receipt entry's record and its receipt.eml, when a receipt
-    receipt.eml          entry for this message exists
+    receipt.eml          entry for this message exists, and receipt-proof.json, its audit
+    receipt-proof.json   path under the same checkpoint, when that checkpoint covers it
 
 Verification plan (:func:`verify_bundle`), each step one named check:
 
@@ -42,7 +43,9 @@ Verification plan (:func:`verify_bundle`), each step one named check:
    (skipped without anchors, and when entry.json names no ``chain`` blob because the signer's
    path did not validate on receipt: the signature of step 7 is then only checked against the
    certificate the message carries);
-9. ``receipt``: receipt.eml hashes to the receipt entry's blob and that entry names this one.
+9. ``receipt``: receipt.eml hashes to the receipt entry's blob, that entry names this one, and
+   receipt-proof.json leads from it to the checkpoint's root (SKIP, "not proven", when the
+   bundle holds no such proof: the checkpoint was signed before the receipt was filed).
 
 A check that meets input it cannot make sense of (a field of the wrong type, JSON nested too
 deeply, a damaged member) fails with what it found; :func:`verify_bundle` never raises on it.
@@ -77,6 +80,7 @@ RECEIPT_FOR = "for_seq"
 RECEIPT_BLOB = "receipt"
 
 REQUIRED = ("entry.json", "proof.json", "checkpoint.txt", "checkpoint.p7s", "hub.pem")
+_RECEIPT_MEMBERS = ("receipt.json", "receipt.eml", "receipt-proof.json")
 _FIXED_NAMES = {
     "raw": "raw.eml",
     "decrypted": "decrypted.eml",
@@ -138,6 +142,8 @@ class Contents:
     hub_chain: Sequence[x509.Certificate]
     receipt_record: bytes | None = None
     receipt: bytes | None = None
+    #: The receipt entry's audit path up to the same checkpoint (None: it does not cover it).
+    receipt_path: Sequence[bytes] | None = None
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -184,7 +190,24 @@ def build(c: Contents) -> bytes:
         members.append((member, c.blobs[name]))
     if c.receipt_record is not None and c.receipt is not None:
         members += [("receipt.json", c.receipt_record), ("receipt.eml", c.receipt)]
+        if c.receipt_path is not None:
+            members.append(("receipt-proof.json", _receipt_proof(c, signed)))
     return _zip(members, _at(fields))
+
+
+def _receipt_proof(c: Contents, signed: cp.Checkpoint) -> bytes:
+    assert c.receipt_record is not None and c.receipt_path is not None
+    seq = json.loads(c.receipt_record)["seq"]
+    leaf = merkle.leaf_hash(c.receipt_record)
+    if not merkle.verify_inclusion(leaf, seq, c.size, c.receipt_path, signed.root):
+        raise BundleError(f"receipt entry {seq}: the proof does not lead to the checkpoint's root")
+    proof = {
+        "seq": seq,
+        "size": c.size,
+        "leaf_hash": leaf.hex(),
+        "audit_path": [h.hex() for h in c.receipt_path],
+    }
+    return (json.dumps(proof, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _blob_order(name: str) -> tuple[int, int, str, str]:
@@ -277,7 +300,11 @@ def verify_text(c: Contents, leaf: bytes, signed: cp.Checkpoint) -> str:
     else:
         lines += [
             "receipt.eml is the receipt the hub sent; its SHA-256 is the receipt blob named in",
-            "receipt.json (that entry's own proof: export its seq in a bundle of its own).",
+            "receipt.json, whose audit path up to the same root is in receipt-proof.json (walk it",
+            "as in step 3, from SHA-256(0x00 || receipt.json))."
+            if c.receipt_path is not None
+            else "receipt.json, not covered by this checkpoint: export its seq in a bundle of its "
+            "own once a later checkpoint covers it.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -366,8 +393,10 @@ def verify_bundle(
         report.add("hub chain", "skip", "no trust anchor given (--ca): hub.pem is taken as is")
     _step(report, "inclusion proof", lambda: _inclusion(leaf, proof, signed))
     _agency(files, fields, opened.addresses, anchors, report)
-    if "receipt.eml" in files or "receipt.json" in files:
-        _step(report, "receipt", lambda: _receipt(files, fields["seq"]))
+    if any(name in files for name in _RECEIPT_MEMBERS):
+        proven = _step(report, "receipt", lambda: _receipt(files, fields["seq"], signed))
+        if proven is False:  # consistent with itself only, which anyone could make: no PASS
+            report.checks[-1] = Check("receipt", "skip", report.checks[-1].detail)
     return report
 
 
@@ -402,7 +431,7 @@ def _members(data: bytes) -> tuple[_Opened, str]:
         fields = _json_object(files["entry.json"], "entry.json")
         proof = _json_object(files["proof.json"], "proof.json")
         addresses = _addresses(fields, "entry.json")
-        allowed = {"VERIFY.txt", *REQUIRED, "receipt.json", "receipt.eml"}
+        allowed = {"VERIFY.txt", *REQUIRED, *_RECEIPT_MEMBERS}
         for blob in addresses:
             present = [m for m in member_names(blob) if m in infos]
             if len(present) > 1:
@@ -463,7 +492,7 @@ def _read(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 
 
 def _known(name: str) -> bool:
-    top = ("VERIFY.txt", *REQUIRED, *_FIXED_NAMES.values(), "receipt.json", "receipt.eml")
+    top = ("VERIFY.txt", *REQUIRED, *_FIXED_NAMES.values(), *_RECEIPT_MEMBERS)
     return name in top or bool(_FOLDERS.fullmatch(name))
 
 
@@ -693,7 +722,11 @@ def _hub_chain(
     return None, f"{detail}; the hub's certificate ({origin})"
 
 
-def _receipt(files: Mapping[str, bytes], seq: int) -> tuple[None, str]:
+def _receipt(
+    files: Mapping[str, bytes], seq: int, signed: cp.Checkpoint | None
+) -> tuple[bool, str]:
+    """Whether the receipt is proven under the checkpoint (False: only consistent with
+    itself, which anyone could make), and what was found; :class:`_Failed` if it is wrong."""
     if "receipt.json" not in files or "receipt.eml" not in files:
         raise _Failed("receipt.json and receipt.eml come together")
     receipt = _json_object(files["receipt.json"], "receipt.json")
@@ -703,7 +736,30 @@ def _receipt(files: Mapping[str, bytes], seq: int) -> tuple[None, str]:
         raise _Failed(f"receipt.json is not a receipt for entry {seq}")
     if hashlib.sha256(files["receipt.eml"]).hexdigest() != address:
         raise _Failed("receipt.eml does not hash to the receipt blob of receipt.json")
-    return None, f"receipt entry {receipt['seq']} (prove it with its own bundle)"
+    number = _shown(receipt.get("seq"))
+    if "receipt-proof.json" not in files:
+        return False, (
+            f"receipt entry {number} is not proven here (no receipt-proof.json: the checkpoint "
+            "was signed before it was filed); export it in a bundle of its own"
+        )
+    if signed is None:
+        raise _Failed("not checked: the checkpoint did not verify")
+    proof = _json_object(files["receipt-proof.json"], "receipt-proof.json")
+    path = proof.get("audit_path")
+    if proof.get("seq") != receipt.get("seq") or not _is_seq(proof.get("seq")):
+        raise _Failed("receipt-proof.json is not the proof of receipt.json's entry")
+    if not isinstance(path, list) or not all(
+        isinstance(h, str) and _HASH.fullmatch(h) for h in path
+    ):
+        raise _Failed("receipt-proof.json has no audit path of hex SHA-256 hashes")
+    leaf = merkle.leaf_hash(files["receipt.json"])
+    hashes = [bytes.fromhex(h) for h in path]
+    if not merkle.verify_inclusion(leaf, proof["seq"], signed.size, hashes, signed.root):
+        raise _Failed(
+            f"receipt entry {number}: its audit path does not lead to the checkpoint root "
+            "(receipt.json was changed, or is not the hub's)"
+        )
+    return True, f"receipt entry {number}, in the log under the same checkpoint"
 
 
 def _name(cert: x509.Certificate) -> str:

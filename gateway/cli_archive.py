@@ -501,11 +501,17 @@ def _issuers(s: Session, cert: x509.Certificate) -> list[x509.Certificate]:
     return chain
 
 
-def _receipt(a: Archive, s: Session, seq: int) -> tuple[bytes | None, bytes | None]:
+def _receipt(
+    a: Archive, s: Session, seq: int, size: int
+) -> tuple[bytes | None, bytes | None, list[bytes] | None]:
+    """The receipt entry answering ``seq``, its receipt, and its audit path in the log of
+    ``size`` entries (None when that does not hold it yet)."""
     row = receipt_entry(s, seq)
     if row is None:
-        return None, None
-    return row.record, a.blobs.get(s, json.loads(row.record)["blobs"][bundle.RECEIPT_BLOB])
+        return None, None, None
+    receipt = a.blobs.get(s, json.loads(row.record)["blobs"][bundle.RECEIPT_BLOB])
+    path = a.log.inclusion(s, row.seq, size) if row.seq < size else None
+    return row.record, receipt, path
 
 
 @archive_cmd.command("export")
@@ -520,7 +526,7 @@ def export_cmd(ctx: click.Context, seq: int, out: Path, as_json: bool) -> None:
         row = _checkpoint_for(s, seq, None)
         assert row is not None
         _, signer = _verified(s, row)
-        receipt_record, receipt = _receipt(a, s, seq)
+        receipt_record, receipt, receipt_path = _receipt(a, s, seq, row.size)
         data = bundle.build(
             bundle.Contents(
                 record=entry.record,
@@ -532,6 +538,7 @@ def export_cmd(ctx: click.Context, seq: int, out: Path, as_json: bool) -> None:
                 hub_chain=_issuers(s, signer),
                 receipt_record=receipt_record,
                 receipt=receipt,
+                receipt_path=receipt_path,
             )
         )
         _read(a, s, "export", f"entry {seq}")

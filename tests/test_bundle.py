@@ -9,6 +9,7 @@ and a checkpoint signed by the demo hub key.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -113,12 +114,14 @@ class Filed:
             entry = a.log.entry(s, seq)
             row = s.scalars(select(t.Checkpoint).order_by(t.Checkpoint.id.desc())).first()
             assert row is not None
-            receipt_record = receipt = None
+            receipt_record = receipt = receipt_path = None
             for r in s.scalars(select(t.LogEntry).where(t.LogEntry.kind == "receipt")):
                 fields = json.loads(r.record)
                 if fields[bundle.RECEIPT_FOR] == seq:
                     receipt_record = r.record
                     receipt = a.blobs.get(s, fields["blobs"][bundle.RECEIPT_BLOB])
+                    if r.seq < row.size:
+                        receipt_path = a.log.inclusion(s, r.seq, row.size)
             return bundle.Contents(
                 record=entry.record,
                 blobs={n: a.blobs.get(s, addr) for n, addr in entry.blobs.items()},
@@ -129,6 +132,7 @@ class Filed:
                 hub_chain=self.hub_chain,
                 receipt_record=receipt_record,
                 receipt=receipt,
+                receipt_path=receipt_path,
             )
 
 
@@ -183,7 +187,7 @@ def test_layout_is_fixed_and_deterministic(filed: Filed, zips: dict[str, bytes])
     assert names == [
         "VERIFY.txt", "entry.json", "proof.json", "checkpoint.txt", "checkpoint.p7s", "hub.pem",
         "raw.eml", "decrypted.eml", "payload.xml", "chain.pem", "evidence/1.crl",
-        "receipt.json", "receipt.eml",
+        "receipt.json", "receipt.eml", "receipt-proof.json",
     ]  # fmt: skip
     files = members(zips["accepted"])
     with filed.archive.db.session() as s:
@@ -713,3 +717,31 @@ def test_a_checkpoint_an_agency_signed_is_not_the_hubs(
     assert elsewhere["checkpoint signature"].status == "pass"
     assert elsewhere["hub chain"].status == "fail"
     assert "origin archive@elsewhere.example, not the hub's" in elsewhere["hub chain"].detail
+
+
+def test_a_receipt_is_proven_under_the_checkpoint_or_not_passed(
+    zips: dict[str, bytes], filed: Filed
+) -> None:
+    """receipt.json and receipt.eml agree with each other whoever wrote them: the receipt
+    check passes only with receipt-proof.json leading to the checkpoint's root. A receipt
+    made up for a rejected message ("accepted") fails; without its proof it is not proven
+    (SKIP), never PASS."""
+    genuine = members(zips["accepted"])
+    assert (
+        json.loads(genuine["receipt-proof.json"])["seq"]
+        == json.loads(genuine["receipt.json"])["seq"]
+    )
+    files = members(zips["rejected"])
+    fake_eml = b"From: hub@exchange.hanoi.gov.vn\r\nSubject: ACCEPTED\r\n\r\nAccepted.\r\n"
+    fake = json.loads(genuine["receipt.json"])
+    fake.update(for_seq=filed.seqs["rejected"], status="accepted")
+    fake["blobs"] = {"receipt": hashlib.sha256(fake_eml).hexdigest()}
+    files["receipt.json"], files["receipt.eml"] = json.dumps(fake).encode(), fake_eml
+    files["receipt-proof.json"] = genuine["receipt-proof.json"]
+    checks = {c.name: c for c in bundle.verify_bundle(rezip(files)).checks}
+    assert checks["receipt"].status == "fail"
+    assert "receipt.json was changed, or is not the hub's" in checks["receipt"].detail
+    del files["receipt-proof.json"]
+    report = bundle.verify_bundle(rezip(files))
+    assert statuses(report)["receipt"] == "skip" and report.ok
+    assert "not proven here" in {c.name: c for c in report.checks}["receipt"].detail
