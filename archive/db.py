@@ -33,7 +33,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +46,9 @@ MIGRATIONS = "archive:migrations"
 class Database:
     engine: Engine
     _sessions: sessionmaker[Session]
+    #: How long a writer waits for the database (SQLite's write lock and the gate, a
+    #: PostgreSQL lock) before it gives up with :class:`TransientError`.
+    busy_timeout_ms: int = 5000
 
     @classmethod
     def open(cls, url: str, *, migrate: bool = True, busy_timeout_ms: int = 5000) -> Database:
@@ -55,7 +58,7 @@ class Database:
         operation fails as transient (a listener then answers 451).
         """
         engine = _engine(url, busy_timeout_ms)
-        db = cls(engine, sessionmaker(engine, expire_on_commit=False))
+        db = cls(engine, sessionmaker(engine, expire_on_commit=False), busy_timeout_ms)
         try:
             with db._damaged():
                 db.check_durability()
@@ -226,7 +229,7 @@ class Database:
         except OSError:
             return None  # a read-only home: no gate, writes fail on their own
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if priority else fcntl.LOCK_SH)
+            _flock_within(fd, fcntl.LOCK_EX if priority else fcntl.LOCK_SH, self)
         except BaseException:
             os.close(fd)
             raise
@@ -237,6 +240,33 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _flock_within(fd: int, operation: int, db: Database) -> None:
+    """``flock(fd, operation)``, waiting at most the database's busy timeout. The gate is held
+    for one short transaction at a time; held longer (a process stopped, or hung on its disk,
+    while it holds it), it is the same trouble as a write lock held as long, and ends the
+    same way: :class:`TransientError` (an intake answers 451). Tried without blocking, with
+    pauses growing from 0.1 to 1 ms: a blocking ``flock`` cannot be given a time limit."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    deadline = time.monotonic() + db.busy_timeout_ms / 1000
+    pause = 0.0001
+    while True:
+        time.sleep(pause)
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TransientError(
+                    f"database busy: another writer has held it for {db.busy_timeout_ms} ms "
+                    f"(its gate {db._gate_path})"
+                ) from None
+        pause = min(pause * 2, 0.001)
 
 
 @contextmanager
@@ -285,9 +315,19 @@ def _is_transient(exc: DBAPIError) -> bool:
     return any(m in message for m in ("database is locked", "could not connect", "server closed"))
 
 
+#: Seconds a PostgreSQL connection may take to be made (libpq's connect_timeout), unless the
+#: URL gives its own.
+PG_CONNECT_TIMEOUT = 10
+
+
 def _engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
     try:
-        engine = create_engine(url, future=True)
+        parsed = make_url(url)
+        options: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            # A server that does not answer is a 451 in seconds, not after TCP's minutes.
+            options["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT}
+        engine = create_engine(parsed, future=True, **options)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
         raise ConfigError(f"database URL {url!r} is not usable: {exc}") from None
     if engine.dialect.name == "sqlite":
@@ -299,11 +339,25 @@ def _engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
         # every transaction starts with BEGIN IMMEDIATE: writers queue on the write lock
         # (busy_timeout) instead of failing when a read lock cannot be upgraded.
         event.listen(engine, "begin", _sqlite_begin)
-    elif engine.dialect.name != "postgresql":
+    elif engine.dialect.name == "postgresql":
+        # A lock not granted within busy_timeout is an error (SQLSTATE 55P03: transient, a
+        # 451), as on SQLite, not a wait without end; unless the URL sets its own.
+        event.listen(engine, "connect", functools.partial(_pg_lock_timeout, busy_timeout_ms))
+    else:
         raise ConfigError(
             f"database {engine.dialect.name} is not supported; use sqlite or postgresql"
         )
     return engine
+
+
+def _pg_lock_timeout(busy_timeout_ms: int, dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SHOW lock_timeout")
+    (current,) = cursor.fetchone()
+    if current in ("0", "0ms"):  # the server's default: wait for ever
+        cursor.execute(f"SET lock_timeout = {int(busy_timeout_ms)}")
+    cursor.close()
+    dbapi_connection.commit()  # SET outside any transaction the pool would roll back
 
 
 #: Page size of a new SQLite database. The archive is mostly blobs (raw messages, sealed

@@ -246,7 +246,7 @@ def test_sqlite_writers_wait_at_the_gate_while_a_priority_write_is_open(
 
     def watched(fd: int, operation: int) -> None:  # the background writer's pass of the gate
         mine = threading.current_thread().name == "background"
-        if mine:
+        if mine and not at_gate.is_set():  # (it tries again and again while it waits)
             steps.append("background at the gate")
             at_gate.set()
         flock(fd, operation)
@@ -363,6 +363,40 @@ def test_a_connection_commits_on_exit_writes_nothing_if_it_raises_and_is_transie
         assert list(s.execute(select(t.Counter.name, t.Counter.value))) == [("kept", 1)]
 
 
+@pytest.mark.parametrize("priority", [True, False])
+def test_a_gate_held_past_the_busy_timeout_is_transient_not_a_hang(
+    tmp_path: Path, open_db: Opener, priority: bool
+) -> None:
+    """Another process holds the gate (stopped, or hung on its disk, mid-transaction): a
+    writer waits busy_timeout for it, as for the write lock, then gives up with the
+    TransientError an intake answers 451 for — it never waits for ever. Once the gate is
+    free, writes go through."""
+    db = open_db(f"sqlite:///{tmp_path}/archive.db", busy_timeout_ms=200)
+    holder = os.open(tmp_path / "archive.db-gate", os.O_RDONLY | os.O_CREAT, 0o644)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            _insert(db, "behind a held gate", priority=priority)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(60)  # a hang guard: without a bound, the writer waits for ever
+        assert not writer.is_alive(), "the writer still waits at the gate"
+    finally:
+        os.close(holder)  # frees the gate, whatever happened
+    [error] = outcome
+    assert isinstance(error, TransientError) and "database busy" in error.message
+    _insert(db, "after", priority=priority)
+    with db.session(read_only=True) as s:
+        assert list(s.scalars(select(t.Counter.name))) == ["after"]
+
+
 def _insert(db: Database, name: str, *, priority: bool = False) -> None:
     with db.connection(priority=priority) as c:
         c.execute(insert(t.Counter).values(name=name, value=1))
@@ -401,10 +435,16 @@ def test_postgresql_trouble_that_passes_is_transient(pg_url: str, open_db: Opene
     finally:
         unreachable.dispose()
     impatient = open_db(f"{pg_url}&options=-clock_timeout%3D50")
+    by_default = open_db(pg_url, busy_timeout_ms=200)  # lock_timeout from busy_timeout
     with db.session() as holder:
         holder.execute(text("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE"))
-        with pytest.raises(TransientError), impatient.session() as s:
-            s.scalars(select(t.Counter)).all()
+        for waiting in (impatient, by_default):
+            with pytest.raises(TransientError), waiting.session() as s:
+                s.scalars(select(t.Counter)).all()
+        with by_default.session(read_only=True) as s:
+            assert s.scalar(text("SHOW lock_timeout")) == "200ms"
+        with impatient.session(read_only=True) as s:
+            assert s.scalar(text("SHOW lock_timeout")) == "50ms"  # the URL's own kept
 
 
 # --- times ---------------------------------------------------------------------------------------
