@@ -10,22 +10,27 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy.orm import Session
 
-from formats.errors import ConfigError, InputError
+from formats.errors import ConfigError, GatewayError, InputError
 from formats.vntime import VN_TZ
 from gateway.cli import actor as who
 from gateway.cli import db_session, emit_json, load_settings, now, parse_time
 from gateway.cli_ca import ca, crl_cmd, issue_cmd, revoke_cmd
 from gateway.cli_evidence import crls, ocsp_group
+from gateway.loading import hub_certificates, stored_trust
 from gateway.loading import passphrase as settings_passphrase
-from keys import files, inspect, issuing, store
+from gateway.settings import Settings
+from keys import directory, files, inspect, issuing, store
 from keys.store import StoredCertificate
+from keys.trust import TrustStore
 
 _P12 = (".p12", ".pfx")
 
@@ -52,12 +57,21 @@ def _instant(text: str | None, name: str) -> datetime | None:
     return parse_time(text, option=name, naive=VN_TZ)  # no offset: Vietnam time
 
 
-def _duration(text: str) -> timedelta:
+#: The farthest horizon ``--within`` takes: 100 years, beyond any certificate's end.
+MAX_HORIZON = timedelta(days=36500)
+_UNITS = {"d": timedelta(days=1), "w": timedelta(weeks=1), "h": timedelta(hours=1)}
+
+
+def _duration(text: str, option: str = "--within") -> timedelta:
     match = re.fullmatch(r"\s*(\d+)\s*([dwh])\s*", text)
     if not match:
-        raise InputError(f"duration {text!r} is not like 60d, 8w or 12h")
-    n, unit = int(match.group(1)), match.group(2)
-    return {"d": timedelta(days=n), "w": timedelta(weeks=n), "h": timedelta(hours=n)}[unit]
+        raise InputError(f"{option} {text!r} is not a duration like 60d, 8w or 12h")
+    n, letter = int(match.group(1)), match.group(2)
+    most = MAX_HORIZON // _UNITS[letter]
+    if n > most:  # before any timedelta arithmetic, which overflows
+        also = "" if letter == "d" else f" ({most}{letter})"
+        raise InputError(f"{option} {text.strip()}: give at most {MAX_HORIZON.days} days{also}")
+    return n * _UNITS[letter]
 
 
 def _p12_passphrase(passphrase_file: Path | None) -> bytes | None:
@@ -313,19 +327,101 @@ def anchors_retire(ctx: click.Context, ref: str) -> None:
 
 @keys.group()
 def hub() -> None:
-    """The hub's decryption and signing keys. Every unretired key decrypts; the newest signs."""
+    """The hub's decryption and signing keys. Every unretired key inside its window decrypts;
+    the newest signs."""
+
+
+#: Longest a hub certificate from the built-in CA may run (as `keys issue` for agencies).
+MAX_HUB_DAYS = 3650
+
+
+def _hub_problems(
+    cert: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    *,
+    address: str,
+    trust: TrustStore | None,
+    at: datetime,
+) -> list[str]:
+    """Everything that stops ``cert`` from being the hub's certificate at ``at``: an S/MIME
+    certificate (:func:`keys.inspect.agency_problems`) that names the hub's ``address`` in its
+    subjectAltName, that agencies can encrypt to (RSA, keyEncipherment), and whose path
+    validates to one of the hub's trust anchors for e-mail signing (:mod:`keys.trust`, with
+    the stored revocation evidence, soft-fail; ``None``: the hub has no anchor). ``chain`` may
+    supply intermediates."""
+    problems = inspect.agency_problems(cert, None, at)
+    profile_ok = not problems  # else validating the path would repeat what is said already
+    named = store.san_emails(cert)
+    if named and address not in directory.comparable(named):
+        problems.append(
+            f"its subjectAltName names {', '.join(named)}, not the hub's address {address} "
+            "([hub] address in gateway.toml)"
+        )
+    usage = _key_usage(cert)
+    if usage is not None and not usage.key_encipherment:
+        problems.append(
+            "its key usage does not allow keyEncipherment, so agencies cannot encrypt to it"
+        )
+    if trust is None:
+        problems.append(
+            "the hub has no trust anchor to validate its path to; import its CA first with "
+            "`gateway keys anchors import`"
+        )
+    elif profile_ok:
+        try:
+            trust.validate_signer(cert, carried=chain, at=at)
+        except GatewayError as err:
+            problems.append(
+                f"its path does not validate to a trust anchor of the hub: {err.message}"
+            )
+    return problems
+
+
+def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _hub_trust(ctx: click.Context, s: Session) -> TrustStore | None:
+    """The anchors a hub certificate must chain to: the key store's (and those named in
+    ``[trust]``), with the stored revocation evidence, soft-fail (no evidence: let through);
+    ``None`` if there is no anchor at all."""
+    try:
+        trust = stored_trust(load_settings(ctx), s)
+    except ConfigError:  # no trust anchor (the only ConfigError load_trust raises)
+        return None
+    return TrustStore(trust.anchors, trust.intermediates, trust.crls, trust.ocsps, "soft-fail")
+
+
+def _hub_address(ctx: click.Context) -> str:
+    address = load_settings(ctx).hub.address
+    try:
+        return directory.normalize_email(address)
+    except ValueError:
+        raise ConfigError(
+            f"[hub] address {address!r} is not an e-mail address; set it in gateway.toml"
+        ) from None
 
 
 @hub.command("new")
 @click.option("--email", help="The hub's address (default: [hub] address in settings).")
-@click.option("--days", default=730, show_default=True)
+@click.option("--days", type=int, default=730, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def hub_new(ctx: click.Context, email: str | None, days: int, as_json: bool) -> None:
     """Issue a new hub key pair from the built-in CA. Older hub keys keep decrypting until
     retired with `gateway keys hub retire REF` (rotation with overlap)."""
+    if not 1 <= days <= MAX_HUB_DAYS:
+        raise InputError(f"--days {days}: give a number of days between 1 and {MAX_HUB_DAYS}")
+    address = _hub_address(ctx)
+    if email is not None and directory.comparable([email]) != {address}:
+        raise InputError(
+            f"--email {email}: the hub's certificate must name its address {address} ([hub] "
+            "address in gateway.toml); change that setting first to give the hub another one"
+        )
     secret = key_passphrase(ctx)
-    address = email or load_settings(ctx).hub.address
     at = now()
     with db_session(ctx) as s:
         cas = store.private_keys(s, role="ca", passphrase=secret, at=at)
@@ -335,9 +431,17 @@ def hub_new(ctx: click.Context, email: str | None, days: int, as_json: bool) -> 
                 "init`, or import a hub key pair with `gateway keys hub import FILE.p12`"
             )
         ca_cert, ca_key = cas[0]
+        if at + timedelta(days=days) > ca_cert.not_after:
+            raise InputError(
+                f"a {days}-day certificate would outlive the CA ({ca_cert.subject}, valid until "
+                f"{ca_cert.not_after:%Y-%m-%d}); use fewer --days or rotate the CA with "
+                "`gateway keys ca init --rotate`"
+            )
         issued = issuing.issue_hub(
             issuing.Issued(ca_cert.certificate, ca_key), email=address, at=at, days=days
         )
+        problems = _hub_problems(issued.cert, (), address=address, trust=_hub_trust(ctx, s), at=at)
+        inspect.require(problems, issued.cert, "the hub's certificate")
         stored = store.add_private_key(
             s,
             issued.cert,
@@ -357,16 +461,22 @@ def hub_new(ctx: click.Context, email: str | None, days: int, as_json: bool) -> 
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def hub_import(ctx: click.Context, file: Path, passphrase_file: Path | None, as_json: bool) -> None:
-    """Import a hub key pair from PKCS#12; the key is stored encrypted with the key passphrase."""
+    """Import a hub key pair from PKCS#12; the key is stored encrypted with the key passphrase.
+
+    The certificate must name the hub's address ([hub] address) and validate, for S/MIME, to
+    one of the hub's trust anchors (import its CA first with `gateway keys anchors import`)."""
     if file.suffix.lower() not in _P12:
         raise InputError(f"{file.name}: the hub key pair must be a PKCS#12 file (.p12 or .pfx)")
     bundle = files.load_pkcs12(file, _p12_passphrase(passphrase_file))
     if not isinstance(bundle.key, rsa.RSAPrivateKey):
         raise InputError(f"{file.name}: the hub key must be RSA (agencies encrypt to it)")
+    address = _hub_address(ctx)
     secret = key_passphrase(ctx)
     at = now()
     with db_session(ctx) as s:
-        problems = inspect.agency_problems(bundle.cert, None, at)
+        problems = _hub_problems(
+            bundle.cert, bundle.chain, address=address, trust=_hub_trust(ctx, s), at=at
+        )
         inspect.require(problems, bundle.cert, "the hub's certificate")
         stored = store.add_private_key(
             s,
@@ -396,19 +506,41 @@ def hub_list(ctx: click.Context, include_retired: bool, as_json: bool) -> None:
 @click.argument("ref")
 @click.pass_context
 def hub_retire(ctx: click.Context, ref: str) -> None:
-    """Retire hub key REF: messages encrypted to it no longer open."""
+    """Retire hub key REF: messages encrypted to it no longer open, and it signs nothing more,
+    whether it is held in the key store or (also) in the files named in [hub]."""
+    settings = load_settings(ctx)
+    at = now()
     with db_session(ctx) as s:
         row = store.find_certificate(s, ref)
         if row.role != "hub":
             raise InputError(f"{ref} is a {row.role} certificate, not one of the hub's")
         left = [
-            c
-            for c in store.certificates(s, role="hub", include_retired=False)
-            if c.sha256 != row.sha256
+            cert
+            for cert, stored in hub_certificates(settings, s)
+            if store.fingerprint(cert) != row.sha256 and store.hub_key_usable(cert, stored, at)
         ]
         if not left:
             raise InputError(
-                "this is the hub's last key; create its successor first (`gateway keys hub new`)"
+                "this is the hub's last key usable now; create its successor first (`gateway "
+                "keys hub new`)"
             )
-        store.retire_certificate(s, ref, at=now(), actor=who())
+        store.retire_certificate(s, ref, at=at, actor=who())
     click.echo(f"retired hub key {row.sha256[:16]}; {len(left)} key(s) remain")
+    if in_files := _in_hub_files(settings, row.sha256):
+        click.echo(
+            f"note: {in_files} (named in [hub]) holds the same certificate; it is not used any "
+            "more: remove it from [hub] certificates and private_keys, and delete the key file",
+            err=True,
+        )
+
+
+def _in_hub_files(settings: Settings, sha256: str) -> str | None:
+    """The [hub] certificate file that holds the certificate ``sha256``, if one does."""
+    for cert_path in settings.hub.certificates:
+        path = settings.path(cert_path)
+        try:
+            if path.exists() and store.fingerprint(files.load_certificates(path)[0]) == sha256:
+                return str(path)
+        except GatewayError:  # an unreadable file holds nothing we can name
+            continue
+    return None

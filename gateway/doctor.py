@@ -12,8 +12,9 @@ The plan (later steps use what earlier ones found):
 3. database — reachable; durable (:meth:`Database.check_durability`: WAL + ``synchronous=FULL``,
    or PostgreSQL ``synchronous_commit`` and ``fsync`` on); schema at the Alembic head;
 4. archive key — the master key is there and opens a stored blob;
-5. hub keys — every hub key decrypts with the configured passphrase;
-6. hub certificate — one is valid at ``at`` (else FAIL), for 30 more days (else WARN);
+5. hub keys — the hub keys usable at ``at`` (:func:`gateway.loading.hub_keys`: not retired,
+   inside their validity and ``keys window``) decrypt with the configured passphrase;
+6. hub certificate — one is usable at ``at`` (else FAIL), for 30 more days (else WARN);
 7. trust anchors — at least one, valid at ``at``;
 8. context — :func:`gateway.loading.load_context`, what ``gateway serve`` loads at start;
 9. certificates — agency, anchor and intermediate certificates ending within 60 days (WARN),
@@ -34,7 +35,6 @@ from __future__ import annotations
 import os
 import smtplib
 import stat
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -95,14 +95,15 @@ def run(settings: Settings, *, at: datetime, timeout: float = 5.0) -> list[Resul
 
 def _with_database(settings: Settings, db: Database, at: datetime) -> list[Result]:
     out = [archive_key(settings, db)]
-    keys_result, keys = hub_keys(settings, db)
+    keys_result, keys = hub_keys(settings, db, at)
     trust_result, trust = trust_anchors(settings, db, at)
     out += [keys_result]
-    if keys:
-        out.append(hub_certificate(keys, at))
+    certificate = hub_certificate(settings, db, at)
+    if certificate is not None:
+        out.append(certificate)
     out.append(trust_result)
     if keys and trust is not None:
-        out.append(context(settings, db))
+        out.append(context(settings, db, at))
     out += certificates(db, at)
     if trust is not None:
         out += crls(trust, at, hard_fail=settings.trust.revocation == "hard-fail")
@@ -278,8 +279,11 @@ def archive_key(settings: Settings, db: Database) -> Result:
     return ok("archive key", f"{where} opens the archive" if blob else f"{where} is readable")
 
 
-def hub_keys(settings: Settings, db: Database) -> tuple[Result, tuple[RecipientKey, ...]]:
-    """As :func:`gateway.loading.load_context` loads them: the store's, then the files'."""
+def hub_keys(
+    settings: Settings, db: Database, at: datetime
+) -> tuple[Result, tuple[RecipientKey, ...]]:
+    """As :func:`gateway.loading.load_context` loads them at ``at``: the store's, then the
+    files' (:func:`gateway.loading.hub_keys`)."""
     hub = settings.hub
     source = (
         str(settings.path(hub.passphrase_file)) if hub.passphrase_file else f"${hub.passphrase_env}"
@@ -287,8 +291,7 @@ def hub_keys(settings: Settings, db: Database) -> tuple[Result, tuple[RecipientK
     try:
         secret = loading.passphrase(settings)
         with db.session(read_only=True) as s:
-            stored = store.hub_recipient_keys(s, secret)
-        keys = stored + loading.load_hub_keys(settings, secret, required=not stored)
+            keys = loading.hub_keys(settings, s, secret, at=at)
     except GatewayError as err:
         hint = ""
         if hub.passphrase_file and not settings.path(hub.passphrase_file).exists():
@@ -298,20 +301,36 @@ def hub_keys(settings: Settings, db: Database) -> tuple[Result, tuple[RecipientK
     return ok("hub keys", f"{len(keys)} hub key pair(s) decrypt (passphrase from {source})"), keys
 
 
-def hub_certificate(keys: Iterable[RecipientKey], at: datetime) -> Result:
-    certs = [k.cert for k in keys]
-    valid = [c for c in certs if c.not_valid_before_utc <= at <= c.not_valid_after_utc]
-    if not valid:
-        newest = max(certs, key=lambda c: c.not_valid_after_utc)
-        when = f"ended on {newest.not_valid_after_utc:%Y-%m-%d}"
-        if newest.not_valid_before_utc > at:
-            when = f"starts on {newest.not_valid_before_utc:%Y-%m-%d}"
+def hub_certificate(settings: Settings, db: Database, at: datetime) -> Result | None:
+    """When the hub's certificates may be used (:func:`keys.store.hub_key_usable`); None when
+    there is none to judge (the hub keys line says why)."""
+    try:
+        with db.session(read_only=True) as s:
+            candidates = [
+                (cert, row)
+                for cert, row in loading.hub_certificates(settings, s)
+                if row is None or row.retired_at is None
+            ]
+    except GatewayError:  # an unreadable [hub] file: the hub keys line names it
+        return None
+    if not candidates:
+        return None
+    windows = [
+        (row.window() if row else (cert.not_valid_before_utc, cert.not_valid_after_utc))
+        for cert, row in candidates
+    ]
+    usable = [
+        w for w, (c, r) in zip(windows, candidates, strict=True) if store.hub_key_usable(c, r, at)
+    ]
+    if not usable:
+        start, end = max(windows, key=lambda w: w[1])
+        when = f"starts on {start:%Y-%m-%d}" if start > at else f"ended on {end:%Y-%m-%d}"
         return fail(
             "hub certificate",
-            f"none is valid now (the newest {when}): receipts "
+            f"none is usable now (the newest {when}): receipts "
             "cannot be signed; `gateway keys hub new` or `keys hub import`",
         )
-    end = max(c.not_valid_after_utc for c in valid)
+    end = max(end for _, end in usable)
     left = f"ends on {end:%Y-%m-%d}, {(end - at).days} days left"
     if end - at <= HUB_WARN:
         return warn(
@@ -350,9 +369,9 @@ def trust_anchors(
     return ok("trust anchors", f"{len(valid)} valid anchor(s)"), trust
 
 
-def context(settings: Settings, db: Database) -> Result:
+def context(settings: Settings, db: Database, at: datetime) -> Result:
     try:
-        ctx = loading.load_context(settings, db)
+        ctx = loading.load_context(settings, db, at=at)
     except GatewayError as err:
         return fail("context", err.message)
     return ok(

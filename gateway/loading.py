@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -55,21 +55,24 @@ def open_archive(settings: Settings, db: Database, signer: SigningKey | None = N
     )
 
 
-def load_context(settings: Settings, db: Database | None = None) -> Context:
-    """The pipeline context from the key store (the database) plus any files the settings name.
+def load_context(
+    settings: Settings, db: Database | None = None, *, at: datetime | None = None
+) -> Context:
+    """The pipeline context from the key store (the database) plus any files the settings name,
+    with the hub keys usable at ``at`` (default: now; :func:`hub_keys`).
 
     Files are read in addition to the store, so a national CA bundle or a hub key managed by
     configuration management can live outside the database.
     """
     db = db or open_database(settings)
+    at = at or datetime.now(UTC)
     secret = passphrase(settings)
     with db.session() as s:
-        stored_keys = store.hub_recipient_keys(s, secret)
+        keys = hub_keys(settings, s, secret, at=at)
         agencies = store.agencies(s)
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)
     file_directory = load_directory(settings.path(settings.directory.file))
-    keys = stored_keys + load_hub_keys(settings, secret, required=not stored_keys)
     with db.session(read_only=True) as s:  # after the keys: a missing key pair is said first
         trust = stored_trust(settings, s)
     return Context(
@@ -119,10 +122,80 @@ def passphrase(settings: Settings) -> bytes | None:
     return value.encode() if value else None
 
 
+def hub_keys(
+    settings: Settings, s: Session, secret: bytes | None, *, at: datetime
+) -> tuple[RecipientKey, ...]:
+    """The hub key pairs usable at ``at``, newest first: they decrypt, and the first whose
+    certificate is valid signs (:func:`gateway.worker_process.hub_signer`).
+
+    One rule (:func:`keys.store.hub_key_usable`) for the key store's pairs and the ``[hub]``
+    files' alike: a pair whose certificate the store holds is usable only while that row allows
+    it (not retired, inside its validity and the admin's window), so ``keys hub retire`` and
+    ``keys window`` end a key the files also hold; a pair only in the files, while its
+    certificate is valid. The store's pairs come first (newest first, as `gateway archive
+    checkpoint` picks its signer), then the files' (newest certificate first).
+    """
+    stored = store.hub_recipient_keys(s, secret, at=at)
+    from_files = load_hub_keys(settings, secret, required=False)
+    seen = {store.fingerprint(k.cert) for k in stored}
+    usable = [
+        k
+        for k in from_files
+        if store.fingerprint(k.cert) not in seen
+        and store.hub_key_usable(k.cert, store.certificate_row(s, k.cert), at)
+    ]
+    usable.sort(key=lambda k: k.cert.not_valid_before_utc, reverse=True)
+    keys = stored + tuple(usable)
+    if not keys and not from_files and not store.certificates(s, role="hub", include_retired=False):
+        raise _no_key_pair(settings)
+    if not keys:
+        raise ConfigError(
+            f"no hub key pair is usable at {at:%Y-%m-%d %H:%M} UTC (each is retired, outside "
+            "its `keys window` or its certificate's validity): create one with `gateway keys "
+            "hub new` or `gateway keys hub import FILE.p12`; `gateway keys hub list --all` "
+            "shows them"
+        )
+    return keys
+
+
+def hub_certificates(
+    settings: Settings, s: Session
+) -> list[tuple[x509.Certificate, store.StoredCertificate | None]]:
+    """Every hub certificate a key pair may still be used with, without decrypting a key: the
+    key store's unretired ones, then those of the ``[hub]`` files the store does not list among
+    them, each with its stored row if there is one (a retired row: never usable)."""
+    out: list[tuple[x509.Certificate, store.StoredCertificate | None]] = [
+        (c.certificate, c) for c in store.certificates(s, role="hub", include_retired=False)
+    ]
+    seen = {row.sha256 for _, row in out if row is not None}
+    for cert_path, key_path in zip(
+        settings.hub.certificates, settings.hub.private_keys, strict=True
+    ):
+        cert_file, key_file = settings.path(cert_path), settings.path(key_path)
+        if cert_file.exists() and key_file.exists():
+            cert = files.load_certificates(cert_file)[0]
+            if store.fingerprint(cert) not in seen:
+                seen.add(store.fingerprint(cert))
+                out.append((cert, store.certificate_row(s, cert)))
+    return out
+
+
+def usable_hub_fingerprints(settings: Settings, s: Session, at: datetime) -> frozenset[str]:
+    """The SHA-256 fingerprints of the hub certificates :func:`hub_keys` would use at ``at``:
+    what a running worker compares to see when a key's window, validity or retirement changes
+    the keys it holds."""
+    return frozenset(
+        store.fingerprint(cert)
+        for cert, row in hub_certificates(settings, s)
+        if store.hub_key_usable(cert, row, at)
+    )
+
+
 def load_hub_keys(
     settings: Settings, secret: bytes | None = None, *, required: bool = True
 ) -> tuple[RecipientKey, ...]:
-    """Hub key pairs from the files named in ``[hub]`` (those that exist)."""
+    """Hub key pairs from the files named in ``[hub]`` (those that exist), whatever the key
+    store says of them: :func:`hub_keys` decides which are usable."""
     out = []
     for cert_path, key_path in zip(
         settings.hub.certificates, settings.hub.private_keys, strict=True
@@ -136,12 +209,16 @@ def load_hub_keys(
             raise ConfigError(f"{key_file}: the hub decryption key must be RSA")
         out.append(RecipientKey(certs[0], key))
     if required and not out:
-        raise ConfigError(
-            "the hub has no key pair: create one with `gateway keys hub new` (built-in CA) or "
-            "`gateway keys hub import FILE.p12`, or name key files in [hub] of "
-            f"{settings.config_file}; `gateway demo --dir DIR` shows a complete home"
-        )
+        raise _no_key_pair(settings)
     return tuple(out)
+
+
+def _no_key_pair(settings: Settings) -> ConfigError:
+    return ConfigError(
+        "the hub has no key pair: create one with `gateway keys hub new` (built-in CA) or "
+        "`gateway keys hub import FILE.p12`, or name key files in [hub] of "
+        f"{settings.config_file}; `gateway demo --dir DIR` shows a complete home"
+    )
 
 
 def stored_trust(settings: Settings, s: Session) -> TrustStore:

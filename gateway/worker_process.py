@@ -35,6 +35,7 @@ from gateway.loading import (
     load_context,
     open_archive,
     open_database,
+    usable_hub_fingerprints,
 )
 from gateway.outbound import ENVIRONMENT, Builder, Hub
 from gateway.pipeline import Context
@@ -52,14 +53,14 @@ EXIT_START_FAILED = 3  # a worker's exit status when it could not start (logged 
 
 
 def hub_signer(ctx: Context, at: datetime) -> SigningKey:
-    """The newest hub key whose certificate is valid now: it signs receipts and checkpoints."""
-    usable = [
-        k for k in ctx.keys if k.cert.not_valid_before_utc <= at <= k.cert.not_valid_after_utc
-    ]
-    if not usable:
-        raise ConfigError("no hub certificate is valid now: receipts cannot be signed")
-    newest = max(usable, key=lambda k: k.cert.not_valid_before_utc)
-    return newest.cert, newest.key
+    """The hub key that signs receipts and checkpoints at ``at``: the newest of the context's
+    keys — those usable when it was loaded, newest first (:func:`gateway.loading.hub_keys`:
+    not retired, inside the admin's window) — whose certificate is valid at ``at``. It is the
+    key `gateway archive checkpoint` signs with."""
+    for k in ctx.keys:
+        if k.cert.not_valid_before_utc <= at <= k.cert.not_valid_after_utc:
+            return k.cert, k.key
+    raise ConfigError("no hub certificate is valid now: receipts cannot be signed")
 
 
 class ContextCache:
@@ -86,6 +87,9 @@ class ContextCache:
             return (
                 s.scalar(select(func.max(t.AdminEvent.seq))),
                 s.scalar(select(func.max(t.RevocationEvidence.id))),
+                # A hub key's window or validity starts or ends with no admin event: the keys
+                # held must follow the clock too.
+                usable_hub_fingerprints(self.settings, s, datetime.now(UTC)),
             )
 
 

@@ -235,11 +235,18 @@ class StoredCertificate:
     retired_at: datetime | None
     certificate: x509.Certificate
 
+    def window(self) -> tuple[datetime, datetime]:
+        """When it may be used, retirement aside: its own validity narrowed by the window the
+        admin allows (``keys window --from/--until``)."""
+        return (
+            max(self.not_before, self.use_from or self.not_before),
+            min(self.not_after, self.use_until or self.not_after),
+        )
+
     def usable_at(self, at: datetime) -> bool:
         """Inside both its own validity and the window the admin allows."""
-        return (self.retired_at is None or at < self.retired_at) and max(
-            self.not_before, self.use_from or self.not_before
-        ) <= at <= min(self.not_after, self.use_until or self.not_after)
+        start, end = self.window()
+        return (self.retired_at is None or at < self.retired_at) and start <= at <= end
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -510,11 +517,34 @@ def private_keys(
     return out
 
 
-def hub_recipient_keys(s: Session, passphrase: bytes | None) -> tuple[RecipientKey, ...]:
-    """Every unretired hub key: all of them decrypt, so a rotation never strands a message."""
+def hub_key_usable(cert: x509.Certificate, stored: StoredCertificate | None, at: datetime) -> bool:
+    """The one rule for whether a hub key pair decrypts and signs at ``at``.
+
+    A pair whose certificate the key store holds follows that row: not retired (``keys hub
+    retire`` ends a key for good), inside its own validity and inside the admin's window
+    (``keys window``) — :meth:`StoredCertificate.usable_at`, as :func:`private_keys` applies it.
+    A pair known only from the ``[hub]`` files has no row: its certificate's validity alone.
+    """
+    if stored is not None:
+        return stored.retired_at is None and stored.usable_at(at)
+    return cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
+
+
+def certificate_row(s: Session, cert: x509.Certificate) -> StoredCertificate | None:
+    """The stored row of ``cert`` (by SHA-256 fingerprint), if the key store holds it."""
+    row = s.scalar(select(t.Certificate).where(t.Certificate.sha256 == fingerprint(cert)))
+    return _stored(row) if row is not None else None
+
+
+def hub_recipient_keys(
+    s: Session, passphrase: bytes | None, *, at: datetime | None = None
+) -> tuple[RecipientKey, ...]:
+    """The stored hub keys usable at ``at`` (:func:`hub_key_usable`), newest first: during a
+    rotation's overlap old and new both decrypt, so a rotation never strands a message. Without
+    ``at``, every unretired one."""
     return tuple(
         RecipientKey(stored.certificate, key)
-        for stored, key in private_keys(s, role="hub", passphrase=passphrase)
+        for stored, key in private_keys(s, role="hub", passphrase=passphrase, at=at)
         if isinstance(key, rsa.RSAPrivateKey)
     )
 

@@ -122,9 +122,28 @@ def test_remind_at_the_ends_of_the_calendar_runs(home: Path, at: str) -> None:
     assert result.exit_code == 0, (result.exception, result.output)
 
 
+@pytest.mark.parametrize("within", [HUGE + "d", "36501d", "5215w", "876001h"])
+def test_an_expiry_horizon_beyond_a_century_is_refused(home: Path, within: str) -> None:
+    message = refused(run(home, "keys", "expiring", "--within", within))
+    assert f"--within {within}: give at most 36500 days" in message
+    assert len(message.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("within", ["36500d", "5214w", "876000h", "0d"])
+def test_an_expiry_horizon_up_to_a_century_is_answered(home: Path, within: str) -> None:
+    result = run(home, "keys", "expiring", "--within", within)
+    assert result.exit_code == 0, (result.exception, result.output)
+    assert result.stdout == f"nothing ends within {within}\n"
+
+
 @pytest.mark.parametrize(
     "args",
-    [("archive", "show", HUGE), ("outbox", "retry", HUGE), ("remind", "--at", "9999-12-31T23:59")],
+    [
+        ("archive", "show", HUGE),
+        ("outbox", "retry", HUGE),
+        ("remind", "--at", "9999-12-31T23:59"),
+        ("keys", "expiring", "--within", "99999999999d"),
+    ],
 )
 def test_the_real_command_exits_2_not_70(home: Path, args: tuple[str, ...]) -> None:
     proc = subprocess.run(

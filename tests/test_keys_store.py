@@ -374,6 +374,15 @@ def test_anchors_must_be_cas_and_hub_keys_rotate(home: Path, world: DemoWorld) -
 
     hub_p12 = _p12(home / "hub.p12", world.hub, b"hub")
     env = {"GATEWAY_P12_PASSPHRASE": "hub"}
+    code, out = _run(home, "keys", "hub", "import", str(hub_p12), env=env)
+    assert code == 2 and "not the hub's address hub@gateway.localhost" in out  # [hub] address
+    assert "the hub has no trust anchor to validate its path to" in out
+    (home / "gateway.toml").write_text(f'[hub]\naddress = "{HUB_ADDRESS}"\n', encoding="utf-8")
+    (home / "other.pem").write_bytes(make_root("Other", at=WORLD_AT).cert_pem())
+    assert _run(home, "keys", "anchors", "import", str(home / "other.pem"))[0] == 0
+    code, out = _run(home, "keys", "hub", "import", str(hub_p12), env=env)
+    assert code == 2 and "does not validate to a trust anchor of the hub" in out
+    assert _run(home, "keys", "anchors", "import", str(home / "root.pem"))[0] == 0
     assert _run(home, "keys", "hub", "import", str(hub_p12), env=env)[0] == 0
     code, out = _run(home, "keys", "hub", "retire", store.fingerprint(world.hub.cert))
     assert code == 2 and "last key" in out
