@@ -20,13 +20,14 @@ here, moving the message out. ``gateway serve`` builds it from values the CLI re
    just before a crash. The lowest and highest UIDs (FETCH of the first and last message's
    UID by sequence number, as SELECT counted them), then UID SEARCH over
    windows of :data:`SEARCH_WINDOW` UIDs between them; in UID order, :data:`FETCH_CHUNK` UIDs
-   at a time (one UID FETCH of their RFC822.SIZE, then steps 3–7 for each):
+   at a time (one UID FETCH of their RFC822.SIZE — one UID at a time if that fails, see
+   *A message the server cannot return* — then steps 3–7 for each):
 3. RFC822.SIZE over ``max_message_bytes`` (DESIGN §5 rule 4, the IMAP literal limit): not
-   fetched; moved to ``oversize_mailbox`` and logged.
+   fetched; filed as refused (see *Refused*) and moved to ``oversize_mailbox``.
 4. Source key (``imap:user@host/mailbox/uidvalidity/uid``) already in the intake: committed
    before a crash; not fetched again, only moved.
 5. UID FETCH ``BODY.PEEK[]<0.limit+1>``: PEEK leaves ``\\Seen`` unset (RFC 3501 §6.4.5); the
-   range bounds memory even if RFC822.SIZE was wrong.
+   range bounds memory even if RFC822.SIZE was wrong (more than the limit came: as step 3).
 6. ``intake.accept(…, source_key=…)``; only once it returned (rule 7: durably committed) —
 7. move to ``done_mailbox`` (created if missing): UID MOVE (RFC 6851); else UID COPY, STORE
    ``\\Deleted``, UID EXPUNGE (RFC 4315); else COPY, STORE, and one EXPUNGE after a pass that
@@ -38,6 +39,31 @@ A :class:`~formats.errors.TransientError` from the database ends the pass with
 Exactly-once (rule 8) holds in the intake: a kill -9 between commit and move leaves the message
 in the mailbox and step 4 finds it. (A crash between COPY and EXPUNGE in the fallback can leave
 a second copy in the done mailbox, which is only a record.)
+
+Refused (DESIGN §1.3: every message is filed; SMTP answers ``552`` instead and stores
+nothing). A message the poller will not take in is not put in the intake (a stand-in there
+would be decided as a submission) but filed straight in the archive: a ``message`` entry with
+status ``refused`` — never released (``archive release`` takes only quarantined ones) and never
+answered (nobody authenticated its sender) — with the reason (:class:`~formats.errors.LimitExceeded`
+or :class:`Unreadable`), the transport (mailbox, UIDVALIDITY, UID), the source key, and what
+can be kept within the limits: the size the server reports and, for an oversize message, its
+header block (``BODY.PEEK[HEADER]``, at most ``max_header_bytes``, kept as Latin-1 text: one
+character per byte, so the exact bytes come back) with its From, Message-ID and Subject when
+it reads as a message's header. The poller holds no archive master key, so the entry has no
+blob; the message itself stays in the mailbox it is moved to. The same transaction queues the
+admin alert, once a day whatever the number (``alert:imap-oversize:DAY``,
+``alert:imap-unreadable:DAY``, naming the first), and records the key ``refused:<sha256 of the
+source key>`` in the replay table, so a crash before the move does not file it twice.
+
+A message the server cannot return (its FETCH answers NO or BAD, or the server hangs up on it
+— Dovecot answers ``BYE`` when it cannot read a Maildir file — or does not answer within
+``timeout``): errors are per UID. A chunk whose sizes cannot be fetched together is fetched one
+UID at a time; a UID whose size or body cannot be fetched is skipped for this pass (after a
+lost connection the poller logs in again and goes on), and the others are taken in. After
+:data:`MAX_FAILED_PASSES` passes that each failed on it, it is filed as refused
+(:class:`Unreadable`, with the server's last answer) and moved to ``unreadable_mailbox``; if
+the server refuses that too, it is left where it is and only the move is tried again, each
+pass. The count is kept in memory: a restart begins it again (the filing is still once).
 
 UIDVALIDITY: UIDs mean something only within one UIDVALIDITY (RFC 3501 §2.3.1.1), so the key
 carries it. When it changes (mailbox recreated, restored, or moved to another server) every
@@ -54,6 +80,7 @@ default is ``.``). One poller per mailbox, used by one thread.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import ssl
 import threading
@@ -64,15 +91,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import select
 
 from archive import tables as t
 from archive.db import Database
+from archive.log import Item, Log
 from archive.records import Transport
-from formats.errors import ConfigError, TransientError
+from formats.errors import ConfigError, GatewayError, LimitExceeded, TransientError
 from formats.limits import DEFAULT_LIMITS, Limits
-from gateway import intake
+from formats.smime import read_envelope
+from formats.vntime import local_day
+from gateway import intake, outbound
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +122,57 @@ FETCH_CHUNK = 500
 #: imaplib (under imapclient) refuses a line over 1,000,000 bytes: one ``SEARCH ALL`` fails, on
 #: every pass, once the mailbox holds ~140,000 messages. 10,000 UIDs of up to 10 digits: 110 KB.
 SEARCH_WINDOW = 10_000
+#: Passes that each failed to fetch one message (its size or its body) before it is filed as
+#: refused and moved to the unreadable mailbox: at ``poll_seconds`` 30, some two minutes of a
+#: server that answers NO (or hangs up) on it, and not one failure that may have been chance.
+MAX_FAILED_PASSES = 5
+#: The connection is gone, on one message as it seems: the server hung up (Dovecot answers BYE
+#: when it cannot read the message), reset it, or did not answer within ``timeout`` (a read
+#: that never ends on its side). The poller logs in again and goes on with the others.
+LOST = (IMAPClientAbortError, TimeoutError, ConnectionError)
+#: A FETCH (or MOVE) that failed for one message: an answer NO or BAD, or :data:`LOST`.
+NOT_RETURNED = (IMAPClientError, *LOST)
+
+
+class Unreadable(GatewayError):
+    """The mailbox's server did not return the message in :data:`MAX_FAILED_PASSES` passes
+    (see :data:`NOT_RETURNED`): the reason of a refused entry, never sent to anyone."""
+
+    code = "imap-unreadable"
+    reason_vi = "Máy chủ hộp thư không trả về được thư này"
 
 
 @dataclass(frozen=True)
 class PollResult:
     taken: int = 0  # new intake rows
     already_known: int = 0  # committed before (a crash before the move): moved, not stored again
-    oversize: int = 0  # moved to the oversize mailbox without being fetched
+    oversize: int = 0  # filed as refused and moved to the oversize mailbox, never fetched whole
     moved: int = 0  # moved to the done mailbox (taken + already_known)
+    skipped: int = 0  # the server did not return them: left for the next pass
+    unreadable: int = 0  # not returned in MAX_FAILED_PASSES passes: filed as refused, set aside
     uidvalidity_reset: bool = False
     error: str | None = None  # a transient database failure ended the pass early
+
+
+@dataclass
+class _Link:
+    """The connection of a pass: replaced when the server hangs up on one message."""
+
+    client: Any
+
+
+@dataclass
+class _Pass:
+    """What one pass did so far."""
+
+    uidvalidity: int
+    counts: dict[str, int] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # UID → why it was not returned
+    expunge: bool = False  # an EXPUNGE is owed (no UIDPLUS)
+    highest: int = 0  # the highest UID moved to the done mailbox
+
+    def count(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
 
 
 def _utcnow() -> datetime:
@@ -111,6 +182,11 @@ def _utcnow() -> datetime:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or "(no detail)"
     return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _parent(mailbox: str, name: str) -> str:
+    """``name`` beside ``mailbox`` (``Gateway/Oversize`` → ``Gateway/Unreadable``)."""
+    return f"{mailbox.rsplit('/', 1)[0]}/{name}" if "/" in mailbox else name
 
 
 @dataclass(eq=False)
@@ -127,6 +203,7 @@ class ImapPoller:
     mailbox: str = "INBOX"
     done_mailbox: str = "Gateway/Processed"
     oversize_mailbox: str = "Gateway/Oversize"
+    unreadable_mailbox: str = ""  # "": beside oversize_mailbox (Gateway/Unreadable)
     poll_seconds: float = 30.0
     ssl_context: ssl.SSLContext | None = None  # None: the system's CAs, host name checked
     limits: Limits = DEFAULT_LIMITS
@@ -137,6 +214,11 @@ class ImapPoller:
     _caps: set[bytes] = field(default_factory=set, init=False, repr=False)
     _separator: str | None = field(default=None, init=False, repr=False)
     _ready: set[str] = field(default_factory=set, init=False, repr=False)  # mailboxes that exist
+    #: (UIDVALIDITY, UID) → (passes that failed on it in a row, the last failure).
+    _failures: dict[tuple[int, int], tuple[int, str]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _left: set[tuple[int, int]] = field(default_factory=set, init=False, repr=False)
     where: str = field(init=False)  # user@host/mailbox: the MailboxState key, source key prefix
 
     def __post_init__(self) -> None:
@@ -144,10 +226,14 @@ class ImapPoller:
             raise ConfigError(
                 f"IMAP security {self.security!r} is not one of {', '.join(SECURITY)}"
             )
-        if len({self.mailbox, self.done_mailbox, self.oversize_mailbox}) != 3:
+        if not self.unreadable_mailbox:
+            self.unreadable_mailbox = _parent(self.oversize_mailbox, "Unreadable")
+        boxes = (self.mailbox, self.done_mailbox, self.oversize_mailbox, self.unreadable_mailbox)
+        if len(set(boxes)) != 4:
             raise ConfigError(
-                f"the IMAP mailbox ({self.mailbox}), done mailbox ({self.done_mailbox}) and "
-                f"oversize mailbox ({self.oversize_mailbox}) must be three different mailboxes"
+                f"the IMAP mailbox ({self.mailbox}), done mailbox ({self.done_mailbox}), "
+                f"oversize mailbox ({self.oversize_mailbox}) and unreadable mailbox "
+                f"({self.unreadable_mailbox}) must be four different mailboxes"
             )
         if self.poll_seconds <= 0:
             raise ConfigError(f"IMAP poll_seconds must be positive, got {self.poll_seconds}")
@@ -168,13 +254,13 @@ class ImapPoller:
         """
         failures = 0
         while not stop.is_set():
-            client = None
+            link = None
             try:
-                client = self._connect()
+                link = _Link(self._connect())
                 while not stop.is_set():
-                    self._poll(client)
+                    self._poll(link)
                     failures = 0
-                    self._wait(client, stop)
+                    self._wait(link.client, stop)
             except NETWORK_ERRORS as exc:
                 failures += 1
                 log.error("IMAP %s (port %d): %s", self.where, self.port, _one_line(exc))
@@ -184,8 +270,8 @@ class ImapPoller:
                     "IMAP %s: unexpected %s", self.where, _one_line(exc), exc_info=failures == 1
                 )
             finally:
-                if client is not None:
-                    self._close(client)
+                if link is not None:
+                    self._close(link.client)
             if failures and not stop.is_set():
                 delay = min(BACKOFF_MAX, 2.0 ** (failures - 1))
                 log.info("IMAP %s: connecting again in %.0f s", self.where, delay)
@@ -209,48 +295,46 @@ class ImapPoller:
 
     def poll_once(self) -> PollResult:
         """Connect, take in what the mailbox holds, log out. Network errors propagate."""
-        client = self._connect()
+        link = _Link(self._connect())
         try:
-            return self._poll(client)
+            return self._poll(link)
         finally:
-            self._close(client)
+            self._close(link.client)
 
-    def _poll(self, client: Any) -> PollResult:
-        selected = client.select_folder(self._name(self.mailbox))
-        uidvalidity = int(selected[b"UIDVALIDITY"])
-        counts = {"taken": 0, "already_known": 0, "oversize": 0, "moved": 0}
-        error, reset, highest, expunge = None, False, 0, False
+    def _poll(self, link: _Link) -> PollResult:
+        selected = link.client.select_folder(self._name(self.mailbox))
+        p = _Pass(int(selected[b"UIDVALIDITY"]))
+        error, reset = None, False
         try:
-            reset, last_uid = self._check_state(uidvalidity)
-            for chunk in self._uids(client, selected):
-                sizes = client.fetch(chunk, ["RFC822.SIZE"])
+            reset, last_uid = self._check_state(p.uidvalidity)
+            for chunk in self._uids(link, selected):
+                sizes = self._sizes(link, p, chunk)
                 for uid in chunk:
-                    size = sizes.get(uid, {}).get(b"RFC822.SIZE")
-                    outcome = None if size is None else self._take(client, uid, size, uidvalidity)
-                    if outcome is None:  # expunged by someone else meanwhile
-                        continue
-                    counts[outcome] += 1
-                    oversize = outcome == "oversize"
-                    target = self.oversize_mailbox if oversize else self.done_mailbox
-                    expunge |= self._move(client, uid, target)
-                    if not oversize:
-                        counts["moved"] += 1
-                        highest = uid
-            if expunge:  # no UIDPLUS: every \Deleted message here was taken in by this pass
-                client.expunge()
-            if highest > last_uid:
-                self._save_state(uidvalidity, highest)
+                    if uid in sizes or uid in p.failed:  # else expunged by someone meanwhile
+                        self._one(link, p, uid, sizes.get(uid))
+            if p.expunge:  # no UIDPLUS: every \Deleted message here was moved by this pass
+                link.client.expunge()
+            if p.highest > last_uid:
+                self._save_state(p.uidvalidity, p.highest)
+            # What failed in this pass is counted on; the rest was taken in or has gone.
+            self._failures = {
+                k: v
+                for k, v in self._failures.items()
+                if k[0] == p.uidvalidity and k[1] in p.failed
+            }
+            self._left &= set(self._failures)
         except TransientError as exc:
             error = str(exc)
             log.warning("IMAP %s: %s; the rest waits for the next poll", self.where, error)
-        return PollResult(**counts, uidvalidity_reset=reset, error=error)
+        return PollResult(**p.counts, uidvalidity_reset=reset, error=error)
 
-    def _uids(self, client: Any, selected: dict[bytes, Any]) -> Iterator[list[int]]:
+    def _uids(self, link: _Link, selected: dict[bytes, Any]) -> Iterator[list[int]]:
         """The UIDs of the selected mailbox's messages at the start of the pass, ascending, at
         most :attr:`fetch_chunk` at a time (step 2); none if it holds no message."""
         exists = int(selected.get(b"EXISTS", 0))
         if exists < 1:
             return
+        client = link.client
         client.use_uid = False  # by sequence number: the first message, and the last
         try:
             ends = [data[b"UID"] for data in client.fetch([1, exists], ["UID"]).values()]
@@ -261,34 +345,261 @@ class ImapPoller:
         lowest, highest = min(ends), max(ends)
         for start in range(lowest, highest + 1, self.search_window):
             end = min(highest, start + self.search_window - 1)
-            uids = sorted(client.search(["UID", f"{start}:{end}"]))
+            uids = sorted(link.client.search(["UID", f"{start}:{end}"]))  # (a new link, maybe)
             for at in range(0, len(uids), self.fetch_chunk):
                 yield uids[at : at + self.fetch_chunk]
 
-    def _take(self, client: Any, uid: int, size: int, uidvalidity: int) -> str | None:
-        """Steps 3–6 for one message: its counter's name, or ``None`` if it vanished."""
+    def _sizes(self, link: _Link, p: _Pass, chunk: list[int]) -> dict[int, int]:
+        """RFC822.SIZE of the UIDs of ``chunk`` the server returns; those it does not are in
+        ``p.failed``. One FETCH for the chunk; one per UID if that fails (and always for a
+        UID that failed in an earlier pass: it would fail the chunk again)."""
+        sizes: dict[int, int] = {}
+        alone = [uid for uid in chunk if (p.uidvalidity, uid) in self._failures]
+        together = [uid for uid in chunk if (p.uidvalidity, uid) not in self._failures]
+        if together:
+            try:
+                sizes = self._fetch_sizes(link.client, together)
+            except NOT_RETURNED as exc:
+                log.warning(
+                    "IMAP %s: the sizes of UIDs %d–%d could not be fetched together (%s); "
+                    "one at a time", self.where, together[0], together[-1], _one_line(exc),
+                )  # fmt: skip
+                if isinstance(exc, LOST):
+                    self._reconnect(link, p.uidvalidity)
+                alone = chunk
+        for uid in alone:
+            key = (p.uidvalidity, uid)
+            if self._failures.get(key, (0, ""))[0] >= MAX_FAILED_PASSES:
+                p.failed[uid] = self._failures[key][1]  # given up: not fetched again
+                continue
+            try:
+                sizes.update(self._fetch_sizes(link.client, [uid]))
+            except NOT_RETURNED as exc:
+                self._not_returned(link, p, uid, "its size", exc)
+        return sizes
+
+    @staticmethod
+    def _fetch_sizes(client: Any, uids: list[int]) -> dict[int, int]:
+        found = client.fetch(uids, ["RFC822.SIZE"])
+        return {
+            uid: found[uid][b"RFC822.SIZE"] for uid in uids if b"RFC822.SIZE" in found.get(uid, {})
+        }
+
+    def _not_returned(
+        self, link: _Link, p: _Pass, uid: int, what: str, exc: OSError | IMAPClientError
+    ) -> None:
+        """The server did not return ``what`` of ``uid``: noted for this pass; after a hang-up,
+        logged in again (the others go on)."""
+        p.failed[uid] = f"the server did not return {what}: {_one_line(exc)}"
+        if isinstance(exc, LOST):
+            self._reconnect(link, p.uidvalidity)
+
+    def _one(self, link: _Link, p: _Pass, uid: int, size: int | None) -> None:
+        """Steps 3–7 for one message (``size`` ``None``: the server did not return it)."""
         limit = self.limits.max_message_bytes
-        key = f"imap:{self.where}/{uidvalidity}/{uid}"
-        raw = None
-        if size <= limit:
+        key = self._key(p.uidvalidity, uid)
+        if size is None or size <= limit:
             known = self._known(key)
             if known is not None:
                 log.info("IMAP %s UID %d: already intake #%d; moving it", self.where, uid, known)
-                return "already_known"
-            raw = self._fetch(client, uid)
-            if raw is None:
-                return None
-        if raw is None or len(raw) > limit:
-            log.warning(
-                "IMAP %s UID %d: %d bytes, over the %d-byte limit (max_message_bytes); "
-                "not taken in, moved to %s",
-                self.where, uid, max(size, len(raw or b"")), limit, self.oversize_mailbox,
-            )  # fmt: skip
-            return "oversize"
-        transport = self._transport(client, uid, uidvalidity)
+                self._to(link, p, uid, self.done_mailbox, "already_known")
+                return
+        if size is None:
+            self._failed(link, p, uid, None)
+            return
+        if size > limit:
+            self._oversize(link, p, uid, f"{size} bytes", size)
+            return
+        try:
+            raw = self._fetch(link.client, uid)
+        except NOT_RETURNED as exc:
+            self._not_returned(link, p, uid, "the message", exc)
+            self._failed(link, p, uid, size)
+            return
+        if raw is None:  # expunged by someone else meanwhile
+            return
+        if len(raw) > limit:  # RFC822.SIZE said less
+            self._oversize(link, p, uid, f"more than {limit} bytes (RFC822.SIZE said {size})", size)
+            return
+        transport = self._transport(link.client, uid, p.uidvalidity)
         number = intake.accept(self.db, raw, transport, source_key=key)
         log.info("IMAP %s UID %d: taken in as intake #%d", self.where, uid, number)
-        return "taken"
+        self._to(link, p, uid, self.done_mailbox, "taken")
+
+    def _to(self, link: _Link, p: _Pass, uid: int, mailbox: str, counter: str | None) -> None:
+        p.expunge |= self._move(link.client, uid, mailbox)
+        if counter is not None:
+            p.count(counter)
+        if mailbox == self.done_mailbox:
+            p.count("moved")
+            p.highest = uid
+
+    def _oversize(self, link: _Link, p: _Pass, uid: int, how: str, size: int) -> None:
+        """Step 3: filed as refused with its header block, then moved to the oversize mailbox."""
+        limit = self.limits.max_message_bytes
+        error = LimitExceeded(
+            f"the message is {how}, over the limit of {limit} bytes; it was not taken in"
+        )
+        header = self._header(link, p, uid)
+        day = local_day(self.clock())
+
+        def alert(seq: int) -> tuple[str, str]:
+            return f"imap-oversize:{day}", (
+                f"Messages in the IMAP mailbox {self.where} are over the size limit ({day}): "
+                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), is {how}, over [limits] "
+                f"max_message_bytes ({limit}). It was not taken in: it is filed as refused "
+                f"(archive entry {seq}: its size and header block) and moved, unread, to "
+                f"{self.oversize_mailbox}. Any more today are filed and moved the same way "
+                "without another alert; `gateway archive search --status refused` lists them."
+            )
+
+        seq, _ = self._refuse(link.client, uid, p.uidvalidity, error, size, header, alert)
+        log.warning(
+            "IMAP %s UID %d: %s, over the %d-byte limit (max_message_bytes); not taken in: "
+            "filed as refused (entry %d), moved to %s",
+            self.where, uid, how, limit, seq, self.oversize_mailbox,
+        )  # fmt: skip
+        self._to(link, p, uid, self.oversize_mailbox, "oversize")
+
+    def _failed(self, link: _Link, p: _Pass, uid: int, size: int | None) -> None:
+        """One more pass failed on ``uid``: skipped, or after :data:`MAX_FAILED_PASSES`,
+        filed as refused and moved to the unreadable mailbox (left where it is if that fails)."""
+        key = (p.uidvalidity, uid)
+        passes = self._failures.get(key, (0, ""))[0]
+        why = p.failed[uid]
+        if passes < MAX_FAILED_PASSES:
+            passes += 1
+            self._failures[key] = (passes, why)
+            if passes < MAX_FAILED_PASSES:
+                log.warning(
+                    "IMAP %s UID %d: %s; skipped, tried again next pass (%d of %d)",
+                    self.where, uid, why, passes, MAX_FAILED_PASSES,
+                )  # fmt: skip
+                p.count("skipped")
+                return
+        error = Unreadable(
+            f"the mailbox's server did not return the message in {MAX_FAILED_PASSES} passes "
+            f"({why}); it was not taken in"
+        )
+        day = local_day(self.clock())
+
+        def alert(seq: int) -> tuple[str, str]:
+            return f"imap-unreadable:{day}", (
+                f"The IMAP server did not return messages in the mailbox {self.where} ({day}): "
+                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), in {MAX_FAILED_PASSES} "
+                f"passes ({why}). It was not taken in: it is filed as refused (archive entry "
+                f"{seq}) and moved to {self.unreadable_mailbox}, or left where it is if the "
+                "server refuses that too (the gateway's log says which). The server's log says "
+                "why it cannot read it; once that is fixed, move it back and it is taken in as "
+                "a new message. Any more today are handled the same way without another alert."
+            )
+
+        seq, new = self._refuse(link.client, uid, p.uidvalidity, error, size, None, alert)
+        (log.error if new else log.info)(
+            "IMAP %s UID %d: %s, %d passes in a row; %s as refused (entry %d), moving it to %s",
+            self.where, uid, why, MAX_FAILED_PASSES, "filed" if new else "already filed", seq,
+            self.unreadable_mailbox,
+        )  # fmt: skip
+        p.count("unreadable")
+        try:
+            self._to(link, p, uid, self.unreadable_mailbox, None)
+        except NOT_RETURNED as exc:
+            if key not in self._left:
+                self._left.add(key)
+                log.error(
+                    "IMAP %s UID %d: could not be moved to %s either (%s); left where it is, "
+                    "the move is tried again each pass",
+                    self.where, uid, self.unreadable_mailbox, _one_line(exc),
+                )  # fmt: skip
+            if isinstance(exc, LOST):
+                self._reconnect(link, p.uidvalidity)
+
+    def _header(self, link: _Link, p: _Pass, uid: int) -> bytes | None:
+        """The header block of ``uid``, at most ``max_header_bytes`` + 1 bytes; ``None`` if the
+        server does not return it (the refusal is filed without it)."""
+        part = f"BODY.PEEK[HEADER]<0.{self.limits.max_header_bytes + 1}>"
+        try:
+            data = link.client.fetch([uid], [part]).get(uid, {})
+        except NOT_RETURNED as exc:
+            log.warning("IMAP %s UID %d: no header block (%s)", self.where, uid, _one_line(exc))
+            if isinstance(exc, LOST):
+                self._reconnect(link, p.uidvalidity)
+            return None
+        header = next((v for k, v in data.items() if k.startswith(b"BODY[HEADER]")), None)
+        return bytes(header) if header is not None else None
+
+    def _refuse(
+        self,
+        client: Any,
+        uid: int,
+        uidvalidity: int,
+        error: GatewayError,
+        size: int | None,
+        header: bytes | None,
+        alert: Callable[[int], tuple[str, str]],
+    ) -> tuple[int, bool]:
+        """File a refused message entry for ``uid`` and, in the same transaction, the admin
+        alert ``alert(seq)`` (key, text; insert-or-ignore: one per key), unless it is filed
+        already (a crash before its move): ``(its seq, whether it is new)``."""
+        key = self._key(uidvalidity, uid)
+        marker = "refused:" + hashlib.sha256(key.encode()).hexdigest()
+        fields: dict[str, Any] = {
+            "status": "refused",
+            "size": size,
+            "source_key": key,
+            "transport": self._transport(client, uid, uidvalidity).as_dict(),
+            "steps": {},
+            "reasons": [error.as_dict()],
+        }
+        if header is not None:
+            fields.update(self._header_fields(header))
+        with self.db.session() as s:
+            seen = s.get(t.Seen, marker)
+            if seen is not None:
+                return seen.archive_seq, False
+            (entry,) = Log().append_many(s, [Item("message", self.clock(), fields)])
+            s.add(t.Seen(key=marker, archive_seq=entry.seq))
+            outbound.add_alert(s, *alert(entry.seq), self.clock())
+        return entry.seq, True
+
+    def _header_fields(self, header: bytes) -> dict[str, Any]:
+        kept = header[: self.limits.max_header_bytes]
+        fields: dict[str, Any] = {
+            "header": {
+                "latin1": kept.decode("latin-1"),  # one character per byte: exactly the bytes
+                "bytes": len(kept),
+                "sha256": hashlib.sha256(kept).hexdigest(),
+                "complete": len(header) <= self.limits.max_header_bytes,
+            }
+        }
+        if len(header) <= self.limits.max_header_bytes:
+            try:
+                envelope, _ = read_envelope(header, self.limits)
+            except GatewayError:
+                return fields  # no single From or Message-ID: the header block says what is there
+            except Exception:  # a defect of ours: the refusal is still filed
+                log.exception("IMAP %s: reading a refused message's header block", self.where)
+                return fields
+            fields["from"] = envelope.from_addr
+            fields["message_id"] = envelope.message_id
+            fields["subject"] = envelope.subject
+        return fields
+
+    def _reconnect(self, link: _Link, uidvalidity: int) -> None:
+        """The connection was lost (on one message): log in and SELECT again, and go on with the
+        pass, unless UIDVALIDITY changed meanwhile (then the pass ends; the next starts over)."""
+        log.info("IMAP %s: the connection is lost; logging in again", self.where)
+        self._close(link.client)
+        link.client = self._connect()
+        selected = link.client.select_folder(self._name(self.mailbox))
+        if int(selected[b"UIDVALIDITY"]) != uidvalidity:
+            raise IMAPClientError(
+                f"UIDVALIDITY of {self.mailbox} changed during the pass ({uidvalidity} → "
+                f"{int(selected[b'UIDVALIDITY'])}); the next pass starts over"
+            )
+
+    def _key(self, uidvalidity: int, uid: int) -> str:
+        return f"imap:{self.where}/{uidvalidity}/{uid}"
 
     def _fetch(self, client: Any, uid: int) -> bytes | None:
         part = f"BODY.PEEK[]<0.{self.limits.max_message_bytes + 1}>"
