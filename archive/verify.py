@@ -347,7 +347,7 @@ def _checkpoints(
                 f"signed time {signed.at:%Y-%m-%d %H:%M} UTC: {why}",
             )
             continue
-        if (signed.size, signed.root) != (row.size, row.root):
+        if (signed.size, signed.root, signed.at) != (row.size, row.root, row.at):
             _add(report, f"{where}: its columns differ from its signed body")
         if signed.size > report.entries:
             _add(

@@ -69,6 +69,13 @@ def existing_home(ctx: click.Context) -> Path:
     home: Path = ctx.find_root().obj["home"]
     if not home.is_dir():
         raise ConfigError(f"no gateway home at {home} (run `gateway init --home {home}` first)")
+    if not (home / settings_mod.CONFIG_NAME).exists() and not (home / "archive.db").exists():
+        # A directory, but not a home: it would get a database and a master key of its own
+        # (and an empty log that verifies).
+        raise ConfigError(
+            f"{home} is not a gateway home (no {settings_mod.CONFIG_NAME}): run `gateway init "
+            f"--home {home}` to make it one"
+        )
     return home
 
 

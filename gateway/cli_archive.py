@@ -305,6 +305,8 @@ def verify_cmd(
     not. Without --ca, checkpoints are checked against the hub certificates the database
     holds, which whoever can write the database could replace; without --kept, deleting the
     newest entries with their checkpoints leaves a log that verifies."""
+    if hub_addresses and not anchors:
+        raise InputError("--hub-address is checked with --ca: give the CA too")
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]
     kept = [_kept(p) for p in kept_files]
     with _opened(ctx) as a:

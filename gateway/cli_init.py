@@ -43,6 +43,9 @@ def init(ctx: click.Context) -> None:
     """Create the home directory, its sub-directories and a commented gateway.toml."""
     home = ctx.find_root().obj["home"]
     config = home / settings_mod.CONFIG_NAME
+    if not home.exists():
+        # Private from the start: the database, the master key and the keys live here.
+        home.mkdir(mode=0o700, parents=True)
     for sub in ("keys", "trust/anchors", "trust/intermediates", "trust/crls"):
         (home / sub).mkdir(parents=True, exist_ok=True)
     (home / "keys").chmod(0o700)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,10 +127,34 @@ def test_errors_are_one_line_never_a_traceback(
 
 def test_missing_keys_say_how_to_fix_it(tmp_path: Path) -> None:
     (tmp_path / "m.eml").write_bytes(b"From: a@x.vn\r\n\r\n")
-    proc = gateway("--home", tmp_path, "check", tmp_path / "m.eml")
+    home = tmp_path / "home"
+    assert gateway("--home", home, "init").returncode == 0
+    proc = gateway("--home", home, "check", tmp_path / "m.eml")
     assert proc.returncode == 2
     assert "the hub has no key pair" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_directory_that_is_not_a_home_is_refused_not_made_one(tmp_path: Path) -> None:
+    """A mistyped --home naming some other directory: refused, with nothing written there (it
+    got a database and a master key of its own, and `archive verify` called it clean)."""
+    other = tmp_path / "somewhere-else"
+    other.mkdir()
+    for args in (["archive", "verify"], ["archive", "list"], ["outbox", "list"]):
+        proc = gateway("--home", other, *args)
+        assert proc.returncode == 2, (args, proc.stdout)
+        assert "is not a gateway home (no gateway.toml)" in proc.stderr
+    assert list(other.iterdir()) == []
+
+
+def test_init_makes_a_private_home(tmp_path: Path) -> None:
+    home = tmp_path / "new-home"
+    old = os.umask(0o022)
+    try:
+        assert gateway("--home", home, "init").returncode == 0
+    finally:
+        os.umask(old)
+    assert home.stat().st_mode & 0o777 == 0o700
 
 
 def test_a_broken_settings_file_is_one_line(tmp_path: Path) -> None:

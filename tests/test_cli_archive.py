@@ -294,6 +294,19 @@ def test_verify_against_a_tree_head_kept_outside_finds_an_older_copy_put_back(
         assert "not a tree head" in junk.output and "Traceback" not in junk.output
 
 
+def test_verify_sees_a_checkpoint_time_changed_and_wants_the_ca_with_a_hub_address(
+    home: Path,
+) -> None:
+    db = Database.open(settings.load(home).database_url)
+    with db.engine.begin() as c:
+        c.exec_driver_sql("UPDATE checkpoints SET at = '2001-01-01 00:00:00.000000'")
+    db.dispose()
+    bad = run(home, "verify", "--no-blobs")
+    assert bad.exit_code == 1 and "its columns differ from its signed body" in bad.stdout
+    alone = run(home, "verify", "--no-blobs", "--hub-address", "nobody@nowhere.example")
+    assert alone.exit_code == 2 and "give the CA too" in alone.output
+
+
 def test_checkpoint_signs_with_the_hub_key(home: Path, world: DemoWorld) -> None:
     size = len(entries(home))  # and the read `entries` logged
     made = json.loads(ok(home, "checkpoint", "--json").stdout)
