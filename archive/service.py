@@ -103,10 +103,12 @@ class Archive:
         kept: Sequence[Kept] = (),
     ) -> Report:
         with self.db.session(read_only=True) as s:
+            signers, unreadable = _certificates(s, ("hub",))
             return verify(
                 s,
                 self.blobs,
-                hub_certificates(s),
+                signers,
+                unreadable=unreadable,
                 check_blobs=check_blobs,
                 progress=progress or (lambda _a, _b, _c: None),
                 trust=outside_trust(s, anchors) if anchors else None,
@@ -145,11 +147,25 @@ def outside_trust(s: Session, anchors: Sequence[x509.Certificate]) -> TrustStore
     (or was deleted) lets a certificate through rather than condemn the log."""
     return TrustStore(
         tuple(anchors),
-        tuple(issuer_certificates(s)),
+        tuple(_certificates(s, ("anchor", "intermediate", "ca"))[0]),
         crls=tuple(_readable(evidence.latest_crls(s), x509.load_der_x509_crl)),
         ocsps=tuple(_readable(evidence.latest_ocsps(s), ocsp.load_der_ocsp_response)),
         revocation_mode="soft-fail",
     )
+
+
+def _certificates(s: Session, roles: Sequence[str]) -> tuple[list[x509.Certificate], list[int]]:
+    """The stored certificates of ``roles`` that parse, and the row ids of those that do not
+    (for `archive verify`, which reports a damaged row rather than stop on it)."""
+    good, bad = [], []
+    for number, der in s.execute(
+        select(t.Certificate.id, t.Certificate.der).where(t.Certificate.role.in_(roles))
+    ):
+        try:
+            good.append(x509.load_der_x509_certificate(der))
+        except (ValueError, TypeError):
+            bad.append(number)
+    return good, bad
 
 
 def _readable(ders: list[bytes], load: Callable[[bytes], object]) -> list[bytes]:

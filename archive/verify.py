@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import func, select
+from sqlalchemy import LargeBinary, String, TypeDecorator, cast, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from archive import checkpoint as cp
@@ -54,6 +55,8 @@ class Kept:
 class Report:
     entries: int = 0
     checkpoints: int = 0
+    #: Entries the newest checkpoint that verifies covers (the rest are proven by none yet).
+    covered: int = 0
     kept: int = 0
     blobs: int = 0
     root: bytes = merkle.EMPTY_ROOT
@@ -70,6 +73,7 @@ class Report:
             "ok": self.ok,
             "entries": self.entries,
             "checkpoints": self.checkpoints,
+            "covered": self.covered,
             "kept": self.kept,
             "blobs": self.blobs,
             "root": self.root.hex(),
@@ -87,6 +91,7 @@ def verify(
     trust: TrustStore | None = None,
     hub_addresses: Sequence[str] = (),
     kept: Sequence[Kept] = (),
+    unreadable: Sequence[int] = (),
 ) -> Report:
     """``signers``: the hub's certificates (as stored). With ``trust`` (its anchors given from
     outside the database; stored CA certificates are path-building candidates only), a
@@ -97,6 +102,23 @@ def verify(
     under the same root is not the hub's). Each of ``kept`` is compared with the rebuilt tree:
     the one thing that shows deleted newest entries and checkpoints, or an older copy of the
     database put back."""
+    with _lenient_text(s):
+        return _verify(
+            s, blobs, signers, check_blobs, progress, trust, hub_addresses, kept, unreadable
+        )
+
+
+def _verify(
+    s: Session,
+    blobs: BlobStore,
+    signers: list[x509.Certificate],
+    check_blobs: bool,
+    progress: Progress,
+    trust: TrustStore | None,
+    hub_addresses: Sequence[str],
+    kept: Sequence[Kept],
+    unreadable: Sequence[int],
+) -> Report:
     report = Report()
     admin: dict[int, tuple[int, dict[str, Any]]] = {}
     leaves = _entries(s, report, progress, admin)
@@ -105,6 +127,8 @@ def verify(
     report.root = _root(levels, report.entries)
     _nodes(s, levels, report, progress)
     _head(s, report)
+    for number in unreadable:
+        _add(report, f"hub certificate row {number} is no certificate (damaged or rewritten)")
     if hub_addresses:
         signers = _naming(signers, hub_addresses, report)
     _checkpoints(s, levels, signers, report, trust)
@@ -160,6 +184,68 @@ def _rows(s: Session, query: Any) -> Iterator[tuple[Any, ...]]:
         yield tuple(row)
 
 
+@contextmanager
+def _lenient_text(s: Session) -> Iterator[None]:
+    """On SQLite, text that is not UTF-8 (an edit such as ``X'00' || sealed`` stores text in a
+    binary column) is read with its bad bytes escaped, not refused by the driver: verify then
+    reports the value as rewritten instead of stopping."""
+    if s.get_bind().dialect.name != "sqlite":
+        yield
+        return
+    raw = s.connection().connection.dbapi_connection
+    assert raw is not None
+    before = raw.text_factory
+    raw.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
+    try:
+        yield
+    finally:
+        raw.text_factory = before
+
+
+@dataclass(frozen=True)
+class _CheckpointRow:
+    id: Any
+    size: Any
+    root: Any
+    at: datetime | None
+    body: Any
+    signature: Any
+
+
+class _Stored(TypeDecorator[Any]):
+    """A column read as the database holds it (no conversion that an edit could make fail)."""
+
+    impl = String
+    cache_ok = True
+
+
+def _as_stored(column: Any) -> Any:
+    return type_coerce(column, _Stored())
+
+
+def _instant(value: object) -> datetime | None:
+    """A stored time, however the driver gives it (a datetime, or SQLite's text), in UTC; None
+    if it is no time."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _json(value: object) -> object:
+    """A stored JSON value (text, or what the driver decoded); text that is no JSON as is."""
+    if isinstance(value, str | bytes):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+    return value
+
+
 def _bytes(value: object, report: Report, what: str) -> bytes:
     """A stored binary value; an edit may have left text or NULL there instead."""
     if isinstance(value, bytes | bytearray | memoryview):
@@ -181,14 +267,18 @@ def _entries(
     query = select(
         t.LogEntry.seq,
         t.LogEntry.kind,
-        t.LogEntry.at,
-        t.LogEntry.record,
+        _as_stored(t.LogEntry.at),
+        cast(t.LogEntry.record, LargeBinary),
         t.LogEntry.leaf_hash,
         *columns,
     ).order_by(t.LogEntry.seq)
     for n, row in enumerate(_rows(s, query)):
-        seq, kind, at, raw_record, stored_leaf, *searchable = row
+        seq, kind, stored_at, raw_record, stored_leaf, *searchable = row
+        if not isinstance(seq, int):
+            _add(report, f"an entry row's sequence number is {seq!r}, not a number: rewritten")
+            continue
         record = _bytes(raw_record, report, f"entry {seq}: its record")
+        at = _instant(stored_at)
         if seq != expected:
             if seq > expected:
                 _add(report, f"{_which(expected, seq - 1, 'is', 'are')} missing (deleted rows)")
@@ -205,8 +295,11 @@ def _entries(
             _add(report, f"entry {seq}: its record was changed (it no longer hashes to its leaf)")
         try:
             fields = json.loads(record)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             _add(report, f"entry {seq}: its record is not valid JSON")
+            continue
+        if not isinstance(fields, dict):
+            _add(report, f"entry {seq}: its record is not a JSON object")
             continue
         if fields.get("seq") != seq:
             _add(
@@ -217,8 +310,12 @@ def _entries(
             _add(
                 report, f"entry {seq}: kind column says {kind!r}, the record {fields.get('kind')!r}"
             )
-        if not isinstance(at, datetime) or iso(at) != fields.get("at"):
-            _add(report, f"entry {seq}: time column says {at}, the record {fields.get('at')!r}")
+        if at is None or iso(at) != fields.get("at"):
+            _add(
+                report,
+                f"entry {seq}: time column says {at or repr(stored_at)}, the record "
+                f"{fields.get('at')!r}",
+            )
         if kind == "admin" and isinstance(fields.get("event"), int):
             admin[fields["event"]] = (seq, fields)
         for name, value in zip(SEARCH_FIELDS, searchable, strict=True):
@@ -227,7 +324,11 @@ def _entries(
                 _add(
                     report, f"entry {seq}: search column {name} says {value!r}, the record {want!r}"
                 )
-        referenced.update(fields.get("blobs", {}).values())
+        named = fields.get("blobs", {})
+        if isinstance(named, dict):
+            referenced.update(a for a in named.values() if isinstance(a, str))
+        else:
+            _add(report, f"entry {seq}: its record's blobs are not a mapping of names")
         if len(referenced) >= _BATCH:
             _missing_blobs(s, referenced, report)
             referenced.clear()
@@ -291,6 +392,9 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
         )
         for idx, raw in _rows(s, query):
             stored = _bytes(raw, report, f"tree node ({level}, {idx})")
+            if not isinstance(idx, int):
+                _add(report, f"a tree node of level {level} has index {idx!r}: rewritten")
+                continue
             if idx >= count:
                 _add(report, f"tree node ({level}, {idx}) is beyond the log's {count} entries")
                 continue
@@ -327,16 +431,30 @@ def _checkpoints(
     the sizes never going down. (Deleting the newest ones leaves no gap: only a checkpoint kept
     outside the database shows that; see docs/archive.md.)"""
     last_id, last_size = 0, 0
-    for row in s.scalars(select(t.Checkpoint).order_by(t.Checkpoint.id)):
+    c = t.Checkpoint
+    query = select(
+        c.id, c.size, c.root, _as_stored(c.at), cast(c.body, LargeBinary),
+        cast(c.signature, LargeBinary),
+    ).order_by(c.id)  # fmt: skip
+    for number, size, root, stored_at, body, signature in _rows(s, query):
         report.checkpoints += 1
-        where = f"checkpoint #{row.id} (size {row.size}, {row.at:%Y-%m-%d %H:%M} UTC)"
+        row = _CheckpointRow(number, size, root, _instant(stored_at), body, signature)
+        when = f"{row.at:%Y-%m-%d %H:%M} UTC" if row.at else f"time {stored_at!r}"
+        where = f"checkpoint #{row.id} (size {row.size}, {when})"
+        if not isinstance(row.id, int) or not isinstance(row.size, int):
+            _add(report, f"{where}: its number or size was rewritten")
+            continue
         if row.id != last_id + 1:
             _add(report, f"checkpoint {_span(last_id + 1, row.id - 1)} missing (deleted rows)")
         if row.size < last_size:
             _add(report, f"{where}: covers fewer entries than the one before it ({last_size})")
         last_id, last_size = row.id, max(last_size, row.size)
         try:
-            signed, signer = cp.verify_signer(row.body, row.signature, signers)
+            signed, signer = cp.verify_signer(
+                _bytes(row.body, report, f"{where}: its body"),
+                _bytes(row.signature, report, f"{where}: its signature"),
+                signers,
+            )
         except cp.CheckpointError as err:
             _add(report, f"{where}: {err} (forged or altered)")
             continue
@@ -357,6 +475,8 @@ def _checkpoints(
             continue
         if signed.size and _root(levels, signed.size) != signed.root:
             _add(report, f"{where}: the entries it covers no longer hash to its signed root")
+            continue
+        report.covered = max(report.covered, signed.size)
 
 
 def _kept(levels: list[bytearray], kept: Sequence[Kept], report: Report) -> None:
@@ -383,16 +503,21 @@ def _admin_events(
     """Every admin_events row is its admin entry in the log, field for field, and the other way
     round: the rows that `agencies show` and the key history read were not edited."""
     seen: set[int] = set()
-    for row in s.scalars(select(t.AdminEvent).order_by(t.AdminEvent.seq)):
-        seen.add(row.seq)
-        entry = logged.get(row.seq)
+    e = t.AdminEvent
+    query = select(
+        e.seq, _as_stored(e.at), e.actor, e.action, e.subject, _as_stored(e.detail)
+    ).order_by(e.seq)
+    for number, stored_at, actor, action, subject, raw_detail in _rows(s, query):
+        seen.add(number)
+        entry = logged.get(number)
         if entry is None:
-            _add(report, f"admin event {row.seq} ({row.action} {row.subject}) is not in the log")
+            _add(report, f"admin event {number} ({action} {subject}) is not in the log")
             continue
         seq, fields = entry
-        stored = (iso(row.at), row.actor, row.action, row.subject, row.detail)
+        at = _instant(stored_at)
+        stored = (iso(at) if at else stored_at, actor, action, subject, _json(raw_detail))
         if stored != tuple(fields.get(k) for k in ("at", "actor", "action", "subject", "detail")):
-            _add(report, f"admin event {row.seq} differs from its log entry {seq}: it was edited")
+            _add(report, f"admin event {number} differs from its log entry {seq}: it was edited")
     for event in sorted(set(logged) - seen):
         _add(report, f"admin event {event} of log entry {logged[event][0]} is missing (deleted)")
 
@@ -404,7 +529,7 @@ def _blobs(s: Session, blobs: BlobStore, report: Report, progress: Progress) -> 
     for key_id in s.scalars(select(t.DataKey.id).order_by(t.DataKey.id)):
         try:
             blobs.key(s, key_id)
-        except ConfigError:
+        except (ConfigError, BlobDamaged, TypeError, ValueError):
             unopened.add(key_id)
             _add(
                 report,
@@ -419,6 +544,8 @@ def _blobs(s: Session, blobs: BlobStore, report: Report, progress: Progress) -> 
             blobs.open(s, row)
         except BlobDamaged as err:
             _add(report, str(err))
+        except (TypeError, ValueError):  # a column rewritten into something else
+            _add(report, f"blob {row.sha256!r} cannot be read: its sealed bytes were rewritten")
         if n % 500 == 0:
             progress("blobs", n, total)
 

@@ -324,6 +324,12 @@ def verify_cmd(
         for problem in report.problems:
             click.echo(f"PROBLEM: {problem}")
         state = "verifies" if report.ok else f"does NOT verify ({len(report.problems)} problems)"
+        if report.entries > report.covered:
+            click.echo(
+                f"NOTE: entries {report.covered} to {report.entries - 1} are covered by no "
+                "checkpoint yet: only a tree head kept outside (--kept) shows that they were not "
+                "rewritten; `gateway archive checkpoint` signs one now"
+            )
         against = f", {report.kept} kept outside" if kept else ""
         click.echo(
             f"archive {state}: {report.entries} entries, {report.checkpoints} checkpoints"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import zipfile
@@ -292,6 +293,67 @@ def test_verify_against_a_tree_head_kept_outside_finds_an_older_copy_put_back(
         junk = run(home, "verify", "--no-blobs", "--kept", tmp_path / "junk.json")
         assert junk.exit_code == 2, (text, junk.output)
         assert "not a tree head" in junk.output and "Traceback" not in junk.output
+
+
+#: Direct edits of the database that once stopped `archive verify` with an internal error (a
+#: wrong type where a value is read), each with what the report must say instead.
+ODD_EDITS = {
+    "a record that is a JSON array": (
+        "UPDATE log_entries SET record = CAST('[]' AS BLOB) WHERE seq = 3",
+        "entry 3: its record is not a JSON object",
+    ),
+    "a time column that is no time": (
+        "UPDATE log_entries SET at = 'yesterday' WHERE seq = 3",
+        "entry 3: time column says 'yesterday'",
+    ),
+    "an admin event's detail that is no JSON": (
+        "UPDATE admin_events SET detail = '{bad' WHERE seq = (SELECT min(seq) FROM admin_events)",
+        "differs from its log entry",
+    ),
+    "a hub certificate that is no certificate": (
+        "UPDATE certificates SET der = X'3000' WHERE role = 'hub'",
+        "is no certificate (damaged or rewritten)",
+    ),
+    "a blob's sealed bytes made text that is not UTF-8": (
+        "UPDATE blobs SET sealed = X'ff' || substr(sealed, 2) WHERE rowid = 1",
+        "its sealed bytes were rewritten",
+    ),
+    "a data key made text that is not UTF-8": (
+        "UPDATE data_keys SET wrapped = X'ff' || substr(wrapped, 2)",
+        "data key 1 does not open",
+    ),
+    "a record made text that is not UTF-8": (
+        "UPDATE log_entries SET record = X'ff' || substr(record, 2) WHERE seq = 3",
+        "entry 3: its record was changed",
+    ),
+}
+
+
+def test_verify_says_which_entries_no_checkpoint_covers(home: Path) -> None:
+    """With every checkpoint deleted, a rewritten log verifies (nothing signed disagrees):
+    verify says which entries no checkpoint covers, and the JSON gives the count covered."""
+    report = json.loads(ok(home, "verify", "--no-blobs", "--json").stdout)
+    assert 0 < report["covered"] <= report["entries"]
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        db.execute("DELETE FROM checkpoints")
+    db.close()
+    text = ok(home, "verify", "--no-blobs").stdout
+    entries = json.loads(ok(home, "verify", "--no-blobs", "--json").stdout)["entries"]
+    assert f"NOTE: entries 0 to {entries - 1} are covered by no checkpoint yet" in text
+
+
+@pytest.mark.parametrize("edit", ODD_EDITS)
+def test_verify_reports_odd_edits_and_never_stops(home: Path, edit: str) -> None:
+    sql, said = ODD_EDITS[edit]
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        db.execute(sql)
+    db.close()
+    result = run(home, "verify")
+    assert result.exit_code == 1, result.output
+    assert said in result.stdout, result.stdout
+    assert "does NOT verify" in result.stdout and "internal error" not in result.output
 
 
 def test_verify_sees_a_checkpoint_time_changed_and_wants_the_ca_with_a_hub_address(
