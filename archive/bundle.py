@@ -289,10 +289,16 @@ def verify_text(c: Contents, leaf: bytes, signed: cp.Checkpoint) -> str:
             "     openssl cms -verify -in decrypted.eml -CAfile root.pem -out signed-content.eml",
             "",
         ]
-    else:
+    elif "raw" in c.blobs:
         lines += [
             "5. This message was never decrypted (see reasons in entry.json), so there is no",
             "   agency signature to check; raw.eml is the message exactly as it arrived.",
+            "",
+        ]
+    else:
+        lines += [
+            "5. This message was never taken in (see its status and reason in entry.json): the",
+            "   bundle holds no copy of it, only what entry.json records.",
             "",
         ]
     if c.receipt is None:

@@ -129,7 +129,7 @@ def list_cmd(
 @click.option("--agency", help="Sending agency (OrganId).")
 @click.option("--category", help="Payload category, e.g. work-permit.")
 @click.option("--period", metavar="YYYY-MM", help="Reporting period (month of its last day).")
-@click.option("--status", help="accepted, rejected or quarantined.")
+@click.option("--status", help="accepted, rejected, quarantined or refused (never taken in: IMAP).")
 @click.option("--from", "start", metavar="DATE", help="From this day or time (Vietnam time).")
 @click.option("--to", "end", metavar="DATE", help="Up to this day (included) or time.")
 @click.option("--document-id", help="The payload's DocumentId.")

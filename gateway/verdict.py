@@ -37,6 +37,9 @@ TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     "rejected": frozenset(),
     "quarantined": frozenset({"received"}),  # an admin may release it for reprocessing
     "delivered": frozenset(),
+    # Never taken in (an IMAP message over the size limit, or one the server cannot return):
+    # filed with what could be read of it, and final (gateway.imap).
+    "refused": frozenset(),
 }
 
 #: edXML Status codes for the receipt (QCVN 102:2016 StatusCode).

@@ -745,3 +745,24 @@ def test_a_receipt_is_proven_under_the_checkpoint_or_not_passed(
     report = bundle.verify_bundle(rezip(files))
     assert statuses(report)["receipt"] == "skip" and report.ok
     assert "not proven here" in {c.name: c for c in report.checks}["receipt"].detail
+
+
+def test_a_refused_entry_has_no_message_to_show_and_says_so(
+    world: DemoWorld, tmp_path: Path
+) -> None:
+    """An IMAP message never taken in (refused: over the size limit) is filed with no blob:
+    its bundle verifies, and VERIFY.txt does not point at a raw.eml it does not hold."""
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    archive = Archive(db, BlobStore(os.urandom(32)), HUB_ADDRESS, signer=(world.hub.cert, key))
+    fields = {"status": "refused", "reason": "limit-exceeded", "size": 99_000_000}
+    (entry,) = archive.file([Item("message", RECEIVED, fields, {})])
+    archive.checkpoint(RECEIVED + timedelta(minutes=1))
+    data = bundle.build(Filed(archive, {}, [world.hub.cert, world.root.cert]).contents(entry.seq))
+    db.dispose()
+    files = members(data)
+    assert "raw.eml" not in files
+    text = files["VERIFY.txt"].decode()
+    assert "raw.eml" not in text and "never taken in" in text
+    assert bundle.verify_bundle(data).ok
