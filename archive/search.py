@@ -113,28 +113,36 @@ def summary(row: t.LogEntry) -> dict[str, Any]:
         value = getattr(row, name)
         if value is not None:
             out[name] = value
-    if row.kind in ("read", "admin", "receipt"):
+    if row.kind != "message":
         try:
             fields = json.loads(row.record)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             fields = {}
-        for name in ("actor", "action", "target", "subject", "for_seq"):
-            if name in fields:
-                out[name] = fields[name]
+        if isinstance(fields, dict):
+            for name in ("actor", "action", "target", "subject", "for_seq", "outbox"):
+                if isinstance(fields.get(name), str | int):
+                    out[name] = fields[name]
     return out
 
 
 def line(item: dict[str, Any]) -> str:
-    """One listing line for a :func:`summary`."""
-    seq, kind, at = item["seq"], item["kind"], item["at"][:19]
+    """One listing line for a :func:`summary`, its time in Vietnam time (as ``--from`` and
+    ``--to`` read a time without an offset)."""
+    seq, kind = item["seq"], item["kind"]
+    at = datetime.fromisoformat(item["at"]).astimezone(VN_TZ).strftime("%Y-%m-%d %H:%M:%S%z")
     if kind == "message":
         what = " ".join(str(item.get(k) or "-") for k in ("status", "agency", "category", "period"))
         doc = item.get("document_id")
         return f"{seq:>8}  {at}  {kind:<8} {what}" + (f"  doc {doc}" if doc else "")
-    rest = " ".join(
-        f"{v}" for k in ("actor", "action", "target", "subject") if (v := item.get(k)) is not None
-    )
-    return f"{seq:>8}  {at}  {kind:<8} {rest}".rstrip()
+    parts = [str(v) for k in ("status", "agency") if (v := item.get(k)) is not None]
+    if item.get("for_seq") is not None:
+        parts.append(f"for {item['for_seq']}")
+    parts += [
+        str(v)
+        for k in ("outbox", "actor", "action", "target", "subject")
+        if (v := item.get(k)) is not None
+    ]
+    return f"{seq:>8}  {at}  {kind:<8} {' '.join(parts)}".rstrip()
 
 
 def newest_checkpoint(s: Session, *, size: int | None = None) -> t.Checkpoint | None:

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import zipfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,23 @@ def reads(home: Path) -> list[dict[str, object]]:
 
 
 # --- list, search, show ----------------------------------------------------------------------
+
+
+def test_list_lines_say_what_each_entry_is_in_vietnam_time(
+    home: Path, seqs: dict[str, int]
+) -> None:
+    """A receipt's line names its status, agency and the message it answers; times are shown
+    with their offset, in Vietnam time, as --from/--to read a time without one."""
+    data = {e["seq"]: e for e in entries(home)}
+    text = ok(home, "list", "--limit", "1000").stdout
+    receipt = data[seqs["receipt"]]
+    [shown] = [ln for ln in text.splitlines() if ln.split()[0] == str(seqs["receipt"])]
+    assert f"for {receipt['for_seq']}" in shown and "+0700" in shown
+    local = datetime.fromisoformat(receipt["at"]).astimezone(timezone(timedelta(hours=7)))
+    assert local.strftime("%Y-%m-%d %H:%M:%S") in shown
+    stamp = local.strftime("%Y-%m-%dT%H:%M:%S")  # read as Vietnam time
+    found = ok(home, "search", "--from", stamp, "--to", stamp[:-2] + "59", "--json").stdout
+    assert seqs["receipt"] in [e["seq"] for e in json.loads(found)]
 
 
 def test_list_shows_every_entry_in_order(home: Path, seqs: dict[str, int]) -> None:
