@@ -69,6 +69,8 @@ from keys.trust import TrustStore
 
 log = logging.getLogger("gateway.outbound")
 
+#: How long a builder's claim holds before another builder may take the rows over. The sender
+#: holds its rows for longer, renewed as it goes (:attr:`gateway.sender.Sender.lease`).
 LEASE = timedelta(minutes=5)
 
 RETRY_LATER = timedelta(seconds=30)
@@ -192,20 +194,73 @@ def anything_waiting(db: Database, now: datetime, *, sending: bool) -> bool:
         return s.execute(waiting(now, sending=sending).limit(1)).first() is not None
 
 
-def claim(s: Session, worker: str, now: datetime, limit: int, *, sending: bool) -> list[int]:
+def claim(
+    s: Session,
+    worker: str,
+    now: datetime,
+    limit: int,
+    *,
+    sending: bool,
+    lease: timedelta = LEASE,
+) -> list[int]:
     """Claim rows to build (``new``) or to send (``ready``, due ``retry``); expired claims too."""
+    return list(claim_from(s, worker, now, limit, sending=sending, lease=lease))
+
+
+def claim_from(
+    s: Session,
+    worker: str,
+    now: datetime,
+    limit: int,
+    *,
+    sending: bool,
+    lease: timedelta = LEASE,
+) -> dict[int, str]:
+    """:func:`claim`, saying the state each row was claimed from (``ready``, ``retry``, or the
+    busy state of an expired claim), so that :func:`release_unsent` can put it back."""
     busy = "sending" if sending else "building"
-    query = waiting(now, sending=sending).order_by(t.Outbox.id).limit(limit)
+    query = (
+        waiting(now, sending=sending).add_columns(t.Outbox.state).order_by(t.Outbox.id).limit(limit)
+    )
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    ids = list(s.scalars(query))
-    if ids:
+    claimed = {number: state for number, state in s.execute(query)}
+    if claimed:
         s.execute(
             update(t.Outbox)
-            .where(t.Outbox.id.in_(ids))
-            .values(state=busy, worker=worker, lease_until=now + LEASE, updated_at=now)
+            .where(t.Outbox.id.in_(list(claimed)))
+            .values(state=busy, worker=worker, lease_until=now + lease, updated_at=now)
         )
-    return ids
+    return claimed
+
+
+def renew_sending(s: Session, worker: str, ids: Sequence[int], until: datetime) -> set[int]:
+    """Hold the rows ``ids`` that ``worker`` still holds (``sending``) until ``until``; returns
+    those: a row missing was taken over after its lease ran out, and is no longer its to send."""
+    o = t.Outbox
+    query = select(o.id).where(o.id.in_(ids), o.state == "sending", o.worker == worker)
+    if s.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()  # a claim taking them over waits, then skips them
+    held = set(s.scalars(query))
+    if held:
+        s.execute(update(o).where(o.id.in_(held)).values(lease_until=until))
+    return held
+
+
+def release_unsent(s: Session, worker: str, claimed: Mapping[int, str], now: datetime) -> None:
+    """Give back rows ``worker`` claimed to send and did not try: unclaimed, in the state each
+    was claimed from (:func:`claim_from`); one taken over from an expired claim goes back to
+    ``ready``, as start-up puts back what a stopped process held."""
+    o = t.Outbox
+    by_state: dict[str, list[int]] = {}
+    for number, state in claimed.items():
+        by_state.setdefault("ready" if state == "sending" else state, []).append(number)
+    for state, ids in sorted(by_state.items()):
+        s.execute(
+            update(o)
+            .where(o.id.in_(ids), o.state == "sending", o.worker == worker)
+            .values(state=state, worker=None, lease_until=None, updated_at=now)
+        )
 
 
 # --- building ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from archive import tables as t
 from archive.records import Transport
 from archive.service import Archive
 from formats.payload import Payload
+from formats.vntime import local_day
 from gateway import intake
 from gateway.demo import DemoWorld, tamper
 from gateway.outbound import Builder, Hub
@@ -282,7 +283,9 @@ def test_sender_retries_4xx_fails_5xx_and_never_records_a_failure_as_sent(
     assert rows[f"receipt:{seq}"].state == "sent" and rows[f"receipt:{seq}"].attempts == 2
     assert rows[f"delivery:{seq}:H26.CATP"].state == "failed"
     assert rows[f"delivery:{seq}:H26.CATP"].last_reply == "550 5.1.1 no such user"
-    assert rows[f"alert:delivery:{seq}:H26.CATP"].state == "sent"
+    refused = f"alert:outbound-refused:{local_day(LATER)}"  # the day's one alert of 5xx
+    assert rows[refused].state == "sent"
+    assert f"delivery:{seq}:H26.CATP" in rows[refused].detail["text"]
     assert relay.sent[-1][2] == (hub.admin,)
     with archive.db.session(read_only=True) as s:
         outcomes = [
@@ -291,7 +294,7 @@ def test_sender_retries_4xx_fails_5xx_and_never_records_a_failure_as_sent(
             if archive.log.entry(s, seq).kind == "outcome"
         ]
     assert sorted((o["outbox"], o["status"]) for o in outcomes) == [
-        (f"alert:delivery:{seq}:H26.CATP", "sent"),
+        (refused, "sent"),
         (f"delivery:{seq}:H26.CATP", "failed"),
         (f"receipt:{seq}", "sent"),
     ]
@@ -333,7 +336,8 @@ def test_a_row_the_relay_cannot_take_fails_and_the_rest_of_the_batch_is_sent(
     rows = _rows(archive)
     assert "bare CR or LF" in (rows[f"receipt:{seq}"].last_reply or "")
     assert rows[f"delivery:{seq}:H26.CATP"].state == "sent"
-    assert f"alert:receipt:{seq}" in rows
+    alert = rows[f"alert:outbound-unsendable:{local_day(LATER)}"]  # the day's one of those
+    assert f"receipt:{seq}" in alert.detail["text"] and "bare CR or LF" in alert.detail["text"]
 
 
 def test_a_run_sends_several_batches_over_one_session_and_leaves_no_row_claimed(

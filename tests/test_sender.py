@@ -1,5 +1,6 @@
 """The sender against a real relay (aiosmtpd on loopback): what it records when the relay refuses
-some recipients of a message, and alerts that never stop a batch from being recorded."""
+some recipients of a message, and alerts that never stop a batch from being recorded (how they
+are counted, one a day per cause: tests/test_sender_alerts.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy import select
 
 from archive import tables as t
 from archive.service import Archive
+from formats.vntime import local_day
 from gateway.demo import DemoWorld
 from gateway.outbound import Builder, Hub, alert
 from gateway.pipeline import Context
@@ -58,6 +60,11 @@ def _sender(archive: Archive, relay: Relay, clock: list[datetime], hub: Hub) -> 
 
 def _delivered_to(peer: Peer) -> list[str]:
     return sorted(address for got in peer.received for address in got.rcpt_tos)
+
+
+def refused_alert(archive: Archive, at: datetime = LATER) -> t.Outbox:
+    """The day's one alert of rows (or recipients) the relay refused for good."""
+    return _rows(archive)[f"alert:outbound-refused:{local_day(at)}"]
 
 
 def _outcome(archive: Archive, key: str) -> dict[str, Any]:
@@ -117,7 +124,9 @@ def test_recipients_refused_with_a_5xx_fail_and_the_admin_is_alerted(
     assert _delivered_to(handler) == sorted([POLICE, "vanthu@snv.hanoi.gov.vn"])
     rows = _rows(archive)
     assert DUTY in (rows[key].last_reply or "") and "550 5.1.1" in (rows[key].last_reply or "")
-    assert DUTY in rows[f"alert:{key}"].detail["text"]
+    alert = refused_alert(archive)
+    assert DUTY in alert.detail["text"] and key in alert.detail["text"]
+    assert alert.detail["rows"] == 1
     outcome = _outcome(archive, key)
     assert outcome["status"] == "failed"
     assert outcome["recipients"][POLICE]["status"] == "sent"
@@ -139,14 +148,16 @@ def test_a_4xx_and_a_5xx_refusal_retry_one_and_alert_the_other_at_once(
     assert dict(sender.run_once())[2] == "retry"
     rows = _rows(archive)
     assert rows[key].rcpt_to == [DUTY]
-    [partial] = [r for k, r in rows.items() if k.startswith(f"alert:{key}")]
+    partial = refused_alert(archive)  # at once, while the duty desk is retried
+    assert [k for k in rows if k.startswith("alert:")] == [partial.key]
     assert NIGHT in partial.detail["text"] and f"retrying {DUTY}" in partial.detail["text"]
 
     del handler.rcpt_replies[DUTY]
     clock[0] = LATER + timedelta(minutes=1)
     assert sender.run_once() == [(2, "failed")]  # the night desk never got it
-    alerts = [k for k in _rows(archive) if k.startswith(f"alert:{key}")]
+    alerts = [k for k in _rows(archive) if k.startswith("alert:")]
     assert alerts == [partial.key]  # the admin heard of the night desk once
+    assert refused_alert(archive).detail["rows"] == 1  # and the row not counted again
     outcome = _outcome(archive, key)
     assert {a: r["status"] for a, r in outcome["recipients"].items()} == {
         POLICE: "sent",
@@ -176,21 +187,22 @@ def test_a_failed_certificate_reminder_and_its_admin_copy_are_two_alerts(
         templates=load_templates(), policy=Policy(), hub=hub.address, now=at, admin=hub.admin,
     )  # fmt: skip
     [reminder] = [r for r in _rows(archive).values() if r.kind == "reminder"]
-    builder = Builder(archive, hub, lambda: world.directory, lambda: at, "b")
+    clock = [at]
+    builder = Builder(archive, hub, lambda: world.directory, lambda: clock[0], "b")
     builder.run_once()
     handler.rcpt_replies[POLICE] = "550 5.1.1 mailbox unavailable"
-    clock = [at]
     sender = _sender(archive, relay, clock, hub)
     assert sorted(state for _, state in sender.run_once()) == ["failed", "sent"]
     rows = _rows(archive)
     assert rows[reminder.key].state == "failed"
     assert rows[f"alert:copy:{reminder.key}"].state == "sent"
-    assert rows[f"alert:{reminder.key}"].state == "new"
+    failure = refused_alert(archive, at)  # built after a minute, counting what fails with it
+    assert failure.state == "building" and reminder.key in failure.detail["text"]
     assert not any(r.state == "sending" for r in rows.values())
 
-    clock[0] = at + timedelta(minutes=6)  # past the lease: nothing is sent again
+    clock[0] = at + timedelta(minutes=6)  # nothing was left claimed: nothing is sent again
     assert sender.run_once() == []
-    builder.run_once()
+    assert builder.run_once() == 1
     assert [state for _, state in sender.run_once()] == ["sent"]  # the failure alert
     assert [got.rcpt_tos for got in handler.received].count([hub.admin]) == 2
 
@@ -207,6 +219,8 @@ def test_an_alert_already_queued_does_not_undo_the_recording_of_a_failure(
     peer: tuple[Peer, Relay],
     database: str,
 ) -> None:
+    """Today's alert of that cause was queued by an earlier failure and is sent already: it
+    stays as it was, and the failure is recorded all the same."""
     handler, relay = peer
     url, cluster, name = f"sqlite:///{tmp_path}/a.db", None, ""
     if database == "postgresql":
@@ -217,13 +231,16 @@ def test_an_alert_already_queued_does_not_undo_the_recording_of_a_failure(
     try:
         _receive(made, world.submission("H26.SNV"))
         seq = _process(made, world_ctx, world.directory, hub)
-        with made.db.session() as s:  # e.g. queued by an earlier attempt of the same row
-            s.add(alert(f"receipt:{seq}", "an earlier alert", LATER))
+        key = f"alert:outbound-refused:{local_day(LATER)}"
+        with made.db.session() as s:
+            earlier = alert(key.removeprefix("alert:"), "an earlier alert", LATER)
+            earlier.state = "sent"
+            s.add(earlier)
         handler.rcpt_replies["vanthu@snv.hanoi.gov.vn"] = "550 5.1.1 no such user"
         assert sorted(_sender(made, relay, [LATER], hub).run_once()) == [(1, "failed"), (2, "sent")]
         rows = _rows(made)
         assert rows[f"receipt:{seq}"].state == "failed"
-        assert rows[f"alert:receipt:{seq}"].detail["text"] == "an earlier alert"
+        assert (rows[key].state, rows[key].detail["text"]) == ("sent", "an earlier alert")
         with made.db.session(read_only=True) as s:
             assert s.scalars(select(t.Outbox.state).where(t.Outbox.state == "sending")).all() == []
     finally:

@@ -1,27 +1,38 @@
 """``gateway serve`` when things go wrong around it: a supervisor killed with kill -9, an
-address already in use, a worker that cannot start. Real processes, read through /proc.
+address already in use, a worker that cannot start, a stop while the relay is slow. Real
+processes, read through /proc.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from archive import tables as t
+from archive.db import Database
 from gateway import worker_process
 from gateway.demo import DemoWorld
+from gateway.outbound import alert
 from tests import served
+from tests.test_relay import LoopbackController
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
@@ -191,3 +202,125 @@ def test_serve_refuses_a_home_that_does_not_exist(tmp_path: Path) -> None:
         f"Error: no gateway home at {typo} (run `gateway init --home {typo}` first)"
     ]
     assert not typo.exists()
+
+
+# --- a graceful stop while the sender works through a backlog ----------------------------------
+
+
+class Holding:
+    """The relay: takes each alert (by its Message-ID) at once, except from the ``hold``th on,
+    which it keeps, not answering, until the test gives a permit for each (a slow relay)."""
+
+    def __init__(self, hold: int) -> None:
+        self.hold = hold
+        self.got: Counter[int] = Counter()
+        self.holding = threading.Event()  # an alert is in the relay's hands, not answered yet
+        self.permits = threading.Semaphore(0)
+        self.done = threading.Event()  # the test is over: everything goes through
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        found = re.search(rb"Message-ID: <alert\.(\d+)@", envelope.content)
+        if found is not None:
+            with self.lock:
+                n = sum(self.got.values()) + 1
+            if n >= self.hold and not self.done.is_set():
+                self.holding.set()
+                while not self.permits.acquire(blocking=False) and not self.done.is_set():
+                    await asyncio.sleep(0.01)
+                self.holding.clear()
+            with self.lock:
+                self.got[int(found.group(1))] += 1
+        return "250 2.0.0 queued"
+
+
+@contextlib.contextmanager
+def _backlog(
+    live_world: DemoWorld, tmp_path: Path, relay: Holding, alerts: int
+) -> Iterator[tuple[Path, Database]]:
+    """A home whose relay is ``relay``, with ``alerts`` admin alerts owed."""
+    controller = LoopbackController(relay, hostname="127.0.0.1", port=0)
+    controller.start()
+    try:
+        home = tmp_path / "home"
+        live_world.install(
+            home,
+            b"throw-away passphrase",
+            relay_port=controller.port,
+            admin="admin@exchange.hanoi.gov.vn",
+            extra_config='\n[compliance]\nremind_at = "off"\n',
+        )
+        db = Database.open(f"sqlite:///{home / 'archive.db'}")
+        try:
+            now = datetime.now(UTC)
+            with db.session() as s:
+                s.add_all(alert(f"backlog-{i}", f"alert {i}", now) for i in range(alerts))
+            yield home, db
+        finally:
+            db.dispose()
+    finally:
+        relay.done.set()
+        controller.stop()
+
+
+def _states(db: Database) -> Counter[str]:
+    with db.session(read_only=True) as s:
+        return Counter(s.scalars(select(t.Outbox.state).where(t.Outbox.kind == "alert")))
+
+
+def _said(gateway: served.Served, text: str) -> Callable[[], bool]:
+    return lambda: text in gateway.log.read_text(errors="replace")
+
+
+def test_a_graceful_stop_records_what_the_relay_took_and_sends_nothing_twice(
+    live_world: DemoWorld, tmp_path: Path
+) -> None:
+    """SIGTERM while the relay holds the third of 40 alerts: the sender sends nothing more,
+    records the three, and gives the rest back unclaimed; started again, the gateway sends
+    those 37, and the relay gets each alert once."""
+    relay = Holding(hold=3)
+    with _backlog(live_world, tmp_path, relay, 40) as (home, db):
+        gateway = served.start(home)
+        try:
+            wait_for(relay.holding.is_set, 120, "the relay holds the third alert")
+            gateway.process.send_signal(signal.SIGTERM)
+            wait_for(_said(gateway, "stopping: no new mail accepted"), 60, "serve stops")
+            relay.permits.release()  # the third is answered; any other would wait for good
+            assert gateway.process.wait(120) == 0
+        finally:
+            _kill_session(gateway.process.pid)
+        assert sum(relay.got.values()) == 3
+        assert _states(db) == Counter({"sent": 3, "ready": 37})  # none left "sending"
+
+        relay.done.set()  # the relay takes everything at once now
+        again = served.start(home)
+        try:
+            wait_for(lambda: _states(db)["sent"] == 40, 120, "every alert is sent")
+            assert again.stop() == 0
+        finally:
+            _kill_session(again.process.pid)
+    assert sorted(relay.got) == list(range(1, 41))
+    assert set(relay.got.values()) == {1}  # none twice
+
+
+@pytest.mark.slow
+def test_a_graceful_stop_waits_for_the_message_in_flight(
+    live_world: DemoWorld, tmp_path: Path
+) -> None:
+    """The relay answers the message in flight 10 s after the stop (a big delivery on a slow
+    link; the relay's deadline allows 600 s): serve waits for it (within its grace) and
+    records it, rather than leave it to be sent again after the next start."""
+    relay = Holding(hold=1)
+    with _backlog(live_world, tmp_path, relay, 2) as (home, db):
+        gateway = served.start(home)
+        try:
+            wait_for(relay.holding.is_set, 120, "the relay holds the first alert")
+            gateway.process.send_signal(signal.SIGTERM)
+            wait_for(_said(gateway, "stopping: no new mail accepted"), 60, "serve stops")
+            time.sleep(10)  # serve used to give up on the sender with the workers' stop
+            relay.permits.release()
+            assert gateway.process.wait(120) == 0
+        finally:
+            _kill_session(gateway.process.pid)
+        assert _states(db) == Counter({"sent": 1, "ready": 1})
+        assert _said(gateway, "waiting for the message in flight")()
