@@ -14,15 +14,18 @@ Replies (enhanced status codes, RFC 3463; ENHANCEDSTATUSCODES is advertised, RFC
                                 error; generic text, nothing internal (never aiosmtpd's 500)
     552 5.3.4                   message over Limits.max_message_bytes (SIZE= or data)
     452 4.5.3                   more than max_recipients recipients (RFC 5321 §4.5.3.1.10)
-    550 5.1.1                   a recipient that is not one of the hub's addresses
+    550 5.1.1                   a recipient that is neither one of the hub's addresses nor
+                                postmaster (accepted bare or at a hub domain, RFC 5321 §4.5.1)
     421 4.7.0                   at connect: max_sessions open, or max_sessions_per_ip from
                                 the peer's address; then closed
+    421 4.4.2                   no message completed within the deadline; then closed
     500 5.5.2                   a line over 998 octets + CRLF (RFC 5321 §4.5.3.1.6)
     550 5.6.2                   bare LF or bare CR in the data (RFC 5321 §2.3.8); not stored
-    501 5.5.4 / 553 5.1.3       MAIL FROM / RCPT TO syntax
+    501 5.5.4 / 553 5.1.3       MAIL FROM / RCPT TO syntax (the path in angle brackets)
     530 5.7.0                   STARTTLS required first
     502 5.5.1                   AUTH, when no submitters are configured (not offered)
-    454 4.7.0                   AUTH while too many password checks wait (gateway.submitters)
+    454 4.7.0                   AUTH while too many password checks wait, or from an address
+                                or for a login locked out by failures (gateway.submitters)
 
 aiosmtpd's own reply texts are rewritten in one place (:mod:`gateway.smtp_protocol`) so that
 every reply carries an enhanced code and none echoes what the peer sent; the checks behind the
@@ -58,7 +61,7 @@ from formats.errors import ConfigError, DatabaseDamaged, TransientError
 from formats.limits import Limits
 from gateway import intake
 from gateway.smtp_checks import SessionGate, check_data, is_mailbox, safe_text
-from gateway.smtp_protocol import TRANSIENT, IntakeLMTP, IntakeSMTP
+from gateway.smtp_protocol import TRANSIENT, IntakeLMTP, IntakeSMTP, PeerFaults
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,19 @@ MAX_RECIPIENTS = 50
 #: Seconds a session may stay idle, or wait between two blocks of message data. RFC 5321
 #: §4.5.3.2 asks for at least 5 minutes. (The commit has its own budget, COMMIT_TIMEOUT.)
 SESSION_TIMEOUT = 300.0
+
+#: Seconds the STARTTLS handshake may take (at most the session timeout; asyncio's own limit is
+#: 60 s). A handshake takes milliseconds; a peer that sends STARTTLS and then nothing holds a
+#: session slot for this long, not for the session timeout.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+#: The deadline of a session, as a multiple of its (idle) timeout: from its start, or from the
+#: reply to its last committed message, to the end line of its next message (15 minutes at the
+#: default timeout; a 32 MiB message needs ~40 KB/s). The idle timeout is re-armed by every
+#: command and block of data, refused ones too, so without it a peer that sends a NOOP, a
+#: refused command or a byte of data now and then held its session slot for ever (Slowloris).
+#: Only a committed message is progress: a relay that keeps sending mail keeps its session.
+DEADLINE_TIMEOUTS = 3
 
 #: Seconds the commit of one message may take (the session timer, re-armed as the data
 #: arrives, is set to this once it has all arrived). Far above the worst commit time: SQLite
@@ -134,6 +150,13 @@ class IntakeHandler:
         self.hub_addresses = frozenset(a.strip().lower() for a in hub_addresses)
         if not self.hub_addresses:
             raise ConfigError("the listener needs at least one hub address to accept mail for")
+        #: RFC 5321 §4.5.1: "postmaster" (any case), bare or at one of the hub's domains, MUST
+        #: be accepted. Its mail is taken in as any message is; the workers decide on what it
+        #: holds: a report or a bounce (plain, unsigned mail) is quarantined with its bytes, for
+        #: an administrator, with no receipt (DESIGN §5 rules 1, 7).
+        self.postmasters = frozenset(
+            {"postmaster"} | {f"postmaster@{a.rpartition('@')[2]}" for a in self.hub_addresses}
+        )
         self.limits = limits
         self.max_recipients = max_recipients
         self.executor = executor
@@ -193,6 +216,10 @@ class IntakeHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients} per message)"
+        if address.lower() in self.postmasters:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            return "250 2.1.5 Recipient OK (postmaster)"
         if not is_mailbox(address):
             return "553 5.1.3 Bad recipient address syntax"
         if address.lower() not in self.hub_addresses:
@@ -247,7 +274,14 @@ class IntakeHandler:
         self.inflight.add(future)
         future.add_done_callback(self.inflight.discard)
         number = await future
-        log.info("%s: queued as %d (%d bytes)", transport.peer, number, len(raw))
+        postmaster = any(r.lower() in self.postmasters for r in envelope.rcpt_tos)
+        log.info(
+            "%s: queued as %d (%d bytes%s)",
+            transport.peer,
+            number,
+            len(raw),
+            ", for postmaster" if postmaster else "",
+        )
         return f"250 2.0.0 queued as {number}"
 
 
@@ -417,6 +451,8 @@ def start(
     commit_timeout: float = COMMIT_TIMEOUT,
     max_sessions: int = MAX_SESSIONS,
     max_sessions_per_ip: int = MAX_SESSIONS_PER_IP,
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
+    deadline: float | None = None,
     hostname: str | None = None,
     commit_threads: int | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -430,8 +466,10 @@ def start(
     1 on SQLite (one writer at a time anyway: queue in Python, not on the busy lock; messages
     arriving meanwhile are committed together next) and 8 on PostgreSQL. ``timeout`` is how
     long a session may idle or wait between two blocks of data, ``commit_timeout`` how long one
-    commit may take; ``max_sessions`` and ``max_sessions_per_ip`` cap the sessions at once
-    (421 4.7.0 at connect over either).
+    commit may take, ``tls_handshake_timeout`` the STARTTLS handshake (at most ``timeout``);
+    ``deadline`` (default :data:`DEADLINE_TIMEOUTS` times ``timeout``) is how long a session may
+    go without completing a message (421 4.4.2 past it); ``max_sessions`` and
+    ``max_sessions_per_ip`` cap the sessions at once (421 4.7.0 at connect over either).
     """
     if require_tls and tls_context is None:
         raise ConfigError("require_tls needs a tls_context (a certificate and key for STARTTLS)")
@@ -463,6 +501,10 @@ def start(
         gate = SessionGate(max_sessions, max_sessions_per_ip, hostname=name)
     except ValueError as exc:
         raise ConfigError(f"listener: {exc}") from None
+    faults = PeerFaults()
+    session_deadline = deadline if deadline is not None else DEADLINE_TIMEOUTS * timeout
+    if not (timeout > 0 and tls_handshake_timeout > 0 and session_deadline > 0):
+        raise ConfigError("listener: the timeouts and the deadline must be more than 0 seconds")
 
     def protocol() -> SMTP:
         return kind(
@@ -477,6 +519,9 @@ def start(
             timeout=timeout,
             commit_timeout=commit_timeout,
             gate=gate,
+            tls_handshake_timeout=tls_handshake_timeout,
+            deadline=session_deadline,
+            faults=faults,
             command_call_limit=COMMAND_LIMITS,
             authenticator=authenticator,
             auth_required=require_auth,
@@ -489,10 +534,12 @@ def start(
 __all__ = [
     "COMMAND_LIMITS",
     "COMMIT_TIMEOUT",
+    "DEADLINE_TIMEOUTS",
     "MAX_RECIPIENTS",
     "MAX_SESSIONS",
     "MAX_SESSIONS_PER_IP",
     "SESSION_TIMEOUT",
+    "TLS_HANDSHAKE_TIMEOUT",
     "IntakeHandler",
     "Listener",
     "start",

@@ -19,17 +19,36 @@ A message whose data has arrived gets its reply whenever the connection still al
 It also admits a connection only within the listener's caps on sessions at once
 (:class:`gateway.smtp_checks.SessionGate`; over one: ``421 4.7.0`` and closed), and runs the
 AUTH password check off the event loop (:meth:`gateway.submitters.Authenticator.verify`).
+
+A session gives its slot back however it ends: when its task ends (QUIT, the connection lost or
+reset, a timer, an error, the listener stopping), not only when asyncio calls
+``connection_lost`` — which Python 3.11 never does for a connection closed in the middle of a
+TLS handshake, and it then wakes the handshake as if it had succeeded. Every timer that ends a
+session therefore also cancels its task, and a handshake that "succeeds" on a closed connection
+ends the session as a failed one does. Three timers bound a session:
+
+- ``timeout``: idle (aiosmtpd's timer, re-armed by each command and each block of data);
+- ``tls_handshake_timeout``: the STARTTLS handshake, at most the idle timeout;
+- ``deadline``: from the session's start, or from the reply to its last committed message, to
+  the end line of its next message. Only a committed message is progress: NOOPs, refused
+  commands and data sent a byte at a time do not keep a session (and its slot) for ever. Past
+  it: ``421 4.4.2`` and closed.
+
+A peer's failures (a TLS handshake that fails or is cut off, a connection cut) are logged as one
+INFO line without a traceback, for the first of a run and then at the 10th, 100th … of it
+(:class:`PeerFaults`): a peer cannot fill the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from gateway.smtp_checks import LINE_TOO_LONG, SessionGate
 from gateway.smtp_data import BLOCK, read_data
@@ -49,6 +68,8 @@ class Rewrite:
     prefix: str
     reply: str
     data: bool = False
+    #: Keep what follows the prefix (aiosmtpd's own text, never the peer's).
+    keep: bool = False
 
 
 #: aiosmtpd's replies → ours: an enhanced code on each, no peer text echoed, no internals.
@@ -83,6 +104,14 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite("502 Could not VRFY", "502 5.5.4 Could not VRFY that address"),
     Rewrite("252 Cannot VRFY", "252 2.5.0 Cannot VRFY user; send the message"),
     Rewrite("502 EXPN not implemented", "502 5.5.1 EXPN not implemented"),
+    # RFC 5321 §4.1.1.8: HELP is answered 211 or 214 (aiosmtpd: 250, and 501 for an unknown
+    # command); the command list and syntax lines are aiosmtpd's own text, kept.
+    Rewrite("250 Supported commands: ", "214 2.0.0 Supported commands: ", keep=True),
+    Rewrite("250 Syntax: ", "214 2.0.0 Syntax: ", keep=True),
+    Rewrite("501 Supported commands: ", "501 5.5.4 No help for that; supported: ", keep=True),
+    Rewrite("503 Already authenticated", "503 5.5.1 Already authenticated"),
+    Rewrite("501 Not enough value", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"),
+    Rewrite("501 Too many values", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"),
     Rewrite("454 TLS not available", "454 4.7.0 TLS not available"),
     Rewrite("220 Ready to start TLS", "220 2.0.0 Ready to start TLS"),
     Rewrite("221 Bye", "221 2.0.0 Bye"),
@@ -96,18 +125,93 @@ REWRITES: tuple[Rewrite, ...] = (
 )
 
 
+#: Errors that are the peer's doing, not ours: a TLS handshake that fails or is cut off, a
+#: connection reset or cut mid-command. One INFO line each (rate-limited), no traceback.
+PEER_ERRORS: tuple[type[BaseException], ...] = (
+    TLSSetupException,
+    ConnectionError,
+    ssl.SSLError,
+    asyncio.IncompleteReadError,
+    TimeoutError,
+)
+
+
+class PeerFaults:
+    """Logs peers' failures (:data:`PEER_ERRORS`) as one INFO line each, without a traceback,
+    for the first of a run and then at the 10th, 100th, 1,000th … of it, as the session caps
+    log only the first 421 of a run: 300 broken handshakes make three lines, not 600
+    tracebacks. A run ends when a TLS handshake succeeds or a message is committed. One per
+    listener, used on its event loop only."""
+
+    def __init__(self) -> None:
+        #: Failures since the run began.
+        self.in_a_row = 0
+
+    def note(self, peer: str, error: BaseException) -> None:
+        self.in_a_row += 1
+        if str(self.in_a_row).rstrip("0") == "1":  # 1, 10, 100 …
+            log.info(
+                "%s: %s (%d in a row; logged at the 1st, 10th, 100th …)",
+                peer,
+                describe(error),
+                self.in_a_row,
+            )
+
+    def clear(self) -> None:
+        self.in_a_row = 0
+
+
+def describe(error: BaseException) -> str:
+    """A peer's failure in a few words: what failed and the library's reason (no peer text)."""
+    what = "TLS handshake failed" if isinstance(error, TLSSetupException) else "connection failed"
+    cause = error.__cause__ if isinstance(error, TLSSetupException) else error
+    if cause is None:
+        return what
+    reason = str(cause).strip()
+    reason = f"{type(cause).__name__}: {reason}" if reason else type(cause).__name__
+    return f"{what} ({reason[:200]})"
+
+
+def angle_path(argument: str) -> bool:
+    """Whether a MAIL FROM/RCPT TO argument (after ``FROM:``/``TO:``) opens with a path in angle
+    brackets, closed (RFC 5321 §4.1.2: ``Path = "<" [ A-d-l ":" ] Mailbox ">"``). aiosmtpd's
+    parser also takes ``a@b`` and ``<a@b`` (no closing bracket) for the address ``a@b``."""
+    text = argument.lstrip()
+    if not text.startswith("<"):
+        return False
+    quoted = escaped = False
+    for char in text[1:]:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return True
+    return False
+
+
 class _Replies:
     """Mixed into aiosmtpd's SMTP/LMTP: our replies, a 451 for anything unexpected, the DATA
-    phase read in blocks (:mod:`gateway.smtp_data`), timed and shielded, the session caps and
-    the AUTH check off the event loop (module docstring)."""
+    phase read in blocks (:mod:`gateway.smtp_data`), timed and shielded, the session caps, the
+    timers that bound a session and the AUTH check off the event loop (module docstring)."""
 
     data_size_limit: int | None
     envelope: Envelope | None
     session: Session | None
     event_handler: IntakeHandler
     transport: asyncio.BaseTransport | None
+    hostname: str
+    loop: asyncio.AbstractEventLoop
+    tls_context: ssl.SSLContext | None
     _reader: asyncio.StreamReader
     _writer: asyncio.StreamWriter
+    _handler_coroutine: asyncio.Task[None] | None
+    _timeout_handle: asyncio.TimerHandle | None
+    _timeout_duration: float
+    _tls_protocol: Any
+    _original_transport: asyncio.BaseTransport | None
 
     #: aiosmtpd sizes the session's stream with this. Its own DATA reader (replaced below) is
     #: the only other user; lines are held to 998 octets by :func:`check_data`, and command
@@ -126,6 +230,9 @@ class _Replies:
         *,
         commit_timeout: float,
         gate: SessionGate | None = None,
+        tls_handshake_timeout: float | None = None,
+        deadline: float | None = None,
+        faults: PeerFaults | None = None,
         **options: Any,
     ) -> None:
         super().__init__(handler, **options)  # type: ignore[call-arg]
@@ -135,10 +242,26 @@ class _Replies:
         self.gate = gate
         self._admitted: str | None = None
         self._refused = False
+        #: The peer's address, for the log (the transport forgets it once closed).
+        self.peer_address = "?"
+        #: Seconds the STARTTLS handshake may take (at most the idle timeout); None: that.
+        self.tls_handshake_timeout = tls_handshake_timeout
+        #: Seconds from the start, or from the last committed message, to the next message's
+        #: end line (module docstring); None: no deadline.
+        self.deadline = deadline
+        self._deadline_at = 0.0
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        #: The listener's log of peers' failures.
+        self.faults = faults or PeerFaults()
+
+    # --- the session's life: admitted, timed, ended however it ends ---------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.session is None and self.gate is not None:  # (STARTTLS calls this again)
-            peer = _address(transport)
+        first = self.session is None  # STARTTLS calls this again, for the TLS layer
+        if first:
+            self.peer_address = _address(transport)
+        if first and self.gate is not None:
+            peer = self.peer_address
             refusal = self.gate.enter(peer)
             if refusal is not None:  # over a cap: 421 at once, no session
                 if self.gate.refused_in_a_row == 1:  # not a line per connection of a flood
@@ -152,21 +275,103 @@ class _Replies:
         if self.transports is not None:
             self.transports.add(transport)
         super().connection_made(transport)  # type: ignore[misc]
+        if first:
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.add_done_callback(self._session_ended)
+            if self.deadline is not None:
+                self._arm_deadline(self.loop.time() + self.deadline)
+        else:
+            self.faults.clear()  # a handshake that succeeded ends a run of failures
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        self._leave_gate()
+        self._stop_deadline()
+        super().connection_lost(error)  # type: ignore[misc]
+
+    def _session_ended(self, task: asyncio.Task[None]) -> None:
+        """The session's task has ended, whichever way: its slot comes back (connection_lost may
+        never come, module docstring), and its connection is closed if it is not already."""
+        if not task.cancelled():
+            error = task.exception()  # retrieved, so that asyncio does not log it again
+            if error is not None and not isinstance(error, PEER_ERRORS):
+                log.error("SMTP session ended by an unexpected error", exc_info=error)
+        self._leave_gate()
+        self._stop_deadline()
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _leave_gate(self) -> None:
         if self._admitted is not None and self.gate is not None:
             self.gate.leave(self._admitted)
             self._admitted = None
-        super().connection_lost(error)  # type: ignore[misc]
+
+    def _end_session(self) -> None:
+        """Cancel the session's task (its transport is closed or closing): it ends, and
+        :meth:`_session_ended` gives its slot back, even if connection_lost never comes."""
+        task = self._handler_coroutine
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes the transport and counts on connection_lost to end the session.
+        # Closed mid-handshake, a TLS transport never calls it (module docstring).
+        super()._timeout_cb()  # type: ignore[misc]
+        self._end_session()
+
+    def _arm_deadline(self, at: float) -> None:
+        self._stop_deadline()
+        self._deadline_at = at
+        self._deadline_handle = self.loop.call_at(at, self._deadline_passed)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+
+    def _deadline_passed(self) -> None:
+        """No message completed in time (module docstring): 421 4.4.2, closed, ended."""
+        self._deadline_handle = None
+        transport = self.transport
+        log.info(
+            "%s: no message completed within %g s; session closed (421 4.4.2)",
+            self.peer_address,
+            self.deadline,
+        )
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            # RFC 5321 §4.2.3 / §3.8: 421 closes the channel; X.4.2 (RFC 3463): bad connection.
+            reply = f"421 4.4.2 {self.hostname} No message completed in time; closing"
+            transport.write(reply.encode("ascii", "replace") + b"\r\n")
+            transport.close()
+        self._end_session()
 
     def data_received(self, data: bytes) -> None:
         if self._receiving:
             # RFC 5321 §4.5.3.2.5: the data timeout runs from the last block received, not from
-            # the DATA command: a transfer that keeps arriving is not cut off.
+            # the DATA command: a transfer that keeps arriving is not cut off (the deadline
+            # still bounds it).
             self._reset_timeout()  # type: ignore[attr-defined]
         super().data_received(data)  # type: ignore[misc]
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not arg and self.tls_context and self.tls_handshake_timeout:
+            # The handshake has its own timer, at most the idle one (asyncio's own is 60 s).
+            # connection_made sets the idle timer again once the handshake has succeeded.
+            self._reset_timeout(min(self.tls_handshake_timeout, self._timeout_duration))  # type: ignore[attr-defined]
+        await super().smtp_STARTTLS(arg)  # type: ignore[misc]
+        if self._tls_protocol is not None and (
+            self.transport is None or self.transport.is_closing()
+        ):
+            # Closed during the handshake (a timer, the listener stopping): Python 3.11 wakes
+            # the handshake as if it had succeeded and never calls connection_lost. Ended as a
+            # failed handshake is (aiosmtpd closes the connection and calls connection_lost).
+            raise TLSSetupException("the connection was closed during the TLS handshake")
+
+    # --- replies ------------------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -183,6 +388,8 @@ class _Replies:
         for rule in REWRITES:
             if status.startswith(rule.prefix):
                 reply = rule.reply.replace("{size}", str(self.data_size_limit))
+                if rule.keep:
+                    reply += status[len(rule.prefix) :]
                 if rule.data and isinstance(self, LMTP) and self.envelope is not None:
                     # LMTP (RFC 2033 §4.2): a DATA refusal is given once per recipient.
                     return "\r\n".join([reply] * max(1, len(self.envelope.rcpt_tos)))
@@ -190,9 +397,43 @@ class _Replies:
         return status
 
     async def handle_exception(self, error: Exception) -> str:
-        # Replaces aiosmtpd's '500 Error: (ExcName) text': details go to the log only.
-        log.error("SMTP session error", exc_info=error)
+        # Replaces aiosmtpd's '500 Error: (ExcName) text': details go to the log only. A peer's
+        # failure is one rate-limited INFO line (PeerFaults); ours, a traceback.
+        if isinstance(error, PEER_ERRORS):
+            self.faults.note(self.peer_address, error)
+        else:
+            log.error("SMTP session error", exc_info=error)
         return TRANSIENT
+
+    # --- MAIL and RCPT: the path in angle brackets ----------------------------------------------
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not await self._bare_path(arg, "FROM:", "sender", "MAIL"):
+            await super().smtp_MAIL(arg)  # type: ignore[misc]
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not await self._bare_path(arg, "TO:", "recipient", "RCPT"):
+            await super().smtp_RCPT(arg)  # type: ignore[misc]
+
+    async def _bare_path(self, arg: str | None, keyword: str, what: str, command: str) -> bool:
+        """Refuse (553 5.1.3) an address not in angle brackets, where aiosmtpd would take it;
+        True if refused. Anything else is left to aiosmtpd's checks, in its order."""
+        path = self._strip_command_keyword(keyword, arg) if arg else None  # type: ignore[attr-defined]
+        if not path or angle_path(path):
+            return False
+        if keyword == "TO:" and (self.envelope is None or not self.envelope.mail_from):
+            return False  # aiosmtpd: 503 need MAIL
+        if await self.check_helo_needed() or await self.check_auth_needed(command):  # type: ignore[attr-defined]
+            return True
+        await self.push(
+            f"553 5.1.3 Bad {what} address syntax (RFC 5321 section 4.1.2: the address goes in"
+            " angle brackets)"
+        )
+        return True
+
+    # --- DATA ---------------------------------------------------------------------------------
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -213,6 +454,8 @@ class _Replies:
             raise ConnectionResetError("connection closed during DATA") from err
         finally:
             self._receiving = False
+        # The data is in: the commit has its own budget, not what is left of the deadline.
+        self._stop_deadline()
         if data.content is None:
             status = "552 Error: Too much mail data"
         else:
@@ -222,6 +465,12 @@ class _Replies:
         await self.push(status)
         self._set_post_data_state()  # type: ignore[attr-defined]
         self._reset_timeout()  # type: ignore[attr-defined]
+        if status.startswith("250"):
+            self.faults.clear()
+            if self.deadline is not None:  # progress: the next message has a deadline anew
+                self._arm_deadline(self.loop.time() + self.deadline)
+        elif self.deadline is not None:  # a refused message is no progress
+            self._arm_deadline(self._deadline_at)
 
     async def _commit(self) -> str:
         """The handler's limits and durable commit, timed and shielded (module docstring)."""

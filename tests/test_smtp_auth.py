@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import queue
 import smtplib
 import ssl
@@ -23,7 +24,7 @@ from gateway import smtp as listener
 from gateway import submitters
 from gateway.cli import cli
 from gateway.demo import HUB_ADDRESS
-from gateway.submitters import Authenticator, check_password, hash_password, read_file
+from gateway.submitters import Authenticator, Throttle, check_password, hash_password, read_file
 
 SNV = "vanthu@snv.hanoi.gov.vn"
 PASSWORD = "correct horse battery staple"
@@ -111,6 +112,7 @@ def test_without_submitters_no_auth_is_offered(
 def test_submitters_cli_keeps_salted_scrypt_hashes_in_a_private_file(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
+    (home / "gateway.toml").write_text("")  # a home (the CLI refuses a bare directory)
     (tmp_path / "pw").write_text(PASSWORD + "\n")
     runner = CliRunner()
     done = runner.invoke(
@@ -246,6 +248,131 @@ def test_password_checks_beyond_the_bound_get_454_at_once(
         assert answers.get(timeout=10)[0] == 235  # the waiting one, checked after the first
         assert first[0].wait(10)
         assert first[1][0][0] == 535
+    finally:
+        for c in clients:
+            c.close()
+
+
+# --- guessing is throttled per address and per login ------------------------------------------
+
+
+class Clock:
+    """Seconds that pass only when a test says so (Throttle's clock)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _tls_client(
+    server: listener.Listener, tls: tuple[ssl.SSLContext, ssl.SSLContext], source: str
+) -> smtplib.SMTP:
+    c = smtplib.SMTP("127.0.0.1", server.port, timeout=30, source_address=(source, 0))
+    c.ehlo("snv.hanoi.gov.vn")
+    c.starttls(context=tls[1])
+    c.ehlo("snv.hanoi.gov.vn")
+    return c
+
+
+def _auth(
+    server: listener.Listener,
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+    login: str,
+    password: str,
+    source: str = "127.0.0.1",
+) -> tuple[int, bytes]:
+    """One AUTH PLAIN in a session of its own (reconnecting resets aiosmtpd's 3 a session)."""
+    with _tls_client(server, tls, source) as c:
+        code, text = c.docmd("AUTH", _plain(login, password))
+    return code, text
+
+
+def test_failed_logins_from_one_address_lock_it_out_across_sessions(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reconnecting reset the 3 AUTHs a session allows: ~57 guesses a second from one address,
+    and a 535 left no log line. Failures are counted per address; past the free ones, the
+    address is locked out (454 4.7.0, the right password too), for longer at each failure."""
+    caplog.set_level(logging.INFO, logger="gateway.smtp")
+    clock = Clock()
+    other = "vanthu@stp.hanoi.gov.vn"
+    auth = Authenticator(
+        {SNV: hash_password(PASSWORD), other: hash_password(PASSWORD)},
+        throttle=Throttle(free=2, lockout=60, clock=clock),
+    )
+    server = start(authenticator=auth)  # type: ignore[operator]
+    guesses = [_auth(server, tls, SNV, f"guess {n}")[0] for n in range(3)]
+    assert guesses == [535, 535, 535]  # the third locks the address out for 60 s
+    code, text = _auth(server, tls, other, PASSWORD)  # any login, from that address
+    assert (code, text.split()[0]) == (454, b"4.7.0")
+    assert _auth(server, tls, other, PASSWORD, source="127.0.0.2")[0] == 235  # not others
+    clock.now += 61
+    assert _auth(server, tls, other, "guess 3")[0] == 535  # the fourth: 120 s
+    clock.now += 61
+    assert _auth(server, tls, other, PASSWORD)[0] == 454
+    clock.now += 60
+    assert _auth(server, tls, other, PASSWORD)[0] == 235
+    failed = [r for r in caplog.records if r.getMessage().startswith("SMTP AUTH failed")]
+    assert [r.getMessage() for r in failed] == [
+        f"SMTP AUTH failed from 127.0.0.1 for {SNV} (1 from this address)",
+        f"SMTP AUTH failed from 127.0.0.1 for {SNV} (2 from this address)",
+        f"SMTP AUTH failed from 127.0.0.1 for {SNV} (3 from this address; locked out for 60 s)",
+        f"SMTP AUTH failed from 127.0.0.1 for {other} (4 from this address; locked out for 120 s)",
+    ]
+    assert all(r.levelno == logging.WARNING for r in failed)
+
+
+def test_failed_logins_for_one_login_lock_it_out_but_not_from_where_it_logged_in(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """Guesses spread over many addresses are counted against the login too; the agency's own
+    address, from which it has logged in, is not locked out by a guesser elsewhere."""
+    auth = Authenticator({SNV: hash_password(PASSWORD)}, throttle=Throttle(free=2))
+    server = start(authenticator=auth)  # type: ignore[operator]
+    assert _auth(server, tls, SNV, PASSWORD, source="127.0.0.9")[0] == 235  # the agency
+    for n in (2, 3, 4):
+        assert _auth(server, tls, SNV, "guess", source=f"127.0.0.{n}")[0] == 535
+    code, text = _auth(server, tls, SNV, PASSWORD, source="127.0.0.5")  # a new address
+    assert (code, text.split()[0]) == (454, b"4.7.0")
+    assert _auth(server, tls, SNV, PASSWORD, source="127.0.0.9")[0] == 235
+
+
+def test_a_login_with_a_hostile_name_is_logged_as_address_characters_only(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.smtp")
+    server = start(authenticator=Authenticator({SNV: hash_password(PASSWORD)}))  # type: ignore[operator]
+    assert _auth(server, tls, "x\nSMTP AUTH failed from 10.9.9.9 for y", "guess")[0] == 535
+    [line] = [r.getMessage() for r in caplog.records if "SMTP AUTH failed" in r.getMessage()]
+    assert (
+        line
+        == "SMTP AUTH failed from 127.0.0.1 for x?smtp?auth?failed?from?10.9.9.9?for?y (1 from this address)"
+    )
+
+
+def test_guesses_checked_at_once_do_not_slip_past_the_lockout(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], held_check: Any
+) -> None:
+    """Counted only once checked, the guesses of parallel sessions all passed the lockout
+    while their checks ran (34 at once may run or wait). Each is counted as it begins."""
+    started, release = held_check
+    auth = Authenticator({SNV: hash_password(PASSWORD)}, throttle=Throttle(free=2))
+    server = start(authenticator=auth)  # type: ignore[operator]
+    clients = [_tls_client(server, tls, "127.0.0.1") for _ in range(5)]
+    try:
+        answers: queue.Queue[int] = queue.Queue()
+        for c in clients:
+            threading.Thread(
+                target=lambda c=c: answers.put(c.docmd("AUTH", _plain(SNV, "guess"))[0]),
+                daemon=True,
+            ).start()
+        assert started.wait(10)
+        refused = [answers.get(timeout=10), answers.get(timeout=10)]
+        assert refused == [454, 454]  # at once: the third guess under way locked the address
+        release.set()
+        assert sorted(answers.get(timeout=10) for _ in range(3)) == [535, 535, 535]
     finally:
         for c in clients:
             c.close()

@@ -1,5 +1,6 @@
 """Sessions of the SMTP/LMTP listener over real sockets: timeouts that never cost a committed
-message its reply, a peer that half-closes, and the caps on concurrent sessions.
+message its reply, a peer that half-closes, the caps on concurrent sessions, a TLS handshake that
+stalls or fails, and the deadline that bounds a session that commits nothing.
 
 No test measures time: timeouts are scaled down, and "a timeout has passed" is observed as an
 idle connection of the same listener being closed by it."""
@@ -7,6 +8,8 @@ idle connection of the same listener being closed by it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import select
 import smtplib
 import socket
@@ -379,3 +382,173 @@ def test_a_session_after_starttls_counts_once(
     assert line.startswith(b"421 ")  # … and only once
     sock.close()
     held.close()
+
+
+# --- STARTTLS: a handshake that stalls or fails -----------------------------------------------
+
+
+def starttls_then_nothing(server: listener.Listener) -> socket.socket:
+    """A connection that sends STARTTLS, reads its 220, and then starts no handshake."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"EHLO a.example\r\nSTARTTLS\r\n")
+    got = b""
+    while b"\r\n220 " not in got:  # the greeting, the EHLO lines, then STARTTLS's 220
+        got += sock.recv(4096)
+    return sock
+
+
+def closed_by_it(sock: socket.socket) -> bool:
+    """Wait for ``sock`` to be closed by the listener (True), or the socket timeout (False)."""
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_stalled_tls_handshake_gives_its_session_slot_back(
+    serve: Any, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """The session timer closes a connection that sent STARTTLS and then nothing. Python 3.11
+    then reports the unfinished handshake as a success and never calls connection_lost: the
+    slot was never given back, and with max_sessions_per_ip such peers locked an address out."""
+    server = serve(tls_context=tls[0], timeout=0.3, max_sessions=10, max_sessions_per_ip=1)
+    for _ in range(2):
+        stalled = starttls_then_nothing(server)
+        assert closed_by_it(stalled)
+        stalled.close()
+        assert admitted_again(server)  # the one slot of this address came back
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as c:  # and TLS still works
+        c.ehlo("mail.snv.hanoi.gov.vn")
+        assert c.starttls(context=tls[1])[0] == 220
+        assert c.ehlo("mail.snv.hanoi.gov.vn")[0] == 250
+
+
+def test_the_tls_handshake_has_a_timeout_of_its_own(
+    serve: Any, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """A peer that stalls its handshake holds its slot for tls_handshake_timeout, not for the
+    session timeout (nor asyncio's 60 s)."""
+    server = serve(tls_context=tls[0], timeout=30, tls_handshake_timeout=0.3, max_sessions_per_ip=2)
+    idle = connect(server)  # closed only once the session timeout has passed
+    stalled = starttls_then_nothing(server)
+    assert closed_by_it(stalled)
+    assert not closed_by_server(idle)
+    stalled.close()
+    idle.close()
+    assert admitted_again(server)
+
+
+def test_failed_handshakes_are_logged_without_tracebacks_and_not_one_line_each(
+    serve: Any, tls: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any peer could make the listener log an ERROR with two chained tracebacks per broken
+    handshake (300 in 0.6 s: 325 KB of log). A peer's failure is one INFO line, for the first of
+    a run and the 10th, 100th … of it; a handshake that succeeds ends the run."""
+    caplog.set_level(logging.INFO, logger="gateway.smtp")
+    server = serve(tls_context=tls[0], max_sessions_per_ip=1)
+
+    def broken_handshake() -> None:
+        sock = starttls_then_nothing(server)
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")  # not a ClientHello
+        assert closed_by_it(sock)
+        sock.close()
+        assert admitted_again(server)  # (and the listener is done with it)
+
+    for _ in range(12):
+        broken_handshake()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as c:
+        c.ehlo("mail.snv.hanoi.gov.vn")
+        assert c.starttls(context=tls[1])[0] == 220
+        assert c.noop()[0] == 250
+    broken_handshake()
+    mine = [r for r in caplog.records if r.name == "gateway.smtp"]
+    assert all(r.levelno < logging.WARNING and r.exc_info is None for r in mine), [
+        (r.levelname, r.getMessage()) for r in mine
+    ]
+    failures = [r.getMessage() for r in mine if "TLS handshake failed" in r.getMessage()]
+    assert len(failures) == 3, failures  # the 1st and the 10th of 12, the 1st of the next run
+    assert failures[0].startswith("127.0.0.1: TLS handshake failed (SSLError: ")
+    assert "(10 in a row;" in failures[1]
+    assert "(1 in a row;" in failures[2]
+
+
+# --- the deadline: only a committed message is progress ---------------------------------------
+
+
+def dribble(sock: socket.socket, unit: bytes, clock: socket.socket) -> bytes:
+    """Send ``unit`` every 50 ms (each keeps the session's idle timer from firing) until the
+    listener closes the connection; returns all it sent. ``clock``, an idle connection to a
+    listener with a longer timeout, fails the test if its timeout passes first."""
+    got = b""
+    while True:
+        readable, _, _ = select.select([sock], [], [], 0.05)
+        if readable:
+            try:
+                chunk = sock.recv(4096)
+            except ConnectionResetError:
+                return got
+            if not chunk:
+                return got
+            got += chunk
+            continue
+        assert not closed_by_server(clock), f"still open, well past the deadline: {got[-200:]!r}"
+        with contextlib.suppress(OSError):  # closed meanwhile: what it sent is read above
+            sock.sendall(unit)
+
+
+@pytest.mark.parametrize(
+    ("opening", "unit"),
+    [
+        (b"", b"NOOP\r\n"),  # answered 250, yet no progress
+        (f"MAIL FROM:<{SENDER}>\r\n".encode(), f"MAIL FROM:<{SENDER}>\r\n".encode()),  # 503
+        (  # a message's data, a byte at a time
+            f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{HUB_ADDRESS}>\r\nDATA\r\n".encode(),
+            b"x",
+        ),
+        (  # refused messages (bare LF: 550): a message, but not one committed
+            b"",
+            f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{HUB_ADDRESS}>\r\nDATA\r\na\nb\r\n.\r\n".encode(),
+        ),
+    ],
+    ids=["noop", "refused-command", "slow-data", "refused-messages"],
+)
+def test_a_session_that_commits_no_message_is_closed_at_its_deadline(
+    serve: Any, db: Database, opening: bytes, unit: bytes
+) -> None:
+    """The idle timer is re-armed by every command and block of data, so a peer that sends
+    something now and then held its session slot for ever: a few such peers held them all
+    (Slowloris). The deadline runs from the session's start; only a committed message moves it."""
+    reference = serve(timeout=3)
+    server = serve(timeout=3, deadline=0.5)
+    clock = connect(reference)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"EHLO a.example\r\n" + opening)
+        got = dribble(sock, unit, clock)
+    clock.close()
+    assert got.endswith(
+        b"\r\n421 4.4.2 exchange.hanoi.gov.vn No message completed in time; closing\r\n"
+    )
+    assert count(db) == 0
+    assert admitted_again(server)
+
+
+def test_a_relay_that_keeps_committing_messages_keeps_its_session(serve: Any, db: Database) -> None:
+    """Each committed message gives the next one a deadline anew."""
+    reference = serve(timeout=1.5)
+    server = serve(timeout=30, deadline=0.5)
+    clock = connect(reference)  # closed once 1.5 s, three deadlines, have passed
+    sent = 0
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as c:
+        c.ehlo("mail.snv.hanoi.gov.vn")
+        while not closed_by_server(clock) and sent < 10_000:
+            transaction(c)
+            c.send(MESSAGE + b".\r\n")
+            assert c.getreply()[0] == 250
+            sent += 1
+        assert c.noop()[0] == 250
+    clock.close()
+    assert count(db) == sent
