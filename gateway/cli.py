@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,7 +70,9 @@ def existing_home(ctx: click.Context) -> Path:
     home: Path = ctx.find_root().obj["home"]
     if not home.is_dir():
         raise ConfigError(f"no gateway home at {home} (run `gateway init --home {home}` first)")
-    if not (home / settings_mod.CONFIG_NAME).exists() and not (home / "archive.db").exists():
+    config = home / settings_mod.CONFIG_NAME
+    # lexists: a gateway.toml that is a broken link is a home whose settings say what is wrong.
+    if not os.path.lexists(config) and not (home / "archive.db").exists():
         # A directory, but not a home: it would get a database and a master key of its own
         # (and an empty log that verifies).
         raise ConfigError(
