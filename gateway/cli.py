@@ -72,12 +72,12 @@ def existing_home(ctx: click.Context) -> Path:
         raise ConfigError(f"no gateway home at {home} (run `gateway init --home {home}` first)")
     config = home / settings_mod.CONFIG_NAME
     # lexists: a gateway.toml that is a broken link is a home whose settings say what is wrong.
-    if not os.path.lexists(config) and not (home / "archive.db").exists():
-        # A directory, but not a home: it would get a database and a master key of its own
-        # (and an empty log that verifies).
+    if not os.path.lexists(config) and not (home / "archive.db").exists() and any(home.iterdir()):
+        # A directory holding other things, not a home: it would get a database and a master
+        # key of its own (and an empty log that verifies). An empty one becomes a home.
         raise ConfigError(
-            f"{home} is not a gateway home (no {settings_mod.CONFIG_NAME}): run `gateway init "
-            f"--home {home}` to make it one"
+            f"{home} is not a gateway home (no {settings_mod.CONFIG_NAME}, and it holds other "
+            f"files): run `gateway init --home {home}` to make it one"
         )
     return home
 

@@ -140,11 +140,12 @@ def test_a_directory_that_is_not_a_home_is_refused_not_made_one(tmp_path: Path) 
     got a database and a master key of its own, and `archive verify` called it clean)."""
     other = tmp_path / "somewhere-else"
     other.mkdir()
+    (other / "notes.txt").write_text("someone's files")
     for args in (["archive", "verify"], ["archive", "list"], ["outbox", "list"]):
         proc = gateway("--home", other, *args)
         assert proc.returncode == 2, (args, proc.stdout)
-        assert "is not a gateway home (no gateway.toml)" in proc.stderr
-    assert list(other.iterdir()) == []
+        assert "is not a gateway home (no gateway.toml, and it holds other files)" in proc.stderr
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_init_makes_a_private_home(tmp_path: Path) -> None:
