@@ -43,5 +43,9 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("mail.log", "aiosmtpd", "imapclient", "alembic"):
+    for noisy in ("aiosmtpd", "imapclient", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # aiosmtpd's session log warns once per peer misstep (a command over its limit, an unknown
+    # command): a peer could fill the log with it. The listener logs what matters itself,
+    # throttled (gateway.smtp_protocol).
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

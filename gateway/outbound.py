@@ -703,7 +703,7 @@ class Builder:
         if not self.hub.admin:
             return _Built(failure="no admin address is configured ([serve] admin_address)")
         text = str(row.detail.get("text", ""))
-        body = _text_entity(f"The gateway could not complete an outbound message.\n\n{text}\n")
+        body = _text_entity(f"{text}\n")
         cert, key = self.hub.signer
         signed = sign_entity(body, cert=cert, key=key)
         head = message_headers(
@@ -711,7 +711,7 @@ class Builder:
             to_addrs=(self.hub.admin,),
             message_id=f"<alert.{row.id}@{_domain(self.hub.address)}>",
             date=now,
-            subject="Gateway alert: an outbound message failed",
+            subject=f"Gateway alert: {_gist(text)}",
         )
         item = Item("alert", now, {"to": [self.hub.admin], "text": text}, {})
         return _Built(head + signed, (self.hub.admin,), item)
@@ -796,6 +796,13 @@ def _domain(address: str) -> str:
 def backoff(attempts: int) -> timedelta:
     """1, 2, 4 … minutes between tries, at most an hour (as mail servers do)."""
     return timedelta(minutes=min(60, 2 ** max(0, attempts - 1)))
+
+
+def _gist(text: str, limit: int = 100) -> str:
+    """An alert's subject: the start of its text, one line (alerts are about many things: a
+    failed delivery, messages waiting, a refused IMAP message, a certificate expiring)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
 def without_build(detail: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import email
+import email.policy
 import subprocess
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -206,6 +208,9 @@ def test_a_delivery_without_a_certificate_fails_and_alerts_the_admin(
     assert f"delivery {failed[0].key}" in alert.detail["text"]
     assert alert.state == "ready" and alert.rcpt_to == [hub.admin]
     assert alert.message is not None
+    # Its subject says what it is about (alerts are about many things, not only failures).
+    subject = email.message_from_bytes(alert.message, policy=email.policy.default)["Subject"]
+    assert subject.startswith("Gateway alert: Mail for H26.CATP cannot be built"), subject
     (tmp_path / "alert.eml").write_bytes(alert.message)
     (tmp_path / "root.pem").write_bytes(world.root.cert_pem())
     text = _openssl(
