@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from archive import tables as t
 from archive.db import Database
-from archive.service import SigningKey
+from archive.service import Archive, SigningKey
 from formats.errors import ConfigError, GatewayError
 from formats.payload import Organ
 from gateway import logs
@@ -182,7 +182,7 @@ def worker_main(
     try:
         settings = settings_mod.load(Path(home))
         db = open_database(settings)
-        worker, builder = _start_worker(settings, db)
+        worker, builder, refresh = _start_worker(settings, db)
     except GatewayError as exc:
         log.error("worker %d could not start: %s", index, exc.message)
         sys.exit(EXIT_START_FAILED)
@@ -193,13 +193,13 @@ def worker_main(
     # What start-up loaded (modules, schemas, keys, the directory) lives as long as the process:
     # kept out of the collector's full passes, which otherwise walk it again and again.
     gc.freeze()
-    work(worker, builder, stopping, index)
+    work(worker, builder, stopping, index, refresh)
     db.dispose()
     if stopping.orphaned():
         log.warning("worker %d: the supervisor is gone; stopped", index)
 
 
-def _start_worker(settings: Settings, db: Database) -> tuple[Worker, Builder]:
+def _start_worker(settings: Settings, db: Database) -> tuple[Worker, Builder, Callable[[], None]]:
     contexts = ContextCache(settings, db)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # noqa: E731
     name = worker_name()
@@ -219,17 +219,46 @@ def _start_worker(settings: Settings, db: Database) -> tuple[Worker, Builder]:
         clock,
         name,
     )
-    return worker, builder
+    return worker, builder, _signing(settings, contexts, archive, builder)
 
 
-def work(worker: Worker, builder: Builder, stop: Stopping, index: int) -> None:
+def _signing(
+    settings: Settings, contexts: ContextCache, archive: Archive, builder: Builder
+) -> Callable[[], None]:
+    """What brings the hub's signing key up to date once the context is loaded again (a key
+    retired, a window ended, a new key): receipts, deliveries and checkpoints are then signed
+    with the key `gateway archive checkpoint` would use, without a restart."""
+    held = [contexts()]
+
+    def refresh() -> None:
+        ctx = contexts()
+        if ctx is held[0]:
+            return
+        now = datetime.now(UTC)
+        builder.hub = hub_identity(settings, ctx, now)
+        archive.signer = hub_signer(ctx, now)
+        held[0] = ctx
+        log.info("hub signing key now %s", builder.hub.signer[0].subject.rfc4514_string())
+
+    return refresh
+
+
+def work(
+    worker: Worker,
+    builder: Builder,
+    stop: Stopping,
+    index: int,
+    refresh: Callable[[], None] = lambda: None,
+) -> None:
     """A worker's loop: take mail in, file it, build what is owed; until ``stop``. Failures
-    back off and are tried again: the process never exits on one (no crash loop)."""
+    back off and are tried again: the process never exits on one (no crash loop). ``refresh``
+    brings the signing key up to date with the keys of now (:func:`_signing`)."""
     failures = 0
     cycle = 0
     while not stop.is_set():
         cycle += 1
         try:
+            refresh()
             # Taking mail in comes first: while intake is backlogged (a burst), receipts and
             # deliveries are built every few cycles; otherwise, steady load included, every
             # cycle, so that they keep pace with what is filed.

@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from archive.db import Database
 from formats.payload import Organ, build_payload
 from formats.smime import build_message
-from gateway import cli
+from gateway import cli, worker_process
 from gateway import doctor as doctor_mod
 from gateway import settings as settings_mod
 from gateway.demo import HUB_ADDRESS, WORK_PERMITS, DemoWorld
@@ -246,6 +246,27 @@ def test_a_hub_keys_window_holds_for_signing_and_decryption(
     v = verdict(home, to_b)
     assert v["disposition"] != "accepted" and reason_codes(v) == ["not-for-us"], v
     assert verdict(home, to_a)["disposition"] == "accepted"
+
+
+def test_a_running_worker_signs_with_the_key_of_now_without_a_restart(
+    home: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker signs receipts, deliveries and checkpoints with B; the admin ends B's window
+    while it runs: its next cycle signs with A, as `gateway archive checkpoint` would."""
+    monkeypatch.setattr(worker_process, "CONTEXT_CHECK", 0.0)  # look at every call
+    settings = settings_mod.load(home)
+    db = Database.open(settings.database_url)
+    try:
+        worker, builder, refresh = worker_process._start_worker(settings, db)
+        assert builder.hub.signer[0] == pki.hub_b.cert
+        assert worker.archive.signer is not None and worker.archive.signer[0] == pki.hub_b.cert
+        end = (T - timedelta(days=1) + timedelta(hours=1)).isoformat()
+        assert run(home, "keys", "window", fp(pki.hub_b)[:16], "--until", end).exit_code == 0
+        refresh()
+        assert builder.hub.signer[0] == pki.hub_a.cert
+        assert worker.archive.signer is not None and worker.archive.signer[0] == pki.hub_a.cert
+    finally:
+        db.dispose()
 
 
 def test_the_usable_hub_keys_follow_the_instant_asked_about(home: Path, pki: Pki) -> None:
