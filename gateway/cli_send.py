@@ -46,7 +46,7 @@ from formats.payload import Payload
 from formats.smime import Attachment, build_message
 from formats.vntime import local_day
 from gateway.cli import db_session, emit_json, load_settings, now
-from gateway.loading import load_directory, stored_trust
+from gateway.loading import hub_certificates, load_directory, stored_trust
 from gateway.relay import Relay, deliver
 from gateway.settings import Settings
 from keys import files, store
@@ -130,10 +130,14 @@ def send(
     with db_session(ctx) as s:
         directory = _directory(s, settings)
         enrolled = store.enrolled(s).get(organ_id, ())
-        stored = store.certificates(s, role="hub", include_retired=False)
-        hub_certs = {c.sha256: c.certificate for c in stored if c.usable_at(at)}
+        # The hub's certificates it decrypts with now (keys.store.hub_key_usable): a [hub] file
+        # whose certificate is retired in the key store is not encrypted to.
+        hub_certs = {
+            store.fingerprint(cert): cert
+            for cert, row in hub_certificates(settings, s)
+            if store.hub_key_usable(cert, row, at)
+        }
         trust = stored_trust(settings, s)
-    hub_certs.update({store.fingerprint(c): c for c in _hub_files(settings, at)})
     from_addr = _sender(bundle.cert, organ_id, directory, enrolled, at)
     _trusted(trust, bundle, at)
     attachments = _attachments(payload, attached)
@@ -276,12 +280,6 @@ def _directory(s: Session, settings: Settings) -> Directory:
     codes = {a.organ_id for a in stored}
     from_file = load_directory(settings.path(settings.directory.file))
     return Directory.of([*stored, *(a for a in from_file if a.organ_id not in codes)])
-
-
-def _hub_files(settings: Settings, at: datetime) -> list[x509.Certificate]:
-    paths = (settings.path(p) for p in settings.hub.certificates)
-    certs = (files.load_certificates(p)[0] for p in paths if p.exists())
-    return [c for c in certs if c.not_valid_before_utc <= at <= c.not_valid_after_utc]
 
 
 def _sender(

@@ -10,6 +10,7 @@ judges at its own clock; no test asserts on that clock.
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from dataclasses import dataclass
@@ -206,6 +207,40 @@ def test_retiring_a_hub_key_that_the_hub_files_also_hold_ends_it(home: Path, pki
     finally:
         db.dispose()
     assert line.status == "OK" and line.message.startswith("1 hub key pair(s) decrypt"), line
+
+
+def test_gateway_send_encrypts_only_to_the_hub_keys_of_now(
+    home: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """`gateway send` for an agency without a mail client: after `keys hub retire A` (A is in
+    the [hub] files too), the message is encrypted to B alone."""
+    assert run(home, "keys", "hub", "retire", fp(pki.hub_a)[:16]).exit_code == 0
+    payload = build_payload(
+        "work-permit", sender=Organ("H26.SNV"), recipients=[Organ("H26.CATP")],
+        records=WORK_PERMITS, document_number="10/SNV", issued_on=T.date(), period="2026-10",
+        message_id=uuid.uuid4(),
+    )  # fmt: skip
+    (tmp_path / "payload.xml").write_bytes(payload.to_xml())
+    p12 = _p12(tmp_path / "snv.p12", pki.snv)
+    out = tmp_path / "out.eml"
+    result = run(
+        home, "send", str(tmp_path / "payload.xml"), "--as", "H26.SNV", "--to", "H26.CATP",
+        "--key", str(p12), "--output", str(out), env={"GATEWAY_SEND_PASSPHRASE": "p12"},
+    )  # fmt: skip
+    assert result.exit_code == 0, (result.exception, result.output)
+    assert verdict(home, out)["disposition"] == "accepted"  # B decrypts it
+    assert _recipient_serials(out.read_bytes()) == {pki.hub_b.cert.serial_number}
+
+
+def _recipient_serials(raw: bytes) -> set[int]:
+    """The serial numbers the enveloped data is encrypted to (its KeyTransRecipientInfos)."""
+    from asn1crypto import cms
+
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    info = cms.ContentInfo.load(base64.b64decode(body))
+    return {
+        r.chosen["rid"].chosen["serial_number"].native for r in info["content"]["recipient_infos"]
+    }
 
 
 def test_the_last_usable_hub_key_cannot_be_retired(home: Path, pki: Pki) -> None:
