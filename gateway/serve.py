@@ -22,11 +22,13 @@ its parent dies (``PR_SET_PDEATHSIG``) and its loop also notices the parent gone
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import logging
 import multiprocessing as mp
 import os
+import resource
 import socket
 import threading
 import time
@@ -143,6 +145,7 @@ class Supervisor:
 
     def run(self) -> None:
         settings = self.settings
+        descriptors(settings)
         db = open_database(settings)
         ctx = load_context(settings, db)  # fails here, clearly, if keys or trust are missing
         from gateway.relay import Relay  # (the workers never load the relay client)
@@ -416,6 +419,31 @@ class Supervisor:
         thread = threading.Thread(target=poller.run, args=(self.stop,), name="imap", daemon=True)
         thread.start()
         return thread
+
+
+#: File descriptors the supervisor needs besides one per session: the database, the workers'
+#: pipes, the relay, IMAP, the metrics endpoint, logs, TLS files.
+DESCRIPTOR_MARGIN = 128
+
+
+def descriptors(settings: Settings) -> int:
+    """Raise this process's open-file limit to its hard limit, and refuse settings whose
+    sessions could not all be open at once: out of descriptors, ``accept`` fails in a loop
+    (one error a try, no reply to anyone) instead of answering 421. Returns the limit."""
+    listeners = sum(1 for address in (settings.listen.smtp, settings.listen.lmtp) if address)
+    want = listeners * settings.listen.max_sessions + DESCRIPTOR_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and want > soft:
+        raise ConfigError(
+            f"[listen] max_sessions = {settings.listen.max_sessions} on {listeners} listener(s) "
+            f"needs about {want} open files, and this process may open {soft}: lower it, or "
+            "raise the limit (systemd: LimitNOFILE=; a shell: ulimit -n)"
+        )
+    return int(soft)
 
 
 def _bind_error(where: str, address: str, exc: OSError) -> ConfigError:

@@ -11,6 +11,8 @@ import json
 import multiprocessing as mp
 import os
 import re
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +30,8 @@ from sqlalchemy import select
 
 from archive import tables as t
 from archive.db import Database
-from gateway import worker_process
+from gateway import serve, worker_process
+from gateway import settings as settings_mod
 from gateway.demo import DemoWorld
 from gateway.outbound import alert
 from tests import served
@@ -155,6 +158,47 @@ def test_an_address_in_use_is_one_line_and_leaves_nothing_running(
     # No worker was started, or all were stopped (multiprocessing's resource tracker, if it
     # was started, follows its parent by itself).
     wait_for(lambda: not in_session(process.pid), 30, "every process of the service exits")
+
+
+# --- file descriptors -----------------------------------------------------------------------
+
+
+def test_sessions_beyond_the_open_file_limit_are_refused_at_start(
+    home: Path, tmp_path: Path
+) -> None:
+    """300 sessions on a process that may open 150 files: one line naming the setting at start,
+    rather than `accept` failing in a loop (one error each try, no reply) once they come."""
+    home = Path(shutil.copytree(home, tmp_path / "home"))
+    config = home / "gateway.toml"
+    text = config.read_text(encoding="utf-8")
+    assert "[listen]\n" in text
+    config.write_text(text.replace("[listen]\n", "[listen]\nmax_sessions = 300\n"), "utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--home", str(home), "serve", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (150, 150)),
+    )  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        _kill_session(process.pid)
+    assert process.returncode == 2, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: [listen] max_sessions = 300 on 1 listener(s) needs about")
+    assert "this process may open 150" in last and "LimitNOFILE" in last
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit(home: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 512:
+        pytest.skip(f"the hard limit here is {hard}")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert serve.descriptors(settings_mod.load(home)) == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # --- a worker that cannot start ------------------------------------------------------------
