@@ -134,6 +134,7 @@ def _verify(
     _checkpoints(s, levels, signers, report, trust)
     _kept(levels, kept, report)
     _admin_events(s, admin, report)
+    _key_store(s, admin, report)
     if check_blobs:
         _blobs(s, blobs, report, progress)
     return report
@@ -520,6 +521,72 @@ def _admin_events(
             _add(report, f"admin event {number} differs from its log entry {seq}: it was edited")
     for event in sorted(set(logged) - seen):
         _add(report, f"admin event {event} of log entry {logged[event][0]} is missing (deleted)")
+
+
+@dataclass
+class _Enrolled:
+    """A certificate as the admin events made it: added, windowed, retired."""
+
+    event: int
+    role: str
+    holder: object
+    use_from: datetime | None = None
+    use_until: datetime | None = None
+    retired: datetime | None = None
+
+
+def _key_store(s: Session, logged: dict[int, tuple[int, dict[str, Any]]], report: Report) -> None:
+    """Every certificate in the key store (trust anchors and intermediates included) is one an
+    admin event added, with the role, holder, window and retirement the events give it: a row
+    written straight into the database (a rogue trust anchor, another agency's certificate in
+    a row) is found, and so is one deleted."""
+    made: dict[object, _Enrolled] = {}
+    for number in sorted(logged):
+        fields = logged[number][1]
+        action, detail = fields.get("action"), fields.get("detail")
+        if not isinstance(action, str) or not isinstance(detail, dict):
+            continue
+        sha = detail.get("sha256")
+        if action.startswith("certificate.add."):
+            role = action.removeprefix("certificate.add.")
+            made[sha] = _Enrolled(number, role, fields.get("subject"))
+        elif (c := made.get(sha)) is None:
+            continue
+        elif action == "certificate.window":
+            c.use_from, c.use_until = (
+                _instant(detail.get("use_from")),
+                _instant(detail.get("use_until")),
+            )
+        elif action.startswith("certificate.retire."):
+            c.retired = _instant(fields.get("at"))
+    k = t.Certificate
+    query = select(
+        k.sha256, k.role, k.organ_id, k.subject, _as_stored(k.use_from), _as_stored(k.use_until),
+        _as_stored(k.retired_at), cast(k.der, LargeBinary),
+    ).order_by(k.id)  # fmt: skip
+    seen = set()
+    for sha, role, organ_id, subject, use_from, use_until, retired, der in _rows(s, query):
+        seen.add(sha)
+        who = f"certificate {str(sha)[:16]}… ({role}, {subject})"
+        if hashlib.sha256(_bytes(der, report, f"{who}: its DER")).hexdigest() != sha:
+            _add(report, f"{who}: its DER is another certificate than its fingerprint names")
+        c = made.get(sha)
+        if c is None:
+            _add(report, f"{who} is in the key store, but no admin event added it: written in")
+            continue
+        held = (role, organ_id or subject, _instant(use_from), _instant(use_until))
+        if held != (c.role, c.holder, c.use_from, c.use_until) or _instant(retired) != c.retired:
+            _add(
+                report,
+                f"{who} differs from what admin events made it (event {c.event} and after): "
+                "its role, holder, window or retirement was edited",
+            )
+    for sha in made.keys() - seen:
+        _add(
+            report,
+            f"certificate {str(sha)[:16]}… added by admin event {made[sha].event} is missing "
+            "from the key store (deleted)",
+        )
 
 
 def _blobs(s: Session, blobs: BlobStore, report: Report, progress: Progress) -> None:

@@ -3,6 +3,7 @@ verdicts, and the commands as an archivist runs them (exit codes, --json, reads 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
 from archive import checkpoint as cp
@@ -25,6 +27,7 @@ from archive.service import Archive
 from gateway import cli, settings
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from keys import store
+from keys.issuing import make_root
 from tests.conftest import WORLD_AT
 from tests.test_bundle import file_messages
 
@@ -359,6 +362,48 @@ def test_verify_says_which_entries_no_checkpoint_covers(home: Path) -> None:
     text = ok(home, "verify", "--no-blobs").stdout
     entries = json.loads(ok(home, "verify", "--no-blobs", "--json").stdout)["entries"]
     assert f"NOTE: entries 0 to {entries - 1} are covered by no checkpoint yet" in text
+
+
+def test_verify_compares_the_key_store_with_the_admin_events(home: Path, world: DemoWorld) -> None:
+    """A trust anchor written straight into the database (the gateway would trust what it
+    signs), a certificate row given another certificate's bytes, a window widened, a
+    certificate deleted: none has the admin event that would explain it."""
+    conf = settings.load(home)
+    database = Database.open(conf.database_url)
+    with database.session() as s:
+        agency = world.directory.get("H26.CATP")
+        assert agency is not None
+        store.add_agency(s, agency, at=WORLD_AT, actor="t")
+        police = world.agencies["H26.CATP"].cert
+        store.add_certificate(s, police, role="agency", organ_id="H26.CATP", at=WORLD_AT, actor="t")
+    database.dispose()
+    assert "archive verifies" in ok(home, "verify", "--no-blobs").stdout
+    rogue = make_root("Rogue root", at=WORLD_AT)
+    der = rogue.cert.public_bytes(Encoding.DER)
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        db.execute(
+            "INSERT INTO certificates (sha256, role, subject, issuer, serial, emails, not_before,"
+            " not_after, der, source, imported_at) VALUES (?, 'anchor', 'CN=Rogue root',"
+            " 'CN=Rogue root', '1', '', '2026-01-01 00:00:00.000000',"
+            " '2036-01-01 00:00:00.000000', ?, '', '2026-11-02 00:00:00.000000')",
+            (hashlib.sha256(der).hexdigest(), der),
+        )
+        root = db.execute("SELECT der FROM certificates WHERE role = 'anchor'").fetchone()[0]
+        db.execute("UPDATE certificates SET der = ? WHERE role = 'hub'", (root,))
+        db.execute(
+            "UPDATE certificates SET use_until = '2099-01-01 00:00:00.000000' WHERE role = 'anchor'"
+        )
+        (gone,) = db.execute("SELECT sha256 FROM certificates WHERE role = 'agency'").fetchone()
+        db.execute("DELETE FROM certificates WHERE role = 'agency'")
+    db.close()
+    bad = run(home, "verify", "--no-blobs")
+    assert bad.exit_code == 1
+    out = bad.stdout
+    assert "(anchor, CN=Rogue root) is in the key store, but no admin event added it" in out
+    assert "its DER is another certificate than its fingerprint names" in out
+    assert "(anchor, CN=Hanoi" in out and "differs from what admin events made it" in out
+    assert f"certificate {gone[:16]}… added by admin event" in out and "(deleted)" in out
 
 
 @pytest.mark.parametrize("edit", ODD_EDITS)
