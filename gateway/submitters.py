@@ -128,18 +128,20 @@ class Throttle:
             return counts[0], max(0.0, *locks)
 
     def succeeded(self, address: str, login: str, *, attempted: bool) -> None:
-        """The address's failures are forgiven and it may log in as ``login`` through that
-        login's lockout. The login's other failures stay counted (others may be guessing it);
-        this one, if it was counted (``attempted``), is taken back."""
+        """The address may log in as ``login`` through that login's lockout from now on. This
+        attempt, if it was counted (``attempted``), is taken back from the address and from the
+        login; their other failures stay counted: one good login of its own must not wipe an
+        address's slate between guesses at other logins."""
         with self._lock:
             now = self.clock()
-            self._failures.pop(("address", address), None)
-            count, last, until = self._entry(("login", login), now)
-            if attempted and count > 1:  # (a lockout only this attempt earned goes with it)
-                until = until if count - 1 > self.free else now
-                self._failures[("login", login)] = (count - 1, last, until)
-            elif attempted:
-                self._failures.pop(("login", login), None)
+            if attempted:
+                for key in (("address", address), ("login", login)):
+                    count, last, until = self._entry(key, now)
+                    if count > 1:  # (a lockout only this attempt earned goes with it)
+                        until = until if count - 1 > self.free else now
+                        self._failures[key] = (count - 1, last, until)
+                    else:
+                        self._failures.pop(key, None)
             self._put(self._trusted, (login, address), now)
 
     def _entry(self, key: tuple[str, str], now: float) -> tuple[int, float, float]:

@@ -24,7 +24,14 @@ from gateway import smtp as listener
 from gateway import submitters
 from gateway.cli import cli
 from gateway.demo import HUB_ADDRESS
-from gateway.submitters import Authenticator, Throttle, check_password, hash_password, read_file
+from gateway.submitters import (
+    FREE_FAILURES,
+    Authenticator,
+    Throttle,
+    check_password,
+    hash_password,
+    read_file,
+)
 
 SNV = "vanthu@snv.hanoi.gov.vn"
 PASSWORD = "correct horse battery staple"
@@ -376,3 +383,18 @@ def test_guesses_checked_at_once_do_not_slip_past_the_lockout(
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_good_login_between_guesses_does_not_clear_the_address() -> None:
+    """An insider with a login of their own logs in between guesses at other logins: the
+    address's failures still add up to a lockout (they were wiped by each success)."""
+    clock = [0.0]
+    throttle = Throttle(clock=lambda: clock[0])
+    address = "192.0.2.7"
+    for n in range(FREE_FAILURES + 1):
+        throttle.attempt(address, "insider")
+        throttle.succeeded(address, "insider", attempted=True)
+        throttle.attempt(address, f"victim-{n}")  # a wrong password: not taken back
+        clock[0] += 1
+    assert throttle.locked(address, "insider") > 0
+    assert throttle.locked(address, "victim-99") > 0
