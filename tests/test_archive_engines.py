@@ -10,7 +10,6 @@ from datetime import timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import delete, update
 
 from archive import merkle
@@ -20,6 +19,7 @@ from archive.db import Database
 from archive.log import Item
 from archive.service import Archive
 from gateway.demo import DemoWorld
+from keys import store
 from tests.conftest import WORLD_AT
 
 
@@ -36,13 +36,8 @@ def _archive(url: str, world: DemoWorld, every: int, opened: list[Archive]) -> A
     assert isinstance(key, rsa.RSAPrivateKey)
     db = Database.open(url)
     with db.session() as s:
-        s.add(
-            t.Certificate(
-                sha256="hub", role="hub", subject="hub", issuer="root", serial="1", emails="",
-                not_before=WORLD_AT, not_after=WORLD_AT, der=world.hub.cert.public_bytes(Encoding.DER),
-                source="test", imported_at=WORLD_AT,
-            )
-        )  # fmt: skip
+        # As `keys hub import` stores it: with its admin event (archive verify checks).
+        store.add_certificate(s, world.hub.cert, role="hub", at=WORLD_AT, actor="test")
     archive = Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), every)
     opened.append(archive)
     return archive
@@ -66,15 +61,16 @@ def test_file_prove_and_verify(database_url: str, world: DemoWorld, opened: list
         archive.file(_items(7, batch * 7))
     report = archive.verify()
     assert report.ok, report.problems
-    assert (report.entries, report.checkpoints) == (35, 2)  # signed at 14 and 28 (every ≥ 10)
+    # The hub certificate's admin event, then 35 messages; signed at 15 and 29 (every ≥ 10).
+    assert (report.entries, report.checkpoints) == (36, 2)
     with archive.db.session() as s:
         root = archive.log.root(s)
-        for seq in (0, 17, 34):
+        for seq in (0, 17, 35):
             proof = archive.log.inclusion(s, seq)
             leaf = archive.log.entry(s, seq).leaf_hash
-            assert merkle.verify_inclusion(leaf, seq, 35, proof, root)
+            assert merkle.verify_inclusion(leaf, seq, 36, proof, root)
         assert merkle.verify_consistency(
-            10, 35, archive.log.root(s, 10), root, archive.log.consistency(s, 10)
+            10, 36, archive.log.root(s, 10), root, archive.log.consistency(s, 10)
         )
 
 
@@ -99,7 +95,7 @@ def test_concurrent_writers_get_consecutive_numbers(
     assert errors == []
     report = archive.verify()
     assert report.ok, report.problems
-    assert report.entries == 90
+    assert report.entries == 91  # the hub certificate's admin event, and 90 messages
 
 
 def test_tampering_is_named_on_every_engine(
@@ -113,4 +109,4 @@ def test_tampering_is_named_on_every_engine(
     problems = "\n".join(archive.verify().problems)
     assert "entry 3: search column status says 'rejected', the record 'accepted'" in problems
     assert "entry 8 is missing (deleted rows)" in problems
-    assert "checkpoint #1 (size 12" in problems
+    assert "checkpoint #1 (size 13" in problems  # the certificate's event, 12 messages
