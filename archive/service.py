@@ -10,6 +10,7 @@ keeps the rule that every append is one durable transaction (DESIGN ยง5 rules 7โ
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,9 +25,11 @@ from sqlalchemy.orm import Session
 from archive import checkpoint as cp
 from archive import tables as t
 from archive.blobs import BlobStore, load_master_key
+from archive.bundle import RECEIPT_BLOB
 from archive.db import Database
 from archive.log import Entry, Item, Log
 from archive.records import read_item
+from archive.search import receipt_entry
 from archive.verify import Kept, Progress, Report, verify
 from keys import evidence
 from keys.trust import TrustStore
@@ -93,6 +96,19 @@ class Archive:
         """Log that a person read the archive (in the caller's transaction)."""
         self.log.append_many(s, [read_item(at, actor, action, target)])
 
+    def receipt_for(
+        self, s: Session, seq: int, size: int
+    ) -> tuple[bytes | None, bytes | None, list[bytes] | None]:
+        """The receipt entry answering message entry ``seq`` (its record), the receipt sent,
+        and its audit path in the log of ``size`` entries (None when that does not hold it
+        yet): what an evidence bundle carries of it."""
+        row = receipt_entry(s, seq)
+        if row is None:
+            return None, None, None
+        receipt = self.blobs.get(s, json.loads(row.record)["blobs"][RECEIPT_BLOB])
+        path = self.log.inclusion(s, row.seq, size) if row.seq < size else None
+        return row.record, receipt, path
+
     def verify(
         self,
         *,
@@ -128,15 +144,6 @@ def master_key(path: Path, db: Database) -> bytes:
 def hub_certificates(s: Session) -> list[x509.Certificate]:
     """Every certificate the hub has ever had (checkpoints stay verifiable after rotation)."""
     rows = s.scalars(select(t.Certificate).where(t.Certificate.role == "hub"))
-    return [x509.load_der_x509_certificate(r.der) for r in rows]
-
-
-def issuer_certificates(s: Session) -> list[x509.Certificate]:
-    """The CA certificates the hub knows (trust anchors, intermediates, the built-in CA): the
-    links from a hub certificate up to a root given from outside."""
-    rows = s.scalars(
-        select(t.Certificate).where(t.Certificate.role.in_(("anchor", "intermediate", "ca")))
-    )
     return [x509.load_der_x509_certificate(r.der) for r in rows]
 
 

@@ -540,13 +540,15 @@ def _key_store(s: Session, logged: dict[int, tuple[int, dict[str, Any]]], report
     admin event added, with the role, holder, window and retirement the events give it: a row
     written straight into the database (a rogue trust anchor, another agency's certificate in
     a row) is found, and so is one deleted."""
-    made: dict[object, _Enrolled] = {}
+    made: dict[str, _Enrolled] = {}
     for number in sorted(logged):
         fields = logged[number][1]
         action, detail = fields.get("action"), fields.get("detail")
         if not isinstance(action, str) or not isinstance(detail, dict):
             continue
         sha = detail.get("sha256")
+        if not isinstance(sha, str):  # an edited record (reported as such by _entries)
+            continue
         if action.startswith("certificate.add."):
             role = action.removeprefix("certificate.add.")
             made[sha] = _Enrolled(number, role, fields.get("subject"))

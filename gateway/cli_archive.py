@@ -23,7 +23,6 @@ from typing import Any
 
 import click
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -38,11 +37,11 @@ from archive.search import (
     line,
     newest_checkpoint,
     parse_bound,
-    receipt_entry,
     summary,
 )
 from archive.service import Archive, hub_certificates
 from archive.verify import Kept
+from formats.algorithms import signed_by
 from formats.errors import InputError
 from gateway import intake
 from gateway.cli import Failure, actor, emit_json, load_settings, now
@@ -498,28 +497,12 @@ def _issuers(s: Session, cert: x509.Certificate) -> list[x509.Certificate]:
     chain = [cert]
     while len(chain) < 8 and chain[-1].issuer != chain[-1].subject:
         for candidate in pool:
-            try:
-                chain[-1].verify_directly_issued_by(candidate)
-            except (ValueError, TypeError, InvalidSignature):  # not this issuer
-                continue
-            chain.append(candidate)
-            break
+            if signed_by(chain[-1], candidate):
+                chain.append(candidate)
+                break
         else:
             break
     return chain
-
-
-def _receipt(
-    a: Archive, s: Session, seq: int, size: int
-) -> tuple[bytes | None, bytes | None, list[bytes] | None]:
-    """The receipt entry answering ``seq``, its receipt, and its audit path in the log of
-    ``size`` entries (None when that does not hold it yet)."""
-    row = receipt_entry(s, seq)
-    if row is None:
-        return None, None, None
-    receipt = a.blobs.get(s, json.loads(row.record)["blobs"][bundle.RECEIPT_BLOB])
-    path = a.log.inclusion(s, row.seq, size) if row.seq < size else None
-    return row.record, receipt, path
 
 
 @archive_cmd.command("export")
@@ -534,7 +517,7 @@ def export_cmd(ctx: click.Context, seq: int, out: Path, as_json: bool) -> None:
         row = _checkpoint_for(s, seq, None)
         assert row is not None
         _, signer = _verified(s, row)
-        receipt_record, receipt, receipt_path = _receipt(a, s, seq, row.size)
+        receipt_record, receipt, receipt_path = a.receipt_for(s, seq, row.size)
         data = bundle.build(
             bundle.Contents(
                 record=entry.record,

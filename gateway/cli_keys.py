@@ -7,6 +7,7 @@ half-written, and every change is recorded as an admin event.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -19,18 +20,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy.orm import Session
 
-from formats.errors import ConfigError, GatewayError, InputError
+from formats.errors import ConfigError, DatabaseDamaged, GatewayError, InputError
 from formats.vntime import VN_TZ
 from gateway.cli import actor as who
 from gateway.cli import db_session, emit_json, load_settings, now, parse_time
 from gateway.cli_ca import ca, crl_cmd, issue_cmd, revoke_cmd
 from gateway.cli_evidence import crls, ocsp_group
-from gateway.loading import hub_certificates, stored_trust
 from gateway.loading import passphrase as settings_passphrase
+from gateway.loading import stored_trust, usable_hub_certificates
 from gateway.settings import Settings
 from keys import directory, files, inspect, issuing, store
 from keys.store import StoredCertificate
-from keys.trust import TrustStore
+from keys.trust import TrustStore, emails_of
 
 _P12 = (".p12", ".pfx")
 
@@ -351,8 +352,8 @@ def _hub_problems(
     supply intermediates."""
     problems = inspect.agency_problems(cert, None, at)
     profile_ok = not problems  # else validating the path would repeat what is said already
-    named = store.san_emails(cert)
-    if named and address not in directory.comparable(named):
+    named = emails_of(cert)
+    if named and address not in named:
         problems.append(
             f"its subjectAltName names {', '.join(named)}, not the hub's address {address} "
             "([hub] address in gateway.toml)"
@@ -390,9 +391,11 @@ def _hub_trust(ctx: click.Context, s: Session) -> TrustStore | None:
     ``None`` if there is no anchor at all."""
     try:
         trust = stored_trust(load_settings(ctx), s)
-    except ConfigError:  # no trust anchor (the only ConfigError load_trust raises)
+    except DatabaseDamaged:
+        raise  # said as it is, not as a missing anchor
+    except ConfigError:  # no trust anchor (the only other ConfigError load_trust raises)
         return None
-    return TrustStore(trust.anchors, trust.intermediates, trust.crls, trust.ocsps, "soft-fail")
+    return dataclasses.replace(trust, revocation_mode="soft-fail")
 
 
 def _hub_address(ctx: click.Context) -> str:
@@ -514,11 +517,7 @@ def hub_retire(ctx: click.Context, ref: str) -> None:
         row = store.find_certificate(s, ref)
         if row.role != "hub":
             raise InputError(f"{ref} is a {row.role} certificate, not one of the hub's")
-        left = [
-            cert
-            for cert, stored in hub_certificates(settings, s)
-            if store.fingerprint(cert) != row.sha256 and store.hub_key_usable(cert, stored, at)
-        ]
+        left = set(usable_hub_certificates(settings, s, at)) - {row.sha256}
         if not left:
             raise InputError(
                 "this is the hub's last key usable now; create its successor first (`gateway "

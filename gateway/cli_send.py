@@ -46,7 +46,7 @@ from formats.payload import Payload
 from formats.smime import Attachment, build_message
 from formats.vntime import local_day
 from gateway.cli import db_session, emit_json, load_settings, now
-from gateway.loading import hub_certificates, load_directory, stored_trust
+from gateway.loading import load_directory, stored_trust, usable_hub_certificates
 from gateway.relay import Relay, deliver
 from gateway.settings import Settings
 from keys import files, store
@@ -132,11 +132,7 @@ def send(
         enrolled = store.enrolled(s).get(organ_id, ())
         # The hub's certificates it decrypts with now (keys.store.hub_key_usable): a [hub] file
         # whose certificate is retired in the key store is not encrypted to.
-        hub_certs = {
-            store.fingerprint(cert): cert
-            for cert, row in hub_certificates(settings, s)
-            if store.hub_key_usable(cert, row, at)
-        }
+        hub_certs = usable_hub_certificates(settings, s, at)
         trust = stored_trust(settings, s)
     from_addr = _sender(bundle.cert, organ_id, directory, enrolled, at)
     _trusted(trust, bundle, at)

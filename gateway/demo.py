@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -168,9 +168,11 @@ class DemoWorld:
         payload_from: str | None = None,
         number: int = 1,
         period: str = "2026-10",
+        to: Sequence[x509.Certificate] = (),
     ) -> bytes:
         """A signed and encrypted monthly work-permit submission from ``sender`` to the police
-        for the monthly ``period`` (YYYY-MM: the 16th of the month before to the 15th)."""
+        for the monthly ``period`` (YYYY-MM: the 16th of the month before to the 15th),
+        encrypted to the hub's certificate (or to ``to``)."""
         agency = self.directory.get(sender)
         police = self.directory.get("H26.CATP")
         assert agency is not None and police is not None
@@ -192,7 +194,7 @@ class DemoWorld:
             payload.to_xml(),
             signer_cert=issued.cert,
             signer_key=issued.key,
-            recipients=[self.hub.cert],
+            recipients=list(to) or [self.hub.cert],
             from_addr=from_addr or address,
             to_addrs=[HUB_ADDRESS],
             message_id=f"<{uuid.UUID(bytes=os.urandom(16), version=4)}@{address.split('@')[1]}>",

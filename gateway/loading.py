@@ -180,15 +180,22 @@ def hub_certificates(
     return out
 
 
-def usable_hub_fingerprints(settings: Settings, s: Session, at: datetime) -> frozenset[str]:
-    """The SHA-256 fingerprints of the hub certificates :func:`hub_keys` would use at ``at``:
-    what a running worker compares to see when a key's window, validity or retirement changes
-    the keys it holds."""
-    return frozenset(
-        store.fingerprint(cert)
+def usable_hub_certificates(
+    settings: Settings, s: Session, at: datetime
+) -> dict[str, x509.Certificate]:
+    """The hub certificates :func:`hub_keys` would use at ``at``, by SHA-256 fingerprint (what
+    `gateway send` encrypts to), without decrypting a key."""
+    return {
+        store.fingerprint(cert): cert
         for cert, row in hub_certificates(settings, s)
         if store.hub_key_usable(cert, row, at)
-    )
+    }
+
+
+def usable_hub_fingerprints(settings: Settings, s: Session, at: datetime) -> frozenset[str]:
+    """:func:`usable_hub_certificates`' fingerprints: what a running worker compares to see
+    when a key's window, validity or retirement changes the keys it holds."""
+    return frozenset(usable_hub_certificates(settings, s, at))
 
 
 def load_hub_keys(

@@ -201,10 +201,9 @@ def claim(
     limit: int,
     *,
     sending: bool,
-    lease: timedelta = LEASE,
 ) -> list[int]:
     """Claim rows to build (``new``) or to send (``ready``, due ``retry``); expired claims too."""
-    return list(claim_from(s, worker, now, limit, sending=sending, lease=lease))
+    return list(claim_from(s, worker, now, limit, sending=sending))
 
 
 def claim_from(

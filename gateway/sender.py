@@ -122,12 +122,11 @@ class Unsendable:
 
 @dataclass
 class _Run:
-    """What a run holds: rows claimed and not tried yet (id → the state claimed from), the
-    answers not recorded yet, and until when its claim holds."""
+    """What a run holds: rows claimed and not tried yet (id → the state claimed from), and the
+    answers not recorded yet."""
 
     held: dict[int, str]
     claims: int  # batches the run may still claim
-    lease_until: datetime
     recorded: datetime  # the last record (or the first claim)
     answered: list[tuple[int, Attempt]] = field(default_factory=list)
 
@@ -168,7 +167,7 @@ class Sender:
             held = claim_from(s, self.name, now, limit, sending=True, lease=self.lease)
         if not held:
             return []
-        run = _Run(held, batches - 1, now + self.lease, now)
+        run = _Run(held, batches - 1, now)
         out: list[tuple[int, str]] = []
         try:
             with self.open_session() as session:
@@ -253,7 +252,7 @@ class Sender:
             log.warning("sender: outbox %s taken over by another sender; not sent here", lost)
         run.held = {n: state for n, state in run.held.items() if n in kept} | claimed
         run.answered, run.claims = [], run.claims - more
-        run.recorded, run.lease_until = now, until
+        run.recorded = now
         return out
 
     def _settle(self, run: _Run) -> list[tuple[int, str]]:

@@ -11,10 +11,9 @@ PostgreSQL, several machines) share the queue without a coordinator.
 Start-up resumes whatever a crash left half done: claims held by processes of this host that
 no longer run are released at once (others expire with their lease). Stopping (SIGTERM or
 SIGINT) closes the listeners first, then lets the workers finish the batch in hand; the sender
-stops between two messages: the one in flight is answered (within the relay's deadline,
-:func:`sender_grace`), what the relay answered is recorded, and the rows it did not try are
-given back as they were, so that nothing is sent twice after a graceful stop. The
-listeners and the metrics endpoint are bound before any worker starts: an address in use stops
+stops between two messages: the one in flight is answered (within :data:`STOP_GRACE`), what
+the relay answered is recorded, and the rows it did not try are given back as they were, so
+that nothing is sent twice after a graceful stop. The listeners and the metrics endpoint are bound before any worker starts: an address in use stops
 start-up with one line naming the setting. Workers never outlive the supervisor: killed with
 ``kill -9``, it leaves no one to tell them to stop, so each worker asks Linux for a SIGTERM when
 its parent dies (``PR_SET_PDEATHSIG``) and its loop also notices the parent gone.
@@ -71,21 +70,13 @@ log = logging.getLogger("gateway.serve")
 RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host
 
 
-#: Seconds a stop waits for the sender at most, after the workers (up to 30 s): within the
-#: service manager's stop timeout (deploy/systemd/gateway.service: TimeoutStopSec=60).
+#: Seconds a stop waits for the sender after the workers (up to 30 s), within the service
+#: manager's stop timeout (deploy/systemd/gateway.service: TimeoutStopSec=60). The message in
+#: flight is waited for rather than cut off: once its data has gone, the relay may have taken
+#: it, and a message cut off then would be recorded ``retry`` and sent again. One still in
+#: flight after this is sent again after the next start, as after a crash (at least once,
+#: never lost).
 STOP_GRACE = 20.0
-
-
-def sender_grace(relay: Relay) -> float:
-    """Seconds a stop waits for the sender: the message in flight, which a session tries at
-    most twice, each try within ``relay.deadline``; then its record, and QUIT (``timeout``);
-    at most :data:`STOP_GRACE`.
-
-    The message in flight is waited for rather than cut off: once its data has gone, the relay
-    may have taken it, and a message cut off then would be recorded ``retry`` and sent again.
-    One still in flight after the grace is sent again after the next start, as after a crash
-    (at least once, never lost)."""
-    return min(2 * relay.deadline + relay.timeout + 30.0, STOP_GRACE)
 
 
 def release_stale_claims(db: Database, host: str) -> int:
@@ -235,9 +226,11 @@ class Supervisor:
         _stop_workers(workers_stop, processes, timeout=30)
         sender_thread.join(timeout=1)
         if sender_thread.is_alive():
-            grace = sender_grace(relay)
-            log.info("stopping: waiting for the message in flight to the relay (up to %g s)", grace)
-            sender_thread.join(timeout=grace)
+            log.info(
+                "stopping: waiting for the message in flight to the relay (up to %g s)",
+                STOP_GRACE,
+            )
+            sender_thread.join(timeout=STOP_GRACE)
             if sender_thread.is_alive():
                 log.error("stopping: the sender did not finish; its rows resume at the next start")
         if imap_thread is not None:

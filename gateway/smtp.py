@@ -60,7 +60,7 @@ from archive.records import Transport
 from formats.errors import ConfigError, DatabaseDamaged, TransientError
 from formats.limits import Limits
 from gateway import intake
-from gateway.smtp_checks import SessionGate, check_data, is_mailbox, safe_text
+from gateway.smtp_checks import SessionGate, check_data, is_mailbox, peer_parts, safe_text
 from gateway.smtp_protocol import TRANSIENT, IntakeLMTP, IntakeSMTP, PeerFaults
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class IntakeHandler:
         if refusal is not None:
             log.info("%s: refused: %s", _peer(session), refusal)
             return refusal
-        host, port = _peer_parts(session)
+        host, port = peer_parts(session.peer)
         transport = Transport(
             received_at=self.clock(),
             protocol="lmtp" if lmtp else "smtp",
@@ -286,15 +286,7 @@ class IntakeHandler:
 
 
 def _peer(session: Session) -> str:
-    return _peer_parts(session)[0]
-
-
-def _peer_parts(session: Session) -> tuple[str, str | None]:
-    """(address, port) of the peer; aiosmtpd gives a (host, port[, …]) tuple for TCP."""
-    peer: Any = session.peer
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(peer[0]), str(peer[1])
-    return str(peer), None
+    return peer_parts(session.peer)[0]
 
 
 def _tls(session: Session) -> str | None:

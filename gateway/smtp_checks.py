@@ -135,3 +135,11 @@ class SessionGate:
         # on policy grounds: the peer tries again later.
         host = f"{self.hostname} " if self.hostname else ""
         return f"421 4.7.0 {host}{why}; try again later"
+
+
+def peer_parts(peer: object) -> tuple[str, str | None]:
+    """(address, port) of a peer as asyncio and aiosmtpd give it: a (host, port[, …]) tuple
+    for TCP, anything else as text."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), str(peer[1])
+    return str(peer), None

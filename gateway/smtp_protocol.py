@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
 
-from gateway.smtp_checks import LINE_TOO_LONG, SessionGate
+from gateway.smtp_checks import LINE_TOO_LONG, SessionGate, peer_parts
 from gateway.smtp_data import BLOCK, read_data
 
 if TYPE_CHECKING:
@@ -536,8 +536,7 @@ class _Pending:
 
 def _address(transport: asyncio.BaseTransport) -> str:
     """The peer's address (without the port) for the per-address session cap."""
-    peer = transport.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+    return peer_parts(transport.get_extra_info("peername"))[0]
 
 
 class IntakeSMTP(_Replies, SMTP):

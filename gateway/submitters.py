@@ -48,7 +48,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from formats.errors import ConfigError
-from gateway.smtp_checks import safe_text
+from gateway.smtp_checks import peer_parts, safe_text
 
 log = logging.getLogger("gateway.smtp")
 
@@ -335,5 +335,4 @@ class Authenticator:
 
 def _address(session: Session) -> str:
     """The peer's address, without the port."""
-    peer: Any = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+    return peer_parts(session.peer)[0]

@@ -271,6 +271,11 @@ def work(
             log.warning("worker %d: %s; trying again", index, exc)
             stop.wait(min(30.0, 0.5 * 2**failures))
             continue
+        except GatewayError as exc:  # e.g. no hub key usable any more: what to fix, one line
+            failures += 1
+            log.error("worker %d: %s; trying again", index, exc.message)
+            stop.wait(min(30.0, 0.5 * 2**failures))
+            continue
         except Exception:  # a defect of ours: logged, and the process stays up
             failures += 1
             log.exception("worker %d: unexpected failure; trying again", index)

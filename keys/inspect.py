@@ -17,7 +17,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from formats import algorithms
 from formats.errors import CryptoError, InputError
-from keys.directory import Agency, normalize_email
+from keys.directory import Agency
+from keys.trust import emails_of
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 _WEAK_HASHES = (hashes.MD5, hashes.SHA1)
@@ -52,7 +53,7 @@ def agency_problems(cert: x509.Certificate, agency: Agency | None, at: datetime)
     usage = _extension(cert, x509.KeyUsage)
     if usage is not None and not usage.digital_signature:
         problems.append("its key usage does not allow digitalSignature, so it cannot sign mail")
-    emails = _san_emails(cert)
+    emails = emails_of(cert)
     if not emails:
         problems.append(
             "it has no e-mail address (rfc822Name) in subjectAltName; the address must equal "
@@ -108,19 +109,6 @@ def _common_problems(cert: x509.Certificate, at: datetime) -> list[str]:
 def is_ca(cert: x509.Certificate) -> bool:
     constraints = _extension(cert, x509.BasicConstraints)
     return bool(constraints is not None and constraints.ca)
-
-
-def _san_emails(cert: x509.Certificate) -> list[str]:
-    san = _extension(cert, x509.SubjectAlternativeName)
-    if san is None:
-        return []
-    out = []
-    for value in san.get_values_for_type(x509.RFC822Name):
-        try:
-            out.append(normalize_email(value))
-        except ValueError:
-            continue
-    return out
 
 
 def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:

@@ -44,6 +44,7 @@ from cryptography.x509.oid import (
 )
 from sqlalchemy.orm import Session
 
+from formats.algorithms import signed_by
 from formats.errors import InputError
 from keys import evidence, http, store
 from keys.trust import ALLOWED_HASHES
@@ -210,13 +211,11 @@ def _signer(resp: ocsp.OCSPResponse, issuer: x509.Certificate, at: datetime) -> 
     for candidate in resp.certificates:
         if not _names(resp, candidate):
             continue
-        try:
-            candidate.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        if not signed_by(candidate, issuer):
             raise InputError(
                 f'the response is signed by "{candidate.subject.rfc4514_string()}", which was '
                 f'not issued by "{issuer.subject.rfc4514_string()}"; refused'
-            ) from None
+            )
         try:
             eku = candidate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
@@ -344,9 +343,6 @@ def _issuer_of(cert: x509.Certificate, issuers: list[x509.Certificate]) -> x509.
     for issuer in issuers:
         if issuer.subject != cert.issuer or issuer == cert:
             continue
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            continue
-        return issuer
+        if signed_by(cert, issuer):
+            return issuer
     return None

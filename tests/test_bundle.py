@@ -114,14 +114,7 @@ class Filed:
             entry = a.log.entry(s, seq)
             row = s.scalars(select(t.Checkpoint).order_by(t.Checkpoint.id.desc())).first()
             assert row is not None
-            receipt_record = receipt = receipt_path = None
-            for r in s.scalars(select(t.LogEntry).where(t.LogEntry.kind == "receipt")):
-                fields = json.loads(r.record)
-                if fields[bundle.RECEIPT_FOR] == seq:
-                    receipt_record = r.record
-                    receipt = a.blobs.get(s, fields["blobs"][bundle.RECEIPT_BLOB])
-                    if r.seq < row.size:
-                        receipt_path = a.log.inclusion(s, r.seq, row.size)
+            receipt_record, receipt, receipt_path = a.receipt_for(s, seq, row.size)
             return bundle.Contents(
                 record=entry.record,
                 blobs={n: a.blobs.get(s, addr) for n, addr in entry.blobs.items()},

@@ -9,7 +9,6 @@ import dataclasses
 import http.server
 import json
 import threading
-import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from archive.tables import Base
 from formats import cms_envelope
 from formats.cms_envelope import RecipientKey
 from formats.errors import InputError, NotForUs, SenderMismatch
-from formats.smime import build_message
 from gateway.cli import cli
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context, process
@@ -196,30 +194,7 @@ def test_old_hub_key_decrypts_until_retired(db: Database, world: DemoWorld) -> N
 
 
 def _to_hub(world: DemoWorld, hub: Issued) -> bytes:
-    from formats.payload import Organ, build_payload
-    from gateway.demo import WORK_PERMITS
-
-    payload = build_payload(
-        "work-permit",
-        sender=Organ("H26.SNV"),
-        recipients=[Organ("H26.CATP")],
-        records=WORK_PERMITS,
-        document_number="9/SNV",
-        issued_on=WORLD_AT.date(),
-        period="2026-10",
-        message_id=uuid.uuid4(),
-    )
-    signer = world.agencies["H26.SNV"]
-    return build_message(
-        payload.to_xml(),
-        signer_cert=signer.cert,
-        signer_key=signer.key,  # type: ignore[arg-type]
-        recipients=[hub.cert],
-        from_addr="vanthu@snv.hanoi.gov.vn",
-        to_addrs=[HUB_ADDRESS],
-        message_id="<rotation@snv.hanoi.gov.vn>",
-        date=WORLD_AT,
-    )
+    return world.submission("H26.SNV", to=[hub.cert])
 
 
 def test_a_stored_key_needs_the_right_passphrase(db: Database, world: DemoWorld) -> None:

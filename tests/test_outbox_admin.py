@@ -19,8 +19,7 @@ from gateway import outbox_admin
 from gateway.demo import DemoWorld
 from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
-from gateway.relay import Relay, RelaySession
-from gateway.sender import Sender
+from gateway.relay import Relay
 from keys import store
 from keys.issuing import issue_agency
 from tests.conftest import WORLD_AT
@@ -90,10 +89,7 @@ def test_a_mailbox_refused_for_good_while_another_was_retried_is_sent_it_again_t
     handler.rcpt_replies[DUTY] = "450 4.2.1 mailbox busy"
     handler.rcpt_replies[NIGHT] = "550 5.1.1 no such user"
     clock = [LATER]
-    sender = Sender(
-        archive, lambda: RelaySession(relay), lambda: clock[0], "s", admin=hub.admin,
-        give_up_after=timedelta(hours=1),
-    )  # fmt: skip
+    sender = _sender(archive, relay, clock, hub, give_up_after=timedelta(hours=1))
     row = _rows(archive)[key]
     assert dict(sender.run_once())[row.id] == "retry"  # (the receipt is sent too)
     assert _rows(archive)[key].rcpt_to == [DUTY]

@@ -54,8 +54,12 @@ def _delivery_to_police(
     return f"delivery:{seq}:H26.CATP"
 
 
-def _sender(archive: Archive, relay: Relay, clock: list[datetime], hub: Hub) -> Sender:
-    return Sender(archive, lambda: RelaySession(relay), lambda: clock[0], "s", admin=hub.admin)
+def _sender(
+    archive: Archive, relay: Relay, clock: list[datetime], hub: Hub, **options: Any
+) -> Sender:
+    return Sender(
+        archive, lambda: RelaySession(relay), lambda: clock[0], "s", admin=hub.admin, **options
+    )
 
 
 def _delivered_to(peer: Peer) -> list[str]:

@@ -16,15 +16,15 @@ from formats.vntime import local_day
 from gateway.demo import DemoWorld
 from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
-from gateway.relay import Relay, RelaySession
-from gateway.sender import FIRST, GATHER, Sender
+from gateway.relay import Relay
+from gateway.sender import FIRST, GATHER
 from gateway.worker import Worker
 from keys.directory import Directory
 from tests.outbox_world import make_archive
 from tests.servers import free_port
 from tests.test_outbound import LATER, _receive, _rows
 from tests.test_relay import Peer
-from tests.test_sender import DUTY, NIGHT, _police_with
+from tests.test_sender import DUTY, NIGHT, _police_with, _sender
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_a_relay_outage_alerts_once_after_an_hour_and_once_when_the_rows_are_giv
     assert len(keys) == 30
     down = Relay("127.0.0.1", free_port(), security="none", timeout=2, helo="gw")
     clock = [LATER]
-    sender = Sender(archive, lambda: RelaySession(down), lambda: clock[0], "s", admin=hub.admin)
+    sender = _sender(archive, down, clock, hub)
     for minutes in (0, 30):
         clock[0] = LATER + timedelta(minutes=minutes)
         assert {state for _, state in sender.run_once()} == {"retry"}
@@ -119,7 +119,7 @@ def test_a_relay_refusing_everything_is_one_alert_a_day(
     handler.data_reply = "554 5.7.1 relaying denied"
     keys = _owed(archive, world, world_ctx, hub, range(1, 4), world.directory)
     clock = [LATER]
-    sender = Sender(archive, lambda: RelaySession(relay), lambda: clock[0], "s", admin=hub.admin)
+    sender = _sender(archive, relay, clock, hub)
     builder = Builder(archive, hub, lambda: world.directory, lambda: clock[0], "b")
     assert [state for _, state in sender.run_once(limit=4)] == ["failed"] * 6
     day = local_day(LATER)
@@ -166,7 +166,7 @@ def test_recipients_refused_while_others_are_retried_are_one_alert_a_day(
     keys = _owed(archive, world, world_ctx, hub, range(1, 3), police)
     deliveries = [k for k in keys if k.startswith("delivery:")]
     clock = [LATER]
-    sender = Sender(archive, lambda: RelaySession(relay), lambda: clock[0], "s", admin=hub.admin)
+    sender = _sender(archive, relay, clock, hub)
     states = dict(sender.run_once())
     rows = _rows(archive)
     assert [states[rows[k].id] for k in deliveries] == ["retry", "retry"]

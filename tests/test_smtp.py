@@ -24,7 +24,6 @@ from sqlalchemy import event, func, select
 
 from archive import tables as t
 from archive.db import Database
-from formats.errors import DatabaseDamaged
 from formats.limits import Limits
 from gateway import intake, smtp_checks
 from gateway import smtp as listener
@@ -312,23 +311,26 @@ def test_an_unexpected_error_in_accept_answers_451_without_internals(
 
 
 def test_a_damaged_database_answers_451_with_one_log_line(
-    serve: Any, db: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    serve: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Damage is the database's, not the peer's: 451, and a warning naming it, not a
-    traceback per message."""
-
-    def damaged(*_: Any) -> int:
-        raise DatabaseDamaged("the database file /x/archive.db is damaged (SQLite: malformed)")
-
-    monkeypatch.setattr(intake, "accept", damaged)
-    server = serve()
-    with client(server) as c:
-        envelope(c)
-        code, text = c.data(MESSAGE)
+    traceback per message. The file is really damaged, under a listener already running."""
+    path = tmp_path / "damaged.db"
+    database = Database.open(f"sqlite:///{path}")
+    try:
+        server = serve(database)
+        database.engine.dispose()  # the next commit opens the file anew
+        with path.open("r+b") as f:
+            f.write(b"this is no SQLite header any more")
+        with client(server) as c:
+            envelope(c)
+            code, text = c.data(MESSAGE)
+    finally:
+        database.dispose()
     assert code == 451 and b"damaged" not in text
     [record] = [r for r in caplog.records if "not stored" in r.getMessage()]
     assert record.levelname == "WARNING" and record.exc_info is None
-    assert "is damaged" in record.getMessage()
+    assert str(path) in record.getMessage() and "not a SQLite database" in record.getMessage()
 
 
 def test_an_error_in_any_other_hook_is_451_not_aiosmtpds_500(
