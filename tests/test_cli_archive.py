@@ -406,6 +406,27 @@ def test_verify_compares_the_key_store_with_the_admin_events(home: Path, world: 
     assert f"certificate {gone[:16]}… added by admin event" in out and "(deleted)" in out
 
 
+def test_verify_reports_an_admin_record_whose_fingerprint_is_no_text(home: Path) -> None:
+    """A certificate event's record rewritten so that its sha256 is a list: the record is
+    reported as changed, and the key store check does not stop on it."""
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        seq, raw = db.execute(
+            "SELECT seq, record FROM log_entries WHERE kind = 'admin'"
+            " AND CAST(record AS TEXT) LIKE ?",
+            ("%certificate.add%",),
+        ).fetchone()
+        record = json.loads(raw)
+        record["detail"]["sha256"] = [record["detail"]["sha256"]]
+        edited = json.dumps(record).encode()
+        db.execute("UPDATE log_entries SET record = ? WHERE seq = ?", (edited, seq))
+    db.close()
+    result = run(home, "verify", "--no-blobs")
+    assert result.exit_code == 1, result.output
+    assert f"entry {seq}: its record was changed" in result.stdout
+    assert "internal error" not in result.output
+
+
 @pytest.mark.parametrize("edit", ODD_EDITS)
 def test_verify_reports_odd_edits_and_never_stops(home: Path, edit: str) -> None:
     sql, said = ODD_EDITS[edit]
