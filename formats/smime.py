@@ -472,22 +472,69 @@ def build_message(
     )
 
 
+#: RFC 5322 §2.1.1: a line SHOULD be at most 78 characters and MUST be at most 998, CRLF
+#: excluded.
+_LINE = 78
+_MAX_LINE = 998
+
+
+def mailbox_text(address: str, header: str) -> str:
+    """``address`` as it is written in the ``header`` field: as given, in ASCII.
+
+    Never RFC 2047 encoded-words: RFC 2047 §5 keeps them out of an addr-spec, and a reader
+    finds no address in one (or, for a list, splits it wrongly). A non-ASCII mailbox would
+    need SMTPUTF8 (RFC 6531) and UTF-8 header fields (RFC 6532), which the gateway does not
+    send; the agency directory holds ASCII mailboxes only (:func:`keys.directory.normalize_email`).
+    """
+    if "\r" in address or "\n" in address:
+        raise ValueError(f"{header} address {address!r} contains a line break")
+    if not address.strip():
+        raise ValueError(f"a {header} address is empty")
+    if not address.isascii():
+        raise ValueError(
+            f"{header} address {address!r} is not ASCII: the gateway writes addresses as they "
+            "are, never as RFC 2047 encoded-words (RFC 2047 §5), and does not send SMTPUTF8 "
+            "mail (RFC 6531); use an ASCII address (a non-ASCII domain in its xn-- form)"
+        )
+    if len(header) + len(address) + 3 > _MAX_LINE:  # "To: " … ","
+        raise ValueError(f"{header} address {address[:40]!r}… is too long for one line")
+    return address
+
+
+def address_list(header: str, addresses: Sequence[str]) -> str:
+    """The ``header`` field (without its CRLF) listing ``addresses`` (:func:`mailbox_text`),
+    folded after a comma (RFC 5322 §3.2.2 folding white space, §3.4 address-list) so that no
+    line exceeds 78 characters unless one address alone does."""
+    if not addresses:
+        raise ValueError(f"a message needs at least one {header} address")
+    lines = [f"{header}: {mailbox_text(addresses[0], header)}"]
+    for address in addresses[1:]:
+        text = mailbox_text(address, header)
+        # Room for ", " and the address, and for the "," that would end the line on a fold.
+        if len(lines[-1]) + 2 + len(text) + 1 <= _LINE:
+            lines[-1] += ", " + text
+        else:
+            lines[-1] += ","
+            lines.append(" " + text)
+    return "\r\n".join(lines)
+
+
 def message_headers(
     *, from_addr: str, to_addrs: Sequence[str], message_id: str, date: datetime, subject: str
 ) -> bytes:
-    """From, To, Subject, Date, Message-ID and MIME-Version lines (CRLF; a non-ASCII Subject
-    encoded); the body part's own headers follow."""
-    if not to_addrs:
-        raise ValueError("a message needs at least one To address")
-    headers = [
-        ("From", from_addr),
-        ("To", ", ".join(to_addrs)),
-        ("Subject", subject),
-        ("Date", format_datetime(date)),
-        ("Message-ID", message_id),
-        ("MIME-Version", "1.0"),
+    """From, To, Subject, Date, Message-ID and MIME-Version lines (CRLF); the body part's own
+    headers follow. Addresses are written as they are and must be ASCII (:func:`mailbox_text`;
+    :class:`ValueError` otherwise); the To list is folded (:func:`address_list`); a non-ASCII
+    Subject is encoded (:func:`header_value`)."""
+    lines = [
+        f"From: {mailbox_text(from_addr, 'From')}",
+        address_list("To", to_addrs),
+        f"Subject: {header_value(subject)}",
+        f"Date: {header_value(format_datetime(date))}",
+        f"Message-ID: {header_value(message_id)}",
+        "MIME-Version: 1.0",
     ]
-    return "".join(f"{name}: {header_value(value)}\r\n" for name, value in headers).encode("ascii")
+    return "".join(f"{line}\r\n" for line in lines).encode("ascii")
 
 
 def wrap_enveloped(

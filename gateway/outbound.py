@@ -25,7 +25,12 @@ Three steps, each idempotent, each resumable after a crash:
    it (revoked, retired, expired: the agency may no longer hold that key, or someone else
    may), the builder takes the row back and builds it again for the certificates of now
    (:meth:`Builder.rebuild_stale`, every :data:`STALE_CHECK`, on lookups cached for
-   :data:`CERT_CACHE`), for the mailboxes that did not take the first build.
+   :data:`CERT_CACHE`), for the mailboxes that did not take the first build. The same goes for
+   a row an admin has built again (:func:`gateway.outbox_admin.requeue`). Should every mailbox
+   the agency has now have taken an earlier build (those that lacked it having left the
+   agency), nothing is left to send: the row ends ``sent`` with no message, its last reply
+   and ``detail["left_agency"]`` say why, and that end is filed as an ``outcome`` entry
+   (:func:`nothing_left`). A build again never goes to a mailbox that took an earlier one.
 """
 
 from __future__ import annotations
@@ -83,6 +88,12 @@ STALE_CHECK = timedelta(seconds=60)
 #: ``detail`` key: the SHA-256 fingerprints of the agency certificates a built message is
 #: encrypted to (from the key store; absent when it is not encrypted to any).
 ENCRYPTED_TO = "encrypted_to"
+#: ``detail`` key: the mailboxes that had not taken a build when it was dropped to be built
+#: again (:func:`without_build`); gone once the new build is ready.
+NOT_TAKEN = "not_taken"
+#: ``detail`` key of a row that ended with nothing left to send (:func:`nothing_left`): the
+#: mailboxes that lacked it and are no longer the agency's.
+LEFT_AGENCY = "left_agency"
 #: Failures of the database or the disk, not of one message or row: raised, the batch waits
 #: for its lease and the loop backs off (the worker's filing and builder, serve's loops).
 ENVIRONMENT: tuple[type[Exception], ...] = (
@@ -287,6 +298,9 @@ class _Built:
     later: bool = False
     #: Fingerprints of the key store's certificates it is encrypted to (:data:`ENCRYPTED_TO`).
     encrypted_to: tuple[str, ...] = ()
+    #: Nothing left to send, and why (:func:`nothing_left`): the row ends ``sent``; ``item``
+    #: is then its ``outcome`` entry and ``rcpt_to`` the mailboxes that lacked it and left.
+    done: str | None = None
 
 
 def _preload(s: Session, rows: Sequence[t.Outbox]) -> list[Any]:
@@ -341,6 +355,8 @@ class Builder:
             held = _preload(s, rows)  # noqa: F841 — the session's identity map holds weak references
             for r in rows:  # in order: a resend may use a receipt built just before it
                 built[r.id] = self._build(s, r, now, built)
+            for r in rows:
+                built[r.id] = nothing_left(r, built[r.id], now)
         self.archive.prepare(b.item for b in built.values() if b.item is not None)
         with db.session() as s:
             mine = [
@@ -352,8 +368,9 @@ class Builder:
             ]
             filed = [(r, built[r.id]) for r in mine if built[r.id].item is not None]
             entries = self.archive.file_in(s, [b.item for _, b in filed if b.item], at=now)
-            for (row, _), entry in zip(filed, entries, strict=True):
-                row.entry_seq = entry.seq
+            for (row, b), entry in zip(filed, entries, strict=True):
+                if b.done is None:  # an outcome entry is not a build to send or resend
+                    row.entry_seq = entry.seq
             for row in mine:
                 self._settle(s, row, built[row.id], now)
         return len(ids)
@@ -385,15 +402,22 @@ class Builder:
             else:
                 add_alert(s, row.key, f"{row.kind} {row.key}: {b.failure}", now)
             return
-        # A build again (its certificate no longer usable) goes only to the mailboxes that
-        # did not take the first one (all of them, should none of those be left).
-        taken = {
-            a for a, r in row.detail.get("recipients", {}).items() if r.get("status") == "sent"
-        }
+        if b.done is not None:  # every mailbox of now took an earlier build
+            log.warning("outbox %s (%s): %s", row.id, row.key, b.done)
+            row.state, row.message, row.mail_from, row.rcpt_to = "sent", None, None, []
+            row.last_reply = b.done
+            detail = {k: v for k, v in row.detail.items() if k not in (ENCRYPTED_TO, NOT_TAKEN)}
+            row.detail = {**detail, LEFT_AGENCY: list(b.rcpt_to)}
+            return
+        # A build again goes only to the mailboxes that did not take an earlier one (there is
+        # at least one: nothing_left saw to that).
+        taken = _taken(row.detail)
         row.state, row.message = "ready", b.message
         row.mail_from = self.hub.address
-        row.rcpt_to = [a for a in b.rcpt_to if a not in taken] or list(b.rcpt_to)
-        detail = {k: v for k, v in row.detail.items() if k != ENCRYPTED_TO}
+        row.rcpt_to = [a for a in b.rcpt_to if a not in taken]
+        detail = {
+            k: v for k, v in row.detail.items() if k not in (ENCRYPTED_TO, NOT_TAKEN, LEFT_AGENCY)
+        }
         if b.encrypted_to:
             detail[ENCRYPTED_TO] = list(b.encrypted_to)
         row.detail = detail
@@ -807,9 +831,60 @@ def _gist(text: str, limit: int = 100) -> str:
 def without_build(detail: Mapping[str, Any]) -> dict[str, Any]:
     """A row's ``detail`` once its built message is dropped, to be built again for the
     certificates of now: what it was encrypted to goes; of the recipients' replies, only
-    those of mailboxes that took it stay (they are not sent it again)."""
-    out = {k: v for k, v in detail.items() if k not in (ENCRYPTED_TO, "recipients")}
-    taken = {a: r for a, r in detail.get("recipients", {}).items() if r.get("status") == "sent"}
+    those of mailboxes that took it stay (they are not sent it again); those that had not
+    taken it are named in :data:`NOT_TAKEN` (for :func:`nothing_left` to say which left)."""
+    out = {k: v for k, v in detail.items() if k not in (ENCRYPTED_TO, "recipients", NOT_TAKEN)}
+    recipients = detail.get("recipients", {})
+    taken = {a: r for a, r in recipients.items() if r.get("status") == "sent"}
     if taken:
         out["recipients"] = taken
+    lacking = {*detail.get(NOT_TAKEN, ()), *(a for a in recipients if a not in taken)}
+    if lacking:
+        out[NOT_TAKEN] = sorted(lacking)
     return out
+
+
+def _taken(detail: Mapping[str, Any]) -> set[str]:
+    """The mailboxes that took an earlier build of a row (the relay answered 250 for them)."""
+    return {a for a, r in detail.get("recipients", {}).items() if r.get("status") == "sent"}
+
+
+def nothing_left(row: t.Outbox, built: _Built, now: datetime) -> _Built:
+    """``built``, unless every mailbox it would go to took an earlier build of ``row``.
+
+    A build again (a certificate no longer usable, or `outbox retry --rebuild`) goes only to
+    the mailboxes of now that did not take an earlier one. When there are none — the mailboxes
+    that lacked it have left the agency since — nothing is left to send, and nobody is sent
+    it twice: the row ends ``sent`` (each mailbox it is for now has it), the reason in its last
+    reply, and that end is filed as an ``outcome`` entry in place of the build."""
+    taken = _taken(row.detail)
+    if built.message is None or not taken or any(a not in taken for a in built.rcpt_to):
+        return built
+    agency = row.organ_id or "its addressee"
+    left = sorted(a for a in row.detail.get(NOT_TAKEN, ()) if a not in built.rcpt_to)
+    if left:
+        gone = (
+            f"{left[0]}, which lacked it, is no longer a mailbox of {agency}"
+            if len(left) == 1
+            else f"{', '.join(left)}, which lacked it, are no longer mailboxes of {agency}"
+        )
+    else:
+        gone = f"those that lacked it are no longer mailboxes of {agency}"
+    reason = (
+        f"nothing left to send: {', '.join(built.rcpt_to)} (every mailbox of {agency} now) "
+        f"took an earlier build, and {gone}; not sent again to anyone"
+    )
+    item = Item(
+        "outcome",
+        now,
+        {
+            "for_seq": None,
+            "outbox": row.key,
+            "status": "sent",
+            "reply": reason,
+            "attempts": row.attempts,
+            "recipients": row.detail.get("recipients", {}),
+        },
+        {},
+    )
+    return _Built(rcpt_to=tuple(left), item=item, done=reason)

@@ -9,7 +9,9 @@ Requeueing a failed row:
 
 - never built (no certificate, no mailbox, agency not active), or with ``rebuild``: built again
   from scratch, for the agency's mailboxes and certificates of now, less the mailboxes that
-  took an earlier build (``new``);
+  took an earlier build (``new``). Should none be left — every mailbox of now took it, those
+  that lacked it having left the agency — the builder sends nothing and ends the row ``sent``,
+  its last reply saying so (:func:`gateway.outbound.nothing_left`);
 - built, and failed at the relay (5xx, or retried too long): sent again, the same bytes, to the
   recipients that did not take it (``retry``, due now); a recipient that took it is not sent it
   twice. If a certificate those bytes are encrypted to is no longer usable, it is built again

@@ -5,7 +5,10 @@ optional validity window and nothing is hard-coded. A later task stores the dire
 database; this module stays a pure value that the store loads into.
 
 E-mail addresses are compared after :func:`normalize_email`: RFC 5321 §2.4 says the local
-part is case-sensitive and the domain is not, so only the domain is lower-cased.
+part is case-sensitive and the domain is not, so only the domain is lower-cased. Mailboxes are
+ASCII: one with a non-ASCII character can only be reached over SMTPUTF8 (RFC 6531), with UTF-8
+header fields (RFC 6532), which the gateway does not send (:func:`formats.smime.mailbox_text`);
+it is refused where it would come in (``gateway agencies add|update|import``), naming it.
 """
 
 from __future__ import annotations
@@ -21,13 +24,33 @@ from formats.errors import InputError
 def normalize_email(addr: str) -> str:
     """``Local@Example.VN`` → ``Local@example.vn``: exact local part, lower-case domain.
 
-    Raises :class:`ValueError` for anything that is not a bare ``local@domain`` addr-spec.
+    Raises :class:`ValueError` for anything that is not a bare ``local@domain`` addr-spec in
+    ASCII (:func:`_not_ascii`).
     """
     addr = addr.strip()
     local, sep, domain = addr.rpartition("@")
     if not sep or not local or not domain or any(c in addr for c in " <>,;\r\n\t"):
         raise ValueError(f"{addr!r} is not a bare e-mail address (local@domain)")
+    if not addr.isascii():
+        raise ValueError(_not_ascii(local, domain))
     return f"{local}@{domain.lower()}"
+
+
+def _not_ascii(local: str, domain: str) -> str:
+    """Why ``local@domain`` (not ASCII) is refused, and what to give instead."""
+    fix = "give an ASCII mailbox instead"
+    if local.isascii():  # only the domain: it has an ASCII form (IDNA A-labels, RFC 5890)
+        fix = "write the domain in its ASCII (xn--) form"
+        try:
+            ace = domain.encode("idna")
+            if ace.decode("idna") == domain.lower():  # no IDNA 2003 mapping (ß → ss) in it
+                fix += f": {local}@{ace.decode('ascii')}"
+        except UnicodeError:
+            pass
+    return (
+        f"{local + '@' + domain!r} is not an ASCII e-mail address: the gateway sends mail "
+        "without SMTPUTF8 (RFC 6531), so every mailbox must be ASCII; " + fix
+    )
 
 
 def comparable(addresses: Iterable[str]) -> set[str]:

@@ -92,6 +92,10 @@ def test_decomposed_diacritics_are_stored_precomposed() -> None:
         ("organ_id,name_vi\nH26.X,X,extra\n", "a.csv: row 2: has 3 cells but the header has 2"),
         ("organ_id,name_vi,emails\nH26.X,X,not-an-address\n", "a.csv: row 2: agency H26.X:"),
         (
+            "organ_id,name_vi,emails\nH26.X,X,a@x.vn;nguyễn@x.vn\n",
+            "a.csv: row 2: agency H26.X: 'nguyễn@x.vn' is not an ASCII e-mail address",
+        ),
+        (
             "organ_id,name_vi,valid_from,valid_to\nH26.X,X,2025-03-01,2025-02-28\n",
             "a.csv: row 2: agency H26.X: valid_to 2025-02-28 is before valid_from",
         ),

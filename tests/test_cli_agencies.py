@@ -158,6 +158,15 @@ def test_retire_defaults_to_today_in_vietnam(
         (["add", "H26.B", "--name-vi", "B", "--valid-to", "2025-02-30"], "--valid-to '2025-"),
         (["add", "H26.B", "--name-vi", "B", "--email", "a@x.vn"], "e-mail a@x.vn is claimed"),
         (["add", "H26.B", "--name-vi", "B", "--email", "nope"], "is not a bare e-mail"),
+        (
+            ["add", "H26.B", "--name-vi", "B", "--email", "thư@x.vn"],
+            "agency H26.B: 'thư@x.vn' is not an ASCII e-mail address: the gateway sends mail "
+            "without SMTPUTF8 (RFC 6531), so every mailbox must be ASCII",
+        ),
+        (
+            ["update", "H26.A", "--add-email", "a@thư.vn"],
+            "agency H26.A: 'a@thư.vn' is not an ASCII e-mail address",
+        ),
         (["update", "H26.A"], "nothing to change for H26.A"),
         (["update", "H26.A", "--remove-email", "b@x.vn"], "H26.A has no e-mail b@x.vn"),
         (["update", "H26.NONE", "--name-en", "x"], "no agency 'H26.NONE' in the directory"),
@@ -402,6 +411,11 @@ def test_one_import_can_hand_a_mailbox_to_a_successor(run: Run, home: Path, tmp_
             "organ_id,name_vi,supervisor\nH26.Y,Y,H26.UBND\nH26.Z,Z,H26.NOBODY\n",
             "boss.csv: row 3: supervisor H26.NOBODY of H26.Z is neither in the directory nor "
             "in this file; add that agency first",
+        ),
+        (
+            "mailbox.csv",
+            "organ_id,name_vi,emails\nH26.Y,Y,vanthu@y.vn\nH26.Z,Z,văn-thư@z.vn\n",
+            "mailbox.csv: row 3: agency H26.Z: 'văn-thư@z.vn' is not an ASCII e-mail address",
         ),
         (
             "column.csv",

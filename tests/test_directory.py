@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
 
 import pytest
@@ -74,3 +75,26 @@ def test_normalize_email() -> None:
     for bad in ("", "@x.vn", "a@", "a b@x.vn", "a@x.vn, b@x.vn"):
         with pytest.raises(ValueError, match="bare e-mail"):
             normalize_email(bad)
+
+
+@pytest.mark.parametrize(
+    ("address", "fix"),
+    [
+        ("nguyễn.vanthu@snv.hanoi.gov.vn", "give an ASCII mailbox instead"),
+        (
+            "vanthu@sở.hanoi.gov.vn",
+            "write the domain in its ASCII (xn--) form: vanthu@xn--s-lym.hanoi.gov.vn",
+        ),
+    ],
+)
+def test_a_non_ascii_mailbox_is_refused_naming_it_and_the_fix(address: str, fix: str) -> None:
+    """RFC 6531: such a mailbox is reached only over SMTPUTF8, which the gateway does not send
+    (the relay's To header is never an encoded-word either: tests/test_outbound_headers.py)."""
+    said = f"{address!r} is not an ASCII e-mail address: the gateway sends mail without SMTPUTF8"
+    with pytest.raises(ValueError, match=re.escape(said)) as caught:
+        normalize_email(address)
+    assert str(caught.value).endswith(fix)
+    with pytest.raises(InputError) as refused:
+        Agency("H26.SNV", "Sở Nội vụ", "Home Affairs", frozenset({"a@snv.vn", address}))
+    assert refused.value.message.startswith(f"agency H26.SNV: {said}")
+    assert Directory.of([TU_PHAP]).by_email(address, date(2026, 1, 1)) is None
