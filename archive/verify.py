@@ -4,9 +4,11 @@ Nothing stored is believed: each record is re-hashed and the columns copied from
 the whole tree is rebuilt from those hashes, every stored tree node is compared with the
 rebuilt one, every checkpoint's signature is checked (against the hub certificates, or only
 those whose path to a given anchor validates at the checkpoint's time) and its root compared with the rebuilt tree at its size, every
-admin_events row is matched with its admin entry, and every data key is unwrapped and every
+admin_events row is matched with its admin entry, the key store and the agency directory are
+compared with what the admin events made them, and every data key is unwrapped and every
 blob decrypted and re-hashed. A problem names the entry (sequence number), node, checkpoint,
-event or blob. What it cannot see without something kept outside the database: docs/archive.md.
+event, certificate, agency or blob. What it cannot see without something kept outside the
+database: docs/archive.md.
 
 Memory is a few dozen bytes per entry (the rebuilt levels); entries and blobs are streamed.
 """
@@ -18,7 +20,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from cryptography import x509
@@ -135,6 +137,7 @@ def _verify(
     _kept(levels, kept, report)
     _admin_events(s, admin, report)
     _key_store(s, admin, report)
+    _directory(s, admin, report)
     if check_blobs:
         _blobs(s, blobs, report, progress)
     return report
@@ -589,6 +592,174 @@ def _key_store(s: Session, logged: dict[int, tuple[int, dict[str, Any]]], report
             f"certificate {str(sha)[:16]}… added by admin event {made[sha].event} is missing "
             "from the key store (deleted)",
         )
+
+
+#: The directory fields each ``agency.add`` event records in full (:func:`keys.store._detail`)
+#: and each ``agency.update`` event records as ``changed: {field: [from, to]}``; ``emails`` is
+#: the agency's ``agency_emails`` rows, the others are columns of its ``agencies`` row.
+_AGENCY_FIELDS = ("name_vi", "name_en", "emails", "supervisor", "contact", "valid_from", "valid_to")
+#: A field the event that added an agency does not record: not compared.
+_UNRECORDED = object()
+
+
+@dataclass
+class _Listed:
+    """An agency as the admin events made it: ``added`` by one, ``event`` the last that changed
+    it; ``created``/``updated``: the times of the two."""
+
+    added: int
+    event: int
+    fields: dict[str, object]
+    created: datetime | None
+    updated: datetime | None
+
+
+def _replay_directory(
+    logged: dict[int, tuple[int, dict[str, Any]]], report: Report
+) -> dict[str, _Listed]:
+    """The directory as the admin events build it, in order: ``agency.add`` gives every field,
+    ``agency.update`` the ones it changed (from → to), ``agency.retire`` the last valid day.
+    ``agency.import`` only sums up the adds and updates it was made of. An update that starts
+    from another value than the events before it left shows an edit the admin's change then
+    carried on (a mailbox written in, then kept by an update of the e-mails)."""
+    made: dict[str, _Listed] = {}
+    for number in sorted(logged):
+        fields = logged[number][1]
+        action, organ, detail = fields.get("action"), fields.get("subject"), fields.get("detail")
+        if not (isinstance(action, str) and isinstance(organ, str) and isinstance(detail, dict)):
+            continue  # an edited record (reported as such by _entries) or not an agency's
+        at = _instant(fields.get("at"))
+        if action == "agency.add":
+            recorded = {k: detail.get(k, _UNRECORDED) for k in _AGENCY_FIELDS}
+            made[organ] = _Listed(number, number, recorded, at, at)
+            continue
+        listed = made.get(organ)
+        if listed is None:  # no event added it: its row (if any) is reported as written in
+            continue
+        if action == "agency.update":
+            changed = detail.get("changed")
+            for name, pair in changed.items() if isinstance(changed, dict) else ():
+                if name not in _AGENCY_FIELDS or not (isinstance(pair, list) and len(pair) == 2):
+                    continue
+                before, after = pair
+                if (had := listed.fields[name]) is not _UNRECORDED and had != before:
+                    _add(
+                        report,
+                        f"agency {organ}: admin event {number} changed its {name} from "
+                        f"{_shown(before)}, but the events before it left {_shown(had)}: the "
+                        "row had been edited in the database before that change",
+                    )
+                listed.fields[name] = after
+        elif action == "agency.retire":
+            listed.fields["valid_to"] = detail.get("last_day", _UNRECORDED)
+        else:
+            continue
+        listed.event, listed.updated = number, at
+    return made
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]" if value else "none"
+    return "none" if value is None else repr(value)
+
+
+def _day(value: object) -> object:
+    """A stored calendar date as the events write it (``YYYY-MM-DD``): the driver gives a
+    date (PostgreSQL) or SQLite's text, compared as it is stored."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _directory(s: Session, logged: dict[int, tuple[int, dict[str, Any]]], report: Report) -> None:
+    """Every agency in the directory is one an admin event added, with the names, mailboxes,
+    supervisor, contact, validity and times the events give it: a mailbox written straight
+    into the database (receipts and deliveries would go to it), a validity widened, a name
+    changed, an agency written in or deleted is found. The events record every field, so
+    every column is compared (the mailbox rows' ids only number them)."""
+    made = _replay_directory(logged, report)
+    e = t.AgencyEmail
+    mailboxes: dict[object, list[str]] = {}
+    for organ, address in _rows(s, select(e.organ_id, e.address).order_by(e.id)):
+        mailboxes.setdefault(organ, []).append(
+            address if isinstance(address, str) else repr(address)
+        )
+    a = t.Agency
+    query = select(
+        a.organ_id, a.name_vi, a.name_en, a.supervisor, a.contact, _as_stored(a.valid_from),
+        _as_stored(a.valid_to), _as_stored(a.created_at), _as_stored(a.updated_at),
+    ).order_by(a.organ_id)  # fmt: skip
+    seen: set[object] = set()
+    for organ, name_vi, name_en, supervisor, contact, start, end, created, updated in _rows(
+        s, query
+    ):
+        seen.add(organ)
+        who = f"agency {organ}" if isinstance(organ, str) else f"agency {organ!r}"
+        stored: dict[str, object] = {
+            "name_vi": name_vi, "name_en": name_en, "emails": sorted(mailboxes.pop(organ, [])),
+            "supervisor": supervisor, "contact": contact, "valid_from": _day(start),
+            "valid_to": _day(end),
+        }  # fmt: skip
+        listed = made.get(organ) if isinstance(organ, str) else None
+        if listed is None:
+            _add(
+                report,
+                f"{who} ({_shown(name_vi)}, e-mail {_shown(stored['emails'])}) is in the "
+                "directory, but no admin event added it: written in",
+            )
+            continue
+        since = f"the admin events (the last: event {listed.event})"
+        for name in _AGENCY_FIELDS:
+            want, have = listed.fields[name], stored[name]
+            if want is _UNRECORDED or want == have:
+                continue
+            if name == "emails" and isinstance(want, list):
+                _mailboxes(report, who, since, want, stored["emails"])
+                continue
+            _add(
+                report,
+                f"{who}: its {name} is {_shown(have)}, but {since} made it {_shown(want)}: "
+                "edited in the database",
+            )
+        for name, value, when in (
+            ("created_at", created, listed.created),
+            ("updated_at", updated, listed.updated),
+        ):
+            if _instant(value) != when:
+                _add(
+                    report,
+                    f"{who}: its {name} is {_shown(value)}, but {since} made it "
+                    f"{iso(when) if when else 'none'}: edited in the database",
+                )
+    for organ in sorted(made.keys() - seen, key=str):
+        _add(
+            report,
+            f"agency {organ} added by admin event {made[organ].added} is missing from the "
+            "directory (deleted)",
+        )
+    for organ, addresses in mailboxes.items():
+        _add(
+            report,
+            f"agency {organ}: e-mail {_shown(sorted(addresses))} is stored for it, but it has no "
+            "directory row (written in, or left when its row was deleted)",
+        )
+
+
+def _mailboxes(report: Report, who: str, since: str, want: list[Any], have: object) -> None:
+    """One line per mailbox added or removed behind the admin's back."""
+    given = {str(x) for x in want}
+    held = set(have) if isinstance(have, list) else set()
+    for address in sorted(held - given):
+        _add(
+            report,
+            f"{who}: its e-mail {address} was given to it by none of {since}: written in; "
+            "mail the hub sends the agency (receipts, deliveries) would go to it",
+        )
+    for address in sorted(given - held):
+        _add(report, f"{who}: its e-mail {address}, given by {since}, is missing (deleted)")
+    if held == given:  # the same mailboxes, stored twice
+        _add(report, f"{who}: its e-mails are {_shown(have)}, but {since} made them {_shown(want)}")
 
 
 def _blobs(s: Session, blobs: BlobStore, report: Report, progress: Progress) -> None:

@@ -30,7 +30,7 @@ from archive import bundle, merkle
 from archive import checkpoint as cp
 from archive import tables as t
 from archive.blobs import BlobDamaged
-from archive.log import LogError
+from archive.log import Entry, LogError
 from archive.search import (
     Query,
     QueryError,
@@ -300,8 +300,8 @@ def verify_cmd(
     kept_files: tuple[Path, ...],
     as_json: bool,
 ) -> None:
-    """Recompute every leaf, node, checkpoint, admin event and blob. Exit 0 if all agree, 1 if
-    not. Without --ca, checkpoints are checked against the hub certificates the database
+    """Recompute every leaf, node, checkpoint, admin event and blob, and compare the key store
+    and the agency directory with the admin events. Exit 0 if all agree, 1 if not. Without --ca, checkpoints are checked against the hub certificates the database
     holds, which whoever can write the database could replace; without --kept, deleting the
     newest entries with their checkpoints leaves a log that verifies."""
     if hub_addresses and not anchors:
@@ -433,6 +433,83 @@ def _checkpoint_json(s: Session, row: t.Checkpoint | None) -> dict[str, Any] | N
     }
 
 
+#: One line of `prove`'s report: PASS, FAIL or SKIP, what was checked, what was found.
+_Check = tuple[str, str, str]
+
+
+def _check(ok: bool, name: str, passed: str, failed: str) -> _Check:
+    return ("pass", name, passed) if ok else ("fail", name, failed)
+
+
+def _hashes(path: list[bytes]) -> str:
+    return "1 hash" if len(path) == 1 else f"{len(path)} hashes"
+
+
+def _signed_check(name: str, signed: dict[str, Any] | None, root: bytes, size: int) -> _Check:
+    """Whether the checkpoint ``signed`` (its signature already verified) has ``root``."""
+    if signed is None:
+        return (
+            "skip", name,
+            f"no signed checkpoint has size {size}: root {root.hex()} is the database's own "
+            "word (compare it with a tree head kept outside: `archive verify --kept FILE`)",
+        )  # fmt: skip
+    by = (
+        f"#{signed['id']}, signed {signed['at']} by {signed['signer']} (a hub certificate the "
+        "database holds)"
+    )
+    if signed["root"] == root.hex():
+        return "pass", name, f"{by}, has this root"
+    return "fail", name, f"{by}, has another root ({signed['root']}): the log was rewritten"
+
+
+def _inclusion_report(
+    seq: int, n: int, root: bytes, entry: Entry, path: list[bytes], signed: dict[str, Any] | None
+) -> tuple[bool, str, list[_Check]]:
+    """Whether entry ``seq`` is proven in the tree of ``n`` entries: a headline and each
+    check (the same facts as the JSON's ``verified``)."""
+    leaf = merkle.leaf_hash(entry.record)
+    checks = [
+        _check(
+            leaf == entry.leaf_hash, "leaf hash",
+            f"entry {seq}'s record hashes to {leaf.hex()}, the leaf stored",
+            f"entry {seq}'s record hashes to {leaf.hex()}, but the log stored "
+            f"{entry.leaf_hash.hex()}: the record was changed",
+        ),
+        _check(
+            merkle.verify_inclusion(leaf, seq, n, path, root), "audit path",
+            f"an audit path of {_hashes(path)} leads from the leaf to the root (RFC 9162 "
+            "§2.1.3.2)",
+            f"an audit path of {_hashes(path)} does not lead from the leaf to the root",
+        ),
+        _signed_check("checkpoint", signed, root, n),
+    ]  # fmt: skip
+    what = f"entry {seq} is in the tree of {n} entries with root {root.hex()}"
+    return all(c[0] != "fail" for c in checks), what, checks
+
+
+def _consistency_report(
+    old: int, new: int, roots: tuple[bytes, bytes], path: list[bytes],
+    signed: tuple[dict[str, Any] | None, dict[str, Any] | None],
+) -> tuple[bool, str, list[_Check]]:  # fmt: skip
+    """Whether the tree of ``old`` entries is proven a prefix of the tree of ``new``."""
+    old_root, new_root = roots
+    checks = [
+        _check(
+            merkle.verify_consistency(old, new, old_root, new_root, path), "consistency proof",
+            f"a proof of {_hashes(path)} leads from the old root to the new (RFC 9162 §2.1.4.2)",
+            f"a proof of {_hashes(path)} does not lead from the old root to the new: entries of "
+            "the old tree were rewritten",
+        ),
+        _signed_check("old checkpoint", signed[0], old_root, old),
+        _signed_check("new checkpoint", signed[1], new_root, new),
+    ]  # fmt: skip
+    what = (
+        f"the tree of {old} entries (root {old_root.hex()}) is a prefix of the tree of {new} "
+        f"entries (root {new_root.hex()})"
+    )
+    return all(c[0] != "fail" for c in checks), what, checks
+
+
 @archive_cmd.command("prove")
 @click.argument("seq", type=SEQ, required=False)
 @click.option("--size", type=COUNT, help="Prove against the tree of this size.")
@@ -440,7 +517,10 @@ def _checkpoint_json(s: Session, row: t.Checkpoint | None) -> dict[str, Any] | N
     "--consistency", nargs=2, type=COUNT, metavar="OLD NEW",
     help="Instead: prove the log of OLD entries is a prefix of the log of NEW.",
 )  # fmt: skip
-@json_option
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print the proof itself (hashes, audit path, signed checkpoint), to check elsewhere.",
+)  # fmt: skip
 @click.pass_context
 def prove_cmd(
     ctx: click.Context,
@@ -449,7 +529,9 @@ def prove_cmd(
     consistency: tuple[int, int] | None,
     as_json: bool,
 ) -> None:
-    """Print an inclusion proof for SEQ (against the newest checkpoint) as JSON."""
+    """Prove entry SEQ is in the log (against the newest checkpoint, or the tree of --size
+    entries), or with --consistency that an older log is a prefix of a newer one. Prints what
+    was checked; --json prints the proof. Exit 0 if it verifies, 1 if not."""
     if (seq is None) == (not consistency):
         raise Failure("give either SEQ or --consistency OLD NEW")
     with _opened(ctx) as a, a.db.session() as s:
@@ -459,15 +541,15 @@ def prove_cmd(
             old_root, new_root = a.log.root(s, old), a.log.root(s, new)
             signed_old = _checkpoint_json(s, _checkpoint_for(s, None, old))
             signed_new = _checkpoint_json(s, _checkpoint_for(s, None, new))
+            verified, what, checks = _consistency_report(
+                old, new, (old_root, new_root), path, (signed_old, signed_new)
+            )
             out: dict[str, Any] = {
                 "old": old, "new": new, "old_root": old_root.hex(), "new_root": new_root.hex(),
-                "proof": [h.hex() for h in path],
-                "verified": merkle.verify_consistency(old, new, old_root, new_root, path)
-                and all(c is None or c["root"] == r.hex()
-                        for c, r in ((signed_old, old_root), (signed_new, new_root))),
-                "old_checkpoint": signed_old,
-                "new_checkpoint": signed_new,
+                "proof": [h.hex() for h in path], "verified": verified,
+                "old_checkpoint": signed_old, "new_checkpoint": signed_new,
             }  # fmt: skip
+            again = f"gateway archive prove --consistency {old} {new} --json"
             _read(a, s, "prove", f"consistency {old} {new}")
         else:
             assert seq is not None
@@ -476,19 +558,29 @@ def prove_cmd(
             n = size if size is not None else row.size if row else 0
             path = a.log.inclusion(s, seq, n)
             root = a.log.root(s, n)
-            leaf = merkle.leaf_hash(entry.record)
             signed = _checkpoint_json(s, row)
+            verified, what, checks = _inclusion_report(seq, n, root, entry, path, signed)
             out = {
-                "seq": seq, "size": n, "leaf_hash": leaf.hex(), "root": root.hex(),
-                "audit_path": [h.hex() for h in path],
-                "verified": leaf == entry.leaf_hash
-                and merkle.verify_inclusion(leaf, seq, n, path, root)
-                and (signed is None or signed["root"] == root.hex()),
+                "seq": seq, "size": n, "leaf_hash": merkle.leaf_hash(entry.record).hex(),
+                "root": root.hex(), "audit_path": [h.hex() for h in path], "verified": verified,
                 "checkpoint": signed,
             }  # fmt: skip
+            sized = f" --size {size}" if size is not None else ""
+            again = f"gateway archive prove {seq}{sized} --json"
             _read(a, s, "prove", f"entry {seq} size {n}")
-    emit_json(out)
-    ctx.exit(0 if out["verified"] else 1)
+    if as_json:
+        emit_json(out)
+    else:
+        click.echo(f"proving that {what}")
+        for status, name, detail in checks:
+            click.echo(f"{status.upper():<5} {name}: {detail}")
+        click.echo("proof verifies" if verified else "proof does NOT verify")
+        click.echo(
+            f"the proof itself (hashes, signed checkpoint), to check elsewhere: `{again}`"
+            + ("" if consistency else f"; a bundle that needs no database: `gateway archive "
+               f"export {seq} --out FILE`")
+        )  # fmt: skip
+    ctx.exit(0 if verified else 1)
 
 
 def _issuers(s: Session, cert: x509.Certificate) -> list[x509.Certificate]:

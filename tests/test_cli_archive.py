@@ -469,18 +469,91 @@ def test_checkpoint_without_the_passphrase_fails_in_one_line(home: Path) -> None
 
 
 def test_prove_gives_a_proof_under_the_checkpoint(home: Path, seqs: dict[str, int]) -> None:
-    proof = json.loads(ok(home, "prove", seqs["accepted"]).stdout)
+    proof = json.loads(ok(home, "prove", seqs["accepted"], "--json").stdout)
     assert proof["verified"] is True
     assert proof["size"] == proof["checkpoint"]["size"] == seqs["receipt"] + 1
     assert proof["root"] == proof["checkpoint"]["root"]
     assert "archive checkpoint" in proof["checkpoint"]["body"]
     assert all(len(h) == 64 for h in proof["audit_path"])
-    sized = json.loads(ok(home, "prove", seqs["accepted"], "--size", seqs["accepted"] + 1).stdout)
+    sized = json.loads(
+        ok(home, "prove", seqs["accepted"], "--size", seqs["accepted"] + 1, "--json").stdout
+    )
     assert sized["checkpoint"] is None
     assert sized["verified"] is True
-    consistency = json.loads(ok(home, "prove", "--consistency", 2, seqs["receipt"] + 1).stdout)
+    consistency = json.loads(
+        ok(home, "prove", "--consistency", 2, seqs["receipt"] + 1, "--json").stdout
+    )
     assert consistency["verified"] is True
     assert consistency["new_checkpoint"]["size"] == seqs["receipt"] + 1
+
+
+def test_prove_says_what_it_proves_and_gives_the_proof_with_json(
+    home: Path, seqs: dict[str, int], world: DemoWorld
+) -> None:
+    """Like every archive command, `prove` prints text for a person by default and JSON with
+    --json: the text says what is proven (which entry, in which tree, under which signed
+    checkpoint), each check, and the command that prints the proof itself."""
+    seq, size = seqs["accepted"], seqs["receipt"] + 1
+    proof = json.loads(ok(home, "prove", seq, "--json").stdout)
+    text = ok(home, "prove", seq).stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    signer = world.hub.cert.subject.rfc4514_string()
+    assert text.splitlines() == [
+        f"proving that entry {seq} is in the tree of {size} entries with root {proof['root']}",
+        f"PASS  leaf hash: entry {seq}'s record hashes to {proof['leaf_hash']}, the leaf stored",
+        f"PASS  audit path: an audit path of {len(proof['audit_path'])} hashes leads from the "
+        "leaf to the root (RFC 9162 §2.1.3.2)",
+        f"PASS  checkpoint: #1, signed {proof['checkpoint']['at']} by {signer} (a hub "
+        "certificate the database holds), has this root",
+        "proof verifies",
+        f"the proof itself (hashes, signed checkpoint), to check elsewhere: `gateway archive "
+        f"prove {seq} --json`; a bundle that needs no database: `gateway archive export {seq} "
+        "--out FILE`",
+    ]
+    # A tree no checkpoint has signed: its root is only the database's word, and it says so.
+    sized = ok(home, "prove", seq, "--size", seq + 1).stdout
+    path = json.loads(ok(home, "prove", seq, "--size", seq + 1, "--json").stdout)["audit_path"]
+    assert f"an audit path of {len(path)} hash{'es' if len(path) != 1 else ''} leads" in sized
+    assert f"SKIP  checkpoint: no signed checkpoint has size {seq + 1}" in sized
+    assert f"`gateway archive prove {seq} --size {seq + 1} --json`" in sized
+    both = json.loads(ok(home, "prove", "--consistency", 2, size, "--json").stdout)
+    consistency = ok(home, "prove", "--consistency", 2, size).stdout.splitlines()
+    assert consistency[0] == (
+        f"proving that the tree of 2 entries (root {both['old_root']}) is a prefix of the tree "
+        f"of {size} entries (root {both['new_root']})"
+    )
+    assert consistency[1] == (
+        f"PASS  consistency proof: a proof of {len(both['proof'])} hashes leads from the old root "
+        "to the new (RFC 9162 §2.1.4.2)"
+    )
+    assert consistency[2].startswith("SKIP  old checkpoint: no signed checkpoint has size 2")
+    assert consistency[3].startswith("PASS  new checkpoint: #1, signed")
+    assert consistency[4:] == [
+        "proof verifies",
+        "the proof itself (hashes, signed checkpoint), to check elsewhere: `gateway archive "
+        f"prove --consistency 2 {size} --json`",
+    ]
+
+
+def test_prove_says_which_check_fails_for_a_changed_record(
+    home: Path, seqs: dict[str, int]
+) -> None:
+    seq = seqs["accepted"]
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        db.execute(
+            "UPDATE log_entries SET record = CAST(record || ' ' AS BLOB) WHERE seq = ?", (seq,)
+        )
+    db.close()
+    assert json.loads(run(home, "prove", seq, "--json").stdout)["verified"] is False
+    bad = run(home, "prove", seq)
+    assert bad.exit_code == 1, bad.output
+    lines = bad.stdout.splitlines()
+    assert lines[1].startswith(f"FAIL  leaf hash: entry {seq}'s record hashes to ")
+    assert lines[1].endswith(": the record was changed")
+    assert lines[2].startswith("FAIL  audit path:")
+    assert lines[4] == "proof does NOT verify"
 
 
 def test_prove_an_entry_newer_than_the_checkpoint_says_what_to_do(home: Path) -> None:
