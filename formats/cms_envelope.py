@@ -20,6 +20,7 @@ CBC is malleable (EFAIL): nothing decrypted here is trusted until the signature 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,10 +71,14 @@ class RecipientKey:
     cert: x509.Certificate
     key: rsa.RSAPrivateKey
     _asn1: asn1_x509.Certificate = field(init=False, repr=False, compare=False)
+    #: Answers of :meth:`matches_der` so far: every message names the hub's certificate the
+    #: same way, so the identifier is read once, not once per message.
+    _answers: dict[bytes, bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         der = self.cert.public_bytes(serialization.Encoding.DER)
         object.__setattr__(self, "_asn1", asn1_x509.Certificate.load(der))
+        object.__setattr__(self, "_answers", {})
 
     def matches(self, rid: cms.RecipientIdentifier) -> bool:
         if rid.name == "issuer_and_serial_number":
@@ -83,6 +88,19 @@ class RecipientKey:
                 and same_name(self._asn1.issuer, chosen["issuer"])
             )
         return bool(self._asn1.key_identifier == rid.chosen.native)
+
+    def matches_der(self, rid: bytes) -> bool:
+        """:meth:`matches` for a RecipientIdentifier's DER."""
+        answer = self._answers.get(rid)
+        if answer is None:
+            answer = self.matches(cms.RecipientIdentifier.load(rid))
+            if len(self._answers) < _MAX_ANSWERS:
+                self._answers[rid] = answer
+        return answer
+
+
+#: Recipient identifiers remembered per key (each a few hundred bytes).
+_MAX_ANSWERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +135,12 @@ def decrypt(der: bytearray, keys: Sequence[RecipientKey], *, max_bytes: int) -> 
 
 @dataclass(frozen=True, slots=True)
 class _Parts:
-    """The fields of an (Auth)EnvelopedData: small ones parsed, the ciphertext as spans."""
+    """The fields of an (Auth)EnvelopedData, located in place (:mod:`formats.der`)."""
 
     authenticated: bool
-    recipient_infos: cms.RecipientInfos
-    algorithm: algos.EncryptionAlgorithm
+    recipient_infos: list[Tlv]
+    cipher: str
+    parameters: Tlv | None
     ciphertext: list[memoryview]
     auth_attrs: bytes | None = None  # DER, re-tagged as SET OF for the AAD (RFC 5083 §2.1)
     mac: bytes | None = None
@@ -137,6 +156,10 @@ class _Parts:
         eci_fields = list(children(buf, eci))
         if len(eci_fields) != 3 or not eci_fields[2].is_(der.CONTEXT, 0):
             raise MalformedCMS("enveloped-data without encrypted content")
+        algorithm = eci_fields[1]
+        alg_fields = list(children(buf, algorithm)) if algorithm.constructed else []
+        if not 1 <= len(alg_fields) <= 2 or not algorithm.is_(der.UNIVERSAL, der.SEQUENCE):
+            raise MalformedCMS("CMS content-encryption algorithm is malformed")
         auth_attrs = mac = None
         if authenticated:
             tail = rest[3:]
@@ -147,8 +170,9 @@ class _Parts:
             mac = b"".join(octets(buf, tail[0]))
         return cls(
             authenticated=authenticated,
-            recipient_infos=cms.RecipientInfos.load(element(buf, ris)),
-            algorithm=algos.EncryptionAlgorithm.load(element(buf, eci_fields[1])),
+            recipient_infos=list(children(buf, ris)),
+            cipher=str(algos.EncryptionAlgorithmId.map(der.oid(buf, alg_fields[0]))),
+            parameters=alg_fields[1] if len(alg_fields) == 2 else None,
             ciphertext=octets(buf, eci_fields[2]),
             auth_attrs=auth_attrs,
             mac=mac,
@@ -163,8 +187,7 @@ def _decrypt(
     max_bytes: int,
 ) -> Decrypted:
     # Step 2.
-    alg = parts.algorithm
-    cipher_name = alg["algorithm"].native
+    cipher_name = parts.cipher
     key_size = algorithms.content_key_size(cipher_name)
     if cipher_name.endswith("_gcm") != parts.authenticated:
         kind = "authenticated_enveloped_data" if parts.authenticated else "enveloped_data"
@@ -174,16 +197,19 @@ def _decrypt(
         raise LimitExceeded(f"encrypted content is {size} bytes, limit is {max_bytes}")
 
     # Step 3.
-    recipient, ktri = _find_recipient(parts.recipient_infos, keys)
+    recipient, ktri = _find_recipient(buf, parts.recipient_infos, keys)
 
     # Step 4.
-    transport = ktri["key_encryption_algorithm"]
-    transport_name = transport["algorithm"].native
-    cek = _unwrap(recipient.key, transport_name, transport, ktri["encrypted_key"].native, key_size)
+    transport = element(buf, ktri[2])
+    transport_name = _transport_name(transport)
+    wrapped = b"".join(octets(buf, ktri[3]))
+    cek = _unwrap(recipient.key, transport_name, transport, wrapped, key_size)
 
     # Step 5.
     if parts.authenticated:
-        params = GCMParameters.load(alg["parameters"].dump())
+        if parts.parameters is None:
+            raise MalformedCMS("AES-GCM parameters are missing")
+        params = GCMParameters.load(element(buf, parts.parameters))
         nonce, tag_len = params["aes_nonce"].native, params["aes_icvlen"].native
         tag = parts.mac or b""
         if len(tag) != tag_len or tag_len < 12:
@@ -193,8 +219,8 @@ def _decrypt(
             gcm.authenticate_additional_data(parts.auth_attrs)
         decryptor: _Decryptor = gcm
     else:
-        iv = alg["parameters"].native
-        if not isinstance(iv, bytes) or len(iv) != 16:
+        iv = _octets(buf, parts.parameters)
+        if iv is None or len(iv) != 16:
             raise MalformedCMS("AES-CBC parameters must be a 16-byte IV")
         if not size or size % 16:
             raise DecryptionFailed(_UNREADABLE)
@@ -239,32 +265,57 @@ _UNREADABLE = "the message could not be decrypted; it was damaged or altered in 
 
 
 def _find_recipient(
-    infos: cms.RecipientInfos, keys: Sequence[RecipientKey]
-) -> tuple[RecipientKey, cms.KeyTransRecipientInfo]:
+    buf: memoryview, infos: list[Tlv], keys: Sequence[RecipientKey]
+) -> tuple[RecipientKey, list[Tlv]]:
+    """The hub's key a KeyTransRecipientInfo is addressed to, and that info's fields
+    (version, rid, keyEncryptionAlgorithm, encryptedKey)."""
     addressed: list[str] = []
     for ri in infos:
-        if ri.name != "ktri":
-            addressed.append(f"a {ri.name} recipient")
+        if not ri.is_(der.UNIVERSAL, der.SEQUENCE):  # [1] kari, [2] kekri, [3] pwri, [4] ori
+            addressed.append(f"a {_OTHER_RECIPIENTS.get(ri.number, 'unknown')} recipient")
             continue
-        ktri = ri.chosen
+        ktri = list(children(buf, ri))
+        if len(ktri) != 4 or not (
+            ktri[2].is_(der.UNIVERSAL, der.SEQUENCE)
+            and ktri[3].is_(der.UNIVERSAL, der.OCTET_STRING)
+        ):
+            raise MalformedCMS("CMS key-transport recipient info is malformed")
+        rid = element(buf, ktri[1])
         for key in keys:
-            if key.matches(ktri["rid"]):
+            if key.matches_der(rid):
                 return key, ktri
-        rid = ktri["rid"]
-        if rid.name == "issuer_and_serial_number":
-            addressed.append(f"serial {rid.chosen['serial_number'].native:x}")
+        chosen = cms.RecipientIdentifier.load(rid)
+        if chosen.name == "issuer_and_serial_number":
+            addressed.append(f"serial {chosen.chosen['serial_number'].native:x}")
         else:
-            addressed.append(f"key id {rid.chosen.native.hex()}")
+            addressed.append(f"key id {chosen.chosen.native.hex()}")
     raise NotForUs(
         f"the message is not encrypted to the hub's certificate (it is addressed to "
         f"{', '.join(addressed) or 'nobody'}); encrypt to the hub's current certificate"
     )
 
 
+#: RecipientInfo choices other than key transport, by their context tag (RFC 5652 §6.2).
+_OTHER_RECIPIENTS = {1: "kari", 2: "kekri", 3: "pwri", 4: "ori"}
+
+
+@functools.lru_cache(maxsize=64)
+def _transport_name(algorithm: bytes) -> str:
+    """A key-transport algorithm's name, read once: every message to the hub names the same."""
+    return str(cms.KeyEncryptionAlgorithm.load(algorithm)["algorithm"].native)
+
+
+def _octets(buf: memoryview, tlv: Tlv | None) -> bytes | None:
+    """The value of a primitive OCTET STRING, or None for anything else."""
+    if tlv is None or not tlv.is_(der.UNIVERSAL, der.OCTET_STRING) or tlv.constructed:
+        return None
+    return bytes(buf[tlv.body : tlv.body_end])
+
+
 def _unwrap(
     key: rsa.RSAPrivateKey,
     name: str,
-    alg: cms.KeyEncryptionAlgorithm,
+    alg: bytes,
     wrapped: bytes,
     key_size: int,
 ) -> bytes:
@@ -279,7 +330,7 @@ def _unwrap(
             cek = os.urandom(key_size)
         return cek
     if name == "rsaes_oaep":
-        params = alg["parameters"]
+        params = cms.KeyEncryptionAlgorithm.load(alg)["parameters"]
         oaep_hash = algorithms.digest(params["hash_algorithm"]["algorithm"].native)
         mgf_hash = algorithms.digest(params["mask_gen_algorithm"]["parameters"]["algorithm"].native)
         label = params["p_source_algorithm"]["parameters"].native or None

@@ -22,14 +22,15 @@ Any failure in 6–7 is :class:`SignatureInvalid`: the content changed after it 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from asn1crypto import cms
+from asn1crypto import algos, cms
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -70,10 +71,14 @@ class SignatureCheck:
 
 @dataclass(frozen=True, slots=True)
 class _Signed:
-    """The fields of a SignedData: small ones parsed, the encapsulated content as a view."""
+    """The fields of a SignedData, located in place (:mod:`formats.der`): asn1crypto only ever
+    sees small pieces, and those that repeat from message to message (algorithm identifiers,
+    certificates) are read once (bench/e2e_bench.py: parsing the whole structure with
+    asn1crypto cost three times the signature check)."""
 
-    signer_infos: cms.SignerInfos
-    certificates: cms.CertificateSet | None
+    buf: memoryview
+    signer_infos: list[der.Tlv]
+    certificates: list[der.Tlv]
     econtent_type: str
     embedded: bytes | memoryview | None
 
@@ -87,10 +92,11 @@ class _Signed:
             and fields[-1].is_(der.UNIVERSAL, der.SET)
         ):
             raise MalformedCMS("CMS signed-data does not have the fields RFC 5652 requires")
-        certificates = None
+        certificates: list[der.Tlv] | None = None
         for f in fields[3:-1]:
-            if f.is_(der.CONTEXT, 0) and certificates is None:
-                certificates = cms.CertificateSet.load(retagged(buf, f, 0x31))
+            if f.is_(der.CONTEXT, 0) and f.constructed and certificates is None:
+                # CertificateChoices: the other choices (attribute certificates …) are not used.
+                certificates = [c for c in children(buf, f) if c.is_(der.UNIVERSAL, der.SEQUENCE)]
             elif not f.is_(der.CONTEXT, 1):  # [1] crls: not used
                 raise MalformedCMS("CMS signed-data has an unexpected field")
         encap = list(children(buf, fields[2]))
@@ -104,11 +110,92 @@ class _Signed:
             spans = octets(buf, wrapper[0])
             embedded = spans[0] if len(spans) == 1 else b"".join(spans)
         return cls(
-            signer_infos=cms.SignerInfos.load(element(buf, fields[-1])),
-            certificates=certificates,
-            econtent_type=cms.ContentType.load(element(buf, encap[0])).native,
+            buf=buf,
+            signer_infos=list(children(buf, fields[-1])),
+            certificates=certificates or [],
+            econtent_type=cms.ContentType.map(der.oid(buf, encap[0])),
             embedded=embedded,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _SignerInfo:
+    """A SignerInfo (RFC 5652 §5.3), located: the signer's identifier, the algorithms (as
+    DER), the signed attributes (located) and the signature value."""
+
+    sid: der.Tlv
+    digest_algorithm: bytes
+    signed_attrs: der.Tlv | None
+    signature_algorithm: bytes
+    signature: bytes
+
+    @classmethod
+    def read(cls, buf: memoryview, tlv: der.Tlv) -> _SignerInfo:
+        fields = list(children(buf, tlv)) if tlv.is_(der.UNIVERSAL, der.SEQUENCE) else []
+        # version, sid, digestAlgorithm, [0] signedAttrs?, signatureAlgorithm, signature, [1]?
+        rest = fields[3:]
+        signed_attrs = rest.pop(0) if rest and rest[0].is_(der.CONTEXT, 0) else None
+        if rest and rest[-1].is_(der.CONTEXT, 1):
+            rest.pop()  # unsigned attributes: not used
+        if not (
+            len(fields) >= 5
+            and len(rest) == 2
+            and fields[0].is_(der.UNIVERSAL, der.INTEGER)
+            and fields[2].is_(der.UNIVERSAL, der.SEQUENCE)
+            and rest[0].is_(der.UNIVERSAL, der.SEQUENCE)
+            and rest[1].is_(der.UNIVERSAL, der.OCTET_STRING)
+            and (signed_attrs is None or signed_attrs.constructed)
+        ):
+            raise MalformedCMS("CMS signer info does not have the fields RFC 5652 requires")
+        return cls(
+            sid=fields[1],
+            digest_algorithm=element(buf, fields[2]),
+            signed_attrs=signed_attrs,
+            signature_algorithm=element(buf, rest[0]),
+            signature=b"".join(octets(buf, rest[1])),
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_name(algorithm: bytes) -> str:
+    return str(algos.DigestAlgorithm.load(algorithm)["algorithm"].native)
+
+
+@functools.lru_cache(maxsize=64)
+def _signature_name(algorithm: bytes) -> str:
+    return str(algos.SignedDigestAlgorithm.load(algorithm)["algorithm"].native)
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """A certificate that may be the signer's, with what a SignerIdentifier names it by."""
+
+    cert: x509.Certificate
+    issuer: bytes  # the issuer Name's DER, as the certificate encodes it
+    serial: int
+    der: bytes
+
+
+@functools.lru_cache(maxsize=256)
+def _candidate(data: bytes) -> _Candidate:
+    """A certificate read once for all the messages that carry it (an agency's, mostly)."""
+    cert = x509.load_der_x509_certificate(data)
+    buf = memoryview(data)
+    tbs = next(children(buf, der.read_tlv(buf, 0, len(buf))))
+    fields = [f for f in children(buf, tbs) if not f.is_(der.CONTEXT, 0)]  # [0] version
+    if len(fields) < 3 or not fields[2].is_(der.UNIVERSAL, der.SEQUENCE):
+        raise MalformedCMS("a certificate in the message does not have an issuer")
+    return _Candidate(cert, element(buf, fields[2]), cert.serial_number, data)
+
+
+@functools.lru_cache(maxsize=256)
+def _key_identifier(data: bytes) -> bytes | None:
+    """The certificate's subjectKeyIdentifier, if it has one."""
+    extensions = _candidate(data).cert.extensions
+    try:
+        return extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
 
 
 def verify_signed_data(
@@ -132,13 +219,13 @@ def verify_signed_data(
 def _verify(
     signed: _Signed, detached: bytes | memoryview | None, known: Sequence[x509.Certificate]
 ) -> SignatureCheck:
+    buf = signed.buf
     # Step 2.
-    signer_infos = signed.signer_infos
-    if len(signer_infos) != 1:
+    if len(signed.signer_infos) != 1:
         raise SignerCountError(
-            f"the message has {len(signer_infos)} signatures; exactly one signer is required"
+            f"the message has {len(signed.signer_infos)} signatures; exactly one signer is required"
         )
-    signer_info: cms.SignerInfo = signer_infos[0]
+    signer_info = _SignerInfo.read(buf, signed.signer_infos[0])
 
     # Step 3.
     econtent_type = signed.econtent_type
@@ -152,25 +239,22 @@ def _verify(
         raise NotSigned("detached signature without the content it signs")
 
     # Step 4.
-    digest_name = signer_info["digest_algorithm"]["algorithm"].native
+    digest_name = _digest_name(signer_info.digest_algorithm)
     hash_algo = algorithms.digest(digest_name)
-    sig_algo = signer_info["signature_algorithm"]
-    sig_name = sig_algo["algorithm"].native
+    sig_name = _signature_name(signer_info.signature_algorithm)
     kind = algorithms.signature_kind(sig_name)
 
     # Step 5.
-    carried_asn1 = [c.chosen for c in signed.certificates or () if c.name == "certificate"]
-    signer_asn1 = _find_signer(signer_info["sid"], carried_asn1, known)
-    signer = x509.load_der_x509_certificate(signer_asn1.dump())
-    public_key = _public_key(signer, signer_asn1)
+    carried = [_candidate(element(buf, c)) for c in signed.certificates]
+    signer = _find_signer(buf, signer_info.sid, carried, known)
+    public_key = _public_key(signer)
     algorithms.check_public_key(public_key)
-    carried = tuple(x509.load_der_x509_certificate(c.dump()) for c in carried_asn1)
 
     # Step 6.
-    signed_attrs = signer_info["signed_attrs"]
-    if not signed_attrs:
+    signed_attrs = signer_info.signed_attrs
+    if signed_attrs is None or signed_attrs.body == signed_attrs.body_end:
         raise ProfileViolation("signature has no signed attributes (RFC 8551 §2.5 requires them)")
-    attrs = _attributes(signed_attrs)
+    attrs = _attributes(buf, signed_attrs)
     if attrs.get("content_type") != [econtent_type]:
         raise SignatureInvalid("signed content-type attribute does not match the content")
     digests = attrs.get("message_digest") or []
@@ -189,14 +273,18 @@ def _verify(
             raise SignatureInvalid(_CHANGED)
 
     # Step 7.
-    attrs_der = b"\x31" + signed_attrs.dump()[1:]
     _check_signature(
-        public_key, kind, signer_info["signature"].native, attrs_der, hash_algo, sig_algo
+        public_key,
+        kind,
+        signer_info.signature,
+        retagged(buf, signed_attrs, 0x31),
+        hash_algo,
+        signer_info.signature_algorithm,
     )
     signing_time = attrs.get("signing_time")
     return SignatureCheck(
         signer=signer,
-        carried=carried,
+        carried=tuple(c.cert for c in carried),
         content=content,
         digest_algorithm=digest_name,
         signature_algorithm=sig_name,
@@ -215,59 +303,98 @@ def _digest_matches(
     return hmac.compare_digest(h.finalize(), expected)
 
 
-#: The signed attributes we read; the rest (SMIMECapabilities …) are covered by the signature
-#: but not decoded.
-_READ_ATTRS = frozenset({"content_type", "message_digest", "signing_time"})
-
-
-def _attributes(signed_attrs: cms.CMSAttributes) -> dict[str, list[Any]]:
+def _attributes(buf: memoryview, signed_attrs: der.Tlv) -> dict[str, list[Any]]:
+    """The signed attributes we read (:data:`_READ_ATTRS`), by name; the rest (SMIMECapabilities
+    …) are covered by the signature but not decoded."""
     out: dict[str, list[Any]] = {}
     seen: set[str] = set()
-    for attr in signed_attrs:
-        oid = attr["type"].dotted
+    for attr in children(buf, signed_attrs):
+        parts = list(children(buf, attr)) if attr.is_(der.UNIVERSAL, der.SEQUENCE) else []
+        if len(parts) != 2 or not parts[1].is_(der.UNIVERSAL, der.SET):
+            raise MalformedCMS("a signed attribute is not a type and a set of values")
+        oid = der.oid(buf, parts[0])
+        name = cms.CMSAttributeType.map(oid)
         if oid in seen:
             # RFC 5652 §5.3: each attribute type appears at most once.
-            raise SignatureInvalid(f"signed attribute {attr['type'].native} appears more than once")
+            raise SignatureInvalid(f"signed attribute {name} appears more than once")
         seen.add(oid)
-        name = attr["type"].native
-        if name in _READ_ATTRS:
-            out[name] = list(attr["values"].native)
+        read = _READ_ATTRS.get(name)
+        if read is not None:
+            out[name] = [read(buf, value) for value in children(buf, parts[1])]
     return out
 
 
+def _content_type(buf: memoryview, value: der.Tlv) -> str:
+    return str(cms.ContentType.map(der.oid(buf, value)))
+
+
+def _message_digest(buf: memoryview, value: der.Tlv) -> bytes:
+    if not value.is_(der.UNIVERSAL, der.OCTET_STRING):
+        raise MalformedCMS("the message-digest attribute is not an OCTET STRING")
+    return b"".join(octets(buf, value))
+
+
+def _signing_time(buf: memoryview, value: der.Tlv) -> datetime:
+    moment = cms.Time.load(element(buf, value)).native
+    if not isinstance(moment, datetime):  # asn1crypto's year-0 stand-in
+        raise MalformedCMS("the signing-time attribute is not a time")
+    return moment
+
+
+#: The signed attributes we read, and how.
+_READ_ATTRS: dict[str, Callable[[memoryview, der.Tlv], Any]] = {
+    "content_type": _content_type,
+    "message_digest": _message_digest,
+    "signing_time": _signing_time,
+}
+
+
 def _find_signer(
-    sid: cms.SignerIdentifier,
-    carried: list[asn1_x509.Certificate],
+    buf: memoryview,
+    sid: der.Tlv,
+    carried: list[_Candidate],
     known: Sequence[x509.Certificate],
-) -> asn1_x509.Certificate:
-    candidates = carried + [
-        asn1_x509.Certificate.load(k.public_bytes(serialization.Encoding.DER)) for k in known
-    ]
-    if sid.name == "issuer_and_serial_number":
-        issuer, serial = sid.chosen["issuer"], sid.chosen["serial_number"].native
-        for cert in candidates:
-            if cert.serial_number == serial and same_name(cert.issuer, issuer):
-                return cert
-        wanted = f"issuer {issuer.human_friendly}, serial {serial:x}"
-    else:
-        ski = sid.chosen.native
-        for cert in candidates:
-            if cert.key_identifier == ski:
-                return cert
+) -> x509.Certificate:
+    candidates = carried + [_candidate(k.public_bytes(serialization.Encoding.DER)) for k in known]
+    if sid.is_(der.UNIVERSAL, der.SEQUENCE):  # IssuerAndSerialNumber
+        parts = list(children(buf, sid))
+        if len(parts) != 2 or not (
+            parts[0].is_(der.UNIVERSAL, der.SEQUENCE) and parts[1].is_(der.UNIVERSAL, der.INTEGER)
+        ):
+            raise MalformedCMS("the signer identifier is not an issuer and serial number")
+        issuer = element(buf, parts[0])
+        serial = int.from_bytes(buf[parts[1].body : parts[1].body_end], "big", signed=True)
+        for c in candidates:
+            if c.serial == serial and (c.issuer == issuer or _same_issuer(c.issuer, issuer)):
+                return c.cert
+        name = asn1_x509.Name.load(issuer).human_friendly
+        wanted = f"issuer {name}, serial {serial:x}"
+    elif sid.is_(der.CONTEXT, 0):  # [0] SubjectKeyIdentifier
+        ski = b"".join(octets(buf, sid))
+        for c in candidates:
+            if _key_identifier(c.der) == ski:
+                return c.cert
         wanted = f"subject key identifier {ski.hex()}"
+    else:
+        raise MalformedCMS("the signer identifier is neither an issuer and serial nor a key id")
     raise UntrustedSigner(
         f"the signer's certificate ({wanted}) is neither in the message nor known to the hub; "
         "include the certificate when signing"
     )
 
 
-def _public_key(cert: x509.Certificate, asn1: asn1_x509.Certificate) -> PublicKeyTypes:
+def _same_issuer(a: bytes, b: bytes) -> bool:
+    """RFC 5280 §7.1 name equality of two Names encoded differently."""
+    return same_name(asn1_x509.Name.load(a), asn1_x509.Name.load(b))
+
+
+def _public_key(cert: x509.Certificate) -> PublicKeyTypes:
     """The certificate's key; one of an algorithm ``cryptography`` does not implement (which
     it reports as UnsupportedAlgorithm, not a ValueError) is off the allow-list too."""
     try:
         return cert.public_key()
     except UnsupportedAlgorithm:
-        oid = asn1.public_key["algorithm"]["algorithm"].dotted
+        oid = cert.public_key_algorithm_oid.dotted_string
         raise WeakAlgorithm(
             f"signer key algorithm {oid} is not allowed; use RSA (at least 2048 bits) or "
             "ECDSA P-256"
@@ -299,13 +426,13 @@ def _check_signature(
     signature: bytes,
     data: bytes,
     hash_algo: hashes.HashAlgorithm,
-    sig_algo: Any,
+    sig_algo: bytes,
 ) -> None:
     try:
         if kind == "rsa" and isinstance(public_key, rsa.RSAPublicKey):
             public_key.verify(signature, data, padding.PKCS1v15(), hash_algo)
         elif kind == "pss" and isinstance(public_key, rsa.RSAPublicKey):
-            params = sig_algo["parameters"]
+            params = algos.SignedDigestAlgorithm.load(sig_algo)["parameters"]
             pss_hash = algorithms.digest(params["hash_algorithm"]["algorithm"].native)
             mgf = params["mask_gen_algorithm"]
             if mgf["algorithm"].native != "mgf1":

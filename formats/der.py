@@ -19,6 +19,7 @@ they are more — before the rest is read; (3) takes an OCTET STRING in segments
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -56,9 +57,11 @@ def load_content_info(der: bytes, *, expect: tuple[str, ...]) -> cms.ContentInfo
     return info
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Tlv:
-    """One BER element located in a buffer: offsets only, nothing copied."""
+    """One BER element located in a buffer: offsets only, nothing copied. Not changed once
+    read; not frozen only because a frozen dataclass is four times dearer to make, and a
+    message has dozens of these."""
 
     tag_class: int
     constructed: bool
@@ -222,16 +225,38 @@ def content_info(buf: memoryview, *, expect: tuple[str, ...]) -> tuple[str, list
     fields = list(children(buf, top))
     if len(fields) != 2 or not fields[0].is_(UNIVERSAL, OID) or not fields[1].is_(CONTEXT, 0):
         raise MalformedCMS("CMS structure does not parse (not a ContentInfo)")
-    try:
-        ctype = cms.ContentType.load(element(buf, fields[0])).native
-    except ValueError as exc:
-        raise MalformedCMS(f"CMS structure does not parse ({short_reason(exc)})") from None
+    ctype = cms.ContentType.map(oid(buf, fields[0]))
     if ctype not in expect:
         raise MalformedCMS(f"expected CMS {' or '.join(expect)}, found {ctype}")
     inner = list(children(buf, fields[1]))
     if len(inner) != 1 or not inner[0].is_(UNIVERSAL, SEQUENCE):
         raise MalformedCMS(f"CMS {ctype} content is not a SEQUENCE")
     return ctype, list(children(buf, inner[0]))
+
+
+def oid(buf: memoryview, tlv: Tlv) -> str:
+    """The dotted form of the OBJECT IDENTIFIER ``tlv`` (asn1crypto's ``.map`` names it)."""
+    if not tlv.is_(UNIVERSAL, OID) or tlv.constructed:
+        raise MalformedCMS("CMS structure has something else where an object identifier belongs")
+    return dotted(bytes(buf[tlv.body : tlv.body_end]))
+
+
+@functools.lru_cache(maxsize=512)
+def dotted(body: bytes) -> str:
+    """An OBJECT IDENTIFIER's contents as dotted text (X.690 §8.19): arcs in base 128, the
+    first octets holding the first two arcs. Messages name the same few algorithms and
+    attributes over and over, so the answers are kept."""
+    if not body or body[-1] & 0x80:
+        raise MalformedCMS("CMS structure has a malformed object identifier")
+    arcs: list[int] = []
+    value = 0
+    for octet in body:
+        value = value << 7 | (octet & 0x7F)
+        if not octet & 0x80:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]]))
 
 
 def retagged(buf: memoryview, tlv: Tlv, identifier: int) -> bytes:

@@ -582,10 +582,12 @@ def crafted_signature(
     pss_salt: int | None = None,
     used_salt: int = 32,
     cert_der: bytes | None = None,
+    issuer: asn1_x509.Name | None = None,
 ) -> bytes:
     """A detached SignedData over ``entity`` put together field by field with asn1crypto, for
     what ``cryptography``'s signer never writes: an RSA-PSS salt length declared (``pss_salt``)
-    other than the one used, or a certificate altered after it was issued (``cert_der``)."""
+    other than the one used, a certificate altered after it was issued (``cert_der``), or the
+    signer named by an ``issuer`` other than (or encoded otherwise than) its certificate's."""
     attrs = cms.CMSAttributes(
         [
             {"type": "content_type", "values": ["data"]},
@@ -614,7 +616,7 @@ def crafted_signature(
             "version": "v1",
             "sid": cms.SignerIdentifier(
                 name="issuer_and_serial_number",
-                value={"issuer": cert.issuer, "serial_number": cert.serial_number},
+                value={"issuer": issuer or cert.issuer, "serial_number": cert.serial_number},
             ),
             "digest_algorithm": {"algorithm": "sha256"},
             "signed_attrs": attrs,

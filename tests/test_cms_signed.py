@@ -8,9 +8,11 @@ than the one used, a signer certificate altered after it was issued.
 from __future__ import annotations
 
 import pytest
+from asn1crypto import x509 as asn1_x509
+from cryptography.hazmat.primitives import serialization
 
 from formats import cms_signed
-from formats.errors import SignatureInvalid, WeakAlgorithm
+from formats.errors import SignatureInvalid, UntrustedSigner, WeakAlgorithm
 from gateway.demo import DemoWorld
 from tests.hostile import crafted_signature, unknown_key_algorithm_cert
 
@@ -53,3 +55,27 @@ def test_the_crafted_signature_is_genuine_otherwise(world: DemoWorld) -> None:
     signer = world.agencies["H26.SNV"]
     check = cms_signed.verify_signed_data(crafted_signature(ENTITY, signer), detached=ENTITY)
     assert check.signer == signer.cert
+
+
+def _issuer(world: DemoWorld) -> asn1_x509.Name:
+    der = world.agencies["H26.SNV"].cert.public_bytes(serialization.Encoding.DER)
+    return asn1_x509.Certificate.load(der).issuer
+
+
+def test_a_signer_named_by_its_issuer_encoded_otherwise_is_found(world: DemoWorld) -> None:
+    """RFC 5280 §7.1: names compare by value, not by encoding. The same issuer written with
+    PrintableStrings instead of the certificate's UTF8Strings still names the signer."""
+    signer = world.agencies["H26.SNV"]
+    issuer = _issuer(world)
+    printable = asn1_x509.Name.build(issuer.native, use_printable=True)
+    assert printable.dump() != issuer.dump()  # really encoded otherwise
+    der = crafted_signature(ENTITY, signer, issuer=printable)
+    assert cms_signed.verify_signed_data(der, detached=ENTITY).signer == signer.cert
+
+
+def test_a_signer_named_by_another_issuer_is_not_found(world: DemoWorld) -> None:
+    signer = world.agencies["H26.SNV"]
+    other = asn1_x509.Name.build({**_issuer(world).native, "common_name": "Some Other CA"})
+    der = crafted_signature(ENTITY, signer, issuer=other)
+    with pytest.raises(UntrustedSigner, match=r"issuer .*Some Other CA.*, serial [0-9a-f]+\)"):
+        cms_signed.verify_signed_data(der, detached=ENTITY)

@@ -79,6 +79,7 @@ def payload_xml(world: DemoWorld) -> bytes:
 
 SIGNING = {
     "detached-rsa": ("rsa", []),
+    "detached-rsa-keyid": ("rsa", ["-keyid"]),  # the signer named by its key identifier
     "opaque-rsa": ("rsa", ["-nodetach"]),
     "detached-pss": ("rsa", ["-keyopt", "rsa_padding_mode:pss"]),
     "detached-ecdsa": ("ec", []),
@@ -86,6 +87,7 @@ SIGNING = {
 }
 ENCRYPTION = {
     "aes256-cbc": ["-aes-256-cbc"],
+    "aes256-cbc-keyid": ["-aes-256-cbc", "-keyid"],  # the hub named by its key identifier
     "aes256-gcm": ["-aes-256-gcm"],
     "oaep": ["-aes-256-cbc", "-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256"],
 }
