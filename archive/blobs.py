@@ -19,11 +19,12 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from zlib_ng import zlib_ng as zlib
 
 from archive import tables as t
+from archive.db import insert_rows
 from formats.errors import ConfigError
 
 KEY_BYTES = 32
@@ -36,6 +37,8 @@ _LEVEL = 2
 _INFLATE_ERROR: type[Exception] = zlib.error  # type: ignore[assignment]
 #: A sample this big decides how a blob is compressed (see :func:`compress`).
 _SAMPLE = 16 * 1024
+#: Blob addresses a store remembers as stored (:attr:`BlobStore._stored`).
+_REMEMBERED = 4096
 
 
 def compress(data: bytes) -> bytes:
@@ -96,7 +99,11 @@ class BlobStore:
     #: Hashed and compressed ahead of the transaction (:meth:`prepare`), taken by put_many:
     #: by ``id(data)``, then ``(data, address, zlib stream)``. Holding ``data`` keeps its id
     #: from going to another object while the entry lasts.
-    _ready: dict[int, tuple[bytes, str, bytes]] = field(default_factory=dict, repr=False)
+    _ready: dict[int, tuple[bytes, str, bytes | None]] = field(default_factory=dict, repr=False)
+    #: Addresses lately found stored or stored: their blobs (a signer's certificate path, its
+    #: revocation evidence) come again with the next messages, and need no zlib stream then.
+    #: Only a hint: :meth:`put_many` still looks in the database and compresses what is missing.
+    _stored: dict[str, None] = field(default_factory=dict, repr=False)
 
     def prepare(self, blobs: Iterable[bytes]) -> None:
         """Hash and compress ``blobs`` now, before the transaction that stores the very same
@@ -105,7 +112,9 @@ class BlobStore:
         (it failed) is dropped."""
         self._ready.clear()
         for data in blobs:
-            self._ready[id(data)] = (data, hashlib.sha256(data).hexdigest(), compress(data))
+            address = hashlib.sha256(data).hexdigest()
+            packed = None if address in self._stored else compress(data)
+            self._ready[id(data)] = (data, address, packed)
 
     def _take_ready(self, data: bytes) -> tuple[str, bytes | None]:
         """The address of ``data``, and its zlib stream if :meth:`prepare` made it."""
@@ -144,8 +153,16 @@ class BlobStore:
                 rows.append(
                     {"sha256": address, "key_id": key_id, "size": len(data), "sealed": nonce + body}
                 )
-            s.execute(insert(t.Blob), rows)
+            insert_rows(s, t.Blob, rows)
+        self._remember(addresses)
         return addresses
+
+    def _remember(self, addresses: list[str]) -> None:
+        for address in addresses:
+            self._stored.pop(address, None)
+            self._stored[address] = None  # the newest last
+        while len(self._stored) > _REMEMBERED:
+            del self._stored[next(iter(self._stored))]
 
     def get(self, s: Session, address: str) -> bytes:
         row = s.get(t.Blob, address)

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from archive import merkle
 from archive import tables as t
 from archive.blobs import BlobStore
+from archive.db import insert_rows
 
 #: Record fields copied into columns for search (`archive search`); verify checks they agree.
 SEARCH_FIELDS = ("agency", "category", "period", "status", "document_id", "message_id", "digest")
@@ -43,7 +44,10 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 
 
 def _check_types(value: Any) -> None:
-    if isinstance(value, Mapping):
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return  # the usual leaves, without the slower isinstance checks below
+    if kind is dict or isinstance(value, Mapping):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise TypeError("record keys must be strings")
@@ -51,7 +55,7 @@ def _check_types(value: Any) -> None:
     elif isinstance(value, list | tuple):
         for v in value:
             _check_types(v)
-    elif not (value is None or isinstance(value, str | int | bool)):
+    elif not isinstance(value, str | int | bool):
         raise TypeError(f"a record holds only text, integers, booleans and null, not {value!r}")
 
 
@@ -152,8 +156,8 @@ class Log:
             )
             out.append(Entry(seq, item.kind, item.at.astimezone(UTC), data, leaf))
         if rows:
-            s.execute(insert(t.LogEntry), rows)
-            s.execute(insert(t.LogNode), nodes)
+            insert_rows(s, t.LogEntry, rows)
+            insert_rows(s, t.LogNode, nodes)
         head.size = frontier.size
         return out
 

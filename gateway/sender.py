@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from archive import tables as t
+from archive.db import update_rows
 from archive.log import Item
 from archive.service import Archive
 from formats.vntime import local_day
@@ -349,7 +350,7 @@ class Sender:
             )
             out.append((number, state))
         if changes:
-            s.execute(update(t.Outbox), changes)  # by primary key, one executemany
+            update_rows(s, t.Outbox, changes)  # by primary key, one executemany
         if items:
             self.archive.file_in(s, items, at=now)
         if self.admin:

@@ -25,10 +25,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import Select, insert, or_, select, update
+from sqlalchemy import Select, or_, select, update
 from sqlalchemy.orm import Session
 
 from archive import tables as t
+from archive.db import insert_rows, update_rows
 from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
@@ -301,11 +302,11 @@ class Worker:
         for twin, earlier in twins.values():
             duplicate(twin, seq_of[earlier.number])
         if keys:
-            s.execute(insert(t.Seen), keys)
+            insert_rows(s, t.Seen, keys)
         if owed:
-            s.execute(insert(t.Outbox), owed)
+            insert_rows(s, t.Outbox, owed)
         if changes:
-            s.execute(update(t.Intake), changes)  # by primary key, one statement per shape
+            update_rows(s, t.Intake, changes)  # by primary key, one statement per shape
         return [outcomes[j.number] for j in jobs]
 
 

@@ -580,9 +580,9 @@ def test_a_data_key_lost_to_a_rollback_is_replaced(tmp_path: Path) -> None:
         assert BlobStore(log.blobs.master_key).get(s, entry.blobs["raw"]) == b"second"
 
 
-def _append_then_fail(db: Database, log: Log) -> None:
+def _append_then_fail(db: Database, log: Log, raw: bytes = b"first") -> None:
     with db.session() as s:
-        log.append(s, "message", WORLD_AT, {}, {"raw": b"first"})
+        log.append(s, "message", WORLD_AT, {}, {"raw": raw})
         raise RuntimeError("the transaction fails after the data key was made")
 
 
@@ -618,6 +618,33 @@ def test_blobs_prepared_ahead_are_stored_without_hashing_or_compressing_in_the_t
     with db.session() as s:
         again = log.append(s, "message", WORLD_AT, {}, {"c": bytes(bytearray(texts[0]))})
     assert again.blobs["c"] == entry.blobs["a"]  # stored once, under the same address
+
+
+def test_a_blob_stored_lately_is_not_compressed_again_and_one_rolled_back_still_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signer's certificate path comes with every message: once stored, preparing it again
+    only hashes it. The store's memory is a hint: a blob it remembers from a transaction that
+    was rolled back is compressed in the next one, and stored whole."""
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    log = Log(BlobStore(os.urandom(32)))
+    chain, lost = b"-----BEGIN CERTIFICATE-----\n" * 50, b"<x>rolled back</x>" * 50
+    with db.session() as s:
+        log.append(s, "message", WORLD_AT, {}, {"chain": chain})
+    with pytest.raises(RuntimeError, match="fails after"):
+        _append_then_fail(db, log, lost)
+    compressed: list[bytes] = []
+    real = blobs.compress
+    monkeypatch.setattr("archive.blobs.compress", lambda d: compressed.append(d) or real(d))
+    again = [bytes(bytearray(chain)), bytes(bytearray(lost))]
+    log.blobs.prepare(again)
+    assert compressed == []  # both remembered as stored
+    with db.session() as s:
+        entry = log.append(s, "message", WORLD_AT, {}, {"chain": again[0], "raw": again[1]})
+    assert compressed == [lost]  # not in the database after all: compressed in the transaction
+    with db.session(read_only=True) as s:
+        assert log.blobs.get(s, entry.blobs["raw"]) == lost
+        assert log.blobs.get(s, entry.blobs["chain"]) == chain
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,43 @@ def test_workers_exit_when_the_supervisor_is_killed_with_sigkill(
         _kill_session(supervisor)
 
 
+def test_workers_run_at_a_lower_cpu_priority_than_the_listener(
+    live_world: DemoWorld, tmp_path: Path
+) -> None:
+    """A peer waits for the listener's 250, nobody waits for a filing: the workers are niced
+    below the supervisor, so on busy cores the listener's replies do not queue behind them."""
+    home = tmp_path / "home"
+    live_world.install(home, b"throw-away passphrase", relay_port=served.free_port())
+    gateway = served.start(home)
+    supervisor = gateway.process.pid
+    try:
+        listener = os.getpriority(os.PRIO_PROCESS, supervisor)
+
+        def workers() -> list[int]:
+            return [p for p in children(supervisor) if _alive(p) and _is_worker(p)]
+
+        def lowered() -> bool:
+            found = workers()
+            return len(found) == 2 and all(
+                os.getpriority(os.PRIO_PROCESS, p) == listener + worker_process.WORKER_NICE
+                for p in found
+            )
+
+        wait_for(lowered, 60, "two workers niced below the supervisor")
+        assert worker_process.WORKER_NICE > 0
+        assert os.getpriority(os.PRIO_PROCESS, supervisor) == listener
+    finally:
+        gateway.stop(60)
+
+
+def _is_worker(pid: int) -> bool:
+    """A pipeline process (not multiprocessing's resource tracker)."""
+    try:
+        return b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def test_a_worker_whose_parent_is_already_gone_does_not_start(tmp_path: Path) -> None:
     """The race PR_SET_PDEATHSIG leaves open: the parent died before the worker asked."""
     stop = mp.get_context("spawn").Event()
