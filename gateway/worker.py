@@ -51,6 +51,10 @@ WAIT_ALERT = timedelta(hours=1)
 LEASE = timedelta(minutes=2)
 #: A claimed batch stops growing at this many bytes of raw messages (memory stays bounded).
 BATCH_BYTES = 32 * 1024 * 1024
+#: At most this many messages per claim. A claim and a filing are one write transaction (and
+#: one fsync) each, waiting their turn behind intake's commits: in a burst of 10 KB messages,
+#: 64 rather than 32 archived 3–19% more in four side-by-side pairs (bench/e2e_bench.py).
+BATCH_ROWS = 64
 #: A claim of this many messages or bytes is a long cycle's work: a backlog.
 BACKLOG_ROWS = 8
 BACKLOG_BYTES = 4 * 1024 * 1024
@@ -137,7 +141,7 @@ class Worker:
     #: transient failure to clear (once a day, naming the first); ``""``: only logged.
     admin: str = ""
 
-    def run_once(self, limit: int = 32) -> list[Outcome]:
+    def run_once(self, limit: int = BATCH_ROWS) -> list[Outcome]:
         """Claim what is waiting now, process it, file it; returns what happened to each."""
         db = self.archive.db
         # Idle polls never take the write lock: they look first. After a backlog, the claim
