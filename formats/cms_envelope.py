@@ -94,13 +94,15 @@ class RecipientKey:
         answer = self._answers.get(rid)
         if answer is None:
             answer = self.matches(cms.RecipientIdentifier.load(rid))
-            if len(self._answers) < _MAX_ANSWERS:
+            if len(self._answers) < _MAX_ANSWERS and len(rid) <= _MAX_ANSWERED_BYTES:
                 self._answers[rid] = answer
         return answer
 
 
-#: Recipient identifiers remembered per key (each a few hundred bytes).
+#: Recipient identifiers remembered per key, and how long one may be (a real one is an
+#: issuer's name and a serial number, a few hundred bytes): a sender cannot fill memory.
 _MAX_ANSWERS = 256
+_MAX_ANSWERED_BYTES = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,7 @@ def decrypt(der: bytearray, keys: Sequence[RecipientKey], *, max_bytes: int) -> 
         ctype, fields = content_info(buf, expect=("enveloped_data", "authenticated_enveloped_data"))
         parts = _Parts.locate(buf, fields, authenticated=ctype == "authenticated_enveloped_data")
         return _decrypt(der, buf, parts, keys, max_bytes)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise MalformedCMS(f"CMS enveloped-data is damaged ({short_reason(exc)})") from None
     finally:
         buf.release()
@@ -271,9 +273,11 @@ def _find_recipient(
     (version, rid, keyEncryptionAlgorithm, encryptedKey)."""
     addressed: list[str] = []
     for ri in infos:
-        if not ri.is_(der.UNIVERSAL, der.SEQUENCE):  # [1] kari, [2] kekri, [3] pwri, [4] ori
-            addressed.append(f"a {_OTHER_RECIPIENTS.get(ri.number, 'unknown')} recipient")
+        if ri.tag_class == der.CONTEXT and ri.number in _OTHER_RECIPIENTS:
+            addressed.append(f"a {_OTHER_RECIPIENTS[ri.number]} recipient")
             continue
+        if not ri.is_(der.UNIVERSAL, der.SEQUENCE):
+            raise MalformedCMS("CMS recipient info is none of RFC 5652's kinds")
         ktri = list(children(buf, ri))
         if len(ktri) != 4 or not (
             ktri[2].is_(der.UNIVERSAL, der.SEQUENCE)
@@ -299,10 +303,21 @@ def _find_recipient(
 _OTHER_RECIPIENTS = {1: "kari", 2: "kekri", 3: "pwri", 4: "ori"}
 
 
-@functools.lru_cache(maxsize=64)
 def _transport_name(algorithm: bytes) -> str:
-    """A key-transport algorithm's name, read once: every message to the hub names the same."""
+    """A key-transport algorithm's name, read once: every message to the hub names the same
+    (kept only for identifiers of a real one's size)."""
+    if len(algorithm) > _CACHED_ALGORITHM:
+        return _read_transport_name(algorithm)
+    return _cached_transport_name(algorithm)
+
+
+def _read_transport_name(algorithm: bytes) -> str:
     return str(cms.KeyEncryptionAlgorithm.load(algorithm)["algorithm"].native)
+
+
+_cached_transport_name = functools.lru_cache(maxsize=64)(_read_transport_name)
+#: Longest key-transport AlgorithmIdentifier whose name is kept (RSA-OAEP with SHA-256 is 60).
+_CACHED_ALGORITHM = 512
 
 
 def _octets(buf: memoryview, tlv: Tlv | None) -> bytes | None:

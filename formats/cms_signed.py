@@ -156,14 +156,36 @@ class _SignerInfo:
         )
 
 
-@functools.lru_cache(maxsize=64)
+#: Pieces of a message kept from one message to the next (algorithm identifiers, certificates)
+#: are kept only up to these sizes: a sender could otherwise fill the caches with megabytes.
+_CACHED_ALGORITHM = 512
+_CACHED_CERTIFICATE = 16 * 1024
+
+
 def _digest_name(algorithm: bytes) -> str:
+    if len(algorithm) > _CACHED_ALGORITHM:
+        return _read_digest_name(algorithm)
+    return _cached_digest_name(algorithm)
+
+
+def _read_digest_name(algorithm: bytes) -> str:
     return str(algos.DigestAlgorithm.load(algorithm)["algorithm"].native)
 
 
-@functools.lru_cache(maxsize=64)
+_cached_digest_name = functools.lru_cache(maxsize=64)(_read_digest_name)
+
+
 def _signature_name(algorithm: bytes) -> str:
+    if len(algorithm) > _CACHED_ALGORITHM:
+        return _read_signature_name(algorithm)
+    return _cached_signature_name(algorithm)
+
+
+def _read_signature_name(algorithm: bytes) -> str:
     return str(algos.SignedDigestAlgorithm.load(algorithm)["algorithm"].native)
+
+
+_cached_signature_name = functools.lru_cache(maxsize=64)(_read_signature_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,29 +195,46 @@ class _Candidate:
     cert: x509.Certificate
     issuer: bytes  # the issuer Name's DER, as the certificate encodes it
     serial: int
-    der: bytes
 
 
-@functools.lru_cache(maxsize=256)
 def _candidate(data: bytes) -> _Candidate:
-    """A certificate read once for all the messages that carry it (an agency's, mostly)."""
-    cert = x509.load_der_x509_certificate(data)
+    """A certificate the message carries (or the hub knows), read once for all the messages
+    that carry it (an agency's, mostly)."""
+    if len(data) > _CACHED_CERTIFICATE:
+        return _read_candidate(data)
+    return _cached_candidate(data)
+
+
+def _read_candidate(data: bytes) -> _Candidate:
+    try:
+        cert = x509.load_der_x509_certificate(data)
+    except (ValueError, x509.InvalidVersion) as exc:
+        raise MalformedCMS(
+            f"a certificate in the message does not parse ({short_reason(exc)})"
+        ) from None
     buf = memoryview(data)
-    tbs = next(children(buf, der.read_tlv(buf, 0, len(buf))))
-    fields = [f for f in children(buf, tbs) if not f.is_(der.CONTEXT, 0)]  # [0] version
+    tbs = next(children(buf, der.read_tlv(buf, 0, len(buf))), None)
+    fields = [f for f in children(buf, tbs) if not f.is_(der.CONTEXT, 0)] if tbs else []
     if len(fields) < 3 or not fields[2].is_(der.UNIVERSAL, der.SEQUENCE):
         raise MalformedCMS("a certificate in the message does not have an issuer")
-    return _Candidate(cert, element(buf, fields[2]), cert.serial_number, data)
+    return _Candidate(cert, element(buf, fields[2]), cert.serial_number)
 
 
-@functools.lru_cache(maxsize=256)
-def _key_identifier(data: bytes) -> bytes | None:
-    """The certificate's subjectKeyIdentifier, if it has one."""
-    extensions = _candidate(data).cert.extensions
+_cached_candidate = functools.lru_cache(maxsize=256)(_read_candidate)
+
+
+def _key_identifier(candidate: _Candidate) -> bytes | None:
+    """The certificate's subjectKeyIdentifier, if it has one it can be read by."""
     try:
-        return extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
+        extension = candidate.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except (
+        x509.ExtensionNotFound,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+        ValueError,
+    ):
         return None
+    return extension.value.digest
 
 
 def verify_signed_data(
@@ -211,8 +250,9 @@ def verify_signed_data(
     try:
         signed = _Signed.locate(memoryview(der).toreadonly())
         return _verify(signed, detached, known)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        # asn1crypto parses lazily: structural damage deep inside surfaces here.
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        # asn1crypto parses lazily: structural damage deep inside surfaces here (a name nested
+        # thousands deep, too, when it is compared or shown).
         raise MalformedCMS(f"CMS signed-data is damaged ({short_reason(exc)})") from None
 
 
@@ -372,7 +412,7 @@ def _find_signer(
     elif sid.is_(der.CONTEXT, 0):  # [0] SubjectKeyIdentifier
         ski = b"".join(octets(buf, sid))
         for c in candidates:
-            if _key_identifier(c.der) == ski:
+            if _key_identifier(c) == ski:
                 return c.cert
         wanted = f"subject key identifier {ski.hex()}"
     else:

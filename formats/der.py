@@ -234,10 +234,20 @@ def content_info(buf: memoryview, *, expect: tuple[str, ...]) -> tuple[str, list
     return ctype, list(children(buf, inner[0]))
 
 
+#: Longest OBJECT IDENTIFIER read, in content octets. Real ones are under 30 (a 2.25 UUID arc
+#: is 17); reading one arc costs the square of its length, and a 1 MB arc would take hours.
+MAX_OID_BYTES = 64
+
+
 def oid(buf: memoryview, tlv: Tlv) -> str:
     """The dotted form of the OBJECT IDENTIFIER ``tlv`` (asn1crypto's ``.map`` names it)."""
     if not tlv.is_(UNIVERSAL, OID) or tlv.constructed:
         raise MalformedCMS("CMS structure has something else where an object identifier belongs")
+    if tlv.body_end - tlv.body > MAX_OID_BYTES:
+        raise MalformedCMS(
+            f"CMS structure has an object identifier of {tlv.body_end - tlv.body} octets "
+            f"(at most {MAX_OID_BYTES})"
+        )
     return dotted(bytes(buf[tlv.body : tlv.body_end]))
 
 
@@ -260,7 +270,16 @@ def dotted(body: bytes) -> str:
 
 
 def retagged(buf: memoryview, tlv: Tlv, identifier: int) -> bytes:
-    """A copy of ``tlv`` with its identifier octet replaced (an IMPLICIT [n] read as its type)."""
+    """A copy of ``tlv`` with its identifier octet replaced (an IMPLICIT [n] read as its type)
+    and its length in DER's form: definite, in the fewest octets. What a signature covers
+    (signed attributes, RFC 5652 §5.4; authenticated attributes, RFC 5083 §2.1) is the DER
+    encoding, whichever length form the sender wrote, as openssl reads it too."""
     if tlv.number >= 0x1F:
         raise MalformedCMS("CMS structure has a malformed tag")
-    return bytes([identifier]) + bytes(buf[tlv.start + 1 : tlv.end])
+    size = tlv.body_end - tlv.body
+    if size < 0x80:
+        length = bytes([size])
+    else:
+        digits = size.to_bytes((size.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(digits)]) + digits
+    return bytes([identifier]) + length + bytes(buf[tlv.body : tlv.body_end])
