@@ -20,7 +20,6 @@ CBC is malleable (EFAIL): nothing decrypted here is trusted until the signature 
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -303,21 +302,14 @@ def _find_recipient(
 _OTHER_RECIPIENTS = {1: "kari", 2: "kekri", 3: "pwri", 4: "ori"}
 
 
-def _transport_name(algorithm: bytes) -> str:
-    """A key-transport algorithm's name, read once: every message to the hub names the same
-    (kept only for identifiers of a real one's size)."""
-    if len(algorithm) > _CACHED_ALGORITHM:
-        return _read_transport_name(algorithm)
-    return _cached_transport_name(algorithm)
-
-
 def _read_transport_name(algorithm: bytes) -> str:
     return str(cms.KeyEncryptionAlgorithm.load(algorithm)["algorithm"].native)
 
 
-_cached_transport_name = functools.lru_cache(maxsize=64)(_read_transport_name)
 #: Longest key-transport AlgorithmIdentifier whose name is kept (RSA-OAEP with SHA-256 is 60).
 _CACHED_ALGORITHM = 512
+#: A key-transport algorithm's name, read once: every message to the hub names the same.
+_transport_name = der.Remembered(_read_transport_name, limit=_CACHED_ALGORITHM, entries=64)
 
 
 def _octets(buf: memoryview, tlv: Tlv | None) -> bytes | None:

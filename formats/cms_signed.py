@@ -22,7 +22,6 @@ Any failure in 6–7 is :class:`SignatureInvalid`: the content changed after it 
 
 from __future__ import annotations
 
-import functools
 import hmac
 import re
 from collections.abc import Callable, Sequence
@@ -162,30 +161,16 @@ _CACHED_ALGORITHM = 512
 _CACHED_CERTIFICATE = 16 * 1024
 
 
-def _digest_name(algorithm: bytes) -> str:
-    if len(algorithm) > _CACHED_ALGORITHM:
-        return _read_digest_name(algorithm)
-    return _cached_digest_name(algorithm)
-
-
 def _read_digest_name(algorithm: bytes) -> str:
     return str(algos.DigestAlgorithm.load(algorithm)["algorithm"].native)
-
-
-_cached_digest_name = functools.lru_cache(maxsize=64)(_read_digest_name)
-
-
-def _signature_name(algorithm: bytes) -> str:
-    if len(algorithm) > _CACHED_ALGORITHM:
-        return _read_signature_name(algorithm)
-    return _cached_signature_name(algorithm)
 
 
 def _read_signature_name(algorithm: bytes) -> str:
     return str(algos.SignedDigestAlgorithm.load(algorithm)["algorithm"].native)
 
 
-_cached_signature_name = functools.lru_cache(maxsize=64)(_read_signature_name)
+_digest_name = der.Remembered(_read_digest_name, limit=_CACHED_ALGORITHM, entries=64)
+_signature_name = der.Remembered(_read_signature_name, limit=_CACHED_ALGORITHM, entries=64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,15 +182,8 @@ class _Candidate:
     serial: int
 
 
-def _candidate(data: bytes) -> _Candidate:
-    """A certificate the message carries (or the hub knows), read once for all the messages
-    that carry it (an agency's, mostly)."""
-    if len(data) > _CACHED_CERTIFICATE:
-        return _read_candidate(data)
-    return _cached_candidate(data)
-
-
 def _read_candidate(data: bytes) -> _Candidate:
+    """A certificate the message carries (or the hub knows)."""
     try:
         cert = x509.load_der_x509_certificate(data)
     except (ValueError, x509.InvalidVersion) as exc:
@@ -220,7 +198,8 @@ def _read_candidate(data: bytes) -> _Candidate:
     return _Candidate(cert, element(buf, fields[2]), cert.serial_number)
 
 
-_cached_candidate = functools.lru_cache(maxsize=256)(_read_candidate)
+#: Read once for all the messages that carry it (an agency's certificate, mostly).
+_candidate = der.Remembered(_read_candidate, limit=_CACHED_CERTIFICATE, entries=256)
 
 
 def _key_identifier(candidate: _Candidate) -> bytes | None:

@@ -20,12 +20,15 @@ they are more — before the rest is read; (3) takes an OCTET STRING in segments
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from asn1crypto import cms, x509
 
 from formats.errors import LimitExceeded, MalformedCMS
+
+_T = TypeVar("_T")
 
 #: Universal tag numbers used by the callers.
 INTEGER, OCTET_STRING, OID, SEQUENCE, SET = 2, 4, 6, 16, 17
@@ -283,3 +286,22 @@ def retagged(buf: memoryview, tlv: Tlv, identifier: int) -> bytes:
         digits = size.to_bytes((size.bit_length() + 7) // 8, "big")
         length = bytes([0x80 | len(digits)]) + digits
     return bytes([identifier]) + length + bytes(buf[tlv.body : tlv.body_end])
+
+
+class Remembered(Generic[_T]):
+    """``read`` over a piece of a message, the answers kept (least recently used first out)
+    for pieces that repeat from message to message, such as an algorithm identifier or an
+    agency's certificate; kept only for pieces of at most ``limit`` bytes, so that a sender
+    cannot fill memory with them: bigger ones are read every time."""
+
+    def __init__(self, read: Callable[[bytes], _T], *, limit: int, entries: int) -> None:
+        self.read = read
+        self.limit = limit
+        self._kept = functools.lru_cache(maxsize=entries)(read)
+
+    def __call__(self, data: bytes) -> _T:
+        return self._kept(data) if len(data) <= self.limit else self.read(data)
+
+    def kept(self) -> Any:
+        """How many answers are kept (``functools`` cache info)."""
+        return self._kept.cache_info()

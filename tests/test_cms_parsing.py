@@ -137,7 +137,7 @@ def test_big_certificates_are_not_kept_between_messages(world: DemoWorld) -> Non
     assert isinstance(signer.key, rsa.RSAPrivateKey)
     cert = signer.cert.public_bytes(serialization.Encoding.DER)
     cms_signed.verify_signed_data(_signed(world), detached=ENTITY)
-    kept = cms_signed._cached_candidate.cache_info().currsize
+    kept = cms_signed._candidate.kept().currsize
     assert kept >= 1  # the agency's certificate is kept
     padded = (  # a well-formed certificate carrying 20 kB of an extension nobody knows
         x509.CertificateBuilder()
@@ -159,7 +159,7 @@ def test_big_certificates_are_not_kept_between_messages(world: DemoWorld) -> Non
     assert len(padded) > cms_signed._CACHED_CERTIFICATE
     check = cms_signed.verify_signed_data(_signed(world, certs=[cert, padded]), detached=ENTITY)
     assert len(check.carried) == 2
-    assert cms_signed._cached_candidate.cache_info().currsize == kept
+    assert cms_signed._candidate.kept().currsize == kept
 
 
 def test_a_signer_unknown_by_issuer_is_named(world: DemoWorld) -> None:
