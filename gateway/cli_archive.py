@@ -301,9 +301,10 @@ def verify_cmd(
     as_json: bool,
 ) -> None:
     """Recompute every leaf, node, checkpoint, admin event and blob, and compare the key store
-    and the agency directory with the admin events. Exit 0 if all agree, 1 if not. Without --ca, checkpoints are checked against the hub certificates the database
-    holds, which whoever can write the database could replace; without --kept, deleting the
-    newest entries with their checkpoints leaves a log that verifies."""
+    and the agency directory with the admin events. Exit 0 if all agree, 1 if not. Without
+    --ca, checkpoints are checked against the hub certificates the database holds, which
+    whoever can write the database could replace; without --kept, deleting the newest entries
+    with their checkpoints leaves a log that verifies."""
     if hub_addresses and not anchors:
         raise InputError("--hub-address is checked with --ca: give the CA too")
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]

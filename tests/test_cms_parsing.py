@@ -46,6 +46,14 @@ def _attributes() -> bytes:
     )
 
 
+def _issuer_and_serial(cert: bytes) -> tuple[bytes, bytes]:
+    """A certificate's issuer Name and serial INTEGER, as it encodes them (DER)."""
+    buf = memoryview(cert)
+    tbs = next(der.children(buf, der.read_tlv(buf, 0, len(buf))))
+    fields = [f for f in der.children(buf, tbs) if not f.is_(der.CONTEXT, 0)]  # [0] version
+    return der.element(buf, fields[2]), der.element(buf, fields[0])
+
+
 def _signed(
     world: DemoWorld,
     *,
@@ -64,10 +72,8 @@ def _signed(
     if signed_over is None:
         signed_over = b"\x31" + attrs[1:]
     if sid is None:
-        buf = memoryview(cert)
-        tbs = next(der.children(buf, der.read_tlv(buf, 0, len(buf))))
-        fields = [f for f in der.children(buf, tbs) if not f.is_(der.CONTEXT, 0)]
-        sid = _tlv(0x30, der.element(buf, fields[2]) + der.element(buf, fields[0]))
+        issuer, serial = _issuer_and_serial(cert)
+        sid = _tlv(0x30, issuer + serial)
     signature = signer.key.sign(signed_over, padding.PKCS1v15(), hashes.SHA256())
     info = _tlv(0x30, b"\x02\x01\x01" + sid + SHA256 + attrs + RSA + _tlv(0x04, signature))
     body = (
@@ -163,10 +169,9 @@ def test_big_certificates_are_not_kept_between_messages(world: DemoWorld) -> Non
 
 
 def test_a_signer_unknown_by_issuer_is_named(world: DemoWorld) -> None:
-    cert = world.agencies["H26.SNV"].cert.public_bytes(serialization.Encoding.DER)
-    buf = memoryview(cert)
-    tbs = next(der.children(buf, der.read_tlv(buf, 0, len(buf))))
-    issuer = der.element(buf, [f for f in der.children(buf, tbs) if f.number != 0][2])
+    issuer, _ = _issuer_and_serial(
+        world.agencies["H26.SNV"].cert.public_bytes(serialization.Encoding.DER)
+    )
     sid = _tlv(0x30, issuer + b"\x02\x02\x30\x39")  # serial 0x3039: nobody's
     with pytest.raises(UntrustedSigner, match=r"serial 3039\)"):
         cms_signed.verify_signed_data(_signed(world, sid=sid), detached=ENTITY)

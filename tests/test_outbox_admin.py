@@ -25,7 +25,7 @@ from keys.issuing import issue_agency
 from tests.conftest import WORLD_AT
 from tests.test_outbound import LATER, _process, _receive, _rows
 from tests.test_relay import Peer
-from tests.test_sender import DUTY, NIGHT, POLICE, _delivery_to_police, _sender
+from tests.test_sender import DUTY, NIGHT, POLICE, _refused_by
 
 ADMIN = "admin@cli"
 
@@ -45,11 +45,10 @@ def test_a_row_refused_by_one_mailbox_goes_again_to_that_mailbox_alone(
     hub: Hub,
     peer: tuple[Peer, Relay],
 ) -> None:
-    handler, relay = peer
-    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
-    handler.rcpt_replies[DUTY] = "550 5.1.1 no such user"
-    clock = [LATER]
-    sender = _sender(archive, relay, clock, hub)
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive, world, world_ctx, hub, peer, {DUTY: "550 5.1.1 no such user"}
+    )
     assert dict(sender.run_once())[2] == "failed"
     row = _rows(archive)[key]
     message = row.message
@@ -84,12 +83,16 @@ def test_a_mailbox_refused_for_good_while_another_was_retried_is_sent_it_again_t
     does not exist yet (550). The row is retried for the duty desk alone, then given up on.
     Once both are fixed, a retry goes to both — and a retry after that (the night desk
     refusing again), and one with --rebuild, never to those that took it."""
-    handler, relay = peer
-    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY, NIGHT)
-    handler.rcpt_replies[DUTY] = "450 4.2.1 mailbox busy"
-    handler.rcpt_replies[NIGHT] = "550 5.1.1 no such user"
-    clock = [LATER]
-    sender = _sender(archive, relay, clock, hub, give_up_after=timedelta(hours=1))
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive,
+        world,
+        world_ctx,
+        hub,
+        peer,
+        {DUTY: "450 4.2.1 mailbox busy", NIGHT: "550 5.1.1 no such user"},
+        give_up_after=timedelta(hours=1),
+    )
     row = _rows(archive)[key]
     assert dict(sender.run_once())[row.id] == "retry"  # (the receipt is sent too)
     assert _rows(archive)[key].rcpt_to == [DUTY]

@@ -21,7 +21,7 @@ from gateway.relay import Relay
 from tests.test_outbound import LATER, _rows
 from tests.test_outbound_recipients import _enrol, _police, _retire_police_certificate
 from tests.test_relay import Peer
-from tests.test_sender import DUTY, POLICE, _delivery_to_police, _police_with, _sender
+from tests.test_sender import DUTY, POLICE, _police_with, _refused_by
 
 NEW_DESK = "tiep-nhan@congan.hanoi.gov.vn"
 
@@ -68,11 +68,10 @@ def test_a_rebuild_after_the_mailbox_that_lacked_it_left_sends_nobody_a_second_c
     directory and runs `outbox retry --rebuild`. The police's one mailbox of now took the
     delivery already, so nothing is left to send: the row ends ``sent``, says why, and the
     first mailbox never gets it twice."""
-    handler, relay = peer
-    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
-    handler.rcpt_replies[DUTY] = "550 5.1.1 no such user"
-    clock = [LATER]
-    sender = _sender(archive, relay, clock, hub)
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive, world, world_ctx, hub, peer, {DUTY: "550 5.1.1 no such user"}
+    )
     row = _rows(archive)[key]
     assert dict(sender.run_once())[row.id] == "failed"
     assert _statuses(archive, key) == {POLICE: "sent", DUTY: "failed"}
@@ -107,11 +106,10 @@ def test_a_stale_build_whose_lacking_mailbox_left_is_not_sent_again_to_the_other
     """The same through the builder's own rebuild: the delivery waits to be retried for the
     duty desk (450) when the duty desk closes and the police roll their certificate over.
     Built again for the new certificate, it has nobody left to go to."""
-    handler, relay = peer
-    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
-    handler.rcpt_replies[DUTY] = "450 4.2.1 mailbox busy"
-    clock = [LATER]
-    sender = _sender(archive, relay, clock, hub)
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive, world, world_ctx, hub, peer, {DUTY: "450 4.2.1 mailbox busy"}
+    )
     row = _rows(archive)[key]
     assert dict(sender.run_once())[row.id] == "retry"
     assert _rows(archive)[key].rcpt_to == [DUTY]
@@ -137,11 +135,10 @@ def test_a_rebuild_goes_to_a_mailbox_that_joined_and_not_to_those_that_took_it(
     peer: tuple[Peer, Relay],
 ) -> None:
     """The duty desk closed and a new desk opened: the rebuild goes to the new desk alone."""
-    handler, relay = peer
-    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
-    handler.rcpt_replies[DUTY] = "550 5.1.1 no such user"
-    clock = [LATER]
-    sender = _sender(archive, relay, clock, hub)
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive, world, world_ctx, hub, peer, {DUTY: "550 5.1.1 no such user"}
+    )
     row = _rows(archive)[key]
     assert dict(sender.run_once())[row.id] == "failed"
 

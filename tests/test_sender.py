@@ -62,6 +62,24 @@ def _sender(
     )
 
 
+def _refused_by(
+    archive: Archive,
+    world: DemoWorld,
+    ctx: Context,
+    hub: Hub,
+    peer: tuple[Peer, Relay],
+    replies: dict[str, str],
+    **options: Any,
+) -> tuple[str, list[datetime], Sender]:
+    """A delivery to the police, whose further mailboxes answer their RCPT as ``replies``
+    says (address → reply): its key, the sender's clock (at LATER) and the sender."""
+    handler, relay = peer
+    key = _delivery_to_police(archive, world, ctx, hub, *replies)
+    handler.rcpt_replies |= replies
+    clock = [LATER]
+    return key, clock, _sender(archive, relay, clock, hub, **options)
+
+
 def _delivered_to(peer: Peer) -> list[str]:
     return sorted(address for got in peer.received for address in got.rcpt_tos)
 
@@ -88,11 +106,10 @@ def test_recipients_refused_with_a_4xx_are_retried_alone(
     hub: Hub,
     peer: tuple[Peer, Relay],
 ) -> None:
-    handler, relay = peer
-    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY)
-    handler.rcpt_replies[DUTY] = "450 4.2.1 mailbox busy"
-    clock = [LATER]
-    sender = _sender(archive, relay, clock, hub)
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive, world, world_ctx, hub, peer, {DUTY: "450 4.2.1 mailbox busy"}
+    )
     assert dict(sender.run_once())[2] == "retry"  # not "sent": the duty desk has nothing yet
     row = _rows(archive)[key]
     assert (row.rcpt_to, row.attempts) == ([DUTY], 1)  # retried for the duty desk alone
@@ -144,11 +161,15 @@ def test_a_4xx_and_a_5xx_refusal_retry_one_and_alert_the_other_at_once(
     hub: Hub,
     peer: tuple[Peer, Relay],
 ) -> None:
-    handler, relay = peer
-    key = _delivery_to_police(archive, world, world_ctx, hub, DUTY, NIGHT)
-    handler.rcpt_replies |= {DUTY: "452 4.2.2 mailbox full", NIGHT: "550 5.1.1 no such user"}
-    clock = [LATER]
-    sender = _sender(archive, relay, clock, hub)
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive,
+        world,
+        world_ctx,
+        hub,
+        peer,
+        {DUTY: "452 4.2.2 mailbox full", NIGHT: "550 5.1.1 no such user"},
+    )
     assert dict(sender.run_once())[2] == "retry"
     rows = _rows(archive)
     assert rows[key].rcpt_to == [DUTY]
