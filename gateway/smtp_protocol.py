@@ -45,6 +45,8 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.lmtp import LMTP
@@ -432,6 +434,23 @@ class _Replies:
             " angle brackets)"
         )
         return True
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parse of the path in MAIL and RCPT, the same results, without the
+        ``typing.Protocol`` class aiosmtpd 1.4 defines on each call (two a message: 50 µs of
+        the listener's one thread, in a burst about a twentieth of its time per message)."""
+        if not arg:
+            return "", ""
+        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+        try:
+            address, rest = parse(arg)
+        except HeaderParseError:
+            return None, None
+        addr = address.addr_spec
+        local_part = addr.rpartition("@")[0]
+        if self.local_part_limit and len(local_part) > self.local_part_limit:  # type: ignore[attr-defined]
+            return None, None
+        return addr, rest
 
     # --- DATA ---------------------------------------------------------------------------------
 
