@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from archive import tables as t
-from archive.db import Database
+from archive.db import Database, insert_returning
 from archive.records import Transport
 from formats.errors import InputError, TransientError
 from keys import store
@@ -70,7 +70,7 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
                 )
                 known = {key: number for key, number in found if key is not None}
             # Each item is an existing number or the index of its new row; the new rows go in
-            # with one multi-row INSERT … RETURNING, numbers in the order of the rows.
+            # with INSERT … RETURNING, numbers in the order of the rows.
             places: list[tuple[bool, int]] = []
             fresh: dict[str, int] = {}
             new: list[dict[str, Any]] = []
@@ -84,16 +84,7 @@ def accept_many(db: Database, items: Sequence[Item]) -> list[int]:
                     if key is not None:
                         fresh[key] = len(new)
                     new.append(_row(raw, transport, key))
-            ids = (
-                list(
-                    c.scalars(
-                        insert(t.Intake).returning(t.Intake.id, sort_by_parameter_order=True),
-                        new,
-                    )
-                )
-                if new
-                else []
-            )
+            ids = insert_returning(c, t.Intake, new, "id") if new else []
             numbers = [ids[at] if is_new else at for is_new, at in places]
     except TransientError:
         raise

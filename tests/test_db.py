@@ -24,12 +24,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from sqlalchemy import create_engine, event, insert, select, text
+from sqlalchemy import create_engine, event, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
 from archive import tables as t
-from archive.db import Database, _alembic_config, _begin_promptly
+from archive.db import (
+    Database,
+    _alembic_config,
+    _begin_promptly,
+    insert_returning,
+    insert_rows,
+    update_rows,
+)
 from archive.tables import Base
 from formats.errors import ConfigError, TransientError
 from gateway.demo import DemoWorld
@@ -682,3 +689,99 @@ def test_instances_starting_together_on_one_postgresql_migrate_once(pg_url: str)
         th.join(60)
     assert len(results) == 3
     assert all(isinstance(r, set) and "intake" in r for r in results), results
+
+
+# --- many rows, one statement ----------------------------------------------------------------
+
+
+def _intake_rows(n: int, at: datetime) -> list[dict[str, Any]]:
+    hanoi = timezone(timedelta(hours=7))
+    return [
+        {
+            "received_at": (at + timedelta(seconds=i)).astimezone(hanoi),
+            "transport": {"protocol": "smtp", "rcpt_to": ["hub@test"], "note": "Sở Nội vụ"},
+            "raw": bytes([i]) * (i + 1),
+            "sha256": f"{i:064x}",
+            "state": "new",
+            "attempts": i,
+            "next_attempt_at": None if i % 2 else at,
+            "archive_seq": None,
+            "updated_at": at,
+            "size": i + 1,
+            "source_key": None if i % 2 else f"imap:k/{i}",
+        }
+        for i in range(n)
+    ]
+
+
+def _stored(db: Database, columns: str) -> list[tuple[Any, ...]]:
+    """The intake rows as the database holds them (times as text: what other readers parse)."""
+    cast = "CAST({} AS TEXT)" if db.dialect == "sqlite" else "CAST({} AT TIME ZONE 'UTC' AS TEXT)"
+    names = [cast.format(c) if c.endswith("_at") else c for c in columns.split(", ")]
+    with db.session(read_only=True) as s:
+        query = text(f"SELECT {', '.join(names)} FROM intake ORDER BY id")
+        return [tuple(row) for row in s.execute(query)]
+
+
+def _write_many(db: Database, rows: list[dict[str, Any]], changes: list[dict[str, Any]]) -> None:
+    with db.connection() as c:
+        assert insert_returning(c, t.Intake, rows[:2], "id") == [1, 2]
+    with db.session() as s:
+        insert_rows(s, t.Intake, rows[2:5])
+    with db.connection() as c:
+        assert insert_returning(c, t.Intake, rows[5:], "id") == [6]  # in the order of the rows
+    with db.session() as s:
+        update_rows(s, t.Intake, changes)
+
+
+LATER = WORLD_AT + timedelta(hours=1)
+CHANGES = [
+    {"id": n, "state": "done", "archive_seq": n * 10, "updated_at": LATER, "raw": b""}
+    for n in (2, 3)
+] + [{"id": 5, "state": "retry", "next_attempt_at": LATER, "worker": None}]
+
+
+def test_rows_written_many_at_a_time_read_back_as_written(db: Database) -> None:
+    """insert_rows / update_rows / insert_returning on both engines: every value reads back,
+    aware times in UTC, JSON with Vietnamese text, bytes, NULLs; keys in the order of the rows."""
+    rows = _intake_rows(6, WORLD_AT)
+    _write_many(db, rows, CHANGES)
+    changed = {c["id"]: c for c in CHANGES}
+    with db.session(read_only=True) as s:
+        back = s.scalars(select(t.Intake).order_by(t.Intake.id)).all()
+        for number, (row, got) in enumerate(zip(rows, back, strict=True), start=1):
+            want = row | {k: v for k, v in changed.get(number, {}).items() if k != "id"}
+            assert {k: getattr(got, k) for k in want} == want
+            assert got.received_at.tzinfo is UTC
+
+
+def test_rows_written_many_at_a_time_are_stored_as_sqlalchemy_stores_them(
+    tmp_path: Path, open_db: Opener
+) -> None:
+    """On SQLite the rows go to the driver through one compiled statement and the column types'
+    own conversions: what the file holds (times as text, JSON, bytes) is what SQLAlchemy's own
+    executemany writes, so every other reader parses it alike."""
+    ours = open_db(f"sqlite:///{tmp_path}/ours.db")
+    theirs = open_db(f"sqlite:///{tmp_path}/theirs.db")
+    rows = _intake_rows(6, WORLD_AT)
+    _write_many(ours, rows, CHANGES)
+    with theirs.session() as s:
+        s.execute(insert(t.Intake), rows)
+        for change in CHANGES:
+            s.execute(update(t.Intake).where(t.Intake.id == change["id"]).values(change))
+    columns = (
+        "id, received_at, transport, raw, sha256, state, attempts, next_attempt_at, "
+        "archive_seq, updated_at, size, source_key, worker"
+    )
+    assert _stored(ours, columns) == _stored(theirs, columns)
+
+
+def test_a_column_left_to_its_python_default_still_gets_it(db: Database) -> None:
+    """Rows that leave out a column whose default SQLAlchemy computes (intake ``attempts``) take
+    SQLAlchemy's own path, which fills it in."""
+    rows = [{k: v for k, v in row.items() if k != "attempts"} for row in _intake_rows(3, WORLD_AT)]
+    with db.session() as s:
+        insert_rows(s, t.Intake, rows[:2])
+    with db.connection() as c:
+        assert insert_returning(c, t.Intake, rows[2:], "id") == [3]
+    assert _stored(db, "attempts") == [(0,), (0,), (0,)]
