@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import LargeBinary, and_, cast, or_, select
 from sqlalchemy.orm import Session
 
 from archive import merkle
@@ -179,10 +179,21 @@ class Log:
         return head.size if head else 0
 
     def entry(self, s: Session, seq: int) -> Entry:
-        row = s.get(t.LogEntry, seq)
+        """Entry ``seq`` as stored. Its record and leaf hash are read as the bytes they hold,
+        whatever type a rewrite gave them (SQLite keeps text written to a BLOB column), as
+        `archive verify` reads them: a changed record then fails its proof, never its reader."""
+        row = s.execute(
+            select(
+                t.LogEntry.seq,
+                t.LogEntry.kind,
+                t.LogEntry.at,
+                cast(t.LogEntry.record, LargeBinary),
+                cast(t.LogEntry.leaf_hash, LargeBinary),
+            ).where(t.LogEntry.seq == seq)
+        ).first()
         if row is None:
             raise LogError(f"no entry {seq} in the archive (it holds {self.size(s)})")
-        return Entry(row.seq, row.kind, row.at, row.record, row.leaf_hash)
+        return Entry(*row)
 
     def root(self, s: Session, size: int | None = None) -> bytes:
         size = self.size(s) if size is None else size

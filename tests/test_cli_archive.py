@@ -641,3 +641,38 @@ def test_export_of_a_quarantined_message_and_errors(
     assert "cannot read" in missing.stderr
     assert run(home, "export", 9999, "--out", out).exit_code == 2
     assert run(home, "show", 9999).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "changed"),
+    [
+        ("CAST(record AS TEXT)", False),  # the same bytes, stored as text
+        ("CAST(record AS TEXT) || ' '", True),  # and changed
+    ],
+)
+def test_a_record_rewritten_as_text_is_read_as_its_bytes(
+    home: Path, seqs: dict[str, int], rewrite: str, changed: bool, tmp_path: Path
+) -> None:
+    """A record column rewritten to hold text (SQLite keeps whatever type is written) is read
+    by show, prove and export as the bytes it holds, as `archive verify` reads it: a change
+    is a failed proof, never a crash on the type."""
+    seq = seqs["accepted"]
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        db.execute(f"UPDATE log_entries SET record = {rewrite} WHERE seq = ?", (seq,))
+        assert db.execute(
+            "SELECT typeof(record) FROM log_entries WHERE seq = ?", (seq,)
+        ).fetchone() == ("text",)
+    db.close()
+    proof = run(home, "prove", seq)
+    assert proof.exit_code == (1 if changed else 0), proof.output
+    assert ("proof does NOT verify" in proof.stdout) is changed
+    shown = run(home, "show", seq)
+    assert shown.exit_code == 0, shown.output
+    assert f"{seq}" in shown.stdout
+    bundle = tmp_path / "b.zip"
+    exported = run(home, "export", seq, "--out", bundle)
+    assert exported.exception is None or isinstance(exported.exception, SystemExit), exported
+    if not changed:
+        checked = CliRunner().invoke(cli.cli, ["archive", "verify-bundle", str(bundle)])
+        assert checked.exit_code == 0, checked.output
