@@ -392,12 +392,12 @@ def _plan(dialect: Any, statement: Any, names: list[str]) -> _Plan | None:
     if not dialect.positional:
         return None
     compiled = statement.compile(dialect=dialect, column_keys=names)
-    if compiled.insert_prefetch or compiled.update_prefetch or compiled.positiontup is None:
+    if compiled.positiontup is None:
         return None
     params = []
     for name in compiled.positiontup:
         bind = compiled.binds[name]
-        if bind.key not in names:  # a value SQLAlchemy would fill in itself
+        if bind.key not in names:  # a value SQLAlchemy fills in itself (a Python default)
             return None
         params.append((bind.key, bind.type.dialect_impl(dialect).bind_processor(dialect)))
     return _Plan(compiled.string, tuple(params))

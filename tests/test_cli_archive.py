@@ -672,7 +672,11 @@ def test_a_record_rewritten_as_text_is_read_as_its_bytes(
     assert f"{seq}" in shown.stdout
     bundle = tmp_path / "b.zip"
     exported = run(home, "export", seq, "--out", bundle)
-    assert exported.exception is None or isinstance(exported.exception, SystemExit), exported
-    if not changed:
+    if changed:  # refused in one line, and no bundle written
+        assert exported.exit_code == 2, exported.output
+        assert "the proof does not lead to the checkpoint's root" in exported.output
+        assert not bundle.exists()
+    else:
+        assert exported.exit_code == 0, exported.output
         checked = CliRunner().invoke(cli.cli, ["archive", "verify-bundle", str(bundle)])
         assert checked.exit_code == 0, checked.output
