@@ -279,10 +279,10 @@ class Intake(Base):
     __tablename__ = "intake"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    received_at: Mapped[datetime] = mapped_column(index=True)
+    received_at: Mapped[datetime]
     transport: Mapped[dict[str, Any]]
     raw: Mapped[bytes] = mapped_column(LargeBinary)
-    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(8), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
@@ -325,7 +325,7 @@ class Outbox(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(16), index=True)
-    for_seq: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    for_seq: Mapped[int | None] = mapped_column(BigInteger)
     organ_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]]
     state: Mapped[str] = mapped_column(String(8), index=True)

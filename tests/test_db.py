@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from sqlalchemy import create_engine, event, insert, select, text, update
+from sqlalchemy import create_engine, event, insert, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import sessionmaker
 
@@ -145,6 +145,28 @@ def test_durability_settings_are_in_force(db: Database) -> None:
 
 
 @pytest.mark.postgres
+def test_sqlite_keeps_its_statement_journals_in_memory(tmp_path: Path, open_db: Opener) -> None:
+    """A multi-row statement in a transaction (the intake's insert before its 250) needs a
+    statement journal; kept on disk, each commit created, wrote and unlinked two temporary
+    files. What they hold is undone at the statement's end either way: nothing durable."""
+    with open_db(f"sqlite:///{tmp_path / 'a.db'}").engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA temp_store").scalar() == 2  # MEMORY
+
+
+def test_rows_written_before_a_250_keep_only_the_indexes_queries_use(db: Database) -> None:
+    """Each index is a page written to the log with every message taken in: intake keeps the
+    one claims look rows up by (and the unique IMAP origin), the outbox none by entry."""
+    with db.engine.connect() as c:
+        indexes = {
+            table: {i["name"] for i in inspect(c).get_indexes(table) if not i["unique"]}
+            for table in ("intake", "outbox")
+        }
+    assert indexes == {
+        "intake": {"ix_intake_state"},
+        "outbox": {"ix_outbox_kind", "ix_outbox_state"},
+    }
+
+
 def test_postgresql_without_synchronous_commit_is_refused(pg_url: str, open_db: Opener) -> None:
     with pytest.raises(ConfigError, match="synchronous_commit is off"):
         open_db(f"{pg_url}&options=-csynchronous_commit%3Doff")
