@@ -336,9 +336,9 @@ def load(home: Path) -> Settings:
     for where, address in addresses.items():
         try:
             normalize_email(address)
-        except ValueError:
+        except ValueError as exc:  # why, and for a non-ASCII domain its ASCII (xn--) form
             raise ConfigError(
-                f"{config}: {where} must be one bare e-mail address (local@domain), not {address!r}"
+                f"{config}: {where} must be one bare ASCII e-mail address (local@domain): {exc}"
             ) from None
     if len(settings.hub.certificates) != len(settings.hub.private_keys):
         raise ConfigError(f"{config}: [hub] certificates and private_keys must pair up one to one")

@@ -65,6 +65,13 @@ def test_the_daily_reminder_run_can_be_turned_off(tmp_path: Path) -> None:
         ('[hub]\naddress = "hub@x.vn>, evil@x.vn"\n', r"\[hub\] address must be one bare"),
         ("[hub]\naddress = 'hub'\n", r"\[hub\] address must be one bare"),
         ("[serve]\nadmin_address = 'a@x.vn, b@x.vn'\n", r"\[serve\] admin_address must be one"),
+        # They are written without SMTPUTF8: ASCII, and a domain's ASCII form is offered.
+        (
+            "[hub]\naddress = 'hub@sở.vn'\n",
+            r"\[hub\] address must be one bare ASCII .*not an ASCII e-mail address.*"
+            r"xn--.*: hub@xn--s-",
+        ),
+        ("[serve]\nadmin_address = 'quản.trị@x.vn'\n", r"admin_address .*give an ASCII mailbox"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text: str, match: str) -> None:
