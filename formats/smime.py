@@ -415,14 +415,15 @@ def sign_entity(
     der = cms_signed.sign(entity, cert=cert, key=key, detached=detached, pss=pss)
     if not detached:
         return (
-            b'Content-Type: application/pkcs7-mime; smime-type=signed-data; name="smime.p7m"\r\n'
+            b"Content-Type: application/pkcs7-mime; smime-type=signed-data;\r\n"
+            b' name="smime.p7m"\r\n'
             b"Content-Transfer-Encoding: base64\r\n"
             b'Content-Disposition: attachment; filename="smime.p7m"\r\n\r\n' + b64_lines(der)
         )
     b = _boundary().encode()
     return (
-        b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
-        b'micalg=sha-256; boundary="' + b + b'"\r\n\r\n'
+        b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
+        b' micalg=sha-256; boundary="' + b + b'"\r\n\r\n'
         b"--" + b + b"\r\n" + entity + b"\r\n--" + b + b"\r\n"
         b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
         b"Content-Transfer-Encoding: base64\r\n"
@@ -551,7 +552,8 @@ def wrap_enveloped(
     head = message_headers(
         from_addr=from_addr, to_addrs=to_addrs, message_id=message_id, date=date, subject=subject
     ) + (
-        f'Content-Type: application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"\r\n'
+        f"Content-Type: application/pkcs7-mime; smime-type={smime_type};\r\n"
+        ' name="smime.p7m"\r\n'
         "Content-Transfer-Encoding: base64\r\n"
         'Content-Disposition: attachment; filename="smime.p7m"\r\n'
     ).encode("ascii")

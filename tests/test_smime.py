@@ -32,6 +32,7 @@ from formats.smime import (
     header_value,
     payload_entity,
     sign_entity,
+    wrap_enveloped,
 )
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context, Verdict, process
@@ -229,3 +230,36 @@ def test_our_filename_parameter_reads_back_and_keeps_lines_short(name: str) -> N
     disposition = part.get("content-disposition")
     assert disposition is not None
     assert parse_disposition(disposition)[1]["filename"] == name
+
+
+@pytest.mark.parametrize("smime_type", ["enveloped-data", "authEnveloped-data"])
+def test_our_enveloped_messages_keep_header_lines_within_78(
+    world: DemoWorld, smime_type: str
+) -> None:
+    """RFC 5322 §2.1.1: a line SHOULD be at most 78 characters; the Content-Type line was 82
+    (86 for AES-GCM) and is folded before its name parameter, which reads back the same."""
+    message = wrap_enveloped(
+        b"\x30\x00",
+        smime_type=smime_type,
+        from_addr=HUB_ADDRESS,
+        to_addrs=["vanthu@snv.hanoi.gov.vn"],
+        message_id="<r@hub>",
+        date=WORLD_AT,
+        subject="Biên nhận / Receipt",
+    )
+    head = message.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    content_type = parse_entity(message).get("content-type")
+    assert content_type is not None
+    assert "application/pkcs7-mime" in content_type
+    assert f"smime-type={smime_type}" in content_type
+    assert 'name="smime.p7m"' in content_type
+
+
+@pytest.mark.parametrize("detached", [True, False], ids=["multipart-signed", "opaque"])
+def test_our_signed_entities_keep_header_lines_within_78(world: DemoWorld, detached: bool) -> None:
+    snv = world.agencies[SNV]
+    entity = b"Content-Type: text/plain\r\n\r\nxin chao\r\n"
+    signed = sign_entity(entity, cert=snv.cert, key=snv.key, detached=detached)  # type: ignore[arg-type]
+    head = signed.split(b"\r\n\r\n", 1)[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
