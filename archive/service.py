@@ -30,9 +30,10 @@ from archive.db import Database
 from archive.log import Entry, Item, Log
 from archive.records import read_item
 from archive.search import receipt_entry
-from archive.verify import Kept, Progress, Report, verify
+from archive.verify import Kept, Progress, Report, _untrusted, verify
 from keys import evidence
-from keys.trust import TrustStore
+from keys.directory import comparable
+from keys.trust import TrustStore, emails_of
 
 SigningKey = tuple[x509.Certificate, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey]
 
@@ -159,6 +160,29 @@ def outside_trust(s: Session, anchors: Sequence[x509.Certificate]) -> TrustStore
         ocsps=tuple(_readable(evidence.latest_ocsps(s), ocsp.load_der_ocsp_response)),
         revocation_mode="soft-fail",
     )
+
+
+def hub_signer(
+    trust: TrustStore, cert: x509.Certificate, *, at: datetime, hub_addresses: Sequence[str]
+) -> str:
+    """Check ``cert``, the signer of a checkpoint signed at ``at``, as `archive verify --ca`
+    does: it names one of ``hub_addresses`` (an agency's certificate under the same root is not
+    the hub's), and its path to ``trust``'s anchors validates at ``at`` (:mod:`keys.trust`).
+    The hub address it names; :class:`~archive.checkpoint.CheckpointError` saying why not."""
+    named = sorted(comparable(hub_addresses) & set(emails_of(cert)))
+    if not named:
+        shown = ", ".join(emails_of(cert)) or "no address"
+        raise cp.CheckpointError(
+            f"it names {shown}, not the hub's address ({', '.join(hub_addresses)}): it signs no "
+            "checkpoint as the hub (the hub's address was another then? give it too with "
+            "--hub-address)"
+        )
+    if why := _untrusted(trust, cert, at):
+        raise cp.CheckpointError(
+            f"its path to the CA you gave does not validate at {at.isoformat()}, the "
+            f"checkpoint's signed time: {why}"
+        )
+    return named[0]
 
 
 def _certificates(s: Session, roles: Sequence[str]) -> tuple[list[x509.Certificate], list[int]]:

@@ -13,9 +13,10 @@ import base64
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +40,7 @@ from archive.search import (
     parse_bound,
     summary,
 )
-from archive.service import Archive, hub_certificates
+from archive.service import Archive, hub_certificates, hub_signer, outside_trust
 from archive.verify import Kept
 from formats.algorithms import signed_by
 from formats.errors import InputError
@@ -419,11 +420,18 @@ def _checkpoint_for(s: Session, seq: int | None, size: int | None) -> t.Checkpoi
     return row
 
 
-def _checkpoint_json(s: Session, row: t.Checkpoint | None) -> dict[str, Any] | None:
+#: Judges a checkpoint's signer against trust from outside the database (`prove --ca`): the
+#: ``signer_check`` of its JSON, ``{"status": "pass" | "fail", "detail": …}``.
+_Judge = Callable[[cp.Checkpoint, x509.Certificate], dict[str, str]]
+
+
+def _checkpoint_json(
+    s: Session, row: t.Checkpoint | None, judge: _Judge | None = None
+) -> dict[str, Any] | None:
     if row is None:
         return None
     signed, signer = _verified(s, row)
-    return {
+    out = {
         "id": row.id,
         "size": signed.size,
         "root": signed.root.hex(),
@@ -432,6 +440,29 @@ def _checkpoint_json(s: Session, row: t.Checkpoint | None) -> dict[str, Any] | N
         "body": row.body.decode(),
         "signature": base64.b64encode(row.signature).decode(),
     }
+    if judge is not None:
+        out["signer_check"] = judge(signed, signer)
+    return out
+
+
+def _outside_judge(s: Session, anchors: list[x509.Certificate], hubs: tuple[str, ...]) -> _Judge:
+    """A signer passes if it names one of ``hubs`` and its path to ``anchors`` (stored CA
+    certificates as candidates only) validates at the checkpoint's signed time, as for
+    `archive verify --ca` (:func:`archive.service.hub_signer`)."""
+    trust = outside_trust(s, anchors)
+
+    def judge(signed: cp.Checkpoint, signer: x509.Certificate) -> dict[str, str]:
+        try:
+            address = hub_signer(trust, signer, at=signed.at, hub_addresses=hubs)
+        except cp.CheckpointError as err:
+            return {"status": "fail", "detail": str(err)}
+        return {
+            "status": "pass",
+            "detail": f"its path to the CA you gave validates at {signed.at.isoformat()}, and "
+            f"it names {address}",
+        }
+
+    return judge
 
 
 #: One line of `prove`'s report: PASS, FAIL or SKIP, what was checked, what was found.
@@ -463,6 +494,12 @@ def _signed_check(name: str, signed: dict[str, Any] | None, root: bytes, size: i
     return "fail", name, f"{by}, has another root ({signed['root']}): the log was rewritten"
 
 
+def _signer_checks(name: str, signed: dict[str, Any] | None) -> list[_Check]:
+    """The ``signer_check`` of ``signed`` as a line (none without --ca or a checkpoint)."""
+    check = signed.get("signer_check") if signed else None
+    return [] if check is None else [(check["status"], name, check["detail"])]
+
+
 def _inclusion_report(
     seq: int, n: int, root: bytes, entry: Entry, path: list[bytes], signed: dict[str, Any] | None
 ) -> tuple[bool, str, list[_Check]]:
@@ -483,6 +520,7 @@ def _inclusion_report(
             f"an audit path of {_hashes(path)} does not lead from the leaf to the root",
         ),
         _signed_check("checkpoint", signed, root, n),
+        *_signer_checks("signer", signed),
     ]  # fmt: skip
     what = f"entry {seq} is in the tree of {n} entries with root {root.hex()}"
     return all(c[0] != "fail" for c in checks), what, checks
@@ -502,7 +540,9 @@ def _consistency_report(
             "the old tree were rewritten",
         ),
         _signed_check("old checkpoint", signed[0], old_root, old),
+        *_signer_checks("old signer", signed[0]),
         _signed_check("new checkpoint", signed[1], new_root, new),
+        *_signer_checks("new signer", signed[1]),
     ]  # fmt: skip
     what = (
         f"the tree of {old} entries (root {old_root.hex()}) is a prefix of the tree of {new} "
@@ -519,8 +559,20 @@ def _consistency_report(
     help="Instead: prove the log of OLD entries is a prefix of the log of NEW.",
 )  # fmt: skip
 @click.option(
+    "--ca", "anchors", multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Trust a checkpoint only if its signer's path to this CA (a file from outside the "
+    "database; stored sub-CAs may link) validates at the checkpoint's time.",
+)  # fmt: skip
+@click.option(
+    "--hub-address", "hub_addresses", multiple=True, metavar="ADDRESS",
+    help="With --ca: the hub's address that its certificates name (repeatable; default "
+    "[hub] address). Give earlier ones too if the hub's address changed.",
+)  # fmt: skip
+@click.option(
     "--json", "as_json", is_flag=True,
-    help="Print the proof itself (hashes, audit path, signed checkpoint), to check elsewhere.",
+    help="Print the proof itself (hashes, audit path, signed checkpoint; with --ca, each "
+    "checkpoint's signer_check: status pass or fail, and detail), to check elsewhere.",
 )  # fmt: skip
 @click.pass_context
 def prove_cmd(
@@ -528,20 +580,34 @@ def prove_cmd(
     seq: int | None,
     size: int | None,
     consistency: tuple[int, int] | None,
+    anchors: tuple[Path, ...],
+    hub_addresses: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Prove entry SEQ is in the log (against the newest checkpoint, or the tree of --size
     entries), or with --consistency that an older log is a prefix of a newer one. Prints what
-    was checked; --json prints the proof. Exit 0 if it verifies, 1 if not."""
+    was checked; --json prints the proof. Exit 0 if it verifies, 1 if not. Without --ca, a
+    checkpoint's signature is checked against the hub certificates the database holds, which
+    whoever can write the database could replace."""
     if (seq is None) == (not consistency):
         raise Failure("give either SEQ or --consistency OLD NEW")
+    if hub_addresses and not anchors:
+        raise InputError("--hub-address is checked with --ca: give the CA too")
+    trusted = [cert for p in anchors for cert in files.load_certificates(p)]
+    hubs = (hub_addresses or (load_settings(ctx).hub.address,)) if trusted else ()
+    # The same checks again, as JSON: the CA and addresses given too.
+    pinned = "".join(
+        [*(f" --ca {shlex.quote(str(p))}" for p in anchors),
+         *(f" --hub-address {shlex.quote(h)}" for h in hub_addresses)]
+    )  # fmt: skip
     with _opened(ctx) as a, a.db.session() as s:
+        judge = _outside_judge(s, trusted, hubs) if trusted else None
         if consistency:
             old, new = consistency
             path = a.log.consistency(s, old, new)
             old_root, new_root = a.log.root(s, old), a.log.root(s, new)
-            signed_old = _checkpoint_json(s, _checkpoint_for(s, None, old))
-            signed_new = _checkpoint_json(s, _checkpoint_for(s, None, new))
+            signed_old = _checkpoint_json(s, _checkpoint_for(s, None, old), judge)
+            signed_new = _checkpoint_json(s, _checkpoint_for(s, None, new), judge)
             verified, what, checks = _consistency_report(
                 old, new, (old_root, new_root), path, (signed_old, signed_new)
             )
@@ -550,7 +616,7 @@ def prove_cmd(
                 "proof": [h.hex() for h in path], "verified": verified,
                 "old_checkpoint": signed_old, "new_checkpoint": signed_new,
             }  # fmt: skip
-            again = f"gateway archive prove --consistency {old} {new} --json"
+            again = f"gateway archive prove --consistency {old} {new}{pinned} --json"
             _read(a, s, "prove", f"consistency {old} {new}")
         else:
             assert seq is not None
@@ -559,7 +625,7 @@ def prove_cmd(
             n = size if size is not None else row.size if row else 0
             path = a.log.inclusion(s, seq, n)
             root = a.log.root(s, n)
-            signed = _checkpoint_json(s, row)
+            signed = _checkpoint_json(s, row, judge)
             verified, what, checks = _inclusion_report(seq, n, root, entry, path, signed)
             out = {
                 "seq": seq, "size": n, "leaf_hash": merkle.leaf_hash(entry.record).hex(),
@@ -567,7 +633,7 @@ def prove_cmd(
                 "checkpoint": signed,
             }  # fmt: skip
             sized = f" --size {size}" if size is not None else ""
-            again = f"gateway archive prove {seq}{sized} --json"
+            again = f"gateway archive prove {seq}{sized}{pinned} --json"
             _read(a, s, "prove", f"entry {seq} size {n}")
     if as_json:
         emit_json(out)

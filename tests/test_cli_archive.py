@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
@@ -27,7 +27,7 @@ from archive.service import Archive
 from gateway import cli, settings
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from keys import store
-from keys.issuing import make_root
+from keys.issuing import issue_hub, make_root
 from tests.conftest import WORLD_AT
 from tests.test_bundle import file_messages
 
@@ -563,6 +563,159 @@ def test_prove_an_entry_newer_than_the_checkpoint_says_what_to_do(home: Path) ->
     assert "no signed checkpoint covers entry" in result.stderr
     assert "gateway archive checkpoint" in result.stderr
     assert "no entry 9999" in run(home, "prove", 9999, "--size", 9999).stderr
+
+
+# --- prove --ca: the signer judged by trust from outside the database ------------------------
+
+
+@pytest.fixture
+def root_pem(world: DemoWorld, tmp_path: Path) -> Path:
+    """The hub's CA, as the archivist keeps it outside the database."""
+    path = tmp_path / "root.pem"
+    path.write_bytes(world.root.cert_pem())
+    return path
+
+
+def _sign_checkpoint(home: Path, world: DemoWorld, at: datetime) -> int:
+    """Sign the current tree head at ``at`` (a fixed instant, not the clock) with the hub key,
+    as `gateway archive checkpoint` does; its size."""
+    conf = settings.load(home)
+    db = Database.open(conf.database_url)
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    master = load_master_key(conf.path(conf.archive.master_key_file), create=False)
+    archive = Archive(db, BlobStore(master), HUB_ADDRESS, signer=(world.hub.cert, key))
+    size = archive.checkpoint(at).size
+    db.dispose()
+    return size
+
+
+def test_prove_with_the_ca_checks_the_signer_of_the_checkpoint(
+    home: Path, seqs: dict[str, int], world: DemoWorld, root_pem: Path
+) -> None:
+    """`prove SEQ --ca ROOT`: besides the checkpoint line (its signature checked against the
+    hub certificates the database holds), a signer line says the signer's path to the CA
+    given validates at the checkpoint's signed time and that it names the hub's address; the
+    JSON carries the same check. Without --ca the JSON is as it was: no signer_check."""
+    seq = seqs["accepted"]
+    plain = json.loads(ok(home, "prove", seq, "--json").stdout)
+    assert "signer_check" not in plain["checkpoint"]
+    text = ok(home, "prove", seq, "--ca", root_pem).stdout.splitlines()
+    proof = json.loads(ok(home, "prove", seq, "--ca", root_pem, "--json").stdout)
+    signer = world.hub.cert.subject.rfc4514_string()
+    at = proof["checkpoint"]["at"]
+    assert text[3].startswith(f"PASS  checkpoint: #1, signed {at} by {signer} (a hub")
+    assert text[4] == (
+        f"PASS  signer: its path to the CA you gave validates at {at}, and it names {HUB_ADDRESS}"
+    )
+    assert text[5] == "proof verifies"
+    # The JSON it points to checks the same: the CA is given again.
+    assert f"`gateway archive prove {seq} --ca {root_pem} --json`" in text[6]
+    assert proof["verified"] is True
+    assert proof["checkpoint"]["signer_check"] == {"status": "pass", "detail": text[4][14:]}
+    # A tree no checkpoint has signed: no signer is relied on, so no signer line.
+    sized = ok(home, "prove", seq, "--size", seq + 1, "--ca", root_pem).stdout
+    assert "SKIP  checkpoint:" in sized and "signer:" not in sized
+
+
+def test_prove_with_the_ca_fails_a_hub_certificate_and_checkpoint_replaced_in_the_database(
+    home: Path, seqs: dict[str, int], root_pem: Path
+) -> None:
+    """Whoever can write the database replaces the hub's certificate with one from a CA of
+    their own (naming the hub's address, as the real one does) and re-signs the checkpoint
+    with its key. `prove` without --ca checks the signature against the certificates the
+    database holds, and says the proof verifies: the gap --ca closes. With --ca the real root,
+    the signer's path does not validate and the proof fails (exit 1)."""
+    rogue_root = make_root("Rogue root", at=WORLD_AT - timedelta(days=30), key_kind="ec-p256")
+    rogue = issue_hub(rogue_root, email=HUB_ADDRESS, at=WORLD_AT - timedelta(days=30),
+                      common_name="Rogue hub", key_kind="ec-p256")  # fmt: skip
+    assert isinstance(rogue.key, ec.EllipticCurvePrivateKey)
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        (body,) = db.execute("SELECT body FROM checkpoints").fetchone()
+        signature = cp.sign(cp.Checkpoint.parse(body), rogue.cert, rogue.key)
+        db.execute("UPDATE checkpoints SET signature = ?", (signature,))
+        der = rogue.cert.public_bytes(Encoding.DER)
+        assert db.execute("UPDATE certificates SET der = ? WHERE role = 'hub'", (der,)).rowcount
+    db.close()
+    seq = seqs["accepted"]
+    fooled = ok(home, "prove", seq).stdout  # the database's own word
+    assert (
+        "by O=Rogue hub,CN=Rogue hub" in fooled
+        and "(a hub certificate the database holds)" in fooled
+    )
+    assert fooled.splitlines()[4] == "proof verifies"
+
+    bad = run(home, "prove", seq, "--ca", root_pem)
+    assert bad.exit_code == 1, bad.output
+    lines = bad.stdout.splitlines()
+    assert lines[3].startswith("PASS  checkpoint: #1, signed")  # signed by what the db holds
+    assert lines[4].startswith(
+        "FAIL  signer: its path to the CA you gave does not validate at "
+        "2026-11-02T03:06:00+00:00, the checkpoint's signed time: "
+    )
+    assert "does not chain to a configured trust anchor" in lines[4]  # the validator's word
+    assert lines[5] == "proof does NOT verify"
+    proof = json.loads(run(home, "prove", seq, "--ca", root_pem, "--json").stdout)
+    assert proof["verified"] is False
+    assert proof["checkpoint"]["signer_check"]["status"] == "fail"
+    assert proof["checkpoint"]["signer_check"]["detail"] == lines[4][14:]
+
+
+def test_prove_with_a_hub_address_the_signer_does_not_name_fails(
+    home: Path, seqs: dict[str, int], root_pem: Path
+) -> None:
+    """The hub's own certificate validates under the root, but does not name the address
+    given: it is not taken as the hub's. Giving the hub's address too (it changed) passes."""
+    seq = seqs["accepted"]
+    bad = run(home, "prove", seq, "--ca", root_pem, "--hub-address", "old@hub.example.vn")
+    assert bad.exit_code == 1, bad.output
+    [line] = [ln for ln in bad.stdout.splitlines() if "signer:" in ln]
+    assert line.startswith("FAIL  signer: ")
+    assert f"it names {HUB_ADDRESS}, not the hub's address (old@hub.example.vn)" in line
+    assert "proof does NOT verify" in bad.stdout
+    assert json.loads(
+        run(home, "prove", seq, "--ca", root_pem, "--hub-address", "old@hub.example.vn",
+            "--json").stdout
+    )["verified"] is False  # fmt: skip
+    both = ("--hub-address", "old@hub.example.vn", "--hub-address", HUB_ADDRESS)
+    assert "PASS  signer: " in ok(home, "prove", seq, "--ca", root_pem, *both).stdout
+
+
+def test_prove_consistency_with_the_ca_checks_both_signers(
+    home: Path, seqs: dict[str, int], world: DemoWorld, root_pem: Path
+) -> None:
+    old = seqs["receipt"] + 1
+    entries(home)  # a read, logged: the log grows past the first checkpoint
+    new = _sign_checkpoint(home, world, WORLD_AT + timedelta(hours=1))
+    assert new > old
+    lines = ok(home, "prove", "--consistency", old, new, "--ca", root_pem).stdout.splitlines()
+    assert [ln[:18] for ln in lines[1:6]] == [
+        "PASS  consistency ", "PASS  old checkpoi", "PASS  old signer: ", "PASS  new checkpoi",
+        "PASS  new signer: ",
+    ]  # fmt: skip
+    assert "validates at 2026-11-02T03:06:00+00:00" in lines[3]
+    assert "validates at 2026-11-02T04:00:00+00:00" in lines[5]
+    assert lines[6] == "proof verifies"
+    proof = json.loads(
+        ok(home, "prove", "--consistency", old, new, "--ca", root_pem, "--json").stdout
+    )
+    assert proof["old_checkpoint"]["signer_check"]["status"] == "pass"
+    assert proof["new_checkpoint"]["signer_check"]["status"] == "pass"
+    # Both are judged: an address neither names fails both.
+    other = ("--ca", root_pem, "--hub-address", "old@hub.example.vn")
+    bad = run(home, "prove", "--consistency", old, new, *other)
+    assert bad.exit_code == 1, bad.output
+    assert [ln[:17] for ln in bad.stdout.splitlines() if "signer:" in ln] == [
+        "FAIL  old signer:", "FAIL  new signer:",
+    ]  # fmt: skip
+
+
+def test_prove_wants_the_ca_with_a_hub_address(home: Path, seqs: dict[str, int]) -> None:
+    alone = run(home, "prove", seqs["accepted"], "--hub-address", HUB_ADDRESS)
+    assert alone.exit_code == 2
+    assert "--hub-address is checked with --ca: give the CA too" in alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1
 
 
 # --- export and verify-bundle ----------------------------------------------------------------
