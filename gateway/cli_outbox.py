@@ -9,9 +9,10 @@ import click
 
 from formats.errors import InputError
 from gateway import outbox_admin
-from gateway.cli import actor, db_session, emit_json, now
+from gateway.cli import actor, db_session, emit_json, load_settings, now
 from gateway.cli_types import COUNT, OUTBOX_ID
-from gateway.outbox_admin import PENDING, STATES
+from gateway.loading import load_directory_merged
+from gateway.outbox_admin import PENDING, STATES, Requeued
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -78,22 +79,42 @@ def retry_cmd(
 ) -> None:
     """Send failed rows IDS again (or --failed). A row never built, or --rebuild, is built
     anew for the agency's mailboxes and certificates of now; a row the relay refused is sent
-    again, the same bytes, to the recipients that did not take it. Recorded as admin events."""
+    again, the same bytes, to the recipients that did not take it — of a delivery or reminder,
+    only those still mailboxes of the agency (built anew if none is). Recorded as admin events.
+
+    --json: one object a row: id, key, was (its last reply), now (new or retry) and
+    left_agency (the recipients dropped for having left the agency)."""
     if ids and every_failed:
         raise InputError("name the rows to retry (IDS) or give --failed, not both")
     if not ids and not every_failed:
         raise InputError("name the rows to retry (IDS), or give --failed for every failed row")
     if agency is not None and not every_failed:
         raise InputError("--agency selects among --failed rows")
+    settings = load_settings(ctx)
     with db_session(ctx) as s:
         chosen = list(ids) or outbox_admin.failed_ids(s, agency=agency)
-        done = outbox_admin.requeue(s, chosen, rebuild=rebuild, at=now(), actor=actor())
+        directory = load_directory_merged(settings, s)  # as the builder sees it
+        done = outbox_admin.requeue(
+            s, chosen, rebuild=rebuild, at=now(), actor=actor(), directory=directory
+        )
     if as_json:
-        emit_json([{"id": row.id, "key": row.key, "was": row.last_reply, "now": state}
-                   for row, state in done])  # fmt: skip
+        emit_json([{"id": r.was.id, "key": r.was.key, "was": r.was.last_reply, "now": r.state,
+                    "left_agency": list(r.left_agency)} for r in done])  # fmt: skip
         return
-    for row, state in done:
-        how = "to be built again" if state == "new" else "to be sent again"
-        click.echo(f"{row.id:>7} {row.key}: {how} (was: {row.last_reply or 'failed'})")
+    for r in done:
+        click.echo(f"{r.was.id:>7} {r.was.key}: {_how(r)} (was: {r.was.last_reply or 'failed'})")
     if not done:
         click.echo("no failed row" + (f" to {agency}" if agency else ""))
+
+
+def _how(r: Requeued) -> str:
+    """What becomes of a requeued row, and of the recipients that left its agency."""
+    how = "to be built again" if r.state == "new" else "to be sent again"
+    if not r.left_agency:
+        return how
+    left = ", ".join(r.left_agency)
+    gone = "is no longer a mailbox" if len(r.left_agency) == 1 else "are no longer mailboxes"
+    how += f", not to {left}, which {gone} of {r.was.organ_id}"
+    if r.state == "new":  # built again: gateway.outbound.nothing_left may find nobody left
+        how += " (to nobody, if every mailbox it has now took it: the row then ends sent)"
+    return how

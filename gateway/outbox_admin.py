@@ -15,7 +15,20 @@ Requeueing a failed row:
 - built, and failed at the relay (5xx, or retried too long): sent again, the same bytes, to the
   recipients that did not take it (``retry``, due now); a recipient that took it is not sent it
   twice. If a certificate those bytes are encrypted to is no longer usable, it is built again
-  instead (``new``), for those recipients. The time until the sender gives up counts from the requeue, not from the row's birth.
+  instead (``new``), for those recipients. The time until the sender gives up counts from the
+  requeue, not from the row's birth;
+- a delivery or reminder (:data:`TO_AGENCY_MAILBOXES`) goes again only to those of the
+  recipients that are still mailboxes of its agency in the directory of now (compared as the
+  directory compares them, :func:`keys.directory.comparable`). Those that have left the agency
+  are dropped, named in the result and in the admin event, and never sent it again (a row sent
+  again keeps them in ``detail["left_agency"]``; the replies they had are no longer counted in
+  its fate). Should every recipient that lacked it have left, the row is built again
+  (``new``), as above: for a mailbox that joined the agency since, or, every mailbox of now
+  having taken it, for nobody — the builder ends it ``sent``. Should the agency itself be gone
+  from the directory, or not active today, it is built again too, and the builder fails it
+  saying so, as it does with ``rebuild``. A receipt (and a resend of one) goes to the mailbox
+  the message came from, as a build again would; an alert to the admin address: neither is
+  narrowed.
 """
 
 from __future__ import annotations
@@ -30,8 +43,10 @@ from sqlalchemy.orm import Session
 
 from archive import tables as t
 from formats.errors import ConfigError, InputError
-from gateway.outbound import ENCRYPTED_TO, without_build
+from formats.vntime import local_day
+from gateway.outbound import ENCRYPTED_TO, LEFT_AGENCY, NOT_TAKEN, without_build
 from keys import evidence, store
+from keys.directory import Directory, comparable
 from keys.trust import TrustStore
 
 STATES = ("new", "building", "ready", "sending", "retry", "sent", "failed")
@@ -42,6 +57,10 @@ PENDING = tuple(s for s in STATES if s != "sent")
 REQUEUED_AT = "requeued_at"
 #: Rows read per query when requeueing (SQLite's bound-parameter limit may be as low as 999).
 CHUNK = 500
+#: The kinds of row the builder addresses to their agency's mailboxes of now (its directory
+#: entry): sent again by hand only to those still its own. A receipt goes to the mailbox the
+#: message came from, a resend to the receipt's, an alert to the admin address.
+TO_AGENCY_MAILBOXES = frozenset({"delivery", "reminder"})
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,17 @@ class Row:
         }
 
 
+@dataclass(frozen=True)
+class Requeued:
+    """A row put back by :func:`requeue`: as it was, the state it goes back to (``new`` or
+    ``retry``), and the recipients that lacked it and are no longer mailboxes of its agency
+    (never sent it again)."""
+
+    was: Row
+    state: str
+    left_agency: tuple[str, ...] = ()
+
+
 def listing(
     s: Session,
     *,
@@ -104,11 +134,22 @@ def failed_ids(s: Session, *, agency: str | None = None) -> list[int]:
 
 
 def requeue(
-    s: Session, ids: Sequence[int], *, rebuild: bool, at: datetime, actor: str
-) -> list[tuple[Row, str]]:
+    s: Session,
+    ids: Sequence[int],
+    *,
+    rebuild: bool,
+    at: datetime,
+    actor: str,
+    directory: Directory | None = None,
+) -> list[Requeued]:
     """Put the failed rows ``ids`` back (see the module docstring); for each, the row as it
-    was and what it goes back to (``new`` or ``retry``). :class:`InputError` if any of them is
-    unknown or not failed: then nothing changes."""
+    was, what it goes back to (``new`` or ``retry``) and the recipients dropped for having left
+    its agency. :class:`InputError` if any of them is unknown or not failed: then nothing
+    changes.
+
+    ``directory``: the agencies as the builder sees them now (the CLI passes
+    :func:`gateway.loading.load_directory_merged`); by default the directory stored in the
+    database (:func:`keys.store.directory`)."""
     rows: dict[int, t.Outbox] = {}
     for at_row in range(0, len(ids), CHUNK):  # within every database's bound parameters
         chunk = ids[at_row : at_row + CHUNK]
@@ -122,8 +163,9 @@ def requeue(
                 f"outbox row {number} ({row.key}) is {row.state}, not failed: only a failed row "
                 "is sent again by hand"
             )
-    out: list[tuple[Row, str]] = []
+    out: list[Requeued] = []
     trust = _trust(s)
+    directory = store.directory(s) if directory is None else directory
     for number in dict.fromkeys(ids):
         row = rows[number]
         before = _row(row)
@@ -133,24 +175,61 @@ def requeue(
         tried = dict.fromkeys([*(row.rcpt_to or ()), *recipients])
         untaken = [r for r in tried if recipients.get(r, {}).get("status") != "sent"]
         detail = {**row.detail, REQUEUED_AT: at.isoformat()}
-        if rebuild or row.message is None or not untaken:
-            # A new message, to the mailboxes of now that did not take the old one.
+        resend = not rebuild and row.message is not None and bool(untaken)
+        # Never the old bytes to a mailbox that has left the agency: it may be someone else's.
+        left = _left_agency(row, untaken, directory, at) if resend else []
+        lacking = [r for r in untaken if r not in (left or ())]
+        if not resend or left is None or not lacking:
+            # A new message, to the mailboxes of now that did not take the old one: nobody,
+            # should each of them have taken it (gateway.outbound.nothing_left). An agency
+            # gone or not active: the builder fails it, saying so.
             row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
-            detail = without_build(detail)
+            detail = _to_build_again(detail, left or [])
         elif _encrypted_to_unusable(s, row, at, trust):
             # Never the old bytes to a certificate the hub would not encrypt to now: built
             # again, for the mailboxes that did not take it.
             row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
-            detail = without_build(detail)
+            detail = _to_build_again(detail, left)
         else:
-            row.state, row.rcpt_to = "retry", untaken
+            row.state, row.rcpt_to = "retry", lacking
+            if left:  # no longer its recipients: their replies no longer decide its fate
+                replies = detail.get("recipients", {})
+                detail["recipients"] = {a: r for a, r in replies.items() if a not in left}
+                detail[LEFT_AGENCY] = sorted({*detail.get(LEFT_AGENCY, ()), *left})
         row.detail, row.attempts, row.next_attempt_at = detail, 0, at
         row.worker, row.lease_until, row.updated_at = None, None, at
+        dropped = {"left_agency": left} if left else {}
         store.record(
             s, at=at, actor=actor, action="outbox-requeue", subject=row.key,
-            state=row.state, last_reply=before.last_reply,
+            state=row.state, last_reply=before.last_reply, **dropped,
         )  # fmt: skip
-        out.append((before, row.state))
+        out.append(Requeued(before, row.state, tuple(left or ())))
+    return out
+
+
+def _left_agency(
+    row: t.Outbox, recipients: Sequence[str], directory: Directory, at: datetime
+) -> list[str] | None:
+    """Those of ``recipients`` that are no longer mailboxes of ``row``'s agency (none, for a
+    row not addressed to its agency's mailboxes: :data:`TO_AGENCY_MAILBOXES`); ``None`` when
+    the agency is not in ``directory`` or not active on the day of ``at`` (as the builder's
+    ``_addresses`` sees it). An address that is not a bare one matches no mailbox."""
+    if row.kind not in TO_AGENCY_MAILBOXES or row.organ_id is None:
+        return []
+    agency = directory.get(row.organ_id)
+    if agency is None or not agency.active_on(local_day(at)):
+        return None
+    return [r for r in recipients if not comparable((r,)) & agency.emails]
+
+
+def _to_build_again(detail: dict[str, Any], left: Sequence[str]) -> dict[str, Any]:
+    """``detail`` once the built message is dropped (:func:`without_build`), the mailboxes that
+    left the agency without it — now and at an earlier requeue — named among those that had
+    not taken it, for the builder's :func:`gateway.outbound.nothing_left` to say so."""
+    out = without_build(detail)
+    gone = {*out.pop(LEFT_AGENCY, ()), *left}
+    if gone:
+        out[NOT_TAKEN] = sorted({*out.get(NOT_TAKEN, ()), *gone})
     return out
 
 

@@ -242,7 +242,7 @@ def test_a_failed_delivery_sent_again_by_hand_is_built_again_if_its_certificate_
     later = LATER + timedelta(hours=1)
     row = _rows(archive)[key]
     with archive.db.session() as s:
-        assert [state for _, state in requeue(s, [row.id], rebuild=False, at=later, actor="a")] == [
+        assert [r.state for r in requeue(s, [row.id], rebuild=False, at=later, actor="a")] == [
             "new"
         ]
     assert Sender(archive, _Relay().session, lambda: later, "s").run_once() == []  # nothing ready

@@ -28,10 +28,8 @@ NEW_DESK = "tiep-nhan@congan.hanoi.gov.vn"
 
 def _requeue(archive: Archive, ids: list[int], at: Any, *, rebuild: bool) -> list[str]:
     with archive.db.session() as s:
-        return [
-            state
-            for _row, state in outbox_admin.requeue(s, ids, rebuild=rebuild, at=at, actor="admin")
-        ]
+        done = outbox_admin.requeue(s, ids, rebuild=rebuild, at=at, actor="admin")
+    return [r.state for r in done]
 
 
 def _build_all(builder: Builder) -> None:
