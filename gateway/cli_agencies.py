@@ -25,6 +25,7 @@ from gateway.cli import db_session as _session
 from keys import agency_io, presets, store
 from keys.agency_io import Plan, as_dict, clean
 from keys.directory import Agency, normalize_email
+from keys.store import Unusable
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -118,6 +119,7 @@ def update(
         raise InputError("--name-vi cannot be empty: an agency needs its Vietnamese name")
     with _session(ctx) as s:
         old = store.get_agency(s, organ_id)
+        refused = store.unusable_mailboxes(s, organ_id)
         changes: dict[str, Any] = {}
         for key in ("name_vi", "name_en"):
             if o[key] is not None:
@@ -129,25 +131,48 @@ def update(
             if o[key] is not None:
                 changes[key] = _day(o[key], "--" + key.replace("_", "-"))
         new = replace(old, **changes)
-        new = replace(new, emails=_emails(new, emails, add_emails, remove_emails))
-        result = store.put_agency(s, new, at=now(), actor=actor())
-    _done(as_json, "updated" if result == "updated" else "unchanged", new)
+        kept, drop = _emails(new, refused, emails, add_emails, remove_emails)
+        new = replace(new, emails=kept)
+        result = store.put_agency(s, new, at=now(), actor=actor(), drop=drop)
+    left = [u for u in refused if u.address not in drop]
+    _done(as_json, "updated" if result == "updated" else "unchanged", new, unusable=left)
 
 
 def _emails(
-    agency: Agency, replace_: Sequence[str], add_: Sequence[str], remove: Sequence[str]
-) -> frozenset[str]:
-    """The new mailbox set: ``--email`` replaces, then ``--add/--remove-email`` adjust."""
+    agency: Agency,
+    refused: Sequence[Unusable],
+    replace_: Sequence[str],
+    add_: Sequence[str],
+    remove: Sequence[str],
+) -> tuple[frozenset[str], set[str]]:
+    """The new mailbox set: ``--email`` replaces, then ``--add/--remove-email`` adjust; and
+    the stored mailboxes the current rules refuse (``refused``, an earlier version wrote them)
+    to drop: all of them with ``--email``, each ``--remove-email`` names."""
+    stored = {_as_stored(u.address): u.address for u in refused}
+    drop = set(stored.values()) if replace_ else set()
     result = _addresses(replace_, agency) if replace_ else set(agency.emails)
     result |= _addresses(add_, agency)
-    for address in sorted(_addresses(remove, agency)):
+    usable = []
+    for given in remove:
+        if (address := stored.get(_as_stored(given))) is not None:
+            drop.add(address)
+        else:
+            usable.append(given)
+    for address in sorted(_addresses(usable, agency)):
         if address not in result:
             have = ", ".join(sorted(result)) or "none"
             raise InputError(
                 f"{agency.organ_id} has no e-mail {address} to remove; its e-mails: {have}"
             )
         result.discard(address)
-    return frozenset(result)
+    return frozenset(result), drop
+
+
+def _as_stored(address: str) -> str:
+    """``address`` as an earlier version stored it (NFC, trimmed, domain in lower case), to
+    find a stored mailbox the current rules refuse."""
+    local, _, domain = clean(address).rpartition("@")
+    return f"{local}@{domain.lower()}"
 
 
 def _addresses(addresses: Sequence[str], agency: Agency) -> set[str]:
@@ -175,9 +200,16 @@ def retire(ctx: click.Context, organ_id: str, on: str | None, as_json: bool) -> 
     _done(as_json, status, agency, hint=False)
 
 
-def _done(as_json: bool, status: str, agency: Agency, *, hint: bool = True) -> None:
+def _done(
+    as_json: bool,
+    status: str,
+    agency: Agency,
+    *,
+    hint: bool = True,
+    unusable: Sequence[Unusable] = (),
+) -> None:
     if as_json:
-        emit_json({"status": status, "agency": as_dict(agency)})
+        emit_json({"status": status, "agency": _shape(agency, unusable)})
         return
     click.echo(f"{status} {agency.organ_id} ({agency.name_vi}), valid {_window(agency)}")
     if hint and not agency.emails:
@@ -185,6 +217,26 @@ def _done(as_json: bool, status: str, agency: Agency, *, hint: bool = True) -> N
             f"note: {agency.organ_id} has no e-mail address yet; add one with "
             f"`gateway agencies update {agency.organ_id} --add-email ADDRESS`"
         )
+    for u in unusable:
+        click.echo(f"note: {agency.organ_id}: stored mailbox {u.why}; fix: `{u.fix}`")
+
+
+def _shape(agency: Agency, unusable: Sequence[Unusable]) -> dict[str, Any]:
+    """:func:`keys.agency_io.as_dict`, plus ``unusable_emails`` when the agency has a stored
+    mailbox the current rules refuse (an earlier version wrote it; it is not in ``emails``)."""
+    shape = as_dict(agency)
+    if unusable:
+        shape["unusable_emails"] = [
+            {"address": u.address, "why": u.why, "fix": u.fix} for u in unusable
+        ]
+    return shape
+
+
+def _unusable_by_agency(s: Session) -> dict[str, list[Unusable]]:
+    out: dict[str, list[Unusable]] = {}
+    for u in store.unusable_mailboxes(s):
+        out.setdefault(u.organ_id, []).append(u)
+    return out
 
 
 # --- list, show ----------------------------------------------------------------------------------
@@ -199,11 +251,13 @@ def list_(ctx: click.Context, active_on: str | None, as_json: bool) -> None:
     day = _day(active_on, "--active-on")
     with _session(ctx) as s:
         rows = [a for a in store.agencies(s) if day is None or a.active_on(day)]
+        unusable = _unusable_by_agency(s)
     if as_json:
-        emit_json([as_dict(a) for a in rows])
+        emit_json([_shape(a, unusable.get(a.organ_id, ())) for a in rows])
         return
     table = [("CODE", "NAME (VI)", "E-MAILS", "VALID")] + [
-        (a.organ_id, a.name_vi, ", ".join(sorted(a.emails)) or "-", _window(a)) for a in rows
+        (a.organ_id, a.name_vi, _mailboxes(a, unusable.get(a.organ_id, ())) or "-", _window(a))
+        for a in rows
     ]
     widths = [max(len(r[i]) for r in table) for i in range(3)]
     for r in table:
@@ -213,6 +267,11 @@ def list_(ctx: click.Context, active_on: str | None, as_json: bool) -> None:
             "(no agencies; add one with `gateway agencies add` or load a preset with "
             "`gateway agencies import --preset hanoi`)"
         )
+
+
+def _mailboxes(agency: Agency, unusable: Sequence[Unusable]) -> str:
+    """The agency's mailboxes, then each stored one it cannot use, flagged."""
+    return ", ".join([*sorted(agency.emails), *(f"{u.address} ({u.short})" for u in unusable)])
 
 
 def _window(agency: Agency) -> str:
@@ -229,6 +288,7 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
     """Show one agency, whom it supervises and its change history."""
     with _session(ctx) as s:
         agency = store.get_agency(s, organ_id)
+        unusable = store.unusable_mailboxes(s, organ_id)
         everyone = {a.organ_id: a for a in store.agencies(s)}
         supervises = [k for k, a in everyone.items() if a.supervisor == organ_id]
         boss = everyone.get(agency.supervisor or "")
@@ -238,12 +298,12 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
             if e.subject == organ_id
         ]
     if as_json:
-        emit_json({**as_dict(agency), "supervises": supervises, "history": history})
+        emit_json({**_shape(agency, unusable), "supervises": supervises, "history": history})
         return
     click.echo(f"{agency.organ_id}  {agency.name_vi}")
     lines = [
         ("English", agency.name_en or "-"),
-        ("e-mails", ", ".join(sorted(agency.emails)) or "none (add with --add-email)"),
+        ("e-mails", _mailboxes(agency, unusable) or "none (add with --add-email)"),
         ("supervisor", f"{boss.organ_id} ({boss.name_vi})" if boss else agency.supervisor or "-"),
         ("supervises", ", ".join(supervises) or "-"),
         ("valid", _window(agency)),
@@ -251,6 +311,8 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
     ]
     for label, value in lines:
         click.echo(f"  {label + ':':12} {value}")
+    for u in unusable:
+        click.echo(f"  {'unusable:':12} {u.why}; fix: `{u.fix}`")
     for h in history:
         click.echo(f"  #{h['seq']:<5} {h['at'][:19]}  {h['action']:14} {h['actor']}")
 
@@ -395,6 +457,13 @@ def export(ctx: click.Context, fmt: str | None, out: Path | None, as_json: bool)
         fmt = fmt if fmt in agency_io.FORMATS else "toml"
     with _session(ctx) as s:
         rows = store.agencies(s)
+        unusable = store.unusable_mailboxes(s)
+    for u in unusable:  # an import would refuse them: not written, but said
+        click.echo(
+            f"note: {u.organ_id}: stored mailbox {u.address} is not exported ({u.short}); "
+            f"fix: `{u.fix}`",
+            err=True,
+        )
     text = agency_io.to_csv(rows) if fmt == "csv" else agency_io.to_toml(rows)
     if out is None:
         click.echo(text, nl=False)

@@ -25,7 +25,11 @@ The plan (later steps use what earlier ones found):
 12. relay — connect, EHLO, STARTTLS and AUTH as configured, QUIT;
 13. IMAP — connect, STARTTLS as configured, CAPABILITY (when ``[imap] host`` is set);
 14. deliveries — every recipient of an obligation in force has a mailbox in the directory and
-    a usable certificate (WARN, naming those that lack one: their deliveries would fail).
+    a usable certificate (WARN, naming those that lack one: their deliveries would fail);
+15. directory — every mailbox stored for an agency is one the current rules accept (WARN for
+    each that is not, e.g. a non-ASCII one an earlier version stored: it is left out of the
+    directory the gateway uses; the line names the agency, the mailbox, why, and the command
+    that fixes it).
 
 Steps 11–13 are in :mod:`gateway.doctor_net`.
 """
@@ -108,6 +112,7 @@ def _with_database(settings: Settings, db: Database, at: datetime) -> list[Resul
     if trust is not None:
         out += crls(trust, at, hard_fail=settings.trust.revocation == "hard-fail")
     out.append(deliveries(settings, db, at))
+    out += directory(db)
     return out
 
 
@@ -432,6 +437,24 @@ def deliveries(settings: Settings, db: Database, at: datetime) -> Result:
         f"will fail and alert: {', '.join(named[:8])}{more}; add mailboxes with `gateway "
         "agencies`, certificates with `gateway keys import`",
     )
+
+
+def directory(db: Database) -> list[Result]:
+    """Stored mailboxes the current rules refuse (:class:`keys.store.Unusable`): the gateway
+    starts without them, but no mail goes to them and no sender is matched to them."""
+    with db.session(read_only=True) as s:
+        unusable = store.unusable_mailboxes(s)
+        count = len(store.agencies(s))
+    if not unusable:
+        return [ok("directory", f"every mailbox of the {count} agencies can be used")]
+    return [
+        warn(
+            "directory",
+            f"agency {u.organ_id}: its stored mailbox {u.why}; it is left out of the "
+            f"directory (no mail goes to it, no sender is matched to it): `{u.fix}`",
+        )
+        for u in unusable
+    ]
 
 
 def _end(not_after: datetime, use_until: datetime | None) -> datetime:

@@ -69,7 +69,7 @@ def load_context(
     secret = passphrase(settings)
     with db.session() as s:
         keys = hub_keys(settings, s, secret, at=at)
-        agencies = store.agencies(s)
+        agencies = store.load_agencies(s)  # a stored mailbox refused now: left out, logged
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)
     file_directory = load_directory(settings.path(settings.directory.file))
@@ -86,8 +86,9 @@ def load_context(
 
 
 def load_directory_merged(settings: Settings, s: Session) -> Directory:
-    """The directory as the pipeline sees it: the stored one, plus file entries it lacks."""
-    return _merged(store.agencies(s), load_directory(settings.path(settings.directory.file)))
+    """The directory as the pipeline sees it: the stored one (:func:`keys.store.load_agencies`),
+    plus file entries it lacks."""
+    return _merged(store.load_agencies(s), load_directory(settings.path(settings.directory.file)))
 
 
 def _merged(stored: Sequence[Agency], from_file: Iterable[Agency]) -> Directory:

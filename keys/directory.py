@@ -41,16 +41,29 @@ def _not_ascii(local: str, domain: str) -> str:
     fix = "give an ASCII mailbox instead"
     if local.isascii():  # only the domain: it has an ASCII form (IDNA A-labels, RFC 5890)
         fix = "write the domain in its ASCII (xn--) form"
-        try:
-            ace = domain.encode("idna")
-            if ace.decode("idna") == domain.lower():  # no IDNA 2003 mapping (ß → ss) in it
-                fix += f": {local}@{ace.decode('ascii')}"
-        except UnicodeError:
-            pass
+        if (ace := ascii_form(f"{local}@{domain}")) is not None:
+            fix += f": {ace}"
     return (
         f"{local + '@' + domain!r} is not an ASCII e-mail address: the gateway sends mail "
         "without SMTPUTF8 (RFC 6531), so every mailbox must be ASCII; " + fix
     )
+
+
+def ascii_form(addr: str) -> str | None:
+    """The ASCII form of a mailbox whose domain alone is not ASCII, domain in lower case:
+    ``tp@Sở.vn`` → ``tp@xn--s-lym.vn`` (IDNA A-labels, RFC 5890); None when there is none — a
+    non-ASCII local part, a domain IDNA refuses, or one it would map to another name (IDNA
+    2003: ß → ss)."""
+    local, _, domain = addr.strip().rpartition("@")
+    if not local or not local.isascii():
+        return None
+    try:
+        ace = domain.lower().encode("idna")
+        if ace.decode("idna") != domain.lower():  # no IDNA 2003 mapping (ß → ss) in it
+            return None
+    except UnicodeError:
+        return None
+    return f"{local}@{ace.decode('ascii')}"
 
 
 def comparable(addresses: Iterable[str]) -> set[str]:

@@ -12,7 +12,9 @@ database as it was.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import logging
+import shlex
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -29,11 +31,13 @@ from archive.records import admin_item
 from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
 from keys.binding import Registered
-from keys.directory import Agency, Directory
+from keys.directory import Agency, Directory, ascii_form, normalize_email
 from keys.recipients import Recipients, choose
 from keys.trust import TrustStore
 
 ROLES = ("agency", "anchor", "intermediate", "hub", "ca")
+
+log = logging.getLogger("keys.store")
 
 
 # --- events --------------------------------------------------------------------------------------
@@ -61,12 +65,51 @@ def events(s: Session, *, after: int = 0, limit: int | None = None) -> list[t.Ad
 # --- agencies ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Unusable:
+    """A mailbox stored for an agency that the current rules refuse: one an earlier version
+    wrote before mailboxes had to be ASCII (:func:`keys.directory.normalize_email`). It is left
+    out of every :class:`~keys.directory.Agency` this module gives (no mail can go to it, no
+    sender be matched to it), and stays stored until the admin removes or replaces it."""
+
+    organ_id: str
+    address: str  # as stored
+    why: str  # normalize_email's reason, with the ASCII form when the domain alone is not ASCII
+
+    @property
+    def short(self) -> str:
+        """A few words for a listing."""
+        return "not usable: not ASCII" if not self.address.isascii() else "not usable"
+
+    @property
+    def fix(self) -> str:
+        """The command that fixes it: replaced by its ASCII form when it has one, else
+        removed."""
+        words = ["gateway", "agencies", "update", self.organ_id, "--remove-email", self.address]
+        if (ace := ascii_form(self.address)) is not None:
+            words += ["--add-email", ace]
+        return shlex.join(words)
+
+
+def _split(row: t.Agency) -> tuple[frozenset[str], list[Unusable]]:
+    """The stored mailboxes of ``row`` the current rules accept, and those they refuse."""
+    usable, refused = set(), []
+    for e in sorted(row.emails, key=lambda e: e.address):
+        try:
+            usable.add(normalize_email(e.address))
+        except ValueError as exc:
+            refused.append(Unusable(row.organ_id, e.address, str(exc)))
+    return frozenset(usable), refused
+
+
 def to_value(row: t.Agency) -> Agency:
+    """The agency as the gateway uses it: a mailbox the current rules refuse is left out
+    (:class:`Unusable`), so a database an earlier version wrote still loads."""
     return Agency(
         organ_id=row.organ_id,
         name_vi=row.name_vi,
         name_en=row.name_en,
-        emails=frozenset(e.address for e in row.emails),
+        emails=_split(row)[0],
         supervisor=row.supervisor,
         valid_from=row.valid_from,
         valid_to=row.valid_to,
@@ -74,12 +117,42 @@ def to_value(row: t.Agency) -> Agency:
     )
 
 
+def _agency_rows(s: Session) -> list[t.Agency]:
+    return list(s.scalars(select(t.Agency).order_by(t.Agency.organ_id)))
+
+
 def agencies(s: Session) -> list[Agency]:
-    return [to_value(r) for r in s.scalars(select(t.Agency).order_by(t.Agency.organ_id))]
+    """Every agency (:func:`to_value`); :func:`load_agencies` also says what was left out."""
+    return [to_value(r) for r in _agency_rows(s)]
+
+
+def unusable_mailboxes(s: Session, organ_id: str | None = None) -> list[Unusable]:
+    """The stored mailboxes (of ``organ_id``, or of every agency) the current rules refuse."""
+    if organ_id is not None:
+        row = s.get(t.Agency, organ_id)
+        return _split(row)[1] if row is not None else []
+    return [u for r in _agency_rows(s) for u in _split(r)[1]]
+
+
+def load_agencies(s: Session) -> list[Agency]:
+    """:func:`agencies`, for a directory the gateway is about to use: each stored mailbox left
+    out (:class:`Unusable`) is logged as a warning, once in this load, naming the fix."""
+    rows = _agency_rows(s)
+    for row in rows:
+        for u in _split(row)[1]:
+            log.warning(
+                "agency %s: its stored mailbox %s; it is left out of the directory (no mail "
+                "goes to it, no sender is matched to it) until it is fixed: `%s`",
+                u.organ_id,
+                u.why,
+                u.fix,
+            )
+    return [to_value(r) for r in rows]
 
 
 def directory(s: Session) -> Directory:
-    return Directory.of(agencies(s))
+    """The stored directory, to use (:func:`load_agencies`)."""
+    return Directory.of(load_agencies(s))
 
 
 def get_agency(s: Session, organ_id: str) -> Agency:
@@ -102,20 +175,30 @@ def add_agency(s: Session, agency: Agency, *, at: datetime, actor: str) -> None:
     record(s, at=at, actor=actor, action="agency.add", subject=agency.organ_id, **_detail(agency))
 
 
-def put_agency(s: Session, agency: Agency, *, at: datetime, actor: str) -> str:
-    """Add ``agency`` or replace the entry with its OrganId; returns "added"/"updated"/"same"."""
+def put_agency(
+    s: Session, agency: Agency, *, at: datetime, actor: str, drop: Collection[str] = ()
+) -> str:
+    """Add ``agency`` or replace the entry with its OrganId (:func:`update_agency`, ``drop``);
+    returns "added"/"updated"/"same"."""
     row = s.get(t.Agency, agency.organ_id)
     if row is None:
         add_agency(s, agency, at=at, actor=actor)
         return "added"
-    if to_value(row) == agency:
+    if to_value(row) == agency and not {u.address for u in _split(row)[1]} & set(drop):
         return "same"
-    update_agency(s, agency, at=at, actor=actor)
+    update_agency(s, agency, at=at, actor=actor, drop=drop)
     return "updated"
 
 
-def update_agency(s: Session, agency: Agency, *, at: datetime, actor: str) -> None:
-    """Replace the directory entry for ``agency.organ_id`` with ``agency``."""
+def update_agency(
+    s: Session, agency: Agency, *, at: datetime, actor: str, drop: Collection[str] = ()
+) -> None:
+    """Replace the directory entry for ``agency.organ_id`` with ``agency``.
+
+    A stored mailbox the current rules refuse (:class:`Unusable`) is in no ``agency`` value: it
+    stays stored unless ``drop`` names it (as stored). Its removal is recorded like any other
+    change of the e-mails, from the stored list to the new one, so `gateway archive verify`
+    replays the events to the rows."""
     row = s.get(t.Agency, agency.organ_id)
     if row is None:
         raise InputError(f"no agency {agency.organ_id!r}; use `gateway agencies add` first")
@@ -129,13 +212,15 @@ def update_agency(s: Session, agency: Agency, *, at: datetime, actor: str) -> No
     )
     row.updated_at = at
     current = {e.address: e for e in row.emails}
-    for address in set(current) - agency.emails:
+    kept = {u.address for u in _split(row)[1]} - set(drop)
+    wanted = agency.emails | kept
+    for address in set(current) - wanted:
         row.emails.remove(current[address])
-    for address in sorted(agency.emails - set(current)):
+    for address in sorted(wanted - set(current)):
         row.emails.append(t.AgencyEmail(address=address))
-    changed = {
-        k: [v, _detail(agency)[k]] for k, v in _detail(before).items() if _detail(agency)[k] != v
-    }
+    old, new = _detail(before), _detail(agency)
+    old["emails"], new["emails"] = sorted(current), sorted(wanted)
+    changed = {k: [v, new[k]] for k, v in old.items() if new[k] != v}
     record(s, at=at, actor=actor, action="agency.update", subject=agency.organ_id, changed=changed)
 
 
