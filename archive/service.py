@@ -30,7 +30,7 @@ from archive.db import Database
 from archive.log import Entry, Item, Log
 from archive.records import read_item
 from archive.search import receipt_entry
-from archive.verify import Kept, Progress, Report, _untrusted, verify
+from archive.verify import Kept, Progress, Report, untrusted, verify
 from keys import evidence
 from keys.directory import comparable
 from keys.trust import TrustStore, emails_of
@@ -177,7 +177,7 @@ def hub_signer(
             "checkpoint as the hub (the hub's address was another then? give it too with "
             "--hub-address)"
         )
-    if why := _untrusted(trust, cert, at):
+    if why := untrusted(trust, cert, at):
         raise cp.CheckpointError(
             f"its path to the CA you gave does not validate at {at.isoformat()}, the "
             f"checkpoint's signed time: {why}"

@@ -169,7 +169,7 @@ def _naming(
     return kept
 
 
-def _untrusted(trust: TrustStore, cert: x509.Certificate, at: datetime) -> str | None:
+def untrusted(trust: TrustStore, cert: x509.Certificate, at: datetime) -> str | None:
     """Why ``cert``'s path does not validate at ``at`` (None: it does)."""
     try:
         trust.validate_signer(cert, at=at)
@@ -462,7 +462,7 @@ def _checkpoints(
         except cp.CheckpointError as err:
             _add(report, f"{where}: {err} (forged or altered)")
             continue
-        if trust is not None and (why := _untrusted(trust, signer, signed.at)):
+        if trust is not None and (why := untrusted(trust, signer, signed.at)):
             _add(
                 report,
                 f"{where}: signed by {_who(signer)}, whose path does not validate at its "
