@@ -171,6 +171,7 @@ def _register() -> None:
         cli_keys,
         cli_obligations,
         cli_outbox,
+        cli_proofs,
         cli_send,
         cli_submitters,
     )
@@ -184,6 +185,8 @@ def _register() -> None:
     cli.add_command(cli_demo.demo)
     cli.add_command(cli_doctor.doctor)
     cli.add_command(cli_init.init)
+    for proof in (cli_proofs.prove_cmd, cli_proofs.export_cmd, cli_proofs.verify_bundle_cmd):
+        cli_archive.archive_cmd.add_command(proof)
     cli.add_command(cli_archive.archive_cmd)
     cli.add_command(cli_send.send)
     cli.add_command(cli_obligations.obligations)
