@@ -32,6 +32,7 @@ from keys.issuing import issue_agency
 from tests.conftest import WORLD_AT
 from tests.test_cli import gateway
 from tests.test_outbound import LATER, _process, _receive, _rows
+from tests.test_outbox_rebuild import _statuses
 from tests.test_relay import Peer
 from tests.test_sender import (
     DUTY,
@@ -78,11 +79,6 @@ def _events(archive: Archive) -> list[t.AdminEvent]:
         )
         s.expunge_all()
     return events
-
-
-def _statuses(archive: Archive, key: str) -> dict[str, str]:
-    recipients = _rows(archive)[key].detail.get("recipients", {})
-    return {address: r["status"] for address, r in recipients.items()}
 
 
 def _outcomes(archive: Archive, key: str) -> list[dict[str, Any]]:
