@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography import x509
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -243,6 +244,37 @@ def release_cmd(ctx: click.Context, seq: int, as_json: bool) -> None:
 # --- verify, checkpoint --------------------------------------------------------------------------
 
 
+#: A checkpoint's signer checked against trust from outside the database (verify, prove).
+ca_option = click.option(
+    "--ca",
+    "anchors",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Trust a checkpoint only if its signer's path to this CA (a file from outside the "
+    "database; stored sub-CAs may link) validates at the checkpoint's time.",
+)
+hub_address_option = click.option(
+    "--hub-address",
+    "hub_addresses",
+    multiple=True,
+    metavar="ADDRESS",
+    help="With --ca: the hub's address that its certificates name (repeatable; default "
+    "[hub] address). Give earlier ones too if the hub's address changed.",
+)
+
+
+def pinned_trust(
+    ctx: click.Context, anchors: tuple[Path, ...], hub_addresses: tuple[str, ...]
+) -> tuple[list[x509.Certificate], tuple[str, ...]]:
+    """The certificates of ``--ca`` and the hub addresses their checkpoint signers must name
+    (``--hub-address``, by default ``[hub] address``); none without ``--ca``."""
+    if hub_addresses and not anchors:
+        raise InputError("--hub-address is checked with --ca: give the CA too")
+    trusted = [cert for p in anchors for cert in files.load_certificates(p)]
+    hubs = (hub_addresses or (load_settings(ctx).hub.address,)) if trusted else ()
+    return trusted, hubs
+
+
 class _Progress:
     """Progress on stderr, at most once a second, only once a run has taken a second."""
 
@@ -257,22 +289,8 @@ class _Progress:
 
 @archive_cmd.command("verify")
 @click.option("--no-blobs", is_flag=True, help="Skip decrypting and re-hashing every blob.")
-@click.option(
-    "--ca",
-    "anchors",
-    multiple=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Trust a checkpoint only if its signer's path to this CA (a file from outside the "
-    "database; stored sub-CAs may link) validates at the checkpoint's time.",
-)
-@click.option(
-    "--hub-address",
-    "hub_addresses",
-    multiple=True,
-    metavar="ADDRESS",
-    help="With --ca: the hub's address that its certificates name (repeatable; default "
-    "[hub] address). Give earlier ones too if the hub's address changed.",
-)
+@ca_option
+@hub_address_option
 @click.option(
     "--kept",
     "kept_files",
@@ -298,12 +316,9 @@ def verify_cmd(
     --ca, checkpoints are checked against the hub certificates the database holds, which
     whoever can write the database could replace; without --kept, deleting the newest entries
     with their checkpoints leaves a log that verifies."""
-    if hub_addresses and not anchors:
-        raise InputError("--hub-address is checked with --ca: give the CA too")
-    trusted = [cert for p in anchors for cert in files.load_certificates(p)]
+    trusted, hubs = pinned_trust(ctx, anchors, hub_addresses)
     kept = [_kept(p) for p in kept_files]
     with _opened(ctx) as a:
-        hubs = (hub_addresses or (load_settings(ctx).hub.address,)) if trusted else ()
         report = a.verify(
             check_blobs=not no_blobs,
             progress=_Progress(),

@@ -29,8 +29,16 @@ from archive.search import (
 from archive.service import hub_certificates, hub_signer, outside_trust
 from formats.algorithms import signed_by
 from formats.errors import InputError
-from gateway.cli import Failure, emit_json, load_settings
-from gateway.cli_archive import _opened, _read, _write_private, json_option
+from gateway.cli import Failure, emit_json
+from gateway.cli_archive import (
+    _opened,
+    _read,
+    _write_private,
+    ca_option,
+    hub_address_option,
+    json_option,
+    pinned_trust,
+)
 from gateway.cli_types import COUNT, SEQ
 from keys import files, store
 
@@ -193,17 +201,8 @@ def _consistency_report(
     "--consistency", nargs=2, type=COUNT, metavar="OLD NEW",
     help="Instead: prove the log of OLD entries is a prefix of the log of NEW.",
 )  # fmt: skip
-@click.option(
-    "--ca", "anchors", multiple=True,
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="Trust a checkpoint only if its signer's path to this CA (a file from outside the "
-    "database; stored sub-CAs may link) validates at the checkpoint's time.",
-)  # fmt: skip
-@click.option(
-    "--hub-address", "hub_addresses", multiple=True, metavar="ADDRESS",
-    help="With --ca: the hub's address that its certificates name (repeatable; default "
-    "[hub] address). Give earlier ones too if the hub's address changed.",
-)  # fmt: skip
+@ca_option
+@hub_address_option
 @click.option(
     "--json", "as_json", is_flag=True,
     help="Print the proof itself (hashes, audit path, signed checkpoint; with --ca, each "
@@ -226,10 +225,7 @@ def prove_cmd(
     whoever can write the database could replace."""
     if (seq is None) == (not consistency):
         raise Failure("give either SEQ or --consistency OLD NEW")
-    if hub_addresses and not anchors:
-        raise InputError("--hub-address is checked with --ca: give the CA too")
-    trusted = [cert for p in anchors for cert in files.load_certificates(p)]
-    hubs = (hub_addresses or (load_settings(ctx).hub.address,)) if trusted else ()
+    trusted, hubs = pinned_trust(ctx, anchors, hub_addresses)
     # The same checks again, as JSON: the CA and addresses given too.
     pinned = "".join(
         [*(f" --ca {shlex.quote(str(p))}" for p in anchors),

@@ -46,6 +46,16 @@ def world_ctx(world: DemoWorld):  # type: ignore[no-untyped-def]
     return world.context()
 
 
+@pytest.fixture(scope="module")
+def relay_port() -> Iterator[int]:
+    """A real aiosmtpd relay on loopback for homes `world.install` makes (tests.served)."""
+    from tests import served
+
+    controller, port = served.Relay().start()
+    yield port
+    controller.stop()
+
+
 # --- databases (archive/ storage module) ------------------------------------------------------
 # `database_url` runs a test once on SQLite (a file in tmp_path) and once on PostgreSQL (a fresh
 # database in a throw-away cluster started once per session by tests.pg, dropped after the test).

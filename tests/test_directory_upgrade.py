@@ -15,7 +15,6 @@ import json
 import logging
 import shlex
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from gateway.demo import DemoWorld
 from keys import directory as directory_mod
 from keys import store
 from keys.directory import Agency
-from tests import served
 from tests.conftest import WORLD_AT
 
 #: Mailboxes an earlier version accepted and the directory now refuses.
@@ -241,13 +239,6 @@ def test_export_leaves_them_out_and_says_so(home: Path) -> None:
 
 
 # --- doctor ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def relay_port() -> Iterator[int]:
-    controller, port = served.Relay().start()
-    yield port
-    controller.stop()
 
 
 @pytest.fixture(scope="module")

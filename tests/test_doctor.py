@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,20 +33,12 @@ from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.obligations import Obligation, default_due
 from keys import store
 from keys.issuing import issue_agency
-from tests import served
 from tests.conftest import WORLD_AT
 from tests.servers import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PASSPHRASE = b"doctor passphrase"
 AT = WORLD_AT.isoformat()
-
-
-@pytest.fixture(scope="module")
-def relay_port() -> Iterator[int]:
-    controller, port = served.Relay().start()
-    yield port
-    controller.stop()
 
 
 @pytest.fixture(scope="module")
