@@ -112,7 +112,7 @@ def _with_database(settings: Settings, db: Database, at: datetime) -> list[Resul
     if trust is not None:
         out += crls(trust, at, hard_fail=settings.trust.revocation == "hard-fail")
     out.append(deliveries(settings, db, at))
-    out += directory(db)
+    out += directory(settings, db)
     return out
 
 
@@ -376,7 +376,7 @@ def trust_anchors(
 
 def context(settings: Settings, db: Database, at: datetime) -> Result:
     try:
-        ctx = loading.load_context(settings, db, at=at)
+        ctx = loading.load_context(settings, db, at=at, warn=False)  # directory(): them
     except GatewayError as err:
         return fail("context", err.message)
     return ok(
@@ -416,7 +416,10 @@ def deliveries(settings: Settings, db: Database, at: datetime) -> Result:
     """Recipients of obligations in force that could not be sent a delivery today."""
     with db.session(read_only=True) as s:
         owed = obligation_store.obligations(s, at=local_day(at))
-        directory = loading.load_directory_merged(settings, s)
+        try:
+            directory = loading.load_directory_merged(settings, s, warn=False)
+        except GatewayError:
+            return warn("deliveries", "not checked: the directory (its check says why) is unread")
         lacking: dict[str, str] = {}
         for organ_id in sorted({r for ob in owed for r in ob.recipients}):
             agency = directory.get(organ_id)
@@ -439,15 +442,20 @@ def deliveries(settings: Settings, db: Database, at: datetime) -> Result:
     )
 
 
-def directory(db: Database) -> list[Result]:
-    """Stored mailboxes the current rules refuse (:class:`keys.store.Unusable`): the gateway
-    starts without them, but no mail goes to them and no sender is matched to them."""
+def directory(settings: Settings, db: Database) -> list[Result]:
+    """Mailboxes the current rules refuse, stored (:class:`keys.store.Unusable`) or in the
+    directory file (:class:`gateway.loading.RefusedInFile`): the gateway starts without them,
+    but no mail goes to them and no sender is matched to them. A directory file that cannot be
+    read is a FAIL: the gateway does not start with it."""
     with db.session(read_only=True) as s:
         unusable = store.unusable_mailboxes(s)
-        count = len(store.agencies(s))
-    if not unusable:
-        return [ok("directory", f"every mailbox of the {count} agencies can be used")]
-    return [
+        codes = {a.organ_id for a in store.agencies(s)}
+    path = settings.path(settings.directory.file)
+    try:
+        from_file, in_file = loading.read_directory_file(path)
+    except GatewayError as err:
+        return [fail("directory", err.message)]
+    out = [
         warn(
             "directory",
             f"agency {u.organ_id}: its stored mailbox {u.why}; it is left out of the "
@@ -455,6 +463,11 @@ def directory(db: Database) -> list[Result]:
         )
         for u in unusable
     ]
+    out += [warn("directory", r.line) for r in in_file]
+    if out:
+        return out
+    count = len(codes | {a.organ_id for a in from_file})
+    return [ok("directory", f"every mailbox of the {count} agencies can be used")]
 
 
 def _end(not_after: datetime, use_until: datetime | None) -> datetime:

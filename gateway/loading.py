@@ -6,9 +6,11 @@ once here (an RSA-3072 PEM costs ~90 ms to load), never per message.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -27,8 +29,10 @@ from formats.errors import ConfigError, InputError
 from gateway.pipeline import Context
 from gateway.settings import Settings
 from keys import evidence, files, store
-from keys.directory import Agency, Directory
+from keys.directory import Agency, Directory, ascii_form, normalize_email
 from keys.trust import TrustStore
+
+log = logging.getLogger("gateway.loading")
 
 _CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".p7b", ".p7c")
 _CRL_SUFFIXES = (".crl", ".pem", ".der")
@@ -56,23 +60,30 @@ def open_archive(settings: Settings, db: Database, signer: SigningKey | None = N
 
 
 def load_context(
-    settings: Settings, db: Database | None = None, *, at: datetime | None = None
+    settings: Settings,
+    db: Database | None = None,
+    *,
+    at: datetime | None = None,
+    warn: bool = True,
 ) -> Context:
     """The pipeline context from the key store (the database) plus any files the settings name,
     with the hub keys usable at ``at`` (default: now; :func:`hub_keys`).
 
     Files are read in addition to the store, so a national CA bundle or a hub key managed by
-    configuration management can live outside the database.
+    configuration management can live outside the database. A mailbox of the directory (stored
+    or in its file) that the current rules refuse is left out and, unless ``warn`` is false
+    (``gateway doctor`` reports them itself), logged as a warning.
     """
     db = db or open_database(settings)
     at = at or datetime.now(UTC)
     secret = passphrase(settings)
     with db.session() as s:
         keys = hub_keys(settings, s, secret, at=at)
-        agencies = store.load_agencies(s)  # a stored mailbox refused now: left out, logged
+        agencies = store.load_agencies(s) if warn else store.agencies(s)
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)
-    file_directory = load_directory(settings.path(settings.directory.file))
+    path = settings.path(settings.directory.file)
+    file_directory = load_directory(path) if warn else read_directory_file(path)[0]
     with db.session(read_only=True) as s:  # after the keys: a missing key pair is said first
         trust = stored_trust(settings, s)
     return Context(
@@ -85,10 +96,13 @@ def load_context(
     )
 
 
-def load_directory_merged(settings: Settings, s: Session) -> Directory:
+def load_directory_merged(settings: Settings, s: Session, *, warn: bool = True) -> Directory:
     """The directory as the pipeline sees it: the stored one (:func:`keys.store.load_agencies`),
-    plus file entries it lacks."""
-    return _merged(store.load_agencies(s), load_directory(settings.path(settings.directory.file)))
+    plus file entries it lacks. ``warn``: as for :func:`load_context`."""
+    path = settings.path(settings.directory.file)
+    if not warn:
+        return _merged(store.agencies(s), read_directory_file(path)[0])
+    return _merged(store.load_agencies(s), load_directory(path))
 
 
 def _merged(stored: Sequence[Agency], from_file: Iterable[Agency]) -> Directory:
@@ -284,39 +298,97 @@ def _expand(settings: Settings, paths: Iterable[Path], suffixes: tuple[str, ...]
             yield path
 
 
+@dataclass(frozen=True)
+class RefusedInFile:
+    """A mailbox in the directory file that the current rules refuse (not ASCII, not a bare
+    address: :func:`keys.directory.normalize_email`); a file written for an earlier version may
+    hold one. It is left out of its agency, which loads without it, as a stored one is
+    (:class:`keys.store.Unusable`)."""
+
+    path: Path
+    organ_id: str
+    address: str  # as written
+    why: str
+
+    @property
+    def fix(self) -> str:
+        """What to change in the file: the address's ASCII form when it has one."""
+        if (ace := ascii_form(self.address)) is not None:
+            return f"write {ace} instead of it in {self.path}"
+        return f"give an ASCII mailbox instead of it in {self.path}, or remove it"
+
+    @property
+    def line(self) -> str:
+        return (
+            f"agency {self.organ_id}: its mailbox in the directory file {self.why}; it is left "
+            f"out of the directory (no mail goes to it, no sender is matched to it): {self.fix}"
+        )
+
+
 def load_directory(path: Path) -> Directory:
-    """The agency directory from a TOML file of ``[[agency]]`` tables (empty if absent)."""
+    """The agency directory from a TOML file of ``[[agency]]`` tables (empty if absent); each
+    mailbox it holds that the rules refuse is left out and logged (:class:`RefusedInFile`)."""
+    directory, refused = read_directory_file(path)
+    for r in refused:
+        log.warning("%s", r.line)
+    return directory
+
+
+def read_directory_file(path: Path) -> tuple[Directory, list[RefusedInFile]]:
+    """The directory file's agencies, and the mailboxes left out of them. A file that is not
+    TOML, or an entry with a field missing or wrong, is an error naming the file and the entry."""
     if not path.exists():
-        return Directory.of(())
+        return Directory.of(()), []
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    agencies = []
+    except OSError as exc:
+        raise ConfigError(f"cannot read the directory file {path}: {exc.strerror}") from None
+    agencies: list[Agency] = []
+    refused: list[RefusedInFile] = []
     for n, entry in enumerate(data.get("agency", []), start=1):
         try:
-            agencies.append(_agency(entry))
+            agency, left_out = _agency(entry)
         except (KeyError, TypeError) as exc:
             raise InputError(f"{path}: agency #{n} is missing or has a bad field ({exc})") from None
-    return Directory.of(agencies)
+        except InputError as exc:
+            raise InputError(f"{path}: agency #{n}: {exc.message}") from None
+        agencies.append(agency)
+        refused += [RefusedInFile(path, agency.organ_id, a, why) for a, why in left_out]
+    try:
+        return Directory.of(agencies), refused
+    except InputError as exc:  # two entries clash (one OrganId, one mailbox)
+        raise InputError(f"{path}: {exc.message}") from None
 
 
-def _agency(entry: dict[str, Any]) -> Agency:
+def _agency(entry: dict[str, Any]) -> tuple[Agency, list[tuple[str, str]]]:
     def day(name: str) -> date | None:
         value = entry.get(name)
         if value is None or isinstance(value, date):
             return value
         raise TypeError(f"{name} must be a date (YYYY-MM-DD)")
 
-    return Agency(
+    emails = entry["emails"]
+    if isinstance(emails, str) or not all(isinstance(e, str) for e in emails):
+        raise TypeError("emails must be a list of strings")
+    usable: set[str] = set()
+    left_out: list[tuple[str, str]] = []
+    for address in emails:
+        try:
+            usable.add(normalize_email(address))
+        except ValueError as exc:
+            left_out.append((address, str(exc)))
+    agency = Agency(
         organ_id=str(entry["organ_id"]),
         name_vi=str(entry["name_vi"]),
         name_en=str(entry.get("name_en", "")),
-        emails=frozenset(entry["emails"]),
+        emails=frozenset(usable),
         supervisor=entry.get("supervisor"),
         valid_from=day("valid_from"),
         valid_to=day("valid_to"),
     )
+    return agency, left_out
 
 
 def dump_directory(directory: Iterable[Agency]) -> str:

@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from archive.db import Database, sqlite_url
+from formats.errors import InputError
 from gateway import cli, loading
 from gateway import settings as settings_mod
 from gateway.demo import DemoWorld
@@ -282,3 +283,100 @@ def test_doctor_names_each_refused_mailbox_and_the_command_that_fixes_it(
     fixed = json.loads(doctor(home).stdout)
     assert [r["status"] for r in fixed if r["check"] == "directory"] == ["OK"]
     verify(home)
+
+
+# --- the directory file ----------------------------------------------------------------------
+
+#: A ``[directory] file`` written for an earlier version: H26.SXD with a refused mailbox of
+#: each kind beside an ASCII one, H26.SCT with only a refused one.
+OLD_FILE = f"""
+[[agency]]
+organ_id = "H26.SXD"
+name_vi = "Sở Xây dựng thành phố Hà Nội"
+emails = ["vanthu@sxd.hanoi.gov.vn", "{LOCAL}", "{DOMAIN}"]
+
+[[agency]]
+organ_id = "H26.SCT"
+name_vi = "Sở Công Thương thành phố Hà Nội"
+emails = ["{OTHER}"]
+"""
+
+
+def with_file(ready: Path, tmp_path: Path, text: str) -> Path:
+    home = Path(shutil.copytree(ready, tmp_path / "home"))
+    (home / "agencies.toml").write_text(text, encoding="utf-8")
+    with (home / "gateway.toml").open("a", encoding="utf-8") as f:
+        f.write('\n[directory]\nfile = "agencies.toml"\n')
+    return home
+
+
+def test_a_file_mailbox_the_rules_refuse_is_left_out_and_named_with_its_fix(
+    ready: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    home = with_file(ready, tmp_path, OLD_FILE)
+    settings = settings_mod.load(home)
+    db = open_db(home)
+    try:
+        with caplog.at_level(logging.WARNING, "gateway.loading"):
+            ctx = loading.load_context(settings, db, at=WORLD_AT)
+    finally:
+        db.dispose()
+    sxd, sct = ctx.directory.get("H26.SXD"), ctx.directory.get("H26.SCT")
+    assert sxd is not None and sxd.emails == {"vanthu@sxd.hanoi.gov.vn"}
+    assert sct is not None and sct.emails == frozenset()
+    assert ctx.directory.by_email("vanthu@sxd.hanoi.gov.vn", WORLD_AT.date()) == sxd
+    assert ctx.directory.get("H26.CATP") is not None  # the stored directory as before
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.loading"]
+    assert len(lines) == 3, lines
+    (domain_line,) = [m for m in lines if DOMAIN in m]
+    assert domain_line.startswith("agency H26.SXD: its mailbox in the directory file ")
+    assert domain_line.endswith(f"write {DOMAIN_ACE} instead of it in {home / 'agencies.toml'}")
+    (local_line,) = [m for m in lines if LOCAL in m]
+    assert "not an ASCII e-mail address" in local_line
+    assert local_line.endswith("give an ASCII mailbox instead of it in "
+                               f"{home / 'agencies.toml'}, or remove it")  # fmt: skip
+
+
+def test_doctor_names_a_refused_file_mailbox_once_and_fails_an_unreadable_file(
+    ready: Path, tmp_path: Path
+) -> None:
+    home = with_file(ready, tmp_path, OLD_FILE)
+    result = doctor(home)
+    assert result.exit_code == 0, result.output  # WARN only: the gateway still starts
+    lines = json.loads(result.stdout)
+    found = [r for r in lines if r["check"] == "directory"]
+    assert [r["status"] for r in found] == ["WARN"] * 3, found
+    assert any(DOMAIN_ACE in r["message"] for r in found)
+    # Said in the report, not again as log lines on stderr (the context and deliveries checks
+    # load the same directory).
+    assert DOMAIN not in result.stderr and "left out" not in result.stderr, result.stderr
+
+    (home / "agencies.toml").write_text(
+        OLD_FILE.replace("H26.SCT", "H26.SXD"), encoding="utf-8"
+    )  # one OrganId twice
+    lines = json.loads(doctor(home).stdout)
+    (bad,) = [r for r in lines if r["check"] == "directory"]
+    assert bad["status"] == "FAIL" and bad["message"].startswith(str(home / "agencies.toml"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ('organ_id = "H26.SXD"\nname_vi = "Sở"\nemails = "a@b.vn"', "agency #1 is missing or"),
+        ('organ_id = "H26.SXD"\nname_vi = "Sở"', "agency #1 is missing or has a bad field"),
+        (
+            'organ_id = "H26.SXD"\nname_vi = "Sở"\nemails = []\n'
+            "valid_from = 2026-02-01\nvalid_to = 2026-01-31",
+            "agency #1: agency H26.SXD: valid_to 2026-01-31 is before valid_from",
+        ),
+    ],
+)
+def test_a_bad_file_entry_is_an_error_naming_the_file_and_the_entry(
+    tmp_path: Path, entry: str, said: str
+) -> None:
+    path = tmp_path / "agencies.toml"
+    path.write_text(f"[[agency]]\n{entry}\n", encoding="utf-8")
+    with pytest.raises(InputError) as caught:
+        loading.read_directory_file(path)
+    assert caught.value.message.startswith(f"{path}: {said}"), caught.value.message
