@@ -58,6 +58,7 @@ from formats.vntime import local_day
 from gateway.outbound import (
     Attempt,
     add_alert,
+    anything_waiting,
     backoff,
     claim_from,
     release_unsent,
@@ -164,6 +165,8 @@ class Sender:
         if self.stop.is_set():
             return []
         now = self.clock()
+        if not anything_waiting(self.archive.db, now, sending=True):
+            return []  # an idle poll only looks: no write lock, no commit to sync
         with self.archive.db.session() as s:
             held = claim_from(s, self.name, now, limit, sending=True, lease=self.lease)
         if not held:

@@ -272,3 +272,35 @@ def test_an_alert_already_queued_does_not_undo_the_recording_of_a_failure(
         made.db.dispose()
         if cluster is not None:
             cluster.drop_database(name)
+
+
+def test_an_idle_sender_only_looks_and_claims_what_is_ready(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    peer: tuple[Peer, Relay],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender's thread polls every 0.2 s: with nothing to send, a poll is one read-only
+    transaction, never the write lock (and, on SQLite, a commit to sync)."""
+    handler, relay = peer
+    sessions: list[bool] = []  # read_only, for each transaction the sender opens
+    opened = archive.db.session
+
+    def session(*, read_only: bool = False, priority: bool = False) -> Any:
+        sessions.append(read_only)
+        return opened(read_only=read_only, priority=priority)
+
+    monkeypatch.setattr(archive.db, "session", session)
+    clock = [LATER]
+    sender = _sender(archive, relay, clock, hub)
+    assert sender.run_once() == [] and sessions == [True]
+    key = _delivery_to_police(archive, world, world_ctx, hub)
+    sessions.clear()
+    sent = sender.run_once()
+    assert sent and {state for _, state in sent} == {"sent"}
+    assert sessions[:2] == [True, False]  # looked, then claimed
+    assert _rows(archive)[key].state == "sent" and handler.received
+    sessions.clear()
+    assert sender.run_once() == [] and sessions == [True]  # idle again: only a look
