@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -48,6 +49,20 @@ def make_hub(world: DemoWorld) -> Hub:
         (world.hub.cert, key),
         admin="admin@exchange.hanoi.gov.vn",
     )
+
+
+def record_sessions(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """From now on, ``read_only`` of each transaction opened on ``db``, in order: whether a
+    poll only looked or took the write lock."""
+    sessions: list[bool] = []
+    opened = db.session
+
+    def session(*, read_only: bool = False, priority: bool = False) -> Any:
+        sessions.append(read_only)
+        return opened(read_only=read_only, priority=priority)
+
+    monkeypatch.setattr(db, "session", session)
+    return sessions
 
 
 @pytest.fixture

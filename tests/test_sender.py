@@ -26,7 +26,7 @@ from keys import store
 from keys.directory import Directory
 from keys.issuing import issue_agency
 from tests.conftest import WORLD_AT
-from tests.outbox_world import make_archive
+from tests.outbox_world import make_archive, record_sessions
 from tests.test_outbound import LATER, _process, _receive, _rows
 from tests.test_relay import Peer
 
@@ -285,14 +285,7 @@ def test_an_idle_sender_only_looks_and_claims_what_is_ready(
     """The sender's thread polls every 0.2 s: with nothing to send, a poll is one read-only
     transaction, never the write lock (and, on SQLite, a commit to sync)."""
     handler, relay = peer
-    sessions: list[bool] = []  # read_only, for each transaction the sender opens
-    opened = archive.db.session
-
-    def session(*, read_only: bool = False, priority: bool = False) -> Any:
-        sessions.append(read_only)
-        return opened(read_only=read_only, priority=priority)
-
-    monkeypatch.setattr(archive.db, "session", session)
+    sessions = record_sessions(archive.db, monkeypatch)
     clock = [LATER]
     sender = _sender(archive, relay, clock, hub)
     assert sender.run_once() == [] and sessions == [True]

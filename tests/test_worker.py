@@ -32,6 +32,7 @@ from keys import store
 from keys.issuing import make_root
 from keys.trust import TrustStore
 from tests.conftest import WORLD_AT
+from tests.outbox_world import record_sessions
 
 
 @pytest.fixture
@@ -158,14 +159,7 @@ def test_idle_polls_only_look_and_a_backlog_is_claimed_without_looking(
 ) -> None:
     """An idle worker never takes the write lock (it looks in a read-only transaction first);
     while intake is backlogged, it claims at once, without the look."""
-    sessions: list[bool] = []  # read_only, for each transaction the worker opens
-    opened = archive.db.session
-
-    def session(*, read_only: bool = False, priority: bool = False) -> Any:
-        sessions.append(read_only)
-        return opened(read_only=read_only, priority=priority)
-
-    monkeypatch.setattr(archive.db, "session", session)
+    sessions = record_sessions(archive.db, monkeypatch)
     worker = _worker(archive, world_ctx, minutes=10)
     assert worker.run_once() == [] and sessions == [True]
     raw = world.submission("H26.SNV")
