@@ -20,6 +20,9 @@ Each figure is printed next to its target (the issue) and a baseline measured in
   and delivery was handed to the relay (the sink again), CPU per message by process (supervisor,
   workers, relay, clients) and how busy the machine was. "not ours" is CPU that other processes
   used during the run (someone's tests): when it is large, the figures are low; run again.
+- a calibration line before the runs: the RSA-3072 private-key operation and a pure-Python
+  loop, timed on this machine. Hosts differ by 2× and more (the same code archived 620 and
+  180 msgs/s on two of them); compare figures between runs only when these agree.
 
 Each gateway run gets a fresh home (``DemoWorld.install``, SQLite) and a warm-up of a few
 messages that is settled before the clock starts. Nothing asserts a time.
@@ -46,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from sqlalchemy import func, select
 
 from archive import tables as t
@@ -606,6 +610,29 @@ def common(label: str, ours: Run) -> list[Figure]:
     ]
 
 
+def calibration(world: DemoWorld) -> str:
+    """How fast this machine is at the two things a message costs most, timed here: the hub's
+    RSA-3072 private-key operation (one per message taken in, one per receipt signed) and a
+    pure-Python loop. Hosts differ by 2× and more; these say whether a figure moved with the
+    code or with the machine."""
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    sealed = key.public_key().encrypt(bytes(32), padding.PKCS1v15())
+    began = time.process_time()
+    for _ in range(50):
+        key.decrypt(sealed, padding.PKCS1v15())
+    rsa_ms = (time.process_time() - began) / 50 * 1e3
+    began = time.process_time()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    loop_s = (time.process_time() - began) * 5
+    return (
+        f"calibration: RSA-3072 private-key operation {rsa_ms:.2f} ms; "
+        f"Python loop of 10^7 additions {loop_s:.2f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a few hundred messages, short runs")
@@ -632,6 +659,7 @@ def main() -> None:
     )
     began = time.perf_counter()
     world = DemoWorld.create(datetime.now(UTC))
+    print(calibration(world), flush=True)
     small = build(world, KB10, n_small, 0)
     large = build(world, MB1, n_large, n_small)
     warm = build(world, KB10, 2 * clients, 10**6)
