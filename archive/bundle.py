@@ -272,8 +272,9 @@ def verify_text(c: Contents, leaf: bytes, signed: cp.Checkpoint) -> str:
         "",
         "4. The checkpoint is signed by the hub (hub.pem; compare its fingerprint with the one",
         "   the hub publishes, or give the trust anchor as root.pem). Under the anchor, any",
-        "   certificate (an agency's too) could sign it: the signer must name the hub's address,",
-        f"   {signed.origin} (as checkpoint.txt's origin does; check it against a source you trust):",
+        "   certificate (an agency's too) could sign it: the signer must name the hub's address",
+        f"   (check it against a source you trust); checkpoint.txt's origin, {signed.origin},",
+        "   names the log (the hub's address, unless the hub names its log otherwise):",
         "",
         "     openssl cms -verify -binary -inform DER -in checkpoint.p7s \\",
         "       -content checkpoint.txt -CAfile root.pem -purpose any -out /dev/null",
@@ -378,11 +379,14 @@ def verify_bundle(
     *,
     anchors: Sequence[x509.Certificate] = (),
     hub_addresses: Sequence[str] = (),
+    origins: Sequence[str] = (),
 ) -> Report:
     """Check a bundle (the plan in the module docstring). Never raises on bad input: whatever
     a check cannot read or make sense of is that check's FAIL. With ``anchors``, the hub chain
     passes only for a certificate naming one of ``hub_addresses`` (an agency's certificate
-    under the same anchor is not the hub's): none given, it fails and says so."""
+    under the same anchor is not the hub's): none given, it fails and says so; and for a
+    checkpoint whose origin is one of ``origins``, the log's names (``[archive] origin``),
+    by default the hub's address (what an unset ``origin`` gives)."""
     report = Report()
     opened = _step(report, "members", lambda: _members(data))
     if opened is None:
@@ -394,7 +398,9 @@ def verify_bundle(
     hub = _step(report, "checkpoint signature", lambda: _checkpoint(files))
     signed = hub[1] if hub else None
     if anchors and hub:
-        _step(report, "hub chain", lambda: _hub_chain(hub[0], hub[1], anchors, hub_addresses))
+        _step(
+            report, "hub chain", lambda: _hub_chain(hub[0], hub[1], anchors, hub_addresses, origins)
+        )
     elif not anchors:
         report.add("hub chain", "skip", "no trust anchor given (--ca): hub.pem is taken as is")
     _step(report, "inclusion proof", lambda: _inclusion(leaf, proof, signed))
@@ -707,9 +713,11 @@ def _hub_chain(
     signed: cp.Checkpoint,
     anchors: Sequence[x509.Certificate],
     hub_addresses: Sequence[str],
+    origins: Sequence[str] = (),
 ) -> tuple[None, str]:
     """:func:`_chain` at the checkpoint's time, and the signer is the hub: it names one of
-    ``hub_addresses``, as the checkpoint's origin does."""
+    ``hub_addresses``; and the checkpoint is of the log expected: its origin is one of
+    ``origins`` or, none given, of ``hub_addresses``."""
     _, detail = _chain(chain, anchors, signed.at)
     named = sorted(emails_of(chain[0]))
     shown = ", ".join(_shown(a) for a in named) or "no address"
@@ -723,9 +731,14 @@ def _hub_chain(
     if not wanted & set(named):
         raise _Failed(f"the signer names {shown}, not the hub's address")
     origin = _shown(signed.origin)
-    if signed.origin not in wanted:
-        raise _Failed(f"checkpoint.txt gives origin {origin}, not the hub's address")
-    return None, f"{detail}; the hub's certificate ({origin})"
+    if origins and signed.origin not in origins:
+        raise _Failed(f"checkpoint.txt gives origin {origin}, not the log you named (--origin)")
+    if not origins and signed.origin not in wanted:
+        raise _Failed(
+            f"checkpoint.txt gives origin {origin}, not the hub's address (if the hub's "
+            "[archive] origin names its log otherwise, give that name with --origin)"
+        )
+    return None, f"{detail}; the hub's certificate, for the log {origin}"
 
 
 def _receipt(

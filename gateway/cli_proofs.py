@@ -346,6 +346,11 @@ def export_cmd(ctx: click.Context, seq: int, out: Path, as_json: bool) -> None:
     help="With --ca: the hub's address, which the checkpoint's signer must name (repeatable; "
     "any certificate under the anchor, an agency's too, could sign a checkpoint).",
 )  # fmt: skip
+@click.option(
+    "--origin", "origins", multiple=True, metavar="NAME",
+    help="With --ca: the name of the log, which the checkpoint's origin must be (repeatable; "
+    "default: the hub's address, as when the hub's [archive] origin is unset).",
+)  # fmt: skip
 @json_option
 @click.pass_context
 def verify_bundle_cmd(
@@ -353,6 +358,7 @@ def verify_bundle_cmd(
     path: Path,
     anchors: tuple[Path, ...],
     hub_addresses: tuple[str, ...],
+    origins: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Check an evidence bundle offline: no database, no settings. Exit 0 if it verifies.
@@ -361,10 +367,13 @@ def verify_bundle_cmd(
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    if hub_addresses and not anchors:
-        raise InputError("--hub-address is checked against the hub chain: give --ca too")
+    if (hub_addresses or origins) and not anchors:
+        given = "--hub-address" if hub_addresses else "--origin"
+        raise InputError(f"{given} is checked against the hub chain: give --ca too")
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]
-    report = bundle.verify_bundle(data, anchors=trusted, hub_addresses=hub_addresses)
+    report = bundle.verify_bundle(
+        data, anchors=trusted, hub_addresses=hub_addresses, origins=origins
+    )
     if as_json:
         emit_json(report.as_dict())
     else:

@@ -710,6 +710,21 @@ def test_a_checkpoint_an_agency_signed_is_not_the_hubs(
     assert elsewhere["checkpoint signature"].status == "pass"
     assert elsewhere["hub chain"].status == "fail"
     assert "origin archive@elsewhere.example, not the hub's" in elsewhere["hub chain"].detail
+    assert "give that name with --origin" in elsewhere["hub chain"].detail
+    # A hub whose [archive] origin names its log otherwise: the verifier names the log too.
+    for origins, status in ((["archive@elsewhere.example"], "pass"), ([HUB_ADDRESS], "fail")):
+        named = {
+            c.name: c
+            for c in bundle.verify_bundle(
+                rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS],
+                origins=origins,
+            ).checks
+        }  # fmt: skip
+        assert named["hub chain"].status == status, named["hub chain"]
+        if status == "pass":
+            assert "for the log archive@elsewhere.example" in named["hub chain"].detail
+        else:
+            assert "not the log you named (--origin)" in named["hub chain"].detail
 
 
 def test_a_receipt_is_proven_under_the_checkpoint_or_not_passed(

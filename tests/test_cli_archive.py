@@ -752,12 +752,20 @@ def test_export_then_verify_bundle_with_no_database(home: Path, exported: Path) 
     )
     assert plain.returncode == 0, plain.stdout + plain.stderr
     assert "PASS  inclusion proof" in plain.stdout
-    assert f"the hub's certificate ({HUB_ADDRESS})" in plain.stdout
+    assert f"the hub's certificate, for the log {HUB_ADDRESS}" in plain.stdout
     assert plain.stdout.strip().endswith("bundle verifies")
     unnamed = gateway("archive", "verify-bundle", exported, *ca, cwd=where)
     assert unnamed.returncode == 1 and "give the hub's address (--hub-address)" in unnamed.stdout
     alone = gateway("archive", "verify-bundle", exported, "--hub-address", HUB_ADDRESS, cwd=where)
     assert alone.returncode == 2 and "give --ca too" in alone.stderr
+    alone = gateway("archive", "verify-bundle", exported, "--origin", HUB_ADDRESS, cwd=where)
+    assert alone.returncode == 2 and "--origin is checked against the hub chain" in alone.stderr
+    named = gateway(
+        "archive", "verify-bundle", exported, *ca, "--hub-address", HUB_ADDRESS,
+        "--origin", "archive.hanoi.gov.vn/exchange", cwd=where,
+    )  # fmt: skip
+    assert named.returncode == 1, named.stdout
+    assert "not the log you named (--origin)" in named.stdout
     as_json = gateway("archive", "verify-bundle", exported, "--json", cwd=where)
     report = json.loads(as_json.stdout)
     assert report["ok"] is True
