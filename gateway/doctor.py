@@ -419,7 +419,10 @@ def deliveries(settings: Settings, db: Database, at: datetime) -> Result:
         try:
             directory = loading.load_directory_merged(settings, s, warn=False)
         except GatewayError:
-            return warn("deliveries", "not checked: the directory (its check says why) is unread")
+            return warn(
+                "deliveries",
+                "not checked: the directory file cannot be read (the directory check says why)",
+            )
         lacking: dict[str, str] = {}
         for organ_id in sorted({r for ob in owed for r in ob.recipients}):
             agency = directory.get(organ_id)

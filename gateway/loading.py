@@ -29,7 +29,7 @@ from formats.errors import ConfigError, InputError
 from gateway.pipeline import Context
 from gateway.settings import Settings
 from keys import evidence, files, store
-from keys.directory import Agency, Directory, ascii_form, normalize_email
+from keys.directory import Agency, Directory, ascii_form, split_mailboxes
 from keys.trust import TrustStore
 
 log = logging.getLogger("gateway.loading")
@@ -79,17 +79,16 @@ def load_context(
     secret = passphrase(settings)
     with db.session() as s:
         keys = hub_keys(settings, s, secret, at=at)
-        agencies = store.load_agencies(s) if warn else store.agencies(s)
+        stored = _stored_agencies(s, warn=warn)
         agency_certs = [c.certificate for c in store.certificates(s, role="agency")]
         enrolled = store.enrolled(s)
-    path = settings.path(settings.directory.file)
-    file_directory = load_directory(path) if warn else read_directory_file(path)[0]
+    directory = _merged(stored, _file_agencies(settings, warn=warn))  # outside the transaction
     with db.session(read_only=True) as s:  # after the keys: a missing key pair is said first
         trust = stored_trust(settings, s)
     return Context(
         keys=keys,
         trust=trust,
-        directory=_merged(agencies, file_directory),
+        directory=directory,
         limits=settings.limits,
         known_certs=tuple(agency_certs),
         enrolled=MappingProxyType(enrolled),
@@ -99,10 +98,18 @@ def load_context(
 def load_directory_merged(settings: Settings, s: Session, *, warn: bool = True) -> Directory:
     """The directory as the pipeline sees it: the stored one (:func:`keys.store.load_agencies`),
     plus file entries it lacks. ``warn``: as for :func:`load_context`."""
+    return _merged(_stored_agencies(s, warn=warn), _file_agencies(settings, warn=warn))
+
+
+def _stored_agencies(s: Session, *, warn: bool) -> list[Agency]:
+    """The stored directory; a stored mailbox the rules refuse is left out (and logged)."""
+    return store.load_agencies(s) if warn else store.agencies(s)
+
+
+def _file_agencies(settings: Settings, *, warn: bool) -> Directory:
+    """The directory file's; a mailbox the rules refuse is left out (and logged)."""
     path = settings.path(settings.directory.file)
-    if not warn:
-        return _merged(store.agencies(s), read_directory_file(path)[0])
-    return _merged(store.load_agencies(s), load_directory(path))
+    return load_directory(path) if warn else read_directory_file(path)[0]
 
 
 def _merged(stored: Sequence[Agency], from_file: Iterable[Agency]) -> Directory:
@@ -372,18 +379,12 @@ def _agency(entry: dict[str, Any]) -> tuple[Agency, list[tuple[str, str]]]:
     emails = entry["emails"]
     if isinstance(emails, str) or not all(isinstance(e, str) for e in emails):
         raise TypeError("emails must be a list of strings")
-    usable: set[str] = set()
-    left_out: list[tuple[str, str]] = []
-    for address in emails:
-        try:
-            usable.add(normalize_email(address))
-        except ValueError as exc:
-            left_out.append((address, str(exc)))
+    usable, left_out = split_mailboxes(emails)
     agency = Agency(
         organ_id=str(entry["organ_id"]),
         name_vi=str(entry["name_vi"]),
         name_en=str(entry.get("name_en", "")),
-        emails=frozenset(usable),
+        emails=usable,
         supervisor=entry.get("supervisor"),
         valid_from=day("valid_from"),
         valid_to=day("valid_to"),

@@ -49,6 +49,20 @@ def _not_ascii(local: str, domain: str) -> str:
     )
 
 
+def split_mailboxes(addresses: Iterable[str]) -> tuple[frozenset[str], list[tuple[str, str]]]:
+    """``addresses`` the current rules accept, normalised (:func:`normalize_email`), and those
+    they refuse, each with why, in the order given: for a directory an earlier version wrote,
+    which loads without the refused ones."""
+    usable: set[str] = set()
+    refused: list[tuple[str, str]] = []
+    for address in addresses:
+        try:
+            usable.add(normalize_email(address))
+        except ValueError as exc:
+            refused.append((address, str(exc)))
+    return frozenset(usable), refused
+
+
 def ascii_form(addr: str) -> str | None:
     """The ASCII form of a mailbox whose domain alone is not ASCII, domain in lower case:
     ``tp@Sở.vn`` → ``tp@xn--s-lym.vn`` (IDNA A-labels, RFC 5890); None when there is none — a

@@ -31,7 +31,7 @@ from archive.records import admin_item
 from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
 from keys.binding import Registered
-from keys.directory import Agency, Directory, ascii_form, normalize_email
+from keys.directory import Agency, Directory, ascii_form, split_mailboxes
 from keys.recipients import Recipients, choose
 from keys.trust import TrustStore
 
@@ -93,13 +93,8 @@ class Unusable:
 
 def _split(row: t.Agency) -> tuple[frozenset[str], list[Unusable]]:
     """The stored mailboxes of ``row`` the current rules accept, and those they refuse."""
-    usable, refused = set(), []
-    for e in sorted(row.emails, key=lambda e: e.address):
-        try:
-            usable.add(normalize_email(e.address))
-        except ValueError as exc:
-            refused.append(Unusable(row.organ_id, e.address, str(exc)))
-    return frozenset(usable), refused
+    usable, refused = split_mailboxes(sorted(e.address for e in row.emails))
+    return usable, [Unusable(row.organ_id, address, why) for address, why in refused]
 
 
 def to_value(row: t.Agency) -> Agency:
