@@ -36,7 +36,6 @@ Three steps, each idempotent, each resumable after a crash:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from sqlalchemy.orm import Session
 from archive import tables as t
 from archive.bundle import RECEIPT_BLOB, RECEIPT_FOR, RECEIPT_KIND
 from archive.db import Database
-from archive.log import Item
+from archive.log import Entry, Item, Log
 from archive.service import Archive, SigningKey
 from formats import cms_envelope
 from formats.errors import ConfigError, DatabaseDamaged, GatewayError, TransientError
@@ -303,23 +302,30 @@ class _Built:
     done: str | None = None
 
 
-def _preload(s: Session, rows: Sequence[t.Outbox]) -> list[Any]:
-    """The log entries the batch's receipts and deliveries answer, and the signed entities the
-    deliveries forward, in one query each: ``Session.get`` then finds them in the session, as
-    long as the caller holds the list returned."""
+@dataclass
+class _Preloaded:
+    """What a batch's receipts and deliveries read, fetched in one query each."""
+
+    #: The log entries they answer, by sequence number.
+    entries: dict[int, Entry] = field(default_factory=dict)
+    #: The signed entities the deliveries forward: held here, ``Session.get`` finds them in
+    #: the session (its identity map holds weak references).
+    blobs: list[t.Blob] = field(default_factory=list)
+
+
+def _preload(s: Session, log: Log, rows: Sequence[t.Outbox]) -> _Preloaded:
     seqs = {r.for_seq for r in rows if r.kind in ("receipt", "delivery") and r.for_seq is not None}
     if not seqs:
-        return []
-    entries = list(s.scalars(select(t.LogEntry).where(t.LogEntry.seq.in_(seqs))))
+        return _Preloaded()
+    entries = log.entries(s, seqs)
     delivered = {r.for_seq for r in rows if r.kind == "delivery"}
     wanted = {
         address
-        for e in entries
-        if e.seq in delivered
-        and (address := json.loads(e.record).get("blobs", {}).get("decrypted"))
+        for seq, e in entries.items()
+        if seq in delivered and (address := e.blobs.get("decrypted"))
     }
     blobs = list(s.scalars(select(t.Blob).where(t.Blob.sha256.in_(wanted)))) if wanted else []
-    return [*entries, *blobs]
+    return _Preloaded(entries, blobs)
 
 
 @dataclass
@@ -332,6 +338,13 @@ class Builder:
     _certs: dict[str, tuple[datetime, Recipients]] = field(default_factory=dict)
     _trust: tuple[datetime, TrustStore | None] | None = None
     _stale_check: datetime | None = None
+    #: What the batch being built reads (:func:`_preload`); empty between batches.
+    _loaded: _Preloaded = field(default_factory=_Preloaded)
+
+    def _entry(self, s: Session, seq: int) -> Entry:
+        """Log entry ``seq``: the batch's, read with the others, or read now."""
+        entry = self._loaded.entries.get(seq)
+        return entry if entry is not None else self.archive.log.entry(s, seq)
 
     def run_once(self, limit: int = 32) -> int:
         """Build what is owed now; returns how many rows it handled."""
@@ -352,9 +365,12 @@ class Builder:
             rows = list(
                 s.scalars(select(t.Outbox).where(t.Outbox.id.in_(ids)).order_by(t.Outbox.id))
             )
-            held = _preload(s, rows)  # noqa: F841 — the session's identity map holds weak references
-            for r in rows:  # in order: a resend may use a receipt built just before it
-                built[r.id] = self._build(s, r, now, built)
+            self._loaded = _preload(s, self.archive.log, rows)
+            try:
+                for r in rows:  # in order: a resend may use a receipt built just before it
+                    built[r.id] = self._build(s, r, now, built)
+            finally:
+                self._loaded = _Preloaded()
             for r in rows:
                 built[r.id] = nothing_left(r, built[r.id], now)
         self.archive.prepare(b.item for b in built.values() if b.item is not None)
@@ -487,7 +503,7 @@ class Builder:
             return set()
         certs = self._certificates(s, organ_id, now).usable
         if not certs and kind == "receipt" and for_seq is not None:
-            entry = self.archive.log.entry(s, for_seq)
+            entry = self._entry(s, for_seq)
             signer = self._signer_cert(s, entry.blobs)
             certs = choose(signer, trust=self._trust_store(s, now), at=now).usable
         return {store.fingerprint(c) for c in certs}
@@ -539,7 +555,7 @@ class Builder:
 
     def _receipt(self, s: Session, row: t.Outbox, now: datetime) -> _Built:
         assert row.for_seq is not None and row.organ_id is not None
-        entry = self.archive.log.entry(s, row.for_seq)
+        entry = self._entry(s, row.for_seq)
         fields = entry.fields
         to_addr = str(fields["from"])  # authenticated: the certificate's and directory's address
         agency = self.directory().get(row.organ_id)
@@ -593,7 +609,7 @@ class Builder:
         certs = self._certificates(s, row.organ_id, now)
         if not certs.usable:
             return _Built(failure=certs.none_usable(row.organ_id), setup=True)
-        entry = self.archive.log.entry(s, row.for_seq)
+        entry = self._entry(s, row.for_seq)
         signed = self.archive.blobs.get(s, entry.blobs["decrypted"])
         message_id = f"<delivery.{row.for_seq}.{row.id}@{_domain(self.hub.address)}>"
         message = self._seal(
@@ -667,7 +683,7 @@ class Builder:
             }
             item = Item("resend", now, fields, {RECEIPT_BLOB: fresh.message})
             return _Built(fresh.message, fresh.rcpt_to, item, encrypted_to=fresh.encrypted_to)
-        entry = self.archive.log.entry(s, original.entry_seq)
+        entry = self._entry(s, original.entry_seq)
         message = self.archive.blobs.get(s, entry.blobs[RECEIPT_BLOB])
         to = tuple(entry.fields["to"])
         item = Item(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import sqlalchemy
 from sqlalchemy import select
 
 from archive import tables as t
@@ -185,6 +186,32 @@ def test_a_duplicate_gets_the_original_receipt_again(
     assert again.message == rows[f"receipt:{seq}"].message
     assert again.rcpt_to == rows[f"receipt:{seq}"].rcpt_to
     assert [k for k in rows if k.startswith("delivery:")] == [f"delivery:{seq}:H26.CATP"]
+
+
+@pytest.mark.parametrize("messages", [1, 6])
+def test_a_batch_reads_its_log_entries_in_one_query_whatever_its_size(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, messages: int
+) -> None:
+    """Each receipt and delivery answers a log entry: the batch reads them all at once, not one
+    query per row, so building costs the same few statements for 1 message as for 6."""
+    for number in range(messages):
+        _receive(archive, world.submission("H26.SNV", number=number + 1))
+    Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    builder = Builder(archive, hub, lambda: world.directory, clock=lambda: LATER, name="b")
+    reads: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "log_entries" in statement:
+            reads.append(statement)
+
+    sqlalchemy.event.listen(archive.db.engine, "before_cursor_execute", seen)
+    try:
+        assert builder.run_once() == 2 * messages  # a receipt and a delivery each
+    finally:
+        sqlalchemy.event.remove(archive.db.engine, "before_cursor_execute", seen)
+    assert len(reads) == 1, reads
+    rows = _rows(archive)
+    assert sum(r.state == "ready" for r in rows.values()) == 2 * messages
 
 
 def test_a_delivery_without_a_certificate_fails_and_alerts_the_admin(
