@@ -246,7 +246,9 @@ def _decrypt_in_place(decryptor: _Decryptor, chunks: list[memoryview], buf: memo
     Writing never overtakes reading: what has been written is at most what has been read, and
     every chunk lies at or after the bytes already written.
     """
-    scratch = memoryview(bytearray(_SCRATCH + 15))
+    # The largest chunk's size (at most _SCRATCH) and the block less one update_into asks
+    # for: a whole megabyte, zeroed for every 10 KB message, cost more than its AES.
+    scratch = memoryview(bytearray(min(_SCRATCH, max(map(len, chunks), default=0)) + 15))
     written = 0
     try:
         for chunk in chunks:
