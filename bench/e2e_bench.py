@@ -25,7 +25,9 @@ Each figure is printed next to its target (the issue) and a baseline measured in
   used during the run (someone's tests): when it is large, the figures are low; run again.
 - a calibration line before the runs: the RSA-3072 private-key operation and a pure-Python
   loop, timed on this machine. Hosts differ by 2× and more (the same code archived 620 and
-  180 msgs/s on two of them); compare figures between runs only when these agree.
+  180 msgs/s on two of them); compare figures between runs only when these agree. A change to
+  the workers' CPU per message is judged better by ``bench/worker_cost.py --instructions``,
+  which counts it exactly.
 
 Each gateway run gets a fresh home (``DemoWorld.install``, SQLite) and a warm-up of a few
 messages that is settled before the clock starts. Nothing asserts a time.
