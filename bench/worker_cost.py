@@ -18,7 +18,9 @@ Two measures:
   ``valgrind``; about a minute at the default 50 messages). Repeat runs agree to 0.1%, so a
   change of 1% is visible in one run of each side. Valgrind's CPU lacks some instructions
   (ADX), so its RSA count is not the native one: compare figures above the RSA baseline, and
-  only between runs on the same valgrind.
+  only between runs on the same valgrind. It also counts each step of a ``rep stos``/``rep
+  movs`` (memset, memcpy) as an instruction, where the CPU does 32 bytes or more a cycle:
+  bulk zeroing and copying weigh far more here than in CPU time.
 
 Run:  .venv/bin/python bench/worker_cost.py [--messages N] [--instructions]
 """
