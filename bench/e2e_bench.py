@@ -21,8 +21,9 @@ Each figure is printed next to its target (the issue) and a baseline measured in
   per message by process (supervisor, workers, relay, clients) and how busy the machine was. The
   CPU is counted until every receipt and delivery was sent, so it is the whole cost of a
   message: times the archived rate, it is more than the machine has, because in a burst the
-  workers file first and build the receipts and deliveries later. "not ours" is CPU that other processes
-  used during the run (someone's tests): when it is large, the figures are low; run again.
+  workers file first and build the receipts and deliveries later. "not ours" is CPU that other
+  processes used during the run (someone's tests): when it is large, the figures are low; run
+  again.
 - a calibration line before the runs: the RSA-3072 private-key operation and a pure-Python
   loop, timed on this machine. Hosts differ by 2× and more (the same code archived 620 and
   180 msgs/s on two of them); compare figures between runs only when these agree. A change to

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,7 +144,8 @@ def measure(home: Path, n: int, meter: Meter) -> None:
     rows = build_all()
     meter.stop()
     if verdicts != ["accepted"] * n or rows != 2 * n:  # a receipt and a delivery each
-        sys.exit(f"expected {n} accepted and {2 * n} rows built, got {verdicts} and {rows}")
+        got = ", ".join(f"{k} {v}" for k, v in Counter(verdicts).items())
+        sys.exit(f"expected {n} accepted and {2 * n} rows built, got {got} and {rows} rows")
 
     key = builder.hub.signer[1]
     assert isinstance(key, rsa.RSAPrivateKey)
