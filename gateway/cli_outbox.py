@@ -115,6 +115,6 @@ def _how(r: Requeued) -> str:
     left = ", ".join(r.left_agency)
     gone = "is no longer a mailbox" if len(r.left_agency) == 1 else "are no longer mailboxes"
     how += f", not to {left}, which {gone} of {r.was.organ_id}"
-    if r.state == "new":  # built again: gateway.outbound.nothing_left may find nobody left
+    if r.state == "new":  # built again: gateway.builder.nothing_left may find nobody left
         how += " (to nobody, if every mailbox it has now took it: the row then ends sent)"
     return how

@@ -11,7 +11,7 @@ Requeueing a failed row:
   from scratch, for the agency's mailboxes and certificates of now, less the mailboxes that
   took an earlier build (``new``). Should none be left — every mailbox of now took it, those
   that lacked it having left the agency — the builder sends nothing and ends the row ``sent``,
-  its last reply saying so (:func:`gateway.outbound.nothing_left`);
+  its last reply saying so (:func:`gateway.builder.nothing_left`);
 - built, and failed at the relay (5xx, or retried too long): sent again, the same bytes, to the
   recipients that did not take it (``retry``, due now); a recipient that took it is not sent it
   twice. If a certificate those bytes are encrypted to is no longer usable, it is built again
@@ -181,7 +181,7 @@ def requeue(
         lacking = [r for r in untaken if r not in (left or ())]
         if not resend or left is None or not lacking:
             # A new message, to the mailboxes of now that did not take the old one: nobody,
-            # should each of them have taken it (gateway.outbound.nothing_left). An agency
+            # should each of them have taken it (gateway.builder.nothing_left). An agency
             # gone or not active: the builder fails it, saying so.
             row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
             detail = _to_build_again(detail, left or [])
@@ -225,7 +225,7 @@ def _left_agency(
 def _to_build_again(detail: dict[str, Any], left: Sequence[str]) -> dict[str, Any]:
     """``detail`` once the built message is dropped (:func:`without_build`), the mailboxes that
     left the agency without it — now and at an earlier requeue — named among those that had
-    not taken it, for the builder's :func:`gateway.outbound.nothing_left` to say so."""
+    not taken it, for the builder's :func:`gateway.builder.nothing_left` to say so."""
     out = without_build(detail)
     gone = {*out.pop(LEFT_AGENCY, ()), *left}
     if gone:

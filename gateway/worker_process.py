@@ -1,7 +1,7 @@
 """A pipeline worker process of ``gateway serve``, and what every process of it loads.
 
 A worker claims messages from the durable inbox, decides and files them, and builds the
-receipts and deliveries owed (:class:`gateway.worker.Worker`, :class:`gateway.outbound.Builder`),
+receipts and deliveries owed (:class:`gateway.worker.Worker`, :class:`gateway.builder.Builder`),
 in a loop that never exits on a failure (no crash loop). It stops when the supervisor says so,
 when it is sent SIGTERM, or when the supervisor is gone: killed with ``kill -9``, the supervisor
 leaves no one to tell it, so the worker asks Linux for a SIGTERM when its parent dies
@@ -31,13 +31,14 @@ from formats.errors import ConfigError, GatewayError
 from formats.payload import Organ
 from gateway import logs
 from gateway import settings as settings_mod
+from gateway.builder import Builder, Hub
 from gateway.loading import (
     load_context,
     open_archive,
     open_database,
     usable_hub_fingerprints,
 )
-from gateway.outbound import ENVIRONMENT, Builder, Hub
+from gateway.outbound import ENVIRONMENT
 from gateway.pipeline import Context
 from gateway.settings import Settings
 from gateway.worker import Worker, worker_name

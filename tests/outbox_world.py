@@ -17,8 +17,8 @@ from archive.blobs import BlobStore
 from archive.db import Database
 from archive.service import Archive
 from formats.payload import Organ
+from gateway.builder import Hub
 from gateway.demo import DemoWorld
-from gateway.outbound import Hub
 from gateway.relay import Relay
 from keys import store
 from tests.conftest import WORLD_AT

@@ -27,8 +27,8 @@ from archive.service import Archive
 from formats.payload import Payload
 from formats.vntime import local_day
 from gateway import intake
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld, tamper
-from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
 from gateway.sender import Sender
 from gateway.worker import Worker

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from archive.service import Archive
 from formats.smime import message_headers
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
-from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
 from keys.directory import Directory
 from tests.test_outbound import LATER, _process, _receive, _rows

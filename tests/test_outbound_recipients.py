@@ -19,9 +19,10 @@ from sqlalchemy import select
 
 from archive import tables as t
 from archive.service import Archive
-from gateway import outbound
+from gateway import builder as builder_mod
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
-from gateway.outbound import ENCRYPTED_TO, Builder, Hub
+from gateway.outbound import ENCRYPTED_TO
 from gateway.outbox_admin import requeue
 from gateway.pipeline import Context
 from gateway.sender import Sender
@@ -407,14 +408,14 @@ def test_a_rebuild_never_takes_a_row_the_sender_is_claiming_on_postgresql(
         relay = _Relay(_Reply("sent", "250 ok"), _Reply("sent", "250 ok"))
         sender = Sender(archive, relay.session, lambda: now, "sender")
         recorded: list[tuple[int, str]] = []
-        warning = outbound.log.warning
+        warning = builder_mod.log.warning
 
         def sender_claims_now(*args: Any, **kwargs: Any) -> None:
             if not recorded:
                 recorded.extend(sender.run_once())
             warning(*args, **kwargs)
 
-        monkeypatch.setattr(outbound.log, "warning", sender_claims_now)
+        monkeypatch.setattr(builder_mod.log, "warning", sender_claims_now)
         builder = Builder(archive, hub, lambda: world.directory, lambda: now, "b")
         assert len(builder.rebuild_stale()) == 1
         old = world.agencies["H26.CATP"]

@@ -14,8 +14,8 @@ import pytest
 from archive.service import Archive
 from formats.errors import InputError
 from gateway import outbox_admin
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
-from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
 from gateway.relay import Relay
 from tests.test_outbound import LATER, _rows

@@ -22,9 +22,9 @@ from archive.records import Transport
 from archive.service import Archive
 from formats.payload import Organ
 from gateway import intake, obligation_store
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
 from gateway.obligations import DueRule, Obligation
-from gateway.outbound import Builder, Hub
 from gateway.remind import load_templates, run
 from gateway.reminders import Policy
 from gateway.workdays import Calendar

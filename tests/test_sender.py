@@ -14,8 +14,9 @@ from sqlalchemy import select
 from archive import tables as t
 from archive.service import Archive
 from formats.vntime import local_day
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
-from gateway.outbound import Builder, Hub, alert
+from gateway.outbound import alert
 from gateway.pipeline import Context
 from gateway.relay import Relay, RelaySession
 from gateway.remind import load_templates, run

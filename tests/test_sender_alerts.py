@@ -13,8 +13,8 @@ import pytest
 
 from archive.service import Archive
 from formats.vntime import local_day
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
-from gateway.outbound import Builder, Hub
 from gateway.pipeline import Context
 from gateway.relay import Relay
 from gateway.sender import FIRST, GATHER

@@ -23,8 +23,9 @@ from sqlalchemy import delete, select, update
 
 from archive import tables as t
 from archive.service import Archive
+from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
-from gateway.outbound import Builder, Hub, alert
+from gateway.outbound import alert
 from gateway.relay import Attempt, Relay, RelaySession
 from gateway.sender import READ_BUDGET, RECORD_EVERY, Sender
 from tests.test_outbound import LATER, _rows
