@@ -11,9 +11,11 @@ Of the certificates offered (an agency's current ones, see
    RFC 8550 §4.4.2: RSA key transport needs keyEncipherment);
 3. not revoked at ``at`` by the stored evidence: the trust store's own check
    (:meth:`keys.trust.TrustStore.validate_signer` in soft-fail mode), so a CRL or OCSP response
-   that makes the pipeline refuse a signer also stops the hub encrypting to it. A certificate
-   without evidence is not judged revoked; one the trust store cannot judge at all (no anchors,
-   no path) was checked when it was enrolled and is kept.
+   that makes the pipeline refuse a signer also stops the hub encrypting to it; and a
+   revocation that older evidence records (a CRL past its next update still proves what it
+   lists: :meth:`keys.trust.TrustStore.revoked_on_record`). A certificate without evidence is
+   not judged revoked; one the trust store cannot judge at all (no anchors, no path) was
+   checked when it was enrolled and is kept.
 """
 
 from __future__ import annotations
@@ -86,5 +88,7 @@ def _revoked(cert: x509.Certificate, trust: TrustStore | None, at: datetime) -> 
     except SignerRevoked as err:
         return err.message
     except GatewayError:  # not a signer now for another reason (path, usage): not ours to judge
-        return None
-    return None
+        pass
+    # Evidence past its next update is not read above (soft-fail: no current evidence), but a
+    # revocation it records still holds.
+    return trust.revoked_on_record(cert, at)

@@ -157,6 +157,17 @@ class TrustStore:
     ) -> ValidatedSigner:
         return self._validator.validate(cert, carried=carried, at=at)
 
+    def revoked_on_record(self, cert: x509.Certificate, at: datetime) -> str | None:
+        """Why the stored evidence, however old, says ``cert`` was revoked by ``at``; or
+        ``None``. :meth:`validate_signer` reads only evidence that is current at ``at`` (in
+        soft-fail mode, a certificate whose CRL is past its nextUpdate passes as having no
+        evidence), but a revocation is for good (RFC 5280 §3.3): a CRL that lists the serial
+        still proves it once newer ones are due. Counted: a CRL signed by the certificate's
+        issuer (an anchor or intermediate of the store) listing its serial, and an OCSP
+        response about it (verified when stored) saying revoked, each with a revocation date
+        before ``at`` (as :meth:`validate_signer` counts it)."""
+        return self._validator.revoked_on_record(cert, at)
+
 
 def validate_signer(
     store: TrustStore,
@@ -456,6 +467,41 @@ class Validator:
             out += [d for d in self._matching_ocsp(child, at) if d not in out]
         return tuple(out)
 
+    def revoked_on_record(self, cert: x509.Certificate, at: datetime) -> str | None:
+        """:meth:`TrustStore.revoked_on_record`."""
+        known = (*self._store.anchors, *self._store.intermediates)
+        issuers = [c for c in known if c.subject == cert.issuer]
+        with self._work:  # _crl_signed_by's cache is shared with validations
+            for index, crl in enumerate(self._crls):
+                if crl.issuer != cert.issuer:
+                    continue
+                entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                if entry is None or entry.revocation_date_utc >= at:
+                    continue
+                if any(self._crl_signed_by(index, crl, issuer) for issuer in issuers):
+                    try:
+                        code = entry.extensions.get_extension_for_class(x509.CRLReason).value
+                        why = code.reason.name.replace("_", " ")
+                    except x509.ExtensionNotFound:
+                        why = "unspecified"
+                    return _revoked_text(cert, entry.revocation_date_utc, why, "a CRL")
+        issuer_name = cert.issuer.public_bytes()
+        for resp in self._ocsps:
+            if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+                continue
+            for single in resp.responses:
+                if (
+                    single.serial_number == cert.serial_number
+                    and single.certificate_status == ocsp.OCSPCertStatus.REVOKED
+                    and (when := single.revocation_time_utc) is not None
+                    and when < at
+                    and single.issuer_name_hash == _digest(single.hash_algorithm, issuer_name)
+                ):
+                    flag = single.revocation_reason
+                    why = flag.name.replace("_", " ") if flag else "unspecified"
+                    return _revoked_text(cert, when, why, "an OCSP response")
+        return None
+
     def _crl_signed_by(
         self, index: int, crl: x509.CertificateRevocationList, issuer: x509.Certificate
     ) -> bool:
@@ -570,6 +616,19 @@ def _crl_der(crl: CRLInput) -> bytes:
     if isinstance(crl, bytes):
         return crl
     raise ConfigError(f"a CRL must be a CertificateRevocationList or DER bytes, not {type(crl)}")
+
+
+def _revoked_text(cert: x509.Certificate, when: datetime, reason: str, source: str) -> str:
+    return (
+        f"{describe(cert)} was revoked on {when:%Y-%m-%d %H:%M:%SZ} (reason: {reason}; "
+        f"{source} of the key store says so)"
+    )
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()
 
 
 def _reason(exc: pv_errors.RevokedError) -> str:

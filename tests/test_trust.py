@@ -459,3 +459,53 @@ def test_failures_are_not_cached(pki: Pki) -> None:
 
 
 _1S = timedelta(seconds=1)
+
+
+# --- revocation on record: what the hub must not encrypt to (keys.recipients) ---------------
+
+
+def test_a_revocation_stays_on_record_once_its_crl_is_past_its_next_update(pki: Pki) -> None:
+    """Soft-fail reads only current evidence: past the CRL's nextUpdate the certificate passes
+    as one with no evidence. The CRL still proves the revocation it lists."""
+    leaf = pki.leaf()
+    revoked = T0 - timedelta(days=2)
+    crl = pki.inter_crl_with((leaf.cert.serial_number, revoked, x509.ReasonFlags.key_compromise))
+    store = store_with(pki, crl, revocation_mode="soft-fail")
+    stale = CRL_NEXT + timedelta(days=30)
+    assert validate_signer(store, leaf.cert, at=stale).path[0] == leaf.cert
+    why = store.revoked_on_record(leaf.cert, stale)
+    assert why is not None
+    assert f"serial 0x{leaf.cert.serial_number:X}" in why
+    assert f"{revoked:%Y-%m-%d %H:%M:%S}" in why and "key compromise" in why
+    assert store.revoked_on_record(leaf.cert, T0) is not None  # and while it is current
+    assert store.revoked_on_record(leaf.cert, revoked) is None  # not before it took effect
+    assert store.revoked_on_record(pki.agency.cert, stale) is None  # another serial
+
+
+def test_a_crl_not_signed_by_the_issuer_the_store_holds_records_nothing(pki: Pki) -> None:
+    """A CRL under the issuer's name but signed by another key (a forgery, or a CA the store
+    does not hold) is no evidence."""
+    leaf = pki.leaf()
+    impostor = make_intermediate(
+        pki.root, "Test Agency CA G1", at=ROOT_FROM, key=key("impostor", "rsa3072")
+    )
+    forged = make_crl(
+        impostor,
+        revoked=[(leaf.cert.serial_number, T0 - timedelta(days=2))],
+        this_update=CRL_THIS,
+        next_update=CRL_NEXT,
+        number=9,
+    )
+    assert forged.issuer == pki.inter.cert.subject
+    store = store_with(pki, forged, revocation_mode="soft-fail")
+    assert store.revoked_on_record(leaf.cert, CRL_NEXT + timedelta(days=30)) is None
+
+
+def test_a_revoked_ocsp_response_stays_on_record_past_its_next_update(pki: Pki) -> None:
+    leaf = pki.leaf(crl_url=None, ocsp_url="http://ocsp.example.vn")
+    response = ocsp_response(leaf.cert, pki.inter, revoked_at=T0 - timedelta(hours=5))
+    store = ocsp_store(pki, response)
+    why = store.revoked_on_record(leaf.cert, CRL_NEXT + timedelta(days=30))
+    assert why is not None and "key compromise" in why and "OCSP" in why
+    good = ocsp_store(pki, ocsp_response(leaf.cert, pki.inter))
+    assert good.revoked_on_record(leaf.cert, CRL_NEXT + timedelta(days=30)) is None
