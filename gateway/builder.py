@@ -460,7 +460,13 @@ class Builder:
         if original.entry_seq is None:
             if original.state in ("new", "building"):
                 return _Built(later=True)  # the original receipt is not built yet
-            return _Built(failure=f"the receipt for entry {row.for_seq} could not be built")
+            # The original's failure was alerted when it failed; every duplicate of the message
+            # (a mail client sending it again and again) is counted in the agency's alert of
+            # the day, not alerted one by one.
+            why = f": {original.last_reply}" if original.last_reply else ""
+            return _Built(
+                failure=f"the receipt for entry {row.for_seq} could not be built{why}", setup=True
+            )
         built_for = tuple(original.detail.get(ENCRYPTED_TO) or ())
         if built_for and not set(built_for) <= self._targets(
             s, "receipt", original.for_seq, original.organ_id, now

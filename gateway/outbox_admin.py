@@ -179,17 +179,16 @@ def requeue(
         # Never the old bytes to a mailbox that has left the agency: it may be someone else's.
         left = _left_agency(row, untaken, directory, at) if resend else []
         lacking = [r for r in untaken if r not in (left or ())]
-        if not resend or left is None or not lacking:
+        if not resend or left is None or not lacking or _encrypted_to_unusable(s, row, at, trust):
             # A new message, to the mailboxes of now that did not take the old one: nobody,
-            # should each of them have taken it (gateway.builder.nothing_left). An agency
-            # gone or not active: the builder fails it, saying so.
+            # should each of them have taken it (gateway.builder.nothing_left). Never the old
+            # bytes to a certificate the hub would not encrypt to now. An agency gone or not
+            # active: the builder fails it, saying so.
             row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
+            # The old build is history (in the archive): a duplicate's resend must not send
+            # it again, should the new build fail (gateway.builder.Builder._resend).
+            row.entry_seq = None
             detail = _to_build_again(detail, left or [])
-        elif _encrypted_to_unusable(s, row, at, trust):
-            # Never the old bytes to a certificate the hub would not encrypt to now: built
-            # again, for the mailboxes that did not take it.
-            row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
-            detail = _to_build_again(detail, left)
         else:
             row.state, row.rcpt_to = "retry", lacking
             if left:  # no longer its recipients: their replies no longer decide its fate

@@ -157,6 +157,34 @@ def test_a_certificate_a_stored_crl_revokes_is_never_encrypted_to(
     assert "was revoked on" in agency_alert(rows, "H26.CATP").detail["text"]
 
 
+def test_a_revoked_certificate_stays_out_once_its_crl_is_past_its_next_update(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """No newer CRL was imported and the one that revokes the police's certificate is past
+    its next update: it no longer says what is current, but still proves the revocation. A
+    failed delivery sent again by hand a week later fails again; it is not encrypted to the
+    revoked key."""
+    _revoke_on_a_crl(archive, world, world.agencies["H26.CATP"])  # next update WORLD_AT + 7 d
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    key = f"delivery:{seq}:H26.CATP"
+    row = _rows(archive)[key]
+    assert row.state == "failed" and "was revoked on" in (row.last_reply or "")
+    stale = WORLD_AT + timedelta(days=8)
+    with archive.db.session() as s:
+        requeue(s, [row.id], rebuild=False, at=stale, actor="admin")
+    builder = Builder(archive, hub, lambda: world.directory, lambda: stale, "b")
+    while builder.run_once():
+        pass
+    row = _rows(archive)[key]
+    assert row.state == "failed" and row.message is None
+    assert "was revoked on" in (row.last_reply or "")
+    with archive.db.session(read_only=True) as s:
+        trust = evidence.trust_store(s, revocation_mode="soft-fail")
+        police = store.encryption_certificates(s, "H26.CATP", stale, trust=trust)
+    assert police.usable == () and "was revoked on" in police.left_out[0]
+
+
 def test_a_message_waiting_for_the_relay_is_built_again_when_its_certificate_is_retired(
     archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
 ) -> None:
@@ -343,6 +371,61 @@ def test_a_duplicate_after_a_revocation_does_not_get_the_receipt_encrypted_to_it
     # The waiting receipt was taken back too (its key revoked) and could not be built again.
     assert rows[f"receipt:{seq}"].state == "failed"
     assert f"the receipt for entry {seq} could not be built" in (again.last_reply or "")
+
+
+def test_a_duplicate_after_a_receipt_sent_again_by_hand_failed_to_build_gets_no_old_bytes(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """The relay refused the receipt; Home Affairs' certificate is then revoked, and the admin
+    sends the receipt again: it is built again and fails (no certificate left). A duplicate
+    arriving next must not get the first build's bytes, encrypted to the revoked key."""
+    snv = world.agencies["H26.SNV"]
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    seq = _process(archive, world_ctx, world.directory, hub)
+    relay = _Relay(_Reply("failed", "550 5.7.1 refused"), _Reply("sent", "250 ok"))
+    Sender(archive, relay.session, lambda: LATER, "s").run_once()
+    receipt = _rows(archive)[f"receipt:{seq}"]
+    assert receipt.state == "failed" and receipt.entry_seq is not None
+    _revoke_on_a_crl(archive, world, snv)
+    later = LATER + timedelta(minutes=10)
+    with archive.db.session() as s:
+        [done] = requeue(s, [receipt.id], rebuild=False, at=later, actor="admin")
+    assert done.state == "new"  # its certificate is revoked: built again, not resent
+    assert _rows(archive)[f"receipt:{seq}"].entry_seq is None
+    builder = Builder(archive, hub, lambda: world.directory, lambda: later, "b")
+    while builder.run_once():
+        pass
+    assert _rows(archive)[f"receipt:{seq}"].state == "failed"
+    _receive(archive, raw)
+    _process(archive, world_ctx, world.directory, hub)
+    [again] = [r for k, r in _rows(archive).items() if k.startswith("resend:")]
+    assert (again.state, again.message) == ("failed", None)
+    assert "no usable encryption certificate" in (again.last_reply or "")
+
+
+def test_duplicates_of_a_message_whose_receipt_failed_are_one_alert_a_day(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """Home Affairs' mail client sends the same message again and again, and its receipt
+    cannot be built (its certificate revoked): the admin gets the agency's alert of the day,
+    not one more alert for each duplicate."""
+    snv = world.agencies["H26.SNV"]
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    _revoke_on_a_crl(archive, world, snv)  # before the receipt is built
+    builder = Builder(archive, hub, lambda: world.directory, lambda: LATER, "b")
+    while builder.run_once():
+        pass
+    for _ in range(3):
+        _receive(archive, raw)
+        _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    resends = [r for k, r in rows.items() if k.startswith("resend:")]
+    assert [r.state for r in resends] == ["failed"] * 3
+    assert all("could not be built: agency H26.SNV" in (r.last_reply or "") for r in resends)
+    assert [k for k in rows if k.startswith("alert:")] == [agency_alert(rows, "H26.SNV").key]
 
 
 def test_a_duplicate_gets_a_receipt_built_anew_for_the_new_certificate(
