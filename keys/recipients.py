@@ -2,8 +2,10 @@
 left out.
 
 Of the certificates offered (an agency's current ones, see
-:func:`keys.store.encryption_certificates`), the hub encrypts to those that pass, in order:
+:func:`keys.store.encryption_certificates`, or the one that signed a message, for its
+receipt), the hub encrypts to those that pass, in order:
 
+0. valid at ``at`` (between notBefore and notAfter);
 1. an RSA key: the hub sends key transport (RFC 8551 §2.3, RSA PKCS#1 v1.5), and
    ``cryptography`` builds EnvelopedData for RSA recipients only; an EC key would need ECDH
    key agreement (RFC 5753), which the hub does not build;
@@ -56,12 +58,23 @@ def choose(
     usable: list[x509.Certificate] = []
     left_out: list[str] = []
     for cert in certs:
-        problem = encryption_problem(cert) or _revoked(cert, trust, at)
+        problem = _not_valid(cert, at) or encryption_problem(cert) or _revoked(cert, trust, at)
         if problem is None:
             usable.append(cert)
         else:
             left_out.append(problem)
     return Recipients(tuple(usable), tuple(left_out))
+
+
+def _not_valid(cert: x509.Certificate, at: datetime) -> str | None:
+    """Step 0: outside its validity period, a certificate's key may no longer be the agency's
+    (a key store's current certificates are within it already; the certificate that signed a
+    message, a receipt's fallback, may not be)."""
+    if at > cert.not_valid_after_utc:
+        return f"{describe(cert)} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+    if at < cert.not_valid_before_utc:
+        return f"{describe(cert)} is not valid until {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}"
+    return None
 
 
 def encryption_problem(cert: x509.Certificate) -> str | None:

@@ -352,6 +352,31 @@ def test_a_receipt_to_the_signers_certificate_is_not_sent_once_that_is_revoked(
     assert "no usable encryption certificate" in (receipt.last_reply or "")
 
 
+def test_a_receipt_waiting_for_the_relay_is_built_again_once_its_certificate_expires(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """The relay is down past the expiry of Home Affairs' certificate. Its enrolled
+    certificate is then no longer current, and the one that signed the message (a receipt's
+    fallback) is that same expired certificate: the waiting receipt is taken back, like the
+    delivery to the police, and fails, naming the expiry."""
+    snv = world.agencies["H26.SNV"]
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    relay = _Relay(_Reply("retry", "451 4.3.0 later"), _Reply("retry", "451 4.3.0 later"))
+    Sender(archive, relay.session, lambda: LATER, "s").run_once()
+    rows = _rows(archive)
+    receipt = rows[f"receipt:{seq}"]
+    assert receipt.state == "retry"
+    after = snv.cert.not_valid_after_utc + timedelta(hours=1)
+    builder = Builder(archive, hub, lambda: world.directory, lambda: after, "b")
+    assert receipt.id in builder.rebuild_stale()
+    while builder.run_once():
+        pass
+    receipt = _rows(archive)[f"receipt:{seq}"]
+    assert (receipt.state, receipt.message) == ("failed", None)
+    assert "expired on" in (receipt.last_reply or "")
+
+
 def test_a_duplicate_after_a_revocation_does_not_get_the_receipt_encrypted_to_it(
     archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
 ) -> None:
