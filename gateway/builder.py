@@ -7,10 +7,12 @@ byte for byte, encrypted to the recipient agency's), a duplicate's receipt again
 an admin alert. Signing and encrypting is CPU work, hence the workers; the row becomes
 ``ready`` for :class:`gateway.sender.Sender`.
 
-A built message waits encrypted to the certificates of the moment it was built. Should one of
-them stop being usable before the relay takes it, :meth:`Builder.rebuild_stale` takes the row
-back and builds it again for the certificates of now, for the mailboxes that did not take the
-first build; :func:`nothing_left` ends a row that no mailbox of now still lacks.
+A built message waits encrypted to the certificates, and addressed to the mailboxes, of the
+moment it was built. Should one of those certificates stop being usable, or one of those
+mailboxes leave its agency, before the relay takes it, :meth:`Builder.rebuild_stale` takes the
+row back and builds it again for the certificates and mailboxes of now, for the mailboxes that
+did not take the first build; :func:`nothing_left` ends a row that no mailbox of now still
+lacks.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ from gateway.outbound import (
     add_alert,
     anything_waiting,
     claim,
+    left_agency,
+    to_build_again,
     took_build,
-    without_build,
 )
 from keys import evidence, store
 from keys.directory import Directory
@@ -233,18 +236,37 @@ class Builder:
         row.detail = detail
 
     def rebuild_stale(self) -> list[int]:
-        """Built messages waiting for the relay (``ready``, ``retry``) encrypted to a
-        certificate that is no longer usable: back to ``new``, built again for the agency's
-        certificates of now (the module docstring). Returns their ids."""
+        """Built messages waiting for the relay (``ready``, ``retry``) that must not go as
+        built: encrypted to a certificate that is no longer usable, or (a delivery or reminder)
+        addressed to a mailbox that has left the agency, or to an agency no longer active. Back
+        to ``new``, built again for the agency's certificates and mailboxes of now (the module
+        docstring); the builder fails a row whose agency is not active, saying so. Returns
+        their ids."""
         now = self.clock()
         o = t.Outbox
         waiting_rows = (o.state.in_(("ready", "retry"))) & o.worker.is_(None)
-        stale: dict[int, tuple[list[str], list[str]]] = {}  # (built for, gone)
+        stale: dict[int, tuple[list[str], list[str], str]] = {}  # built for, left, why
+        directory = self.directory()
         with self.archive.db.session(read_only=True) as s:
             # Columns only: the built messages themselves (up to the size limit each) stay put.
-            query = select(o.id, o.kind, o.for_seq, o.organ_id, o.detail).where(waiting_rows)
-            for number, kind, for_seq, organ_id, detail in s.execute(query):
+            query = select(o.id, o.kind, o.for_seq, o.organ_id, o.detail, o.rcpt_to).where(
+                waiting_rows
+            )
+            for number, kind, for_seq, organ_id, detail, rcpt_to in s.execute(query):
                 built_for = detail.get(ENCRYPTED_TO) or []
+                # The old bytes never to a mailbox that may be someone else's by now.
+                left = left_agency(kind, organ_id, rcpt_to or [], directory, now)
+                if left is None:
+                    why = f"agency {organ_id} is not in the directory or not active today"
+                    stale[number] = (built_for, [], f"{why}: built again, to say so")
+                    continue
+                if left:
+                    why = (
+                        f"addressed to {', '.join(left)}, no longer a mailbox of {organ_id}: "
+                        "built again for the agency's mailboxes of now"
+                    )
+                    stale[number] = (built_for, left, why)
+                    continue
                 if not built_for:
                     continue
                 try:
@@ -255,7 +277,11 @@ class Builder:
                     log.exception("outbox %s: cannot tell what it would be encrypted to", number)
                     continue
                 if gone := [fp for fp in built_for if fp not in usable]:
-                    stale[number] = (built_for, gone)
+                    why = (
+                        f"built for certificate {gone[0][:16]}…, no longer usable (revoked, "
+                        "retired or expired): built again for the agency's certificates of now"
+                    )
+                    stale[number] = (built_for, [], why)
         if not stale:
             return []
         done: list[int] = []
@@ -266,15 +292,11 @@ class Builder:
                 # meanwhile is looked at again next time (SQLite writers are serialised).
                 query = query.with_for_update(skip_locked=True)
             for row in s.scalars(query):
-                built_for, gone = stale[row.id]
-                if row.detail.get(ENCRYPTED_TO) != built_for:
+                built_for, left, reason = stale[row.id]
+                if (row.detail.get(ENCRYPTED_TO) or []) != built_for:
                     continue  # built again meanwhile (another builder)
-                reason = (
-                    f"built for certificate {gone[0][:16]}…, no longer usable (revoked, retired "
-                    "or expired): built again for the agency's certificates of now"
-                )
                 log.warning("outbox %s (%s): %s", row.id, row.key, reason)
-                detail = without_build(row.detail)
+                detail = to_build_again(row.detail, left)
                 row.state, row.message, row.mail_from, row.rcpt_to = "new", None, None, None
                 row.entry_seq = None  # that build is history (in the archive), not to be resent
                 row.detail, row.last_reply = detail, reason

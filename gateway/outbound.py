@@ -21,16 +21,18 @@ Three steps, each idempotent, each resumable after a crash:
    again once the claim expires.
 
    A built message waits encrypted to the certificates of the moment it was built
-   (``detail["encrypted_to"]``). Should one of them stop being usable before the relay takes
-   it (revoked, retired, expired: the agency may no longer hold that key, or someone else
-   may), the builder takes the row back and builds it again for the certificates of now
-   (:meth:`gateway.builder.Builder.rebuild_stale`, every :data:`gateway.builder.STALE_CHECK`, on
-   lookups cached for :data:`gateway.builder.CERT_CACHE`), for the mailboxes that did not take the first build. The same goes for
-   a row an admin has built again (:func:`gateway.outbox_admin.requeue`). Should every mailbox
-   the agency has now have taken an earlier build (those that lacked it having left the
-   agency), nothing is left to send: the row ends ``sent`` with no message, its last reply
-   and ``detail["left_agency"]`` say why, and that end is filed as an ``outcome`` entry
-   (:func:`gateway.builder.nothing_left`). A build again never goes to a mailbox that took an earlier one.
+   (``detail["encrypted_to"]``). Should one of them stop being usable before the relay takes it
+   (revoked, retired, expired: the agency may no longer hold that key, or someone else may), or
+   a mailbox it waits for leave its agency, the builder takes the row back and builds it again
+   for the certificates and mailboxes of now (:meth:`gateway.builder.Builder.rebuild_stale`,
+   every :data:`gateway.builder.STALE_CHECK`, on lookups cached for
+   :data:`gateway.builder.CERT_CACHE`), for the mailboxes that did not take the first build.
+   The same goes for a row an admin has built again (:func:`gateway.outbox_admin.requeue`).
+   Should every mailbox the agency has now have taken an earlier build (those that lacked it
+   having left the agency), nothing is left to send: the row ends ``sent`` with no message, its
+   last reply and ``detail["left_agency"]`` say why, and that end is filed as an ``outcome``
+   entry (:func:`gateway.builder.nothing_left`). A build again never goes to a mailbox that
+   took an earlier one.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from sqlalchemy.orm import Session
 from archive import tables as t
 from archive.db import Database
 from formats.errors import DatabaseDamaged, TransientError
+from formats.vntime import local_day
 from gateway.verdict import Verdict
+from keys.directory import Directory, comparable
 
 #: How long a builder's claim holds before another builder may take the rows over. The sender
 #: holds its rows for longer, renewed as it goes (:attr:`gateway.sender.Sender.lease`).
@@ -62,6 +66,11 @@ NOT_TAKEN = "not_taken"
 #: ``detail`` key of a row that ended with nothing left to send (:func:`nothing_left`): the
 #: mailboxes that lacked it and are no longer the agency's.
 LEFT_AGENCY = "left_agency"
+#: The kinds of row the builder addresses to their agency's mailboxes of now (its directory
+#: entry): sent, or sent again, only to those still its own (:func:`left_agency`). A receipt
+#: goes to the mailbox the message came from, a resend to the receipt's, an alert to the admin
+#: address.
+TO_AGENCY_MAILBOXES = frozenset({"delivery", "reminder"})
 #: Failures of the database or the disk, not of one message or row: raised, the batch waits
 #: for its lease and the loop backs off (the worker's filing and builder, serve's loops).
 ENVIRONMENT: tuple[type[Exception], ...] = (
@@ -262,6 +271,33 @@ def without_build(detail: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def to_build_again(detail: Mapping[str, Any], left: Sequence[str]) -> dict[str, Any]:
+    """``detail`` once the built message is dropped (:func:`without_build`), the mailboxes that
+    left the agency without it — ``left`` now, and those of an earlier requeue — named among
+    those that had not taken it, for the builder's :func:`gateway.builder.nothing_left` to say
+    so."""
+    out = without_build(detail)
+    gone = {*out.pop(LEFT_AGENCY, ()), *left}
+    if gone:
+        out[NOT_TAKEN] = sorted({*out.get(NOT_TAKEN, ()), *gone})
+    return out
+
+
 def took_build(detail: Mapping[str, Any]) -> set[str]:
     """The mailboxes that took an earlier build of a row (the relay answered 250 for them)."""
     return {a for a, r in detail.get("recipients", {}).items() if r.get("status") == "sent"}
+
+
+def left_agency(
+    kind: str, organ_id: str | None, recipients: Sequence[str], directory: Directory, at: datetime
+) -> list[str] | None:
+    """Those of ``recipients`` that are no longer mailboxes of agency ``organ_id`` (none, for a
+    row not addressed to its agency's mailboxes: :data:`TO_AGENCY_MAILBOXES`); ``None`` when
+    the agency is not in ``directory`` or not active on the day of ``at`` (as the builder sees
+    it). An address that is not a bare one matches no mailbox."""
+    if kind not in TO_AGENCY_MAILBOXES or organ_id is None:
+        return []
+    agency = directory.get(organ_id)
+    if agency is None or not agency.active_on(local_day(at)):
+        return None
+    return [r for r in recipients if not comparable((r,)) & agency.emails]

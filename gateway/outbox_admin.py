@@ -17,7 +17,7 @@ Requeueing a failed row:
   twice. If a certificate those bytes are encrypted to is no longer usable, it is built again
   instead (``new``), for those recipients. The time until the sender gives up counts from the
   requeue, not from the row's birth;
-- a delivery or reminder (:data:`TO_AGENCY_MAILBOXES`) goes again only to those of the
+- a delivery or reminder (:data:`gateway.outbound.TO_AGENCY_MAILBOXES`) goes again only to those of the
   recipients that are still mailboxes of its agency in the directory of now (compared as the
   directory compares them, :func:`keys.directory.comparable`). Those that have left the agency
   are dropped, named in the result and in the admin event, and never sent it again (a row sent
@@ -43,10 +43,9 @@ from sqlalchemy.orm import Session
 
 from archive import tables as t
 from formats.errors import ConfigError, InputError
-from formats.vntime import local_day
-from gateway.outbound import ENCRYPTED_TO, LEFT_AGENCY, NOT_TAKEN, without_build
+from gateway.outbound import ENCRYPTED_TO, LEFT_AGENCY, left_agency, to_build_again
 from keys import evidence, store
-from keys.directory import Directory, comparable
+from keys.directory import Directory
 from keys.trust import TrustStore
 
 STATES = ("new", "building", "ready", "sending", "retry", "sent", "failed")
@@ -57,10 +56,6 @@ PENDING = tuple(s for s in STATES if s != "sent")
 REQUEUED_AT = "requeued_at"
 #: Rows read per query when requeueing (SQLite's bound-parameter limit may be as low as 999).
 CHUNK = 500
-#: The kinds of row the builder addresses to their agency's mailboxes of now (its directory
-#: entry): sent again by hand only to those still its own. A receipt goes to the mailbox the
-#: message came from, a resend to the receipt's, an alert to the admin address.
-TO_AGENCY_MAILBOXES = frozenset({"delivery", "reminder"})
 
 
 @dataclass(frozen=True)
@@ -177,7 +172,7 @@ def requeue(
         detail = {**row.detail, REQUEUED_AT: at.isoformat()}
         resend = not rebuild and row.message is not None and bool(untaken)
         # Never the old bytes to a mailbox that has left the agency: it may be someone else's.
-        left = _left_agency(row, untaken, directory, at) if resend else []
+        left = left_agency(row.kind, row.organ_id, untaken, directory, at) if resend else []
         lacking = [r for r in untaken if r not in (left or ())]
         if not resend or left is None or not lacking or _encrypted_to_unusable(s, row, at, trust):
             # A new message, to the mailboxes of now that did not take the old one: nobody,
@@ -188,7 +183,7 @@ def requeue(
             # The old build is history (in the archive): a duplicate's resend must not send
             # it again, should the new build fail (gateway.builder.Builder._resend).
             row.entry_seq = None
-            detail = _to_build_again(detail, left or [])
+            detail = to_build_again(detail, left or [])
         else:
             row.state, row.rcpt_to = "retry", lacking
             if left:  # no longer its recipients: their replies no longer decide its fate
@@ -203,32 +198,6 @@ def requeue(
             state=row.state, last_reply=before.last_reply, **dropped,
         )  # fmt: skip
         out.append(Requeued(before, row.state, tuple(left or ())))
-    return out
-
-
-def _left_agency(
-    row: t.Outbox, recipients: Sequence[str], directory: Directory, at: datetime
-) -> list[str] | None:
-    """Those of ``recipients`` that are no longer mailboxes of ``row``'s agency (none, for a
-    row not addressed to its agency's mailboxes: :data:`TO_AGENCY_MAILBOXES`); ``None`` when
-    the agency is not in ``directory`` or not active on the day of ``at`` (as the builder's
-    ``_addresses`` sees it). An address that is not a bare one matches no mailbox."""
-    if row.kind not in TO_AGENCY_MAILBOXES or row.organ_id is None:
-        return []
-    agency = directory.get(row.organ_id)
-    if agency is None or not agency.active_on(local_day(at)):
-        return None
-    return [r for r in recipients if not comparable((r,)) & agency.emails]
-
-
-def _to_build_again(detail: dict[str, Any], left: Sequence[str]) -> dict[str, Any]:
-    """``detail`` once the built message is dropped (:func:`without_build`), the mailboxes that
-    left the agency without it — now and at an earlier requeue — named among those that had
-    not taken it, for the builder's :func:`gateway.builder.nothing_left` to say so."""
-    out = without_build(detail)
-    gone = {*out.pop(LEFT_AGENCY, ()), *left}
-    if gone:
-        out[NOT_TAKEN] = sorted({*out.get(NOT_TAKEN, ()), *gone})
     return out
 
 

@@ -6,6 +6,7 @@ Against a real relay (aiosmtpd on loopback, as in tests/test_outbox_admin.py).""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -13,11 +14,13 @@ import pytest
 
 from archive.service import Archive
 from formats.errors import InputError
+from formats.vntime import local_day
 from gateway import outbox_admin
 from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
 from gateway.pipeline import Context
 from gateway.relay import Relay
+from keys.directory import Directory
 from tests.test_outbound import LATER, _rows
 from tests.test_outbound_recipients import _enrol, _police, _retire_police_certificate
 from tests.test_relay import Peer
@@ -150,3 +153,65 @@ def test_a_rebuild_goes_to_a_mailbox_that_joined_and_not_to_those_that_took_it(
     assert dict(sender.run_once())[row.id] == "sent"
     assert _to_police(handler) == [[POLICE], [NEW_DESK]]
     assert _statuses(archive, key) == {POLICE: "sent", NEW_DESK: "sent"}
+
+
+def test_a_delivery_waiting_for_a_mailbox_that_left_the_agency_is_not_sent_it(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    peer: tuple[Peer, Relay],
+) -> None:
+    """The delivery waits to be retried for the duty desk (450) when the duty desk closes (its
+    mailbox removed from the directory; it may be someone else's by now). The builder's check
+    takes the row back before the sender's next try: built again, it has nobody left to go
+    to, and the old bytes never reach the duty desk."""
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive, world, world_ctx, hub, peer, {DUTY: "450 4.2.1 mailbox busy"}
+    )
+    row = _rows(archive)[key]
+    assert dict(sender.run_once())[row.id] == "retry"
+    assert _rows(archive)[key].rcpt_to == [DUTY]
+
+    clock[0] = LATER + timedelta(hours=2)  # past the retry's backoff
+    # world.directory: the police with their first mailbox alone (the duty desk has left).
+    builder = Builder(archive, hub, lambda: world.directory, lambda: clock[0], "b")
+    assert builder.rebuild_stale() == [row.id]
+    assert f"{DUTY}, no longer a mailbox of H26.CATP" in (_rows(archive)[key].last_reply or "")
+    _build_all(builder)
+    sender.run_once()
+    assert _to_police(handler) == [[POLICE]]  # the first build only
+    row = _rows(archive)[key]
+    assert row.state == "sent" and "nothing left to send" in (row.last_reply or "")
+    assert row.detail["left_agency"] == [DUTY]
+
+
+def test_a_delivery_waiting_for_an_agency_no_longer_active_is_taken_back_and_fails(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    peer: tuple[Peer, Relay],
+) -> None:
+    """The police's directory entry ends (a merger: their mailboxes may be a successor's) while
+    their delivery waits for a retry: it is not sent; built again, it fails saying why."""
+    handler = peer[0]
+    key, clock, sender = _refused_by(
+        archive, world, world_ctx, hub, peer, {DUTY: "450 4.2.1 mailbox busy"}
+    )
+    row = _rows(archive)[key]
+    assert dict(sender.run_once())[row.id] == "retry"
+    clock[0] = LATER + timedelta(days=2)
+    ended = Directory.of(
+        dataclasses.replace(a, valid_to=local_day(LATER)) if a.organ_id == "H26.CATP" else a
+        for a in _police_with(world, DUTY)
+    )
+    builder = Builder(archive, hub, lambda: ended, lambda: clock[0], "b")
+    assert builder.rebuild_stale() == [row.id]
+    _build_all(builder)
+    sender.run_once()
+    assert _to_police(handler) == [[POLICE]]
+    row = _rows(archive)[key]
+    assert (row.state, row.message) == ("failed", None)
+    assert "is not active on" in (row.last_reply or "")
