@@ -55,15 +55,17 @@ admin alert, once a day whatever the number (``alert:imap-oversize:DAY``,
 ``alert:imap-unreadable:DAY``, naming the first), and records the key ``refused:<sha256 of the
 source key>`` in the replay table, so a crash before the move does not file it twice.
 
-A message the server cannot return (its FETCH answers NO or BAD, or the server hangs up on it
-— Dovecot answers ``BYE`` when it cannot read a Maildir file — or does not answer within
+A message the server cannot return (its FETCH answers NO or BAD, or the server hangs up on it —
+Dovecot answers ``BYE`` when it cannot read a Maildir file — or does not answer within
 ``timeout``): errors are per UID. A chunk whose sizes cannot be fetched together is fetched one
 UID at a time; a UID whose size or body cannot be fetched is skipped for this pass (after a
 lost connection the poller logs in again and goes on), and the others are taken in. After
-:data:`MAX_FAILED_PASSES` passes that each failed on it, it is filed as refused
-(:class:`Unreadable`, with the server's last answer) and moved to ``unreadable_mailbox``; if
-the server refuses that too, it is left where it is and only the move is tried again, each
-pass. The count is kept in memory: a restart begins it again (the filing is still once).
+:data:`MAX_FAILED_PASSES` passes in a row that each failed on it, spanning at least
+:data:`GIVE_UP_AFTER` from the first (under IDLE, steady mail makes passes seconds apart), it
+is filed as refused (:class:`Unreadable`, with the server's last answer) and moved to
+``unreadable_mailbox``; if the server refuses that too, it is left where it is and only the
+move is tried again, each pass. The count is kept in memory: a restart begins it again (the
+filing is still once).
 
 UIDVALIDITY: UIDs mean something only within one UIDVALIDITY (RFC 3501 §2.3.1.1), so the key
 carries it. When it changes (mailbox recreated, restored, or moved to another server) every
@@ -87,7 +89,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imapclient import IMAPClient
@@ -123,9 +125,12 @@ FETCH_CHUNK = 500
 #: every pass, once the mailbox holds ~140,000 messages. 10,000 UIDs of up to 10 digits: 110 KB.
 SEARCH_WINDOW = 10_000
 #: Passes that each failed to fetch one message (its size or its body) before it is filed as
-#: refused and moved to the unreadable mailbox: at ``poll_seconds`` 30, some two minutes of a
-#: server that answers NO (or hangs up) on it, and not one failure that may have been chance.
+#: refused and moved to the unreadable mailbox: not one failure that may have been chance ...
 MAX_FAILED_PASSES = 5
+#: ... nor a few seconds of it: under IDLE, steady mail starts a pass every second or so, and a
+#: refusal is final (only an admin moving the message back undoes it). The passes must also
+#: span this long, from the first that failed (:attr:`ImapPoller.give_up_after`).
+GIVE_UP_AFTER = timedelta(minutes=10)
 #: The connection is gone, on one message as it seems: the server hung up (Dovecot answers BYE
 #: when it cannot read the message), reset it, or did not answer within ``timeout`` (a read
 #: that never ends on its side). The poller logs in again and goes on with the others.
@@ -179,6 +184,22 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass
+class _Failing:
+    """The passes in a row that failed to fetch one message."""
+
+    first: datetime  # when the first of them failed
+    passes: int = 0
+    why: str = ""  # the last failure
+    given_up: bool = False  # filed as refused (MAX_FAILED_PASSES over give_up_after)
+
+
+def _span(length: timedelta) -> str:
+    """A duration in words: ``10 min``, ``45 s``."""
+    seconds = max(0, round(length.total_seconds()))
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or "(no detail)"
     return f"{type(exc).__name__}: {text[:300]}"
@@ -211,13 +232,12 @@ class ImapPoller:
     timeout: float = 60.0  # seconds for any one network read or write
     fetch_chunk: int = FETCH_CHUNK  # UIDs per UID FETCH of sizes
     search_window: int = SEARCH_WINDOW  # UIDs per UID SEARCH
+    give_up_after: timedelta = GIVE_UP_AFTER  # failing passes must span this long (and more)
     _caps: set[bytes] = field(default_factory=set, init=False, repr=False)
     _separator: str | None = field(default=None, init=False, repr=False)
     _ready: set[str] = field(default_factory=set, init=False, repr=False)  # mailboxes that exist
-    #: (UIDVALIDITY, UID) → (passes that failed on it in a row, the last failure).
-    _failures: dict[tuple[int, int], tuple[int, str]] = field(
-        default_factory=dict, init=False, repr=False
-    )
+    #: (UIDVALIDITY, UID) → the passes that failed on it in a row (:meth:`_failed`).
+    _failures: dict[tuple[int, int], _Failing] = field(default_factory=dict, init=False, repr=False)
     _left: set[tuple[int, int]] = field(default_factory=set, init=False, repr=False)
     where: str = field(init=False)  # user@host/mailbox: the MailboxState key, source key prefix
 
@@ -369,8 +389,8 @@ class ImapPoller:
                 alone = chunk
         for uid in alone:
             key = (p.uidvalidity, uid)
-            if self._failures.get(key, (0, ""))[0] >= MAX_FAILED_PASSES:
-                p.failed[uid] = self._failures[key][1]  # given up: not fetched again
+            if (failing := self._failures.get(key)) and failing.given_up:
+                p.failed[uid] = failing.why  # not fetched again
                 continue
             try:
                 sizes.update(self._fetch_sizes(link.client, [uid]))
@@ -462,32 +482,38 @@ class ImapPoller:
         self._to(link, p, uid, self.oversize_mailbox, "oversize")
 
     def _failed(self, link: _Link, p: _Pass, uid: int, size: int | None) -> None:
-        """One more pass failed on ``uid``: skipped, or after :data:`MAX_FAILED_PASSES`,
-        filed as refused and moved to the unreadable mailbox (left where it is if that fails)."""
+        """One more pass failed on ``uid``: skipped, or after :data:`MAX_FAILED_PASSES` that
+        span :attr:`give_up_after`, filed as refused and moved to the unreadable mailbox (left
+        where it is if that fails)."""
         key = (p.uidvalidity, uid)
-        passes = self._failures.get(key, (0, ""))[0]
+        now = self.clock()
+        failing = self._failures.setdefault(key, _Failing(first=now))
         why = p.failed[uid]
-        if passes < MAX_FAILED_PASSES:
-            passes += 1
-            self._failures[key] = (passes, why)
-            if passes < MAX_FAILED_PASSES:
+        if not failing.given_up:
+            failing.passes, failing.why = failing.passes + 1, why
+            failing.given_up = (
+                failing.passes >= MAX_FAILED_PASSES and now - failing.first >= self.give_up_after
+            )
+            if not failing.given_up:
                 log.warning(
-                    "IMAP %s UID %d: %s; skipped, tried again next pass (%d of %d)",
-                    self.where, uid, why, passes, MAX_FAILED_PASSES,
+                    "IMAP %s UID %d: %s; skipped, tried again next pass (%d in a row since %s; "
+                    "given up after %d over %s)",
+                    self.where, uid, why, failing.passes, f"{failing.first:%Y-%m-%d %H:%M:%SZ}",
+                    MAX_FAILED_PASSES, _span(self.give_up_after),
                 )  # fmt: skip
                 p.count("skipped")
                 return
+        day = local_day(now)
+        span = f"{failing.passes} passes over {_span(now - failing.first)}"
         error = Unreadable(
-            f"the mailbox's server did not return the message in {MAX_FAILED_PASSES} passes "
-            f"({why}); it was not taken in"
+            f"the mailbox's server did not return the message in {span} ({why}); it was not "
+            "taken in"
         )
-        day = local_day(self.clock())
 
         def alert(seq: int) -> tuple[str, str]:
             return f"imap-unreadable:{day}", (
                 f"The IMAP server did not return messages in the mailbox {self.where} ({day}): "
-                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), in {MAX_FAILED_PASSES} "
-                f"passes ({why}). It was not taken in: it is filed as refused (archive entry "
+                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), in {span} ({why}). It was not taken in: it is filed as refused (archive entry "
                 f"{seq}) and moved to {self.unreadable_mailbox}, or left where it is if the "
                 "server refuses that too (the gateway's log says which). The server's log says "
                 "why it cannot read it; once that is fixed, move it back and it is taken in as "
@@ -497,7 +523,7 @@ class ImapPoller:
         seq, new = self._refuse(link.client, uid, p.uidvalidity, error, size, None, alert)
         (log.error if new else log.info)(
             "IMAP %s UID %d: %s, %d passes in a row; %s as refused (entry %d), moving it to %s",
-            self.where, uid, why, MAX_FAILED_PASSES, "filed" if new else "already filed", seq,
+            self.where, uid, why, failing.passes, "filed" if new else "already filed", seq,
             self.unreadable_mailbox,
         )  # fmt: skip
         p.count("unreadable")

@@ -19,6 +19,7 @@ import re
 import stat
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from formats.limits import Limits
 from formats.vntime import local_day
 from gateway import intake
 from gateway.demo import DemoWorld
-from gateway.imap import MAX_FAILED_PASSES, ImapPoller, PollResult
+from gateway.imap import GIVE_UP_AFTER, MAX_FAILED_PASSES, ImapPoller, PollResult
 from tests import dovecot
 from tests.conftest import WORLD_AT
 from tests.test_imap import _bodies, _eventually, _mailbox, _poller
@@ -67,6 +68,17 @@ def imap(server: dovecot.DovecotServer, user: str) -> Iterator[Any]:
     client = server.client(user)
     yield client
     client.logout()
+
+
+class Clock:
+    """The pollers' clock: WORLD_AT, moved on by the test, or by ``step`` at each reading."""
+
+    def __init__(self, step: timedelta = timedelta(0)) -> None:
+        self.now, self.step = WORLD_AT, step
+
+    def __call__(self) -> datetime:
+        now, self.now = self.now, self.now + self.step
+        return now
 
 
 class Crash(BaseException):
@@ -272,15 +284,18 @@ def test_after_max_failed_passes_it_is_filed_as_refused_moved_aside_and_alerted(
     messages = [_message(n) for n in range(3)]
     imap.multiappend("INBOX", messages)
     _make_unreadable(server, user, messages[1], size=size)
-    poller = _poller(db, server, user)
+    clock = Clock()
+    poller = _poller(db, server, user, clock=clock)
     assert poller.poll_once() == PollResult(taken=2, moved=2, skipped=1)
-    for _ in range(MAX_FAILED_PASSES - 2):
+    # Enough passes, but all within seconds (under IDLE, steady mail does that): not given up.
+    for _ in range(MAX_FAILED_PASSES):
         assert poller.poll_once() == PollResult(skipped=1)
     assert _entries(db) == []
+    clock.now += GIVE_UP_AFTER
     with caplog.at_level(logging.ERROR, logger="gateway.imap"):
         assert poller.poll_once() == PollResult(unreadable=1)
     assert _mailbox(imap, "INBOX") == {}
-    assert f"{MAX_FAILED_PASSES} passes in a row; filed as refused (entry 0)" in caplog.text
+    assert f"{MAX_FAILED_PASSES + 2} passes in a row; filed as refused (entry 0)" in caplog.text
 
     ((seq, kind, status, fields),) = _entries(db)
     assert (kind, status) == ("message", "refused")
@@ -289,6 +304,7 @@ def test_after_max_failed_passes_it_is_filed_as_refused_moved_aside_and_alerted(
     ((reason),) = fields["reasons"]
     assert reason["code"] == "imap-unreadable"
     assert "Internal error occurred" in reason["message"]  # Dovecot's answer
+    assert f"in {MAX_FAILED_PASSES + 2} passes over 10 min" in reason["message"]
     assert fields["size"] == (len(messages[1]) if size else None)
     alerts = _alerts(db)
     assert list(alerts) == [f"alert:imap-unreadable:{DAY}"]
@@ -312,9 +328,11 @@ def test_one_the_server_will_not_move_either_is_left_where_it_is_and_filed_once(
     messages = [_message(n) for n in range(2)]
     imap.multiappend("INBOX", messages[:1])
     _make_unreadable(server, user, messages[0], size=True)
-    poller = _poller(db, server, user, RefusesTheUnreadableMailbox)
+    clock = Clock()
+    poller = _poller(db, server, user, RefusesTheUnreadableMailbox, clock=clock)
     for _ in range(MAX_FAILED_PASSES - 1):
         assert poller.poll_once() == PollResult(skipped=1)
+    clock.now += GIVE_UP_AFTER
     assert poller.poll_once() == PollResult(unreadable=1)
     imap.append("INBOX", messages[1])
     assert poller.poll_once() == PollResult(taken=1, moved=1, unreadable=1)  # the move again
@@ -333,16 +351,19 @@ def test_a_crash_between_filing_an_unreadable_message_and_moving_it_files_it_onc
 
     imap.append("INBOX", _message(0))
     _make_unreadable(server, user, _message(0), size=True)
-    crashing = _poller(db, server, user, CrashesBeforeMoving)
+    clock = Clock()
+    crashing = _poller(db, server, user, CrashesBeforeMoving, clock=clock)
     for _ in range(MAX_FAILED_PASSES - 1):
         crashing.poll_once()
+    clock.now += GIVE_UP_AFTER
     with pytest.raises(Crash):
         crashing.poll_once()
     assert len(_entries(db)) == 1
 
-    poller = _poller(db, server, user)  # a new process: it counts the passes again
+    poller = _poller(db, server, user, clock=clock)  # a new process: it counts again
     for _ in range(MAX_FAILED_PASSES - 1):
         assert poller.poll_once() == PollResult(skipped=1)
+    clock.now += GIVE_UP_AFTER
     assert poller.poll_once() == PollResult(unreadable=1)
     assert len(_entries(db)) == 1  # not filed twice
     assert list(_alerts(db)) == [f"alert:imap-unreadable:{DAY}"]
@@ -355,7 +376,8 @@ def test_run_takes_in_the_messages_behind_one_the_server_cannot_return(
     messages = [_message(n) for n in range(4)]
     imap.multiappend("INBOX", messages)
     _make_unreadable(server, user, messages[1], size=False)
-    poller = _poller(db, server, user, poll_seconds=0.1)
+    # Each reading of the clock a minute on: the passes span GIVE_UP_AFTER within a few.
+    poller = _poller(db, server, user, poll_seconds=0.1, clock=Clock(timedelta(minutes=1)))
     stop = threading.Event()
     thread = threading.Thread(target=poller.run, args=(stop,))
     thread.start()
