@@ -431,17 +431,18 @@ class ImapPoller:
             self._oversize(link, p, uid, f"{size} bytes", size)
             return
         try:
-            raw = self._fetch(link.client, uid)
+            fetched = self._fetch(link.client, uid)
         except NOT_RETURNED as exc:
             self._not_returned(link, p, uid, "the message", exc)
             self._failed(link, p, uid, size)
             return
-        if raw is None:  # expunged by someone else meanwhile
+        if fetched is None:  # expunged by someone else meanwhile
             return
+        raw, arrived = fetched
         if len(raw) > limit:  # RFC822.SIZE said less
             self._oversize(link, p, uid, f"more than {limit} bytes (RFC822.SIZE said {size})", size)
             return
-        transport = self._transport(link.client, uid, p.uidvalidity)
+        transport = self._transport(link.client, uid, p.uidvalidity, arrived)
         number = intake.accept(self.db, raw, transport, source_key=key)
         log.info("IMAP %s UID %d: taken in as intake #%d", self.where, uid, number)
         self._to(link, p, uid, self.done_mailbox, "taken")
@@ -573,7 +574,7 @@ class ImapPoller:
             "status": "refused",
             "size": size,
             "source_key": key,
-            "transport": self._transport(client, uid, uidvalidity).as_dict(),
+            "transport": self._transport(client, uid, uidvalidity, None).as_dict(),
             "steps": {},
             "reasons": [error.as_dict()],
         }
@@ -627,18 +628,33 @@ class ImapPoller:
     def _key(self, uidvalidity: int, uid: int) -> str:
         return f"imap:{self.where}/{uidvalidity}/{uid}"
 
-    def _fetch(self, client: Any, uid: int) -> bytes | None:
+    def _fetch(self, client: Any, uid: int) -> tuple[bytes, datetime | None] | None:
+        """The message (at most ``max_message_bytes`` + 1 bytes) and its INTERNALDATE (when
+        the mail store took it in; ``None`` if the server gave none that reads as a moment)."""
         part = f"BODY.PEEK[]<0.{self.limits.max_message_bytes + 1}>"
-        data = client.fetch([uid], [part]).get(uid, {})
+        data = client.fetch([uid], [part, "INTERNALDATE"]).get(uid, {})
         body = next((v for k, v in data.items() if k.startswith(b"BODY[]")), None)
-        return bytes(body) if body is not None else None
+        if body is None:
+            return None
+        arrived = data.get(b"INTERNALDATE")
+        aware = isinstance(arrived, datetime) and arrived.tzinfo is not None
+        return bytes(body), arrived.astimezone(UTC) if aware else None
 
-    def _transport(self, client: Any, uid: int, uidvalidity: int) -> Transport:
+    def _transport(
+        self, client: Any, uid: int, uidvalidity: int, arrived: datetime | None
+    ) -> Transport:
+        """How the message came. Its time of receipt is when the hub's mail store took it in
+        (INTERNALDATE, RFC 3501 §2.3.3), not when this poller got round to it: the worker
+        judges certificates, and compliance deadlines, at that moment; a poller that was down
+        for an hour, or the minute past midnight, must not make a submission late or its
+        certificate expired. Never later than now (a server clock ahead of ours)."""
         sock = client.socket()
         secure = isinstance(sock, ssl.SSLSocket) and (cipher := sock.cipher())
         tls = f"{sock.version()} {cipher[0]}" if secure and cipher else None
         extra = {"mailbox": self.mailbox, "uid": str(uid), "uidvalidity": str(uidvalidity)}
-        return Transport(self.clock(), "imap", peer=self.host, tls=tls, extra=extra)
+        now = self.clock()
+        received = min(arrived, now) if arrived is not None else now
+        return Transport(received, "imap", peer=self.host, tls=tls, extra=extra)
 
     def _move(self, client: Any, uid: int, mailbox: str) -> bool:
         """Move one message; ``True`` when an EXPUNGE is still owed (no UIDPLUS)."""
@@ -665,6 +681,7 @@ class ImapPoller:
         implicit = self.security == "tls"
         context = self.ssl_context if implicit else None
         client = IMAPClient(self.host, self.port, ssl=implicit, ssl_context=context, timeout=self.timeout)  # fmt: skip
+        client.normalise_times = False  # INTERNALDATE with its zone, not naive local time
         try:
             if self.security == "starttls":
                 client.starttls(self.ssl_context)  # CapabilityError without STARTTLS: no fallback

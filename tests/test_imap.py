@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +427,40 @@ def test_a_changed_uidvalidity_starts_again_and_the_worker_files_a_duplicate_onc
     outcomes = worker.run_once()
     assert [o.disposition for o in outcomes] == ["accepted", "accepted", "duplicate", "accepted"]
     assert outcomes[2].archive_seq == outcomes[1].archive_seq
+
+
+def test_a_message_is_received_when_the_mailbox_took_it_in_not_when_it_was_fetched(
+    db: Database,
+    server: dovecot.DovecotServer,
+    user: str,
+    imap: Any,
+    world: DemoWorld,
+    world_ctx: Context,
+) -> None:
+    """Home Affairs' submission reached the hub's mailbox at WORLD_AT (its INTERNALDATE). The
+    poller was down until after Home Affairs' certificate expired: the message is still
+    received at WORLD_AT, when the certificate was valid, and accepted; a deadline would be
+    counted from then too."""
+    imap.append("INBOX", world.submission("H26.SNV"), msg_time=WORLD_AT)
+    later = world.agencies["H26.SNV"].cert.not_valid_after_utc + timedelta(hours=1)
+    assert _poller(db, server, user, clock=lambda: later).poll_once().taken == 1
+    [row] = _intake(db)
+    assert row.received_at == WORLD_AT
+    assert row.transport["received_at"] == WORLD_AT.isoformat()
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    archive = Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+    [outcome] = Worker(archive, lambda: world_ctx, clock=lambda: later).run_once()
+    assert outcome.disposition == "accepted"
+
+
+def test_a_time_of_receipt_ahead_of_the_gateway_clock_is_taken_as_now(
+    db: Database, server: dovecot.DovecotServer, user: str, imap: Any
+) -> None:
+    """A mail store whose clock runs ahead does not date a message in the gateway's future."""
+    imap.append("INBOX", b"Subject: x\r\n\r\nx\r\n", msg_time=WORLD_AT + timedelta(hours=2))
+    assert _poller(db, server, user).poll_once().taken == 1
+    assert [r.received_at for r in _intake(db)] == [WORLD_AT]
 
 
 # --- the loop ---------------------------------------------------------------------------------
