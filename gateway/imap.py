@@ -278,8 +278,13 @@ class ImapPoller:
             try:
                 link = _Link(self._connect())
                 while not stop.is_set():
-                    self._poll(link)
+                    result = self._poll(link)
                     failures = 0
+                    if result.moved or result.oversize:
+                        # Mail that came during the pass was announced (EXISTS) in the answers
+                        # to its own commands, where imaplib drops it: IDLE would not hear of
+                        # it. Look again until a pass moves nothing.
+                        continue
                     self._wait(link.client, stop)
             except NETWORK_ERRORS as exc:
                 failures += 1

@@ -497,6 +497,36 @@ def test_run_wakes_up_on_idle_and_stops_when_asked(
     assert _bodies(db) == [first, second]
 
 
+def test_run_takes_in_mail_that_came_during_a_pass_without_waiting_for_idle(
+    db: Database, server: dovecot.DovecotServer, user: str, imap: Any
+) -> None:
+    """The second message reaches the mailbox while the first is being moved: the server
+    announces it in its answer to that MOVE, where imaplib drops it, so IDLE will not hear of
+    it. A pass that moved something is followed by another at once."""
+    first, second = _hostile(), (ASSETS / "plain-text.eml").read_bytes()
+
+    class SecondComesDuringTheMove(ImapPoller):
+        def _move(self, client: Any, uid: int, mailbox: str) -> bool:
+            if not _intake(db)[1:]:
+                imap.append("INBOX", second)
+            return super()._move(client, uid, mailbox)
+
+    imap.append("INBOX", first)
+    poller = _poller(db, server, user, SecondComesDuringTheMove, poll_seconds=600)
+    stop = threading.Event()
+    thread = threading.Thread(target=poller.run, args=(stop,))
+    thread.start()
+    try:
+        # Within _eventually's bound, far less than the 600 s poll or the server's IDLE
+        # keep-alive (Dovecot: 2 min).
+        assert _eventually(lambda: len(_intake(db)) == 2)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert _bodies(db) == [first, second]
+
+
 def test_run_logs_one_line_per_failed_connection_and_backs_off(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
