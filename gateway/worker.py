@@ -10,7 +10,9 @@ filed twice, never lost. A row whose lease ran out while its worker was still bu
 whoever holds the claim; the late worker finds the claim gone and files nothing.
 
 A duplicate (same sender and Message-ID, or same signer and payload) is not filed again: its
-row points at the original entry, and the original receipt is sent again.
+row points at the original entry, and the original receipt is sent again. A rejected original
+is matched by its sender and Message-ID only (:func:`recorded_keys`): the same payload sent
+again in a new message, corrected, is judged anew.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class Outcome:
 
 
 def replay_keys(verdict: Verdict) -> list[str]:
-    """The keys that identify a submission a second time (DESIGN §5 rule 3)."""
+    """The keys that identify a submission a second time (DESIGN §5 rule 3): its sender and
+    Message-ID, and its signer and signed payload. A copy is found by either; which of them a
+    filed submission records is :func:`recorded_keys`."""
     keys = []
     if verdict.from_addr and verdict.message_id:
         keys.append(_key("sender", verdict.from_addr.lower(), verdict.message_id))
@@ -79,6 +83,16 @@ def replay_keys(verdict: Verdict) -> list[str]:
         signer = hashlib.sha256(verdict.signer.cert.public_bytes(Encoding.DER)).hexdigest()
         keys.append(_key("signed", signer, verdict.opened.payload_sha256))
     return keys
+
+
+def recorded_keys(verdict: Verdict, keys: Sequence[str]) -> list[str]:
+    """Those of a filed submission's ``keys`` that later copies are found by. A rejected one
+    is known again by its sender's Message-ID alone: the same signed payload sent again in a
+    new message (with the attachment it lacked, or once the hub's side is fixed) is judged
+    anew, not answered with the old refusal; the same message sent again still is."""
+    if verdict.disposition == "accepted":
+        return list(keys)
+    return [k for k in keys if k.startswith("sender:")]
 
 
 def _key(kind: str, *parts: str) -> str:
@@ -120,7 +134,8 @@ class _Job:
     raw: bytes
     transport: Transport
     verdict: Verdict
-    keys: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # its replay keys: copies of what it is
+    recorded: list[str] = field(default_factory=list)  # those later copies will find it by
 
 
 @dataclass
@@ -250,6 +265,7 @@ class Worker:
             authenticated = v.agency is not None and v.signer is not None
             if v.disposition in ("accepted", "rejected") and authenticated:
                 job.keys = replay_keys(v)
+                job.recorded = recorded_keys(v, job.keys)
         seen = _seen(s, [k for j in jobs for k in j.keys])
         outcomes: dict[int, Outcome] = {}
         changes: list[dict[str, Any]] = []  # the inbox rows' new values
@@ -285,7 +301,7 @@ class Worker:
             if earlier is not None:
                 twins[job.number] = (job, earlier)
                 continue
-            for k in job.keys:
+            for k in job.recorded:
                 first_of[k] = job
             fresh.append(job)
         providers = {
@@ -298,7 +314,7 @@ class Worker:
         keys: list[dict[str, Any]] = []
         for job in fresh:
             seq = seq_of[job.number]
-            keys += [{"key": k, "archive_seq": seq} for k in job.keys]
+            keys += [{"key": k, "archive_seq": seq} for k in job.recorded]
             to = self.recipients(job.verdict, owes) if job.verdict.accepted else []
             owed += outbound.owed_for(job.verdict, seq, to, now)
             changes.append(_done(job.number, seq, now))

@@ -94,7 +94,12 @@ def test_payload_from_another_agency_is_rejected_not_quarantined(
     assert "H26.CATP" in verdict.errors[0].message
 
 
-def _document_with(world: DemoWorld, listed: list[Listed], attached: list[Attachment]) -> bytes:
+def _document_with(
+    world: DemoWorld,
+    listed: list[Listed],
+    attached: list[Attachment],
+    message_id: str = "<doc-7@snv.hanoi.gov.vn>",
+) -> bytes:
     payload = build_payload(
         "document",
         sender=Organ(SNV, None, SNV_EMAIL),
@@ -113,7 +118,7 @@ def _document_with(world: DemoWorld, listed: list[Listed], attached: list[Attach
         recipients=[world.hub.cert],
         from_addr=SNV_EMAIL,
         to_addrs=[HUB_ADDRESS],
-        message_id="<doc-7@snv.hanoi.gov.vn>",
+        message_id=message_id,
         date=WORLD_AT,
         attachments=attached,
     )

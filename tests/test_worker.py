@@ -21,6 +21,7 @@ from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
 from formats.errors import DatabaseDamaged, InputError, InternalError
+from formats.smime import Attachment
 from gateway import intake, obligation_store, pipeline, worker_process
 from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
@@ -33,6 +34,7 @@ from keys.issuing import make_root
 from keys.trust import TrustStore
 from tests.conftest import WORLD_AT
 from tests.outbox_world import record_sessions
+from tests.test_pipeline import _document_with, _listed
 
 
 @pytest.fixture
@@ -99,6 +101,30 @@ def test_a_duplicate_is_not_filed_again_but_a_forgery_reusing_its_id_is(
     ]
     with archive.db.session() as s:
         assert archive.log.size(s) == 2
+
+
+def test_a_corrected_resend_of_a_rejected_submission_is_judged_anew(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """The clerk forgot the scan the payload lists: rejected. The same signed payload sent
+    again in a new message, the scan attached, is judged anew and accepted, not answered with
+    the old refusal; the rejected message itself sent again still gets its receipt again."""
+    scan = Attachment("danh-sach.pdf", "application/pdf", b"%PDF-1.7 scan")
+    forgot = _document_with(world, [_listed(scan)], [], "<first@snv.hanoi.gov.vn>")
+    _receive(archive, forgot)
+    [first] = _worker(archive, world_ctx).run_once()
+    assert first.disposition == "rejected"
+    fixed = _document_with(world, [_listed(scan)], [scan], "<second@snv.hanoi.gov.vn>")
+    _receive(archive, forgot, minutes=1)
+    _receive(archive, fixed, minutes=2)
+    outcomes = _worker(archive, world_ctx, minutes=6).run_once()
+    assert [(o.disposition, o.archive_seq) for o in outcomes] == [
+        ("duplicate", first.archive_seq),
+        ("accepted", 1),
+    ]
+    _receive(archive, fixed, minutes=7)  # and the accepted one again: a duplicate of it
+    [again] = _worker(archive, world_ctx, minutes=8).run_once()
+    assert (again.disposition, again.archive_seq) == ("duplicate", 1)
 
 
 def test_a_transient_failure_is_retried_later_and_not_filed_meanwhile(
