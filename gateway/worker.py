@@ -266,6 +266,11 @@ class Worker:
             if v.disposition in ("accepted", "rejected") and authenticated:
                 job.keys = replay_keys(v)
                 job.recorded = recorded_keys(v, job.keys)
+        if s.get_bind().dialect.name == "postgresql" and any(j.keys for j in jobs):
+            # Look for copies under the append lock: two workers each holding a copy of one
+            # submission must not both find it new (the second's replay key would then fail
+            # the whole batch at insert). SQLite writers are serialised already.
+            self.archive.log.lock(s)
         seen = _seen(s, [k for j in jobs for k in j.keys])
         outcomes: dict[int, Outcome] = {}
         changes: list[dict[str, Any]] = []  # the inbox rows' new values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sqlite3
@@ -32,6 +33,7 @@ from gateway.worker_process import BUILD_EVERY, build_now
 from keys import store
 from keys.issuing import make_root
 from keys.trust import TrustStore
+from tests import pg
 from tests.conftest import WORLD_AT
 from tests.outbox_world import record_sessions
 from tests.test_pipeline import _document_with, _listed
@@ -464,3 +466,57 @@ def test_a_released_message_is_decided_again_as_of_its_arrival(
     assert fields["transport"]["received_at"] == entry.fields["transport"]["received_at"]
     assert fields["transport"]["released_from"] == str(first.archive_seq)
     assert events == ["release"]
+
+
+@pytest.mark.postgres
+def test_two_workers_each_holding_a_copy_file_one_and_answer_the_other_on_postgresql(
+    pg_cluster: pg.PgCluster,
+    world: DemoWorld,
+    world_ctx: Context,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agency's client sent a submission twice and two workers each claimed one copy. Each
+    looks for copies under the append lock, so the second finds the first's: one filed, one
+    duplicate, neither batch failing on the second's replay key (and left for its lease)."""
+    name = pg_cluster.create_database("copies")
+    db = Database.open(pg_cluster.url(name))
+    key = world.hub.key
+    assert isinstance(key, rsa.RSAPrivateKey)
+    archive = Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    _receive(archive, raw, minutes=1)
+    looked = threading.Barrier(2)
+    real_seen = worker_module._seen
+
+    def seen(s: Any, keys: list[str]) -> dict[str, int]:
+        found = real_seen(s, keys)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            looked.wait(timeout=2)  # without the lock, both look before either files
+        return found
+
+    monkeypatch.setattr(worker_module, "_seen", seen)
+    workers = [
+        Worker(archive, lambda: world_ctx, clock=lambda: WORLD_AT + timedelta(minutes=5), name=n)
+        for n in ("host:1", "host:2")
+    ]
+    results: dict[str, Any] = {}
+
+    def run(w: Worker) -> None:
+        try:
+            results[w.name] = [o.disposition for o in w.run_once(limit=1)]  # a copy each
+        except Exception as exc:  # the failure under test, reported by the assertion below
+            results[w.name] = repr(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    try:
+        assert sorted(map(str, results.values())) == ["['accepted']", "['duplicate']"], results
+        with db.session(read_only=True) as s:
+            assert set(s.scalars(select(t.Intake.state))) == {"done"}
+    finally:
+        db.dispose()
+        pg_cluster.drop_database(name)
