@@ -11,6 +11,7 @@ import sqlite3
 import ssl
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -686,6 +687,21 @@ def test_line_limit_is_checked_exactly_for_any_line_lengths(limit: int, shape: l
     got = smtp_checks.check_data(data, Limits(max_line_bytes=limit))
     assert (got is not None) == any(n > limit for n in lengths)
     assert got is None or got.startswith("500 5.5.2")
+
+
+def test_a_long_line_is_found_without_copying_the_message() -> None:
+    """8 MiB of short lines and one over the limit: the check measures the lines where a long
+    one can be, in place. Splitting the data into lines made a bytes object per line, ~400 MiB
+    and most of a second of the event loop's GIL for 32 MiB."""
+    data = b"short line\r\n" * (8 * 2**20 // 12) + b"x" * 999 + b"\r\n"
+    tracemalloc.start()
+    try:
+        got = smtp_checks.check_data(data, Limits())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == smtp_checks.LINE_TOO_LONG
+    assert peak < 2**20, peak
 
 
 # --- STARTTLS ---------------------------------------------------------------------------------
