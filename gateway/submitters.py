@@ -94,8 +94,9 @@ class Throttle:
     ) -> None:
         self.free, self.lockout, self.max_lockout = free, lockout, max_lockout
         self.forget_after, self.max_tracked, self.clock = forget_after, max_tracked, clock
-        #: key ("address", a) or ("login", l) → (failures, last failure, locked until).
-        self._failures: dict[tuple[str, str], tuple[int, float, float]] = {}
+        #: key ("address", a) or ("login", l) → (failures, last failure, locked until, locked
+        #: until before the last attempt: what taking that attempt back restores).
+        self._failures: dict[tuple[str, str], tuple[int, float, float, float]] = {}
         #: (login, address) it succeeded from → when.
         self._trusted: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
@@ -117,12 +118,13 @@ class Throttle:
             now = self.clock()
             counts, locks = [], []
             for key in (("address", address), ("login", login)):
-                count, _, until = self._entry(key, now)
+                count, _, before, _ = self._entry(key, now)
                 count += 1
+                until = before
                 if count > self.free:
                     lock = self.lockout * 2 ** min(count - self.free - 1, 32)
                     until = now + min(lock, self.max_lockout)
-                self._put(self._failures, key, (count, now, until))
+                self._put(self._failures, key, (count, now, until, before))
                 counts.append(count)
                 locks.append(until - now)
             return counts[0], max(0.0, *locks)
@@ -136,18 +138,17 @@ class Throttle:
             now = self.clock()
             if attempted:
                 for key in (("address", address), ("login", login)):
-                    count, last, until = self._entry(key, now)
-                    if count > 1:  # (a lockout only this attempt earned goes with it)
-                        until = until if count - 1 > self.free else now
-                        self._failures[key] = (count - 1, last, until)
+                    count, last, _, before = self._entry(key, now)
+                    if count > 1:  # the lockout this attempt earned goes with it
+                        self._failures[key] = (count - 1, last, before, before)
                     else:
                         self._failures.pop(key, None)
             self._put(self._trusted, (login, address), now)
 
-    def _entry(self, key: tuple[str, str], now: float) -> tuple[int, float, float]:
+    def _entry(self, key: tuple[str, str], now: float) -> tuple[int, float, float, float]:
         entry = self._failures.get(key)
         if entry is None or (now - entry[1] > self.forget_after and now >= entry[2]):
-            return 0, now, now
+            return 0, now, now, now
         return entry
 
     def _is_trusted(self, login: str, address: str, now: float) -> bool:

@@ -398,3 +398,21 @@ def test_a_good_login_between_guesses_does_not_clear_the_address() -> None:
         clock[0] += 1
     assert throttle.locked(address, "insider") > 0
     assert throttle.locked(address, "victim-99") > 0
+
+
+def test_a_good_login_after_a_lockout_ran_out_does_not_lock_the_address_again() -> None:
+    """Three typos locked the address for 60 s; once that ran out, the right password logs in,
+    and the next session's does too: a success takes back its own attempt, the longer
+    lockout that attempt had set included."""
+    clock = Clock()
+    throttle = Throttle(free=2, lockout=60, clock=clock)
+    address = "192.0.2.8"
+    for _ in range(3):
+        throttle.attempt(address, SNV)
+    assert throttle.locked(address, SNV) == 60
+    clock.now += 61
+    throttle.attempt(address, SNV)  # the right password: counted first, then taken back
+    throttle.succeeded(address, SNV, attempted=True)
+    assert throttle.locked(address, SNV) == 0
+    throttle.attempt(address, "someone-else")  # the fourth failure from the address: 120 s
+    assert throttle.locked(address, "someone-else") == 120
