@@ -385,6 +385,11 @@ class _Replies:
             if not status.isascii():  # replies are ASCII (no SMTPUTF8): never fail on one
                 status = status.encode("ascii", "replace").decode("ascii")
         await super().push(status)  # type: ignore[misc]
+        # Let the other sessions run: while the stream holds another whole command (a peer
+        # pipelining thousands), reading it does not wait, and writing does not while the
+        # peer reads its replies, so one session would keep the event loop to itself (an
+        # honest sender waited 130 s behind five of them).
+        await asyncio.sleep(0)
 
     def rewrite(self, status: str) -> str:
         for rule in REWRITES:

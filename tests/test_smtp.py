@@ -27,7 +27,7 @@ from sqlalchemy import event, func, select
 from archive import tables as t
 from archive.db import Database
 from formats.limits import Limits
-from gateway import intake, smtp_checks
+from gateway import intake, smtp_checks, smtp_protocol
 from gateway import smtp as listener
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context, process
@@ -702,6 +702,57 @@ def test_a_long_line_is_found_without_copying_the_message() -> None:
         tracemalloc.stop()
     assert got == smtp_checks.LINE_TOO_LONG
     assert peak < 2**20, peak
+
+
+def test_a_session_pipelining_thousands_of_commands_does_not_hold_the_others(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One peer sends 40,000 RCPTs at once: its session takes them from its stream without
+    waiting, and answers them while the peer reads. Counted by the listener itself: another
+    session's NOOP is answered within a few of those RCPTs of reaching it, not after the
+    thousands already read."""
+    handled = [0]
+    at_noop: list[int] = []
+    rcpt, noop = smtp_protocol._Replies.smtp_RCPT, SMTP.smtp_NOOP
+
+    async def counting_rcpt(self: Any, arg: str | None) -> None:
+        handled[0] += 1
+        await rcpt(self, arg)
+
+    async def noting_noop(self: Any, arg: str) -> None:
+        at_noop.append(handled[0])
+        await noop(self, arg)
+
+    monkeypatch.setattr(smtp_protocol._Replies, "smtp_RCPT", counting_rcpt)
+    monkeypatch.setattr(SMTP, "smtp_NOOP", noting_noop)
+    server = serve(limits=Limits())
+    honest = client(server)
+    flood = socket.create_connection(("127.0.0.1", server.port))
+    done = threading.Event()
+
+    def read_replies() -> None:
+        while flood.recv(1 << 16) and not done.is_set():
+            pass
+
+    reader = threading.Thread(target=read_replies, daemon=True)
+    reader.start()
+    try:
+        flood.sendall(b"EHLO x\r\nMAIL FROM:<a@b.vn>\r\n" + b"RCPT TO:<nobody@x.vn>\r\n" * 1000)
+        sender = threading.Thread(
+            target=flood.sendall, args=(b"RCPT TO:<nobody@x.vn>\r\n" * 39000,), daemon=True
+        )
+        sender.start()
+        deadline = time.monotonic() + 30
+        while handled[0] < 2000 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        sent_at = handled[0]
+        assert honest.noop()[0] == 250
+        assert sent_at >= 2000 and len(at_noop) == 1
+        assert at_noop[0] - sent_at < 1000, (sent_at, at_noop)
+    finally:
+        done.set()
+        flood.close()
+        honest.close()
 
 
 # --- STARTTLS ---------------------------------------------------------------------------------
