@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.smtp")
 
 TRANSIENT = "451 4.3.0 Temporary failure; the message was not stored, please try again later"
+#: Seconds an ended session's connection may take to send what is still written to it (a
+#: last reply, a 421) before it is dropped (:func:`_drop_unsent`).
+CLOSE_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,12 @@ class _Replies:
             self._timeout_handle.cancel()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+        # close() keeps the socket until what was written has gone: a peer that reads nothing
+        # (its window shut) would hold it, and its buffers, for good once its slot is back, and
+        # enough of them would leave the listener no descriptor to accept with.
+        held = {x for x in (self.transport, self._original_transport) if x is not None}
+        if held:
+            self.loop.call_later(CLOSE_GRACE, _drop_unsent, held)
 
     def _leave_gate(self) -> None:
         if self._admitted is not None and self.gate is not None:
@@ -569,3 +578,11 @@ class IntakeSMTP(_Replies, SMTP):
 
 class IntakeLMTP(_Replies, LMTP):
     """aiosmtpd's LMTP (LHLO, one reply per recipient) with the gateway's replies."""
+
+
+def _drop_unsent(transports: set[asyncio.BaseTransport]) -> None:
+    """Drop the connection of an ended session that still holds unsent replies (the peer
+    does not read them): :data:`CLOSE_GRACE` after it ended."""
+    for transport in transports:
+        if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+            transport.abort()

@@ -755,6 +755,32 @@ def test_a_session_pipelining_thousands_of_commands_does_not_hold_the_others(
         honest.close()
 
 
+def test_a_session_that_reads_none_of_its_replies_is_dropped_once_it_ends(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer sends commands and reads nothing, its receive window shut: when its session ends
+    (here its idle timeout), the replies still unsent would keep the socket open for good,
+    though its slot is back. The connection is dropped after CLOSE_GRACE."""
+    monkeypatch.setattr(smtp_protocol, "CLOSE_GRACE", 0.5)
+    server = serve(limits=Limits(), timeout=1.0)
+    peer = socket.socket()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    peer.connect(("127.0.0.1", server.port))
+    try:
+        commands = b"RCPT TO:<" + b"a" * 64 + b"@" + b"b" * 60 + b".vn>\r\n"
+        peer.sendall(b"EHLO x\r\nMAIL FROM:<a@b.vn>\r\n" + commands * 20000)
+
+        def state() -> int:  # RFC 793 state as Linux numbers it: 1 established, 7 closed
+            return peer.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+        deadline = time.monotonic() + 30
+        while state() == 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert state() == 7  # reset by the listener, not left established
+    finally:
+        peer.close()
+
+
 # --- STARTTLS ---------------------------------------------------------------------------------
 
 
