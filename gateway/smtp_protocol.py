@@ -369,6 +369,11 @@ class _Replies:
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._original_transport is not None:
+            # RFC 3207 §4.2: no STARTTLS once TLS is on (aiosmtpd would stack a second TLS
+            # layer on the first, and a failed inner handshake logs two tracebacks).
+            await self.push("554 5.5.1 TLS already active")
+            return
         if not arg and self.tls_context and self.tls_handshake_timeout:
             # The handshake has its own timer, at most the idle one (asyncio's own is 60 s).
             # connection_made sets the idle timer again once the handshake has succeeded.

@@ -828,6 +828,28 @@ def test_required_starttls_refuses_mail_before_and_accepts_after(
     assert re.fullmatch(r"TLSv1\.[23] \S+", row.transport["tls"])
 
 
+def test_a_second_starttls_inside_tls_is_refused(
+    serve: Any, db: Database, tls_files: tuple[Path, Path, Path]
+) -> None:
+    """RFC 3207 §4.2: STARTTLS once TLS is on is refused (554 5.5.1, as Postfix answers); a
+    second TLS layer is not stacked on the first, and the session goes on."""
+    root, cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(root))
+    client_ctx.check_hostname = False
+
+    server = serve(tls_context=server_ctx)
+    with client(server) as c:
+        assert c.starttls(context=client_ctx)[0] == 220
+        c.ehlo()
+        code, text = c.docmd("STARTTLS")
+        assert (code, text) == (554, b"5.5.1 TLS already active")
+        envelope(c)
+        assert c.data(MESSAGE)[0] == 250
+    assert count(db) == 1
+
+
 # --- LMTP -------------------------------------------------------------------------------------
 
 
