@@ -50,7 +50,15 @@ from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from gateway.smtp_checks import LINE_TOO_LONG, SessionGate, peer_parts
 from gateway.smtp_data import BLOCK, read_data
@@ -537,6 +545,14 @@ class _Replies:
             await self.push("502 5.5.1 AUTH is not offered")
             return
         await super().smtp_AUTH(arg)  # type: ignore[misc]
+
+    async def challenge_auth(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().challenge_auth(*args, **kwargs)  # type: ignore[misc]
+        except ValueError:  # the answer is longer than the session's stream takes (readline)
+            # RFC 4954 §4; answered as a peer's mistake (aiosmtpd: 451 and a traceback).
+            await self.push("500 5.5.6 Authentication Exchange line is too long")
+            return MISSING
 
     # aiosmtpd calls the authenticator synchronously (auth_PLAIN and auth_LOGIN return
     # _authenticate's result), on the event loop: a password check (scrypt, ~40 ms) would hold

@@ -416,3 +416,17 @@ def test_a_good_login_after_a_lockout_ran_out_does_not_lock_the_address_again() 
     assert throttle.locked(address, SNV) == 0
     throttle.attempt(address, "someone-else")  # the fourth failure from the address: 120 s
     assert throttle.locked(address, "someone-else") == 120
+
+
+def test_an_authentication_answer_too_long_for_the_session_is_a_500_not_a_451(
+    start: object, tls: tuple[ssl.SSLContext, ssl.SSLContext], caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 4954 §4: an AUTH answer line too long is 500 5.5.6, the peer's mistake. It was 451
+    (come back later) with an ERROR and a traceback in the log, three times a session."""
+    server = start(authenticator=Authenticator({SNV: hash_password(PASSWORD)}))  # type: ignore[operator]
+    with caplog.at_level(logging.INFO), _tls_client(server, tls, "127.0.0.1") as c:
+        assert c.docmd("AUTH", "LOGIN")[0] == 334
+        code, text = c.docmd("A" * 80_000)
+        assert (code, text) == (500, b"5.5.6 Authentication Exchange line is too long")
+        assert c.docmd("AUTH", _plain(SNV, PASSWORD))[0] == 235  # the session goes on
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
