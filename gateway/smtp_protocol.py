@@ -504,6 +504,7 @@ class _Replies:
         self._stop_deadline()
         if data.content is None:
             status = "552 Error: Too much mail data"
+            self.event_handler.replies["552"] += 1  # a reply to DATA the handler never saw
         else:
             self.envelope.content = self.envelope.original_content = data.content
             status = await self._commit()

@@ -365,6 +365,7 @@ def test_a_message_over_the_size_limit_is_552(serve: Any, db: Database) -> None:
         code, text = c.mail(SENDER, [f"SIZE={len(big)}"])
         assert (code, text.split()[0]) == (552, b"5.3.4")
     assert count(db) == 0
+    assert server.handler.replies == {"552": 1}  # gateway_smtp_replies_total: DATA's replies
 
 
 def test_a_large_message_within_the_limit_is_stored(serve: Any, db: Database) -> None:
