@@ -69,6 +69,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.smtp")
 
 TRANSIENT = "451 4.3.0 Temporary failure; the message was not stored, please try again later"
+#: Replies a session gives, its peer's input waiting all along, before it lets the other
+#: sessions run (:meth:`_Replies.push`).
+PIPELINED_REPLIES = 100
 #: Seconds an ended session's connection may take to send what is still written to it (a
 #: last reply, a 421) before it is dropped (:func:`_drop_unsent`).
 CLOSE_GRACE = 10.0
@@ -236,6 +239,8 @@ class _Replies:
 
     #: Whether message data is being received (from 354 to the end line).
     _receiving = False
+    #: Replies given in a row with the peer's input waiting (:data:`PIPELINED_REPLIES`).
+    _pipelined = 0
 
     def __init__(
         self,
@@ -407,11 +412,20 @@ class _Replies:
             if not status.isascii():  # replies are ASCII (no SMTPUTF8): never fail on one
                 status = status.encode("ascii", "replace").decode("ascii")
         await super().push(status)  # type: ignore[misc]
-        # Let the other sessions run: while the stream holds another whole command (a peer
-        # pipelining thousands), reading it does not wait, and writing does not while the
-        # peer reads its replies, so one session would keep the event loop to itself (an
-        # honest sender waited 130 s behind five of them).
-        await asyncio.sleep(0)
+        # While the stream holds more of what the peer sent, reading it does not wait, and
+        # writing does not while the peer reads its replies: a peer pipelining thousands of
+        # commands kept the event loop to itself (an honest sender waited 130 s behind five).
+        # So every PIPELINED_REPLIES replies given without waiting for input, the other
+        # sessions run. Not at every reply: a client that sends its whole session at once and
+        # half-closes is cancelled at the first wait after its EOF (aiosmtpd), and a few
+        # commands and a message must still be answered as they were.
+        if getattr(self._reader, "_buffer", None):
+            self._pipelined += 1
+            if self._pipelined >= PIPELINED_REPLIES:
+                self._pipelined = 0
+                await asyncio.sleep(0)
+        else:
+            self._pipelined = 0
 
     def rewrite(self, status: str) -> str:
         for rule in REWRITES:
