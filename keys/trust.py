@@ -165,7 +165,8 @@ class TrustStore:
         still proves it once newer ones are due. Counted: a CRL signed by the certificate's
         issuer (an anchor or intermediate of the store) listing its serial, and an OCSP
         response about it (verified when stored) saying revoked, each with a revocation date
-        before ``at`` (as :meth:`validate_signer` counts it)."""
+        before ``at`` (as :meth:`validate_signer` counts it). A hold is not: it may have been
+        lifted since, which only current evidence tells."""
         return self._validator.revoked_on_record(cert, at)
 
 
@@ -478,12 +479,14 @@ class Validator:
                 entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
                 if entry is None or entry.revocation_date_utc >= at:
                     continue
+                try:
+                    flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+                except x509.ExtensionNotFound:
+                    flag = x509.ReasonFlags.unspecified
+                if flag in _LIFTED:
+                    continue
                 if any(self._crl_signed_by(index, crl, issuer) for issuer in issuers):
-                    try:
-                        code = entry.extensions.get_extension_for_class(x509.CRLReason).value
-                        why = code.reason.name.replace("_", " ")
-                    except x509.ExtensionNotFound:
-                        why = "unspecified"
+                    why = flag.name.replace("_", " ")
                     return _revoked_text(cert, entry.revocation_date_utc, why, "a CRL")
         issuer_name = cert.issuer.public_bytes()
         for resp in self._ocsps:
@@ -496,10 +499,12 @@ class Validator:
                     and (when := single.revocation_time_utc) is not None
                     and when < at
                     and single.issuer_name_hash == _digest(single.hash_algorithm, issuer_name)
+                    and single.revocation_reason not in _LIFTED
                 ):
-                    flag = single.revocation_reason
-                    why = flag.name.replace("_", " ") if flag else "unspecified"
-                    return _revoked_text(cert, when, why, "an OCSP response")
+                    said = single.revocation_reason or x509.ReasonFlags.unspecified
+                    return _revoked_text(
+                        cert, when, said.name.replace("_", " "), "an OCSP response"
+                    )
         return None
 
     def _crl_signed_by(
@@ -616,6 +621,11 @@ def _crl_der(crl: CRLInput) -> bytes:
     if isinstance(crl, bytes):
         return crl
     raise ConfigError(f"a CRL must be a CertificateRevocationList or DER bytes, not {type(crl)}")
+
+
+#: Entries that may be lifted (RFC 5280 §5.3.1: a hold ends; removeFromCRL, in a delta CRL,
+#: lifts one): only current evidence tells whether they still hold (:meth:`validate_signer`).
+_LIFTED = (x509.ReasonFlags.certificate_hold, x509.ReasonFlags.remove_from_crl)
 
 
 def _revoked_text(cert: x509.Certificate, when: datetime, reason: str, source: str) -> str:

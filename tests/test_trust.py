@@ -509,3 +509,16 @@ def test_a_revoked_ocsp_response_stays_on_record_past_its_next_update(pki: Pki) 
     assert why is not None and "key compromise" in why and "OCSP" in why
     good = ocsp_store(pki, ocsp_response(leaf.cert, pki.inter))
     assert good.revoked_on_record(leaf.cert, CRL_NEXT + timedelta(days=30)) is None
+
+
+def test_a_hold_is_not_on_record_once_its_evidence_is_past(pki: Pki) -> None:
+    """A certificate hold may be lifted (RFC 5280 §5.3.1): an old CRL that put the certificate
+    on hold says nothing of now; only current evidence does (a current hold still refuses)."""
+    leaf = pki.leaf()
+    held = pki.inter_crl_with(
+        (leaf.cert.serial_number, T0 - timedelta(days=2), x509.ReasonFlags.certificate_hold)
+    )
+    store = store_with(pki, held, revocation_mode="soft-fail")
+    assert store.revoked_on_record(leaf.cert, CRL_NEXT + timedelta(days=30)) is None
+    with pytest.raises(SignerRevoked, match="certificate hold"):
+        validate_signer(store, leaf.cert, at=T0)  # while that CRL is current
