@@ -175,6 +175,9 @@ class _Pass:
     failed: dict[int, str] = field(default_factory=dict)  # UID → why it was not returned
     expunge: bool = False  # an EXPUNGE is owed (no UIDPLUS)
     highest: int = 0  # the highest UID moved to the done mailbox
+    #: When the previous pass began: a message new to this one arrived after that (its
+    #: INTERNALDATE is not taken for earlier: :meth:`ImapPoller._transport`). None: unknown.
+    floor: datetime | None = None
 
     def count(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
@@ -239,6 +242,8 @@ class ImapPoller:
     #: (UIDVALIDITY, UID) → the passes that failed on it in a row (:meth:`_failed`).
     _failures: dict[tuple[int, int], _Failing] = field(default_factory=dict, init=False, repr=False)
     _left: set[tuple[int, int]] = field(default_factory=set, init=False, repr=False)
+    #: When this process's last complete pass began (the next pass's floor).
+    _previous_pass: datetime | None = field(default=None, init=False, repr=False)
     where: str = field(init=False)  # user@host/mailbox: the MailboxState key, source key prefix
 
     def __post_init__(self) -> None:
@@ -327,10 +332,13 @@ class ImapPoller:
             self._close(link.client)
 
     def _poll(self, link: _Link) -> PollResult:
+        started = self.clock()
         selected = link.client.select_folder(self._name(self.mailbox))
-        p = _Pass(int(selected[b"UIDVALIDITY"]))
+        p = _Pass(int(selected[b"UIDVALIDITY"]), floor=self._previous_pass)
         error, reset = None, False
         try:
+            if p.floor is None:  # the first pass of this process: the last one recorded
+                p.floor = self._last_recorded()
             reset, last_uid = self._check_state(p.uidvalidity)
             for chunk in self._uids(link, selected):
                 sizes = self._sizes(link, p, chunk)
@@ -348,6 +356,7 @@ class ImapPoller:
                 if k[0] == p.uidvalidity and k[1] in p.failed
             }
             self._left &= set(self._failures)
+            self._previous_pass = started
         except TransientError as exc:
             error = str(exc)
             log.warning("IMAP %s: %s; the rest waits for the next poll", self.where, error)
@@ -447,7 +456,9 @@ class ImapPoller:
         if len(raw) > limit:  # RFC822.SIZE said less
             self._oversize(link, p, uid, f"more than {limit} bytes (RFC822.SIZE said {size})", size)
             return
-        transport = self._transport(link.client, uid, p.uidvalidity, arrived)
+        # One that an earlier pass saw (and could not fetch) was there before this pass's floor.
+        floor = None if (p.uidvalidity, uid) in self._failures else p.floor
+        transport = self._transport(link.client, uid, p.uidvalidity, arrived, floor)
         number = intake.accept(self.db, raw, transport, source_key=key)
         log.info("IMAP %s UID %d: taken in as intake #%d", self.where, uid, number)
         self._to(link, p, uid, self.done_mailbox, "taken")
@@ -646,19 +657,31 @@ class ImapPoller:
         return bytes(body), arrived.astimezone(UTC) if aware else None
 
     def _transport(
-        self, client: Any, uid: int, uidvalidity: int, arrived: datetime | None
+        self,
+        client: Any,
+        uid: int,
+        uidvalidity: int,
+        arrived: datetime | None,
+        floor: datetime | None = None,
     ) -> Transport:
         """How the message came. Its time of receipt is when the hub's mail store took it in
         (INTERNALDATE, RFC 3501 §2.3.3), not when this poller got round to it: the worker
         judges certificates, and compliance deadlines, at that moment; a poller that was down
         for an hour, or the minute past midnight, must not make a submission late or its
-        certificate expired. Never later than now (a server clock ahead of ours)."""
+        certificate expired. Never later than now (a server clock ahead of ours), and never
+        earlier than ``floor``, when the previous pass began: a message it did not see came
+        after. INTERNALDATE is whatever put the message there says (IMAP APPEND sets any
+        date, a restore or a move keeps an old one); unbounded, a message signed with a
+        certificate revoked yesterday and dated last week would be judged before the
+        revocation."""
         sock = client.socket()
         secure = isinstance(sock, ssl.SSLSocket) and (cipher := sock.cipher())
         tls = f"{sock.version()} {cipher[0]}" if secure and cipher else None
         extra = {"mailbox": self.mailbox, "uid": str(uid), "uidvalidity": str(uidvalidity)}
         now = self.clock()
         received = min(arrived, now) if arrived is not None else now
+        if floor is not None and received < floor:
+            received = floor
         return Transport(received, "imap", peer=self.host, tls=tls, extra=extra)
 
     def _move(self, client: Any, uid: int, mailbox: str) -> bool:
@@ -730,6 +753,12 @@ class ImapPoller:
             )  # fmt: skip
         self._save_state(uidvalidity, 0)
         return stored is not None, 0
+
+    def _last_recorded(self) -> datetime | None:
+        """When a pass last recorded this mailbox's state (by an earlier process), if ever."""
+        with self.db.session(read_only=True) as s:
+            row = s.get(t.MailboxState, self.where)
+            return None if row is None else row.updated_at
 
     def _save_state(self, uidvalidity: int, last_uid: int) -> None:
         with self.db.session() as s:

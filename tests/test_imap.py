@@ -454,6 +454,32 @@ def test_a_message_is_received_when_the_mailbox_took_it_in_not_when_it_was_fetch
     assert outcome.disposition == "accepted"
 
 
+def test_a_time_of_receipt_is_never_before_the_pass_that_could_first_have_seen_it(
+    db: Database, server: dovecot.DovecotServer, user: str, imap: Any
+) -> None:
+    """INTERNALDATE is whatever put the message there says: an APPEND may date it last week. A
+    message a pass did not see arrived after that pass began, so it is received no earlier
+    than then; a new process takes the last pass recorded in the database for that."""
+    now = [WORLD_AT]
+    poller = _poller(db, server, user, clock=lambda: now[0])
+    imap.append("INBOX", b"Subject: a\r\n\r\na\r\n", msg_time=WORLD_AT - timedelta(hours=1))
+    assert poller.poll_once().taken == 1  # the first pass ever: nothing to bound it
+    first_pass = now[0]
+    now[0] += timedelta(minutes=10)
+    imap.append("INBOX", b"Subject: b\r\n\r\nb\r\n", msg_time=WORLD_AT - timedelta(days=7))
+    assert poller.poll_once().taken == 1
+    second_pass = now[0]
+    now[0] += timedelta(minutes=10)
+    imap.append("INBOX", b"Subject: c\r\n\r\nc\r\n", msg_time=WORLD_AT - timedelta(days=7))
+    restarted = _poller(db, server, user, clock=lambda: now[0])  # a new process
+    assert restarted.poll_once().taken == 1
+    assert [r.received_at for r in _intake(db)] == [
+        WORLD_AT - timedelta(hours=1),
+        first_pass,  # backdated a week: no earlier than the pass before the one that took it
+        second_pass,  # the last pass recorded (it moved b)
+    ]
+
+
 def test_a_time_of_receipt_ahead_of_the_gateway_clock_is_taken_as_now(
     db: Database, server: dovecot.DovecotServer, user: str, imap: Any
 ) -> None:
