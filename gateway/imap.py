@@ -337,9 +337,9 @@ class ImapPoller:
         p = _Pass(int(selected[b"UIDVALIDITY"]), floor=self._previous_pass)
         error, reset = None, False
         try:
+            reset, last_uid, recorded = self._check_state(p.uidvalidity)
             if p.floor is None:  # the first pass of this process: the last one recorded
-                p.floor = self._last_recorded()
-            reset, last_uid = self._check_state(p.uidvalidity)
+                p.floor = recorded
             for chunk in self._uids(link, selected):
                 sizes = self._sizes(link, p, chunk)
                 for uid in chunk:
@@ -530,8 +530,9 @@ class ImapPoller:
         def alert(seq: int) -> tuple[str, str]:
             return f"imap-unreadable:{day}", (
                 f"The IMAP server did not return messages in the mailbox {self.where} ({day}): "
-                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), in {span} ({why}). It was not taken in: it is filed as refused (archive entry "
-                f"{seq}) and moved to {self.unreadable_mailbox}, or left where it is if the "
+                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), in {span} ({why}). It "
+                f"was not taken in: it is filed as refused (archive entry {seq}) and moved to "
+                f"{self.unreadable_mailbox}, or left where it is if the "
                 "server refuses that too (the gateway's log says which). The server's log says "
                 "why it cannot read it; once that is fixed, move it back and it is taken in as "
                 "a new message. Any more today are handled the same way without another alert."
@@ -738,13 +739,15 @@ class ImapPoller:
             with contextlib.suppress(Exception):
                 client.shutdown()
 
-    def _check_state(self, uidvalidity: int) -> tuple[bool, int]:
-        """``(reset, last_uid)``: a new or changed UIDVALIDITY is recorded, from UID 0."""
+    def _check_state(self, uidvalidity: int) -> tuple[bool, int, datetime | None]:
+        """``(reset, last_uid, when a pass last recorded the state)``: a new or changed
+        UIDVALIDITY is recorded, from UID 0."""
         with self.db.session(read_only=True) as s:
             row = s.get(t.MailboxState, self.where)
             stored = None if row is None else (row.uidvalidity, row.last_uid)
+            recorded = None if row is None else row.updated_at
         if stored is not None and stored[0] == uidvalidity:
-            return False, stored[1]
+            return False, stored[1], recorded
         if stored is not None:
             log.warning(
                 "IMAP %s: UIDVALIDITY changed from %d to %d (the mailbox was recreated or "
@@ -752,13 +755,7 @@ class ImapPoller:
                 self.where, stored[0], uidvalidity,
             )  # fmt: skip
         self._save_state(uidvalidity, 0)
-        return stored is not None, 0
-
-    def _last_recorded(self) -> datetime | None:
-        """When a pass last recorded this mailbox's state (by an earlier process), if ever."""
-        with self.db.session(read_only=True) as s:
-            row = s.get(t.MailboxState, self.where)
-            return None if row is None else row.updated_at
+        return stored is not None, 0, recorded
 
     def _save_state(self, uidvalidity: int, last_uid: int) -> None:
         with self.db.session() as s:

@@ -6,10 +6,11 @@ Three steps, each idempotent, each resumable after a crash:
    the message, so nothing owed is ever forgotten. One receipt per authenticated message
    (accepted or rejected; a quarantined sender is not authenticated and gets nothing), one
    delivery per accepted message and recipient agency, one resend per duplicate.
-2. **Built** (:class:`gateway.builder.Builder`, in the worker processes — signing and encrypting is CPU work):
-   the receipt is a signed status payload encrypted to the sender's current certificates;
-   a delivery is the sender's signed entity, byte for byte (so the recipient verifies the
-   original signature), encrypted to each of the recipient agency's current certificates.
+2. **Built** (:class:`gateway.builder.Builder`, in the worker processes — signing and
+   encrypting is CPU work): the receipt is a signed status payload encrypted to the sender's
+   current certificates; a delivery is the sender's signed entity, byte for byte (so the
+   recipient verifies the original signature), encrypted to each of the recipient agency's
+   current certificates.
    The built message is filed in the archive (``receipt`` entries keep the bytes as the
    ``receipt`` blob; ``delivery`` entries keep their digest) and the row becomes ``ready``.
 3. **Sent** (:class:`Sender`, a thread of ``gateway serve``): through the relay; 250 → ``sent``,
@@ -259,7 +260,8 @@ def without_build(detail: Mapping[str, Any]) -> dict[str, Any]:
     """A row's ``detail`` once its built message is dropped, to be built again for the
     certificates of now: what it was encrypted to goes; of the recipients' replies, only
     those of mailboxes that took it stay (they are not sent it again); those that had not
-    taken it are named in :data:`NOT_TAKEN` (for :func:`gateway.builder.nothing_left` to say which left)."""
+    taken it are named in :data:`NOT_TAKEN` (for :func:`gateway.builder.nothing_left` to say
+    which left)."""
     out = {k: v for k, v in detail.items() if k not in (ENCRYPTED_TO, "recipients", NOT_TAKEN)}
     recipients = detail.get("recipients", {})
     taken = {a: r for a, r in recipients.items() if r.get("status") == "sent"}

@@ -17,18 +17,18 @@ Requeueing a failed row:
   twice. If a certificate those bytes are encrypted to is no longer usable, it is built again
   instead (``new``), for those recipients. The time until the sender gives up counts from the
   requeue, not from the row's birth;
-- a delivery or reminder (:data:`gateway.outbound.TO_AGENCY_MAILBOXES`) goes again only to those of the
-  recipients that are still mailboxes of its agency in the directory of now (compared as the
-  directory compares them, :func:`keys.directory.comparable`). Those that have left the agency
-  are dropped, named in the result and in the admin event, and never sent it again (a row sent
-  again keeps them in ``detail["left_agency"]``; the replies they had are no longer counted in
-  its fate). Should every recipient that lacked it have left, the row is built again
-  (``new``), as above: for a mailbox that joined the agency since, or, every mailbox of now
-  having taken it, for nobody — the builder ends it ``sent``. Should the agency itself be gone
-  from the directory, or not active today, it is built again too, and the builder fails it
-  saying so, as it does with ``rebuild``. A receipt (and a resend of one) goes to the mailbox
-  the message came from, as a build again would; an alert to the admin address: neither is
-  narrowed.
+- a delivery or reminder (:data:`gateway.outbound.TO_AGENCY_MAILBOXES`) goes again only to
+  those of the recipients that are still mailboxes of its agency in the directory of now
+  (compared as the directory compares them, :func:`keys.directory.comparable`). Those that have
+  left the agency are dropped, named in the result and in the admin event, and never sent it
+  again (a row sent again keeps them in ``detail["left_agency"]``; the replies they had are no
+  longer counted in its fate). Should every recipient that lacked it have left, the row is
+  built again (``new``), as above: for a mailbox that joined the agency since, or, every
+  mailbox of now having taken it, for nobody — the builder ends it ``sent``. Should the agency
+  itself be gone from the directory, or not active today, it is built again too, and the
+  builder fails it saying so, as it does with ``rebuild``. A receipt (and a resend of one) goes
+  to the mailbox the message came from, as a build again would; an alert to the admin address:
+  neither is narrowed.
 """
 
 from __future__ import annotations

@@ -419,6 +419,8 @@ class _Replies:
         # sessions run. Not at every reply: a client that sends its whole session at once and
         # half-closes is cancelled at the first wait after its EOF (aiosmtpd), and a few
         # commands and a message must still be answered as they were.
+        # (asyncio's StreamReader holds what is read and not yet taken in ``_buffer``; should
+        # that change, sessions simply never yield here, as before.)
         if getattr(self._reader, "_buffer", None):
             self._pipelined += 1
             if self._pipelined >= PIPELINED_REPLIES:

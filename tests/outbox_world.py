@@ -25,10 +25,15 @@ from tests.conftest import WORLD_AT
 from tests.test_relay import LoopbackController, Peer
 
 
-def make_archive(url: str, world: DemoWorld) -> Archive:
-    """An archive whose directory and certificates are the demo world's."""
+def archive_on(db: Database, world: DemoWorld) -> Archive:
+    """An archive on ``db`` that signs with the demo world's hub key (a throw-away blob key)."""
     key = world.hub.key
     assert isinstance(key, rsa.RSAPrivateKey)
+    return Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+
+
+def make_archive(url: str, world: DemoWorld) -> Archive:
+    """An archive whose directory and certificates are the demo world's."""
     db = Database.open(url)
     with db.session() as s:
         for agency in world.directory:
@@ -37,7 +42,7 @@ def make_archive(url: str, world: DemoWorld) -> Archive:
             store.add_certificate(
                 s, issued.cert, role="agency", organ_id=organ_id, at=WORLD_AT, actor="test"
             )
-    return Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+    return archive_on(db, world)
 
 
 def make_hub(world: DemoWorld) -> Hub:

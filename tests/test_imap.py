@@ -24,14 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from imapclient.exceptions import IMAPClientError
 from sqlalchemy import select as sql_select
 
 from archive import tables as t
-from archive.blobs import BlobStore
 from archive.db import Database
-from archive.service import Archive
 from formats.errors import TransientError
 from formats.limits import Limits
 from gateway.demo import DemoWorld
@@ -40,6 +37,7 @@ from gateway.pipeline import Context
 from gateway.worker import Worker
 from tests import dovecot, servers
 from tests.conftest import WORLD_AT
+from tests.outbox_world import archive_on
 
 ASSETS = Path(__file__).parent / "assets"
 DONE = "Gateway.Processed"
@@ -420,9 +418,7 @@ def test_a_changed_uidvalidity_starts_again_and_the_worker_files_a_duplicate_onc
     assert _state(db, f"{user}@127.0.0.1/Intake") == (after, 2)
 
     # … and once in the archive: the worker's replay keys file the second b as a duplicate.
-    key = world.hub.key
-    assert isinstance(key, rsa.RSAPrivateKey)
-    archive = Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+    archive = archive_on(db, world)
     worker = Worker(archive, lambda: world_ctx, clock=lambda: WORLD_AT)
     outcomes = worker.run_once()
     assert [o.disposition for o in outcomes] == ["accepted", "accepted", "duplicate", "accepted"]
@@ -447,9 +443,7 @@ def test_a_message_is_received_when_the_mailbox_took_it_in_not_when_it_was_fetch
     [row] = _intake(db)
     assert row.received_at == WORLD_AT
     assert row.transport["received_at"] == WORLD_AT.isoformat()
-    key = world.hub.key
-    assert isinstance(key, rsa.RSAPrivateKey)
-    archive = Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+    archive = archive_on(db, world)
     [outcome] = Worker(archive, lambda: world_ctx, clock=lambda: later).run_once()
     assert outcome.disposition == "accepted"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sqlite3
 import threading
 import time
@@ -13,12 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 from sqlalchemy.exc import DatabaseError
 
 from archive import tables as t
-from archive.blobs import BlobStore
 from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
@@ -36,16 +33,13 @@ from keys.issuing import make_root
 from keys.trust import TrustStore
 from tests import pg
 from tests.conftest import WORLD_AT
-from tests.outbox_world import record_sessions
+from tests.outbox_world import archive_on, record_sessions
 from tests.test_pipeline import _document_with, _listed
 
 
 @pytest.fixture
 def archive(tmp_path: Path, world: DemoWorld) -> Archive:
-    key = world.hub.key
-    assert isinstance(key, rsa.RSAPrivateKey)
-    db = Database.open(f"sqlite:///{tmp_path}/a.db")
-    return Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+    return archive_on(Database.open(f"sqlite:///{tmp_path}/a.db"), world)
 
 
 def _receive(archive: Archive, raw: bytes, minutes: int = 0) -> int:
@@ -481,9 +475,7 @@ def test_two_workers_each_holding_a_copy_file_one_and_answer_the_other_on_postgr
     duplicate, neither batch failing on the second's replay key (and left for its lease)."""
     name = pg_cluster.create_database("copies")
     db = Database.open(pg_cluster.url(name))
-    key = world.hub.key
-    assert isinstance(key, rsa.RSAPrivateKey)
-    archive = Archive(db, BlobStore(os.urandom(32)), "hub@test", (world.hub.cert, key), 1000)
+    archive = archive_on(db, world)
     raw = world.submission("H26.SNV")
     _receive(archive, raw)
     _receive(archive, raw, minutes=1)
