@@ -42,6 +42,8 @@ INFO line without a traceback, for the first of a run and then at the 10th, 100t
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import ssl
 from dataclasses import dataclass
@@ -563,13 +565,48 @@ class _Replies:
             return
         await super().smtp_AUTH(arg)  # type: ignore[misc]
 
-    async def challenge_auth(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().challenge_auth(*args, **kwargs)  # type: ignore[misc]
-        except ValueError:  # the answer is longer than the session's stream takes (readline)
-            # RFC 4954 §4; answered as a peer's mistake (aiosmtpd: 451 and a traceback).
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> Any:  # the answer's bytes, or MISSING
+        """aiosmtpd's challenge (RFC 4954 §4), with its answer read whole: aiosmtpd reads it with
+        ``readline``, which fails on a line longer than the stream takes (a 451 and a traceback)
+        and leaves the rest of the line to be read as commands."""
+        del log_client_response  # the answer carries a password: never logged
+        if isinstance(challenge, str):
+            challenge = challenge.encode()
+        await self.push(b"334 " + (base64.b64encode(challenge) if encode_to_b64 else challenge))
+        line = await self._answer_line()
+        if line is None:
             await self.push("500 5.5.6 Authentication Exchange line is too long")
             return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    async def _answer_line(self) -> bytes | None:
+        """The next line from the peer, or None for one longer than the stream's limit (read
+        to its end and dropped, as aiosmtpd does with an over-long command line)."""
+        try:
+            return await self._reader.readuntil()
+        except asyncio.IncompleteReadError as cut:  # the peer closed mid-line
+            return cut.partial
+        except asyncio.LimitOverrunError as over:
+            await self._reader.readexactly(over.consumed)
+        while True:
+            try:
+                await self._reader.readuntil()
+            except asyncio.LimitOverrunError as over:
+                await self._reader.readexactly(over.consumed)
+                continue
+            except asyncio.IncompleteReadError:
+                pass
+            return None
 
     # aiosmtpd calls the authenticator synchronously (auth_PLAIN and auth_LOGIN return
     # _authenticate's result), on the event loop: a password check (scrypt, ~40 ms) would hold

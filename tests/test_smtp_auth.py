@@ -428,5 +428,10 @@ def test_an_authentication_answer_too_long_for_the_session_is_a_500_not_a_451(
         assert c.docmd("AUTH", "LOGIN")[0] == 334
         code, text = c.docmd("A" * 80_000)
         assert (code, text) == (500, b"5.5.6 Authentication Exchange line is too long")
+        assert c.docmd("AUTH", "LOGIN")[0] == 334
+        # Longer than the stream holds at once: read to its end, none of it taken as commands.
+        code, text = c.docmd("A" * 1_000_000)
+        assert (code, text) == (500, b"5.5.6 Authentication Exchange line is too long")
+        assert c.docmd("NOOP") == (250, b"2.0.0 OK")
         assert c.docmd("AUTH", _plain(SNV, PASSWORD))[0] == 235  # the session goes on
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
