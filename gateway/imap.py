@@ -40,20 +40,9 @@ Exactly-once (rule 8) holds in the intake: a kill -9 between commit and move lea
 in the mailbox and step 4 finds it. (A crash between COPY and EXPUNGE in the fallback can leave
 a second copy in the done mailbox, which is only a record.)
 
-Refused (DESIGN §1.3: every message is filed; SMTP answers ``552`` instead and stores
-nothing). A message the poller will not take in is not put in the intake (a stand-in there
-would be decided as a submission) but filed straight in the archive: a ``message`` entry with
-status ``refused`` — never released (``archive release`` takes only quarantined ones) and never
-answered (nobody authenticated its sender) — with the reason (:class:`~formats.errors.LimitExceeded`
-or :class:`Unreadable`), the transport (mailbox, UIDVALIDITY, UID), the source key, and what
-can be kept within the limits: the size the server reports and, for an oversize message, its
-header block (``BODY.PEEK[HEADER]``, at most ``max_header_bytes``, kept as Latin-1 text: one
-character per byte, so the exact bytes come back) with its From, Message-ID and Subject when
-it reads as a message's header. The poller holds no archive master key, so the entry has no
-blob; the message itself stays in the mailbox it is moved to. The same transaction queues the
-admin alert, once a day whatever the number (``alert:imap-oversize:DAY``,
-``alert:imap-unreadable:DAY``, naming the first), and records the key ``refused:<sha256 of the
-source key>`` in the replay table, so a crash before the move does not file it twice.
+Refused: a message the poller will not take in (over the size limit, or one the server cannot
+return) is filed straight in the archive as refused, with an admin alert once a day
+(:mod:`gateway.imap_refused`).
 
 A message the server cannot return (its FETCH answers NO or BAD, or the server hangs up on it —
 Dovecot answers ``BYE`` when it cannot read a Maildir file — or does not answer within
@@ -82,7 +71,6 @@ default is ``.``). One poller per mailbox, used by one thread.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import ssl
 import threading
@@ -98,13 +86,18 @@ from sqlalchemy import select
 
 from archive import tables as t
 from archive.db import Database
-from archive.log import Item, Log
 from archive.records import Transport
 from formats.errors import ConfigError, GatewayError, LimitExceeded, TransientError
 from formats.limits import DEFAULT_LIMITS, Limits
-from formats.smime import read_envelope
-from formats.vntime import local_day
-from gateway import intake, outbound
+from gateway import intake
+from gateway.imap_refused import (
+    Alert,
+    Unreadable,
+    file_refused,
+    oversize_alert,
+    refused_fields,
+    unreadable_alert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +130,6 @@ GIVE_UP_AFTER = timedelta(minutes=10)
 LOST = (IMAPClientAbortError, TimeoutError, ConnectionError)
 #: A FETCH (or MOVE) that failed for one message: an answer NO or BAD, or :data:`LOST`.
 NOT_RETURNED = (IMAPClientError, *LOST)
-
-
-class Unreadable(GatewayError):
-    """The mailbox's server did not return the message in :data:`MAX_FAILED_PASSES` passes
-    (see :data:`NOT_RETURNED`): the reason of a refused entry, never sent to anyone."""
-
-    code = "imap-unreadable"
-    reason_vi = "Máy chủ hộp thư không trả về được thư này"
 
 
 @dataclass(frozen=True)
@@ -478,18 +463,9 @@ class ImapPoller:
             f"the message is {how}, over the limit of {limit} bytes; it was not taken in"
         )
         header = self._header(link, p, uid)
-        day = local_day(self.clock())
-
-        def alert(seq: int) -> tuple[str, str]:
-            return f"imap-oversize:{day}", (
-                f"Messages in the IMAP mailbox {self.where} are over the size limit ({day}): "
-                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), is {how}, over [limits] "
-                f"max_message_bytes ({limit}). It was not taken in: it is filed as refused "
-                f"(archive entry {seq}: its size and header block) and moved, unread, to "
-                f"{self.oversize_mailbox}. Any more today are filed and moved the same way "
-                "without another alert; `gateway archive search --status refused` lists them."
-            )
-
+        alert = oversize_alert(
+            self.where, uid, p.uidvalidity, how, limit, self.oversize_mailbox, self.clock()
+        )
         seq, _ = self._refuse(link.client, uid, p.uidvalidity, error, size, header, alert)
         log.warning(
             "IMAP %s UID %d: %s, over the %d-byte limit (max_message_bytes); not taken in: "
@@ -520,24 +496,14 @@ class ImapPoller:
                 )  # fmt: skip
                 p.count("skipped")
                 return
-        day = local_day(now)
         span = f"{failing.passes} passes over {_span(now - failing.first)}"
         error = Unreadable(
             f"the mailbox's server did not return the message in {span} ({why}); it was not "
             "taken in"
         )
-
-        def alert(seq: int) -> tuple[str, str]:
-            return f"imap-unreadable:{day}", (
-                f"The IMAP server did not return messages in the mailbox {self.where} ({day}): "
-                f"the first, UID {uid} (UIDVALIDITY {p.uidvalidity}), in {span} ({why}). It "
-                f"was not taken in: it is filed as refused (archive entry {seq}) and moved to "
-                f"{self.unreadable_mailbox}, or left where it is if the "
-                "server refuses that too (the gateway's log says which). The server's log says "
-                "why it cannot read it; once that is fixed, move it back and it is taken in as "
-                "a new message. Any more today are handled the same way without another alert."
-            )
-
+        alert = unreadable_alert(
+            self.where, uid, p.uidvalidity, f"{span} ({why})", self.unreadable_mailbox, now
+        )
         seq, new = self._refuse(link.client, uid, p.uidvalidity, error, size, None, alert)
         (log.error if new else log.info)(
             "IMAP %s UID %d: %s, %d passes in a row; %s as refused (entry %d), moving it to %s",
@@ -580,54 +546,15 @@ class ImapPoller:
         error: GatewayError,
         size: int | None,
         header: bytes | None,
-        alert: Callable[[int], tuple[str, str]],
+        alert: Alert,
     ) -> tuple[int, bool]:
-        """File a refused message entry for ``uid`` and, in the same transaction, the admin
-        alert ``alert(seq)`` (key, text; insert-or-ignore: one per key), unless it is filed
-        already (a crash before its move): ``(its seq, whether it is new)``."""
-        key = self._key(uidvalidity, uid)
-        marker = "refused:" + hashlib.sha256(key.encode()).hexdigest()
-        fields: dict[str, Any] = {
-            "status": "refused",
-            "size": size,
-            "source_key": key,
-            "transport": self._transport(client, uid, uidvalidity, None).as_dict(),
-            "steps": {},
-            "reasons": [error.as_dict()],
-        }
-        if header is not None:
-            fields.update(self._header_fields(header))
-        with self.db.session() as s:
-            seen = s.get(t.Seen, marker)
-            if seen is not None:
-                return seen.archive_seq, False
-            (entry,) = Log().append_many(s, [Item("message", self.clock(), fields)])
-            s.add(t.Seen(key=marker, archive_seq=entry.seq))
-            outbound.add_alert(s, *alert(entry.seq), self.clock())
-        return entry.seq, True
-
-    def _header_fields(self, header: bytes) -> dict[str, Any]:
-        kept = header[: self.limits.max_header_bytes]
-        fields: dict[str, Any] = {
-            "header": {
-                "latin1": kept.decode("latin-1"),  # one character per byte: exactly the bytes
-                "bytes": len(kept),
-                "sha256": hashlib.sha256(kept).hexdigest(),
-                "complete": len(header) <= self.limits.max_header_bytes,
-            }
-        }
-        if len(header) <= self.limits.max_header_bytes:
-            try:
-                envelope, _ = read_envelope(header, self.limits)
-            except GatewayError:
-                return fields  # no single From or Message-ID: the header block says what is there
-            except Exception:  # a defect of ours: the refusal is still filed
-                log.exception("IMAP %s: reading a refused message's header block", self.where)
-                return fields
-            fields["from"] = envelope.from_addr
-            fields["message_id"] = envelope.message_id
-            fields["subject"] = envelope.subject
-        return fields
+        """:func:`~gateway.imap_refused.file_refused` for ``uid``: ``(its seq, whether it is
+        new)``."""
+        transport = self._transport(client, uid, uidvalidity, None)
+        fields = refused_fields(
+            self._key(uidvalidity, uid), transport, error, size, header, self.limits, self.where
+        )
+        return file_refused(self.db, fields, self.clock(), alert)
 
     def _reconnect(self, link: _Link, uidvalidity: int) -> None:
         """The connection was lost (on one message): log in and SELECT again, and go on with the
