@@ -89,7 +89,7 @@ from archive.db import Database
 from archive.records import Transport
 from formats.errors import ConfigError, GatewayError, LimitExceeded, TransientError
 from formats.limits import DEFAULT_LIMITS, Limits
-from gateway import intake
+from gateway import intake, outbound
 from gateway.imap_refused import (
     Alert,
     Unreadable,
@@ -288,7 +288,7 @@ class ImapPoller:
                 if link is not None:
                     self._close(link.client)
             if failures and not stop.is_set():
-                delay = min(BACKOFF_MAX, 2.0 ** (failures - 1))
+                delay = outbound.pause(failures, first=1.0, most=BACKOFF_MAX)
                 log.info("IMAP %s: connecting again in %.0f s", self.where, delay)
                 stop.wait(delay)
 

@@ -82,6 +82,13 @@ ENVIRONMENT: tuple[type[Exception], ...] = (
 )
 
 
+def pause(failures: int, *, first: float, most: float) -> float:
+    """Seconds to wait after ``failures`` in a row: ``first``, doubling, at most ``most``.
+    (An uncapped ``2.0 ** failures`` overflows at the 1,025th: hours into an outage, the
+    loop that waits would end.)"""
+    return min(most, first * 2.0 ** min(max(0, failures - 1), 64))
+
+
 class Attempt(Protocol):
     @property
     def outcome(self) -> Literal["sent", "retry", "failed"]: ...

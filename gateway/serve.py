@@ -54,7 +54,7 @@ from gateway.loading import (
     secret,
 )
 from gateway.metrics import MetricsServer, render
-from gateway.outbound import ENVIRONMENT
+from gateway.outbound import ENVIRONMENT, pause
 from gateway.pipeline import Context
 from gateway.sender import Sender
 from gateway.settings import Settings, host_port
@@ -328,12 +328,12 @@ class Supervisor:
             except ENVIRONMENT as exc:
                 failures += 1
                 log.warning("sender: %s; trying again", exc)
-                self.stop.wait(min(30.0, 0.5 * 2**failures))
+                self.stop.wait(pause(failures, first=1.0, most=30.0))
                 continue
             except Exception:  # a defect of ours: logged; the thread goes on (it alone sends)
                 failures += 1
                 log.exception("sender: unexpected failure; trying again")
-                self.stop.wait(min(30.0, 0.5 * 2**failures))
+                self.stop.wait(pause(failures, first=1.0, most=30.0))
                 continue
             if not busy:
                 self.stop.wait(0.2)

@@ -38,7 +38,7 @@ from gateway.loading import (
     open_database,
     usable_hub_fingerprints,
 )
-from gateway.outbound import ENVIRONMENT
+from gateway.outbound import ENVIRONMENT, pause
 from gateway.pipeline import Context
 from gateway.settings import Settings
 from gateway.worker import Worker, worker_name
@@ -285,17 +285,17 @@ def work(
         except ENVIRONMENT as exc:
             failures += 1
             log.warning("worker %d: %s; trying again", index, exc)
-            stop.wait(min(30.0, 0.5 * 2**failures))
+            stop.wait(pause(failures, first=1.0, most=30.0))
             continue
         except GatewayError as exc:  # e.g. no hub key usable any more: what to fix, one line
             failures += 1
             log.error("worker %d: %s; trying again", index, exc.message)
-            stop.wait(min(30.0, 0.5 * 2**failures))
+            stop.wait(pause(failures, first=1.0, most=30.0))
             continue
         except Exception:  # a defect of ours: logged, and the process stays up
             failures += 1
             log.exception("worker %d: unexpected failure; trying again", index)
-            stop.wait(min(30.0, 0.5 * 2**failures))
+            stop.wait(pause(failures, first=1.0, most=30.0))
             continue
         if not busy:
             stop.wait(IDLE)

@@ -597,3 +597,25 @@ def test_a_server_dying_during_idle_is_noticed_at_once(
         assert not thread.is_alive()
     finally:
         private.stop()
+
+
+def test_the_poller_outlives_a_long_mail_server_outage(db: Database) -> None:
+    """Connection failures back off 1, 2, 4 … s up to BACKOFF_MAX: 1,100 failures in a row are
+    days of a mail server down. Its arithmetic once overflowed at the 1,025th (``2.0 ** 1024``)
+    and the poller's thread ended: no mail fetched again until a restart."""
+    port = servers.free_port()  # nothing listens there: every connection is refused
+    poller = ImapPoller(
+        db, host="127.0.0.1", port=port, security="none", username="u", password="p"
+    )
+    stop = threading.Event()
+    waits: list[float] = []
+
+    def wait(timeout: float | None = None) -> bool:
+        waits.append(timeout or 0.0)
+        if len(waits) >= 1100:
+            stop.set()
+        return stop.is_set()
+
+    stop.wait = wait  # type: ignore[method-assign]  # no real back-off
+    poller.run(stop)
+    assert len(waits) == 1100 and waits[:3] == [1.0, 2.0, 4.0] and waits[-1] == 300.0

@@ -26,7 +26,7 @@ from archive.records import Transport
 from archive.service import Archive
 from formats.payload import Payload
 from formats.vntime import local_day
-from gateway import intake
+from gateway import intake, outbound
 from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld, tamper
 from gateway.pipeline import Context
@@ -393,3 +393,10 @@ def test_a_run_sends_several_batches_over_one_session_and_leaves_no_row_claimed(
     assert states[5] == states[6] == ("ready", None)  # not claimed, not leased
     assert sender.run_once(limit=2, batches=2) == [(5, "sent"), (6, "sent")]
     assert relay.sessions == 2 and not relay.answers
+
+
+def test_the_loops_back_off_doubling_to_their_cap_however_long_the_outage() -> None:
+    """The wait of the worker, sender and IMAP loops after ``failures`` in a row: it once
+    overflowed (``0.5 * 2**1025``) hours into an outage, ending the loop that waited."""
+    waits = [outbound.pause(n, first=1.0, most=30.0) for n in (1, 2, 3, 5, 6, 1025, 10**6)]
+    assert waits == [1.0, 2.0, 4.0, 16.0, 30.0, 30.0, 30.0]

@@ -368,6 +368,37 @@ def test_the_worker_loop_outlives_a_defect(
     assert "unexpected failure" in record.getMessage() and record.exc_info is not None
 
 
+class _Idle:
+    """Stands in for the outbound builder in the loop tests: nothing to build."""
+
+    def run_once(self) -> int:
+        return 0
+
+
+def test_the_worker_loop_outlives_a_long_database_outage(
+    archive: Archive, world_ctx: Context
+) -> None:
+    """Back-off doubles up to 30 s: 1,100 failures in a row are ~9 hours of PostgreSQL down.
+    Its arithmetic once overflowed at the 1,025th (``0.5 * 2**1025``) and the process died."""
+    stop = threading.Event()
+    worker = _worker(archive, world_ctx)
+    waits: list[float] = []
+    tries = [0]
+
+    def run_once(limit: int = 32) -> list[Any]:
+        tries[0] += 1
+        if tries[0] > 1100:
+            stop.set()
+            return []
+        raise DatabaseDamaged("the database cannot be reached")
+
+    worker.run_once = run_once  # type: ignore[method-assign]
+    stop.wait = lambda timeout=None: waits.append(timeout) or stop.is_set()  # type: ignore[method-assign,func-returns-value]
+    worker_process.work(worker, _Idle(), stop, 0)  # type: ignore[arg-type]
+    assert tries[0] == 1101
+    assert waits[:6] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0] and set(waits[5:1100]) == {30.0}
+
+
 # --- who an accepted payload goes to -------------------------------------------------------
 
 
