@@ -292,6 +292,9 @@ class Intake(Base):
     worker: Mapped[str | None] = mapped_column(String(100))
     lease_until: Mapped[datetime | None]
     source_key: Mapped[str | None] = mapped_column(String(400))
+    #: Claims in a row that ended without a decision (the worker died, or its lease ran out):
+    #: such a message is claimed alone, and set aside after a few (gateway.worker).
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (UniqueConstraint("source_key", name="uq_intake_source_key"),)
 

@@ -37,7 +37,7 @@ from datetime import UTC, date, datetime, timedelta
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from archive import tables as t
@@ -79,8 +79,12 @@ RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes o
 STOP_GRACE = 20.0
 
 
-def release_stale_claims(db: Database, host: str) -> int:
-    """Release claims held by processes of ``host`` that are gone (their work resumes now)."""
+def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> int:
+    """Release claims held by processes of ``host`` that are gone (their work resumes now).
+
+    A message's claim that ended this way counts against it (:data:`gateway.worker.MAX_CLAIMS`),
+    unless ``at_start``: then the whole service stopped (killed, the machine lost power), not
+    one worker on one message."""
     released = 0
     with db.session() as s:
         for table, busy, back in (
@@ -91,10 +95,13 @@ def release_stale_claims(db: Database, host: str) -> int:
             holders = s.scalars(select(table.worker).where(table.state.in_(busy)).distinct()).all()
             dead = [w for w in holders if w and _gone(w, host)]
             if dead:
+                values: dict[str, Any] = {"state": back, "worker": None, "lease_until": None}
+                if at_start and table is t.Intake:
+                    values["claims"] = case((t.Intake.claims > 0, t.Intake.claims - 1), else_=0)
                 result = s.execute(
                     update(table)
                     .where(table.state.in_(busy), or_(*(table.worker == w for w in dead)))
-                    .values(state=back, worker=None, lease_until=None)
+                    .values(values)
                 )
                 released += result.rowcount  # type: ignore[attr-defined]
     return released
@@ -145,7 +152,7 @@ class Supervisor:
         now = datetime.now(UTC)
         signer = hub_signer(ctx, now)
         archive = open_archive(settings, db, signer)  # creates the master key once, here
-        released = release_stale_claims(db, socket.gethostname())
+        released = release_stale_claims(db, socket.gethostname(), at_start=True)
         if released:
             log.info("resumed %d items left claimed by stopped processes", released)
         spawn = mp.get_context("spawn")

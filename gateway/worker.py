@@ -9,6 +9,12 @@ claimed (its lease runs out and it is claimed again) or done with its archive en
 filed twice, never lost. A row whose lease ran out while its worker was still busy is filed by
 whoever holds the claim; the late worker finds the claim gone and files nothing.
 
+A message whose processing kills its worker (the OOM killer, a crash in a native library) must
+not do so for ever, nor take the messages claimed with it down each time. Each claim is counted
+on the row (``claims``) and a decision resets the count: a row claimed before without a decision
+is claimed alone, and one claimed :data:`MAX_CLAIMS` times without a decision is quarantined
+unchecked (:class:`~formats.errors.InternalError`), its bytes kept for an administrator.
+
 A duplicate (same sender and Message-ID, or same signer and payload) is not filed again: its
 row points at the original entry, and the original receipt is sent again. A rejected original
 is matched by its sender and Message-ID only (:func:`recorded_keys`): the same payload sent
@@ -17,6 +23,7 @@ again in a new message, corrected, is judged anew.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -57,6 +64,9 @@ BATCH_BYTES = 32 * 1024 * 1024
 #: one fsync) each, waiting their turn behind intake's commits: in a burst of 10 KB messages,
 #: 64 rather than 32 archived 3–19% more in four side-by-side pairs (bench/e2e_bench.py).
 BATCH_ROWS = 64
+#: Claims without a decision (its worker died, or ran past its lease, each time) after which a
+#: message is quarantined without being checked again.
+MAX_CLAIMS = 3
 #: A claim of this many messages or bytes is a long cycle's work: a backlog.
 BACKLOG_ROWS = 8
 BACKLOG_BYTES = 4 * 1024 * 1024
@@ -171,23 +181,33 @@ class Worker:
         if not numbers:
             return []
         with db.session(read_only=True) as s:
+            columns = (t.Intake.raw, t.Intake.received_at, t.Intake.transport, t.Intake.claims)
             rows = s.execute(
-                select(t.Intake.id, t.Intake.raw, t.Intake.received_at, t.Intake.transport)
-                .where(t.Intake.id.in_(numbers))
-                .order_by(t.Intake.id)
+                select(t.Intake.id, *columns).where(t.Intake.id.in_(numbers)).order_by(t.Intake.id)
             ).all()
         ctx = self.context()
-        jobs = [self._job(r.id, r.raw, r.transport, r.received_at, ctx) for r in rows]
+        jobs = [self._job(r.id, r.raw, r.transport, r.received_at, r.claims, ctx) for r in rows]
         return self._settle(jobs)
 
     def _job(
-        self, number: int, raw: bytes, transport: dict[str, Any], at: datetime, ctx: Context
+        self,
+        number: int,
+        raw: bytes,
+        transport: dict[str, Any],
+        at: datetime,
+        claims: int,
+        ctx: Context,
     ) -> _Job:
-        """The verdict on one message; a defect of ours quarantines it (and only it)."""
-        try:
-            verdict = process(raw, ctx, at=at)
-        except Exception as exc:
-            verdict = failed_inside(raw, "checking it", exc)
+        """The verdict on one message; a defect of ours quarantines it (and only it), and so
+        does a message claimed :data:`MAX_CLAIMS` times without a decision (not checked again:
+        checking it is what stopped its workers)."""
+        if claims > MAX_CLAIMS:
+            verdict = set_aside(raw, claims - 1)
+        else:
+            try:
+                verdict = process(raw, ctx, at=at)
+            except Exception as exc:
+                verdict = failed_inside(raw, "checking it", exc)
         for err in verdict.errors:
             if isinstance(err, InternalError):
                 log.error("intake %d: %s", number, err.message, exc_info=err.__cause__)
@@ -335,13 +355,23 @@ class Worker:
         return [outcomes[j.number] for j in jobs]
 
 
+def set_aside(raw: bytes, claims: int) -> Verdict:
+    """The verdict on a message that was claimed ``claims`` times and never decided."""
+    error = InternalError(
+        f"the worker checking it stopped {claims} times before deciding it (its process died, "
+        f"or took longer than its {LEASE.total_seconds() / 60:g}-minute lease); the message is "
+        "kept for an administrator without being checked again"
+    )
+    return dataclasses.replace(failed_inside(raw, "checking it", error), errors=(error,))
+
+
 def _reason(verdict: Verdict) -> str:
     return next((e.message for e in verdict.errors if is_transient(e)), "a transient failure")
 
 
-def _waiting(now: datetime) -> Select[int, int]:
+def _waiting(now: datetime) -> Select[int, int, int]:
     """Rows a worker may claim: new, due retries, and claims whose lease ran out."""
-    return select(t.Intake.id, t.Intake.size).where(
+    return select(t.Intake.id, t.Intake.size, t.Intake.claims).where(
         or_(
             t.Intake.state == "new",
             (t.Intake.state == "retry") & (t.Intake.next_attempt_at <= now),
@@ -360,6 +390,9 @@ def claim(
     :data:`SHARE_BYTES`): of 31 MB waiting, 16 MB, not all of it, so that at the end of a burst
     of big messages one worker does not work through a long batch alone while the others idle.
     Small messages are claimed as before: 33 of them are far below :data:`SHARE_BYTES`.
+
+    A row claimed before without a decision (``claims``: its worker died, or its lease ran out)
+    is claimed alone: if it is what stops its workers, it stops no other message with it.
     """
     # One more row than it may take: is any left? (On PostgreSQL that row is locked until this
     # short transaction commits; a concurrent claim skips it meanwhile, as it would a taken one.)
@@ -369,17 +402,25 @@ def claim(
     rows = s.execute(query).all()
     numbers: list[int] = []
     total = 0
-    share = max(SHARE_BYTES, -(-sum(size for _, size in rows) // max(1, peers)))
-    for number, size in rows[:limit]:
-        if numbers and (total + size > BATCH_BYTES or total >= share):
+    share = max(SHARE_BYTES, -(-sum(size for _, size, _ in rows) // max(1, peers)))
+    for number, size, claims in rows[:limit]:
+        if numbers and (total + size > BATCH_BYTES or total >= share or claims):
             break
         numbers.append(number)
         total += size
+        if claims:
+            break  # alone
     if numbers:
         s.execute(
             update(t.Intake)
             .where(t.Intake.id.in_(numbers))
-            .values(state="working", worker=worker, lease_until=now + LEASE, updated_at=now)
+            .values(
+                state="working",
+                worker=worker,
+                lease_until=now + LEASE,
+                updated_at=now,
+                claims=t.Intake.claims + 1,
+            )
         )
     long = len(numbers) >= BACKLOG_ROWS or total >= BACKLOG_BYTES
     return numbers, long or len(rows) > len(numbers)
@@ -406,6 +447,7 @@ def _retry(number: int, attempts: int, now: datetime) -> dict[str, Any]:
         "worker": None,
         "lease_until": None,
         "updated_at": now,
+        "claims": 0,
     }
 
 
@@ -419,4 +461,5 @@ def _done(number: int, seq: int, now: datetime) -> dict[str, Any]:
         "worker": None,
         "lease_until": None,
         "raw": b"",
+        "claims": 0,
     }

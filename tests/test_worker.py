@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -26,6 +28,7 @@ from gateway import worker as worker_module
 from gateway.demo import DemoWorld, tamper
 from gateway.obligations import Obligation, default_due
 from gateway.pipeline import Context
+from gateway.serve import release_stale_claims
 from gateway.worker import Worker
 from gateway.worker_process import BUILD_EVERY, build_now
 from keys import store
@@ -291,7 +294,9 @@ def test_a_damaged_database_met_while_filing_blames_no_message(
     with pytest.raises(DatabaseDamaged, match="is damaged"):
         worker.run_once()
     clock[0] += worker_module.LEASE + timedelta(seconds=1)  # the claim has run out
-    outcomes = worker.run_once()
+    outcomes = []  # (claimed one at a time now: each was claimed once without a decision)
+    while batch := worker.run_once():
+        outcomes += batch
     assert [(o.intake_id, o.disposition) for o in outcomes] == [(n, "accepted") for n in numbers]
 
 
@@ -366,6 +371,68 @@ def test_the_worker_loop_outlives_a_defect(
     assert calls == ["worker", "worker", "builder"]
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "unexpected failure" in record.getMessage() and record.exc_info is not None
+
+
+def _die_on(archive: Archive, ctx: Context, poison: bytes) -> int:
+    """One cycle of a worker process (forked) that dies on ``poison`` as it would under the
+    OOM killer or a crash in a native library: no exception, no clean-up. Its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            archive.db.engine.dispose(close=False)  # the parent's connections are not ours
+            real = worker_module.process
+
+            def process(raw: bytes, context: Any, *, at: Any) -> Any:
+                if raw == poison:
+                    os._exit(137)
+                return real(raw, context, at=at)
+
+            worker_module.process = process  # type: ignore[assignment]
+            _worker(archive, ctx).run_once()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_message_that_kills_its_worker_is_set_aside_and_stops_no_other(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Each death puts the worker's claim back (the supervisor's sweep); a message claimed
+    without a decision is claimed alone next time, and after MAX_CLAIMS quarantined unchecked.
+    It was claimed again for ever, with the batch claimed with it: none of them was filed."""
+    poison = world.submission("H26.SNV", number=1)
+    good = world.submission("H26.SNV", number=2)
+    numbers = [_receive(archive, poison), _receive(archive, good)]
+    exits = []
+    for _ in range(worker_module.MAX_CLAIMS + 2):
+        exits.append(_die_on(archive, world_ctx, poison))
+        release_stale_claims(archive.db, socket.gethostname())  # the supervisor's sweep
+    # Claimed with the good one, then alone twice; then set aside; then the good one, alone.
+    assert exits == [137] * worker_module.MAX_CLAIMS + [0, 0]
+    with archive.db.session(read_only=True) as s:
+        rows = {r.id: (r.state, r.claims) for r in s.scalars(select(t.Intake))}
+        entries = {seq: e.fields for seq, e in archive.log.entries(s, [0, 1]).items()}
+    assert rows == {numbers[0]: ("done", 0), numbers[1]: ("done", 0)}
+    set_aside, filed = entries[0], entries[1]
+    assert set_aside["status"] == "quarantined" and filed["status"] == "accepted"
+    [reason] = set_aside["reasons"]
+    assert reason["code"] == "internal-error"
+    assert "stopped 3 times before deciding it" in reason["message"]
+
+
+def test_a_claim_the_whole_service_stopped_with_does_not_count_against_the_message(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """At start-up, claims held by the previous run's workers are given back without counting:
+    kill -9 of the service (or a power cut) is not the messages' doing."""
+    number = _receive(archive, world.submission("H26.SNV"))
+    with archive.db.session() as s:
+        worker_module.claim(s, "host:999999999", WORLD_AT, 10)  # a process that is gone
+    assert release_stale_claims(archive.db, "host", at_start=True) == 1
+    with archive.db.session(read_only=True) as s:
+        row = s.get(t.Intake, number)
+        assert row is not None and (row.state, row.claims) == ("new", 0)
 
 
 class _Idle:
