@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import LargeBinary, and_, cast, or_, select
+from sqlalchemy import LargeBinary, String, and_, cast, or_, select
 from sqlalchemy.orm import Session
 
 from archive import merkle
@@ -31,6 +31,16 @@ from archive.db import insert_rows
 #: Record fields copied into columns for search (`archive search`); verify checks they agree.
 SEARCH_FIELDS = ("agency", "category", "period", "status", "document_id", "message_id", "digest")
 _RESERVED = frozenset({"seq", "kind", "at", "blobs"})
+
+
+def _width(name: str) -> int:
+    kind = t.LogEntry.__table__.c[name].type
+    assert isinstance(kind, String) and kind.length, f"log_entries.{name} is a VARCHAR(n)"
+    return kind.length
+
+
+#: The width of each search column (its VARCHAR length).
+_WIDTHS = {f: _width(f) for f in SEARCH_FIELDS}
 
 
 class LogError(Exception):
@@ -159,7 +169,7 @@ class Log:
             nodes += [
                 {"level": level, "idx": idx, "hash": h} for level, idx, h in frontier.append(leaf)
             ]
-            search = {f: _column(record.get(f)) for f in SEARCH_FIELDS}
+            search = {f: search_value(f, record.get(f)) for f in SEARCH_FIELDS}
             rows.append(
                 {"seq": seq, "kind": item.kind, "at": item.at, "record": data, "leaf_hash": leaf}
                 | search
@@ -270,7 +280,11 @@ def iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _column(value: Any) -> str | None:
+def search_value(name: str, value: Any) -> str | None:
+    """Search column ``name``'s value for a record's ``value``, as text a database column
+    holds: PostgreSQL text takes no NUL, and a VARCHAR no more than its width. (A sender
+    writes the Message-ID: one with a NUL, or over 998 characters once unfolded, failed its
+    whole batch's insert.) The record keeps the value exactly; the column only finds it."""
     if value is None:
         return None
-    return str(value)
+    return str(value).replace("\x00", "")[: _WIDTHS[name]]

@@ -32,7 +32,7 @@ from archive import checkpoint as cp
 from archive import merkle
 from archive import tables as t
 from archive.blobs import BlobDamaged, BlobStore
-from archive.log import SEARCH_FIELDS, iso
+from archive.log import SEARCH_FIELDS, iso, search_value
 from formats.errors import ConfigError, GatewayError
 from keys.directory import comparable
 from keys.trust import TrustStore, emails_of
@@ -324,7 +324,7 @@ def _entries(
             admin[fields["event"]] = (seq, fields)
         for name, value in zip(SEARCH_FIELDS, searchable, strict=True):
             want = fields.get(name)
-            if (None if want is None else str(want)) != value:
+            if search_value(name, want) != value:
                 _add(
                     report, f"entry {seq}: search column {name} says {value!r}, the record {want!r}"
                 )

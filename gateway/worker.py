@@ -35,6 +35,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, or_, select, update
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from archive import tables as t
@@ -64,6 +65,9 @@ BATCH_BYTES = 32 * 1024 * 1024
 #: one fsync) each, waiting their turn behind intake's commits: in a burst of 10 KB messages,
 #: 64 rather than 32 archived 3–19% more in four side-by-side pairs (bench/e2e_bench.py).
 BATCH_ROWS = 64
+#: The database refused a row: a value it cannot hold, a constraint. Not the database's
+#: trouble (:data:`gateway.outbound.ENVIRONMENT`) but a message's: filed one by one.
+ROW_REFUSED = (DataError, IntegrityError)
 #: Claims without a decision (its worker died, or ran past its lease, each time) after which a
 #: message is quarantined without being checked again.
 MAX_CLAIMS = 3
@@ -216,7 +220,8 @@ class Worker:
     def _settle(self, jobs: list[_Job], *, bare: bool = False) -> list[Outcome]:
         """File ``jobs`` in one transaction. If that fails for a reason other than the
         database or the disk (:data:`gateway.outbound.ENVIRONMENT`: raised, the batch waits for
-        its lease), one of them is poison: the jobs are filed one by one, and one that still
+        its lease) — the database refusing a row (:data:`ROW_REFUSED`) is not its trouble but a
+        message's — one of them is poison: the jobs are filed one by one, and one that still
         cannot be is quarantined with only its bytes — it never holds up the messages behind
         it."""
         items: dict[int, Item] = {}
@@ -232,9 +237,9 @@ class Worker:
         try:
             with self.archive.db.session() as s:
                 return self._file(s, jobs, items)
-        except outbound.ENVIRONMENT:
-            raise
         except Exception as exc:
+            if isinstance(exc, outbound.ENVIRONMENT) and not isinstance(exc, ROW_REFUSED):
+                raise
             if len(jobs) > 1:
                 log.warning("a batch of %d could not be filed (%r): one by one", len(jobs), exc)
                 return [outcome for job in jobs for outcome in self._settle([job])]

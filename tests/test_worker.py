@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import select
 from sqlalchemy.exc import DatabaseError
 
@@ -617,3 +618,74 @@ def test_two_workers_each_holding_a_copy_file_one_and_answer_the_other_on_postgr
     finally:
         db.dispose()
         pg_cluster.drop_database(name)
+
+
+def _on_postgresql(pg_cluster: pg.PgCluster, world: DemoWorld, name: str) -> Archive:
+    return archive_on(Database.open(pg_cluster.url(pg_cluster.create_database(name))), world)
+
+
+def _file_all(archive: Archive, ctx: Context) -> tuple[dict[int, str], dict[int, str]]:
+    """Workers' cycles until nothing is left, none failing: the intake rows' states and the
+    statuses filed. (A batch that fails waits for its lease, 2 minutes.)"""
+    worker = Worker(archive, lambda: ctx, clock=lambda: WORLD_AT + timedelta(minutes=5))
+    while worker.run_once():
+        pass
+    with archive.db.session(read_only=True) as s:
+        states = {r.id: r.state for r in s.scalars(select(t.Intake))}
+        entries = archive.log.entries(s, range(archive.log.size(s))).values()
+        statuses = {e.seq: e.fields["status"] for e in entries}
+    return states, statuses
+
+
+@pytest.mark.postgres
+def test_a_message_id_postgresql_cannot_hold_does_not_hold_up_its_batch(
+    pg_cluster: pg.PgCluster, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Anyone may send a Message-ID with a NUL, which PostgreSQL text cannot hold: the search
+    column's insert failed the batch on every try, the good message claimed with it included.
+    The record keeps the Message-ID as sent; the search column holds it without the NUL, and
+    verify agrees."""
+    archive = _on_postgresql(pg_cluster, world, "nul")
+    nul = (
+        b"From: vanthu@snv.hanoi.gov.vn\r\nTo: hub@exchange.hanoi.gov.vn\r\nSubject: x\r\n"
+        b"Message-ID: <a\x00b@snv.hanoi.gov.vn>\r\n\r\nhello\r\n"
+    )
+    numbers = [_receive(archive, raw) for raw in (nul, world.submission("H26.SNV"))]
+    try:
+        states, statuses = _file_all(archive, world_ctx)
+        assert states == dict.fromkeys(numbers, "done")
+        assert sorted(statuses.values()) == ["accepted", "quarantined"]
+        with archive.db.session(read_only=True) as s:
+            assert archive.log.entry(s, 0).fields["message_id"] == "<a\x00b@snv.hanoi.gov.vn>"
+            column = s.scalar(select(t.LogEntry.message_id).where(t.LogEntry.seq == 0))
+        assert column == "<ab@snv.hanoi.gov.vn>"
+        report = archive.verify()
+        assert not report.problems, report.problems
+    finally:
+        archive.db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_row_the_database_refuses_is_the_messages_doing_and_stops_no_other(
+    pg_cluster: pg.PgCluster, world: DemoWorld, world_ctx: Context
+) -> None:
+    """The database refusing one message's row (here a CHECK an administrator added) is not
+    the database's trouble, to wait out: the batch is filed one by one and the message that
+    cannot be is quarantined with only its bytes, at once. The batch failed instead, and
+    waited for its lease, again and again."""
+    archive = _on_postgresql(pg_cluster, world, "check")
+    with archive.db.session() as s:
+        s.execute(
+            sqlalchemy.text(
+                "ALTER TABLE log_entries ADD CONSTRAINT no_poison "
+                "CHECK (message_id IS NULL OR message_id NOT LIKE '%poison%')"
+            )
+        )
+    poison = b"From: a@b.example\r\nMessage-ID: <poison@b.example>\r\n\r\nhello\r\n"
+    numbers = [_receive(archive, raw) for raw in (poison, world.submission("H26.SNV"))]
+    try:
+        states, statuses = _file_all(archive, world_ctx)
+        assert states == dict.fromkeys(numbers, "done")
+        assert sorted(statuses.values()) == ["accepted", "quarantined"]
+    finally:
+        archive.db.dispose()
