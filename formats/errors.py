@@ -266,6 +266,16 @@ class AttachmentMismatch(PayloadError):
     reason_vi = "Tệp đính kèm không khớp với danh mục tệp đính kèm trong dữ liệu"
 
 
+class MessageIdReused(PayloadError):
+    """The sender used the payload's MessageId before, for a different document (DESIGN §5
+    rule 3: one MessageId, one document)."""
+
+    code = "message-id-reused"
+    reason_vi = (
+        "Mã thông điệp (MessageId) đã được dùng cho một văn bản khác; văn bản mới cần mã mới"
+    )
+
+
 # --- not the peer's fault -------------------------------------------------------------------
 
 

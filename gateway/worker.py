@@ -15,10 +15,13 @@ on the row (``claims``) and a decision resets the count: a row claimed before wi
 is claimed alone, and one claimed :data:`MAX_CLAIMS` times without a decision is quarantined
 unchecked (:class:`~formats.errors.InternalError`), its bytes kept for an administrator.
 
-A duplicate (same sender and Message-ID, or same signer and payload) is not filed again: its
-row points at the original entry, and the original receipt is sent again. A rejected original
-is matched by its sender and Message-ID only (:func:`recorded_keys`): the same payload sent
-again in a new message, corrected, is judged anew.
+A duplicate (same signer and payload, or same sender and payload MessageId: DESIGN §5 rule 3)
+is not filed again: its row points at the original entry, and the original receipt is sent
+again. The keys are of what the signature covers, never of the outer headers, which anyone on
+the mail path may rewrite. A rejected original is matched only as the same signed message
+(:func:`recorded_keys`): the same payload sent again, corrected or once the hub's side is fixed,
+is judged anew. A payload reusing its sender's MessageId for a different document is rejected
+(:class:`~formats.errors.MessageIdReused`), not taken for a duplicate.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from archive.db import insert_rows, update_rows
 from archive.log import Item
 from archive.records import Transport
 from archive.service import Archive
-from formats.errors import InternalError, is_transient
+from formats.errors import InternalError, MessageIdReused, is_transient
 from formats.vntime import local_day
 from gateway import intake, obligation_store, outbound
 from gateway.filing import message_item
@@ -87,26 +90,42 @@ class Outcome:
 
 
 def replay_keys(verdict: Verdict) -> list[str]:
-    """The keys that identify a submission a second time (DESIGN §5 rule 3): its sender and
-    Message-ID, and its signer and signed payload. A copy is found by either; which of them a
-    filed submission records is :func:`recorded_keys`."""
+    """The keys that identify a submission a second time, all of what its signature covers
+    (DESIGN §5 rule 3): its sender and payload MessageId (``sender:``), its signer and payload
+    (``signed:``), and the signed message itself (``copy:``, the decrypted entity: payload,
+    attachments and signature). Which of them a filed submission records is
+    :func:`recorded_keys`."""
     keys = []
-    if verdict.from_addr and verdict.message_id:
-        keys.append(_key("sender", verdict.from_addr.lower(), verdict.message_id))
     if verdict.signer is not None and verdict.opened is not None:
+        if verdict.payload is not None and verdict.from_addr:
+            message_id = str(verdict.payload.header.message_id)
+            keys.append(_key("sender", verdict.from_addr.lower(), message_id))
         signer = hashlib.sha256(verdict.signer.cert.public_bytes(Encoding.DER)).hexdigest()
         keys.append(_key("signed", signer, verdict.opened.payload_sha256))
+        keys.append(_key("copy", hashlib.sha256(verdict.opened.decrypted).hexdigest()))
     return keys
 
 
 def recorded_keys(verdict: Verdict, keys: Sequence[str]) -> list[str]:
-    """Those of a filed submission's ``keys`` that later copies are found by. A rejected one
-    is known again by its sender's Message-ID alone: the same signed payload sent again in a
-    new message (with the attachment it lacked, or once the hub's side is fixed) is judged
-    anew, not answered with the old refusal; the same message sent again still is."""
+    """Those of a filed submission's ``keys`` that later copies are found by. An accepted one
+    by its payload (``signed:``) and its MessageId (``sender:``). A rejected one only as the
+    same signed message (``copy:``): the same payload sent again in a new signed message (with
+    the attachment it lacked, or once the hub's side is fixed) is judged anew, not answered
+    with the old refusal; nor can a replay of it, under another outer Message-ID, make a later
+    message look like a copy."""
     if verdict.disposition == "accepted":
-        return list(keys)
-    return [k for k in keys if k.startswith("sender:")]
+        return [k for k in keys if not k.startswith("copy:")]
+    return [k for k in keys if k.startswith("copy:")]
+
+
+def reused(verdict: Verdict) -> Verdict:
+    """The verdict on a payload whose MessageId its sender used before for another document."""
+    assert verdict.payload is not None
+    error = MessageIdReused(
+        f"the MessageId {verdict.payload.header.message_id} was used before by this sender for "
+        "a different document; a new document needs a new MessageId"
+    )
+    return dataclasses.replace(verdict, disposition="rejected", errors=(error,))
 
 
 def _key(kind: str, *parts: str) -> str:
@@ -268,6 +287,19 @@ class Worker:
                 now,
             )
 
+    def _original(self, s: Session, job: _Job, seen: dict[str, int]) -> tuple[int | None, bool]:
+        """The entry ``job`` is a copy of, if any; and whether its sender's MessageId is
+        already filed for another document."""
+        hits = {k.partition(":")[0]: seen[k] for k in job.keys if k in seen}
+        if "signed" in hits or "copy" in hits:
+            return hits.get("signed", hits.get("copy")), False
+        if "sender" not in hits:
+            return None, False
+        filed = self.archive.log.entry(s, hits["sender"]).fields.get("payload_sha256")
+        if filed == _payload_of(job):  # the same payload, signed again (a renewed certificate)
+            return hits["sender"], False
+        return None, True
+
     def _file(self, s: Session, jobs: list[_Job], made: dict[int, Item]) -> list[Outcome]:
         """File the batch under the write lock: entries, replay keys, what is owed, and the
         inbox rows' new states, each as one statement for the whole batch."""
@@ -323,14 +355,18 @@ class Worker:
                 if now - job.transport.received_at >= WAIT_ALERT:
                     self._alert_waiting(s, job, now)
                 continue
-            original = next((seen[k] for k in job.keys if k in seen), None)
+            original, conflict = self._original(s, job, seen)
             if original is not None:
                 duplicate(job, original)
                 continue
-            earlier = next((first_of[k] for k in job.keys if k in first_of), None)
-            if earlier is not None:
+            earlier = _earlier(job, first_of)
+            if isinstance(earlier, _Job):
                 twins[job.number] = (job, earlier)
                 continue
+            if conflict or earlier:  # its sender's MessageId, for another document
+                job.verdict = reused(job.verdict)
+                job.recorded = recorded_keys(job.verdict, job.keys)
+                made[job.number] = message_item(job.verdict, job.raw, job.transport)
             for k in job.recorded:
                 first_of[k] = job
             fresh.append(job)
@@ -368,6 +404,22 @@ def set_aside(raw: bytes, claims: int) -> Verdict:
         "kept for an administrator without being checked again"
     )
     return dataclasses.replace(failed_inside(raw, "checking it", error), errors=(error,))
+
+
+def _earlier(job: _Job, first_of: dict[str, _Job]) -> _Job | bool:
+    """The job earlier in the batch that ``job`` is a copy of; else whether one of them used
+    its sender's MessageId for another document."""
+    hits = {k.partition(":")[0]: first_of[k] for k in job.keys if k in first_of}
+    if "signed" in hits or "copy" in hits:
+        return hits.get("signed", hits.get("copy")) or False
+    if "sender" not in hits:
+        return False
+    return hits["sender"] if _payload_of(hits["sender"]) == _payload_of(job) else True
+
+
+def _payload_of(job: _Job) -> str | None:
+    opened = job.verdict.opened
+    return opened.payload_sha256 if opened is not None else None
 
 
 def _reason(verdict: Verdict) -> str:

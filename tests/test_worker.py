@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -126,6 +127,79 @@ def test_a_corrected_resend_of_a_rejected_submission_is_judged_anew(
     _receive(archive, fixed, minutes=7)  # and the accepted one again: a duplicate of it
     [again] = _worker(archive, world_ctx, minutes=8).run_once()
     assert (again.disposition, again.archive_seq) == ("duplicate", 1)
+
+
+def _with_outer_message_id(raw: bytes, message_id: bytes) -> bytes:
+    """``raw`` with its (unsigned, outer) Message-ID replaced, as anyone on the path can."""
+    header = b"Message-ID: " + message_id + b"\r\n"
+    return re.sub(rb"(?im)^Message-ID: .*?\r\n", header, raw, count=1)
+
+
+def _outer_message_id(raw: bytes) -> bytes:
+    found = re.search(rb"(?im)^Message-ID: (.*?)\r\n", raw)
+    assert found is not None
+    return found.group(1)
+
+
+def test_another_submission_under_the_same_outer_message_id_is_judged_not_dropped(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """The outer Message-ID is no part of what is signed: two different signed submissions
+    that share it are two submissions. The second was taken for a duplicate: not filed, and
+    answered with the first's receipt (its digest, of the other payload)."""
+    first = world.submission("H26.SNV", number=1, period="2026-10")
+    second = world.submission("H26.SNV", number=2, period="2026-11")
+    _receive(archive, first)
+    _receive(archive, _with_outer_message_id(second, _outer_message_id(first)), minutes=1)
+    outcomes = _worker(archive, world_ctx).run_once()
+    assert [(o.disposition, o.archive_seq) for o in outcomes] == [("accepted", 0), ("accepted", 1)]
+
+
+def test_a_replayed_rejection_cannot_make_a_later_submission_look_like_a_copy(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Someone on the mail path replays an old rejected message of the agency under the outer
+    Message-ID of a genuine one it has seen go by, ahead of it. The genuine one was then
+    answered with the old refusal, as a duplicate, and never filed."""
+    old = world.submission("H26.SNV", payload_from="H26.STP", number=1)  # rejected
+    _receive(archive, old)
+    [first] = _worker(archive, world_ctx).run_once()
+    assert first.disposition == "rejected"
+    genuine = world.submission("H26.SNV", number=2)
+    _receive(archive, _with_outer_message_id(old, _outer_message_id(genuine)), minutes=1)
+    _receive(archive, genuine, minutes=2)
+    outcomes = _worker(archive, world_ctx, minutes=6).run_once()
+    assert [(o.disposition, o.archive_seq) for o in outcomes] == [
+        ("duplicate", first.archive_seq),  # the same signed message: its receipt again
+        ("accepted", 1),
+    ]
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_a_payload_message_id_used_again_for_another_document_is_rejected(
+    archive: Archive, world: DemoWorld, world_ctx: Context, batches: int
+) -> None:
+    """DESIGN §5 rule 3: one (sender, MessageId), one document. Another document under the same
+    MessageId is neither a duplicate (the first one's receipt would misstate what came) nor a
+    second document filed under it: it is rejected, saying why, in the same batch or later."""
+    scan = Attachment("danh-sach.pdf", "application/pdf", b"%PDF-1.7 scan")
+    first = _document_with(world, [], [], "<first@snv.hanoi.gov.vn>")
+    other = _document_with(world, [_listed(scan)], [scan], "<second@snv.hanoi.gov.vn>")
+    _receive(archive, first)
+    if batches == 2:
+        [done] = _worker(archive, world_ctx).run_once()
+        assert done.disposition == "accepted"
+    _receive(archive, other, minutes=1)
+    _receive(archive, other, minutes=2)  # and that message again: its refusal again
+    outcomes = _worker(archive, world_ctx, minutes=6).run_once()
+    assert [(o.disposition, o.archive_seq) for o in outcomes][-2:] == [
+        ("rejected", 1),
+        ("duplicate", 1),
+    ]
+    with archive.db.session(read_only=True) as s:
+        [reason] = archive.log.entry(s, 1).fields["reasons"]
+    assert reason["code"] == "message-id-reused"
+    assert "00000000-0000-0000-0000-000000000007 was used before" in reason["message"]
 
 
 def test_a_transient_failure_is_retried_later_and_not_filed_meanwhile(
