@@ -85,6 +85,8 @@ class EmailIs:
     def verify(self, ctx: BindingContext) -> None:
         try:
             wanted = normalize_email(self.from_addr)
+            if self.from_addr != self.from_addr.strip():  # a quoted local part: "\ name"@…
+                raise ValueError(self.from_addr)
         except ValueError:
             raise SenderMismatch(
                 f"From {self.from_addr!r} is not a single bare address; send from the "

@@ -84,6 +84,18 @@ def test_a_from_that_is_neither_the_signer_nor_an_agency_gives_both_reasons(
     assert verdict.receipt_status == "02"
 
 
+def test_a_from_whose_quoted_local_part_differs_from_the_agency_mailbox_is_not_it(
+    world: DemoWorld, world_ctx: Context
+) -> None:
+    """``"\\ vanthu"@…`` is the mailbox `` vanthu`` (RFC 5321: the local part compares
+    exactly), not the agency's ``vanthu``: it was accepted, the space stripped, and its
+    receipt built from the inbound text failed the status schema."""
+    raw = world.submission(SNV, from_addr='"\\ vanthu"@snv.hanoi.gov.vn')
+    verdict = process(raw, world_ctx, at=WORLD_AT)
+    assert verdict.disposition != "accepted"
+    assert SenderMismatch in [type(e) for e in verdict.errors]
+
+
 def test_payload_from_another_agency_is_rejected_not_quarantined(
     world: DemoWorld, world_ctx: Context
 ) -> None:
