@@ -488,11 +488,16 @@ def sign(
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
     detached: bool = True,
     pss: bool = False,
+    chain: Sequence[x509.Certificate] = (),
 ) -> bytes:
     """A DER SignedData over ``content`` with the usual S/MIME signed attributes.
 
     ``content`` must already be the canonical CRLF MIME entity: it is signed byte for byte
     (``Binary``), which is exactly what a verifier canonicalising to CRLF will digest.
+    ``chain`` (the CA certificates that issued ``cert``, as a PKCS#12 file carries them) goes
+    into the certificates set beside the signer's, so that a verifier holding only the root
+    can build the path (RFC 8550 §3: "Sending agents SHOULD include any certificates for the
+    user's public key(s) and associated issuer certificates").
     """
     if _BARE_LF.search(content):
         raise ValueError("sign() takes a canonical CRLF MIME entity; convert LF line ends first")
@@ -509,4 +514,7 @@ def sign(
         .set_data(content)
         .add_signer(cert, key, hashes.SHA256(), rsa_padding=rsa_padding)
     )
+    for extra in chain:
+        if extra != cert:
+            builder = builder.add_certificate(extra)
     return builder.sign(serialization.Encoding.DER, options)

@@ -410,9 +410,11 @@ def sign_entity(
     key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
     detached: bool = True,
     pss: bool = False,
+    chain: Sequence[x509.Certificate] = (),
 ) -> bytes:
-    """Wrap a CRLF entity in a signature: multipart/signed (default) or opaque signed-data."""
-    der = cms_signed.sign(entity, cert=cert, key=key, detached=detached, pss=pss)
+    """Wrap a CRLF entity in a signature: multipart/signed (default) or opaque signed-data,
+    carrying ``cert`` and the issuers in ``chain`` (:func:`formats.cms_signed.sign`)."""
+    der = cms_signed.sign(entity, cert=cert, key=key, detached=detached, pss=pss, chain=chain)
     if not detached:
         return (
             b"Content-Type: application/pkcs7-mime; smime-type=signed-data;\r\n"
@@ -451,14 +453,20 @@ def build_message(
     cipher: str = "aes256_cbc",
     oaep: bool = False,
     attachments: Sequence[Attachment] = (),
+    signer_chain: Sequence[x509.Certificate] = (),
 ) -> bytes:
-    """Sign, then encrypt, a payload into a complete RFC 5322 message (CRLF line ends)."""
+    """Sign, then encrypt, a payload into a complete RFC 5322 message (CRLF line ends).
+
+    ``signer_chain``: the CA certificates that issued ``signer_cert``, carried in the signature
+    for the recipient to build the path to its trust anchor.
+    """
     signed = sign_entity(
         payload_entity(payload_xml, attachments),
         cert=signer_cert,
         key=signer_key,
         detached=detached,
         pss=pss,
+        chain=signer_chain,
     )
     enveloped = cms_envelope.encrypt(signed, recipients, cipher=cipher, oaep=oaep)
     smime_type = "authEnveloped-data" if cipher.endswith("_gcm") else "enveloped-data"

@@ -14,7 +14,8 @@ first, in one line naming the mismatch. Plan:
    the home's trust store as the hub would: a trusted CA, not revoked by the evidence held
    (no fresh evidence: a warning, since the hub checks again before it decides);
 5. the files given with ``--attach`` are exactly the payload's attachment manifest;
-6. sign, encrypt to every current hub certificate, send to ``[hub] address`` via ``[relay]``.
+6. sign (carrying the key file's CA chain), encrypt to every current hub certificate, send
+   to ``[hub] address`` via ``[relay]``.
 
 Exit status: 0 sent (or written), 2 a problem found before sending, 1 the relay refused the
 message, 75 (EX_TEMPFAIL) the relay could not take it now: try again later.
@@ -148,6 +149,8 @@ def send(
         xml,
         signer_cert=bundle.cert,
         signer_key=bundle.key,
+        # The issuers it was validated with (step 4): the hub may hold only the root.
+        signer_chain=bundle.chain,
         recipients=list(hub_certs.values()),
         from_addr=from_addr,
         to_addrs=[hub],

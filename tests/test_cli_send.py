@@ -9,12 +9,13 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from hashlib import sha256
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from archive.db import Database
 from formats.payload import Attachment, Organ, Signer, build_payload
@@ -23,7 +24,7 @@ from gateway import settings as settings_mod
 from gateway.demo import HUB_ADDRESS, WORK_PERMITS, DemoWorld
 from gateway.loading import load_context
 from gateway.pipeline import process
-from keys.issuing import issue_agency, make_root, pkcs12_bundle
+from keys.issuing import issue_agency, make_crl, make_intermediate, make_root, pkcs12_bundle
 from tests.test_relay import LoopbackController, Peer
 
 SNV, CATP, STP = "H26.SNV", "H26.CATP", "H26.STP"
@@ -224,11 +225,10 @@ def test_directory_hub_key_and_enrolment_from_the_database(
     assert len(relay.received) == 1
 
 
-@pytest.mark.interop
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
-def test_sent_message_opens_with_openssl(home: Path, relay: Peer, tmp_path: Path) -> None:
-    assert send(home, home / "payload.xml", "--as", SNV, *pem(home)).exit_code == 0
-    (tmp_path / "msg.eml").write_bytes(relay.received[0].content)
+def openssl_opens(home: Path, raw: bytes, tmp_path: Path) -> bytes:
+    """The payload XML, as ``openssl cms`` decrypts ``raw`` with the hub's key and verifies it
+    with the demo root as the only trust anchor."""
+    (tmp_path / "msg.eml").write_bytes(raw)
     decrypted = openssl(
         "cms", "-decrypt", "-in", tmp_path / "msg.eml", "-recip", home / "keys/hub.pem",
         "-inkey", home / "keys/hub.key", "-passin", f"file:{home / 'keys/passphrase'}",
@@ -238,8 +238,46 @@ def test_sent_message_opens_with_openssl(home: Path, relay: Peer, tmp_path: Path
         "cms", "-verify", "-in", tmp_path / "signed.eml", "-purpose", "smimesign",
         "-CAfile", home / "trust/anchors/demo-root.pem",
     )  # fmt: skip
-    body = content.split(b"\r\n\r\n", 1)[1]
-    assert base64.b64decode(body) == (home / "payload.xml").read_bytes()
+    return base64.b64decode(content.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.mark.interop
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_sent_message_opens_with_openssl(home: Path, relay: Peer, tmp_path: Path) -> None:
+    assert send(home, home / "payload.xml", "--as", SNV, *pem(home)).exit_code == 0
+    raw = relay.received[0].content
+    assert openssl_opens(home, raw, tmp_path) == (home / "payload.xml").read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_p12_chain_is_carried_in_the_signature(
+    home: Path, world: DemoWorld, relay: Peer, tmp_path: Path
+) -> None:
+    """An agency certificate issued by an intermediate CA, whose PKCS#12 file holds that CA:
+    `send` validates with the file's chain, so the signature must carry it; the hub (and
+    openssl) hold only the root. Guards against signing with the leaf alone, which the hub
+    refused as an untrusted signer."""
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    sub = make_intermediate(world.root, "Agency Sub-CA", at=world.at - timedelta(days=1))
+    leaf = issue_agency(
+        sub, email=SNV_EMAIL, organ_id=SNV, common_name="SNV via a sub-CA",
+        at=world.at - timedelta(hours=1),
+    )  # fmt: skip
+    crl = make_crl(
+        sub, revoked=[], this_update=world.at - timedelta(hours=1),
+        next_update=world.at + timedelta(days=7), number=1,
+    )  # fmt: skip
+    (copy / "trust/crls/sub.crl").write_bytes(crl.public_bytes(Encoding.DER))
+    p12 = copy / "agencies/sub.p12"
+    p12.write_bytes(pkcs12_bundle(leaf, [sub.cert], passphrase=P12_SECRET.encode(), name=SNV))
+
+    xml = copy / "payload.xml"
+    result = send(copy, xml, "--as", SNV, "--key", p12, env={"GATEWAY_SEND_PASSPHRASE": P12_SECRET})
+    assert result.exit_code == 0, result.output
+    [got] = relay.received
+    assert_accepted(copy, got.content, xml.read_bytes())
+    assert openssl_opens(copy, got.content, tmp_path) == xml.read_bytes()
 
 
 def test_dry_run_and_output_send_nothing(home: Path, relay: Peer, tmp_path: Path) -> None:
