@@ -454,20 +454,27 @@ def build_message(
     oaep: bool = False,
     attachments: Sequence[Attachment] = (),
     signer_chain: Sequence[x509.Certificate] = (),
+    limits: Limits = DEFAULT_LIMITS,
 ) -> bytes:
     """Sign, then encrypt, a payload into a complete RFC 5322 message (CRLF line ends).
 
     ``signer_chain``: the CA certificates that issued ``signer_cert``, carried in the signature
-    for the recipient to build the path to its trust anchor.
+    for the recipient to build the path to its trust anchor. ``limits``: the recipient's; a
+    message :func:`open_message` would refuse for its MIME parts or nesting on them is
+    :class:`~formats.errors.LimitExceeded` here, checked by the same function.
     """
+    entity = payload_entity(payload_xml, attachments)
     signed = sign_entity(
-        payload_entity(payload_xml, attachments),
+        entity,
         cert=signer_cert,
         key=signer_key,
         detached=detached,
         pss=pss,
         chain=signer_chain,
     )
+    # Steps 4 and 6 parse the decrypted entity: the signed entity, whose detached content is
+    # one of its parts, or, signed opaque, the content on its own.
+    parse_entity(signed if detached else entity, limits)
     enveloped = cms_envelope.encrypt(signed, recipients, cipher=cipher, oaep=oaep)
     smime_type = "authEnveloped-data" if cipher.endswith("_gcm") else "enveloped-data"
     return wrap_enveloped(

@@ -14,8 +14,9 @@ first, in one line naming the mismatch. Plan:
    the home's trust store as the hub would: a trusted CA, not revoked by the evidence held
    (no fresh evidence: a warning, since the hub checks again before it decides);
 5. the files given with ``--attach`` are exactly the payload's attachment manifest;
-6. sign (carrying the key file's CA chain), encrypt to every current hub certificate, send
-   to ``[hub] address`` via ``[relay]``.
+6. sign (carrying the key file's CA chain), encrypt to every current hub certificate; the
+   message is within the home's ``[limits]`` as the hub checks them (MIME parts);
+7. send to ``[hub] address`` via ``[relay]``.
 
 Exit status: 0 sent (or written), 2 a problem found before sending, 1 the relay refused the
 message, 75 (EX_TEMPFAIL) the relay could not take it now: try again later.
@@ -40,6 +41,7 @@ from formats.errors import (
     ConfigError,
     GatewayError,
     InputError,
+    LimitExceeded,
     RevocationUnavailable,
     TrustError,
 )
@@ -145,19 +147,25 @@ def send(
         )
     hub = settings.hub.address
     message_id = f"<{uuid.uuid4()}@{from_addr.rpartition('@')[2]}>"
-    raw = build_message(
-        xml,
-        signer_cert=bundle.cert,
-        signer_key=bundle.key,
-        # The issuers it was validated with (step 4): the hub may hold only the root.
-        signer_chain=bundle.chain,
-        recipients=list(hub_certs.values()),
-        from_addr=from_addr,
-        to_addrs=[hub],
-        message_id=message_id,
-        date=at,
-        attachments=attachments,
-    )
+    try:
+        raw = build_message(
+            xml,
+            signer_cert=bundle.cert,
+            signer_key=bundle.key,
+            # The issuers it was validated with (step 4): the hub may hold only the root.
+            signer_chain=bundle.chain,
+            recipients=list(hub_certs.values()),
+            from_addr=from_addr,
+            to_addrs=[hub],
+            message_id=message_id,
+            date=at,
+            attachments=attachments,
+            limits=settings.limits,
+        )
+    except LimitExceeded as exc:
+        raise InputError(
+            f"the hub would refuse this message: {exc.message} ([limits] of {settings.config_file})"
+        ) from None
     info: dict[str, Any] = {
         "message_id": message_id,
         "agency": organ_id,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from formats.categories import CATEGORIES, Category, Value
-from formats.payload import Organ, Payload, Signer, build_payload
+from formats.payload import Attachment, Organ, Payload, Signer, build_payload
+from gateway.demo import WORK_PERMITS
 
 POLICE = Organ("000.00.00.H26", "Công an Thành phố Hà Nội", "pa08@hanoi.gov.vn")
 LABOUR = Organ("000.00.00.G22", "Sở Lao động - Thương binh và Xã hội", "sldtbxh@hanoi.gov.vn")
@@ -68,6 +70,23 @@ def sample_payload(code: str, **overrides: Any) -> Payload:
         kwargs["response_for"] = EARLIER
     kwargs.update(overrides)
     return build_payload(code, **kwargs)
+
+
+def work_permit_report(issued_on: date, attachments: Sequence[Attachment] = ()) -> bytes:
+    """The demo's monthly work-permit report from Home Affairs (H26.SNV) to the police
+    (H26.CATP), a fresh MessageId each time, its manifest listing ``attachments``."""
+    return build_payload(
+        "work-permit",
+        sender=Organ("H26.SNV", "Sở Nội vụ thành phố Hà Nội", "vanthu@snv.hanoi.gov.vn"),
+        recipients=[Organ("H26.CATP", "Công an thành phố Hà Nội", "pa08@congan.hanoi.gov.vn")],
+        records=WORK_PERMITS,
+        document_number="7/SNV-VLATLĐ",
+        issued_on=issued_on,
+        message_id=uuid4(),
+        period="2026-10",
+        signer=Signer("Trần Văn Minh", "Phó Giám đốc"),
+        attachments=attachments,
+    ).to_xml()
 
 
 def to_csv(category: Category, payload: Payload) -> str:

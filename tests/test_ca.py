@@ -28,15 +28,14 @@ from archive import tables as t
 from archive.db import Database
 from formats.cms_envelope import RecipientKey
 from formats.errors import SignerRevoked
-from formats.payload import Organ, Signer, build_payload
 from formats.smime import payload_entity
 from gateway import cli, settings  # cli first: it registers the rest
-from gateway.demo import WORK_PERMITS
 from gateway.pipeline import Context, process
 from keys import ca as ca_mod
 from keys import evidence, store
 from keys.directory import Agency
 from keys.issuing import ORGAN_ID_ATTRIBUTE, issue_hub
+from tests.payload_samples import work_permit_report
 from tests.pki import build_pki, key
 
 pytestmark = [
@@ -330,18 +329,7 @@ def context(home: Path, hub: ca_mod.Issued) -> Context:
 
 
 def openssl_submission(d: Path) -> bytes:
-    today = datetime.now(UTC).date()
-    xml = build_payload(
-        "work-permit",
-        sender=Organ(SNV.organ_id, SNV.name_vi, "vanthu@snv.hanoi.gov.vn"),
-        recipients=[Organ(POLICE.organ_id, POLICE.name_vi, "pa08@congan.hanoi.gov.vn")],
-        records=WORK_PERMITS,
-        document_number="7/SNV-VLATLĐ",
-        issued_on=today,
-        message_id=uuid.uuid4(),
-        period="2026-10",
-        signer=Signer("Trần Văn Minh", "Phó Giám đốc"),
-    ).to_xml()
+    xml = work_permit_report(datetime.now(UTC).date())
     (d / "entity").write_bytes(payload_entity(xml))
     signed = openssl("cms", "-sign", "-md", "sha256", "-in", d / "entity",
                      "-signer", d / "agency.pem", "-inkey", d / "agency.key")  # fmt: skip

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from hashlib import sha256
 from pathlib import Path
 
@@ -21,10 +21,11 @@ from archive.db import Database
 from formats.payload import Attachment, Organ, Signer, build_payload
 from gateway import cli
 from gateway import settings as settings_mod
-from gateway.demo import HUB_ADDRESS, WORK_PERMITS, DemoWorld
+from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.loading import load_context
 from gateway.pipeline import process
 from keys.issuing import issue_agency, make_crl, make_intermediate, make_root, pkcs12_bundle
+from tests.payload_samples import work_permit_report
 from tests.test_relay import LoopbackController, Peer
 
 SNV, CATP, STP = "H26.SNV", "H26.CATP", "H26.STP"
@@ -97,24 +98,23 @@ def home(
         signer=Signer("Nguyễn Văn A", "Chánh Văn phòng"),
     )
     (home / "stp.xml").write_bytes(revoked_payload.to_xml())
-    annex = b"%PDF-1.4 an annex the payload lists\n"
-    (home / "annex.pdf").write_bytes(annex)
-    listed = Attachment("annex.pdf", "application/pdf", len(annex), sha256(annex).hexdigest())
-    for name, attachments in (("payload.xml", []), ("payload-annex.xml", [listed])):
-        payload = build_payload(
-            "work-permit",
-            sender=Organ(SNV, "Sở Nội vụ thành phố Hà Nội", SNV_EMAIL),
-            recipients=[Organ(CATP, "Công an thành phố Hà Nội", "pa08@congan.hanoi.gov.vn")],
-            records=WORK_PERMITS,
-            document_number="7/SNV-VLATLĐ",
-            issued_on=world.at.date(),
-            message_id=uuid.uuid4(),
-            period="2026-10",
-            signer=Signer("Trần Văn Minh", "Phó Giám đốc"),
-            attachments=attachments,
-        )
-        (home / name).write_bytes(payload.to_xml())
+    (home / "payload.xml").write_bytes(work_permit_report(world.at.date()))
+    annex = {"annex.pdf": b"%PDF-1.4 an annex the payload lists\n"}
+    with_annex(home, "payload-annex.xml", annex, world.at.date())
     return home
+
+
+def with_annex(
+    where: Path, name: str, files: dict[str, bytes], issued_on: date
+) -> list[str | Path]:
+    """Writes ``files`` and, as ``name``, a payload listing them; returns their --attach options."""
+    for filename, data in files.items():
+        (where / filename).write_bytes(data)
+    listed = [
+        Attachment(n, "application/pdf", len(d), sha256(d).hexdigest()) for n, d in files.items()
+    ]
+    (where / name).write_bytes(work_permit_report(issued_on, listed))
+    return [option for n in files for option in ("--attach", where / n)]
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +360,29 @@ def test_without_fresh_revocation_evidence_it_warns_and_sends(
     assert "gateway: warning: " in result.output
     assert "the hub checks it before deciding" in result.output
     assert len(relay.received) == 1
+
+
+def test_refuses_more_mime_parts_than_the_homes_limits(
+    home: Path, world: DemoWorld, relay: Peer, tmp_path: Path
+) -> None:
+    """[limits] max_parts (16) counts the decrypted structure: multipart/signed, the signature,
+    multipart/mixed, the XML and one part per attachment. The payload schema allows 100
+    attachments, so 13 passed every other check and went out, for the hub to refuse; 12 fit."""
+    files = {f"annex{i:02d}.pdf": b"%%PDF-1.4 annex %d\n" % i for i in range(13)}
+    attach = with_annex(tmp_path, "many.xml", files, world.at.date())
+    result = send(home, tmp_path / "many.xml", "--as", SNV, *pem(home), *attach)
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        "Error: the hub would refuse this message: more than 16 MIME parts ([limits] of "
+        f"{home / 'gateway.toml'})\n"
+    )
+    assert relay.received == []
+
+    del files["annex12.pdf"]
+    attach = with_annex(tmp_path, "twelve.xml", files, world.at.date())
+    result = send(home, tmp_path / "twelve.xml", "--as", SNV, *pem(home), *attach)
+    assert result.exit_code == 0, result.output
+    assert_accepted(home, relay.received[0].content, (tmp_path / "twelve.xml").read_bytes())
 
 
 # --- the relay says no --------------------------------------------------------------------------
