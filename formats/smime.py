@@ -43,7 +43,6 @@ from formats import cms_envelope, cms_signed
 from formats.cms_envelope import RecipientKey
 from formats.cms_signed import SignatureCheck
 from formats.errors import (
-    LimitExceeded,
     MalformedMessage,
     NotEncrypted,
     NotSigned,
@@ -53,6 +52,7 @@ from formats.errors import (
 from formats.limits import DEFAULT_LIMITS, Limits
 from formats.mime import (
     Entity,
+    check_message_limits,
     parse_disposition,
     parse_entity,
     parse_message,
@@ -460,8 +460,8 @@ def build_message(
 
     ``signer_chain``: the CA certificates that issued ``signer_cert``, carried in the signature
     for the recipient to build the path to its trust anchor. ``limits``: the recipient's; a
-    message :func:`open_message` would refuse for its MIME parts or nesting on them is
-    :class:`~formats.errors.LimitExceeded` here, checked by the same function.
+    message :func:`open_message` would refuse on them (MIME parts and nesting, size) is
+    :class:`~formats.errors.LimitExceeded` here, checked by the same functions.
     """
     entity = payload_entity(payload_xml, attachments)
     signed = sign_entity(
@@ -485,6 +485,7 @@ def build_message(
         message_id=message_id,
         date=date,
         subject=subject,
+        limits=limits,
     )
 
 
@@ -562,8 +563,10 @@ def wrap_enveloped(
     message_id: str,
     date: datetime,
     subject: str,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> bytes:
-    """RFC 5322 headers around an enveloped CMS blob."""
+    """RFC 5322 headers around an enveloped CMS blob, no bigger than ``limits`` allow (the
+    check :func:`open_message` makes first)."""
     head = message_headers(
         from_addr=from_addr, to_addrs=to_addrs, message_id=message_id, date=date, subject=subject
     ) + (
@@ -573,6 +576,5 @@ def wrap_enveloped(
         'Content-Disposition: attachment; filename="smime.p7m"\r\n'
     ).encode("ascii")
     message = head + b"\r\n" + b64_lines(der)
-    if len(message) > DEFAULT_LIMITS.max_message_bytes:
-        raise LimitExceeded(f"the built message is {len(message)} bytes, over the message limit")
+    check_message_limits(message, limits)
     return message

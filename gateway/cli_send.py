@@ -15,7 +15,7 @@ first, in one line naming the mismatch. Plan:
    (no fresh evidence: a warning, since the hub checks again before it decides);
 5. the files given with ``--attach`` are exactly the payload's attachment manifest;
 6. sign (carrying the key file's CA chain), encrypt to every current hub certificate; the
-   message is within the home's ``[limits]`` as the hub checks them (MIME parts);
+   message is within the home's ``[limits]`` as the hub checks them (MIME parts, size);
 7. send to ``[hub] address`` via ``[relay]``.
 
 Exit status: 0 sent (or written), 2 a problem found before sending, 1 the relay refused the

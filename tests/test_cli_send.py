@@ -5,6 +5,7 @@ aiosmtpd relay on loopback; what arrives must pass the gateway's own pipeline an
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import uuid
@@ -383,6 +384,25 @@ def test_refuses_more_mime_parts_than_the_homes_limits(
     result = send(home, tmp_path / "twelve.xml", "--as", SNV, *pem(home), *attach)
     assert result.exit_code == 0, result.output
     assert_accepted(home, relay.received[0].content, (tmp_path / "twelve.xml").read_bytes())
+
+
+def test_refuses_a_message_over_the_homes_max_message_bytes(
+    home: Path, world: DemoWorld, relay: Peer, tmp_path: Path
+) -> None:
+    """The home's [limits] max_message_bytes, not the built-in 32 MiB: the hub answers 552 to
+    a bigger message, so `send` refuses it before it goes."""
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    with (copy / "gateway.toml").open("a", encoding="utf-8") as toml:
+        toml.write("\n[limits]\nmax_message_bytes = 1048576\n")
+    files = {"big.pdf": b"%PDF-1.4\n" + os.urandom(1024 * 1024)}
+    attach = with_annex(tmp_path, "big.xml", files, world.at.date())
+    result = send(copy, tmp_path / "big.xml", "--as", SNV, *pem(copy), *attach)
+    assert result.exit_code == 2, result.output
+    assert "Error: the hub would refuse this message: message is " in result.output
+    assert "bytes, limit is 1048576; send smaller parts ([limits] of " in result.output
+    assert result.output.count("\n") == 1
+    assert relay.received == []
 
 
 # --- the relay says no --------------------------------------------------------------------------
