@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 
 from archive import tables as t
 from archive.db import Database
+from formats.errors import InputError
 from formats.vntime import local_day
 from gateway import compliance, compliance_html, ledger, logs, obligation_store, remind
 from gateway import settings as settings_mod
@@ -39,7 +40,7 @@ SETTLE_TIMEOUT = 60.0
     "--dir",
     "target",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Make the demo home here (default: a new temporary directory).",
+    help="Make the demo home here, a new or empty directory (default: a temporary one).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print what happened as JSON.")
 def demo(target: Path | None, as_json: bool) -> None:
@@ -53,6 +54,8 @@ def demo(target: Path | None, as_json: bool) -> None:
     """
     started = time.monotonic()
     at = datetime.now(UTC)
+    if target is not None:
+        _fresh(target)
     home = target or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     say = (lambda _m: None) if as_json else click.echo
     logs.configure("text", "error")
@@ -195,6 +198,21 @@ def _periods(at: datetime) -> tuple[str, str]:
 
 def _label(month: int) -> str:
     return f"{month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def _fresh(target: Path) -> None:
+    """``--dir`` is new or empty: the demo writes a whole home (gateway.toml, the passphrase,
+    the hub's key, trust files), and over an existing one it would destroy the passphrase that
+    opens the hub's key."""
+    try:
+        occupied = target.exists() and any(target.iterdir())
+    except OSError as exc:
+        raise InputError(f"--dir {target}: cannot read it: {exc.strerror}") from None
+    if occupied:
+        raise InputError(
+            f"--dir {target} is not empty; the demo makes a home of its own: give a new or "
+            "empty directory (or no --dir, for a temporary one)"
+        )
 
 
 def _cases(world: DemoWorld) -> dict[str, tuple[str, str, bytes]]:

@@ -148,6 +148,23 @@ def test_a_directory_that_is_not_a_home_is_refused_not_made_one(tmp_path: Path) 
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
+def test_demo_refuses_a_directory_that_holds_anything(tmp_path: Path) -> None:
+    """`demo --dir` on an existing home: refused, nothing written. It overwrote gateway.toml,
+    the passphrase and the hub's key files, and the hub's old key could no longer be opened.
+    A new or empty directory is fine (the demo_home fixture gives an empty one)."""
+    home = tmp_path / "home"
+    assert gateway("--home", home, "init").returncode == 0
+    before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
+    proc = gateway("demo", "--dir", home, "--json")
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr == (
+        f"Error: --dir {home} is not empty; the demo makes a home of its own: give a new or "
+        "empty directory (or no --dir, for a temporary one)\n"
+    )
+    assert proc.stdout == ""
+    assert {p: p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
+
+
 def test_init_makes_a_private_home(tmp_path: Path) -> None:
     home = tmp_path / "new-home"
     old = os.umask(0o022)
