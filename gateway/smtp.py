@@ -73,6 +73,9 @@ MAX_RECIPIENTS = 50
 #: §4.5.3.2 asks for at least 5 minutes. (The commit has its own budget, COMMIT_TIMEOUT.)
 SESSION_TIMEOUT = 300.0
 
+#: What each open session is told when the listener stops (RFC 5321 §3.8).
+SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+
 #: Seconds the STARTTLS handshake may take (at most the session timeout; asyncio's own limit is
 #: 60 s). A handshake takes milliseconds; a peer that sends STARTTLS and then nothing holds a
 #: session slot for this long, not for the session timeout.
@@ -398,11 +401,15 @@ class Listener:
                 await asyncio.wait(inflight, timeout=self.grace)
                 await asyncio.sleep(0.05)  # let the sessions send their replies
             # A connection accepted just before close() gets its transport a tick or two
-            # later (connection_made is scheduled): close in a few rounds, not once.
+            # later (connection_made is scheduled): close in a few rounds, not once. Each
+            # session is told first (RFC 5321 §3.8: 421 before closing; its client tries again
+            # later, or elsewhere), mid-transaction or between messages.
             for _ in range(3):
                 for session in list(self._sessions):
-                    if session.transport is not None:
-                        session.transport.close()
+                    transport = session.transport
+                    if transport is not None and not transport.is_closing():
+                        transport.write(SHUTTING_DOWN)
+                        transport.close()
                 await asyncio.sleep(0.01)
             await server.wait_closed()
             # Cancel the sessions, then sweep a few times: a connection accepted in the last

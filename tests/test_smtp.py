@@ -249,8 +249,30 @@ def test_stop_lets_a_commit_under_way_finish_and_answer_250(
         release.set()
         sender.join(10)
         stopper.join(10)
+        assert c.noop()[0] == 421  # answered, then told the service is shutting down
     assert replies[0][0] == 250
     assert count(db) == 1
+
+
+def test_stop_tells_the_sessions_it_closes_421(serve: Any, db: Database) -> None:
+    """RFC 5321 §3.8: a server that must shut down answers 421 and closes. A session in the
+    middle of its data, and one between two messages, were cut off with no reply at all."""
+    server = serve()
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as busy,
+        client(server) as idle,
+    ):
+        replies = busy.makefile("rb")
+        assert replies.readline().startswith(b"220")
+        busy.sendall(b"HELO a.example\r\nMAIL FROM:<a@b.example>\r\n")
+        busy.sendall(b"RCPT TO:<hub@exchange.hanoi.gov.vn>\r\nDATA\r\n")
+        assert [replies.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        busy.sendall(b"Subject: x\r\n\r\nthe first half of the body\r\n")
+        assert idle.noop()[0] == 250
+        server.stop()
+        assert replies.read() == listener.SHUTTING_DOWN  # then the server closed the connection
+        assert idle.getreply() == (421, b"4.3.2 Service shutting down, try again later")
+    assert count(db) == 0
 
 
 def _refused_soon(port: int) -> bool:
