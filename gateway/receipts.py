@@ -43,14 +43,22 @@ def description(disposition: str, seq: int, reasons: Sequence[Mapping[str, Any]]
     """The receipt's words: Vietnamese first, then English, trimmed to fit ``Description``."""
     if disposition == "accepted":
         return f"{ACCEPTED_VI.format(seq=seq)}\n{ACCEPTED_EN.format(seq=seq)}"
+    # Each reason is quoted twice (both languages) within a share of the room left by the
+    # fixed lines: a long value quoted by one (an XSD error quotes what was sent) must not
+    # push the English half, or the other reasons, out of the 2000 characters.
+    share = max(80, (MAX_DESCRIPTION - 400) // (2 * max(1, len(reasons))))
+
+    def quoted(text: str) -> str:
+        return text if len(text) <= share else text[: share - 1].rstrip() + "…"
+
     lines = [REJECTED_VI.format(seq=seq)]
     for r in reasons:
-        lines.append(f"- {r.get('reason_vi', '')}: {r.get('message', '')}".strip())
+        lines.append(quoted(f"- {r.get('reason_vi', '')}: {r.get('message', '')}".strip()))
     lines.append(FIX_VI)
     lines.append(REJECTED_EN.format(seq=seq))
     for r in reasons:
         detail = f" ({r['detail']})" if r.get("detail") else ""
-        lines.append(f"- [{r.get('code', 'error')}] {r.get('message', '')}{detail}")
+        lines.append(quoted(f"- [{r.get('code', 'error')}] {r.get('message', '')}{detail}"))
     lines.append(FIX_EN)
     # A reason may quote what the sender sent; what XML cannot carry becomes U+FFFD, so that
     # the receipt is still written (a refused receipt would leave the sender without an answer).

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formats.payload import Organ, Payload
-from gateway.receipts import MAX_DESCRIPTION, receipt_payload
+from gateway.receipts import (
+    FIX_EN,
+    FIX_VI,
+    MAX_DESCRIPTION,
+    REJECTED_EN,
+    REJECTED_VI,
+    receipt_payload,
+)
 
 HUB = Organ("GATEWAY", "Cổng trao đổi", "hub@exchange.hanoi.gov.vn")
 TO = Organ("H26.SNV", "Sở Nội vụ", "vanthu@snv.hanoi.gov.vn")
@@ -52,7 +59,11 @@ def test_written_receipts_are_valid_status_payloads(
     assert (str(answered) if answered else None) == fields.get("document_id")
     [record] = payload.records
     assert record["ArchiveSequence"] == seq
-    assert len(str(record["Description"])) <= MAX_DESCRIPTION
+    text = str(record["Description"])
+    assert len(text) <= MAX_DESCRIPTION
+    if status == "rejected":  # both languages, whatever a reason quotes (both once cut off)
+        assert text.startswith(REJECTED_VI.format(seq=seq)) and text.endswith(FIX_EN)
+        assert FIX_VI in text and REJECTED_EN.format(seq=seq) in text
 
 
 def test_what_xml_cannot_carry_in_a_reason_is_replaced_not_refused() -> None:
@@ -74,3 +85,20 @@ def test_the_largest_sequence_numbers_still_make_valid_receipts() -> None:
         assert str(Payload.from_xml(payload.to_xml()).header.document_id).split(",")[2] == (
             f"{seq}/BN"
         )
+
+
+def test_a_long_quoted_value_leaves_both_languages_and_every_reason_in_the_receipt() -> None:
+    """An XSD error quotes what was sent: a 2,400-character value cut the Description in the
+    Vietnamese half, the English half and the second reason gone."""
+    pasted = "Kính gửi Công an thành phố, Sở Nội vụ gửi kèm danh sách. " * 40
+    reasons = [
+        {"code": "schema-invalid", "message": f"PageCount: {pasted!r} is not a number"},
+        {"code": "attachment-mismatch", "message": "scan.pdf is listed but not attached"},
+    ]
+    payload = receipt_payload(
+        _fields("rejected", reasons), seq=9, hub=HUB, to=TO, origin="hub@test", at=AT
+    )
+    text = str(Payload.from_xml(payload.to_xml()).records[0]["Description"])
+    assert len(text) <= MAX_DESCRIPTION and text.endswith(FIX_EN)
+    assert FIX_VI in text and REJECTED_EN.format(seq=9) in text
+    assert text.count("scan.pdf is listed but not attached") == 2
