@@ -407,8 +407,9 @@ class Listener:
             for _ in range(3):
                 for session in list(self._sessions):
                     transport = session.transport
-                    if transport is not None and not transport.is_closing():
-                        transport.write(SHUTTING_DOWN)
+                    if isinstance(transport, asyncio.WriteTransport):
+                        if not transport.is_closing():
+                            transport.write(SHUTTING_DOWN)
                         transport.close()
                 await asyncio.sleep(0.01)
             await server.wait_closed()
