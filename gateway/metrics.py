@@ -9,6 +9,7 @@ over the last messages filed. The listener's SMTP replies are counted in this pr
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -36,7 +37,7 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
-        out.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+        out.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
 
     with db.session(read_only=True) as s:
         verdicts = s.execute(
@@ -95,6 +96,19 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
         _quantiles([(done - got).total_seconds() for got, done in recent]),
     )
     return "\n".join(out) + "\n"
+
+
+def _number(value: float) -> str:
+    """A sample value as the text format writes it: an integer in full (``{:g}`` keeps six
+    digits: 1234567 replies became 1.23457e+06, a counter that stands still, then jumps), a
+    float as ``repr`` does (the shortest text that reads back as the same float)."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
 
 
 def _quantiles(values: list[float]) -> list[tuple[str, float]]:

@@ -1,17 +1,35 @@
 """The metrics endpoint cannot be made to hold the supervisor's threads and descriptors: a
 client that sends nothing is dropped after the request timeout, and connections beyond the cap
-are closed at once (before, 1,000 idle connections took every descriptor and stopped intake)."""
+are closed at once (before, 1,000 idle connections took every descriptor and stopped intake).
+What it serves (:func:`gateway.metrics.render`) is valid Prometheus text, whose series mean
+what Prometheus's functions assume of them."""
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from gateway.metrics import MetricsServer
+from archive.db import Database
+from gateway.metrics import MetricsServer, render
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database.open(f"sqlite:///{tmp_path / 'archive.db'}")
+    yield database
+    database.dispose()
+
+
+def _samples(text: str, name: str) -> dict[str, str]:
+    """The samples of ``name`` in an exposition: labels (``""`` for none) → value as written."""
+    found = (re.fullmatch(rf"{name}(\{{.*\}})? (\S+)", line) for line in text.splitlines())
+    return {m[1] or "": m[2] for m in found if m}
 
 
 @pytest.fixture
@@ -66,3 +84,13 @@ def test_a_client_that_goes_away_is_a_log_line_not_a_traceback(
         metrics.stop()
     assert "metrics: a request from 127.0.0.1 failed" in caplog.text
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_counter_values_are_written_in_full(db: Database) -> None:
+    """A counter is written with every digit: as ``{:g}`` wrote it, 1,234,567 replies were
+    1.23457e+06, and rate()/increase() saw a counter stand still for ten replies, then jump."""
+    text = render(db, {"250": 1_234_567, "451": 3}, workers_alive=2)
+    assert _samples(text, "gateway_smtp_replies_total") == {
+        '{code="250"}': "1234567",
+        '{code="451"}': "3",
+    }
