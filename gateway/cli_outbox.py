@@ -12,6 +12,7 @@ from gateway import outbox_admin
 from gateway.cli import actor, db_session, emit_json, load_settings, now
 from gateway.cli_types import COUNT, OUTBOX_ID
 from gateway.loading import load_directory_merged
+from gateway.outbound import KINDS
 from gateway.outbox_admin import PENDING, STATES, Requeued
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -28,7 +29,7 @@ def outbox() -> None:
     type=click.Choice([*STATES, "all"]),
     help="Only rows in this state (default: every state but sent).",
 )
-@click.option("--kind", type=click.Choice(["receipt", "resend", "delivery", "reminder", "alert"]))
+@click.option("--kind", type=click.Choice(KINDS))
 @click.option("--agency", metavar="ORGAN_ID", help="Only rows to this agency.")
 @click.option("--limit", type=COUNT, default=100, show_default=True)
 @json_option

@@ -37,6 +37,9 @@ from archive.records import Transport
 from formats.errors import InputError, TransientError
 from keys import store
 
+#: The states of an intake row (:class:`archive.tables.Intake`), in the order a message goes.
+STATES = ("new", "working", "retry", "done")
+
 #: One message to take in: the raw bytes, how they came, and the origin key (or ``None``).
 Item = tuple[bytes, Transport, str | None]
 

@@ -12,9 +12,10 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from itertools import product
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,6 +24,10 @@ from archive import tables as t
 from archive.db import Database
 from archive.log import Log
 from formats.errors import TransientError
+from gateway import intake as intake_mod
+from gateway.outbound import KINDS
+from gateway.outbox_admin import STATES
+from gateway.verdict import FILED
 
 log = logging.getLogger("gateway.metrics")
 
@@ -62,19 +67,22 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
         "gateway_messages_total",
         "counter",
         "Messages filed in the archive, by verdict.",
-        [(f'{{verdict="{v}"}}', n) for v, n in verdicts],
+        [(f'{{verdict="{v}"}}', n) for v, n in _every(FILED, verdicts)],
     )
     family(
         "gateway_intake_queue",
         "gauge",
         "Received messages by intake state (new, working, retry, done).",
-        [(f'{{state="{st}"}}', n) for st, n in intake],
+        [(f'{{state="{st}"}}', n) for st, n in _every(intake_mod.STATES, intake)],
     )
     family(
         "gateway_outbox_queue",
         "gauge",
         "Outbound messages (receipts, deliveries, alerts) by kind and state.",
-        [(f'{{kind="{k}",state="{st}"}}', n) for k, st, n in outbox],
+        [
+            (f'{{kind="{k}",state="{st}"}}', n)
+            for (k, st), n in _every(product(KINDS, STATES), (((k, st), n) for k, st, n in outbox))
+        ],
     )
     family("gateway_archive_entries", "gauge", "Entries in the archive log.", [("", size)])
     family(
@@ -96,6 +104,18 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
         _quantiles([(done - got).total_seconds() for got, done in recent]),
     )
     return "\n".join(out) + "\n"
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def _every(known: Iterable[K], counted: Iterable[tuple[K, int]]) -> list[tuple[K, int]]:
+    """Every known label value with its count, 0 when none was counted (then any other value
+    counted, in order). A series must exist before its first event: one that appears when its
+    count becomes 1 has no earlier sample, so ``delta(...) > 0`` (docs/deploy.md's alert on
+    ``gateway_outbox_queue{state="failed"}``) never fires for the first failure."""
+    found = dict(counted)
+    return [(k, found.pop(k, 0)) for k in known] + sorted(found.items(), key=str)
 
 
 def _number(value: float) -> str:

@@ -67,6 +67,8 @@ NOT_TAKEN = "not_taken"
 #: ``detail`` key of a row that ended with nothing left to send (:func:`nothing_left`): the
 #: mailboxes that lacked it and are no longer the agency's.
 LEFT_AGENCY = "left_agency"
+#: The kinds of outbox row (:class:`archive.tables.Outbox`): what the hub owes whom.
+KINDS = ("receipt", "resend", "delivery", "reminder", "alert")
 #: The kinds of row the builder addresses to their agency's mailboxes of now (its directory
 #: entry): sent, or sent again, only to those still its own (:func:`left_agency`). A receipt
 #: goes to the mailbox the message came from, a resend to the receipt's, an alert to the admin

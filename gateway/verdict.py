@@ -42,6 +42,9 @@ TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     "refused": frozenset(),
 }
 
+#: The status a message's archive entry may carry: a decision, or ``refused`` (never taken in).
+FILED: Final = ("accepted", "rejected", "quarantined", "refused")
+
 #: edXML Status codes for the receipt (QCVN 102:2016 StatusCode).
 RECEIPT_STATUS: Final[dict[str, str]] = {"accepted": "03", "rejected": "02", "quarantined": "02"}
 

@@ -17,6 +17,8 @@ import pytest
 
 from archive.db import Database
 from gateway.metrics import MetricsServer, render
+from gateway.outbound import KINDS
+from gateway.outbox_admin import STATES
 
 
 @pytest.fixture
@@ -94,3 +96,21 @@ def test_counter_values_are_written_in_full(db: Database) -> None:
         '{code="250"}': "1234567",
         '{code="451"}': "3",
     }
+
+
+def test_every_known_series_is_there_before_its_first_event(db: Database) -> None:
+    """Each verdict, intake state and outbox kind × state is exposed, as 0 until it happens:
+    a series that appears only when its count becomes 1 has no earlier sample, so the alert
+    of docs/deploy.md, ``max(delta(gateway_outbox_queue{state="failed"}[1h])) > 0``, never
+    fired for the first failure (nor after `outbox retry` had emptied the state)."""
+    text = render(db, {}, workers_alive=1)
+    outbox = _samples(text, "gateway_outbox_queue")
+    assert outbox['{kind="delivery",state="failed"}'] == "0"
+    assert len(outbox) == len(KINDS) * len(STATES)
+    assert _samples(text, "gateway_intake_queue") == {
+        '{state="new"}': "0",
+        '{state="working"}': "0",
+        '{state="retry"}': "0",
+        '{state="done"}': "0",
+    }
+    assert _samples(text, "gateway_messages_total")['{verdict="quarantined"}'] == "0"
