@@ -3,7 +3,8 @@
 Everything that matters across processes is read from the database at scrape time, so the
 figures are the same whichever instance is asked and survive restarts: messages by verdict,
 the intake and outbox queues by state, the archive size, and the time from ``250`` to archived
-over the last messages filed. The listener's SMTP replies are counted in this process.
+(its quantiles over the last messages filed; its count and sum, counters, over every one). The
+listener's SMTP replies are counted in this process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import product
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import BigInteger, ColumnElement, cast, extract, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from archive import tables as t
@@ -63,6 +64,11 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
             .order_by(t.Intake.id.desc())
             .limit(LATENCY_WINDOW)
         ).all()
+        filed, total_ms = s.execute(
+            select(func.count(), func.coalesce(func.sum(_latency_ms(db.dialect)), 0)).where(
+                t.Intake.state == "done"
+            )
+        ).one()
     family(
         "gateway_messages_total",
         "counter",
@@ -100,8 +106,13 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
     family(
         "gateway_archive_latency_seconds",
         "summary",
-        f"Time from 250 to archived over the last {LATENCY_WINDOW} messages filed.",
-        _quantiles([(done - got).total_seconds() for got, done in recent]),
+        f"Time from 250 to archived: quantiles over the last {LATENCY_WINDOW} messages "
+        "filed, count and sum over every message filed.",
+        [
+            *_quantiles([(done - got).total_seconds() for got, done in recent]),
+            ("_count", filed),
+            ("_sum", int(total_ms) / 1000),
+        ],
     )
     return "\n".join(out) + "\n"
 
@@ -132,14 +143,29 @@ def _number(value: float) -> str:
 
 
 def _quantiles(values: list[float]) -> list[tuple[str, float]]:
+    """The quantiles of a summary, taken over a window (as a client library's summary takes
+    them over its last minutes); nothing while the window is empty."""
     if not values:
-        return [("_count", 0), ("_sum", 0)]
+        return []
     ordered = sorted(values)
     pick = [(q, ordered[min(len(ordered) - 1, int(q * len(ordered)))]) for q in (0.5, 0.9, 0.99)]
-    return [(f'{{quantile="{q}"}}', v) for q, v in pick] + [
-        ("_count", len(values)),
-        ("_sum", sum(values)),
-    ]
+    return [(f'{{quantile="{q}"}}', v) for q, v in pick]
+
+
+def _latency_ms(dialect: str) -> ColumnElement[Any]:
+    """An intake row's time from 250 to archived, in whole milliseconds, in SQL.
+
+    A summary's ``_count`` and ``_sum`` are counters (Prometheus text format): they must never
+    go down, so they are taken over every filed row (a row stays ``done``), not over the window
+    of the quantiles, whose sum fell as slow messages left it. Whole numbers, so that the sum is
+    exact whatever order the database adds them in: a float sum may differ in its last digit
+    from one scrape to the next, which Prometheus reads as a counter reset."""
+    got, done = t.Intake.received_at, t.Intake.updated_at
+    if dialect == "postgresql":
+        seconds: ColumnElement[Any] = extract("epoch", done - got)
+    else:  # SQLite keeps the times as text, which julianday() reads
+        seconds = (func.julianday(done) - func.julianday(got)) * 86400
+    return cast(func.round(seconds * 1000), BigInteger)
 
 
 #: Scrapes served at once; a connection beyond them is closed at once. Each holds a thread and

@@ -11,19 +11,21 @@ import socket
 import struct
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from archive import tables as t
 from archive.db import Database
+from gateway import metrics
 from gateway.metrics import MetricsServer, render
 from gateway.outbound import KINDS
 from gateway.outbox_admin import STATES
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database.open(f"sqlite:///{tmp_path / 'archive.db'}")
+def db(database_url: str) -> Iterator[Database]:
+    database = Database.open(database_url)
     yield database
     database.dispose()
 
@@ -114,3 +116,36 @@ def test_every_known_series_is_there_before_its_first_event(db: Database) -> Non
         '{state="done"}': "0",
     }
     assert _samples(text, "gateway_messages_total")['{verdict="quarantined"}'] == "0"
+
+
+def test_the_latency_summarys_count_and_sum_never_go_down(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A summary's ``_count`` and ``_sum`` are counters: they are taken over every message
+    filed, while the quantiles come from the last ``LATENCY_WINDOW``. Taken over the window,
+    ``_count`` stopped at its size and ``_sum`` fell as a slow message left it, so Prometheus
+    saw a counter reset at every scrape and ``rate(_sum) / rate(_count)`` meant nothing."""
+    monkeypatch.setattr(metrics, "LATENCY_WINDOW", 2)
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def filed(seconds: float) -> None:
+        done = at + timedelta(seconds=seconds)
+        with db.session() as s:
+            s.add(t.Intake(received_at=at, updated_at=done, transport={}, raw=b"",
+                           sha256="0" * 64, state="done"))  # fmt: skip
+
+    name = "gateway_archive_latency_seconds"
+    filed(10.0)
+    filed(1.5)
+    before = render(db, {}, workers_alive=1)
+    assert _samples(before, name + "_count") == {"": "2"}
+    assert _samples(before, name + "_sum") == {"": "11.5"}
+    filed(1.0)  # the 10 s one leaves the window
+    after = render(db, {}, workers_alive=1)
+    assert _samples(after, name + "_count") == {"": "3"}
+    assert _samples(after, name + "_sum") == {"": "12.5"}
+    assert _samples(after, name) == {  # the window: the last two
+        '{quantile="0.5"}': "1.5",
+        '{quantile="0.9"}': "1.5",
+        '{quantile="0.99"}': "1.5",
+    }
