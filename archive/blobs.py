@@ -64,19 +64,28 @@ def load_master_key(path: Path, *, create: bool = False) -> bytes:
     env = os.environ.get("GATEWAY_ARCHIVE_KEY")
     if env:
         return _decode(env, "GATEWAY_ARCHIVE_KEY")
-    if not path.exists():
-        if not create:
-            raise ConfigError(
-                f"archive master key {path} not found; the archive cannot read its blobs "
-                "without it (restore it from your key backup)"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    return _decode(path.read_text().strip(), str(path))
+    try:
+        if not path.exists():
+            if not create:
+                raise ConfigError(
+                    f"archive master key {path} not found; the archive cannot read its blobs "
+                    "without it (restore it from your key backup)"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        # A directory, a path under a file, no permission: the setting names no usable file.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"archive master key {path}: {why}; [archive] master_key_file must name a file "
+            "this user can read (or, for a new archive, create)"
+        ) from None
+    return _decode(text.strip(), str(path))
 
 
 def _decode(text: str, where: str) -> bytes:

@@ -240,3 +240,20 @@ def test_archive_release_puts_a_quarantined_message_back_once(
     refused = gateway("--home", home, "archive", "release", str(accepted["archive_seq"]))
     assert refused.returncode == 2
     assert "only a quarantined message is released" in refused.stderr
+
+
+@pytest.mark.parametrize("where", ["a-directory", "a-file/master.key"])
+def test_a_master_key_file_that_cannot_be_a_file_is_a_setting_error(
+    tmp_path: Path, where: str
+) -> None:
+    """[archive] master_key_file naming a directory, or a path under a file: one line naming
+    the key file and the setting, exit 2 (it was `internal error: IsADirectoryError`, 70)."""
+    home = tmp_path / "home"
+    (home / "a-directory").mkdir(parents=True)
+    (home / "a-file").write_text("not a directory")
+    (home / "gateway.toml").write_text(f'[archive]\nmaster_key_file = "{where}"\n')
+    proc = gateway("--home", home, "archive", "verify")
+    assert proc.returncode == 2, proc.stderr
+    assert f"archive master key {home / where}: " in proc.stderr
+    assert "[archive] master_key_file must name a file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
