@@ -74,7 +74,7 @@ class Database:
         engine = _engine(url, busy_timeout_ms)
         db = cls(engine, sessionmaker(engine, expire_on_commit=False), busy_timeout_ms)
         try:
-            with db._damaged():
+            with db._damaged(), db._unreachable():
                 db.check_durability()
                 if migrate:
                     db.upgrade()
@@ -153,6 +153,30 @@ class Database:
             raise DatabaseDamaged(
                 f"the database file {self.engine.url.database} {damage} (SQLite: {exc.orig}); "
                 "restore it from a backup"
+            ) from exc
+
+    @contextmanager
+    def _unreachable(self) -> Iterator[None]:
+        """A database that cannot be opened, as one line naming it (never its password).
+
+        No connection to a PostgreSQL server is :class:`TransientError`, as it is for a
+        session: a server that is down comes back, and the next start or command succeeds.
+        (psycopg gives no SQLSTATE for a connection that failed, so a wrong host, user or
+        database name cannot be told from a server that is down but by the server's own,
+        possibly translated, words: the line quotes them and names both remedies.) Any other
+        trouble in opening (a SQLite file that cannot be opened) is :class:`ConfigError`."""
+        try:
+            yield
+        except OperationalError as exc:
+            where = self.engine.url.render_as_string(hide_password=True)
+            cause = " ".join(str(exc.orig).split())[:300] or type(exc.orig).__name__
+            if exc.connection_invalidated or _is_transient(exc):
+                raise TransientError(
+                    f"the database {where} is not reachable ({cause}); correct [database] url, "
+                    "or try again once its server accepts connections"
+                ) from exc
+            raise ConfigError(
+                f"the database {where} cannot be opened ({cause}); check [database] url"
             ) from exc
 
     @contextmanager

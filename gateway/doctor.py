@@ -203,8 +203,9 @@ def database(settings: Settings) -> tuple[list[Result], Database | None]:
         ], None
     try:
         db = Database.open(url, migrate=False, busy_timeout_ms=settings.database.busy_timeout_ms)
-    except GatewayError as err:
-        return [fail("database", f"{shown}: {err.message}")], None
+    except GatewayError as err:  # one that names the database already is not prefixed
+        message = err.message if shown in err.message else f"{shown}: {err.message}"
+        return [fail("database", message)], None
     except (SQLAlchemyError, OSError) as exc:
         return [fail("database", f"{shown} is not reachable: {one_line(exc)}")], None
     durable = "WAL, synchronous=FULL" if db.dialect == "sqlite" else "synchronous_commit, fsync on"

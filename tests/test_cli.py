@@ -257,3 +257,16 @@ def test_a_master_key_file_that_cannot_be_a_file_is_a_setting_error(
     assert f"archive master key {home / where}: " in proc.stderr
     assert "[archive] master_key_file must name a file" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_database_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
+    """A PostgreSQL server that is down: one line naming the database (not its password), exit
+    2 like every explained error; it was `internal error: OperationalError` (70), three lines."""
+    (tmp_path / "gateway.toml").write_text(
+        '[database]\nurl = "postgresql+psycopg://gw:s3cret@127.0.0.1:1/gateway"\n'
+    )
+    proc = gateway("--home", tmp_path, "outbox", "list")
+    assert proc.returncode == 2, proc.stderr
+    assert "postgresql+psycopg://gw:***@127.0.0.1:1/gateway is not reachable" in proc.stderr
+    assert "s3cret" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -44,6 +44,7 @@ from keys import store
 from keys.directory import Agency
 from tests import pg
 from tests.conftest import WORLD_AT
+from tests.servers import free_port
 
 ACTOR = "test"
 PASS = b"test-only passphrase"
@@ -474,6 +475,30 @@ def test_postgresql_trouble_that_passes_is_transient(pg_url: str, open_db: Opene
             assert s.scalar(text("SHOW lock_timeout")) == "200ms"
         with impatient.session(read_only=True) as s:
             assert s.scalar(text("SHOW lock_timeout")) == "50ms"  # the URL's own kept
+
+
+def test_a_postgresql_server_that_does_not_answer_is_one_transient_line(open_db: Opener) -> None:
+    """Opening a database whose server is down (or a wrong port: the client cannot tell) is
+    :class:`TransientError` in one line that names the database without its password; it was
+    an OperationalError, which the CLI reported as an internal error (exit 70) over three
+    lines."""
+    port = free_port()  # nothing listens there
+    with pytest.raises(TransientError) as caught:
+        open_db(f"postgresql+psycopg://gw:s3cret@127.0.0.1:{port}/gw")
+    message = caught.value.message
+    assert message.startswith(f"the database postgresql+psycopg://gw:***@127.0.0.1:{port}/gw ")
+    assert "is not reachable" in message and "[database] url" in message
+    assert "s3cret" not in message and "\n" not in message
+
+
+def test_a_sqlite_database_that_cannot_be_opened_is_a_setting_error(
+    tmp_path: Path, open_db: Opener
+) -> None:
+    """A SQLite URL naming a directory: waiting will not mend it, ``[database] url`` must
+    change (it was an OperationalError: an internal error in the CLI)."""
+    (tmp_path / "archive.db").mkdir()
+    with pytest.raises(ConfigError, match=r"archive\.db cannot be opened \(unable to open"):
+        open_db(f"sqlite:///{tmp_path / 'archive.db'}")
 
 
 # --- times ---------------------------------------------------------------------------------------
