@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from formats.errors import InputError
 from gateway import logs
 from gateway.cli import load_settings
 from gateway.serve import Supervisor
@@ -70,13 +71,21 @@ def serve(
     settings = dataclasses.replace(settings, listen=listen, serve=serve_settings)
     if not (settings.listen.smtp or settings.listen.lmtp or settings.imap.host):
         raise click.UsageError("nothing to serve: no SMTP or LMTP listener and no IMAP mailbox")
+    if ready_file is not None and not ready_file.parent.is_dir():
+        # Found now, not once everything has started and the file is written.
+        raise InputError(f"--ready-file {ready_file}: there is no directory {ready_file.parent}")
     logs.configure(log_format)
 
     def ready(info: dict[str, Any]) -> None:
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps(info), encoding="utf-8")
-            os.replace(tmp, ready_file)
+            try:
+                tmp.write_text(json.dumps(info), encoding="utf-8")
+                os.replace(tmp, ready_file)
+            except OSError as exc:
+                raise InputError(
+                    f"--ready-file {ready_file}: cannot write it ({exc.strerror or exc})"
+                ) from None
 
     supervisor = Supervisor(settings, log_format=log_format, on_ready=ready)
     for sig in (signal.SIGTERM, signal.SIGINT):

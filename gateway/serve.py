@@ -213,7 +213,13 @@ class Supervisor:
         }
         log.info("gateway serving", extra={"fields": info})
         gc.freeze()  # as in the workers: start-up's objects stay; full passes skip them
-        self.on_ready(info)
+        failed: Exception | None = None
+        try:
+            self.on_ready(info)
+        except Exception as exc:  # (the ready file cannot be written) stop as on SIGTERM
+            log.error("start-up could not be announced; stopping")
+            failed = exc
+            self.stop.set()
         restarts: dict[int, float] = {}
         last_sweep = time.monotonic()
         while not self.stop.wait(0.5):
@@ -246,6 +252,8 @@ class Supervisor:
             metrics.stop()
         db.dispose()
         log.info("stopped")
+        if failed is not None:
+            raise failed
 
     def _metrics(
         self, db: Database, listeners: dict[str, Any], processes: list[Any]

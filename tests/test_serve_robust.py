@@ -96,6 +96,26 @@ def _kill_session(sid: int) -> None:
         os.killpg(sid, signal.SIGKILL)
 
 
+def _serve_until_it_ends(
+    home: Path, *args: str, limit_files: int | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """``gateway serve ARGS`` in a session of its own, expected to end by itself within two
+    minutes (whatever is left of the session is killed): the process, and its stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--home", str(home), "serve", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
+        preexec_fn=None if limit_files is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))
+        ),
+    )  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        _kill_session(process.pid)
+    return process, stderr
+
+
 # --- kill -9 of the supervisor -------------------------------------------------------------
 
 
@@ -179,16 +199,7 @@ def test_an_address_in_use_is_one_line_and_leaves_nothing_running(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--home", str(home), "serve", "--log-format",
-             "json", option, address],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-            env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
-        )  # fmt: skip
-        try:
-            _, stderr = process.communicate(timeout=120)
-        finally:
-            _kill_session(process.pid)
+        process, stderr = _serve_until_it_ends(home, "--log-format", "json", option, address)
     assert process.returncode == 2, stderr
     assert "Traceback" not in stderr and "internal error" not in stderr
     assert stderr.strip().splitlines()[-1] == f"Error: {setting}: {address} is already in use"
@@ -210,16 +221,7 @@ def test_sessions_beyond_the_open_file_limit_are_refused_at_start(
     text = config.read_text(encoding="utf-8")
     assert "[listen]\n" in text
     config.write_text(text.replace("[listen]\n", "[listen]\nmax_sessions = 300\n"), "utf-8")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--home", str(home), "serve", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=dict(os.environ, PYTHONPATH=str(served.ROOT)),
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (150, 150)),
-    )  # fmt: skip
-    try:
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        _kill_session(process.pid)
+    process, stderr = _serve_until_it_ends(home, "--log-format", "json", limit_files=150)
     assert process.returncode == 2, stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("Error: [listen] max_sessions = 300 on 1 listener(s) needs about")
@@ -283,6 +285,43 @@ def test_serve_refuses_a_home_that_does_not_exist(tmp_path: Path) -> None:
         f"Error: no gateway home at {typo} (run `gateway init --home {typo}` first)"
     ]
     assert not typo.exists()
+
+
+# --- the ready file ---------------------------------------------------------------------------
+
+
+def test_a_ready_file_in_a_missing_directory_is_refused_before_start(
+    home: Path, tmp_path: Path
+) -> None:
+    """Found before anything starts, one line, exit 2: the file used to be written once all
+    had started, and the failure was `internal error: FileNotFoundError` (70) with no orderly
+    stop of the listeners and workers."""
+    ready = tmp_path / "no-such-dir" / "ready.json"
+    done = served.gateway(home, "serve", "--ready-file", str(ready), "--log-format", "json")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"Error: --ready-file {ready}: there is no directory {ready.parent}"
+    ]
+
+
+def test_a_ready_file_that_cannot_be_written_stops_the_service_in_order(
+    home: Path, tmp_path: Path
+) -> None:
+    """Everything has started when the ready file is written: if it cannot be (here its
+    temporary name is a directory), the service stops as on SIGTERM, then says why in one
+    line (exit 2), and leaves no process behind."""
+    home = Path(shutil.copytree(home, tmp_path / "home"))
+    ready = tmp_path / "ready.json"
+    (tmp_path / "ready.json.tmp").mkdir()
+    process, stderr = _serve_until_it_ends(
+        home, "--log-format", "text", "--workers", "1", "--smtp", "127.0.0.1:0",
+        "--metrics", "", "--ready-file", str(ready),
+    )  # fmt: skip
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr and "internal error" not in stderr
+    assert "stopping: no new mail accepted" in stderr and "stopped" in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"Error: --ready-file {ready}: cannot write")
+    wait_for(lambda: not in_session(process.pid), 30, "every process of the service exits")
 
 
 # --- a graceful stop while the sender works through a backlog ----------------------------------
