@@ -58,9 +58,9 @@ def calendar_of(settings: Settings) -> Calendar:
 
 
 def load_templates(override: Path | None = None) -> Templates:
-    """The shipped reminder texts, with ``override`` (if the file exists) on top."""
+    """The shipped reminder texts, with ``override`` (a file that must be readable) on top."""
     shipped = resources.files("gateway.presets").joinpath("reminders.toml").read_text("utf-8")
-    if override is None or not override.exists():
+    if override is None:
         return Templates.parse(shipped)
     try:
         text = override.read_text(encoding="utf-8")
@@ -70,8 +70,20 @@ def load_templates(override: Path | None = None) -> Templates:
 
 
 def templates_of(settings: Settings) -> Templates:
+    """The reminder texts: ``[compliance] templates`` on the shipped ones, which must be
+    there (as ``[compliance] overlay`` must: a mistyped name would send the shipped texts to
+    the agencies, unnoticed); unset, the home's reminders.toml if there is one."""
     c = settings.compliance
-    return load_templates(settings.path(c.templates or settings.home / "reminders.toml"))
+    if c.templates is None:
+        implicit = settings.home / "reminders.toml"
+        return load_templates(implicit if implicit.exists() else None)
+    path = settings.path(c.templates)
+    if not path.exists():
+        raise ConfigError(
+            f"[compliance] templates: {path} does not exist; correct the name, or remove the "
+            "setting to send the shipped texts"
+        )
+    return load_templates(path)
 
 
 def policy_of(settings: Settings) -> Policy:

@@ -20,12 +20,14 @@ from archive.blobs import BlobStore
 from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
+from formats.errors import ConfigError
 from formats.payload import Organ
 from gateway import intake, obligation_store
+from gateway import settings as settings_mod
 from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld
 from gateway.obligations import DueRule, Obligation
-from gateway.remind import load_templates, run
+from gateway.remind import load_templates, run, templates_of
 from gateway.reminders import Policy
 from gateway.workdays import Calendar
 from gateway.worker import Worker
@@ -226,10 +228,23 @@ def test_templates_can_be_edited_and_a_bad_placeholder_is_caught(tmp_path: Path)
     custom.write_text('[late]\nsubject = "Trễ hạn {label}"\n', encoding="utf-8")
     assert load_templates(custom).texts["late"]["subject"] == "Trễ hạn {label}"
     custom.write_text('[late]\nsubject = "Trễ hạn {nonsense}"\n', encoding="utf-8")
-    from formats.errors import ConfigError
-
     with pytest.raises(ConfigError, match="nonsense"):
         load_templates(custom)
+
+
+def test_a_configured_templates_file_that_is_missing_is_refused(tmp_path: Path) -> None:
+    """``[compliance] templates`` naming a file that is not there (a typo) is a setting error,
+    as ``[compliance] overlay`` is: it was ignored, and the shipped texts went to the agencies.
+    Unset, the home's reminders.toml is used only if it is there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shipped = load_templates().texts
+    assert templates_of(settings_mod.load(home)).texts == shipped  # no reminders.toml: fine
+    (home / "gateway.toml").write_text('[compliance]\ntemplates = "reminders-hanoi.toml"\n')
+    with pytest.raises(ConfigError, match=r"\[compliance\] templates: .*reminders-hanoi\.toml"):
+        templates_of(settings_mod.load(home))
+    (home / "reminders-hanoi.toml").write_text('[late]\nsubject = "Trễ hạn {label}"\n')
+    assert templates_of(settings_mod.load(home)).texts["late"]["subject"] == "Trễ hạn {label}"
 
 
 def test_an_expiring_certificate_warns_the_agency_and_the_admin_once(
