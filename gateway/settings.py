@@ -295,6 +295,16 @@ RANGES: dict[tuple[str, str], tuple[float, float, bool]] = {
 }
 
 
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every section and key, in the order of :class:`Settings`, with its default (``None``:
+    unset by default). What ``gateway init`` writes, commented."""
+    base = Settings(home=Path())
+    return {
+        name: {f.name: getattr(getattr(base, name), f.name) for f in fields(cls)}
+        for name, cls in _SECTIONS.items()
+    }
+
+
 def resolve_home(home: str | os.PathLike[str] | None) -> Path:
     return Path(home or os.environ.get("GATEWAY_HOME") or DEFAULT_HOME).expanduser()
 

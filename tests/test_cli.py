@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,33 @@ def test_init_writes_a_commented_config_that_loads(tmp_path: Path) -> None:
     assert (home / "trust/anchors").is_dir()
     again = gateway("--home", home, "init")
     assert "already exists" in again.stdout
+
+
+def test_init_writes_every_setting_commented_with_its_default(tmp_path: Path) -> None:
+    """Every section and key of the settings is in the file `gateway init` writes, commented
+    with its default (a key unset by default, with an example): uncommented, the file loads
+    as the defaults. It held four sections of eleven, and called passphrase_file's example
+    its default. Generated from the settings, it cannot fall behind them again."""
+    from gateway import settings as settings_mod
+    from gateway.settings_template import EXAMPLES, NOTES
+
+    home = tmp_path / "home"
+    assert gateway("--home", home, "init").returncode == 0
+    config = home / "gateway.toml"
+    text = config.read_text(encoding="utf-8")
+    defaults = settings_mod.defaults()
+    for section, keys in defaults.items():
+        assert f"\n[{section}]\n" in text
+        for key in keys:
+            assert f"\n# {key} = " in text, (section, key)
+    known = {(section, key) for section, keys in defaults.items() for key in keys}
+    assert set(NOTES) <= known and set(EXAMPLES) <= known  # no note about a key long gone
+    config.write_text(re.sub(r"(?m)^# (\w+ = )", r"\1", text), encoding="utf-8")
+    loaded = settings_mod.load(home)
+    for section, keys in defaults.items():
+        for key, default in keys.items():
+            expected = Path(EXAMPLES[section, key]) if default is None else default
+            assert getattr(getattr(loaded, section), key) == expected, (section, key)
 
 
 def test_outbox_lists_what_failed_and_sends_it_again(
