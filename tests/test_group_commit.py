@@ -264,6 +264,8 @@ def test_stop_lets_the_queued_group_finish_with_250(
         gate.open.set()
         for thread in [*lead_threads, *threads, stopper]:
             thread.join(20)
+        for session in (lead, a, b):  # each answered 250, then told the service is stopping
+            assert session.noop()[0] == 421
     numbers = {tag: number_of(reply) for tag, reply in (replies | group).items()}
     rows = stored(database)
     assert {rows[n] for n in numbers.values()} == {message(tag) for tag in numbers}
