@@ -7,11 +7,11 @@ note; a key unset by default shows an example instead.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from gateway import settings as settings_mod
+from keys.agency_io import toml_string
 
 _HEADER = """\
 # Official-mail gateway settings. Every key is optional: each is shown commented with its
@@ -74,11 +74,11 @@ def template() -> str:
 
 
 def _toml(value: Any) -> str:
-    """A default as TOML writes it (a string as a basic string: JSON's escapes are TOML's)."""
+    """A default as TOML writes it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False)
+    return toml_string(str(value))

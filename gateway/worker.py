@@ -31,10 +31,10 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, or_, select, update
@@ -55,6 +55,8 @@ from gateway.pipeline import Context, process
 from gateway.verdict import Verdict, failed_inside
 
 log = logging.getLogger("gateway.worker")
+
+T = TypeVar("T")
 
 #: A message still undecided this long after its 250 (a transient failure: no fresh CRL, the
 #: database) is worth an admin alert.
@@ -287,19 +289,6 @@ class Worker:
                 now,
             )
 
-    def _original(self, s: Session, job: _Job, seen: dict[str, int]) -> tuple[int | None, bool]:
-        """The entry ``job`` is a copy of, if any; and whether its sender's MessageId is
-        already filed for another document."""
-        hits = {k.partition(":")[0]: seen[k] for k in job.keys if k in seen}
-        if "signed" in hits or "copy" in hits:
-            return hits.get("signed", hits.get("copy")), False
-        if "sender" not in hits:
-            return None, False
-        filed = self.archive.log.entry(s, hits["sender"]).fields.get("payload_sha256")
-        if filed == _payload_of(job):  # the same payload, signed again (a renewed certificate)
-            return hits["sender"], False
-        return None, True
-
     def _file(self, s: Session, jobs: list[_Job], made: dict[int, Item]) -> list[Outcome]:
         """File the batch under the write lock: entries, replay keys, what is owed, and the
         inbox rows' new states, each as one statement for the whole batch."""
@@ -329,6 +318,10 @@ class Worker:
             # the whole batch at insert). SQLite writers are serialised already.
             self.archive.log.lock(s)
         seen = _seen(s, [k for j in jobs for k in j.keys])
+
+        def filed_payload(seq: int) -> str | None:
+            return self.archive.log.entry(s, seq).fields.get("payload_sha256")
+
         outcomes: dict[int, Outcome] = {}
         changes: list[dict[str, Any]] = []  # the inbox rows' new values
         owed: list[dict[str, Any]] = []  # outbox rows
@@ -355,15 +348,15 @@ class Worker:
                 if now - job.transport.received_at >= WAIT_ALERT:
                     self._alert_waiting(s, job, now)
                 continue
-            original, conflict = self._original(s, job, seen)
+            original, conflict = _copy_of(job, seen, filed_payload)
             if original is not None:
                 duplicate(job, original)
                 continue
-            earlier = _earlier(job, first_of)
-            if isinstance(earlier, _Job):
+            earlier, taken = _copy_of(job, first_of, _payload_of)
+            if earlier is not None:
                 twins[job.number] = (job, earlier)
                 continue
-            if conflict or earlier:  # its sender's MessageId, for another document
+            if conflict or taken:  # its sender's MessageId, for another document
                 job.verdict = reused(job.verdict)
                 job.recorded = recorded_keys(job.verdict, job.keys)
                 made[job.number] = message_item(job.verdict, job.raw, job.transport)
@@ -406,15 +399,21 @@ def set_aside(raw: bytes, claims: int) -> Verdict:
     return dataclasses.replace(failed_inside(raw, "checking it", error), errors=(error,))
 
 
-def _earlier(job: _Job, first_of: dict[str, _Job]) -> _Job | bool:
-    """The job earlier in the batch that ``job`` is a copy of; else whether one of them used
-    its sender's MessageId for another document."""
-    hits = {k.partition(":")[0]: first_of[k] for k in job.keys if k in first_of}
-    if "signed" in hits or "copy" in hits:
-        return hits.get("signed", hits.get("copy")) or False
+def _copy_of(
+    job: _Job, found: Mapping[str, T], payload: Callable[[T], str | None]
+) -> tuple[T, bool] | tuple[None, bool]:
+    """What ``job`` is a copy of among ``found`` (filed entries, or jobs earlier in the batch,
+    by replay key), and whether its sender's MessageId is taken there by another document
+    (``payload``: the payload digest of what was found)."""
+    hits = {k.partition(":")[0]: found[k] for k in job.keys if k in found}
+    for kind in ("signed", "copy"):
+        if kind in hits:
+            return hits[kind], False
     if "sender" not in hits:
-        return False
-    return hits["sender"] if _payload_of(hits["sender"]) == _payload_of(job) else True
+        return None, False
+    if payload(hits["sender"]) == _payload_of(job):  # the same payload signed again
+        return hits["sender"], False
+    return None, True
 
 
 def _payload_of(job: _Job) -> str | None:

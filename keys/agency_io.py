@@ -262,16 +262,16 @@ def to_toml(agencies: Iterable[Agency]) -> str:
         for key in COLUMNS:
             value = row[key]
             if key == "emails":
-                lines.append("emails = [" + ", ".join(_toml_str(e) for e in value) + "]")
+                lines.append("emails = [" + ", ".join(toml_string(e) for e in value) + "]")
             elif key in ("valid_from", "valid_to") and value:
                 lines.append(f"{key} = {value}")
             elif value is not None:
-                lines.append(f"{key} = {_toml_str(value)}")
+                lines.append(f"{key} = {toml_string(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_str(text: str) -> str:
+def toml_string(text: str) -> str:
     """A TOML basic string: JSON's escapes are TOML's (TOML 1.0 §String), plus DEL."""
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007F")
 
