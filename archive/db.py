@@ -23,6 +23,7 @@ import fcntl
 import functools
 import itertools
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -514,7 +515,9 @@ def _engine(url: str, busy_timeout_ms: int = 5000) -> Engine:
             options["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT}
         engine = create_engine(parsed, future=True, **options)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
-        raise ConfigError(f"database URL {url!r} is not usable: {exc}") from None
+        shown = shown_url(url)
+        reason = str(exc).replace(url, shown)
+        raise ConfigError(f"database URL {shown!r} is not usable: {reason}") from None
     if engine.dialect.name == "sqlite":
         database = engine.url.database
         if database and database != ":memory:":
@@ -607,6 +610,17 @@ def _begin_promptly(dbapi_connection: Any) -> None:
             time.sleep(0.0005)
     finally:
         dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+
+
+_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as an error or a log line may show it: with any password masked, parsable or not."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return _PASSWORD.sub(r"\1:***@", url)
 
 
 def _alembic_config(url: str) -> Config:

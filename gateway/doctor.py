@@ -53,7 +53,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from archive import tables as t
 from archive.blobs import BlobDamaged, BlobStore, load_master_key
-from archive.db import MIGRATIONS, Database
+from archive.db import MIGRATIONS, Database, shown_url
 from formats.cms_envelope import RecipientKey
 from formats.errors import GatewayError
 from formats.vntime import local_day
@@ -190,7 +190,7 @@ def database(settings: Settings) -> tuple[list[Result], Database | None]:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        return [fail("database", f"[database] url {url!r} is not a database URL")], None
+        return [fail("database", f"[database] url {shown_url(url)!r} is not a database URL")], None
     shown = parsed.render_as_string(hide_password=True)
     file = parsed.database if parsed.get_backend_name() == "sqlite" else None
     if file not in (None, "", ":memory:") and not Path(str(file)).exists():  # not created here

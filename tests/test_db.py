@@ -35,6 +35,7 @@ from archive.db import (
     _begin_promptly,
     insert_returning,
     insert_rows,
+    shown_url,
     update_rows,
 )
 from archive.tables import Base
@@ -832,3 +833,21 @@ def test_a_column_left_to_its_python_default_still_gets_it(db: Database) -> None
     with db.connection() as c:
         assert insert_returning(c, t.Intake, rows[2:], "id") == [3]
     assert _stored(db, "attempts") == [(0,), (0,), (0,)]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+nosuchdriver://clerk:s3cret-pw@db.hanoi.gov.vn/archive",
+        "postgresql://clerk:s3cret-pw@db.hanoi.gov.vn:notaport/archive",
+        "not a url://clerk:s3cret-pw@db.hanoi.gov.vn/archive",
+    ],
+)
+def test_an_unusable_database_url_is_refused_without_its_password(url: str) -> None:
+    """The error names the URL so the admin can see what is wrong with it, but the password in
+    it, shown in a terminal or a service log, is masked however the URL fails."""
+    with pytest.raises(ConfigError, match="is not usable") as refused:
+        Database.open(url)
+    assert "s3cret-pw" not in str(refused.value)
+    assert "clerk:***@db.hanoi.gov.vn" in str(refused.value)
+    assert "s3cret-pw" not in shown_url(url)

@@ -318,6 +318,15 @@ def test_an_unreachable_database_fails_without_showing_its_password(home: Path) 
     assert "hub keys" not in lines(result)  # the key store lives in the database
 
 
+def test_an_unparsable_database_url_fails_without_showing_its_password(home: Path) -> None:
+    append(home, '[database]\nurl = "postgres ql://gw:s3cret@127.0.0.1/gw"\n')
+    result = doctor(home, "--json")
+    assert result.exit_code == 1
+    line = one(result, "database")
+    assert line["status"] == "FAIL" and "is not a database URL" in line["message"]
+    assert "gw:***@127.0.0.1" in line["message"] and "s3cret" not in result.output
+
+
 def test_an_unreachable_imap_server_fails(home: Path) -> None:
     (home / "keys/imap-password").write_text("x\n")
     (home / "keys/imap-password").chmod(0o600)
