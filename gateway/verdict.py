@@ -84,8 +84,12 @@ class Verdict:
 
     @property
     def smtp_reply(self) -> str:
+        """The reply the verdict stands for: 250; a 4xx when it is to be retried (the transient
+        error's own, though a permanent one was found before it); else the first reason's."""
         if self.accepted:
             return "250 2.6.0 accepted"
+        if self.disposition == "retry":
+            return next(e for e in self.errors if is_transient(e)).smtp_reply
         return self.errors[0].smtp_reply
 
     @property

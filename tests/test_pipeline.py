@@ -12,6 +12,8 @@ from formats.errors import (
     AgencyMismatch,
     AttachmentMismatch,
     CertificateExpired,
+    RevocationUnavailable,
+    SchemaInvalid,
     SenderMismatch,
     SignatureInvalid,
     UnknownAgency,
@@ -21,7 +23,7 @@ from formats.payload import Organ, build_payload
 from formats.smime import Attachment, build_message
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
 from gateway.pipeline import STEPS, Context, process
-from gateway.verdict import TRANSITIONS, can_move
+from gateway.verdict import TRANSITIONS, Verdict, can_move, disposition_for
 from tests.conftest import WORLD_AT
 
 SNV = "H26.SNV"
@@ -168,3 +170,15 @@ def test_state_machine() -> None:
     assert not can_move("rejected", "accepted")
     assert not can_move("received", "delivered")
     assert all(target in TRANSITIONS for targets in TRANSITIONS.values() for target in targets)
+
+
+def test_a_verdict_to_retry_answers_with_its_transient_reason() -> None:
+    """A permanent reason found before a transient one does not make the retry a 5xx: the
+    message is to be tried again, so its reply is the transient error's 4xx."""
+    errors = (SchemaInvalid("field X is missing"), RevocationUnavailable("no CRL for the CA yet"))
+    disposition = disposition_for(errors, authenticated=True)
+    verdict = Verdict(disposition=disposition, errors=errors, steps=(), raw_sha256="0" * 64)
+    assert disposition == "retry"
+    assert verdict.smtp_reply.startswith("451 4.7.5 ")
+    rejected = Verdict(disposition="rejected", errors=errors[:1], steps=(), raw_sha256="0" * 64)
+    assert rejected.smtp_reply.startswith("5")
