@@ -343,6 +343,9 @@ class Outbox(Base):
     last_reply: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    #: Claims to build in a row that ended with nothing built (the worker died, or its lease
+    #: ran out): such a row is claimed alone, and failed after a few (gateway.builder).
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class MailboxState(Base):

@@ -64,6 +64,10 @@ log = logging.getLogger("gateway.outbound")
 
 #: A resend whose receipt is being built again waits this long before it is built itself.
 RETRY_LATER = timedelta(seconds=30)
+#: Claims to build one row may end with nothing built (its worker died, or its lease ran out)
+#: before the row fails unbuilt, and the admin is alerted (as the worker sets a message aside:
+#: :data:`gateway.worker.MAX_CLAIMS`).
+MAX_CLAIMS = 3
 #: How long the builder trusts its lookup of an agency's certificates and of the revocation
 #: evidence (a retired or newly revoked certificate stops being encrypted to within this time).
 CERT_CACHE = timedelta(seconds=10)
@@ -165,6 +169,9 @@ class Builder:
             self._loaded = _preload(s, self.archive.log, rows)
             try:
                 for r in rows:  # in order: a resend may use a receipt built just before it
+                    if r.claims > MAX_CLAIMS:
+                        built[r.id] = given_up(r.claims - 1)
+                        continue
                     built[r.id] = self._build(s, r, now, built)
             finally:
                 self._loaded = _Preloaded()
@@ -189,7 +196,7 @@ class Builder:
         return len(ids)
 
     def _settle(self, s: Session, row: t.Outbox, b: _Built, now: datetime) -> None:
-        row.worker, row.lease_until, row.updated_at = None, None, now
+        row.worker, row.lease_until, row.updated_at, row.claims = None, None, now, 0
         if b.later:  # keep the claim, released in a while: built again then
             row.state, row.worker, row.lease_until = "building", "waiting", now + RETRY_LATER
             return
@@ -659,6 +666,15 @@ def _gist(text: str, limit: int = 100) -> str:
     failed delivery, messages waiting, a refused IMAP message, a certificate expiring)."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+def given_up(claims: int) -> _Built:
+    """What a row claimed ``claims`` times and never built comes to: a failure, not built
+    again (the admin is alerted; ``gateway outbox retry`` builds it once more)."""
+    return _Built(
+        failure=f"the worker building it stopped {claims} times before finishing it (its "
+        "process died, or took longer than its lease); not built again"
+    )
 
 
 def nothing_left(row: t.Outbox, built: _Built, now: datetime) -> _Built:

@@ -214,20 +214,35 @@ def claim_from(
     lease: timedelta = LEASE,
 ) -> dict[int, str]:
     """:func:`claim`, saying the state each row was claimed from (``ready``, ``retry``, or the
-    busy state of an expired claim), so that :func:`release_unsent` can put it back."""
+    busy state of an expired claim), so that :func:`release_unsent` can put it back.
+
+    Claims to build are counted on the row (``claims``; the builder's settling resets it): a
+    row claimed before and never built (its worker died, or its lease ran out) is claimed
+    alone, so that if building it is what stops its workers, it stops no other row with it
+    (:data:`gateway.builder.MAX_CLAIMS`)."""
     busy = "sending" if sending else "building"
     query = (
-        waiting(now, sending=sending).add_columns(t.Outbox.state).order_by(t.Outbox.id).limit(limit)
+        waiting(now, sending=sending)
+        .add_columns(t.Outbox.state, t.Outbox.claims)
+        .order_by(t.Outbox.id)
+        .limit(limit)
     )
     if s.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    claimed = {number: state for number, state in s.execute(query)}
+    claimed: dict[int, str] = {}
+    for number, state, claims in s.execute(query):
+        if claimed and claims and not sending:
+            break
+        claimed[number] = state
+        if claims and not sending:
+            break  # alone
     if claimed:
-        s.execute(
-            update(t.Outbox)
-            .where(t.Outbox.id.in_(list(claimed)))
-            .values(state=busy, worker=worker, lease_until=now + lease, updated_at=now)
-        )
+        values: dict[str, Any] = {
+            "state": busy, "worker": worker, "lease_until": now + lease, "updated_at": now
+        }  # fmt: skip
+        if not sending:
+            values["claims"] = t.Outbox.claims + 1
+        s.execute(update(t.Outbox).where(t.Outbox.id.in_(list(claimed))).values(values))
     return claimed
 
 

@@ -82,9 +82,10 @@ STOP_GRACE = 20.0
 def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> int:
     """Release claims held by processes of ``host`` that are gone (their work resumes now).
 
-    A message's claim that ended this way counts against it (:data:`gateway.worker.MAX_CLAIMS`),
-    unless ``at_start``: then the whole service stopped (killed, the machine lost power), not
-    one worker on one message."""
+    A message's claim, or a claim to build, that ended this way counts against it
+    (:data:`gateway.worker.MAX_CLAIMS`, :data:`gateway.builder.MAX_CLAIMS`), unless
+    ``at_start``: then the whole service stopped (killed, the machine lost power), not one
+    worker on one message."""
     released = 0
     with db.session() as s:
         for table, busy, back in (
@@ -96,8 +97,8 @@ def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> 
             dead = [w for w in holders if w and _gone(w, host)]
             if dead:
                 values: dict[str, Any] = {"state": back, "worker": None, "lease_until": None}
-                if at_start and table is t.Intake:
-                    values["claims"] = case((t.Intake.claims > 0, t.Intake.claims - 1), else_=0)
+                if at_start:
+                    values["claims"] = case((table.claims > 0, table.claims - 1), else_=0)
                 result = s.execute(
                     update(table)
                     .where(table.state.in_(busy), or_(*(table.worker == w for w in dead)))

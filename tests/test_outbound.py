@@ -11,11 +11,13 @@ import contextlib
 import dataclasses
 import email
 import email.policy
+import os
+import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import sqlalchemy
@@ -26,12 +28,14 @@ from archive.records import Transport
 from archive.service import Archive
 from formats.payload import Payload
 from formats.vntime import local_day
+from gateway import builder as builder_module
 from gateway import intake, outbound
 from gateway.builder import Builder, Hub
 from gateway.demo import DemoWorld, tamper
 from gateway.pipeline import Context
 from gateway.sender import Sender
-from gateway.worker import Worker
+from gateway.serve import release_stale_claims
+from gateway.worker import Worker, worker_name
 from keys import store
 from keys.directory import Directory
 from tests.conftest import WORLD_AT
@@ -245,6 +249,80 @@ def test_a_delivery_without_a_certificate_fails_and_alerts_the_admin(
         "-purpose", "smimesign", "-attime", str(int(LATER.timestamp())),
     )  # fmt: skip
     assert b"no usable encryption certificate" in base64.b64decode(text.split(b"\r\n\r\n")[1])
+
+
+def _build_dying_on(archive: Archive, hub: Hub, directory: Directory, poison: str) -> int:
+    """One cycle of a builder (in a forked process) that dies building the row keyed
+    ``poison``, as under the OOM killer or a crash in a native library: no exception, no
+    clean-up. Its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            archive.db.engine.dispose(close=False)  # the parent's connections are not ours
+            builder = Builder(
+                archive, hub, lambda: directory, clock=lambda: LATER, name=worker_name()
+            )
+            real = builder._build
+
+            def build(s: Any, row: t.Outbox, now: Any, batch: Any) -> Any:
+                if row.key == poison:
+                    os._exit(137)
+                return real(s, row, now, batch)
+
+            builder._build = build  # type: ignore[method-assign]
+            builder.run_once()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_row_whose_building_kills_its_worker_fails_and_stops_no_other(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """Each death puts the claim back (the supervisor's sweep). A row claimed to build and never
+    built is claimed alone next time, and after MAX_CLAIMS it fails unbuilt, the admin alerted.
+    It was claimed again for ever, with the batch claimed with it: none of those was built."""
+    _receive(archive, world.submission("H26.SNV"))
+    _receive(archive, world.submission("H26.SNV", number=2))
+    outcomes = Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    first, second = (o.archive_seq for o in outcomes)
+    poison = f"receipt:{first}"
+    exits = []
+    for _ in range(10):
+        with archive.db.session(read_only=True) as s:
+            if not s.scalar(select(t.Outbox.id).where(t.Outbox.state.in_(("new", "building")))):
+                break
+        exits.append(_build_dying_on(archive, hub, world.directory, poison))
+        release_stale_claims(archive.db, socket.gethostname())  # the supervisor's sweep
+    # With the batch; alone twice; failed unbuilt; then each row it held up, alone; the alert.
+    assert exits == [137] * builder_module.MAX_CLAIMS + [0] * 5
+    rows = _rows(archive)
+    assert {k: r.state for k, r in rows.items() if not k.startswith("alert:")} == {
+        poison: "failed",
+        f"delivery:{first}:H26.CATP": "ready",
+        f"receipt:{second}": "ready",
+        f"delivery:{second}:H26.CATP": "ready",
+    }
+    assert all(r.claims == 0 for r in rows.values())
+    assert "stopped 3 times before finishing it" in (rows[poison].last_reply or "")
+    [alert] = [r for k, r in rows.items() if k.startswith("alert:")]
+    assert alert.state == "ready" and poison in alert.detail["text"]
+
+
+def test_a_build_the_whole_service_stopped_with_does_not_count_against_the_row(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """At start-up, rows the previous run's workers were building go back to ``new`` without
+    counting: kill -9 of the service (or a power cut) is not the rows' doing."""
+    _receive(archive, world.submission("H26.SNV"))
+    Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    with archive.db.session() as s:
+        claimed = outbound.claim(s, "host:999999999", LATER, 10, sending=False)  # gone
+    assert len(claimed) == 2
+    assert {(r.state, r.claims) for r in _rows(archive).values()} == {("building", 1)}
+    assert release_stale_claims(archive.db, "host", at_start=True) == 2
+    assert {(r.state, r.claims) for r in _rows(archive).values()} == {("new", 0)}
 
 
 def test_an_agency_missing_from_the_directory_is_a_failed_delivery(
