@@ -10,6 +10,7 @@ leaves no one to tell it, so the worker asks Linux for a SIGTERM when its parent
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
@@ -38,6 +39,8 @@ from gateway.loading import (
     open_database,
     usable_hub_fingerprints,
 )
+from gateway import outbound
+from gateway import worker as worker_mod
 from gateway.outbound import ENVIRONMENT, pause
 from gateway.pipeline import Context
 from gateway.settings import Settings
@@ -62,6 +65,10 @@ CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or rev
 #: thread of Python, at most one core), so filing keeps up whenever the machine can.
 WORKER_NICE = 5
 PARENT_CHECK = 0.5  # seconds a worker waits at most before it looks whether its parent is gone
+#: Seconds one cycle of a worker's loop may take before the worker is taken for hung and ends
+#: itself (:func:`watchdog`): twice the longest lease, so that work the leases allow is never
+#: cut off. Its claims are then given back and counted as a death's are (``MAX_CLAIMS``).
+HUNG_AFTER = 2 * max(worker_mod.LEASE, outbound.LEASE).total_seconds()
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 EXIT_START_FAILED = 3  # a worker's exit status when it could not start (logged first)
 
@@ -271,34 +278,69 @@ def work(
     brings the signing key up to date with the keys of now (:func:`_signing`)."""
     failures = 0
     cycle = 0
-    while not stop.is_set():
-        cycle += 1
-        try:
-            refresh()
-            # Taking mail in comes first: while intake is backlogged (a burst), receipts and
-            # deliveries are built every few cycles; otherwise, steady load included, every
-            # cycle, so that they keep pace with what is filed.
-            filed = worker.run_once()
-            built = builder.run_once() if build_now(worker.backlog, cycle) else 0
-            busy = bool(filed) or bool(built)
-            failures = 0
-        except ENVIRONMENT as exc:
-            failures += 1
-            log.warning("worker %d: %s; trying again", index, exc)
-            stop.wait(pause(failures, first=1.0, most=30.0))
-            continue
-        except GatewayError as exc:  # e.g. no hub key usable any more: what to fix, one line
-            failures += 1
-            log.error("worker %d: %s; trying again", index, exc.message)
-            stop.wait(pause(failures, first=1.0, most=30.0))
-            continue
-        except Exception:  # a defect of ours: logged, and the process stays up
-            failures += 1
-            log.exception("worker %d: unexpected failure; trying again", index)
-            stop.wait(pause(failures, first=1.0, most=30.0))
-            continue
-        if not busy:
-            stop.wait(IDLE)
+    watchdog = Watchdog(HUNG_AFTER)
+    try:
+        while not stop.is_set():
+            cycle += 1
+            watchdog.arm()
+            failures, busy = _cycle(worker, builder, stop, index, refresh, cycle, failures)
+            if not busy:
+                stop.wait(IDLE)
+    finally:
+        watchdog.cancel()
+
+
+class Watchdog:
+    """This process's watchdog, as Postfix's daemons have one: unless armed again within
+    ``seconds``, the tracebacks of its threads go to standard error and the process ends (exit
+    status 1). A cycle stuck for good (a loop without end in native code, a read that never
+    returns) would otherwise hold a worker, and its core, for ever; the supervisor starts a new
+    one. faulthandler's timer is a thread of C: it fires even while the stuck code holds the
+    interpreter's lock. Arming starts a new timer thread, so it is armed again only once
+    ``seconds / 20`` have passed: a process stuck ends between 95% and 100% of ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.armed_at: float | None = None
+
+    def arm(self) -> None:
+        now = time.monotonic()
+        if self.armed_at is None or now - self.armed_at >= self.seconds / 20:
+            faulthandler.dump_traceback_later(self.seconds, exit=True, file=sys.__stderr__ or 2)
+            self.armed_at = now
+
+    def cancel(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        self.armed_at = None
+
+
+def _cycle(
+    worker: Worker,
+    builder: Builder,
+    stop: Stopping,
+    index: int,
+    refresh: Callable[[], None],
+    cycle: int,
+    failures: int,
+) -> tuple[int, bool]:
+    """One cycle of :func:`work`: (failures in a row now, whether it did anything). A failure
+    is logged and waited out here (back-off)."""
+    try:
+        refresh()
+        # Taking mail in comes first: while intake is backlogged (a burst), receipts and
+        # deliveries are built every few cycles; otherwise, steady load included, every
+        # cycle, so that they keep pace with what is filed.
+        filed = worker.run_once()
+        built = builder.run_once() if build_now(worker.backlog, cycle) else 0
+        return 0, bool(filed) or bool(built)
+    except ENVIRONMENT as exc:
+        log.warning("worker %d: %s; trying again", index, exc)
+    except GatewayError as exc:  # e.g. no hub key usable any more: what to fix, one line
+        log.error("worker %d: %s; trying again", index, exc.message)
+    except Exception:  # a defect of ours: logged, and the process stays up
+        log.exception("worker %d: unexpected failure; trying again", index)
+    stop.wait(pause(failures + 1, first=1.0, most=30.0))
+    return failures + 1, True
 
 
 def build_now(backlog: bool, cycle: int) -> bool:

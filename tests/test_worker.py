@@ -448,6 +448,68 @@ def test_the_worker_loop_outlives_a_defect(
     assert "unexpected failure" in record.getMessage() and record.exc_info is not None
 
 
+class _Cycles:
+    """Stands in for the worker in the watchdog tests: each cycle runs ``step`` once, and
+    ``cycles`` cycles end the loop."""
+
+    def __init__(self, step: Any, stop: threading.Event, cycles: int) -> None:
+        self.step, self.stop, self.left = step, stop, cycles
+        self.backlog = False
+
+    def run_once(self) -> list[Any]:
+        self.step()
+        self.left -= 1
+        if self.left <= 0:
+            self.stop.set()
+        return []
+
+
+def _loop_in_a_child(step: Any, cycles: int, hung_after: float, err: Path) -> tuple[int, str]:
+    """Run a worker's loop (forked, its standard error to ``err``) whose cycles each run
+    ``step``; its exit status and what it wrote, or -1 if it had not ended in 30 s."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 2)
+            worker_process.HUNG_AFTER = hung_after
+            stop = threading.Event()
+            worker_process.work(_Cycles(step, stop, cycles), _Idle(), stop, 0)  # type: ignore[arg-type]
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), err.read_text(errors="replace")
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -1, err.read_text(errors="replace")
+
+
+def test_a_worker_stuck_in_a_cycle_ends_itself_with_its_tracebacks(tmp_path: Path) -> None:
+    """A cycle that never returns (here a loop without end) held its worker, and a core, for
+    ever: the supervisor restarts only workers that exit. The watchdog ends the process and
+    says where it was stuck; the claims it held are given back and counted."""
+
+    def stuck_for_good() -> None:
+        while True:
+            pass
+
+    code, err = _loop_in_a_child(stuck_for_good, cycles=1, hung_after=1.0, err=tmp_path / "e")
+    assert code == 1, err
+    assert "Timeout" in err and "stuck_for_good" in err
+
+
+def test_a_worker_whose_cycles_all_end_is_never_taken_for_stuck(tmp_path: Path) -> None:
+    """Cycles of 0.3 s for 3 s under a watchdog of 1 s: each cycle arms it again."""
+    code, err = _loop_in_a_child(
+        lambda: time.sleep(0.3), cycles=10, hung_after=1.0, err=tmp_path / "e"
+    )
+    assert (code, err) == (0, "")
+
+
 def _die_on(archive: Archive, ctx: Context, poison: bytes) -> int:
     """One cycle of a worker process (forked) that dies on ``poison`` as it would under the
     OOM killer or a crash in a native library: no exception, no clean-up. Its exit code."""
