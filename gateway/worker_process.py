@@ -30,8 +30,9 @@ from archive.db import Database
 from archive.service import Archive, SigningKey
 from formats.errors import ConfigError, GatewayError
 from formats.payload import Organ
-from gateway import logs
+from gateway import logs, outbound
 from gateway import settings as settings_mod
+from gateway import worker as worker_mod
 from gateway.builder import Builder, Hub
 from gateway.loading import (
     load_context,
@@ -39,8 +40,6 @@ from gateway.loading import (
     open_database,
     usable_hub_fingerprints,
 )
-from gateway import outbound
-from gateway import worker as worker_mod
 from gateway.outbound import ENVIRONMENT, pause
 from gateway.pipeline import Context
 from gateway.settings import Settings
