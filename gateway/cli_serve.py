@@ -89,5 +89,5 @@ def serve(
 
     supervisor = Supervisor(settings, log_format=log_format, on_ready=ready)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: supervisor.stop.set())
+        signal.signal(sig, supervisor.ask_to_stop)
     supervisor.run()

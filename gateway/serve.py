@@ -134,6 +134,45 @@ def _gone(worker: str, host: str) -> bool:
     return False
 
 
+#: Seconds between two starts of one of the supervisor's threads that keeps ending.
+THREAD_RESTART = 5.0
+
+
+class Threads:
+    """The supervisor's threads (the sender, the scheduler, the IMAP poller). Each loop logs
+    its failures and goes on; should one end all the same while the service runs (an exception
+    no loop catches, ``SystemExit`` from a library), :meth:`revive` starts it again, with an
+    ERROR line, at most once every :data:`THREAD_RESTART` seconds: without it, nothing would be
+    sent, reminded or polled until the next restart, and nothing would say so."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._started: dict[str, float] = {}
+
+    def start(self, name: str, target: Callable[..., None], *args: Any) -> threading.Thread:
+        self._targets[name] = (target, args)
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads[name], self._started[name] = thread, time.monotonic()
+        return thread
+
+    def get(self, name: str) -> threading.Thread | None:
+        return self._threads.get(name)
+
+    def revive(self) -> list[str]:
+        """Start again each thread that has ended (none should while the service runs)."""
+        again = []
+        for name, thread in list(self._threads.items()):
+            if thread.is_alive() or time.monotonic() - self._started[name] < THREAD_RESTART:
+                continue
+            log.error("the %s thread ended; starting it again", name)
+            target, args = self._targets[name]
+            self.start(name, target, *args)
+            again.append(name)
+        return again
+
+
 @dataclass
 class Supervisor:
     settings: Settings
@@ -141,6 +180,15 @@ class Supervisor:
     log_format: str = "json"
     log_level: str = "info"
     on_ready: Callable[[dict[str, Any]], None] = lambda _info: None
+    #: Set by :meth:`ask_to_stop` (a signal handler); the main loop then sets ``stop``.
+    asked: bool = False
+
+    def ask_to_stop(self, *_signal: Any) -> None:
+        """SIGTERM and SIGINT: stop. Not ``stop.set()`` here: a handler runs in the main thread
+        between two of its bytecodes, maybe while that thread holds the Event's lock (in
+        ``stop.wait``), and the Event's lock is not reentrant: a deadlock. The main loop looks
+        at this flag every half second."""
+        self.asked = True
 
     def run(self) -> None:
         settings = self.settings
@@ -179,13 +227,13 @@ class Supervisor:
 
         listeners: dict[str, Any] = {}
         metrics: MetricsServer | None = None
-        imap_thread: threading.Thread | None = None
+        threads = Threads()
         try:
             # Addresses first: one in use (or not ours to bind) ends start-up here, with one
             # line naming the setting, before any worker process or thread has started.
             listeners = self._listeners(db, ctx)
             metrics = self._metrics(db, listeners, processes)
-            imap_thread = self._imap(db)
+            self._imap(db, threads)
             processes.extend(start_worker(i) for i in range(settings.serve.workers))
         except BaseException:
             self.stop.set()
@@ -193,19 +241,14 @@ class Supervisor:
                 lst.stop()
             if metrics is not None:
                 metrics.stop()
-            if imap_thread is not None:
+            if (imap_thread := threads.get("imap")) is not None:
                 imap_thread.join(timeout=30)
             _stop_workers(workers_stop, processes, timeout=5)
             db.dispose()
             raise
-        sender_thread = threading.Thread(
-            target=self._send_loop, args=(archive, relay), name="sender", daemon=True
-        )
-        sender_thread.start()
+        sender_thread = threads.start("sender", self._send_loop, archive, relay)
         if settings.compliance.remind_at != settings_mod.REMIND_OFF:
-            threading.Thread(
-                target=self._schedule, args=(db,), name="scheduler", daemon=True
-            ).start()
+            threads.start("scheduler", self._schedule, db)
         info = {
             "listeners": {name: lst.port for name, lst in listeners.items()},
             "metrics": metrics.port if metrics else None,
@@ -224,6 +267,10 @@ class Supervisor:
         restarts: dict[int, float] = {}
         last_sweep = time.monotonic()
         while not self.stop.wait(0.5):
+            if self.asked:
+                self.stop.set()
+                break
+            threads.revive()
             if time.monotonic() - last_sweep > RECLAIM_EVERY:
                 # Another instance on this host may have died: its claims resume here now
                 # rather than when their leases run out.
@@ -238,6 +285,7 @@ class Supervisor:
         for lst in listeners.values():
             lst.stop()
         _stop_workers(workers_stop, processes, timeout=30)
+        sender_thread = threads.get("sender") or sender_thread  # (started again meanwhile?)
         sender_thread.join(timeout=1)
         if sender_thread.is_alive():
             log.info(
@@ -247,7 +295,7 @@ class Supervisor:
             sender_thread.join(timeout=STOP_GRACE)
             if sender_thread.is_alive():
                 log.error("stopping: the sender did not finish; its rows resume at the next start")
-        if imap_thread is not None:
+        if (imap_thread := threads.get("imap")) is not None:
             imap_thread.join(timeout=30)
         if metrics is not None:
             metrics.stop()
@@ -398,9 +446,9 @@ class Supervisor:
                 log.exception("reminder run failed unexpectedly (tried again in a minute)")
             self.stop.wait(60)
 
-    def _imap(self, db: Database) -> threading.Thread | None:
+    def _imap(self, db: Database, threads: Threads) -> None:
         if not self.settings.imap.host:
-            return None
+            return
         from gateway.imap import ImapPoller
 
         imap = self.settings.imap
@@ -425,9 +473,7 @@ class Supervisor:
             ssl_context=context,
             limits=self.settings.limits,
         )
-        thread = threading.Thread(target=poller.run, args=(self.stop,), name="imap", daemon=True)
-        thread.start()
-        return thread
+        threads.start("imap", poller.run, self.stop)
 
 
 #: File descriptors the supervisor needs besides one per session: the database, the workers'

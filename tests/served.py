@@ -80,11 +80,17 @@ class Served:
         self.process.wait(30)
 
 
-def start(home: Path, *args: str, timeout: float = 90, name: str = "ready") -> Served:
+def start(
+    home: Path, *args: str, timeout: float = 90, name: str = "ready", before: Path | None = None
+) -> Served:
+    """``gateway serve`` in a process of its own, started once its ready file is written.
+    ``before``: a directory put first on its PYTHONPATH (a ``sitecustomize.py`` there runs
+    before the gateway: a fault a test injects)."""
     ready = home / f"{name}.json"
     ready.unlink(missing_ok=True)
     log = home / f"serve-{time.monotonic_ns()}.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    path = [str(before)] if before is not None else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*path, str(ROOT)]))
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--home", str(home), "serve", "--log-format",

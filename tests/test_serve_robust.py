@@ -423,6 +423,59 @@ def test_a_graceful_stop_records_what_the_relay_took_and_sends_nothing_twice(
     assert set(relay.got.values()) == {1}  # none twice
 
 
+def test_the_stop_signal_handler_takes_no_lock(home: Path) -> None:
+    """SIGTERM's handler runs in the main thread between two of its bytecodes, maybe while
+    that thread holds the stop Event's lock (inside ``stop.wait``). It set the Event, which
+    takes that lock, not reentrant: the supervisor deadlocked and never stopped. It now only
+    raises a flag that the main loop looks at."""
+    supervisor = serve.Supervisor(settings_mod.load(home))
+    with supervisor.stop._cond:  # type: ignore[attr-defined]  # as the main thread may hold it
+        handler = threading.Thread(target=supervisor.ask_to_stop, args=(signal.SIGTERM, None))
+        handler.start()
+        handler.join(5)
+        assert not handler.is_alive()
+    assert supervisor.asked and not supervisor.stop.is_set()  # the main loop sets it
+
+
+#: Injected into ``gateway serve``: the sender thread's first pass raises SystemExit, as a
+#: library's ``sys.exit()`` would. No loop catches it, and a thread ends on it without a word.
+SENDER_EXITS = """
+import threading
+from gateway import sender
+
+real, ended = sender.Sender.run_once, []
+
+def run_once(self, *args, **kwargs):
+    if not ended and threading.current_thread().name == "sender":
+        ended.append(True)
+        raise SystemExit(1)
+    return real(self, *args, **kwargs)
+
+sender.Sender.run_once = run_once
+"""
+
+
+def test_a_supervisor_thread_that_ends_is_started_again(
+    live_world: DemoWorld, tmp_path: Path
+) -> None:
+    """The sender thread ends at its first pass: nothing was sent from then on, and nothing
+    said so, until the next restart. The supervisor starts it again, saying so."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SENDER_EXITS)
+    relay = Holding(hold=10**6)  # takes everything
+    with _backlog(live_world, tmp_path, relay, 5) as (home, db):
+        gateway = served.start(home, before=inject)
+        try:
+            wait_for(lambda: _states(db)["sent"] == 5, 60, "every alert is sent")
+            assert gateway.stop() == 0
+        finally:
+            _kill_session(gateway.process.pid)
+        log = gateway.log.read_text(errors="replace")
+        assert log.count("the sender thread ended; starting it again") == 1, log
+    assert sorted(relay.got) == [1, 2, 3, 4, 5] and set(relay.got.values()) == {1}
+
+
 @pytest.mark.slow
 def test_a_graceful_stop_waits_for_the_message_in_flight(
     live_world: DemoWorld, tmp_path: Path
