@@ -44,7 +44,8 @@ Tree::
     │   ├── XmlForbidden                 DOCTYPE, entities, processing tricks
     │   ├── XmlMalformed                 not well-formed
     │   ├── SchemaInvalid                well-formed but fails the category XSD (line/column)
-    │   └── AttachmentMismatch           attachments differ from the payload's manifest
+    │   ├── AttachmentMismatch           attachments differ from the payload's manifest
+    │   └── UnknownRecipient             payload To names no agency of the directory that day
     ├── TransientError                451 4.3.0  retry later; never a rejection
     ├── InternalError                    the gateway's own code failed on this message:
     │                                    quarantined, kept for an admin, never retried in a loop
@@ -259,6 +260,15 @@ class XmlMalformed(PayloadError):
 class SchemaInvalid(PayloadError):
     code = "schema-invalid"
     reason_vi = "Dữ liệu XML không đúng lược đồ (XSD) của loại thông tin"
+
+
+class UnknownRecipient(PayloadError):
+    """The payload's ``To`` names an agency the hub cannot deliver to: not in its directory,
+    or not active on the day (merged, abolished, not yet in being). Mail's 550 5.1.1."""
+
+    code = "unknown-recipient"
+    smtp = "550 5.1.1"
+    reason_vi = "Cơ quan nhận ghi trong dữ liệu không có trong danh bạ hoặc không còn hoạt động"
 
 
 class AttachmentMismatch(PayloadError):

@@ -26,7 +26,7 @@ from types import MappingProxyType
 from cryptography import x509
 
 from formats.cms_envelope import RecipientKey
-from formats.errors import AttachmentMismatch, GatewayError, InternalError
+from formats.errors import AttachmentMismatch, GatewayError, InternalError, UnknownRecipient
 from formats.limits import DEFAULT_LIMITS, Limits
 from formats.mime import Entity
 from formats.payload import Payload
@@ -150,6 +150,33 @@ def _bind_payload(w: _Work) -> None:
     binding.AgencyIs(organ_id, w.ctx.directory).verify(_binding_ctx(w))
 
 
+def _check_recipients(w: _Work) -> None:
+    """Every agency the payload's ``To`` names is one the hub can deliver to on the day it was
+    received: in the directory, and active then. Accepted otherwise, its receipt would say
+    ``03`` while its delivery to that agency could only fail; rejected, the sender reads why
+    at once, as mail's ``550 5.1.1 user unknown``. (An agency that leaves the directory after
+    the payload was accepted is a failed delivery, alerted to the admin: gateway.builder.)"""
+    assert w.payload is not None
+    day = local_day(w.at)
+    problems = []
+    for organ in w.payload.header.recipients:
+        agency = w.ctx.directory.get(organ.organ_id)
+        if agency is None:
+            problems.append(f"{organ.organ_id} is not an agency in the hub's directory")
+        elif not agency.active_on(day):
+            when = (
+                f"ceased after {agency.valid_to}"
+                if agency.valid_to is not None and agency.valid_to < day
+                else f"is in being only from {agency.valid_from}"
+            )
+            problems.append(f"{organ.organ_id} ({agency.name_en or agency.name_vi}) {when}")
+    if problems:
+        raise UnknownRecipient(
+            f"recipient agency (To) {'; '.join(problems)}: nothing was delivered; send it "
+            "again to the agencies of today"
+        )
+
+
 class _Several(Exception):
     def __init__(self, errors: Sequence[GatewayError]) -> None:
         super().__init__(errors)
@@ -173,6 +200,7 @@ STEPS: tuple[Step, ...] = (
     Step("payload", _parse_payload),  # hardened XML, category XSD, cross-field rules
     Step("attachments", _check_attachments),  # MIME attachments == the payload's manifest
     Step("agency", _bind_payload),  # payload From/OrganId == the signing agency
+    Step("recipients", _check_recipients),  # payload To: agencies of the directory that day
 )
 
 

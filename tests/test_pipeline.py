@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from formats.errors import (
     SenderMismatch,
     SignatureInvalid,
     UnknownAgency,
+    UnknownRecipient,
 )
 from formats.payload import Attachment as Listed
 from formats.payload import Organ, build_payload
@@ -24,6 +27,7 @@ from formats.smime import Attachment, build_message
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
 from gateway.pipeline import STEPS, Context, process
 from gateway.verdict import TRANSITIONS, Verdict, can_move, disposition_for
+from keys.directory import Directory
 from tests.conftest import WORLD_AT
 
 SNV = "H26.SNV"
@@ -106,6 +110,33 @@ def test_payload_from_another_agency_is_rejected_not_quarantined(
     assert verdict.disposition == "rejected"
     assert [type(e) for e in verdict.errors] == [AgencyMismatch]
     assert "H26.CATP" in verdict.errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("police", "why"),
+    [
+        (None, "H26.CATP is not an agency in the hub's directory"),
+        ({"valid_to": WORLD_AT.date() - timedelta(days=1)}, "ceased after"),
+        ({"valid_from": WORLD_AT.date() + timedelta(days=1)}, "is in being only from"),
+    ],
+)
+def test_a_payload_to_an_agency_the_hub_cannot_deliver_to_is_rejected(
+    world: DemoWorld, world_ctx: Context, police: dict[str, Any] | None, why: str
+) -> None:
+    """To names an agency missing from the directory, merged away or not yet in being: it was
+    accepted, receipted 03, and its delivery could only fail (the admin alerted, the sender
+    never told). The authenticated sender now gets a rejection saying which agency and why."""
+    others = [a for a in world.directory if a.organ_id != "H26.CATP"]
+    agency = world.directory.get("H26.CATP")
+    assert agency is not None
+    changed = [] if police is None else [dataclasses.replace(agency, **police)]
+    ctx = dataclasses.replace(world_ctx, directory=Directory.of([*others, *changed]))
+    verdict = process(world.submission(SNV), ctx, at=WORLD_AT)
+    assert verdict.disposition == "rejected" and verdict.receipt_status == "02"
+    [error] = verdict.errors
+    assert isinstance(error, UnknownRecipient) and why in error.message
+    assert verdict.smtp_reply.startswith("550 5.1.1 ")
+    assert dict((s.name, s.outcome) for s in verdict.steps)["recipients"] == "failed"
 
 
 def _document_with(
