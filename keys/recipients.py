@@ -6,11 +6,10 @@ Of the certificates offered (an agency's current ones, see
 receipt), the hub encrypts to those that pass, in order:
 
 0. valid at ``at`` (between notBefore and notAfter);
-1. an RSA key: the hub sends key transport (RFC 8551 §2.3, RSA PKCS#1 v1.5), and
-   ``cryptography`` builds EnvelopedData for RSA recipients only; an EC key would need ECDH
-   key agreement (RFC 5753), which the hub does not build;
-2. a keyUsage that allows keyEncipherment, if the certificate has one (RFC 5280 §4.2.1.3;
-   RFC 8550 §4.4.2: RSA key transport needs keyEncipherment);
+1. an RSA key, for key transport (RFC 8551 §2.3, RSA PKCS#1 v1.5), or an EC key on P-256 or
+   P-384, for ECDH key agreement (RFC 5753; :func:`formats.cms_envelope.encrypt`);
+2. a keyUsage that allows keyEncipherment (RSA) or keyAgreement (EC), if the certificate has
+   one (RFC 5280 §4.2.1.3; RFC 8550 §4.4.2): a signing-only certificate is left out;
 3. not revoked at ``at`` by the stored evidence: the trust store's own check
    (:meth:`keys.trust.TrustStore.validate_signer` in soft-fail mode), so a CRL or OCSP response
    that makes the pipeline refuse a signer also stops the hub encrypting to it; and a
@@ -45,8 +44,8 @@ class Recipients:
         empty)."""
         why = f": {'; '.join(self.left_out)}" if self.left_out else ""
         return (
-            f"agency {organ_id} has no usable encryption certificate{why}; import a current RSA "
-            "certificate of the agency (`gateway keys import`)"
+            f"agency {organ_id} has no usable encryption certificate{why}; import a current "
+            "encryption certificate of the agency, RSA or EC P-256/P-384 (`gateway keys import`)"
         )
 
 
@@ -80,16 +79,27 @@ def _not_valid(cert: x509.Certificate, at: datetime) -> str | None:
 def encryption_problem(cert: x509.Certificate) -> str | None:
     """Why the hub cannot encrypt to ``cert``'s key (steps 1–2), or ``None``."""
     key = cert.public_key()
-    if not isinstance(key, rsa.RSAPublicKey):
-        kind = "an EC" if isinstance(key, ec.EllipticCurvePublicKey) else f"a {type(key).__name__}"
-        return f"{describe(cert)} has {kind} key; the hub encrypts to RSA keys only"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _KEY_AGREEMENT_CURVES:
+            return f"{describe(cert)} has an EC key on {key.curve.name}; the hub encrypts to P-256 and P-384"
+        needed = "keyAgreement"
+    elif isinstance(key, rsa.RSAPublicKey):
+        needed = "keyEncipherment"
+    else:
+        return (
+            f"{describe(cert)} has a {type(key).__name__} key; the hub encrypts to RSA and EC keys"
+        )
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return None
-    if not usage.key_encipherment:
-        return f"{describe(cert)} does not allow keyEncipherment (a signing-only certificate)"
+    allowed = usage.key_agreement if needed == "keyAgreement" else usage.key_encipherment
+    if not allowed:
+        return f"{describe(cert)} does not allow {needed} (a signing-only certificate)"
     return None
+
+
+_KEY_AGREEMENT_CURVES = frozenset({"secp256r1", "secp384r1"})
 
 
 def _revoked(cert: x509.Certificate, trust: TrustStore | None, at: datetime) -> str | None:

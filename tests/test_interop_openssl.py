@@ -16,6 +16,7 @@ import subprocess
 import uuid
 from hashlib import sha256
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,6 +224,51 @@ def test_our_submission_opens_with_openssl(
 
     body = content.split(b"\r\n\r\n", 1)[1]
     assert base64.b64decode(body) == xml
+
+
+@pytest.mark.parametrize("curve", ["ec-p256", "ec-p384"])
+@pytest.mark.parametrize("options", [{}, {"cipher": "aes256_gcm"}, {"oaep": True}], ids=str)
+def test_our_message_to_an_ec_recipient_opens_with_openssl(
+    world: DemoWorld, files: Path, tmp_path: Path, curve: str, options: dict[str, Any]
+) -> None:
+    """What the hub sends an agency whose encryption certificate is EC (a receipt, a
+    delivery): ECDH key agreement (RFC 5753) next to RSA key transport in one envelope. openssl
+    opens it with either recipient's key; with neither, not at all."""
+    police = issue_agency(
+        world.root, email="pa08@congan.hanoi.gov.vn", organ_id="H26.CATP",
+        common_name=f"Police ({curve})", at=world.at, key_kind=curve,  # type: ignore[arg-type]
+    )  # fmt: skip
+    (tmp_path / "ec.pem").write_bytes(police.cert_pem())
+    (tmp_path / "ec.key").write_bytes(police.key_pem())
+    signer = world.agencies[SENDER]
+    raw = build_message(
+        b"<note>receipt</note>",
+        signer_cert=signer.cert,
+        signer_key=signer.key,  # type: ignore[arg-type]
+        recipients=[police.cert, world.agencies[SENDER].cert],
+        from_addr=SENDER_EMAIL,
+        to_addrs=["pa08@congan.hanoi.gov.vn"],
+        message_id="<interop-ec@snv.hanoi.gov.vn>",
+        date=WORLD_AT,
+        **options,
+    )
+    (tmp_path / "msg.eml").write_bytes(raw)
+    for cert, key in (
+        (tmp_path / "ec.pem", tmp_path / "ec.key"),
+        (files / "rsa.pem", files / "rsa.key"),
+    ):
+        signed = openssl(
+            "cms", "-decrypt", "-in", tmp_path / "msg.eml", "-recip", cert, "-inkey", key
+        )
+        (tmp_path / "signed.eml").write_bytes(signed)
+        content = openssl(
+            "cms", "-verify", "-in", tmp_path / "signed.eml", "-CAfile", files / "root.pem",
+            "-purpose", "smimesign", "-attime", str(int(WORLD_AT.timestamp())),
+        )  # fmt: skip
+        assert base64.b64decode(content.split(b"\r\n\r\n", 1)[1]) == b"<note>receipt</note>"
+    with pytest.raises(AssertionError, match="failed"):
+        openssl("cms", "-decrypt", "-in", tmp_path / "msg.eml", "-recip", files / "ec.pem",
+                "-inkey", files / "ec.key")  # fmt: skip
 
 
 def test_openssl_rejects_our_message_when_tampered(

@@ -521,11 +521,12 @@ def test_during_an_overlap_the_hub_encrypts_to_both_certificates(
         assert bytes(opened.content) == b"receipt"
 
 
-def test_the_hub_encrypts_only_to_unrevoked_rsa_certificates_that_allow_key_transport(
+def test_the_hub_encrypts_only_to_unrevoked_certificates_that_allow_key_transport_or_agreement(
     db: Database, world: DemoWorld
 ) -> None:
-    """An EC key (no key transport), a signing-only RSA certificate and a certificate a stored
-    CRL lists are left out, each with its reason; the rest is encrypted to."""
+    """A signing-only RSA certificate, a signing-only EC one, one on a curve the hub does not
+    use and a certificate a stored CRL lists are left out, each with its reason; the rest (RSA
+    and EC) is encrypted to."""
     police = world.agencies["H26.CATP"]
 
     def issue(name: str, **options: Any) -> Issued:
@@ -534,9 +535,10 @@ def test_the_hub_encrypts_only_to_unrevoked_rsa_certificates_that_allow_key_tran
             common_name=name, at=WORLD_AT - timedelta(days=10), **options,
         )  # fmt: skip
 
-    ec, signing, lost = (
+    ec, signing, ec_signing, lost = (
         issue("EC", key_kind="ec-p256"),
         issue("sign", key_usage="sign"),
+        issue("EC sign", key_kind="ec-p384", key_usage="sign"),
         issue("lost"),
     )
     crl = make_crl(
@@ -545,7 +547,7 @@ def test_the_hub_encrypts_only_to_unrevoked_rsa_certificates_that_allow_key_tran
         number=7,
     )  # fmt: skip
     with db.session() as s:
-        for issued in (police, ec, signing, lost):
+        for issued in (police, ec, signing, ec_signing, lost):
             store.add_certificate(
                 s, issued.cert, role="agency", organ_id="H26.CATP", at=WORLD_AT, actor=ACTOR
             )
@@ -553,12 +555,12 @@ def test_the_hub_encrypts_only_to_unrevoked_rsa_certificates_that_allow_key_tran
         trust = evidence.trust_store(s, revocation_mode="soft-fail")
         chosen = store.encryption_certificates(s, "H26.CATP", WORLD_AT, trust=trust)
         unjudged = store.encryption_certificates(s, "H26.CATP", WORLD_AT, trust=None)
-    assert chosen.usable == (police.cert,)
-    ec_why, signing_why, lost_why = chosen.left_out
-    assert "has an EC key; the hub encrypts to RSA keys only" in ec_why
+    assert set(chosen.usable) == {police.cert, ec.cert}
+    signing_why, ec_signing_why, lost_why = chosen.left_out
     assert "does not allow keyEncipherment" in signing_why
+    assert "does not allow keyAgreement" in ec_signing_why
     assert f"serial 0x{lost.cert.serial_number:X}" in lost_why and "was revoked on" in lost_why
-    assert unjudged.usable == (police.cert, lost.cert)  # no anchor: no evidence can count
+    assert set(unjudged.usable) == {police.cert, ec.cert, lost.cert}  # no anchor: no evidence
     assert "no usable encryption certificate" in Recipients((), chosen.left_out).none_usable("X")
 
 

@@ -12,7 +12,7 @@ import logging
 import subprocess
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from sqlalchemy import select
@@ -89,12 +89,14 @@ def _openssl_opens(message: bytes, issued: Issued, tmp_path: Path) -> bool:
 # --- certificates the hub can encrypt to --------------------------------------------------------
 
 
-def test_an_ec_certificate_is_left_out_and_the_rsa_one_still_gets_the_delivery(
+def test_an_ec_certificate_next_to_an_rsa_one_gets_the_delivery_too(
     archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
 ) -> None:
-    """The police enrolled an EC-P256 certificate (it may sign; the hub cannot encrypt to it)
-    next to their RSA one: the delivery is encrypted to the RSA one alone."""
-    _enrol(archive, _police(world, "Police (EC)", key_kind="ec-p256"))
+    """The police enrolled an EC-P256 certificate next to their RSA one: the delivery is
+    encrypted to both (ECDH key agreement for the EC one), and openssl opens it with either
+    key."""
+    ec_police = _police(world, "Police (EC)", key_kind="ec-p256")
+    _enrol(archive, ec_police)
     _receive(archive, world.submission("H26.SNV"))
     seq = _process(archive, world_ctx, world.directory, hub)
     rows = _rows(archive)
@@ -105,12 +107,39 @@ def test_an_ec_certificate_is_left_out_and_the_rsa_one_still_gets_the_delivery(
     message = rows[f"delivery:{seq}:H26.CATP"].message
     assert message is not None
     _open_as(message, world, "H26.CATP", tmp_path)
+    assert _openssl_opens(message, ec_police, tmp_path)
 
 
-def test_an_agency_with_only_an_ec_certificate_gets_a_failed_delivery_and_an_alert(
+@pytest.mark.parametrize("key_kind", ["ec-p256", "ec-p384"])
+def test_an_agency_with_only_an_ec_certificate_gets_its_delivery(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    tmp_path: Path,
+    key_kind: Literal["ec-p256", "ec-p384"],
+) -> None:
+    """An agency whose only encryption certificate is EC got nothing: its deliveries failed
+    ("the hub encrypts to RSA keys only"). openssl opens it with the EC key, not with the
+    retired RSA one."""
+    ec_police = _police(world, "Police (EC)", key_kind=key_kind)
+    _enrol(archive, ec_police)
+    _retire_police_certificate(archive, world)
+    _receive(archive, world.submission("H26.SNV"))
+    seq = _process(archive, world_ctx, world.directory, hub)
+    rows = _rows(archive)
+    delivery = rows[f"delivery:{seq}:H26.CATP"]
+    assert delivery.state == "ready" and delivery.message is not None, delivery.last_reply
+    assert not any(k.startswith("alert:") for k in rows)
+    assert _openssl_opens(delivery.message, ec_police, tmp_path)
+    assert not _openssl_opens(delivery.message, world.agencies["H26.CATP"], tmp_path)
+
+
+def test_a_signing_only_ec_certificate_is_left_out(
     archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
 ) -> None:
-    _enrol(archive, _police(world, "Police (EC)", key_kind="ec-p256"))
+    """RFC 8550 §4.4.2: key agreement needs keyAgreement in the keyUsage."""
+    _enrol(archive, _police(world, "Police (EC, sign)", key_kind="ec-p256", key_usage="sign"))
     _retire_police_certificate(archive, world)
     _receive(archive, world.submission("H26.SNV"))
     seq = _process(archive, world_ctx, world.directory, hub)
@@ -118,7 +147,7 @@ def test_an_agency_with_only_an_ec_certificate_gets_a_failed_delivery_and_an_ale
     assert rows[f"receipt:{seq}"].state == "ready"  # the sender is not held up
     failed = rows[f"delivery:{seq}:H26.CATP"]
     assert failed.state == "failed"
-    assert "has an EC key; the hub encrypts to RSA keys only" in (failed.last_reply or "")
+    assert "does not allow keyAgreement" in (failed.last_reply or "")
     assert agency_alert(rows, "H26.CATP").state == "ready"
 
 
