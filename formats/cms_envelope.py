@@ -438,7 +438,6 @@ def _key_trans(cert: x509.Certificate, cek: bytes, oaep: bool) -> cms.RecipientI
     if not isinstance(public_key, rsa.RSAPublicKey):
         raise ValueError("key transport needs an RSA recipient certificate")
     algorithms.check_public_key(public_key, what="recipient key")
-    asn1_cert = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
     if oaep:
         pad: padding.AsymmetricPadding = padding.OAEP(
             mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None
@@ -463,8 +462,7 @@ def _key_trans(cert: x509.Certificate, cek: bytes, oaep: bool) -> cms.RecipientI
             {
                 "version": "v0",
                 "rid": cms.RecipientIdentifier(
-                    name="issuer_and_serial_number",
-                    value={"issuer": asn1_cert.issuer, "serial_number": asn1_cert.serial_number},
+                    name="issuer_and_serial_number", value=_issuer_and_serial(cert)
                 ),
                 "key_encryption_algorithm": alg,
                 "encrypted_key": public_key.encrypt(cek, pad),
@@ -513,7 +511,6 @@ def _key_agree(cert: x509.Certificate, cek: bytes) -> cms.RecipientInfo:
     point = ephemeral.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    asn1_cert = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
     return cms.RecipientInfo(
         name="kari",
         value=cms.KeyAgreeRecipientInfo(
@@ -534,11 +531,7 @@ def _key_agree(cert: x509.Certificate, cek: bytes) -> cms.RecipientInfo:
                 "recipient_encrypted_keys": [
                     {
                         "rid": cms.KeyAgreementRecipientIdentifier(
-                            name="issuer_and_serial_number",
-                            value={
-                                "issuer": asn1_cert.issuer,
-                                "serial_number": asn1_cert.serial_number,
-                            },
+                            name="issuer_and_serial_number", value=_issuer_and_serial(cert)
                         ),
                         "encrypted_key": aes_key_wrap(kek, cek),
                     }
@@ -546,3 +539,9 @@ def _key_agree(cert: x509.Certificate, cek: bytes) -> cms.RecipientInfo:
             }
         ),
     )
+
+
+def _issuer_and_serial(cert: x509.Certificate) -> dict[str, object]:
+    """IssuerAndSerialNumber: how a RecipientInfo names the certificate it is for."""
+    asn1_cert = asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+    return {"issuer": asn1_cert.issuer, "serial_number": asn1_cert.serial_number}
