@@ -404,8 +404,15 @@ def _copy_of(
 ) -> tuple[T, bool] | tuple[None, bool]:
     """What ``job`` is a copy of among ``found`` (filed entries, or jobs earlier in the batch,
     by replay key), and whether its sender's MessageId is taken there by another document
-    (``payload``: the payload digest of what was found)."""
+    (``payload``: the payload digest of what was found).
+
+    A ``copy:`` key is recorded for a rejected message only. The same signed message that is
+    accepted now (the hub's side fixed meanwhile: the recipient agency entered in the
+    directory, a schema brought up to date) is no copy of that refusal: it is filed, and its
+    sender receipted ``03``; rejected again, it gets the old receipt again."""
     hits = {k.partition(":")[0]: found[k] for k in job.keys if k in found}
+    if job.verdict.accepted:
+        hits.pop("copy", None)
     for kind in ("signed", "copy"):
         if kind in hits:
             return hits[kind], False

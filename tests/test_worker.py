@@ -34,6 +34,7 @@ from gateway.serve import release_stale_claims
 from gateway.worker import Worker
 from gateway.worker_process import BUILD_EVERY, build_now
 from keys import store
+from keys.directory import Directory
 from keys.issuing import make_root
 from keys.trust import TrustStore
 from tests import pg
@@ -127,6 +128,30 @@ def test_a_corrected_resend_of_a_rejected_submission_is_judged_anew(
     _receive(archive, fixed, minutes=7)  # and the accepted one again: a duplicate of it
     [again] = _worker(archive, world_ctx, minutes=8).run_once()
     assert (again.disposition, again.archive_seq) == ("duplicate", 1)
+
+
+def test_a_rejected_message_sent_again_once_the_hub_is_fixed_is_accepted(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Rejected because the hub's directory lacked the recipient agency; the admin enters it
+    and the agency's mail client sends the very same message again. It was answered with the
+    old refusal, as a copy of it, for ever. It is judged anew: accepted, filed, and a copy of
+    that one from then on; while the hub is not fixed, a resend gets the old receipt."""
+    raw = world.submission("H26.SNV")
+    without_police = Directory.of([a for a in world.directory if a.organ_id != "H26.CATP"])
+    unfixed = dataclasses.replace(world_ctx, directory=without_police)
+    _receive(archive, raw)
+    [first] = _worker(archive, unfixed).run_once()
+    assert first.disposition == "rejected"
+    _receive(archive, raw, minutes=1)
+    [again] = _worker(archive, unfixed, minutes=6).run_once()
+    assert (again.disposition, again.archive_seq) == ("duplicate", first.archive_seq)
+    _receive(archive, raw, minutes=7)
+    [fixed] = _worker(archive, world_ctx, minutes=8).run_once()
+    assert fixed.disposition == "accepted" and fixed.archive_seq != first.archive_seq
+    _receive(archive, raw, minutes=9)
+    [last] = _worker(archive, world_ctx, minutes=10).run_once()
+    assert (last.disposition, last.archive_seq) == ("duplicate", fixed.archive_seq)
 
 
 def _with_outer_message_id(raw: bytes, message_id: bytes) -> bytes:
