@@ -576,10 +576,16 @@ class ImapPoller:
         """The message (at most ``max_message_bytes`` + 1 bytes) and its INTERNALDATE (when
         the mail store took it in; ``None`` if the server gave none that reads as a moment)."""
         part = f"BODY.PEEK[]<0.{self.limits.max_message_bytes + 1}>"
-        data = client.fetch([uid], [part, "INTERNALDATE"]).get(uid, {})
+        answer = client.fetch([uid], [part, "INTERNALDATE"])
+        if uid not in answer:
+            return None  # expunged by someone else meanwhile: no FETCH response for it
+        data = answer[uid]
         body = next((v for k, v in data.items() if k.startswith(b"BODY[]")), None)
-        if body is None:
-            return None
+        if not isinstance(body, bytes):
+            # A response for it, but no body (BODY[] NIL, or none at all): the message is
+            # there and was not returned; counted as a failed pass, not taken for expunged
+            # (which left it in the mailbox, unread and unsaid, pass after pass).
+            raise IMAPClientError("the FETCH response for it carried no message body (NIL)")
         arrived = data.get(b"INTERNALDATE")
         aware = isinstance(arrived, datetime) and arrived.tzinfo is not None
         return bytes(body), arrived.astimezone(UTC) if aware else None

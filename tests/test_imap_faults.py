@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 from sqlalchemy import select
 
@@ -270,6 +271,36 @@ def test_a_message_whose_fetch_is_never_answered_is_skipped_and_the_others_are_t
             if stat.S_ISFIFO(path.lstat().st_mode):
                 with contextlib.suppress(OSError):
                     os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_body_the_server_answers_nil_is_a_failed_pass_not_an_expunged_message(
+    db: Database,
+    server: dovecot.DovecotServer,
+    user: str,
+    imap: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server answers the FETCH of one message with ``BODY[] NIL``. That was taken for a
+    message expunged by someone else: left in the mailbox, never counted, never given up on,
+    never said. It is a failed pass, as a refused FETCH is."""
+    messages = [_message(n) for n in range(3)]
+    imap.multiappend("INBOX", messages)
+    imap.select_folder("INBOX", readonly=True)
+    nil_uid = sorted(imap.search("ALL"))[1]
+    real = IMAPClient.fetch
+
+    def fetch(self: IMAPClient, uids: Any, parts: Any, *args: Any, **kw: Any) -> Any:
+        answer = real(self, uids, parts, *args, **kw)
+        for key in answer.get(nil_uid, {}):
+            if key.startswith(b"BODY[]"):
+                answer[nil_uid][key] = None
+        return answer
+
+    monkeypatch.setattr(IMAPClient, "fetch", fetch)
+    poller = _poller(db, server, user)
+    assert poller.poll_once() == PollResult(taken=2, moved=2, skipped=1)
+    assert _bodies(db) == [messages[0], messages[2]]
+    assert _count(imap, "INBOX") == 1  # still there, tried again next pass
 
 
 @pytest.mark.parametrize("size", [True, False], ids=["body-fetch-fails", "size-fetch-fails"])
