@@ -39,7 +39,7 @@ import pybase64
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from formats import cms_envelope, cms_signed
+from formats import cms_encrypt, cms_envelope, cms_signed
 from formats.cms_envelope import RecipientKey
 from formats.cms_signed import SignatureCheck
 from formats.errors import (
@@ -475,7 +475,7 @@ def build_message(
     # Steps 4 and 6 parse the decrypted entity: the signed entity, whose detached content is
     # one of its parts, or, signed opaque, the content on its own.
     parse_entity(signed if detached else entity, limits)
-    enveloped = cms_envelope.encrypt(signed, recipients, cipher=cipher, oaep=oaep)
+    enveloped = cms_encrypt.encrypt(signed, recipients, cipher=cipher, oaep=oaep)
     smime_type = "authEnveloped-data" if cipher.endswith("_gcm") else "enveloped-data"
     return wrap_enveloped(
         enveloped,

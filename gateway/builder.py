@@ -31,7 +31,7 @@ from archive import tables as t
 from archive.bundle import RECEIPT_BLOB, RECEIPT_FOR, RECEIPT_KIND
 from archive.log import Entry, Item, Log
 from archive.service import Archive, SigningKey
-from formats import cms_envelope
+from formats import cms_encrypt
 from formats.errors import ConfigError, GatewayError
 from formats.payload import Organ
 from formats.smime import (
@@ -628,7 +628,7 @@ class Builder:
         if sign:
             cert, key = self.hub.signer
             entity = sign_entity(entity, cert=cert, key=key)
-        der = cms_envelope.encrypt(entity, list(certs))
+        der = cms_encrypt.encrypt(entity, list(certs))
         return wrap_enveloped(
             der,
             smime_type="enveloped-data",

@@ -7,7 +7,7 @@ receipt), the hub encrypts to those that pass, in order:
 
 0. valid at ``at`` (between notBefore and notAfter);
 1. an RSA key, for key transport (RFC 8551 §2.3, RSA PKCS#1 v1.5), or an EC key on P-256 or
-   P-384, for ECDH key agreement (RFC 5753; :func:`formats.cms_envelope.encrypt`);
+   P-384, for ECDH key agreement (RFC 5753; :func:`formats.cms_encrypt.encrypt`);
 2. a keyUsage that allows keyEncipherment (RSA) or keyAgreement (EC), if the certificate has
    one (RFC 5280 §4.2.1.3; RFC 8550 §4.4.2): a signing-only certificate is left out;
 3. not revoked at ``at`` by the stored evidence: the trust store's own check

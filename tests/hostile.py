@@ -7,7 +7,7 @@ PKI, because signatures must be made with keys generated per test session — no
 ever committed. ``tests/assets/README.md`` lists every sample with its one-line note.
 
 Builders start from the real building blocks (:func:`formats.smime.payload_entity`,
-:func:`~formats.smime.sign_entity`, :func:`formats.cms_envelope.encrypt`,
+:func:`~formats.smime.sign_entity`, :func:`formats.cms_encrypt.encrypt`,
 :func:`~formats.smime.wrap_enveloped`) and change exactly one thing; where our own code cannot
 make the hostile variant (3DES, SHA-1, OAEP with SHA-1) the real ``openssl cms`` makes it.
 """
@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from formats import cms_envelope, cms_signed
+from formats import cms_encrypt, cms_signed
 from formats.errors import (
     AgencyMismatch,
     CertificateExpired,
@@ -215,7 +215,7 @@ def _envelope(world: DemoWorld, der: bytes, *, smime_type: str = "enveloped-data
 
 def _encrypt_inner(world: DemoWorld, inner: bytes) -> bytes:
     """Encrypt an arbitrary inner MIME entity to the hub and wrap it as a message."""
-    return _envelope(world, cms_envelope.encrypt(inner, [world.hub.cert]))
+    return _envelope(world, cms_encrypt.encrypt(inner, [world.hub.cert]))
 
 
 def _top_level(world: DemoWorld, entity: bytes, *, from_addr: str = SNV_EMAIL) -> bytes:
@@ -376,7 +376,7 @@ def efail_cbc_gadget(world: DemoWorld) -> bytes:
     ``(IV ⊕ P0 ⊕ X, C0)`` decrypts to the attacker's ``X``. The gadget is inserted in the
     middle of the ciphertext, where the payload lies; the padding stays valid.
     """
-    der = cms_envelope.encrypt(_signed_payload(world), [world.hub.cert])
+    der = cms_encrypt.encrypt(_signed_payload(world), [world.hub.cert])
     info = cms.ContentInfo.load(der)
     eci = info["content"]["encrypted_content_info"]
     iv = eci["content_encryption_algorithm"]["parameters"].native
@@ -440,7 +440,7 @@ def oaep_sha1(world: DemoWorld) -> bytes:
 
 
 def nested_encryption(world: DemoWorld) -> bytes:
-    once = cms_envelope.encrypt(_signed_payload(world), [world.hub.cert])
+    once = cms_encrypt.encrypt(_signed_payload(world), [world.hub.cert])
     inner = (
         b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name="smime.p7m"\r\n'
         b"Content-Transfer-Encoding: base64\r\n\r\n" + _b64(once)
@@ -478,13 +478,13 @@ def ber_empty_segments(world: DemoWorld) -> bytes:
     segmented = b"\x04\x00" * 1_000_000
     for _ in range(10):
         segmented = b"\x24\x80" + segmented + b"\0\0"
-    return _ber_enveloped(world, cms_envelope.encrypt(b"x" * 32, [world.hub.cert]), segmented)
+    return _ber_enveloped(world, cms_encrypt.encrypt(b"x" * 32, [world.hub.cert]), segmented)
 
 
 def ber_nested_segments(world: DemoWorld) -> bytes:
     """The genuine ciphertext of a signed payload, its 1000-byte segments grouped in segmented
     OCTET STRINGs of four: X.690 §8.7.3 allows it, CER and every S/MIME producer do not."""
-    der = cms_envelope.encrypt(_signed_payload(world), [world.hub.cert])
+    der = cms_encrypt.encrypt(_signed_payload(world), [world.hub.cert])
     ciphertext = cms.ContentInfo.load(der)["content"]["encrypted_content_info"][
         "encrypted_content"
     ].native
@@ -774,7 +774,7 @@ def huge_text_node(world: DemoWorld) -> bytes:
     )
     snv = _snv(world)
     signed = sign_entity(payload_entity(xml), cert=snv.cert, key=snv.key)
-    der = cms_envelope.encrypt(signed, [world.hub.cert])
+    der = cms_encrypt.encrypt(signed, [world.hub.cert])
     # wrap_enveloped refuses anything over the default message limit, so the headers are
     # written here.
     return _top_level(

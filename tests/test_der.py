@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from formats import cms_envelope, cms_signed, der, mime
+from formats import cms_encrypt, cms_envelope, cms_signed, der, mime
 from formats.der import CONTEXT, OCTET_STRING, UNIVERSAL, Tlv, children, octets, read_tlv
 from formats.errors import GatewayError, LimitExceeded, MalformedCMS, MalformedMessage
 from gateway.demo import DemoWorld
@@ -191,7 +191,7 @@ def test_elements_are_read_once_however_deep_the_indefinite_lengths(
 ) -> None:
     """Opening a BER message reads each element once: the ends found while looking for an
     indefinite length's end are kept, never looked for again."""
-    encrypted = to_ber(cms_envelope.encrypt(CONTENT, [world.hub.cert]))
+    encrypted = to_ber(cms_encrypt.encrypt(CONTENT, [world.hub.cert]))
     assert encrypted.startswith(b"\x30\x80")  # indefinite lengths from the top down
     calls = _reads(monkeypatch)
     opened = cms_envelope.decrypt(bytearray(encrypted), world.context().keys, max_bytes=1 << 20)
@@ -214,7 +214,7 @@ CONTENT = b"Content-Type: text/plain\r\n\r\n" + os.urandom(5000).hex().encode()
 def test_decryption_happens_in_the_received_buffer(
     world: DemoWorld, options: dict[str, object], encoding: str
 ) -> None:
-    encrypted = cms_envelope.encrypt(CONTENT, [world.hub.cert], **options)  # type: ignore[arg-type]
+    encrypted = cms_encrypt.encrypt(CONTENT, [world.hub.cert], **options)  # type: ignore[arg-type]
     if encoding == "ber":
         encrypted = to_ber(encrypted)
         assert encrypted.count(b"\x04\x82\x02\xbc") >= 10  # really cut into 700-byte segments
@@ -225,7 +225,7 @@ def test_decryption_happens_in_the_received_buffer(
 
 
 def test_every_truncation_of_an_enveloped_message_is_a_typed_error(world: DemoWorld) -> None:
-    encrypted = cms_envelope.encrypt(b"x" * 100, [world.hub.cert], cipher="aes256_gcm")
+    encrypted = cms_encrypt.encrypt(b"x" * 100, [world.hub.cert], cipher="aes256_gcm")
     keys = world.context().keys
     for n in range(len(encrypted)):
         with pytest.raises(GatewayError):
@@ -233,7 +233,7 @@ def test_every_truncation_of_an_enveloped_message_is_a_typed_error(world: DemoWo
 
 
 def test_a_flipped_gcm_tag_fails_after_decrypting_in_place(world: DemoWorld) -> None:
-    encrypted = bytearray(cms_envelope.encrypt(CONTENT, [world.hub.cert], cipher="aes256_gcm"))
+    encrypted = bytearray(cms_encrypt.encrypt(CONTENT, [world.hub.cert], cipher="aes256_gcm"))
     encrypted[-1] ^= 1  # the mac is the last field
     with pytest.raises(GatewayError, match="could not be decrypted"):
         cms_envelope.decrypt(encrypted, world.context().keys, max_bytes=1 << 20)

@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from archive.db import Database
 from archive.tables import Base
-from formats import cms_envelope
+from formats import cms_encrypt, cms_envelope
 from formats.cms_envelope import RecipientKey
 from formats.errors import InputError, NotForUs, SenderMismatch
 from gateway.cli import cli
@@ -511,7 +511,7 @@ def test_during_an_overlap_the_hub_encrypts_to_both_certificates(
     assert {c.serial_number for c in during} == {old.cert.serial_number, new.cert.serial_number}
     assert [c.serial_number for c in after] == [new.cert.serial_number]
     # Either agency key opens what the hub encrypts during the overlap.
-    sealed = cms_envelope.encrypt(b"receipt", during)
+    sealed = cms_encrypt.encrypt(b"receipt", during)
     for issued in (old, new):
         key = issued.key
         assert isinstance(key, rsa.RSAPrivateKey)
