@@ -9,7 +9,7 @@ every core. Workers claim work with leases in the database, so several processes
 PostgreSQL, several machines) share the queue without a coordinator.
 
 Start-up resumes whatever a crash left half done: claims held by processes of this host that
-no longer run are released at once (others expire with their lease). Stopping (SIGTERM or
+no longer run are released at once (:mod:`gateway.claims`; others expire with their lease). Stopping (SIGTERM or
 SIGINT) closes the listeners first, then lets the workers finish the batch in hand; the sender
 stops between two messages: the one in flight is answered (within :data:`STOP_GRACE`), what
 the relay answered is recorded, and the rows it did not try are given back as they were, so
@@ -37,15 +37,14 @@ from datetime import UTC, date, datetime, timedelta
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import case, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from archive import tables as t
 from archive.db import Database
 from archive.service import Archive
 from formats.errors import ConfigError, GatewayError
 from formats.vntime import VN_TZ
 from gateway import settings as settings_mod
+from gateway.claims import RECLAIM_EVERY, release_stale_claims, sweep_stale_claims
 from gateway.loading import (
     load_context,
     load_directory_merged,
@@ -67,8 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.serve")
 
-RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host
-
 
 #: Seconds a stop waits for the sender after the workers (up to 30 s), within the service
 #: manager's stop timeout (deploy/systemd/gateway.service: TimeoutStopSec=60). The message in
@@ -77,61 +74,6 @@ RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes o
 #: flight after this is sent again after the next start, as after a crash (at least once,
 #: never lost).
 STOP_GRACE = 20.0
-
-
-def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> int:
-    """Release claims held by processes of ``host`` that are gone (their work resumes now).
-
-    A message's claim, or a claim to build, that ended this way counts against it
-    (:data:`gateway.worker.MAX_CLAIMS`, :data:`gateway.builder.MAX_CLAIMS`), unless
-    ``at_start``: then the whole service stopped (killed, the machine lost power), not one
-    worker on one message."""
-    released = 0
-    with db.session() as s:
-        for table, busy, back in (
-            (t.Intake, ("working",), "new"),
-            (t.Outbox, ("building",), "new"),
-            (t.Outbox, ("sending",), "ready"),
-        ):
-            holders = s.scalars(select(table.worker).where(table.state.in_(busy)).distinct()).all()
-            dead = [w for w in holders if w and _gone(w, host)]
-            if dead:
-                values: dict[str, Any] = {"state": back, "worker": None, "lease_until": None}
-                if at_start:
-                    values["claims"] = case((table.claims > 0, table.claims - 1), else_=0)
-                result = s.execute(
-                    update(table)
-                    .where(table.state.in_(busy), or_(*(table.worker == w for w in dead)))
-                    .values(values)
-                )
-                released += result.rowcount  # type: ignore[attr-defined]
-    return released
-
-
-def sweep_stale_claims(db: Database, host: str) -> None:
-    """:func:`release_stale_claims`, saying what it resumed; the database's trouble (locked,
-    unreachable, damaged) is a warning and the next sweep tries again, never the end of the
-    supervisor."""
-    try:
-        if released := release_stale_claims(db, host):
-            log.warning("resumed %d items held by a stopped process", released)
-    except ENVIRONMENT as exc:
-        log.warning("could not look for stale claims: %s", exc)
-
-
-def _gone(worker: str, host: str) -> bool:
-    name, _, pid = worker.rpartition(":")
-    if worker == "waiting":
-        return False
-    if name != host or not (pid.isascii() and pid.isdigit()):
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 #: Seconds between two starts of one of the supervisor's threads that keeps ending.

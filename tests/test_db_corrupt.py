@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from archive.db import Database, sqlite_url
 from formats.errors import ConfigError
 from gateway import cli
-from gateway.serve import sweep_stale_claims
+from gateway.claims import sweep_stale_claims
 
 COMMANDS = [
     ("archive", "list"),

@@ -31,10 +31,10 @@ from formats.vntime import local_day
 from gateway import builder as builder_module
 from gateway import intake, outbound
 from gateway.builder import Builder, Hub
+from gateway.claims import release_stale_claims
 from gateway.demo import DemoWorld, tamper
 from gateway.pipeline import Context
 from gateway.sender import Sender
-from gateway.serve import release_stale_claims
 from gateway.worker import Worker, worker_name
 from keys import store
 from keys.directory import Directory

@@ -27,10 +27,10 @@ from formats.errors import DatabaseDamaged, InputError, InternalError
 from formats.smime import Attachment
 from gateway import intake, obligation_store, pipeline, worker_process
 from gateway import worker as worker_module
+from gateway.claims import release_stale_claims
 from gateway.demo import DemoWorld, tamper
 from gateway.obligations import Obligation, default_due
 from gateway.pipeline import Context
-from gateway.serve import release_stale_claims
 from gateway.worker import Worker
 from gateway.worker_process import BUILD_EVERY, build_now
 from keys import store
