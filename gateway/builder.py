@@ -43,6 +43,7 @@ from formats.smime import (
 )
 from formats.vntime import local_day
 from gateway import receipts
+from gateway.claims import Unsettled
 from gateway.outbound import (
     ENCRYPTED_TO,
     ENVIRONMENT,
@@ -141,6 +142,8 @@ class Builder:
     _stale_check: datetime | None = None
     #: What the batch being built reads (:func:`_preload`); empty between batches.
     _loaded: _Preloaded = field(default_factory=_Preloaded)
+    #: Claims a failed run left, to give back uncounted.
+    unsettled: Unsettled = field(default_factory=lambda: Unsettled(t.Outbox, "building", "new"))
 
     def _entry(self, s: Session, seq: int) -> Entry:
         """Log entry ``seq``: the batch's, read with the others, or read now."""
@@ -148,8 +151,11 @@ class Builder:
         return entry if entry is not None else self.archive.log.entry(s, seq)
 
     def run_once(self, limit: int = 32) -> int:
-        """Build what is owed now; returns how many rows it handled."""
+        """Build what is owed now; returns how many rows it handled. A failure after the claim
+        (the database's, the disk's) gives the claim back uncounted and is raised
+        (:class:`gateway.claims.Unsettled`)."""
         db = self.archive.db
+        self.unsettled.give_back(db, self.name)  # what a failed run could not give back
         now = self.clock()
         if self._stale_check is None or now >= self._stale_check:
             self._stale_check = now + STALE_CHECK
@@ -160,6 +166,16 @@ class Builder:
             ids = claim(s, self.name, self.clock(), limit, sending=False)
         if not ids:
             return 0
+        try:
+            self._build_claimed(ids)
+        except Exception:
+            self.unsettled.keep(db, self.name, ids)
+            raise
+        return len(ids)
+
+    def _build_claimed(self, ids: list[int]) -> None:
+        """Build, file and settle the rows ``ids`` this builder has just claimed."""
+        db = self.archive.db
         now = self.clock()
         built: dict[int, _Built] = {}
         with db.session(read_only=True) as s:
@@ -193,7 +209,6 @@ class Builder:
                     row.entry_seq = entry.seq
             for row in mine:
                 self._settle(s, row, built[row.id], now)
-        return len(ids)
 
     def _settle(self, s: Session, row: t.Outbox, b: _Built, now: datetime) -> None:
         row.worker, row.lease_until, row.updated_at, row.claims = None, None, now, 0

@@ -1,16 +1,26 @@
-"""Claims held by processes that are gone: given back, so that their work resumes.
+"""Claims given back, so that their work resumes.
 
 Workers claim inbox rows (``working``) and outbox rows (``building``), and the sender outbox
-rows (``sending``), under the name ``host:pid`` and a lease. When a process of this host is
-gone (killed, crashed), the supervisor gives its claims back at once rather than when their
-leases run out: at start-up (the previous run's), and every :data:`RECLAIM_EVERY` seconds
-(a worker that died, another instance on this host).
+rows (``sending``), under the name ``host:pid`` and a lease. A claim to decide or to build is
+counted on its row (``claims``) and settling the row resets the count: a row claimed again and
+again and never settled is what stops its workers (``MAX_CLAIMS``).
+
+- When a process of this host is gone (killed, crashed), the supervisor gives its claims back
+  at once rather than when their leases run out: at start-up (the previous run's, without
+  counting them: the whole service stopped, not one worker on one row), and every
+  :data:`RECLAIM_EVERY` seconds (a worker that died, another instance on this host).
+- A worker whose cycle fails and that lives on (the database locked or gone, a disk error, a
+  context that cannot be loaded) gives its claims back itself, uncounted
+  (:class:`Unsettled`): that is not the rows' doing, and an outage of a few leases would
+  otherwise set them aside.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import case, or_, select, update
@@ -77,3 +87,42 @@ def _gone(worker: str, host: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+@dataclass
+class Unsettled:
+    """Claims of this worker that a failed cycle left unsettled, given back uncounted: at once
+    if the database lets it, else at the start of its next cycle (:meth:`give_back` raises
+    the database's trouble, and the worker's loop backs off). ``table`` rows in state ``busy``
+    go back to ``back``; only those still this worker's, a claim taken over meanwhile (its
+    lease ran out) stays the other's."""
+
+    table: type[t.Intake] | type[t.Outbox]
+    busy: str
+    back: str
+    held: list[int] = field(default_factory=list)
+
+    def keep(self, db: Database, worker: str, ids: Sequence[int]) -> None:
+        """After a failed cycle: give ``ids`` back, or keep them for the next cycle."""
+        self.held = sorted({*self.held, *ids})
+        try:
+            self.give_back(db, worker)
+        except ENVIRONMENT as exc:
+            log.warning("%d claims to give back when the database allows (%s)", len(self.held), exc)
+
+    def give_back(self, db: Database, worker: str) -> None:
+        if not self.held:
+            return
+        table = self.table
+        with db.session() as s:
+            s.execute(
+                update(table)
+                .where(table.id.in_(self.held), table.state == self.busy, table.worker == worker)
+                .values(
+                    state=self.back,
+                    worker=None,
+                    lease_until=None,
+                    claims=case((table.claims > 0, table.claims - 1), else_=0),
+                )
+            )
+        self.held = []

@@ -74,8 +74,9 @@ KINDS = ("receipt", "resend", "delivery", "reminder", "alert")
 #: goes to the mailbox the message came from, a resend to the receipt's, an alert to the admin
 #: address.
 TO_AGENCY_MAILBOXES = frozenset({"delivery", "reminder"})
-#: Failures of the database or the disk, not of one message or row: raised, the batch waits
-#: for its lease and the loop backs off (the worker's filing and builder, serve's loops).
+#: Failures of the database or the disk, not of one message or row: raised, the claims in hand
+#: are given back uncounted (gateway.claims.Unsettled) and the loop backs off (the worker's
+#: filing and builder, serve's loops).
 ENVIRONMENT: tuple[type[Exception], ...] = (
     TransientError,
     DatabaseDamaged,

@@ -13,7 +13,9 @@ A message whose processing kills its worker (the OOM killer, a crash in a native
 not do so for ever, nor take the messages claimed with it down each time. Each claim is counted
 on the row (``claims``) and a decision resets the count: a row claimed before without a decision
 is claimed alone, and one claimed :data:`MAX_CLAIMS` times without a decision is quarantined
-unchecked (:class:`~formats.errors.InternalError`), its bytes kept for an administrator.
+unchecked (:class:`~formats.errors.InternalError`), its bytes kept for an administrator. A
+worker whose cycle fails and that lives on (the database's trouble) gives its claims back
+uncounted (:class:`gateway.claims.Unsettled`): only a death or a lease run out counts.
 
 A duplicate (same signer and payload, or same sender and payload MessageId: DESIGN §5 rule 3)
 is not filed again: its row points at the original entry, and the original receipt is sent
@@ -49,6 +51,7 @@ from archive.service import Archive
 from formats.errors import InternalError, MessageIdReused, is_transient
 from formats.vntime import local_day
 from gateway import intake, obligation_store, outbound
+from gateway.claims import Unsettled
 from gateway.filing import message_item
 from gateway.obligations import Obligation, fulfilled_by
 from gateway.pipeline import Context, process
@@ -190,10 +193,15 @@ class Worker:
     #: Where to say that messages taken in have waited :data:`WAIT_ALERT` or more for a
     #: transient failure to clear (once a day, naming the first); ``""``: only logged.
     admin: str = ""
+    #: Claims a failed cycle left, to give back uncounted.
+    unsettled: Unsettled = field(default_factory=lambda: Unsettled(t.Intake, "working", "new"))
 
     def run_once(self, limit: int = BATCH_ROWS) -> list[Outcome]:
-        """Claim what is waiting now, process it, file it; returns what happened to each."""
+        """Claim what is waiting now, process it, file it; returns what happened to each. A
+        failure after the claim (the database's, the disk's, the context's) gives the claim
+        back uncounted and is raised (:class:`gateway.claims.Unsettled`)."""
         db = self.archive.db
+        self.unsettled.give_back(db, self.name)  # what a failed cycle could not give back
         # Idle polls never take the write lock: they look first. After a backlog, the claim
         # is tried at once (at worst, once, it finds nothing).
         if not self.backlog:
@@ -205,14 +213,20 @@ class Worker:
             numbers, self.backlog = claim(s, self.name, self.clock(), limit, self.peers)
         if not numbers:
             return []
-        with db.session(read_only=True) as s:
-            columns = (t.Intake.raw, t.Intake.received_at, t.Intake.transport, t.Intake.claims)
-            rows = s.execute(
-                select(t.Intake.id, *columns).where(t.Intake.id.in_(numbers)).order_by(t.Intake.id)
-            ).all()
-        ctx = self.context()
-        jobs = [self._job(r.id, r.raw, r.transport, r.received_at, r.claims, ctx) for r in rows]
-        return self._settle(jobs)
+        try:
+            with db.session(read_only=True) as s:
+                columns = (t.Intake.raw, t.Intake.received_at, t.Intake.transport, t.Intake.claims)
+                rows = s.execute(
+                    select(t.Intake.id, *columns)
+                    .where(t.Intake.id.in_(numbers))
+                    .order_by(t.Intake.id)
+                ).all()
+            ctx = self.context()
+            jobs = [self._job(r.id, r.raw, r.transport, r.received_at, r.claims, ctx) for r in rows]
+            return self._settle(jobs)
+        except Exception:
+            self.unsettled.keep(db, self.name, numbers)
+            raise
 
     def _job(
         self,
@@ -240,8 +254,8 @@ class Worker:
 
     def _settle(self, jobs: list[_Job], *, bare: bool = False) -> list[Outcome]:
         """File ``jobs`` in one transaction. If that fails for a reason other than the
-        database or the disk (:data:`gateway.outbound.ENVIRONMENT`: raised, the batch waits for
-        its lease) — the database refusing a row (:data:`ROW_REFUSED`) is not its trouble but a
+        database or the disk (:data:`gateway.outbound.ENVIRONMENT`: raised, the claim given
+        back) — the database refusing a row (:data:`ROW_REFUSED`) is not its trouble but a
         message's — one of them is poison: the jobs are filed one by one, and one that still
         cannot be is quarantined with only its bytes — it never holds up the messages behind
         it."""

@@ -310,6 +310,51 @@ def test_a_row_whose_building_kills_its_worker_fails_and_stops_no_other(
     assert alert.state == "ready" and poison in alert.detail["text"]
 
 
+def test_a_build_the_database_failed_gives_its_claim_back_uncounted(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database fails as each build is filed, 4 times (locked, then gone while the claims
+    are given back): every claim was counted, and after 3 the receipt failed for good ("the
+    worker building it stopped 3 times") though no worker ever stopped. A builder that lives on
+    gives its claims back uncounted, at once or at its next run."""
+    _receive(archive, world.submission("H26.SNV"))
+    [filed] = Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    builder = Builder(archive, hub, lambda: world.directory, clock=lambda: LATER, name="b")
+    locked = sqlalchemy.exc.OperationalError("INSERT …", {}, Exception("database is locked"))
+    real_file_in, real_give_back = archive.file_in, builder.unsettled.give_back
+
+    def file_in(*_args: Any, **_kw: Any) -> Any:
+        raise locked
+
+    def give_back_fails(*_args: Any, **_kw: Any) -> None:
+        if builder.unsettled.held:
+            raise locked
+
+    monkeypatch.setattr(archive, "file_in", file_in)
+    for _ in range(3):
+        with pytest.raises(outbound.ENVIRONMENT):
+            builder.run_once()
+        assert {r.state for r in _rows(archive).values()} == {"new"}  # given back at once
+    monkeypatch.setattr(builder.unsettled, "give_back", give_back_fails)
+    with pytest.raises(outbound.ENVIRONMENT):
+        builder.run_once()
+    assert {r.state for r in _rows(archive).values()} == {"building"}  # kept, to give back
+    monkeypatch.setattr(builder.unsettled, "give_back", real_give_back)
+    monkeypatch.setattr(archive, "file_in", real_file_in)
+    while builder.run_once():  # the database is back: given back first, then built
+        pass
+    rows = _rows(archive)
+    assert {k: r.state for k, r in rows.items()} == {
+        f"receipt:{filed.archive_seq}": "ready",
+        f"delivery:{filed.archive_seq}:H26.CATP": "ready",
+    }
+    assert all(r.claims == 0 for r in rows.values())
+
+
 def test_a_build_the_whole_service_stopped_with_does_not_count_against_the_row(
     archive: Archive, world: DemoWorld, world_ctx: Context
 ) -> None:

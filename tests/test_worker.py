@@ -30,6 +30,7 @@ from gateway import worker as worker_module
 from gateway.claims import release_stale_claims
 from gateway.demo import DemoWorld, tamper
 from gateway.obligations import Obligation, default_due
+from gateway.outbound import ENVIRONMENT
 from gateway.pipeline import Context
 from gateway.worker import Worker
 from gateway.worker_process import BUILD_EVERY, build_now
@@ -376,8 +377,8 @@ def test_a_damaged_database_met_while_filing_blames_no_message(
     archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite reports a damaged page while a batch is filed: that is the database's trouble,
-    not the messages'. The batch waits for its claim to run out and is filed as it should be
-    once the database is mended (here: the next try), never quarantined."""
+    not the messages'. The worker gives its claim back, uncounted, and the batch is filed as it
+    should be once the database is mended (here: the next try), never quarantined."""
     numbers = [_receive(archive, world.submission("H26.SNV", number=n)) for n in (1, 2)]
     real, tries = Worker._file, []
 
@@ -393,10 +394,7 @@ def test_a_damaged_database_met_while_filing_blames_no_message(
     worker = Worker(archive, lambda: world_ctx, clock=lambda: clock[0], name="w")
     with pytest.raises(DatabaseDamaged, match="is damaged"):
         worker.run_once()
-    clock[0] += worker_module.LEASE + timedelta(seconds=1)  # the claim has run out
-    outcomes = []  # (claimed one at a time now: each was claimed once without a decision)
-    while batch := worker.run_once():
-        outcomes += batch
+    outcomes = worker.run_once()  # at once, together: not counted against them
     assert [(o.intake_id, o.disposition) for o in outcomes] == [(n, "accepted") for n in numbers]
 
 
@@ -581,6 +579,32 @@ def test_a_message_that_kills_its_worker_is_set_aside_and_stops_no_other(
     [reason] = set_aside["reasons"]
     assert reason["code"] == "internal-error"
     assert "stopped 3 times before deciding it" in reason["message"]
+
+
+def test_a_batch_the_database_failed_gives_its_claim_back_uncounted(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filing fails 4 times (the database locked): each claim was counted, the batch waited
+    for its lease, and after 3 the messages were quarantined unchecked ("the worker checking
+    it stopped 3 times") though no worker stopped: a database outage of a few leases set aside
+    everything in hand. A worker that lives on gives its claims back uncounted."""
+    number = _receive(archive, world.submission("H26.SNV"))
+    worker = _worker(archive, world_ctx)
+    real = worker._file
+
+    def locked(*_args: Any, **_kw: Any) -> Any:
+        raise sqlalchemy.exc.OperationalError("INSERT …", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(worker, "_file", locked)
+    for _ in range(worker_module.MAX_CLAIMS + 1):
+        with pytest.raises(ENVIRONMENT):
+            worker.run_once()
+        with archive.db.session(read_only=True) as s:
+            row = s.get(t.Intake, number)
+            assert row is not None and (row.state, row.claims) == ("new", 0)
+    monkeypatch.setattr(worker, "_file", real)
+    [outcome] = worker.run_once()
+    assert outcome.disposition == "accepted"
 
 
 def test_a_claim_the_whole_service_stopped_with_does_not_count_against_the_message(
@@ -787,7 +811,7 @@ def _on_postgresql(pg_cluster: pg.PgCluster, world: DemoWorld, name: str) -> Arc
 
 def _file_all(archive: Archive, ctx: Context) -> tuple[dict[int, str], dict[int, str]]:
     """Workers' cycles until nothing is left, none failing: the intake rows' states and the
-    statuses filed. (A batch that fails waits for its lease, 2 minutes.)"""
+    statuses filed."""
     worker = Worker(archive, lambda: ctx, clock=lambda: WORLD_AT + timedelta(minutes=5))
     while worker.run_once():
         pass
