@@ -7,6 +7,8 @@ first, in one line naming the mismatch. Plan:
 
 1. the payload parses and validates (:meth:`Payload.from_xml`);
 2. its ``From/OrganId`` is ``--as``; with ``--to``, its ``To`` OrganIds are exactly those;
+   each is an agency of the directory, active today (else the hub rejects it:
+   ``unknown-recipient``);
 3. the key opens (PKCS#12, or a PEM key with ``--cert``) and belongs to the certificate;
 4. the certificate is valid now, names ``--as`` if it names an OrganId, and its e-mail is one of
    the agency's mailboxes — that address becomes ``From`` (DESIGN §5 rule 2); when the hub has
@@ -138,6 +140,12 @@ def send(
         hub_certs = usable_hub_certificates(settings, s, at)
         trust = stored_trust(settings, s)
     from_addr = _sender(bundle.cert, organ_id, directory, enrolled, at)
+    organ_ids = [organ.organ_id for organ in payload.header.recipients]
+    if problems := directory.not_deliverable(organ_ids, local_day(at)):
+        raise InputError(
+            f"{payload_file.name}: recipient agency (To) {'; '.join(problems)}: the hub would "
+            "refuse it (unknown-recipient); address it to the agencies of today"
+        )
     _trusted(trust, bundle, at)
     attachments = _attachments(payload, attached)
     if not hub_certs:

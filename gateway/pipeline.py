@@ -157,20 +157,8 @@ def _check_recipients(w: _Work) -> None:
     at once, as mail's ``550 5.1.1 user unknown``. (An agency that leaves the directory after
     the payload was accepted is a failed delivery, alerted to the admin: gateway.builder.)"""
     assert w.payload is not None
-    day = local_day(w.at)
-    problems = []
-    for organ in w.payload.header.recipients:
-        agency = w.ctx.directory.get(organ.organ_id)
-        if agency is None:
-            problems.append(f"{organ.organ_id} is not an agency in the hub's directory")
-        elif not agency.active_on(day):
-            when = (
-                f"ceased after {agency.valid_to}"
-                if agency.valid_to is not None and agency.valid_to < day
-                else f"is in being only from {agency.valid_from}"
-            )
-            problems.append(f"{organ.organ_id} ({agency.name_en or agency.name_vi}) {when}")
-    if problems:
+    organ_ids = [organ.organ_id for organ in w.payload.header.recipients]
+    if problems := w.ctx.directory.not_deliverable(organ_ids, local_day(w.at)):
         raise UnknownRecipient(
             f"recipient agency (To) {'; '.join(problems)}: nothing was delivered; send it "
             "again to the agencies of today"

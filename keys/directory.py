@@ -187,6 +187,23 @@ class Directory:
                 return agency
         return None
 
+    def not_deliverable(self, organ_ids: Iterable[str], day: date) -> list[str]:
+        """Why each of ``organ_ids`` cannot be mailed on ``day`` (it is not here, or not
+        active that day), one phrase each; empty when all can be."""
+        problems = []
+        for organ_id in organ_ids:
+            agency = self.get(organ_id)
+            if agency is None:
+                problems.append(f"{organ_id} is not an agency in the hub's directory")
+            elif not agency.active_on(day):
+                when = (
+                    f"ceased after {agency.valid_to}"
+                    if agency.valid_to is not None and agency.valid_to < day
+                    else f"is in being only from {agency.valid_from}"
+                )
+                problems.append(f"{organ_id} ({agency.name_en or agency.name_vi}) {when}")
+        return problems
+
     def __hash__(self) -> int:
         return hash(frozenset(self._by_id.values()))
 

@@ -299,6 +299,16 @@ def test_dry_run_and_output_send_nothing(home: Path, relay: Peer, tmp_path: Path
 def test_refusals_before_sending(home: Path, relay: Peer, tmp_path: Path) -> None:
     xml = home / "payload.xml"
     (tmp_path / "bad.xml").write_bytes(b"<Payload><unclosed></Payload>")
+    nowhere = build_payload(
+        "document",
+        sender=Organ(SNV, None, SNV_EMAIL),
+        recipients=[Organ(CATP), Organ("H26.NOPE")],
+        records=[{"DocumentType": "Công văn", "Summary": "to an agency the hub does not know"}],
+        document_number="9/SNV-VP",
+        issued_on=datetime.now(UTC).date(),
+        message_id=uuid.uuid4(),
+    )
+    (tmp_path / "nowhere.xml").write_bytes(nowhere.to_xml())
     (tmp_path / "wrong").write_text("not the passphrase\n")
     cases = {
         "invalid XML": ([tmp_path / "bad.xml", "--as", SNV, *pem(home)], "bad.xml: "),
@@ -334,6 +344,10 @@ def test_refusals_before_sending(home: Path, relay: Peer, tmp_path: Path) -> Non
         "revoked certificate": (
             [home / "stp.xml", "--as", STP, *pem(home, "STP-revoked")],
             "was revoked on",
+        ),
+        "To an agency the hub does not know": (
+            [tmp_path / "nowhere.xml", "--as", SNV, *pem(home)],
+            "recipient agency (To) H26.NOPE is not an agency in the hub's directory",
         ),
         "no passphrase": (
             [xml, "--as", SNV, "--key", home / "agencies/H26.SNV.p12"],
