@@ -612,15 +612,26 @@ def _begin_promptly(dbapi_connection: Any) -> None:
         dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
 
 
-_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+#: A password given as a query parameter (libpq's ``?password=``), which rendering a URL with
+#: ``hide_password`` does not hide.
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")
 
 
 def shown_url(url: str) -> str:
-    """``url`` as an error or a log line may show it: with any password masked, parsable or not."""
+    """``url`` as an error or a log line may show it: with any password masked, parsable or not
+    (a password may hold ``/`` or ``@``: everything from the first ``:`` of the user part to
+    the last ``@`` is masked)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        shown = make_url(url).render_as_string(hide_password=True)
     except (SQLAlchemyError, ValueError):
-        return _PASSWORD.sub(r"\1:***@", url)
+        scheme, sep, rest = url.partition("://")
+        at = rest.rfind("@")
+        if sep and at >= 0:
+            user, colon, _ = rest[:at].partition(":")
+            shown = f"{scheme}://{user}{':***' if colon else ''}{rest[at:]}"
+        else:
+            shown = url
+    return _QUERY_PASSWORD.sub(r"\1***", shown)
 
 
 def _alembic_config(url: str) -> Config:

@@ -841,6 +841,9 @@ def test_a_column_left_to_its_python_default_still_gets_it(db: Database) -> None
         "postgresql+nosuchdriver://clerk:s3cret-pw@db.hanoi.gov.vn/archive",
         "postgresql://clerk:s3cret-pw@db.hanoi.gov.vn:notaport/archive",
         "not a url://clerk:s3cret-pw@db.hanoi.gov.vn/archive",
+        "not a url://clerk:s3cret-pw/with/slashes@db.hanoi.gov.vn/archive",
+        "not a url://clerk:s3cret-pw@with@ats@db.hanoi.gov.vn/archive",
+        "postgresql+nosuchdriver://clerk:***@db.hanoi.gov.vn/archive?password=s3cret-pw",
     ],
 )
 def test_an_unusable_database_url_is_refused_without_its_password(url: str) -> None:
