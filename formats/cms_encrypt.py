@@ -160,8 +160,10 @@ def _key_agree(cert: x509.Certificate, cek: bytes) -> cms.RecipientInfo:
     """A KeyAgreeRecipientInfo for an EC (P-256, P-384) recipient, as RFC 5753 §3.1 has an
     originator send it: a fresh ephemeral key on the recipient's curve; its ECDH secret with
     the recipient's key through the ANSI X9.63 KDF makes an AES-256 key-encryption key, which
-    wraps the content key (RFC 3394). What ``openssl cms -encrypt`` writes to an EC
-    certificate, and what S/MIME clients with EC certificates read."""
+    wraps the content key (RFC 3394). The KDF's hash is SHA-256 for P-256 and SHA-384 for
+    P-384, as RFC 5008 pairs them (``openssl cms -encrypt`` writes the SHA-1 KDF, which the
+    hub does not use); ``openssl cms -decrypt`` and S/MIME clients with EC certificates read
+    either."""
     public_key = cert.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise ValueError("key agreement needs an EC recipient certificate")

@@ -63,6 +63,19 @@ def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> 
     return released
 
 
+def give_back_sending(db: Database, worker: str) -> int:
+    """Rows ``worker`` holds to send (``sending``) back to ``ready``: its sender thread ended
+    and another starts in the same process, whose claims no sweep gives back (the process is
+    alive). A message that was in flight may go twice: at least once, never lost."""
+    with db.session() as s:
+        result = s.execute(
+            update(t.Outbox)
+            .where(t.Outbox.state == "sending", t.Outbox.worker == worker)
+            .values(state="ready", worker=None, lease_until=None)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def sweep_stale_claims(db: Database, host: str) -> None:
     """:func:`release_stale_claims`, saying what it resumed; the database's trouble (locked,
     unreachable, damaged) is a warning and the next sweep tries again, never the end of the

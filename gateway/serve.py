@@ -44,7 +44,12 @@ from archive.service import Archive
 from formats.errors import ConfigError, GatewayError
 from formats.vntime import VN_TZ
 from gateway import settings as settings_mod
-from gateway.claims import RECLAIM_EVERY, release_stale_claims, sweep_stale_claims
+from gateway.claims import (
+    RECLAIM_EVERY,
+    give_back_sending,
+    release_stale_claims,
+    sweep_stale_claims,
+)
 from gateway.loading import (
     load_context,
     load_directory_merged,
@@ -85,15 +90,25 @@ class Threads:
     its failures and goes on; should one end all the same while the service runs (an exception
     no loop catches, ``SystemExit`` from a library), :meth:`revive` starts it again, with an
     ERROR line, at most once every :data:`THREAD_RESTART` seconds: without it, nothing would be
-    sent, reminded or polled until the next restart, and nothing would say so."""
+    sent, reminded or polled until the next restart, and nothing would say so. ``again``, run
+    before a thread is started again, gives back what the ended one held."""
 
     def __init__(self) -> None:
         self._targets: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+        self._again: dict[str, Callable[[], object]] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._started: dict[str, float] = {}
 
-    def start(self, name: str, target: Callable[..., None], *args: Any) -> threading.Thread:
+    def start(
+        self,
+        name: str,
+        target: Callable[..., None],
+        *args: Any,
+        again: Callable[[], object] | None = None,
+    ) -> threading.Thread:
         self._targets[name] = (target, args)
+        if again is not None:
+            self._again[name] = again
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads[name], self._started[name] = thread, time.monotonic()
@@ -102,17 +117,33 @@ class Threads:
     def get(self, name: str) -> threading.Thread | None:
         return self._threads.get(name)
 
-    def revive(self) -> list[str]:
-        """Start again each thread that has ended (none should while the service runs)."""
+    def revive(self, stop: threading.Event) -> list[str]:
+        """Start again each thread that has ended (none should while the service runs; all
+        do once ``stop`` is set: then none is)."""
         again = []
         for name, thread in list(self._threads.items()):
             if thread.is_alive() or time.monotonic() - self._started[name] < THREAD_RESTART:
                 continue
+            if stop.is_set():
+                break
             log.error("the %s thread ended; starting it again", name)
+            if (before := self._again.get(name)) is not None:
+                try:
+                    before()
+                except ENVIRONMENT as exc:  # what it held waits for its lease instead
+                    log.warning("the %s thread's work in hand is not given back yet: %s", name, exc)
             target, args = self._targets[name]
             self.start(name, target, *args)
             again.append(name)
         return again
+
+    def join(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` for thread ``name`` to end; whether it has (or never ran)."""
+        thread = self._threads.get(name)
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
 
 @dataclass
@@ -183,12 +214,19 @@ class Supervisor:
                 lst.stop()
             if metrics is not None:
                 metrics.stop()
-            if (imap_thread := threads.get("imap")) is not None:
-                imap_thread.join(timeout=30)
+            threads.join("imap", timeout=30)
             _stop_workers(workers_stop, processes, timeout=5)
             db.dispose()
             raise
-        sender_thread = threads.start("sender", self._send_loop, archive, relay)
+        sender_thread = threads.start(
+            "sender",
+            self._send_loop,
+            archive,
+            relay,
+            # Its rows in flight are this process's: no sweep would give them back before
+            # their lease ran out.
+            again=lambda: give_back_sending(db, worker_name()),
+        )
         if settings.compliance.remind_at != settings_mod.REMIND_OFF:
             threads.start("scheduler", self._schedule, db)
         info = {
@@ -212,7 +250,7 @@ class Supervisor:
             if self.asked:
                 self.stop.set()
                 break
-            threads.revive()
+            threads.revive(self.stop)
             if time.monotonic() - last_sweep > RECLAIM_EVERY:
                 # Another instance on this host may have died: its claims resume here now
                 # rather than when their leases run out.
@@ -237,8 +275,11 @@ class Supervisor:
             sender_thread.join(timeout=STOP_GRACE)
             if sender_thread.is_alive():
                 log.error("stopping: the sender did not finish; its rows resume at the next start")
-        if (imap_thread := threads.get("imap")) is not None:
-            imap_thread.join(timeout=30)
+        threads.join("imap", timeout=30)
+        if not threads.join("scheduler", timeout=10):  # a reminder run under way
+            log.warning(
+                "stopping: the reminder run did not finish; it runs again at the next start"
+            )
         if metrics is not None:
             metrics.stop()
         db.dispose()

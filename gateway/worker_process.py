@@ -65,7 +65,7 @@ CONTEXT_CHECK = 2.0  # seconds between checks for changed keys, directory or rev
 WORKER_NICE = 5
 PARENT_CHECK = 0.5  # seconds a worker waits at most before it looks whether its parent is gone
 #: Seconds one cycle of a worker's loop may take before the worker is taken for hung and ends
-#: itself (:func:`watchdog`): twice the longest lease, so that work the leases allow is never
+#: itself (:class:`Watchdog`): twice the longest lease, so that work the leases allow is never
 #: cut off. Its claims are then given back and counted as a death's are (``MAX_CLAIMS``).
 HUNG_AFTER = 2 * max(worker_mod.LEASE, outbound.LEASE).total_seconds()
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
