@@ -152,7 +152,7 @@ class Builder:
 
     def run_once(self, limit: int = 32) -> int:
         """Build what is owed now; returns how many rows it handled. A failure after the claim
-        (the database's, the disk's) gives the claim back uncounted and is raised
+        gives the claim back (uncounted if it is the database's or the disk's) and is raised
         (:class:`gateway.claims.Unsettled`)."""
         db = self.archive.db
         self.unsettled.give_back(db, self.name)  # what a failed run could not give back
@@ -168,8 +168,8 @@ class Builder:
             return 0
         try:
             self._build_claimed(ids)
-        except Exception:
-            self.unsettled.keep(db, self.name, ids)
+        except Exception as exc:
+            self.unsettled.keep(db, self.name, ids, exc)
             raise
         return len(ids)
 

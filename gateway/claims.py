@@ -9,10 +9,9 @@ again and never settled is what stops its workers (``MAX_CLAIMS``).
   at once rather than when their leases run out: at start-up (the previous run's, without
   counting them: the whole service stopped, not one worker on one row), and every
   :data:`RECLAIM_EVERY` seconds (a worker that died, another instance on this host).
-- A worker whose cycle fails and that lives on (the database locked or gone, a disk error, a
-  context that cannot be loaded) gives its claims back itself, uncounted
-  (:class:`Unsettled`): that is not the rows' doing, and an outage of a few leases would
-  otherwise set them aside.
+- A worker whose cycle fails and that lives on gives its claims back itself
+  (:class:`Unsettled`): uncounted when the database or the disk failed (locked, gone, full),
+  which is not the rows' doing, and an outage of a few leases would otherwise set them aside.
 """
 
 from __future__ import annotations
@@ -104,20 +103,28 @@ def _gone(worker: str, host: str) -> bool:
 
 @dataclass
 class Unsettled:
-    """Claims of this worker that a failed cycle left unsettled, given back uncounted: at once
-    if the database lets it, else at the start of its next cycle (:meth:`give_back` raises
-    the database's trouble, and the worker's loop backs off). ``table`` rows in state ``busy``
-    go back to ``back``; only those still this worker's, a claim taken over meanwhile (its
-    lease ran out) stays the other's."""
+    """Claims of this worker that a failed cycle left unsettled, given back at once if the
+    database lets it, else at the start of its next cycle (:meth:`give_back` raises the
+    database's trouble, and the worker's loop backs off). ``table`` rows in state ``busy`` go
+    back to ``back``; only those still this worker's: a claim taken over meanwhile (its lease
+    ran out) stays the other's.
+
+    A failure of the database or the disk (:data:`gateway.outbound.ENVIRONMENT`) is not the
+    rows' doing: their claim is not counted. Any other failure (a defect of ours that one row
+    may set off, every time) leaves it counted, so that such a row is claimed alone next time
+    and set aside after ``MAX_CLAIMS``, not the whole batch failed for ever."""
 
     table: type[t.Intake] | type[t.Outbox]
     busy: str
     back: str
-    held: list[int] = field(default_factory=list)
+    #: Row id → whether its claim is taken back (not counted).
+    held: dict[int, bool] = field(default_factory=dict)
 
-    def keep(self, db: Database, worker: str, ids: Sequence[int]) -> None:
-        """After a failed cycle: give ``ids`` back, or keep them for the next cycle."""
-        self.held = sorted({*self.held, *ids})
+    def keep(self, db: Database, worker: str, ids: Sequence[int], failure: BaseException) -> None:
+        """After a cycle failed with ``failure``: give ``ids`` back, or keep them for the next
+        cycle."""
+        uncounted = isinstance(failure, ENVIRONMENT)
+        self.held.update({number: uncounted or self.held.get(number, False) for number in ids})
         try:
             self.give_back(db, worker)
         except ENVIRONMENT as exc:
@@ -128,14 +135,16 @@ class Unsettled:
             return
         table = self.table
         with db.session() as s:
-            s.execute(
-                update(table)
-                .where(table.id.in_(self.held), table.state == self.busy, table.worker == worker)
-                .values(
-                    state=self.back,
-                    worker=None,
-                    lease_until=None,
-                    claims=case((table.claims > 0, table.claims - 1), else_=0),
+            for uncounted in (True, False):
+                ids = sorted(n for n, u in self.held.items() if u is uncounted)
+                if not ids:
+                    continue
+                values: dict[str, Any] = {"state": self.back, "worker": None, "lease_until": None}
+                if uncounted:
+                    values["claims"] = case((table.claims > 0, table.claims - 1), else_=0)
+                s.execute(
+                    update(table)
+                    .where(table.id.in_(ids), table.state == self.busy, table.worker == worker)
+                    .values(values)
                 )
-            )
-        self.held = []
+        self.held = {}

@@ -14,8 +14,8 @@ not do so for ever, nor take the messages claimed with it down each time. Each c
 on the row (``claims``) and a decision resets the count: a row claimed before without a decision
 is claimed alone, and one claimed :data:`MAX_CLAIMS` times without a decision is quarantined
 unchecked (:class:`~formats.errors.InternalError`), its bytes kept for an administrator. A
-worker whose cycle fails and that lives on (the database's trouble) gives its claims back
-uncounted (:class:`gateway.claims.Unsettled`): only a death or a lease run out counts.
+worker whose cycle fails on the database's or the disk's trouble, and lives on, gives its
+claims back uncounted (:class:`gateway.claims.Unsettled`): that is no message's doing.
 
 A duplicate (same signer and payload, or same sender and payload MessageId: DESIGN §5 rule 3)
 is not filed again: its row points at the original entry, and the original receipt is sent
@@ -198,8 +198,8 @@ class Worker:
 
     def run_once(self, limit: int = BATCH_ROWS) -> list[Outcome]:
         """Claim what is waiting now, process it, file it; returns what happened to each. A
-        failure after the claim (the database's, the disk's, the context's) gives the claim
-        back uncounted and is raised (:class:`gateway.claims.Unsettled`)."""
+        failure after the claim gives the claim back (uncounted if it is the database's or
+        the disk's) and is raised (:class:`gateway.claims.Unsettled`)."""
         db = self.archive.db
         self.unsettled.give_back(db, self.name)  # what a failed cycle could not give back
         # Idle polls never take the write lock: they look first. After a backlog, the claim
@@ -209,6 +209,9 @@ class Worker:
                 if not s.execute(_waiting(self.clock()).limit(1)).first():
                     return []
         self.backlog = False  # until a claim finds one
+        # Before the claim: keys, trust or a directory that cannot be loaded is no message's
+        # doing, and must not count against the messages claimed.
+        ctx = self.context()
         with db.session() as s:
             numbers, self.backlog = claim(s, self.name, self.clock(), limit, self.peers)
         if not numbers:
@@ -221,11 +224,10 @@ class Worker:
                     .where(t.Intake.id.in_(numbers))
                     .order_by(t.Intake.id)
                 ).all()
-            ctx = self.context()
             jobs = [self._job(r.id, r.raw, r.transport, r.received_at, r.claims, ctx) for r in rows]
             return self._settle(jobs)
-        except Exception:
-            self.unsettled.keep(db, self.name, numbers)
+        except Exception as exc:
+            self.unsettled.keep(db, self.name, numbers, exc)
             raise
 
     def _job(

@@ -355,6 +355,44 @@ def test_a_build_the_database_failed_gives_its_claim_back_uncounted(
     assert all(r.claims == 0 for r in rows.values())
 
 
+def test_a_defect_one_row_sets_off_after_its_build_counts_and_stops_no_other(
+    archive: Archive,
+    world: DemoWorld,
+    world_ctx: Context,
+    hub: Hub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A defect of ours that one row sets off outside its own build (here: while its build is
+    recorded) fails the whole batch's transaction, every time. Such a claim counts: the row is
+    claimed alone next time, and after MAX_CLAIMS fails unbuilt; the others are built."""
+    _receive(archive, world.submission("H26.SNV"))
+    [filed] = Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    poison = f"receipt:{filed.archive_seq}"
+    real = Builder._settle
+
+    def settle(self: Builder, s: Any, row: t.Outbox, b: Any, now: Any) -> None:
+        if row.key == poison and b.failure is None:
+            raise KeyError("a defect")
+        real(self, s, row, b, now)
+
+    monkeypatch.setattr(Builder, "_settle", settle)
+    builder = Builder(archive, hub, lambda: world.directory, clock=lambda: LATER, name="b")
+    failures = 0
+    for _ in range(10):
+        try:
+            if not builder.run_once():
+                break
+        except KeyError:
+            failures += 1
+    assert failures == builder_module.MAX_CLAIMS
+    rows = _rows(archive)
+    assert {k: r.state for k, r in rows.items() if not k.startswith("alert:")} == {
+        poison: "failed",
+        f"delivery:{filed.archive_seq}:H26.CATP": "ready",
+    }
+    assert "stopped 3 times before finishing it" in (rows[poison].last_reply or "")
+
+
 def test_a_build_the_whole_service_stopped_with_does_not_count_against_the_row(
     archive: Archive, world: DemoWorld, world_ctx: Context
 ) -> None:

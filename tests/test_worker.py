@@ -23,7 +23,7 @@ from archive import tables as t
 from archive.db import Database
 from archive.records import Transport
 from archive.service import Archive
-from formats.errors import DatabaseDamaged, InputError, InternalError
+from formats.errors import ConfigError, DatabaseDamaged, InputError, InternalError
 from formats.smime import Attachment
 from gateway import intake, obligation_store, pipeline, worker_process
 from gateway import worker as worker_module
@@ -603,6 +603,28 @@ def test_a_batch_the_database_failed_gives_its_claim_back_uncounted(
             row = s.get(t.Intake, number)
             assert row is not None and (row.state, row.claims) == ("new", 0)
     monkeypatch.setattr(worker, "_file", real)
+    [outcome] = worker.run_once()
+    assert outcome.disposition == "accepted"
+
+
+def test_a_context_that_cannot_be_loaded_claims_nothing(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Keys, trust or a directory that cannot be loaded is no message's doing: the worker
+    fails before it claims, and no claim counts against the messages waiting."""
+    number = _receive(archive, world.submission("H26.SNV"))
+
+    def unloadable() -> Context:
+        raise ConfigError("the hub's key file cannot be read")
+
+    worker = Worker(archive, unloadable, clock=lambda: WORLD_AT + timedelta(minutes=5))
+    for _ in range(worker_module.MAX_CLAIMS + 1):
+        with pytest.raises(ConfigError):
+            worker.run_once()
+    with archive.db.session(read_only=True) as s:
+        row = s.get(t.Intake, number)
+        assert row is not None and (row.state, row.claims) == ("new", 0)
+    worker.context = lambda: world_ctx
     [outcome] = worker.run_once()
     assert outcome.disposition == "accepted"
 
