@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from asn1crypto import keys as asn1_keys
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -70,8 +71,22 @@ def load_private_key(path: str | Path, passphrase: bytes | None = None) -> Priva
             raise InputError(f"{path.name}: the key is encrypted; give its passphrase") from None
         raise InputError(f"{path.name}: the key is not encrypted; omit the passphrase") from exc
     except ValueError as exc:
-        raise InputError(f"{path.name}: {_key_error(exc, passphrase)}") from None
+        encrypted = _encrypted_key(data, pem=pem)
+        raise InputError(f"{path.name}: {_key_error(exc, passphrase, encrypted)}") from None
     return _supported(path, key)
+
+
+def _encrypted_key(data: bytes, *, pem: bool) -> bool:
+    """Whether ``data`` holds an encrypted private key (PKCS#8 EncryptedPrivateKeyInfo, or a
+    traditional PEM key with its Proc-Type header)."""
+    if pem:
+        return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data
+    try:
+        info = asn1_keys.EncryptedPrivateKeyInfo.load(data, strict=True)
+        info["encryption_algorithm"]["algorithm"].native  # noqa: B018 — parses it, or raises
+    except (ValueError, TypeError, KeyError):
+        return False
+    return True
 
 
 def load_crl(path: str | Path) -> x509.CertificateRevocationList:
@@ -144,9 +159,13 @@ def _supported(path: Path, key: object) -> PrivateKey:
     raise InputError(f"{path.name}: a {type(key).__name__} key; only RSA and EC keys are used")
 
 
-def _key_error(exc: ValueError, passphrase: bytes | None) -> str:
+def _key_error(exc: ValueError, passphrase: bytes | None, encrypted: bool) -> str:
+    """What a key that did not load means. An encrypted key that a passphrase does not open
+    is a wrong passphrase, whatever the library says: with a wrong key, its decryption yields
+    a valid padding about once in 270 tries, and the garbage then fails to parse ("Could not
+    deserialize key data"), which reads as no key at all."""
     text = str(exc).lower()
-    if passphrase is not None and ("decrypt" in text or "password" in text):
+    if passphrase is not None and (encrypted or "decrypt" in text or "password" in text):
         return "wrong passphrase"
     return f"not a private key (expected PEM or DER, PKCS#8 or traditional): {_why(exc)}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -86,6 +87,36 @@ def test_private_key_round_trip(tmp_path: Path, pki: Pki) -> None:
     assert load_private_key(plain).public_key() == public
     assert load_private_key(locked, PASS).public_key() == public
     assert load_private_key(der).public_key() == public
+
+
+@pytest.mark.parametrize("form", ["pkcs8-pem", "traditional-pem", "pkcs8-der"])
+def test_a_wrong_passphrase_is_named_whatever_the_library_says(
+    tmp_path: Path, pki: Pki, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decrypted with a wrong passphrase, an encrypted key's padding comes out valid about once
+    in 270 tries; the garbage then fails to parse, and the library says "Could not deserialize
+    key data", which read as "not a private key". It is a wrong passphrase."""
+    key = pki.agency.key
+    pem = (
+        serialization.PrivateFormat.PKCS8
+        if form != "traditional-pem"
+        else (serialization.PrivateFormat.TraditionalOpenSSL)
+    )
+    encoding = serialization.Encoding.DER if form == "pkcs8-der" else serialization.Encoding.PEM
+    path = tmp_path / "locked.key"
+    path.write_bytes(key.private_bytes(encoding, pem, serialization.BestAvailableEncryption(PASS)))
+
+    def garbled(*_args: Any, **_kw: Any) -> Any:
+        raise ValueError("Could not deserialize key data. The data may be in an incorrect format")
+
+    monkeypatch.setattr(serialization, "load_pem_private_key", garbled)
+    monkeypatch.setattr(serialization, "load_der_private_key", garbled)
+    with pytest.raises(InputError, match=r"^locked\.key: wrong passphrase$"):
+        load_private_key(path, b"nope")
+    plain = tmp_path / "plain.key"
+    plain.write_bytes(b"not a key at all")
+    with pytest.raises(InputError, match="not a private key"):
+        load_private_key(plain, b"nope")
 
 
 def test_private_key_passphrase_errors(tmp_path: Path, pki: Pki) -> None:
