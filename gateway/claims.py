@@ -9,9 +9,9 @@ again and never settled is what stops its workers (``MAX_CLAIMS``).
   at once rather than when their leases run out: at start-up (the previous run's, without
   counting them: the whole service stopped, not one worker on one row), and every
   :data:`RECLAIM_EVERY` seconds (a worker that died, another instance on this host).
-- A worker whose cycle fails and that lives on gives its claims back itself
-  (:class:`Unsettled`): uncounted when the database or the disk failed (locked, gone, full),
-  which is not the rows' doing, and an outage of a few leases would otherwise set them aside.
+- A worker whose cycle fails on the database's or the disk's trouble (locked, gone, full), and
+  lives on, gives its claims back itself, uncounted (:class:`Unsettled`): that is not the
+  rows' doing, and an outage of a few leases would otherwise set them aside.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sqlalchemy import case, or_, select, update
 
 from archive import tables as t
 from archive.db import Database
-from gateway.outbound import ENVIRONMENT
+from gateway.outbound import ENVIRONMENT, ROW_REFUSED
 
 log = logging.getLogger("gateway.serve")
 
@@ -103,28 +103,28 @@ def _gone(worker: str, host: str) -> bool:
 
 @dataclass
 class Unsettled:
-    """Claims of this worker that a failed cycle left unsettled, given back at once if the
-    database lets it, else at the start of its next cycle (:meth:`give_back` raises the
-    database's trouble, and the worker's loop backs off). ``table`` rows in state ``busy`` go
-    back to ``back``; only those still this worker's: a claim taken over meanwhile (its lease
-    ran out) stays the other's.
+    """Claims of this worker that a cycle failed on the database's or the disk's trouble
+    (:data:`gateway.outbound.ENVIRONMENT`, not a row the database refused: :data:`ROW_REFUSED`)
+    given back uncounted: that is not the rows' doing. At once if the database lets it, else at
+    the start of the next cycle (:meth:`give_back` raises the database's trouble, and the
+    worker's loop backs off). ``table`` rows in state ``busy`` go back to ``back``; only those
+    still this worker's: a claim taken over meanwhile (its lease ran out) stays the other's.
 
-    A failure of the database or the disk (:data:`gateway.outbound.ENVIRONMENT`) is not the
-    rows' doing: their claim is not counted. Any other failure (a defect of ours that one row
-    may set off, every time) leaves it counted, so that such a row is claimed alone next time
-    and set aside after ``MAX_CLAIMS``, not the whole batch failed for ever."""
+    Any other failure (a defect of ours that one row may set off, every time) leaves the claim
+    as it is, counted, until its lease runs out: then each row is claimed alone, and one that
+    fails every time is set aside after ``MAX_CLAIMS``, while the rows behind it go on."""
 
     table: type[t.Intake] | type[t.Outbox]
     busy: str
     back: str
-    #: Row id → whether its claim is taken back (not counted).
-    held: dict[int, bool] = field(default_factory=dict)
+    held: list[int] = field(default_factory=list)
 
     def keep(self, db: Database, worker: str, ids: Sequence[int], failure: BaseException) -> None:
-        """After a cycle failed with ``failure``: give ``ids`` back, or keep them for the next
-        cycle."""
-        uncounted = isinstance(failure, ENVIRONMENT)
-        self.held.update({number: uncounted or self.held.get(number, False) for number in ids})
+        """After a cycle failed with ``failure``: give ``ids`` back uncounted if the database
+        or the disk failed (or keep them to give back next cycle); else leave them claimed."""
+        if not isinstance(failure, ENVIRONMENT) or isinstance(failure, ROW_REFUSED):
+            return
+        self.held = sorted({*self.held, *ids})
         try:
             self.give_back(db, worker)
         except ENVIRONMENT as exc:
@@ -135,16 +135,14 @@ class Unsettled:
             return
         table = self.table
         with db.session() as s:
-            for uncounted in (True, False):
-                ids = sorted(n for n, u in self.held.items() if u is uncounted)
-                if not ids:
-                    continue
-                values: dict[str, Any] = {"state": self.back, "worker": None, "lease_until": None}
-                if uncounted:
-                    values["claims"] = case((table.claims > 0, table.claims - 1), else_=0)
-                s.execute(
-                    update(table)
-                    .where(table.id.in_(ids), table.state == self.busy, table.worker == worker)
-                    .values(values)
+            s.execute(
+                update(table)
+                .where(table.id.in_(self.held), table.state == self.busy, table.worker == worker)
+                .values(
+                    state=self.back,
+                    worker=None,
+                    lease_until=None,
+                    claims=case((table.claims > 0, table.claims - 1), else_=0),
                 )
-        self.held = {}
+            )
+        self.held = []

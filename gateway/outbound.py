@@ -44,7 +44,7 @@ from typing import Any, Literal, Protocol
 
 from sqlalchemy import Select, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from archive import tables as t
@@ -83,6 +83,9 @@ ENVIRONMENT: tuple[type[Exception], ...] = (
     SQLAlchemyError,
     OSError,
 )
+#: The database refused a row: a value it cannot hold, a constraint. Not the database's
+#: trouble (though an SQLAlchemyError) but a row's: the worker files its batch one by one.
+ROW_REFUSED: tuple[type[Exception], ...] = (DataError, IntegrityError)
 
 
 def pause(failures: int, *, first: float, most: float) -> float:

@@ -40,7 +40,6 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import Select, or_, select, update
-from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from archive import tables as t
@@ -73,9 +72,6 @@ BATCH_BYTES = 32 * 1024 * 1024
 #: one fsync) each, waiting their turn behind intake's commits: in a burst of 10 KB messages,
 #: 64 rather than 32 archived 3–19% more in four side-by-side pairs (bench/e2e_bench.py).
 BATCH_ROWS = 64
-#: The database refused a row: a value it cannot hold, a constraint. Not the database's
-#: trouble (:data:`gateway.outbound.ENVIRONMENT`) but a message's: filed one by one.
-ROW_REFUSED = (DataError, IntegrityError)
 #: Claims without a decision (its worker died, or ran past its lease, each time) after which a
 #: message is quarantined without being checked again.
 MAX_CLAIMS = 3
@@ -257,7 +253,7 @@ class Worker:
     def _settle(self, jobs: list[_Job], *, bare: bool = False) -> list[Outcome]:
         """File ``jobs`` in one transaction. If that fails for a reason other than the
         database or the disk (:data:`gateway.outbound.ENVIRONMENT`: raised, the claim given
-        back) — the database refusing a row (:data:`ROW_REFUSED`) is not its trouble but a
+        back) — the database refusing a row (:data:`gateway.outbound.ROW_REFUSED`) is not its trouble but a
         message's — one of them is poison: the jobs are filed one by one, and one that still
         cannot be is quarantined with only its bytes — it never holds up the messages behind
         it."""
@@ -275,7 +271,7 @@ class Worker:
             with self.archive.db.session() as s:
                 return self._file(s, jobs, items)
         except Exception as exc:
-            if isinstance(exc, outbound.ENVIRONMENT) and not isinstance(exc, ROW_REFUSED):
+            if isinstance(exc, outbound.ENVIRONMENT) and not isinstance(exc, outbound.ROW_REFUSED):
                 raise
             if len(jobs) > 1:
                 log.warning("a batch of %d could not be filed (%r): one by one", len(jobs), exc)
@@ -328,6 +324,8 @@ class Worker:
             if v.disposition in ("accepted", "rejected") and authenticated:
                 job.keys = replay_keys(v)
                 job.recorded = recorded_keys(v, job.keys)
+            else:  # (one quarantined since an earlier try at filing it keeps none of its keys)
+                job.keys, job.recorded = [], []
         if s.get_bind().dialect.name == "postgresql" and any(j.keys for j in jobs):
             # Look for copies under the append lock: two workers each holding a copy of one
             # submission must not both find it new (the second's replay key would then fail
@@ -427,14 +425,19 @@ def _copy_of(
     directory, a schema brought up to date) is no copy of that refusal: it is filed, and its
     sender receipted ``03``; rejected again, it gets the old receipt again."""
     hits = {k.partition(":")[0]: found[k] for k in job.keys if k in found}
-    if job.verdict.accepted:
-        hits.pop("copy", None)
+
+    def taken() -> bool:  # its sender's MessageId, found under another payload
+        return payload(hits["sender"]) != _payload_of(job)
+
+    # (Its MessageId taken by another document, it is rejected again, as it was: a copy.)
+    if job.verdict.accepted and "copy" in hits and not ("sender" in hits and taken()):
+        del hits["copy"]
     for kind in ("signed", "copy"):
         if kind in hits:
             return hits[kind], False
     if "sender" not in hits:
         return None, False
-    if payload(hits["sender"]) == _payload_of(job):  # the same payload signed again
+    if not taken():  # the same payload signed again
         return hits["sender"], False
     return None, True
 

@@ -363,8 +363,9 @@ def test_a_defect_one_row_sets_off_after_its_build_counts_and_stops_no_other(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A defect of ours that one row sets off outside its own build (here: while its build is
-    recorded) fails the whole batch's transaction, every time. Such a claim counts: the row is
-    claimed alone next time, and after MAX_CLAIMS fails unbuilt; the others are built."""
+    recorded) fails the whole batch's transaction, every time. Such a claim counts and waits
+    for its lease: then each row is claimed alone, and that one, after MAX_CLAIMS, fails
+    unbuilt; the others are built."""
     _receive(archive, world.submission("H26.SNV"))
     [filed] = Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
     poison = f"receipt:{filed.archive_seq}"
@@ -376,9 +377,15 @@ def test_a_defect_one_row_sets_off_after_its_build_counts_and_stops_no_other(
         real(self, s, row, b, now)
 
     monkeypatch.setattr(Builder, "_settle", settle)
-    builder = Builder(archive, hub, lambda: world.directory, clock=lambda: LATER, name="b")
-    failures = 0
+    clock = [LATER]
+    builder = Builder(archive, hub, lambda: world.directory, clock=lambda: clock[0], name="b")
+    with pytest.raises(KeyError):
+        builder.run_once()
+    assert {r.state for r in _rows(archive).values()} == {"building"}
+    assert builder.run_once() == 0  # the claims wait for their lease: nothing to claim
+    failures = 1
     for _ in range(10):
+        clock[0] += outbound.LEASE + timedelta(seconds=1)
         try:
             if not builder.run_once():
                 break

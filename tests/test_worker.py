@@ -607,6 +607,33 @@ def test_a_batch_the_database_failed_gives_its_claim_back_uncounted(
     assert outcome.disposition == "accepted"
 
 
+def test_a_message_that_raises_every_time_is_set_aside_and_holds_up_no_other(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message whose filing raises every time, past the worker's own fallbacks (here: even
+    its item of bytes alone cannot be made): its claim counts and waits for its lease, and the
+    message behind it is filed meanwhile, not failed with it every cycle."""
+    poison, good = (world.submission("H26.SNV", number=n) for n in (1, 2))
+    _receive(archive, poison)
+    good_number = _receive(archive, good, minutes=1)
+    real = worker_module.message_item
+
+    def item(verdict: Any, raw: bytes, transport: Any) -> Any:
+        if raw == poison:
+            raise MemoryError("making its item")
+        return real(verdict, raw, transport)
+
+    monkeypatch.setattr(worker_module, "message_item", item)
+    clock = [WORLD_AT + timedelta(minutes=5)]
+    worker = Worker(archive, lambda: world_ctx, clock=lambda: clock[0], name="w")
+    done: dict[int, str] = {}
+    for _ in range(20):  # cycles 30 s apart: the first batch's claims run out after 2 minutes
+        with contextlib.suppress(MemoryError):
+            done.update((o.intake_id, o.disposition) for o in worker.run_once())
+        clock[0] += timedelta(seconds=30)
+    assert done.get(good_number) == "accepted"
+
+
 def test_a_context_that_cannot_be_loaded_claims_nothing(
     archive: Archive, world: DemoWorld, world_ctx: Context
 ) -> None:
@@ -767,6 +794,58 @@ def test_a_released_message_is_decided_again_as_of_its_arrival(
     assert fields["transport"]["received_at"] == entry.fields["transport"]["received_at"]
     assert fields["transport"]["released_from"] == str(first.archive_seq)
     assert events == ["release"]
+
+
+def test_a_message_quarantined_while_filing_records_no_keys_and_is_released_anew(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted, then its entry refused by the database: filed quarantined with its bytes
+    alone. It recorded the replay keys of the verdict it had before (accepted), so when the
+    admin released it, it was answered as a duplicate of its own quarantine entry, never
+    decided again."""
+    raw = world.submission("H26.SNV")
+    _receive(archive, raw)
+    real = archive.file_in
+
+    def refuse_accepted(s: Any, items: Any, *, at: Any) -> Any:
+        if any(i.fields.get("status") == "accepted" for i in items):
+            raise sqlalchemy.exc.IntegrityError("INSERT …", {}, Exception("a constraint"))
+        return real(s, items, at=at)
+
+    monkeypatch.setattr(archive, "file_in", refuse_accepted)
+    [first] = _worker(archive, world_ctx).run_once()
+    assert first.disposition == "quarantined" and first.archive_seq is not None
+    with archive.db.session(read_only=True) as s:
+        assert s.scalar(select(sqlalchemy.func.count()).select_from(t.Seen)) == 0
+    monkeypatch.setattr(archive, "file_in", real)
+    with archive.db.session() as s:
+        entry = archive.log.entry(s, first.archive_seq)
+        intake.release(s, first.archive_seq, entry.fields, raw, at=WORLD_AT, actor="t")
+    [second] = _worker(archive, world_ctx, minutes=10).run_once()
+    assert second.disposition == "accepted" and second.archive_seq != first.archive_seq
+
+
+def test_a_message_id_reused_refusal_sent_again_is_its_copy(
+    archive: Archive, world: DemoWorld, world_ctx: Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A document refused for a MessageId its sender used before, sent again as it was: the
+    pipeline accepts it (the MessageId is judged at filing), so it was no copy of its refusal,
+    was refused again, and recorded its copy key again: the database refused the row, and the
+    message was quarantined as a defect. It is a copy of its refusal: the old receipt again."""
+    scan = Attachment("danh-sach.pdf", "application/pdf", b"%PDF-1.7 scan")
+    first = _document_with(world, [], [], "<first@snv.hanoi.gov.vn>")
+    other = _document_with(world, [_listed(scan)], [scan], "<second@snv.hanoi.gov.vn>")
+    _receive(archive, first)
+    [accepted] = _worker(archive, world_ctx).run_once()
+    assert accepted.disposition == "accepted"
+    _receive(archive, other, minutes=1)
+    [refused] = _worker(archive, world_ctx, minutes=6).run_once()
+    assert refused.disposition == "rejected"
+    _receive(archive, other, minutes=7)
+    with caplog.at_level("ERROR"):
+        [again] = _worker(archive, world_ctx, minutes=8).run_once()
+    assert (again.disposition, again.archive_seq) == ("duplicate", refused.archive_seq)
+    assert "ERROR" not in caplog.text
 
 
 @pytest.mark.postgres
