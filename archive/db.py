@@ -169,8 +169,13 @@ class Database:
         try:
             yield
         except OperationalError as exc:
-            where = self.engine.url.render_as_string(hide_password=True)
+            url = self.engine.url
+            where = shown_url(url.render_as_string(hide_password=False))
             cause = " ".join(str(exc.orig).split())[:300] or type(exc.orig).__name__
+            if url.password:  # the driver's words may quote it, or (an "@" in it) the host
+                cause = cause.replace(str(url.password), "***")
+            if url.host and "@" in url.host:
+                cause = cause.replace(url.host, url.host.rpartition("@")[2])
             if exc.connection_invalidated or _is_transient(exc):
                 raise TransientError(
                     f"the database {where} is not reachable ({cause}); correct [database] url, "
@@ -612,26 +617,24 @@ def _begin_promptly(dbapi_connection: Any) -> None:
         dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
 
 
-#: A password given as a query parameter (libpq's ``?password=``), which rendering a URL with
-#: ``hide_password`` does not hide.
-_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")
+#: A password given as a query parameter (libpq's ``?password=``, ``?sslpassword=``).
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&]*")
 
 
 def shown_url(url: str) -> str:
-    """``url`` as an error or a log line may show it: with any password masked, parsable or not
-    (a password may hold ``/`` or ``@``: everything from the first ``:`` of the user part to
-    the last ``@`` is masked)."""
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except (SQLAlchemyError, ValueError):
-        scheme, sep, rest = url.partition("://")
-        at = rest.rfind("@")
-        if sep and at >= 0:
+    """``url`` as an error or a log line may show it: any password masked, parsable or not. The
+    text is masked, not a parse of it: a password holding ``@`` parses as part of the host
+    (``clerk:s3c@ret@db`` → password ``s3c``), so everything from the first ``:`` of the
+    user part to the last ``@`` before the path's query is masked."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        at = rest.split("?", 1)[0].rfind("@")
+        if at >= 0:
             user, colon, _ = rest[:at].partition(":")
-            shown = f"{scheme}://{user}{':***' if colon else ''}{rest[at:]}"
-        else:
-            shown = url
-    return _QUERY_PASSWORD.sub(r"\1***", shown)
+            if colon:
+                rest = f"{user}:***{rest[at:]}"
+        url = f"{scheme}{sep}{rest}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def _alembic_config(url: str) -> Config:

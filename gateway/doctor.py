@@ -191,7 +191,7 @@ def database(settings: Settings) -> tuple[list[Result], Database | None]:
         parsed = make_url(url)
     except ArgumentError:
         return [fail("database", f"[database] url {shown_url(url)!r} is not a database URL")], None
-    shown = parsed.render_as_string(hide_password=True)
+    shown = shown_url(url)
     file = parsed.database if parsed.get_backend_name() == "sqlite" else None
     if file not in (None, "", ":memory:") and not Path(str(file)).exists():  # not created here
         return [

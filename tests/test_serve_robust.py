@@ -499,7 +499,10 @@ def test_a_supervisor_thread_that_ends_is_started_again(
             _kill_session(gateway.process.pid)
         log = gateway.log.read_text(errors="replace")
         assert log.count("the sender thread ended; starting it again") == 1, log
-    assert sorted(relay.got) == [1, 2, 3, 4, 5] and set(relay.got.values()) == {2}
+    # Those sent before the thread ended went again (at least once); on a slow machine some
+    # may have been recorded before it did.
+    assert sorted(relay.got) == [1, 2, 3, 4, 5]
+    assert 2 in relay.got.values() and set(relay.got.values()) <= {1, 2}
 
 
 @pytest.mark.slow
