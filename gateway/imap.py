@@ -420,6 +420,16 @@ class ImapPoller:
         if size is None or size <= limit:
             known = self._known(key)
             if known is not None:
+                if self._copied_before(link.client, uid):
+                    log.info(
+                        "IMAP %s UID %d: already intake #%d, copied to %s and flagged \\Deleted "
+                        "by an earlier pass; expunged", self.where, uid, known, self.done_mailbox,
+                    )  # fmt: skip
+                    p.expunge |= self._expunge(link.client, uid)
+                    p.count("already_known")
+                    p.count("moved")
+                    p.highest = uid
+                    return
                 log.info("IMAP %s UID %d: already intake #%d; moving it", self.where, uid, known)
                 self._to(link, p, uid, self.done_mailbox, "already_known")
                 return
@@ -634,10 +644,24 @@ class ImapPoller:
             return False
         client.copy([uid], name)
         client.add_flags([uid], [b"\\Deleted"], silent=True)
+        return self._expunge(client, uid)
+
+    def _expunge(self, client: Any, uid: int) -> bool:
+        """Expunge ``uid`` (flagged \\Deleted); ``True`` when only an EXPUNGE of every
+        \\Deleted message can, owed at the end of the pass (no UIDPLUS)."""
         if b"UIDPLUS" in self._caps:
             client.uid_expunge([uid])
             return False
         return True
+
+    def _copied_before(self, client: Any, uid: int) -> bool:
+        """Without MOVE, a message taken in is copied, then flagged \\Deleted, then expunged:
+        one already taken in and flagged was copied by a pass that stopped before the expunge.
+        Copied again, it would be in the done mailbox twice."""
+        if b"MOVE" in self._caps:
+            return False
+        flags = client.get_flags([uid]).get(uid, ())
+        return b"\\Deleted" in flags
 
     def _connect(self) -> Any:
         implicit = self.security == "tls"

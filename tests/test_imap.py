@@ -202,6 +202,41 @@ def test_servers_without_move_get_copy_and_expunge(
     assert [body for body, _ in _mailbox(imap, DONE).values()] == messages
 
 
+@pytest.mark.parametrize(
+    "hidden", [{b"MOVE"}, {b"MOVE", b"UIDPLUS"}], ids=["copy-uid-expunge", "copy-expunge"]
+)
+def test_a_crash_between_copy_and_expunge_leaves_one_copy(
+    db: Database, server: dovecot.DovecotServer, user: str, imap: Any, hidden: set[bytes]
+) -> None:
+    """Without MOVE, a message taken in is copied to the done mailbox, flagged \\Deleted and
+    expunged. A pass that stopped between the copy and the expunge left it flagged in the
+    inbox; the next pass copied it again: twice in the done mailbox. It is expunged now."""
+
+    class OlderServer(ImapPoller):
+        def _capabilities(self, client: Any) -> set[bytes]:
+            return super()._capabilities(client) - hidden
+
+    class StopsBeforeExpunging(OlderServer):
+        def _move(self, client: Any, uid: int, mailbox: str) -> bool:
+            client.create_folder(self._name(mailbox))
+            client.copy([uid], self._name(mailbox))
+            client.add_flags([uid], [b"\\Deleted"], silent=True)
+            raise Crash  # the process dies here, before the expunge
+
+    raw = _hostile()
+    imap.append("INBOX", raw)
+    with pytest.raises(Crash):
+        _poller(db, server, user, StopsBeforeExpunging).poll_once()
+    assert [flags for _, flags in _mailbox(imap, "INBOX").values()] == [(b"\\Deleted",)]
+    assert len(_mailbox(imap, DONE)) == 1
+    assert _poller(db, server, user, OlderServer).poll_once() == PollResult(
+        already_known=1, moved=1
+    )
+    assert _bodies(db) == [raw]
+    assert _mailbox(imap, "INBOX") == {}
+    assert [body for body, _ in _mailbox(imap, DONE).values()] == [raw]
+
+
 def test_an_oversize_message_is_moved_aside_without_being_fetched(
     db: Database,
     server: dovecot.DovecotServer,
