@@ -631,7 +631,7 @@ def shown_url(url: str) -> str:
         at = rest.split("?", 1)[0].rfind("@")
         if at >= 0:
             user, colon, _ = rest[:at].partition(":")
-            if colon:
+            if colon and "/" not in user:  # (a file path with ":" and "@" is no user part)
                 rest = f"{user}:***{rest[at:]}"
         url = f"{scheme}{sep}{rest}"
     return _QUERY_PASSWORD.sub(r"\1***", url)

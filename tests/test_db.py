@@ -856,3 +856,15 @@ def test_an_unusable_database_url_is_refused_without_its_password(url: str) -> N
     assert "s3cret-pw" not in str(refused.value) and "ret-pw" not in str(refused.value)
     assert "clerk:***@db.hanoi.gov.vn" in str(refused.value)
     assert "ret-pw" not in shown_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////var/lib/gateway@hanoi/archive.db",
+        "sqlite:////srv/a:b@c/archive.db",
+        "postgresql+psycopg://db.hanoi.gov.vn/archive?application_name=gw@hanoi",
+    ],
+)
+def test_a_url_without_a_password_is_shown_as_it_is(url: str) -> None:
+    assert shown_url(url) == url
