@@ -165,7 +165,8 @@ def _key_error(exc: ValueError, passphrase: bytes | None, encrypted: bool) -> st
     a valid padding about once in 270 tries, and the garbage then fails to parse ("Could not
     deserialize key data"), which reads as no key at all."""
     text = str(exc).lower()
-    if passphrase is not None and (encrypted or "decrypt" in text or "password" in text):
+    garbled = encrypted and "could not deserialize" in text  # (not an unknown cipher, say)
+    if passphrase is not None and (garbled or "decrypt" in text or "password" in text):
         return "wrong passphrase"
     return f"not a private key (expected PEM or DER, PKCS#8 or traditional): {_why(exc)}"
 

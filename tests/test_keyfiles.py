@@ -119,6 +119,26 @@ def test_a_wrong_passphrase_is_named_whatever_the_library_says(
         load_private_key(plain, b"nope")
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_a_key_under_a_cipher_the_library_lacks_is_not_a_wrong_passphrase(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Encrypted with Camellia, the right passphrase given: the library cannot decrypt it at
+    all. Saying "wrong passphrase" would send the admin looking for another one."""
+    plain = tmp_path / "plain.pem"
+    plain.write_bytes(pki.agency.key_pem())
+    locked = tmp_path / "camellia.pem"
+    subprocess.run(
+        ["openssl", "pkcs8", "-topk8", "-v2", "camellia-256-cbc", "-in", plain, "-out", locked,
+         "-passout", "pass:" + PASS.decode()],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with pytest.raises(InputError) as refused:
+        load_private_key(locked, PASS)
+    assert "wrong passphrase" not in refused.value.message
+    assert "not a private key" in refused.value.message
+
+
 def test_private_key_passphrase_errors(tmp_path: Path, pki: Pki) -> None:
     locked = tmp_path / "locked.pem"
     locked.write_bytes(pki.agency.key_pem(PASS))
