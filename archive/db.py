@@ -627,13 +627,21 @@ def shown_url(url: str) -> str:
     (``clerk:s3c@ret@db`` → password ``s3c``), so everything from the first ``:`` of the
     user part to the last ``@`` before the path's query is masked."""
     scheme, sep, rest = url.partition("://")
+    if scheme.lower().startswith("sqlite"):
+        return url  # a file path, which may hold ":" and "@"; never a password
     if sep:
         at = rest.split("?", 1)[0].rfind("@")
         if at >= 0:
             user, colon, _ = rest[:at].partition(":")
-            if colon and "/" not in user:  # (a file path with ":" and "@" is no user part)
+            if colon and "/" not in user:
                 rest = f"{user}:***{rest[at:]}"
         url = f"{scheme}{sep}{rest}"
+    try:  # a password with "?" in it: no "@" before its "?"; as parsed, it is masked too
+        password = make_url(url).password
+    except (SQLAlchemyError, ValueError):
+        password = None
+    if password and password != "***":
+        url = url.replace(str(password), "***")
     return _QUERY_PASSWORD.sub(r"\1***", url)
 
 

@@ -846,6 +846,7 @@ def test_a_column_left_to_its_python_default_still_gets_it(db: Database) -> None
         "postgresql+nosuchdriver://clerk:***@db.hanoi.gov.vn/archive?password=s3cret-pw",
         "postgresql+nosuchdriver://clerk:***@db.hanoi.gov.vn/archive?sslpassword=s3cret-pw",
         "postgresql+nosuchdriver://clerk:s3c@ret-pw@db.hanoi.gov.vn/archive",
+        "postgresql+nosuchdriver://clerk:s3c?ret-pw@db.hanoi.gov.vn/archive?sslmode=require",
     ],
 )
 def test_an_unusable_database_url_is_refused_without_its_password(url: str) -> None:
@@ -863,6 +864,7 @@ def test_an_unusable_database_url_is_refused_without_its_password(url: str) -> N
     [
         "sqlite:////var/lib/gateway@hanoi/archive.db",
         "sqlite:////srv/a:b@c/archive.db",
+        "sqlite:////srv/a:b/c@d.db",
         "postgresql+psycopg://db.hanoi.gov.vn/archive?application_name=gw@hanoi",
     ],
 )
