@@ -170,6 +170,9 @@ class _Job:
     verdict: Verdict
     keys: list[str] = field(default_factory=list)  # its replay keys: copies of what it is
     recorded: list[str] = field(default_factory=list)  # those later copies will find it by
+    #: Its verdict before filing found its MessageId taken (:func:`reused`): what it is judged
+    #: on again should that filing fail (the other document may then not be filed at all).
+    as_judged: Verdict | None = None
 
 
 @dataclass
@@ -258,6 +261,9 @@ class Worker:
         cannot be is quarantined with only its bytes — it never holds up the messages behind
         it."""
         items: dict[int, Item] = {}
+        for job in jobs:  # (a filing that failed found nothing: judged as before it)
+            if job.as_judged is not None:
+                job.verdict, job.as_judged = job.as_judged, None
         for job in jobs:  # made, and their blobs compressed, before the write transaction
             if job.verdict.disposition == "retry":
                 continue
@@ -282,7 +288,7 @@ class Worker:
             return self._settle(jobs, bare=True)
 
     def _quarantine(self, job: _Job, what: str, exc: Exception) -> None:
-        job.verdict = failed_inside(job.raw, what, exc)
+        job.verdict, job.as_judged = failed_inside(job.raw, what, exc), None
         log.error("intake %d: %s", job.number, job.verdict.errors[0].message, exc_info=exc)
 
     def _alert_waiting(self, s: Session, job: _Job, now: datetime) -> None:
@@ -371,7 +377,7 @@ class Worker:
                 twins[job.number] = (job, earlier)
                 continue
             if conflict or taken:  # its sender's MessageId, for another document
-                job.verdict = reused(job.verdict)
+                job.as_judged, job.verdict = job.verdict, reused(job.verdict)
                 job.recorded = recorded_keys(job.verdict, job.keys)
                 made[job.number] = message_item(job.verdict, job.raw, job.transport)
             for k in job.recorded:

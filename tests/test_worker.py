@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import socket
@@ -823,6 +824,34 @@ def test_a_message_quarantined_while_filing_records_no_keys_and_is_released_anew
         intake.release(s, first.archive_seq, entry.fields, raw, at=WORLD_AT, actor="t")
     [second] = _worker(archive, world_ctx, minutes=10).run_once()
     assert second.disposition == "accepted" and second.archive_seq != first.archive_seq
+
+
+def test_a_batch_that_fails_to_file_judges_its_messages_again_as_they_were(
+    archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two documents under one MessageId in one batch: the second is refused as a reuse. The
+    database then refuses the first one's entry and the batch is filed one by one: the first
+    quarantined, and the second still refused for a MessageId that nothing filed holds. It is
+    judged again as it was: accepted."""
+    scan = Attachment("danh-sach.pdf", "application/pdf", b"%PDF-1.7 scan")
+    first = _document_with(world, [], [], "<first@snv.hanoi.gov.vn>")
+    other = _document_with(world, [_listed(scan)], [scan], "<second@snv.hanoi.gov.vn>")
+    _receive(archive, first)
+    _receive(archive, other, minutes=1)
+    first_digest = hashlib.sha256(first).hexdigest()
+    real = archive.file_in
+
+    def refuse_first(s: Any, items: Any, *, at: Any) -> Any:
+        if any(
+            i.fields.get("digest") == first_digest and i.fields.get("status") != "quarantined"
+            for i in items
+        ):
+            raise sqlalchemy.exc.IntegrityError("INSERT …", {}, Exception("a constraint"))
+        return real(s, items, at=at)
+
+    monkeypatch.setattr(archive, "file_in", refuse_first)
+    outcomes = _worker(archive, world_ctx).run_once()
+    assert [o.disposition for o in outcomes] == ["quarantined", "accepted"]
 
 
 def test_a_message_id_reused_refusal_sent_again_is_its_copy(
