@@ -617,6 +617,7 @@ def _begin_promptly(dbapi_connection: Any) -> None:
         dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
 
 
+_MASKED = "***"
 #: A password given as a query parameter (libpq's ``?password=``, ``?sslpassword=``).
 _QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&]*")
 
@@ -640,8 +641,8 @@ def shown_url(url: str) -> str:
         password = make_url(url).password
     except (SQLAlchemyError, ValueError):
         password = None
-    if password and password != "***":
-        url = url.replace(str(password), "***")
+    if password and password != _MASKED:
+        url = url.replace(str(password), _MASKED)
     return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
