@@ -171,11 +171,12 @@ class Database:
         except OperationalError as exc:
             url = self.engine.url
             where = shown_url(url.render_as_string(hide_password=False))
-            cause = " ".join(str(exc.orig).split())[:300] or type(exc.orig).__name__
+            cause = " ".join(str(exc.orig).split())
             if url.password:  # the driver's words may quote it, or (an "@" in it) the host
-                cause = cause.replace(str(url.password), "***")
+                cause = cause.replace(str(url.password), _MASKED)
             if url.host and "@" in url.host:
                 cause = cause.replace(url.host, url.host.rpartition("@")[2])
+            cause = cause[:300] or type(exc.orig).__name__  # (cut once masked: no half left)
             if exc.connection_invalidated or _is_transient(exc):
                 raise TransientError(
                     f"the database {where} is not reachable ({cause}); correct [database] url, "

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sqlalchemy import create_engine, event, insert, inspect, select, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import sessionmaker
 
 from archive import tables as t
@@ -870,3 +870,17 @@ def test_an_unusable_database_url_is_refused_without_its_password(url: str) -> N
 )
 def test_a_url_without_a_password_is_shown_as_it_is(url: str) -> None:
     assert shown_url(url) == url
+
+
+def test_the_drivers_words_are_masked_before_they_are_cut_short() -> None:
+    """The driver's message is cut to 300 characters: cut first, a password it quoted across
+    the cut was masked only where whole, and its first part was shown."""
+    url = "postgresql+psycopg://clerk:longsecretpassword@127.0.0.1:1/archive"
+    engine = create_engine(url)
+    db = Database(engine, sessionmaker(engine))
+    words = "x" * 285 + " login with longsecretpassword refused"
+    with pytest.raises((TransientError, ConfigError)) as refused, db._unreachable():
+        raise OperationalError("connect", {}, Exception(words))
+    assert "with lon" not in str(refused.value)  # the cut fell inside the password
+    assert "with ***" in str(refused.value)
+    engine.dispose()
