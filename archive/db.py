@@ -636,7 +636,7 @@ def shown_url(url: str) -> str:
         if at >= 0:
             user, colon, _ = rest[:at].partition(":")
             if colon and "/" not in user:
-                rest = f"{user}:***{rest[at:]}"
+                rest = f"{user}:{_MASKED}{rest[at:]}"
         url = f"{scheme}{sep}{rest}"
     try:  # a password with "?" in it: no "@" before its "?"; as parsed, it is masked too
         password = make_url(url).password
@@ -644,7 +644,7 @@ def shown_url(url: str) -> str:
         password = None
     if password and password != _MASKED:
         url = url.replace(str(password), _MASKED)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
+    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + _MASKED, url)
 
 
 def _alembic_config(url: str) -> Config:

@@ -26,7 +26,7 @@ from sqlalchemy import case, or_, select, update
 
 from archive import tables as t
 from archive.db import Database
-from gateway.outbound import ENVIRONMENT, ROW_REFUSED
+from gateway.outbound import ENVIRONMENT, environmental
 
 log = logging.getLogger("gateway.serve")
 
@@ -52,7 +52,7 @@ def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> 
             if dead:
                 values: dict[str, Any] = {"state": back, "worker": None, "lease_until": None}
                 if at_start:
-                    values["claims"] = case((table.claims > 0, table.claims - 1), else_=0)
+                    values["claims"] = _uncounted(table)
                 result = s.execute(
                     update(table)
                     .where(table.state.in_(busy), or_(*(table.worker == w for w in dead)))
@@ -60,6 +60,11 @@ def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> 
                 )
                 released += result.rowcount  # type: ignore[attr-defined]
     return released
+
+
+def _uncounted(table: type[t.Intake] | type[t.Outbox]) -> Any:
+    """A row's claim count with its last claim taken back (never below 0)."""
+    return case((table.claims > 0, table.claims - 1), else_=0)
 
 
 def give_back_sending(db: Database, worker: str) -> int:
@@ -104,8 +109,8 @@ def _gone(worker: str, host: str) -> bool:
 @dataclass
 class Unsettled:
     """Claims of this worker that a cycle failed on the database's or the disk's trouble
-    (:data:`gateway.outbound.ENVIRONMENT`, not a row the database refused: :data:`ROW_REFUSED`)
-    given back uncounted: that is not the rows' doing. At once if the database lets it, else at
+    (:func:`gateway.outbound.environmental`: not a row the database refused) given back
+    uncounted: that is not the rows' doing. At once if the database lets it, else at
     the start of the next cycle (:meth:`give_back` raises the database's trouble, and the
     worker's loop backs off). ``table`` rows in state ``busy`` go back to ``back``; only those
     still this worker's: a claim taken over meanwhile (its lease ran out) stays the other's.
@@ -122,7 +127,7 @@ class Unsettled:
     def keep(self, db: Database, worker: str, ids: Sequence[int], failure: BaseException) -> None:
         """After a cycle failed with ``failure``: give ``ids`` back uncounted if the database
         or the disk failed (or keep them to give back next cycle); else leave them claimed."""
-        if not isinstance(failure, ENVIRONMENT) or isinstance(failure, ROW_REFUSED):
+        if not environmental(failure):
             return
         self.held = sorted({*self.held, *ids})
         try:
@@ -142,7 +147,7 @@ class Unsettled:
                     state=self.back,
                     worker=None,
                     lease_until=None,
-                    claims=case((table.claims > 0, table.claims - 1), else_=0),
+                    claims=_uncounted(table),
                 )
             )
         self.held = []

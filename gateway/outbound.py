@@ -88,6 +88,12 @@ ENVIRONMENT: tuple[type[Exception], ...] = (
 ROW_REFUSED: tuple[type[Exception], ...] = (DataError, IntegrityError)
 
 
+def environmental(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database's or the disk's trouble (:data:`ENVIRONMENT`), not a
+    row's (:data:`ROW_REFUSED`)."""
+    return isinstance(exc, ENVIRONMENT) and not isinstance(exc, ROW_REFUSED)
+
+
 def pause(failures: int, *, first: float, most: float) -> float:
     """Seconds to wait after ``failures`` in a row: ``first``, doubling, at most ``most``.
     (An uncapped ``2.0 ** failures`` overflows at the 1,025th: hours into an outage, the

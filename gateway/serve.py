@@ -9,11 +9,12 @@ every core. Workers claim work with leases in the database, so several processes
 PostgreSQL, several machines) share the queue without a coordinator.
 
 Start-up resumes whatever a crash left half done: claims held by processes of this host that
-no longer run are released at once (:mod:`gateway.claims`; others expire with their lease). Stopping (SIGTERM or
-SIGINT) closes the listeners first, then lets the workers finish the batch in hand; the sender
-stops between two messages: the one in flight is answered (within :data:`STOP_GRACE`), what
-the relay answered is recorded, and the rows it did not try are given back as they were, so
-that nothing is sent twice after a graceful stop. The listeners and the metrics endpoint are bound before any worker starts: an address in use stops
+no longer run are released at once (:mod:`gateway.claims`; others expire with their lease).
+Stopping (SIGTERM or SIGINT) closes the listeners first, then lets the workers finish the batch
+in hand; the sender stops between two messages: the one in flight is answered (within
+:data:`STOP_GRACE`), what the relay answered is recorded, and the rows it did not try are given
+back as they were, so that nothing is sent twice after a graceful stop. The listeners and the
+metrics endpoint are bound before any worker starts: an address in use stops
 start-up with one line naming the setting. Workers never outlive the supervisor: killed with
 ``kill -9``, it leaves no one to tell them to stop, so each worker asks Linux for a SIGTERM when
 its parent dies (``PR_SET_PDEATHSIG``) and its loop also notices the parent gone.
@@ -218,7 +219,7 @@ class Supervisor:
             _stop_workers(workers_stop, processes, timeout=5)
             db.dispose()
             raise
-        sender_thread = threads.start(
+        threads.start(
             "sender",
             self._send_loop,
             archive,
@@ -265,15 +266,12 @@ class Supervisor:
         for lst in listeners.values():
             lst.stop()
         _stop_workers(workers_stop, processes, timeout=30)
-        sender_thread = threads.get("sender") or sender_thread  # (started again meanwhile?)
-        sender_thread.join(timeout=1)
-        if sender_thread.is_alive():
+        if not threads.join("sender", timeout=1):  # (the thread of now, started again or not)
             log.info(
                 "stopping: waiting for the message in flight to the relay (up to %g s)",
                 STOP_GRACE,
             )
-            sender_thread.join(timeout=STOP_GRACE)
-            if sender_thread.is_alive():
+            if not threads.join("sender", timeout=STOP_GRACE):
                 log.error("stopping: the sender did not finish; its rows resume at the next start")
         threads.join("imap", timeout=30)
         if not threads.join("scheduler", timeout=10):  # a reminder run under way

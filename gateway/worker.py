@@ -255,9 +255,9 @@ class Worker:
 
     def _settle(self, jobs: list[_Job], *, bare: bool = False) -> list[Outcome]:
         """File ``jobs`` in one transaction. If that fails for a reason other than the
-        database or the disk (:data:`gateway.outbound.ENVIRONMENT`: raised, the claim given
-        back) — the database refusing a row (:data:`gateway.outbound.ROW_REFUSED`) is not its trouble but a
-        message's — one of them is poison: the jobs are filed one by one, and one that still
+        database or the disk (:func:`gateway.outbound.environmental`: raised, the claim given
+        back) — the database refusing a row is not its trouble but a message's — one of them
+        is poison: the jobs are filed one by one, and one that still
         cannot be is quarantined with only its bytes — it never holds up the messages behind
         it."""
         items: dict[int, Item] = {}
@@ -277,7 +277,7 @@ class Worker:
             with self.archive.db.session() as s:
                 return self._file(s, jobs, items)
         except Exception as exc:
-            if isinstance(exc, outbound.ENVIRONMENT) and not isinstance(exc, outbound.ROW_REFUSED):
+            if outbound.environmental(exc):
                 raise
             if len(jobs) > 1:
                 log.warning("a batch of %d could not be filed (%r): one by one", len(jobs), exc)

@@ -160,10 +160,10 @@ def _supported(path: Path, key: object) -> PrivateKey:
 
 
 def _key_error(exc: ValueError, passphrase: bytes | None, encrypted: bool) -> str:
-    """What a key that did not load means. An encrypted key that a passphrase does not open
-    is a wrong passphrase, whatever the library says: with a wrong key, its decryption yields
-    a valid padding about once in 270 tries, and the garbage then fails to parse ("Could not
-    deserialize key data"), which reads as no key at all."""
+    """What a key that did not load means. An encrypted key that the library says it could
+    not deserialize, a passphrase given, is a wrong passphrase: with a wrong key, decryption
+    yields a valid padding about once in 270 tries, and the garbage then fails to parse. (A
+    cipher the library lacks says so, and is reported as it says.)"""
     text = str(exc).lower()
     garbled = encrypted and "could not deserialize" in text  # (not an unknown cipher, say)
     if passphrase is not None and (garbled or "decrypt" in text or "password" in text):

@@ -28,6 +28,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from formats.algorithms import ALLOWED_CURVES
 from formats.errors import GatewayError, SignerRevoked
 from keys.trust import TrustStore, describe
 
@@ -80,7 +81,7 @@ def encryption_problem(cert: x509.Certificate) -> str | None:
     """Why the hub cannot encrypt to ``cert``'s key (steps 1–2), or ``None``."""
     key = cert.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
-        if key.curve.name not in _KEY_AGREEMENT_CURVES:
+        if key.curve.name not in ALLOWED_CURVES:
             return f"{describe(cert)} has an EC key on {key.curve.name}; the hub encrypts to P-256 and P-384"
         needed = "keyAgreement"
     elif isinstance(key, rsa.RSAPublicKey):
@@ -97,9 +98,6 @@ def encryption_problem(cert: x509.Certificate) -> str | None:
     if not allowed:
         return f"{describe(cert)} does not allow {needed} (a signing-only certificate)"
     return None
-
-
-_KEY_AGREEMENT_CURVES = frozenset({"secp256r1", "secp384r1"})
 
 
 def _revoked(cert: x509.Certificate, trust: TrustStore | None, at: datetime) -> str | None:
