@@ -1,7 +1,7 @@
 """Claims given back, so that their work resumes.
 
 Workers claim inbox rows (``working``) and outbox rows (``building``), and the sender outbox
-rows (``sending``), under the name ``host:pid`` and a lease. A claim to decide or to build is
+rows (``sending``), under a name (:func:`claimant`) and a lease. A claim to decide or to build is
 counted on its row (``claims``) and settling the row resets the count: a row claimed again and
 again and never settled is what stops its workers (``MAX_CLAIMS``).
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +32,47 @@ from gateway.outbound import ENVIRONMENT, environmental
 log = logging.getLogger("gateway.serve")
 
 RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes of this host
+#: The longest host name a claimant's name keeps (claims' ``worker`` columns hold 100).
+HOST_NAME_KEPT = 64
+
+
+def this_host() -> str:
+    """Who can judge a claimant alive by its PID: this host's name and, where Linux says, its
+    PID namespace. Two containers given one host name (a compose file's ``hostname:``) each
+    number their processes from 1: one's supervisor must not judge the other's workers by its
+    own process table, and give their claims back while they work."""
+    host = socket.gethostname()[:HOST_NAME_KEPT]
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return host
+    return f"{host}/{namespace.removeprefix('pid:[').removesuffix(']')}"
+
+
+def claimant(pid: int | None = None) -> str:
+    """The name a process claims under: ``host:pid@started`` (:func:`this_host`; ``started``,
+    the process's start in clock ticks after boot, where Linux says): a PID used again, by a
+    process started later, is not the claimant that held it."""
+    pid = os.getpid() if pid is None else pid
+    started = _started(pid)
+    return f"{this_host()}:{pid}" + (f"@{started}" if started else "")
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks after boot (``/proc/PID/stat``, field 22:
+    counted after the name, which may hold spaces and parentheses); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 1 :].split()
+    return fields[19].decode() if len(fields) > 19 else None
 
 
 def release_stale_claims(db: Database, host: str, *, at_start: bool = False) -> int:
-    """Release claims held by processes of ``host`` that are gone (their work resumes now).
+    """Release claims held by processes of ``host`` (:func:`this_host`) that are gone (their
+    work resumes now).
 
     A message's claim, or a claim to build, that ended this way counts against it
     (:data:`gateway.worker.MAX_CLAIMS`, :data:`gateway.builder.MAX_CLAIMS`), unless
@@ -92,9 +130,10 @@ def sweep_stale_claims(db: Database, host: str) -> None:
 
 
 def _gone(worker: str, host: str) -> bool:
-    name, _, pid = worker.rpartition(":")
-    if worker == "waiting":
-        return False
+    """Whether the claimant ``worker`` (:func:`claimant`) was a process of ``host`` that has
+    ended; a name of another host or PID namespace, or not a claimant's, is never judged."""
+    name, _, process = worker.rpartition(":")
+    pid, _, started = process.partition("@")
     if name != host or not (pid.isascii() and pid.isdigit()):
         return False
     try:
@@ -102,8 +141,9 @@ def _gone(worker: str, host: str) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
-    return False
+        pass  # a process of another user: it is there
+    # The PID is in use: by the claimant, or by a process started after it ended.
+    return bool(started) and _started(int(pid)) not in (started, None)
 
 
 @dataclass

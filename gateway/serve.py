@@ -29,7 +29,6 @@ import logging
 import multiprocessing as mp
 import os
 import resource
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from gateway.claims import (
     give_back_sending,
     release_stale_claims,
     sweep_stale_claims,
+    this_host,
 )
 from gateway.loading import (
     load_context,
@@ -175,7 +175,7 @@ class Supervisor:
         now = datetime.now(UTC)
         signer = hub_signer(ctx, now)
         archive = open_archive(settings, db, signer)  # creates the master key once, here
-        released = release_stale_claims(db, socket.gethostname(), at_start=True)
+        released = release_stale_claims(db, this_host(), at_start=True)
         if released:
             log.info("resumed %d items left claimed by stopped processes", released)
         spawn = mp.get_context("spawn")
@@ -256,7 +256,7 @@ class Supervisor:
                 # Another instance on this host may have died: its claims resume here now
                 # rather than when their leases run out.
                 last_sweep = time.monotonic()
-                sweep_stale_claims(db, socket.gethostname())
+                sweep_stale_claims(db, this_host())
             for i, p in enumerate(processes):
                 if not p.is_alive() and time.monotonic() - restarts.get(i, 0.0) > 5.0:
                     log.error("worker %d exited (code %s); starting it again", i, p.exitcode)

@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
-import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,7 +48,7 @@ from archive.service import Archive
 from formats.errors import InternalError, MessageIdReused, is_transient
 from formats.vntime import local_day
 from gateway import intake, obligation_store, outbound
-from gateway.claims import Unsettled
+from gateway.claims import Unsettled, claimant
 from gateway.filing import message_item
 from gateway.obligations import Obligation, fulfilled_by
 from gateway.pipeline import Context, process
@@ -134,7 +132,8 @@ def _key(kind: str, *parts: str) -> str:
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """The name this process claims under (:func:`gateway.claims.claimant`)."""
+    return claimant()
 
 
 def recipients_of(verdict: Verdict, obligations: Iterable[Obligation] = ()) -> list[str]:

@@ -12,7 +12,6 @@ import dataclasses
 import email
 import email.policy
 import os
-import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -31,7 +30,7 @@ from formats.vntime import local_day
 from gateway import builder as builder_module
 from gateway import intake, outbound
 from gateway.builder import Builder, Hub
-from gateway.claims import release_stale_claims
+from gateway.claims import release_stale_claims, this_host
 from gateway.demo import DemoWorld, tamper
 from gateway.pipeline import Context
 from gateway.sender import Sender
@@ -294,7 +293,7 @@ def test_a_row_whose_building_kills_its_worker_fails_and_stops_no_other(
             if not s.scalar(select(t.Outbox.id).where(t.Outbox.state.in_(("new", "building")))):
                 break
         exits.append(_build_dying_on(archive, hub, world.directory, poison))
-        release_stale_claims(archive.db, socket.gethostname())  # the supervisor's sweep
+        release_stale_claims(archive.db, this_host())  # the supervisor's sweep
     # With the batch; alone twice; failed unbuilt; then each row it held up, alone; the alert.
     assert exits == [137] * builder_module.MAX_CLAIMS + [0] * 5
     rows = _rows(archive)

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import socket
 import sqlite3
 import threading
 import time
@@ -28,7 +27,7 @@ from formats.errors import ConfigError, DatabaseDamaged, InputError, InternalErr
 from formats.smime import Attachment
 from gateway import intake, obligation_store, pipeline, worker_process
 from gateway import worker as worker_module
-from gateway.claims import release_stale_claims
+from gateway.claims import release_stale_claims, this_host
 from gateway.demo import DemoWorld, tamper
 from gateway.obligations import Obligation, default_due
 from gateway.outbound import ENVIRONMENT
@@ -568,7 +567,7 @@ def test_a_message_that_kills_its_worker_is_set_aside_and_stops_no_other(
     exits = []
     for _ in range(worker_module.MAX_CLAIMS + 2):
         exits.append(_die_on(archive, world_ctx, poison))
-        release_stale_claims(archive.db, socket.gethostname())  # the supervisor's sweep
+        release_stale_claims(archive.db, this_host())  # the supervisor's sweep
     # Claimed with the good one, then alone twice; then set aside; then the good one, alone.
     assert exits == [137] * worker_module.MAX_CLAIMS + [0, 0]
     with archive.db.session(read_only=True) as s:
