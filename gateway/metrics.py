@@ -5,6 +5,11 @@ figures are the same whichever instance is asked and survive restarts: messages 
 the intake and outbox queues by state, the archive size, and the time from ``250`` to archived
 (its quantiles over the last messages filed; its count and sum, counters, over every one). The
 listener's SMTP replies are counted in this process.
+
+A scrape costs what changed since the last, not the archive's size (:class:`Tally`): the log
+only grows, and a row filed (``done``) or sent stays so; what one scrape counted of them, the
+next adds to. With 200,000 messages filed, a scrape took 0.19 s counted afresh (growing
+with the archive) and takes 9 ms so, on SQLite.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import logging
 import math
 import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import product
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, ColumnElement, cast, extract, func, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from archive import tables as t
 from archive.db import Database
@@ -27,7 +36,7 @@ from archive.log import Log
 from formats.errors import TransientError
 from gateway import intake as intake_mod
 from gateway.outbound import KINDS
-from gateway.outbox_admin import STATES
+from gateway.outbox_admin import PENDING, STATES
 from gateway.verdict import FILED
 
 log = logging.getLogger("gateway.metrics")
@@ -36,8 +45,17 @@ log = logging.getLogger("gateway.metrics")
 LATENCY_WINDOW = 1000
 
 
-def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
-    """The exposition text (Prometheus text format 0.0.4)."""
+def render(
+    db: Database, replies: Mapping[str, int], workers_alive: int, tally: Tally | None = None
+) -> str:
+    """The exposition text (Prometheus text format 0.0.4); ``tally``: what this process's
+    earlier scrapes counted (none: everything is counted)."""
+    tally = Tally() if tally is None else tally
+    with tally.lock:  # one at a time: each takes up where the one before left off
+        return _render(db, replies, workers_alive, tally)
+
+
+def _render(db: Database, replies: Mapping[str, int], workers_alive: int, tally: Tally) -> str:
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -45,30 +63,35 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
         out.append(f"# TYPE {name} {kind}")
         out.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
 
+    now = tally.clock()
     with db.session(read_only=True) as s:
-        verdicts = s.execute(
-            select(t.LogEntry.status, func.count())
-            .where(t.LogEntry.kind == "message")
-            .group_by(t.LogEntry.status)
-        ).all()
-        intake = s.execute(select(t.Intake.state, func.count()).group_by(t.Intake.state)).all()
-        outbox = s.execute(
-            select(t.Outbox.kind, t.Outbox.state, func.count()).group_by(
-                t.Outbox.kind, t.Outbox.state
-            )
-        ).all()
         size = Log().size(s)  # the log head, not a count over every entry
+        verdicts = tally.verdicts(s, size)
+        intake: list[tuple[str, int]] = [
+            (state, n)
+            for state, n in s.execute(
+                select(t.Intake.state, func.count())
+                .where(t.Intake.state.in_(_UNFILED))
+                .group_by(t.Intake.state)
+            )
+        ]
+        outbox: list[tuple[tuple[str, str], int]] = [
+            ((kind, state), n)
+            for kind, state, n in s.execute(
+                select(t.Outbox.kind, t.Outbox.state, func.count())
+                .where(t.Outbox.state.in_(PENDING))
+                .group_by(t.Outbox.kind, t.Outbox.state)
+            )
+        ]
+        filed, total_ms = tally.filed(s, now, db.dialect).get((), [0, 0])
+        outbox += [((kind, "sent"), n) for (kind,), (n,) in tally.sent(s, now).items()]
         recent = s.execute(
             select(t.Intake.received_at, t.Intake.updated_at)
             .where(t.Intake.state == "done")
             .order_by(t.Intake.id.desc())
             .limit(LATENCY_WINDOW)
         ).all()
-        filed, total_ms = s.execute(
-            select(func.count(), func.coalesce(func.sum(_latency_ms(db.dialect)), 0)).where(
-                t.Intake.state == "done"
-            )
-        ).one()
+    intake.append(("done", filed))
     family(
         "gateway_messages_total",
         "counter",
@@ -87,7 +110,7 @@ def render(db: Database, replies: Mapping[str, int], workers_alive: int) -> str:
         "Outbound messages (receipts, deliveries, alerts) by kind and state.",
         [
             (f'{{kind="{k}",state="{st}"}}', n)
-            for (k, st), n in _every(product(KINDS, STATES), (((k, st), n) for k, st, n in outbox))
+            for (k, st), n in _every(product(KINDS, STATES), outbox)
         ],
     )
     family("gateway_archive_entries", "gauge", "Entries in the archive log.", [("", size)])
@@ -166,6 +189,134 @@ def _latency_ms(dialect: str) -> ColumnElement[Any]:
     else:  # SQLite keeps the times as text, which julianday() reads
         seconds = (func.julianday(done) - func.julianday(got)) * 86400
     return cast(func.round(seconds * 1000), BigInteger)
+
+
+#: Intake states short of filed, and outbox states a row leaves on its own (not ``sent``, and
+#: not ``failed``, which only an admin's requeue ends).
+_UNFILED = tuple(st for st in intake_mod.STATES if st != "done")
+_UNSENT = tuple(st for st in PENDING if st != "failed")
+#: Seconds after which what a scrape saw below the first unsettled row is final: a row with a
+#: lower number still being written then (PostgreSQL numbers rows as they are inserted, not as
+#: they commit) has committed since. Until then such rows are counted afresh at each scrape.
+SETTLED_AFTER = 300.0
+#: Seconds between two scrapes whose bounds are kept to settle on (a client scraping in a loop
+#: does not grow the list).
+NOTE_EVERY = 10.0
+
+Figures = dict[tuple[Any, ...], list[int]]  # by label values: a count, then sums
+
+
+@dataclass
+class Terminal:
+    """The rows of ``table`` in ``state``, which a row never leaves, counted once and then
+    added to, by ``keys``.
+
+    Every row numbered below ``passed`` was counted when passed; or it was in none of the
+    ``moving`` states nor in ``state`` (an outbox row ``failed``, which an admin may requeue),
+    and it is looked at again at each scrape (``loose``) until it reaches ``state``. A scrape
+    passes up to the first row still moving that a scrape :data:`SETTLED_AFTER` ago saw (no
+    further than the first moving now); the rows from ``passed`` on are counted each time."""
+
+    table: Any
+    state: str
+    moving: tuple[str, ...]
+    keys: tuple[Any, ...] = ()
+    passed: int = 0
+    counted: Figures = field(default_factory=dict)
+    loose: set[int] = field(default_factory=set)
+    bounds: list[tuple[float, int]] = field(default_factory=list)  # (when, first moving)
+
+    def totals(self, s: Session, now: float, figures: tuple[Any, ...]) -> Figures:
+        table = self.table
+        top = s.scalar(select(func.max(table.id))) or 0
+        if top + 1 < self.passed:  # fewer rows than were passed: another database (restored)
+            self.passed, self.counted, self.loose, self.bounds = 0, {}, set(), []
+        first = s.scalar(select(func.min(table.id)).where(table.state.in_(self.moving)))
+        bound = top + 1 if first is None else first
+        if not self.bounds or now - self.bounds[-1][0] >= NOTE_EVERY:
+            self.bounds.append((now, bound))
+        if ripe := [b for at, b in self.bounds if now - at >= SETTLED_AFTER]:
+            self.bounds = [(at, b) for at, b in self.bounds if now - at < SETTLED_AFTER]
+            self._pass(s, min(ripe[-1], bound), figures)
+        self._gather(s, figures)
+        totals = {k: list(v) for k, v in self.counted.items()}
+        _add(totals, self._count(s, table.id >= self.passed, figures))
+        return totals
+
+    def _pass(self, s: Session, to: int, figures: tuple[Any, ...]) -> None:
+        if to <= self.passed:
+            return
+        table = self.table
+        between = (table.id >= self.passed) & (table.id < to)
+        _add(self.counted, self._count(s, between, figures))
+        self.loose.update(s.scalars(select(table.id).where(between, table.state != self.state)))
+        self.passed = to
+
+    def _gather(self, s: Session, figures: tuple[Any, ...]) -> None:
+        """Loose rows that have reached ``state`` since: counted, no longer loose."""
+        ids = sorted(self.loose)
+        for i in range(0, len(ids), 500):
+            chunk = self.table.id.in_(ids[i : i + 500])
+            _add(self.counted, self._count(s, chunk, figures))
+            self.loose.difference_update(
+                s.scalars(select(self.table.id).where(chunk, self.table.state == self.state))
+            )
+
+    def _count(self, s: Session, where: Any, figures: tuple[Any, ...]) -> Figures:
+        n = len(self.keys)
+        rows = s.execute(
+            select(*self.keys, *figures)
+            .where(where, self.table.state == self.state)
+            .group_by(*self.keys)
+        )
+        return {tuple(r[:n]): [int(x or 0) for x in r[n:]] for r in rows}
+
+
+def _add(into: Figures, more: Figures) -> None:
+    for key, values in more.items():
+        if key in into:
+            into[key] = [a + b for a, b in zip(into[key], values, strict=True)]
+        else:
+            into[key] = list(values)
+
+
+@dataclass
+class Tally:
+    """What one process's scrapes have counted of what only grows: message entries of the log
+    by verdict (up to ``entries``), intake rows filed with their time to archived, outbox rows
+    sent by kind. A log shorter than what was counted (a database restored from a backup) is
+    counted again from the start, and so are fewer rows than were passed."""
+
+    clock: Callable[[], float] = field(default=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    entries: int = 0
+    by_verdict: Counter[str] = field(default_factory=Counter)
+    done: Terminal = field(default_factory=lambda: Terminal(t.Intake, "done", _UNFILED))
+    sent_rows: Terminal = field(
+        default_factory=lambda: Terminal(t.Outbox, "sent", _UNSENT, (t.Outbox.kind,))
+    )
+
+    def verdicts(self, s: Session, size: int) -> list[tuple[str, int]]:
+        if size < self.entries:
+            self.entries, self.by_verdict = 0, Counter()
+        # Grouped by kind rather than filtered: given kind = 'message', SQLite reads every
+        # message entry through the kind's index instead of the new ones by sequence number.
+        rows = s.execute(
+            select(t.LogEntry.kind, t.LogEntry.status, func.count())
+            .where(t.LogEntry.seq >= self.entries, t.LogEntry.seq < size)
+            .group_by(t.LogEntry.kind, t.LogEntry.status)
+        )
+        self.by_verdict.update({status or "": n for kind, status, n in rows if kind == "message"})
+        self.entries = size
+        return list(self.by_verdict.items())
+
+    def filed(self, s: Session, now: float, dialect: str) -> Figures:
+        """Intake rows filed: their count and their time from 250 to archived, in ms."""
+        total_ms = func.coalesce(func.sum(_latency_ms(dialect)), 0)
+        return self.done.totals(s, now, (func.count(), total_ms))
+
+    def sent(self, s: Session, now: float) -> Figures:
+        return self.sent_rows.totals(s, now, (func.count(),))
 
 
 #: Scrapes served at once; a connection beyond them is closed at once. Each holds a thread and

@@ -58,7 +58,7 @@ from gateway.loading import (
     open_database,
     secret,
 )
-from gateway.metrics import MetricsServer, render
+from gateway.metrics import MetricsServer, Tally, render
 from gateway.outbound import ENVIRONMENT, pause
 from gateway.pipeline import Context
 from gateway.sender import Sender
@@ -292,6 +292,7 @@ class Supervisor:
         if not address:
             return None
         host, port = host_port(address, "[serve] metrics")
+        tally = Tally()  # each scrape counts what changed since the one before
         try:
             server = MetricsServer(
                 host,
@@ -300,6 +301,7 @@ class Supervisor:
                     db,
                     _merged_replies(listeners),
                     sum(1 for p in processes if p.is_alive()),
+                    tally,
                 ),
             )
         except OSError as exc:

@@ -149,3 +149,122 @@ def test_the_latency_summarys_count_and_sum_never_go_down(
         '{quantile="0.9"}': "1.5",
         '{quantile="0.99"}': "1.5",
     }
+
+
+class _Rows:
+    """Rows written straight into the tables the metrics read (no pipeline: any mix of states)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.at = db, datetime(2026, 11, 1, tzinfo=UTC)
+
+    def intake(self, state: str, seconds: float = 1.0, number: int | None = None) -> int:
+        with self.db.session() as s:
+            row = t.Intake(received_at=self.at, updated_at=self.at + timedelta(seconds=seconds),
+                           transport={}, raw=b"", sha256="0" * 64, state=state)  # fmt: skip
+            if number is not None:
+                row.id = number
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def outbox(self, kind: str, state: str) -> int:
+        with self.db.session() as s:
+            row = t.Outbox(key=f"k{self.at.timestamp()}-{id(object())}-{kind}-{state}",
+                           kind=kind, detail={}, state=state, created_at=self.at,
+                           updated_at=self.at)  # fmt: skip
+            s.add(row)
+            s.flush()
+            self.at += timedelta(microseconds=1)
+            return row.id
+
+    def entries(self, *statuses: str) -> None:
+        with self.db.session() as s:
+            head = s.get(t.LogHead, 1)
+            size = head.size if head else 0
+            for i, status in enumerate(statuses):
+                s.add(t.LogEntry(seq=size + i, kind="message", at=self.at, record=b"{}",
+                                 leaf_hash=b"\0" * 32, status=status))  # fmt: skip
+            if head is None:
+                s.add(t.LogHead(id=1, size=len(statuses)))
+            else:
+                head.size = size + len(statuses)
+
+    def set(self, table: type[t.Intake] | type[t.Outbox], number: int, **values: object) -> None:
+        with self.db.session() as s:
+            row = s.get(table, number)
+            assert row is not None
+            for name, value in values.items():
+                setattr(row, name, value)
+
+
+def test_a_tally_takes_up_where_the_last_scrape_left_off_and_counts_the_same(
+    db: Database,
+) -> None:
+    """Each scrape adds what changed to what the scrapes before it counted; what it serves is
+    what a count of everything serves, whatever rows were filed, sent, failed and sent after
+    all, or late to commit; and a database with fewer rows than were counted (restored from a
+    backup) is counted again. Counted afresh, a scrape read the whole archive."""
+    rows, now = _Rows(db), [0.0]
+    tally = metrics.Tally(clock=lambda: now[0])
+
+    def scrape(after: float) -> str:
+        now[0] += after
+        counted = render(db, {}, workers_alive=1, tally=tally)
+        assert counted == render(db, {}, workers_alive=1)  # everything, counted afresh
+        return counted
+
+    rows.entries("accepted", "accepted", "rejected")
+    # Row 3 is being written, not yet committed: 1, 2 and 4 are filed, 5 waits to be tried again.
+    first, late, waiting, last = 1, 3, 5, 6
+    for number, state, seconds in ((1, "done", 2.0), (2, "done", 3.0), (4, "done", 4.0),
+                                   (waiting, "retry", 1.0), (last, "done", 5.0)):  # fmt: skip
+        rows.intake(state, seconds, number=number)
+    sent = [rows.outbox("receipt", "sent"), rows.outbox("delivery", "sent")]
+    failed, ready = rows.outbox("delivery", "failed"), rows.outbox("receipt", "ready")
+    scrape(0)
+    rows.intake("done", 7.0, number=late)  # it commits now, below rows counted already
+    scrape(1)
+    scrape(metrics.SETTLED_AFTER)  # what the first scrape saw is settled: passed
+    assert tally.done.passed == waiting and tally.sent_rows.passed == ready
+    assert tally.sent_rows.loose == {failed}
+    rows.set(t.Intake, waiting, state="done", updated_at=rows.at + timedelta(seconds=30))
+    rows.set(t.Outbox, failed, state="ready")  # requeued by an admin
+    rows.set(t.Outbox, ready, state="sent")
+    rows.entries("quarantined")
+    scrape(metrics.SETTLED_AFTER)
+    scrape(metrics.SETTLED_AFTER)  # what the scrape before saw is settled: passed
+    assert tally.done.passed == last + 1
+    assert tally.sent_rows.loose == {failed}  # requeued: still loose, counted as it is now
+    rows.set(t.Outbox, failed, state="sent")  # sent after all
+    text = scrape(1)
+    assert tally.sent_rows.loose == set()
+    assert _samples(text, "gateway_archive_latency_seconds_count") == {"": "6"}
+    assert _samples(text, "gateway_archive_latency_seconds_sum") == {"": "51.0"}
+    outbox = _samples(text, "gateway_outbox_queue")
+    assert (
+        outbox['{kind="delivery",state="sent"}'] == outbox['{kind="receipt",state="sent"}'] == "2"
+    )
+    assert _samples(text, "gateway_messages_total")['{verdict="accepted"}'] == "2"
+
+    # What was counted is not read again: an old row changed behind the tally's back (it never
+    # is) shows in a count of everything only.
+    rows.set(t.Intake, first, updated_at=rows.at + timedelta(hours=1))
+    with db.session() as s:
+        entry = s.get(t.LogEntry, 0)
+        assert entry is not None
+        entry.status = "rejected"
+    now[0] += 1
+    again = render(db, {}, workers_alive=1, tally=tally)
+    afresh = render(db, {}, workers_alive=1)
+    for name in ("gateway_messages_total", "gateway_archive_latency_seconds_sum"):
+        assert _samples(again, name) == _samples(text, name) != _samples(afresh, name)
+
+    # Restored from a backup with fewer rows than were passed, and a shorter log.
+    with db.session() as s:
+        s.execute(t.Intake.__table__.delete().where(t.Intake.id > first))
+        s.execute(t.Outbox.__table__.delete().where(t.Outbox.id > sent[0]))
+        s.execute(t.LogEntry.__table__.delete().where(t.LogEntry.seq > 0))
+        head = s.get(t.LogHead, 1)
+        assert head is not None
+        head.size = 1
+    scrape(1)
