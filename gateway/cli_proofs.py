@@ -19,7 +19,7 @@ import click
 from cryptography import x509
 from sqlalchemy.orm import Session
 
-from archive import bundle, merkle
+from archive import bundle, bundle_check, merkle
 from archive import checkpoint as cp
 from archive import tables as t
 from archive.log import Entry
@@ -371,7 +371,7 @@ def verify_bundle_cmd(
         given = "--hub-address" if hub_addresses else "--origin"
         raise InputError(f"{given} is checked against the hub chain: give --ca too")
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         data, anchors=trusted, hub_addresses=hub_addresses, origins=origins
     )
     if as_json:

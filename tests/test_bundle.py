@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
-from archive import bundle
+from archive import bundle, bundle_check
 from archive import checkpoint as cp
 from archive import tables as t
 from archive.blobs import BlobStore
@@ -164,7 +164,7 @@ def rezip(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> byt
     return out.getvalue()
 
 
-def statuses(report: bundle.Report) -> dict[str, str]:
+def statuses(report: bundle_check.Report) -> dict[str, str]:
     return {c.name: c.status for c in report.checks}
 
 
@@ -212,7 +212,7 @@ def test_build_refuses_values_that_would_not_verify(filed: Filed) -> None:
 
 @pytest.mark.parametrize("name", ["accepted", "rejected", "quarantined"])
 def test_bundles_verify_offline(world: DemoWorld, zips: dict[str, bytes], name: str) -> None:
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         zips[name], anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
     )
     assert report.ok, report.as_dict()
@@ -229,7 +229,7 @@ def test_bundles_verify_offline(world: DemoWorld, zips: dict[str, bytes], name: 
 
 
 def test_without_an_anchor_the_chains_are_skipped_not_passed(zips: dict[str, bytes]) -> None:
-    report = bundle.verify_bundle(zips["accepted"])
+    report = bundle_check.verify_bundle(zips["accepted"])
     assert report.ok
     assert statuses(report)["hub chain"] == statuses(report)["agency chain"] == "skip"
     assert statuses(report)["receipt"] == "pass"
@@ -241,7 +241,7 @@ def test_a_signer_whose_path_did_not_validate_is_never_shown_as_trusted(
     """A revoked certificate's message was decrypted and its signature checks, but the entry
     holds no chain: the report says the chain was not checked, whatever anchor is given."""
     assert "chain.pem" not in members(zips["revoked"])
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         zips["revoked"], anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
     )
     assert report.ok and report.entry["status"] == "quarantined"
@@ -255,7 +255,9 @@ def test_a_signer_whose_path_did_not_validate_is_never_shown_as_trusted(
 def test_another_anchor_fails_both_chains(zips: dict[str, bytes]) -> None:
     other = make_root("Some Other Root", at=WORLD_AT - timedelta(days=30))
     got = statuses(
-        bundle.verify_bundle(zips["accepted"], anchors=[other.cert], hub_addresses=[HUB_ADDRESS])
+        bundle_check.verify_bundle(
+            zips["accepted"], anchors=[other.cert], hub_addresses=[HUB_ADDRESS]
+        )
     )
     assert got["hub chain"] == got["agency chain"] == "fail"
 
@@ -313,7 +315,7 @@ def test_each_tampering_fails_with_its_check_named(
     make, check = TAMPERING[case]
     files = members(zips["accepted"])
     make(world)(files)
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
     )
     assert not report.ok
@@ -333,7 +335,7 @@ def test_swapping_in_another_checkpoint_fails_the_proof(
         earlier = cp.Checkpoint(HUB_ADDRESS, size, filed.archive.log.root(s, size), RECEIVED)
     files["checkpoint.txt"] = earlier.body()
     files["checkpoint.p7s"] = cp.sign(earlier, world.hub.cert, key)
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
     )
     got = statuses(report)
@@ -346,7 +348,7 @@ def test_swapping_in_another_checkpoint_fails_the_proof(
 
 @pytest.mark.parametrize("junk", [b"", b"not a zip", b"PK\x03\x04" + b"\x00" * 40])
 def test_junk_is_reported_not_raised(junk: bytes) -> None:
-    report = bundle.verify_bundle(junk)
+    report = bundle_check.verify_bundle(junk)
     assert not report.ok
     assert statuses(report) == {"members": "fail"}
 
@@ -401,7 +403,7 @@ def test_a_member_entry_json_does_not_name_fails_unread(
     files = members(zips[name])
     assert member not in files
     files[member] = content(world)
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         _damaged(rezip(files), member), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
     )
     assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
@@ -469,7 +471,7 @@ def test_hostile_input_is_a_failed_check_never_an_exception(
     change, check, says = HOSTILE[case]
     files = members(zips["accepted"])
     change(files)
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
     )
     assert not report.ok
@@ -501,7 +503,7 @@ def test_a_checkpoint_time_without_offset_fails_the_checkpoint(
     body = files["checkpoint.txt"].replace(b"Z\r\n", b"\r\n")
     files["checkpoint.txt"] = body
     files["checkpoint.p7s"] = cms_signed.sign(body, cert=world.hub.cert, key=key)
-    report = bundle.verify_bundle(
+    report = bundle_check.verify_bundle(
         rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
     )
     checks = {c.name: c for c in report.checks}
@@ -512,7 +514,7 @@ def test_a_checkpoint_time_without_offset_fails_the_checkpoint(
 
 
 def test_an_encrypted_member_is_damaged_not_a_crash(zips: dict[str, bytes]) -> None:
-    report = bundle.verify_bundle(_encrypted(zips["accepted"], "raw.eml"))
+    report = bundle_check.verify_bundle(_encrypted(zips["accepted"], "raw.eml"))
     assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
     assert "raw.eml is damaged (RuntimeError" in report.checks[0].detail
 
@@ -522,12 +524,12 @@ def test_a_zip_bomb_is_refused_by_its_declared_size_before_anything_is_inflated(
 ) -> None:
     """2 MiB of zeros deflate to 2 KiB; the limit is lowered to 1 MiB for the test. entry.json
     is damaged too: had anything been read before the sizes were checked, it would show."""
-    monkeypatch.setattr(bundle, "MAX_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(bundle_check, "MAX_MEMBER_BYTES", 1 << 20)
     files = members(zips["accepted"])
     files["blobs/bomb"] = bytes(2 << 20)
     data = _damaged(rezip(files, zipfile.ZIP_DEFLATED), "entry.json")
     assert len(data) < 1 << 20
-    report = bundle.verify_bundle(data)
+    report = bundle_check.verify_bundle(data)
     assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
     detail = report.checks[0].detail
     assert (
@@ -541,9 +543,9 @@ def test_members_too_large_together_are_refused_where_the_total_passes_the_limit
 ) -> None:
     files = members(zips["accepted"])
     total = sum(len(data) for data in files.values())
-    monkeypatch.setattr(bundle, "MAX_TOTAL_BYTES", total - 1)
+    monkeypatch.setattr(bundle_check, "MAX_TOTAL_BYTES", total - 1)
     last = list(files)[-1]
-    report = bundle.verify_bundle(_damaged(rezip(files), "entry.json"))
+    report = bundle_check.verify_bundle(_damaged(rezip(files), "entry.json"))
     assert [(c.name, c.status) for c in report.checks] == [("members", "fail")]
     assert report.checks[0].detail == (
         f"the members up to {last} unpack to {total} bytes together; a bundle may hold at "
@@ -623,7 +625,9 @@ def test_the_agency_chain_is_judged_when_the_message_arrived_not_when_it_says_it
     (entry,) = archive.file([message_item(verdict, raw, Transport(RECEIVED, "smtp", "192.0.2.1"))])
     archive.checkpoint(RECEIVED + timedelta(minutes=1))
     data = bundle.build(Filed(archive, {}, [world.hub.cert, world.root.cert]).contents(entry.seq))
-    report = bundle.verify_bundle(data, anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS])
+    report = bundle_check.verify_bundle(
+        data, anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
+    )
     db.dispose()
     assert statuses(report)["agency chain"] == "pass", report.as_dict()
 
@@ -638,7 +642,7 @@ def test_the_hub_chain_obeys_path_length_constraints(world: DemoWorld, tmp_path:
     verdict = process(raw, world.context(), at=RECEIVED)
     assert verdict.disposition == "accepted", verdict.errors
 
-    def hub_chain(*issuers: Issued) -> bundle.Check:
+    def hub_chain(*issuers: Issued) -> bundle_check.Check:
         hub = issue_hub(issuers[-1], email=HUB_ADDRESS, at=WORLD_AT - timedelta(days=2))
         key = hub.key
         assert isinstance(key, rsa.RSAPrivateKey)
@@ -652,7 +656,7 @@ def test_the_hub_chain_obeys_path_length_constraints(world: DemoWorld, tmp_path:
         db.dispose()
         checks = {
             c.name: c
-            for c in bundle.verify_bundle(
+            for c in bundle_check.verify_bundle(
                 data, anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
             ).checks
         }
@@ -681,7 +685,7 @@ def test_a_checkpoint_an_agency_signed_is_not_the_hubs(
     forged = rezip(files)
     checks = {
         c.name: c
-        for c in bundle.verify_bundle(
+        for c in bundle_check.verify_bundle(
             forged, anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
         ).checks
     }
@@ -690,7 +694,9 @@ def test_a_checkpoint_an_agency_signed_is_not_the_hubs(
     assert "names vanthu@snv.hanoi.gov.vn, not the hub's address" in checks["hub chain"].detail
 
     for data in (forged, zips["accepted"]):
-        unnamed = {c.name: c for c in bundle.verify_bundle(data, anchors=[world.root.cert]).checks}
+        unnamed = {
+            c.name: c for c in bundle_check.verify_bundle(data, anchors=[world.root.cert]).checks
+        }
         assert unnamed["hub chain"].status == "fail"
         assert "give the hub's address (--hub-address)" in unnamed["hub chain"].detail
     # The origin checkpoint.txt gives must be the hub's too.
@@ -703,7 +709,7 @@ def test_a_checkpoint_an_agency_signed_is_not_the_hubs(
     files["checkpoint.p7s"] = cp.sign(moved, world.hub.cert, hub_key)
     elsewhere = {
         c.name: c
-        for c in bundle.verify_bundle(
+        for c in bundle_check.verify_bundle(
             rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS]
         ).checks
     }
@@ -715,7 +721,7 @@ def test_a_checkpoint_an_agency_signed_is_not_the_hubs(
     for origins, status in ((["archive@elsewhere.example"], "pass"), ([HUB_ADDRESS], "fail")):
         named = {
             c.name: c
-            for c in bundle.verify_bundle(
+            for c in bundle_check.verify_bundle(
                 rezip(files), anchors=[world.root.cert], hub_addresses=[HUB_ADDRESS],
                 origins=origins,
             ).checks
@@ -746,11 +752,11 @@ def test_a_receipt_is_proven_under_the_checkpoint_or_not_passed(
     fake["blobs"] = {"receipt": hashlib.sha256(fake_eml).hexdigest()}
     files["receipt.json"], files["receipt.eml"] = json.dumps(fake).encode(), fake_eml
     files["receipt-proof.json"] = genuine["receipt-proof.json"]
-    checks = {c.name: c for c in bundle.verify_bundle(rezip(files)).checks}
+    checks = {c.name: c for c in bundle_check.verify_bundle(rezip(files)).checks}
     assert checks["receipt"].status == "fail"
     assert "receipt.json was changed, or is not the hub's" in checks["receipt"].detail
     del files["receipt-proof.json"]
-    report = bundle.verify_bundle(rezip(files))
+    report = bundle_check.verify_bundle(rezip(files))
     assert statuses(report)["receipt"] == "skip" and report.ok
     assert "not proven here" in {c.name: c for c in report.checks}["receipt"].detail
 
@@ -773,4 +779,4 @@ def test_a_refused_entry_has_no_message_to_show_and_says_so(
     assert "raw.eml" not in files
     text = files["VERIFY.txt"].decode()
     assert "raw.eml" not in text and "never taken in" in text
-    assert bundle.verify_bundle(data).ok
+    assert bundle_check.verify_bundle(data).ok
