@@ -30,7 +30,8 @@ from archive.db import Database
 from archive.log import Entry, Item, Log
 from archive.records import read_item
 from archive.search import receipt_entry
-from archive.verify import Kept, Progress, Report, untrusted, verify
+from archive.verify import Kept, Progress, untrusted, verify
+from archive.verify_report import Report
 from keys import evidence
 from keys.directory import comparable
 from keys.trust import TrustStore, emails_of
