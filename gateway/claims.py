@@ -16,6 +16,7 @@ again and never settled is what stops its workers (``MAX_CLAIMS``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -36,6 +37,7 @@ RECLAIM_EVERY = 5.0  # seconds between looks for claims held by dead processes o
 HOST_NAME_KEPT = 64
 
 
+@functools.cache
 def this_host() -> str:
     """Who can judge a claimant alive by its PID: this host's name and, where Linux says, its
     PID namespace. Two containers given one host name (a compose file's ``hostname:``) each
@@ -53,7 +55,13 @@ def claimant(pid: int | None = None) -> str:
     """The name a process claims under: ``host:pid@started`` (:func:`this_host`; ``started``,
     the process's start in clock ticks after boot, where Linux says): a PID used again, by a
     process started later, is not the claimant that held it."""
-    pid = os.getpid() if pid is None else pid
+    return _named(os.getpid() if pid is None else pid)
+
+
+@functools.cache
+def _named(pid: int) -> str:
+    """Once per PID: a name read again could come out otherwise (``/proc`` unreadable for a
+    moment, out of descriptors), and the rows claimed under the first would not be its own."""
     started = _started(pid)
     return f"{this_host()}:{pid}" + (f"@{started}" if started else "")
 
@@ -134,7 +142,10 @@ def _gone(worker: str, host: str) -> bool:
     ended; a name of another host or PID namespace, or not a claimant's, is never judged."""
     name, _, process = worker.rpartition(":")
     pid, _, started = process.partition("@")
-    if name != host or not (pid.isascii() and pid.isdigit()):
+    # A name given before names told PID namespaces apart (``host:pid``), by this host: the
+    # claims of the run before an upgrade are given back at its start, as they were.
+    before = not started and "/" not in name and name == socket.gethostname()[:HOST_NAME_KEPT]
+    if (name != host and not before) or not (pid.isascii() and pid.isdigit()):
         return False
     try:
         os.kill(int(pid), 0)

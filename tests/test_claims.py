@@ -93,3 +93,27 @@ def test_a_claim_from_another_pid_namespace_of_the_same_host_name_is_not_judged(
     gone = _claimed_by(archive, world, f"{this_host()}:999999999")
     assert release_stale_claims(archive.db, this_host()) == 1
     assert _state(archive, gone) == ("new", None)
+
+
+def test_claims_of_the_run_before_an_upgrade_are_given_back_at_its_start(
+    archive: Archive, world: DemoWorld
+) -> None:
+    """Names given before PID namespaces were named (``host:pid``) are this host's still: the
+    claims the previous version's run left were otherwise waited out, lease by lease."""
+    elsewhere = _claimed_by(archive, world, "another-host:999999999")
+    assert release_stale_claims(archive.db, this_host(), at_start=True) == 0
+    number = _claimed_by(archive, world, f"{socket.gethostname()}:999999999")
+    assert release_stale_claims(archive.db, this_host(), at_start=True) == 1
+    assert _state(archive, number) == ("new", None)
+    assert _state(archive, elsewhere)[0] == "working"
+
+
+def test_a_process_keeps_one_name_though_proc_fails_it_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender's rows are given back under the name it claimed them with, read again when
+    its thread is started again: read while /proc failed (out of descriptors), that name
+    lacked its start, and the rows were not found."""
+    name = claimant()
+    monkeypatch.setattr(claims, "_started", lambda pid: None)
+    assert claimant() == name
