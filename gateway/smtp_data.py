@@ -11,9 +11,12 @@ The message is unstuffed (RFC 5321 §4.5.2) with one ``replace`` over the whole.
 
 The result is what aiosmtpd's reader gives for the same bytes: the data ends at the first
 ``<CRLF>.<CRLF>`` (or at a ``.<CRLF>`` that opens the data); a line's leading dot is removed; a
-bare CR or LF is not a line end (and is refused later, :func:`gateway.smtp_checks.check_data`); the
-size counted against the limit is the stuffed size without the end line; over the limit the data
-is read to its end and dropped. What follows the end line (a pipelined command, RFC 2920) is
+bare CR or LF is not a line end (and is refused later, :func:`gateway.smtp_checks.check_data`).
+The size held to the limit is the message's, unstuffed, as RFC 1870 defines it (the size a
+client declared with ``SIZE=`` and had accepted); aiosmtpd counts the transparency dots too, and
+refused a message of exactly the limit that had a line starting with a dot. Over the limit the
+data is read to its end and dropped: once the stuffed bytes are more than a message of the limit
+can be sent as (4/3 of it: a line ``.<CRLF>`` goes as ``..<CRLF>``), nothing more is kept. What follows the end line (a pipelined command, RFC 2920) is
 given back to the stream, in front of anything that arrives later, for the session to read.
 """
 
@@ -37,7 +40,7 @@ _ALL = 1 << 40
 
 @dataclass(frozen=True)
 class Data:
-    """One DATA phase: the unstuffed message, or ``None`` when it went over the size limit."""
+    """One DATA phase: the unstuffed message, or ``None`` when it is over the size limit."""
 
     content: bytes | None
     #: Bytes received before the end line, as sent (dot-stuffed).
@@ -50,6 +53,8 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> Dat
 
     Raises :class:`asyncio.IncompleteReadError` if the stream ends first."""
     limit = size_limit or None
+    # The most a message within the limit can take, stuffed: beyond, it is over for sure.
+    most = None if limit is None else limit + limit // 3 + 1
     parts: list[bytes] = []
     size = 0
     over = False
@@ -77,13 +82,16 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> Dat
         else:  # too little to tell yet: keep it all
             taken, held = b"", window
         size += len(taken)
-        if not over and limit is not None and size > limit:
+        if not over and most is not None and size > most:
             over = True
             parts.clear()  # read on to the end, keep nothing
         if not over and taken:
             parts.append(taken)
         if end >= 0:
-            return Data(None if over else unstuff(b"".join(parts)), size)
+            content = None if over else unstuff(b"".join(parts))
+            if content is not None and limit is not None and len(content) > limit:
+                content = None
+            return Data(content, size)
 
 
 def unstuff(data: bytes) -> bytes:

@@ -44,11 +44,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import logging
 import ssl
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.lmtp import LMTP
@@ -256,6 +256,13 @@ class _Replies:
         **options: Any,
     ) -> None:
         super().__init__(handler, **options)  # type: ignore[call-arg]
+        #: The session's own command line limits. aiosmtpd keeps one dict on its class, which
+        #: every session's EHLO added to and every new connection cleared: one peer's EHLOs
+        #: lengthened the MAIL lines all sessions may send (until SIZE= held more digits than
+        #: int() reads, and MAIL got 451 with a traceback).
+        self.command_size_limits: dict[str, int] = collections.defaultdict(
+            lambda: SMTP.command_size_limit
+        )
         #: Seconds one commit may take before the session is closed without its reply.
         self.commit_timeout = commit_timeout
         #: The listener's caps on sessions at once; ``_admitted`` is the address it counted.
@@ -343,8 +350,13 @@ class _Replies:
             task.cancel()
 
     def _timeout_cb(self) -> None:
-        # aiosmtpd closes the transport and counts on connection_lost to end the session.
-        # Closed mid-handshake, a TLS transport never calls it (module docstring).
+        # aiosmtpd closes the transport, without a word, and counts on connection_lost to end
+        # the session. Closed mid-handshake, a TLS transport never calls it (module docstring).
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            # RFC 5321 §4.2.3 / §3.8, as the deadline's: 421, then the channel is closed.
+            reply = f"421 4.4.2 {self.hostname} Timeout, nothing received; closing"
+            transport.write(reply.encode("ascii", "replace") + b"\r\n")
         super()._timeout_cb()  # type: ignore[misc]
         self._end_session()
 
@@ -454,6 +466,12 @@ class _Replies:
 
     # --- MAIL and RCPT: the path in angle brackets ----------------------------------------------
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd lengthens the MAIL line limit at each EHLO (for SIZE=, SMTPUTF8): from the
+        # base each time, or a session sending EHLO again and again lengthens it without end.
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)  # type: ignore[misc]
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if not await self._bare_path(arg, "FROM:", "sender", "MAIL"):
@@ -489,9 +507,10 @@ class _Replies:
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
         try:
             address, rest = parse(arg)
-        except HeaderParseError:
+            addr = address.addr_spec
+        except Exception:  # the stdlib parser fails on some input with IndexError,
+            # AttributeError, UnboundLocalError …, in the parse or in addr_spec: a bad address
             return None, None
-        addr = address.addr_spec
         local_part = addr.rpartition("@")[0]
         if self.local_part_limit and len(local_part) > self.local_part_limit:  # type: ignore[attr-defined]
             return None, None

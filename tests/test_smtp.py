@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import smtplib
 import socket
@@ -560,12 +561,16 @@ PATHS = [
 @given(st.one_of(st.sampled_from(PATHS), st.text(alphabet='<>@"\\ .:[]()ax,;', max_size=24)))
 def test_the_path_is_read_as_aiosmtpd_reads_it(path: str) -> None:
     """The listener's own reading of a MAIL or RCPT path (without the class aiosmtpd 1.4
-    defines on every call) gives aiosmtpd's answer for every path, the local part limit too."""
+    defines on every call) gives aiosmtpd's answer for every path, the local part limit too;
+    a path the email parser fails on, where aiosmtpd raises (a 451), is a bad address."""
     ours = listener.IntakeSMTP.__new__(listener.IntakeSMTP)
     theirs = SMTP.__new__(SMTP)
     for limit in (0, 64):
         ours.local_part_limit = theirs.local_part_limit = limit
-        assert _outcome(ours._getaddr, path) == _outcome(theirs._getaddr, path)
+        expected = _outcome(theirs._getaddr, path)
+        if isinstance(expected, type):  # it raised
+            expected = (None, None)
+        assert _outcome(ours._getaddr, path) == expected
 
 
 def _outcome(read: Any, path: str) -> object:
@@ -650,14 +655,63 @@ def test_replies_never_echo_what_the_peer_sent(serve: Any) -> None:
         assert b"script" not in text
 
 
-def test_an_idle_session_is_closed_after_the_timeout(serve: Any) -> None:
+def test_an_idle_session_is_told_421_and_closed_after_the_timeout(serve: Any) -> None:
+    """RFC 5321 §4.2.3: 421 before the channel is closed. aiosmtpd closed it without a word:
+    the client could not tell a timeout from a crash."""
     server = serve(timeout=0.5)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         assert s.recv(1024).startswith(b"220 ")
-        deadline = time.monotonic() + 10
-        while s.recv(1024) and time.monotonic() < deadline:
-            pass
+        said, deadline = b"", time.monotonic() + 10
+        while (more := s.recv(1024)) and time.monotonic() < deadline:
+            said += more
         assert time.monotonic() < deadline  # closed by the server, not by our deadline
+    assert said.startswith(b"421 4.4.2 ") and b"Timeout" in said
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        ("MAIL FROM:<a@[b>", (553, b"5.1.3")),
+        ('MAIL FROM:< (,>!#.)"', (553, b"5.1.3")),
+        ("MAIL FROM:<?\x7f==@[aa>", (553, b"5.1.3")),
+        ("RCPT TO:<a@[b>", (553, b"5.1.3")),
+        ("VRFY <", (502, b"5.5.4")),
+        ('VRFY "', (502, b"5.5.4")),
+    ],
+)
+def test_an_address_the_email_parser_fails_on_is_bad_syntax(
+    serve: Any, caplog: pytest.LogCaptureFixture, command: str, reply: tuple[int, bytes]
+) -> None:
+    """The stdlib's parser raises IndexError, AttributeError or UnboundLocalError on some
+    paths: they were answered 451 (try again later, for ever) with a traceback in the log."""
+    server = serve()
+    with client(server) as c:
+        if command.startswith("RCPT"):
+            assert c.mail(SENDER)[0] == 250
+        code, text = c.docmd(command)
+        assert (code, text.split()[0]) == reply
+        assert c.noop()[0] == 250
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_sessions_command_line_limit_is_its_own_and_fixed(serve: Any) -> None:
+    """aiosmtpd kept the limits on its class: every EHLO, of any session, lengthened the MAIL
+    line every session could send (until a SIZE= held more digits than int() reads: 451 with
+    a traceback), and each new connection set them back."""
+    server = serve()
+    sessions = [client(server) for _ in range(3)]
+    try:
+        for c in sessions[1:]:
+            for _ in range(8):
+                assert c.ehlo()[0] == 250
+        for _ in range(8):
+            assert sessions[0].ehlo()[0] == 250  # its own, again and again: the same limit
+        code, text = sessions[0].docmd(f"MAIL FROM:<{SENDER}> SIZE=" + "9" * 600)
+        assert (code, text.split()[0]) == (500, b"5.5.2")
+        assert sessions[0].docmd(f"MAIL FROM:<{SENDER}> SIZE=" + "9" * 400)[0] == 552
+    finally:
+        for c in sessions:
+            c.close()
 
 
 def test_too_many_commands_close_the_session(serve: Any) -> None:

@@ -16,7 +16,8 @@ END = b".\r\n"
 def by_lines(wire: bytes, limit: int | None) -> tuple[bytes | None, int, bytes]:
     """RFC 5321 §4.1.1.4 / §4.5.2 the plain way: lines end with CRLF (a bare CR or LF does not
     end one); the first line that is a lone dot ends the data; a line's leading dot goes.
-    Returns (content or None if over ``limit``, stuffed size, what follows the end line)."""
+    Returns (content or None if it is over ``limit``, RFC 1870's size: unstuffed; the stuffed
+    size, what follows the end line)."""
     pos, size, lines = 0, 0, []
     while True:
         cut = wire.index(b"\r\n", pos) + 2
@@ -26,8 +27,9 @@ def by_lines(wire: bytes, limit: int | None) -> tuple[bytes | None, int, bytes]:
             break
         size += len(line)
         lines.append(line[1:] if line.startswith(b".") else line)
-    over = bool(limit) and size > (limit or 0)
-    return (None if over else b"".join(lines)), size, wire[pos:]
+    content = b"".join(lines)
+    over = bool(limit) and len(content) > (limit or 0)
+    return (None if over else content), size, wire[pos:]
 
 
 def run(wire: bytes, cuts: list[int], stream_limit: int, limit: int | None) -> tuple:
@@ -140,3 +142,15 @@ def test_lines_that_end_in_a_dot_take_no_more_pieces_than_any_other_line() -> No
         pieces, content = pieces_taken(body + END, 16 * 1024)
         assert content == by_lines(body + END, None)[0]
         assert pieces <= 256 // 16 + 1, (line, pieces)
+
+
+def test_the_limit_is_the_messages_size_without_its_transparency_dots() -> None:
+    """RFC 1870: the size is the message's, without the dots a client adds to lines that begin
+    with one. A client that declared SIZE=20 and had it accepted sent 20 bytes, one line with a
+    dot: 21 stuffed, and refused."""
+    message = b".abcdefg\r\nabcdefgh\r\n"  # 20 bytes
+    wire = b"." + message + END
+    assert run(wire, [], 64, 20) == (message, 21, b"")
+    assert run(wire, [], 64, 19)[0] is None
+    lone_dots = b".\r\n" * 30  # stuffed 4/3 as long: the most a message can grow sent
+    assert run(b"." + lone_dots.replace(b"\r\n.", b"\r\n..") + END, [5, 50], 7, 90)[0] == lone_dots
