@@ -333,11 +333,19 @@ def verify_cmd(
             click.echo(f"PROBLEM: {problem}")
         state = "verifies" if report.ok else f"does NOT verify ({len(report.problems)} problems)"
         if report.entries > report.covered:
-            click.echo(
-                f"NOTE: entries {report.covered} to {report.entries - 1} are covered by no "
-                "checkpoint yet: only a tree head kept outside (--kept) shows that they were not "
-                "rewritten; `gateway archive checkpoint` signs one now"
-            )
+            first, last = report.covered, report.entries - 1
+            which = f"entry {first} is" if first == last else f"entries {first} to {last} are"
+            if report.ok:
+                click.echo(
+                    f"NOTE: {which} covered by no checkpoint yet: only a tree head kept outside "
+                    "(--kept) shows that they were not rewritten; `gateway archive checkpoint` "
+                    "signs one now"
+                )
+            else:  # a checkpoint signed now would vouch for what was changed
+                click.echo(
+                    f"NOTE: {which} covered by no checkpoint that verifies; sign none until the "
+                    "problems above are explained: a checkpoint signed now would vouch for them"
+                )
         against = f", {report.kept} kept outside" if kept else ""
         click.echo(
             f"archive {state}: {report.entries} entries, {report.checkpoints} checkpoints"

@@ -239,6 +239,26 @@ def test_verify_passes_and_names_tampering(home: Path, seqs: dict[str, int]) -> 
     assert f"PROBLEM: entry {seqs['rejected']}: search column status" in bad.stdout
 
 
+def test_verify_of_a_rewritten_log_never_advises_signing_a_checkpoint(
+    home: Path, seqs: dict[str, int]
+) -> None:
+    """A changed record fails the checkpoints that cover it, and verify said those entries were
+    covered by none yet and that `archive checkpoint` signs one now: an auditor doing so would
+    have signed over the rewritten log."""
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        db.execute(
+            "UPDATE log_entries SET record = CAST(REPLACE(CAST(record AS TEXT), 'rejected', "
+            "'accepted') AS BLOB) WHERE seq = ?",
+            (seqs["rejected"],),
+        )
+    db.close()
+    bad = run(home, "verify", "--no-blobs")
+    assert bad.exit_code == 1 and "PROBLEM: " in bad.stdout
+    assert "covered by no checkpoint that verifies; sign none" in bad.stdout
+    assert "signs one now" not in bad.stdout
+
+
 def test_verify_with_the_ca_trusts_the_hub_and_not_an_agency_planted_as_the_hub(
     home: Path, world: DemoWorld, tmp_path: Path
 ) -> None:
