@@ -64,7 +64,7 @@ def archive_cmd() -> None:
 @contextmanager
 def _opened(ctx: click.Context) -> Iterator[Archive]:
     settings = load_settings(ctx)
-    db = open_database(settings)
+    db = open_database(settings, existing=True)  # read, not made: a wrong home is an error
     try:
         yield open_archive(settings, db)
     finally:

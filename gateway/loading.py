@@ -19,10 +19,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from archive import tables as t
 from archive.blobs import BlobStore
-from archive.db import Database
+from archive.db import Database, shown_url
 from archive.service import Archive, SigningKey, master_key
 from formats.cms_envelope import RecipientKey
 from formats.errors import ConfigError, InputError
@@ -38,8 +41,34 @@ _CERT_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".p7b", ".p7c")
 _CRL_SUFFIXES = (".crl", ".pem", ".der")
 
 
-def open_database(settings: Settings, *, migrate: bool = True) -> Database:
-    """The database the settings name, with their busy timeout (migrated unless told not to)."""
+def open_database(settings: Settings, *, migrate: bool = True, existing: bool = False) -> Database:
+    """The database the settings name, with their busy timeout (migrated unless told not to).
+
+    ``existing``: it must hold an archive already (commands that read one): a mistyped
+    ``--home`` or ``[database] url`` must not become a new, empty archive that "verifies"."""
+    url = make_url(settings.database_url)
+    path = url.database if url.get_backend_name() == "sqlite" else None
+    if existing and path not in (None, "", ":memory:") and not Path(str(path)).exists():
+        raise ConfigError(
+            f"no archive at {path} (a mistyped --home or [database] url? a home's archive is "
+            "made when the gateway first files in it: `gateway serve`)"
+        )
+    if existing:
+        probe = Database.open(
+            settings.database_url,
+            migrate=False,
+            busy_timeout_ms=settings.database.busy_timeout_ms,
+        )
+        try:
+            archived = inspect(probe.engine).has_table(t.LogHead.__tablename__)
+        finally:
+            probe.dispose()
+        if not archived:
+            raise ConfigError(
+                f"the database {shown_url(settings.database_url)} holds no archive (a mistyped "
+                "[database] url? a home's archive is made when the gateway first files in it: "
+                "`gateway serve`)"
+            )
     return Database.open(
         settings.database_url,
         migrate=migrate,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from archive.db import Database
+
 
 def gateway(*args: str | Path, env_home: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "GATEWAY_HOME": str(env_home)} if env_home else None
@@ -280,6 +282,7 @@ def test_a_master_key_file_that_cannot_be_a_file_is_a_setting_error(
     (home / "a-directory").mkdir(parents=True)
     (home / "a-file").write_text("not a directory")
     (home / "gateway.toml").write_text(f'[archive]\nmaster_key_file = "{where}"\n')
+    Database.open(f"sqlite:///{home / 'archive.db'}").dispose()  # an archive, empty
     proc = gateway("--home", home, "archive", "verify")
     assert proc.returncode == 2, proc.stderr
     assert f"archive master key {home / where}: " in proc.stderr

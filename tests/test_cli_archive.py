@@ -861,3 +861,18 @@ def test_a_record_rewritten_as_text_is_read_as_its_bytes(
         assert exported.exit_code == 0, exported.output
         checked = CliRunner().invoke(cli.cli, ["archive", "verify-bundle", str(bundle)])
         assert checked.exit_code == 0, checked.output
+
+
+@pytest.mark.parametrize("what", ["verify", "list"])
+def test_a_home_without_an_archive_is_an_error_not_an_empty_archive(
+    tmp_path: Path, what: str
+) -> None:
+    """An empty directory (an unmounted mount point, a mistyped --home) became a home with a
+    new, empty archive and master key, and `archive verify` said "archive verifies: 0 entries"
+    with exit 0: a reader of an archive makes none."""
+    home = tmp_path / "mnt"
+    home.mkdir()
+    result = run(home, what)
+    assert result.exit_code == 2
+    assert f"no archive at {home / 'archive.db'}" in result.stderr
+    assert list(home.iterdir()) == []  # nothing made
