@@ -42,6 +42,7 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from cryptography import x509
@@ -69,6 +70,8 @@ from keys.trust import TrustStore, emails_of
 MAX_MEMBER_BYTES = 128 << 20
 MAX_TOTAL_BYTES = 512 << 20
 MAX_MEMBERS = 1000
+#: The largest file that can hold a bundle: its members, stored, and a zip's headers for each.
+MAX_FILE_BYTES = MAX_TOTAL_BYTES + MAX_MEMBERS * 4096
 
 Status = Literal["pass", "fail", "skip"]
 T = TypeVar("T")
@@ -151,6 +154,23 @@ def verify_bundle(
         if proven is False:  # consistent with itself only, which anyone could make: no PASS
             report.checks[-1] = Check("receipt", "skip", report.checks[-1].detail)
     return report
+
+
+def read_bundle(path: Path) -> bytes | Report:
+    """The bytes of the bundle file at ``path``, or, when the file is larger than any bundle
+    can be (its members' limit and their zip headers), the failing report that says so, without
+    reading it: a 3 GB file was read whole before any check, and ran out of memory. Raises
+    ``OSError`` when it cannot be read."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        report = Report()
+        report.add(
+            "members",
+            "fail",
+            f"the file is {size:,} bytes: more than a bundle can be (at most {MAX_FILE_BYTES:,})",
+        )
+        return report
+    return path.read_bytes()
 
 
 def _step(report: Report, name: str, check: Callable[[], tuple[T, str]]) -> T | None:

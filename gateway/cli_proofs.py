@@ -364,15 +364,19 @@ def verify_bundle_cmd(
     """Check an evidence bundle offline: no database, no settings. Exit 0 if it verifies.
     With --ca, give the hub's address (--hub-address) as well, from a source you trust."""
     try:
-        data = path.read_bytes()
+        data = bundle_check.read_bundle(path)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     if (hub_addresses or origins) and not anchors:
         given = "--hub-address" if hub_addresses else "--origin"
         raise InputError(f"{given} is checked against the hub chain: give --ca too")
     trusted = [cert for p in anchors for cert in files.load_certificates(p)]
-    report = bundle_check.verify_bundle(
-        data, anchors=trusted, hub_addresses=hub_addresses, origins=origins
+    report = (
+        data
+        if isinstance(data, bundle_check.Report)
+        else bundle_check.verify_bundle(
+            data, anchors=trusted, hub_addresses=hub_addresses, origins=origins
+        )
     )
     if as_json:
         emit_json(report.as_dict())

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select
 
+from archive import bundle_check
 from archive import checkpoint as cp
 from archive import tables as t
 from archive.blobs import BlobStore, load_master_key
@@ -876,3 +877,15 @@ def test_a_home_without_an_archive_is_an_error_not_an_empty_archive(
     assert result.exit_code == 2
     assert f"no archive at {home / 'archive.db'}" in result.stderr
     assert list(home.iterdir()) == []  # nothing made
+
+
+def test_a_file_larger_than_any_bundle_fails_unread(tmp_path: Path) -> None:
+    """verify-bundle read the whole file before any check: a 3 GB file ran out of memory
+    (internal error, exit 70). One larger than a bundle can be fails at once (sparse here)."""
+    big = tmp_path / "big.zip"
+    with big.open("wb") as f:
+        f.truncate(bundle_check.MAX_FILE_BYTES + 1)
+    result = CliRunner().invoke(cli.cli, ["archive", "verify-bundle", str(big)])
+    assert result.exit_code == 1
+    assert f"FAIL  members: the file is {bundle_check.MAX_FILE_BYTES + 1:,} bytes" in result.stdout
+    assert "bundle does NOT verify" in result.stdout
