@@ -43,6 +43,7 @@ from gateway.cli import Failure, actor, emit_json, load_settings, now
 from gateway.cli_keys import key_passphrase
 from gateway.cli_types import AFTER, COUNT, SEQ
 from gateway.loading import open_archive, open_database
+from gateway.verdict import FILED
 from keys import files, store
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -105,8 +106,17 @@ def _listing(ctx: click.Context, query: Query, action: str, as_json: bool) -> No
         click.echo(line(item))
 
 
+#: The kinds of entry the gateway files (a --kind outside them would find nothing, silently).
+ENTRY_KINDS = (
+    "message", "receipt", "resend", "delivery", "reminder", "alert", "outcome",
+    "deemed-consent", "admin", "read",
+)  # fmt: skip
+_KIND = click.Choice(ENTRY_KINDS)
+_STATUS = click.Choice(FILED)
+
+
 @archive_cmd.command("list")
-@click.option("--kind", help="Only entries of this kind (message, receipt, admin, read …).")
+@click.option("--kind", type=_KIND, help="Only entries of this kind.")
 @click.option("--limit", type=COUNT, default=100, show_default=True)
 @click.option("--after", type=AFTER, help="Only entries after this SEQ.")
 @json_option
@@ -122,13 +132,15 @@ def list_cmd(
 @click.option("--agency", help="Sending agency (OrganId).")
 @click.option("--category", help="Payload category, e.g. work-permit.")
 @click.option("--period", metavar="YYYY-MM", help="Reporting period (month of its last day).")
-@click.option("--status", help="accepted, rejected, quarantined or refused (never taken in: IMAP).")
+@click.option(
+    "--status", type=_STATUS, help="A message's verdict (refused: never taken in, over IMAP)."
+)
 @click.option("--from", "start", metavar="DATE", help="From this day or time (Vietnam time).")
 @click.option("--to", "end", metavar="DATE", help="Up to this day (included) or time.")
 @click.option("--document-id", help="The payload's DocumentId.")
 @click.option("--message-id", help="The message's Message-ID header.")
 @click.option("--digest", help="SHA-256 of the raw message.")
-@click.option("--kind", help="Entry kind.")
+@click.option("--kind", type=_KIND, help="Entry kind.")
 @click.option("--limit", type=COUNT, default=100, show_default=True)
 @click.option("--after", type=AFTER, help="Only entries after this SEQ.")
 @json_option
@@ -177,6 +189,8 @@ def show_cmd(
     """Show entry SEQ: its fields and its blobs' names and sizes (content only with --blob)."""
     if out is not None and blob_name is None:
         raise Failure("--out writes a blob: name it with --blob NAME")
+    if as_json and blob_name is not None:
+        raise Failure("--blob gives the blob's bytes as they are, not JSON: leave out --json")
     with _opened(ctx) as a, a.db.session() as s:
         entry = a.log.entry(s, seq)
         addresses = entry.blobs

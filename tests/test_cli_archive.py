@@ -25,7 +25,7 @@ from archive import tables as t
 from archive.blobs import BlobStore, load_master_key
 from archive.db import Database
 from archive.service import Archive
-from gateway import cli, settings
+from gateway import cli, cli_archive, settings
 from gateway.demo import HUB_ADDRESS, DemoWorld
 from keys import store
 from keys.issuing import issue_hub, make_root
@@ -174,6 +174,32 @@ def test_bad_search_options_are_one_line_errors(
     assert result.exit_code == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("search", "--status", "bogus"), ("search", "--status", "ACCEPTED"),
+     ("list", "--kind", "bogus"), ("search", "--kind", "messages")],
+)  # fmt: skip
+def test_an_unknown_status_or_kind_is_refused_not_found_in_no_entry(
+    home: Path, args: tuple[str, ...]
+) -> None:
+    """A mistyped verdict or kind printed "(no entries)" with exit 0: as if nothing had been
+    filed so."""
+    result = run(home, *args)
+    assert result.exit_code == 2
+    assert f"'{args[-1]}' is not one of" in result.stderr
+
+
+def test_a_blob_is_never_printed_as_if_it_were_json(home: Path, seqs: dict[str, int]) -> None:
+    """`show --blob NAME --json` printed the raw blob: a script reading JSON got XML."""
+    result = run(home, "show", seqs["accepted"], "--blob", "payload", "--json")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "leave out --json" in result.stderr
+
+
+def test_every_kind_filed_can_be_asked_for(home: Path) -> None:
+    assert {e["kind"] for e in entries(home)} <= set(cli_archive.ENTRY_KINDS)
 
 
 def test_show_prints_fields_and_blob_sizes_never_content(home: Path, seqs: dict[str, int]) -> None:
