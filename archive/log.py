@@ -222,15 +222,21 @@ class Log:
         return merkle.tree_head(size, self._lookup(s, merkle.nodes_for(ranges)))
 
     def inclusion(self, s: Session, seq: int, size: int | None = None) -> list[bytes]:
-        size = self.size(s) if size is None else size
-        if not 0 <= seq < size <= self.size(s):
+        held = self.size(s)
+        size = held if size is None else size
+        if size > held:
+            raise LogError(f"the log holds {held} entries: no proof under a size of {size}")
+        if not 0 <= seq < size:
             raise LogError(f"entry {seq} is not in a log of size {size}")
         ranges = merkle.inclusion_ranges(seq, size)
         return merkle.inclusion_proof(seq, size, self._lookup(s, merkle.nodes_for(ranges)))
 
     def consistency(self, s: Session, old: int, new: int | None = None) -> list[bytes]:
-        new = self.size(s) if new is None else new
-        if not 0 < old <= new <= self.size(s):
+        held = self.size(s)
+        new = held if new is None else new
+        if new > held:
+            raise LogError(f"the log holds {held} entries: no proof up to a size of {new}")
+        if not 0 < old <= new:
             raise LogError(f"no consistency proof from size {old} to {new}")
         ranges = merkle.consistency_ranges(old, new)
         return merkle.consistency_proof(old, new, self._lookup(s, merkle.nodes_for(ranges)))

@@ -612,6 +612,18 @@ def test_prove_an_entry_newer_than_the_checkpoint_says_what_to_do(home: Path) ->
     assert "no entry 9999" in run(home, "prove", 9999, "--size", 9999).stderr
 
 
+def test_a_proof_beyond_the_log_says_how_large_the_log_is(home: Path) -> None:
+    """`prove 5 --size 999999` said "entry 5 is not in a log of size 999999", and a
+    consistency proof up to a size the log has not reached said only that there was none."""
+    held = len(entries(home))  # (the read of `entries` is one more)
+    too_far = run(home, "prove", 5, "--size", 999_999)
+    assert too_far.exit_code == 2
+    assert f"the log holds {held + 1} entries: no proof under a size of 999999" in too_far.stderr
+    beyond = run(home, "prove", "--consistency", 10, 99_999)
+    assert beyond.exit_code == 2
+    assert "entries: no proof up to a size of 99999" in beyond.stderr
+
+
 # --- prove --ca: the signer judged by trust from outside the database ------------------------
 
 
