@@ -89,12 +89,30 @@ class Entry:
 
     @property
     def fields(self) -> dict[str, Any]:
-        value: dict[str, Any] = json.loads(self.record)
+        """The record's fields; a record that is not one (rewritten in the database) is a
+        :class:`LogError` naming the entry, not whatever the JSON parser or a caller hits."""
+        try:
+            value = json.loads(self.record)
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict):
+            raise LogError(
+                f"entry {self.seq}'s record is not an archive record (altered in the database? "
+                "`gateway archive verify` says)"
+            )
         return value
 
     @property
     def blobs(self) -> dict[str, str]:
-        return dict(self.fields.get("blobs", {}))
+        blobs = self.fields.get("blobs", {})
+        if not isinstance(blobs, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in blobs.items()
+        ):
+            raise LogError(
+                f"entry {self.seq}'s record names its blobs wrongly (altered in the database? "
+                "`gateway archive verify` says)"
+            )
+        return dict(blobs)
 
 
 @dataclass(frozen=True)

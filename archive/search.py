@@ -166,8 +166,11 @@ def receipt_entry(s: Session, seq: int) -> t.LogEntry | None:
     for row in rows:
         try:
             fields = json.loads(row.record)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             continue
-        if fields.get(RECEIPT_FOR) == seq and RECEIPT_BLOB in fields.get("blobs", {}):
+        if not isinstance(fields, dict) or fields.get(RECEIPT_FOR) != seq:
+            continue  # (a record rewritten into something else answers no message)
+        blobs = fields.get("blobs")
+        if isinstance(blobs, dict) and RECEIPT_BLOB in blobs:
             return row
     return None

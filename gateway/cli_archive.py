@@ -96,7 +96,13 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def _listing(ctx: click.Context, query: Query, action: str, as_json: bool) -> None:
     with _opened(ctx) as a, a.db.session() as s:
-        items = [summary(row) for row in s.scalars(query.statement())]
+        try:
+            items = [summary(row) for row in s.scalars(query.statement())]
+        except (ValueError, TypeError) as exc:  # a column the driver cannot read as its type
+            raise Failure(
+                f"an entry in this range cannot be read ({exc}): a column was altered in the "
+                "database? `gateway archive verify` says which"
+            ) from exc
         _read(a, s, action, query.describe())
     if as_json:
         emit_json(items)

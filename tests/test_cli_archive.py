@@ -927,3 +927,51 @@ def test_a_file_larger_than_any_bundle_fails_unread(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert f"FAIL  members: the file is {bundle_check.MAX_FILE_BYTES + 1:,} bytes" in result.stdout
     assert "bundle does NOT verify" in result.stdout
+
+
+def _edit(home: Path, sql: str, *args: object) -> None:
+    db = sqlite3.connect(home / "archive.db")
+    with db:
+        db.execute(sql, args)
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("record", "said"),
+    [
+        ("[1]", "is not an archive record"),
+        (b"\x00\xff", "is not an archive record"),
+        ('{"blobs": 5}', "names its blobs wrongly"),
+        ('{"blobs": {"raw": 7}}', "names its blobs wrongly"),
+    ],
+)
+def test_a_record_rewritten_into_something_else_is_named_not_an_internal_error(
+    home: Path, seqs: dict[str, int], record: str | bytes, said: str
+) -> None:
+    """`archive show` of a record rewritten in the database ended in an internal error (exit
+    70: AttributeError, JSONDecodeError, TypeError)."""
+    _edit(home, "UPDATE log_entries SET record = ? WHERE seq = ?", record, seqs["accepted"])
+    result = run(home, "show", seqs["accepted"])
+    assert result.exit_code == 2, result.output
+    assert f"entry {seqs['accepted']}'s record {said}" in result.stderr
+    assert "verify" in result.stderr
+
+
+def test_a_time_rewritten_into_no_time_stops_a_listing_with_one_line(home: Path) -> None:
+    _edit(home, "UPDATE log_entries SET at = 'garbage' WHERE seq = 1")
+    result = run(home, "list")
+    assert result.exit_code == 2
+    assert "an entry in this range cannot be read" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_receipt_rewritten_into_something_else_does_not_stop_its_messages_export(
+    home: Path, seqs: dict[str, int], tmp_path: Path
+) -> None:
+    """Another entry's damage (the receipt's record made a list) stopped this one's export
+    with an internal error; the message is exported, without the receipt it cannot read."""
+    _edit(home, "UPDATE log_entries SET record = '[1]' WHERE seq = ?", seqs["receipt"])
+    out = tmp_path / "bundle.zip"
+    result = run(home, "export", seqs["accepted"], "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["receipt"] is False
