@@ -34,6 +34,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import (
     Connection,
@@ -88,8 +90,20 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def reading(self) -> Connection:
+        """A connection for reads outside a session (durability settings, the schema's
+        revision): on SQLite a plain BEGIN, which takes no write lock."""
+        return self.engine.connect().execution_options(**{_READ_ONLY: True})
+
     def upgrade(self, revision: str = "head") -> None:
-        """Apply Alembic migrations up to ``revision``."""
+        """Apply Alembic migrations up to ``revision``. A schema already at head is only read:
+        a reader (`archive verify`) need not wait for the write lock a writer holds."""
+        config = _alembic_config(self.engine.url.render_as_string(hide_password=False))
+        if revision == "head":
+            with self.reading() as c:
+                current = set(MigrationContext.configure(c).get_current_heads())
+            if current == set(ScriptDirectory.from_config(config).get_heads()):
+                return
         with self.engine.begin() as connection:
             if self.dialect == "postgresql":
                 # Several gateway instances may start at once: one migrates, the others wait
@@ -97,7 +111,6 @@ class Database:
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
                 )
-            config = _alembic_config(self.engine.url.render_as_string(hide_password=False))
             config.attributes["connection"] = connection
             try:
                 command.upgrade(config, revision)
@@ -110,11 +123,12 @@ class Database:
                 ) from None
 
     def tables(self) -> set[str]:
-        return set(inspect(self.engine).get_table_names())
+        with self.reading() as c:
+            return set(inspect(c).get_table_names())
 
     def check_durability(self) -> None:
         """Refuse to run on a database that could lose an acknowledged commit."""
-        with self.engine.connect() as c:
+        with self.reading() as c:
             if self.dialect == "sqlite":
                 mode = c.exec_driver_sql("PRAGMA journal_mode").scalar()
                 sync = c.exec_driver_sql("PRAGMA synchronous").scalar()
@@ -177,6 +191,12 @@ class Database:
             if url.host and "@" in url.host:
                 cause = cause.replace(url.host, url.host.rpartition("@")[2])
             cause = cause[:300] or type(exc.orig).__name__  # (cut once masked: no half left)
+            if self.dialect == "sqlite" and "locked" in cause:
+                raise TransientError(
+                    f"the database {where} is locked: another process has been writing to it "
+                    f"for more than {self.busy_timeout_ms} ms ([database] busy_timeout_ms); "
+                    "try again"
+                ) from exc
             if exc.connection_invalidated or _is_transient(exc):
                 raise TransientError(
                     f"the database {where} is not reachable ({cause}); correct [database] url, "

@@ -138,7 +138,7 @@ class Archive:
 def master_key(path: Path, db: Database) -> bytes:
     """The archive master key: created on first use (no data key exists yet); otherwise it
     must be there, since without it no blob can be read."""
-    with db.session() as s:
+    with db.session(read_only=True) as s:
         fresh = s.scalar(select(t.DataKey.id).limit(1)) is None
     return load_master_key(path, create=fresh)
 

@@ -19,7 +19,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
-from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -60,7 +59,7 @@ def open_database(settings: Settings, *, migrate: bool = True, existing: bool = 
             busy_timeout_ms=settings.database.busy_timeout_ms,
         )
         try:
-            archived = inspect(probe.engine).has_table(t.LogHead.__tablename__)
+            archived = t.LogHead.__tablename__ in probe.tables()
         finally:
             probe.dispose()
         if not archived:

@@ -975,3 +975,21 @@ def test_a_receipt_rewritten_into_something_else_does_not_stop_its_messages_expo
     result = run(home, "export", seqs["accepted"], "--out", out, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["receipt"] is False
+
+
+def test_verify_reads_while_a_writer_holds_the_database(home: Path) -> None:
+    """Opening the database took the write lock (its checks and the schema's migration ran in
+    BEGIN IMMEDIATE): `archive verify` waited out the busy timeout behind a writer, then said
+    the database was not reachable. A schema at its head is only read."""
+    writer = sqlite3.connect(home / "archive.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        (home / "gateway.toml").write_text(
+            (home / "gateway.toml").read_text() + "\n[database]\nbusy_timeout_ms = 200\n"
+        )
+        result = run(home, "verify", "--no-blobs")
+        assert result.exit_code == 0, result.output
+        assert "archive verifies" in result.stdout
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

@@ -492,6 +492,37 @@ def test_a_postgresql_server_that_does_not_answer_is_one_transient_line(open_db:
     assert "s3cret" not in message and "\n" not in message
 
 
+def test_a_sqlite_database_locked_while_it_is_opened_says_so(tmp_path: Path) -> None:
+    """A database to migrate, locked by a writer for longer than the busy timeout: the line
+    said "not reachable … correct [database] url, or try again once its server accepts
+    connections", which is about a server, not a file another process is writing."""
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE t (x)")
+    try:
+        with pytest.raises(TransientError) as caught:
+            Database.open(f"sqlite:///{path}", busy_timeout_ms=100)
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    message = caught.value.message
+    assert "is locked: another process has been writing to it for more than 100 ms" in message
+    assert "server" not in message
+
+
+def test_a_database_at_its_schemas_head_is_opened_without_the_write_lock(tmp_path: Path) -> None:
+    Database.open(f"sqlite:///{tmp_path}/a.db").dispose()  # made, migrated
+    writer = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        Database.open(f"sqlite:///{tmp_path}/a.db", busy_timeout_ms=100).dispose()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
 def test_a_sqlite_database_that_cannot_be_opened_is_a_setting_error(
     tmp_path: Path, open_db: Opener
 ) -> None:
