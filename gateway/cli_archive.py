@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -163,23 +163,23 @@ def search_cmd(
     _listing(ctx, query, "search", as_json)
 
 
-#: The years a ``--from``/``--to`` bound may fall in: near the ends of ``datetime``'s range
-#: (years 1 and 9999), the day after a ``--to`` date, or the bound in UTC, overflows.
+#: The years a ``--from``/``--to`` bound may fall in, in its own time zone: near the ends of
+#: ``datetime``'s range (years 1 and 9999), the day after a ``--to`` date, or the bound in
+#: UTC, overflows. (Compared in UTC, 1900-01-01 in Vietnam, 1899-12-31 17:00 UTC, was out.)
 _FIRST_YEAR, _LAST_YEAR = 1900, 9998
-_EARLIEST = datetime(_FIRST_YEAR, 1, 1, tzinfo=UTC)
-_END = datetime(_LAST_YEAR + 1, 1, 1, tzinfo=UTC)
 
 
 def _bound(text: str, *, end: bool = False) -> datetime:
     """``parse_bound``, refusing a bound out of range (:class:`QueryError`)."""
+    out = QueryError(f"{text!r} is out of range: give a day or time in {_FIRST_YEAR}–{_LAST_YEAR}")
     try:
-        value: datetime | None = parse_bound(text, end=end)
+        value = parse_bound(text, end=end)
+        last = value - timedelta(microseconds=1) if end else value  # an end is exclusive
+        value.astimezone(UTC)  # (within datetime's range in UTC too)
     except OverflowError:
-        value = None
-    if value is None or not _EARLIEST <= value < _END:  # aware: compared without conversion
-        raise QueryError(
-            f"{text!r} is out of range: give a day or time in {_FIRST_YEAR}–{_LAST_YEAR}"
-        )
+        raise out from None
+    if value.year < _FIRST_YEAR or last.year > _LAST_YEAR:
+        raise out
     return value
 
 

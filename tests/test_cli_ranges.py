@@ -98,8 +98,19 @@ def test_a_search_bound_out_of_range_is_refused(home: Path, option: str, bound: 
     assert message == f"Error: {bound!r} is out of range: give a day or time in 1900–9998\n"
 
 
-def test_search_bounds_at_the_ends_of_the_range_are_searched(home: Path) -> None:
-    result = run(home, "archive", "search", "--from", "1900-01-01T00:00Z", "--to", "9998-12-31")
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [
+        ("1900-01-01T00:00Z", "9998-12-31"),
+        ("1900-01-01", "9998-12-31T23:59-12:00"),  # in UTC: 1899-12-31 17:00, 9999-01-01
+    ],
+)
+def test_search_bounds_at_the_ends_of_the_range_are_searched(
+    home: Path, first: str, last: str
+) -> None:
+    """The years are those of the bound in its own time zone: 1900-01-01 (Vietnam time) was
+    refused, its UTC moment being in 1899."""
+    result = run(home, "archive", "search", "--from", first, "--to", last)
     assert result.exit_code == 0, (result.exception, result.output)
 
 
