@@ -273,8 +273,9 @@ def verify_text(c: Contents, leaf: bytes, signed: cp.Checkpoint) -> str:
         ]
     elif "raw" in c.blobs:
         lines += [
-            "5. This message was never decrypted (see reasons in entry.json), so there is no",
-            "   agency signature to check; raw.eml is the message exactly as it arrived.",
+            "5. The archive keeps no decrypted copy of this message: it was never decrypted, or",
+            "   its signature did not verify on receipt (see reasons in entry.json). There is no",
+            "   agency signature to check here; raw.eml is the message exactly as it arrived.",
             "",
         ]
     else:

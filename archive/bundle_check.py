@@ -18,7 +18,8 @@ Verification plan (:func:`verify_bundle`), each step one named check:
 6. ``inclusion proof``: the audit path leads from the leaf to the checkpoint's root
    (RFC 9162 §2.1.3.2) for the checkpoint's size;
 7. ``agency signature``: decrypted.eml's CMS signature verifies, made by the first
-   certificate of chain.pem (skipped when the message was never decrypted);
+   certificate of chain.pem (skipped when the archive keeps no decrypted copy: the message
+   was not decrypted, or its signature did not verify on receipt; and for other entries);
 8. ``agency chain``: chain.pem's first certificate validates up to a given anchor when the
    message was received (revocation is not judged again)
    (skipped without anchors, and when entry.json names no ``chain`` blob because the signer's
@@ -374,7 +375,13 @@ def _agency(
     report: Report,
 ) -> None:
     if "decrypted" not in addresses:
-        report.add("agency signature", "skip", "no decrypted part: the message was not opened")
+        why = (
+            "no decrypted part: the message was not decrypted, or its signature did not verify "
+            "on receipt (entry.json's reasons say which)"
+            if fields.get("kind") == "message"
+            else f"not a message (a {_shown(fields.get('kind'))} entry): no agency signature"
+        )
+        report.add("agency signature", "skip", why)
         return
     # Only a chain.pem that entry.json names is the signer's path as validated on receipt
     # (no other chain.pem gets past _members; this is said again here, where it matters).

@@ -195,7 +195,7 @@ def test_a_message_never_decrypted_has_no_decrypted_part(zips: dict[str, bytes])
     assert "decrypted.eml" not in files
     assert "receipt.eml" not in files
     text = files["VERIFY.txt"].decode()
-    assert "never decrypted" in text
+    assert "keeps no decrypted copy of this message: it was never decrypted, or" in text
     assert "No receipt entry for this message" in text
 
 
@@ -223,6 +223,8 @@ def test_bundles_verify_offline(world: DemoWorld, zips: dict[str, bytes], name: 
     assert report.entry["status"] == name
     if name == "quarantined":
         assert got["agency signature"] == "skip"
+        [why] = [c.detail for c in report.checks if c.name == "agency signature"]
+        assert "not decrypted, or its signature did not verify on receipt" in why
     else:
         assert got["agency signature"] == got["agency chain"] == "pass"
         assert got["blob evidence/1.crl"] == "pass"
