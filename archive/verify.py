@@ -104,8 +104,8 @@ def _verify(
     levels = _levels(leaves)
     report.entries = len(leaves) // merkle.HASH_SIZE
     report.root = _root(levels, report.entries)
-    _nodes(s, levels, report, progress)
     _head(s, report)
+    _nodes(s, levels, report, progress)
     for number in unreadable:
         report.add(f"hub certificate row {number} is no certificate (damaged or rewritten)")
     if hub_addresses:
@@ -307,6 +307,7 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
         progress(f"tree level {level}", level, len(levels))
         count = len(rebuilt) // size
         expected = 0
+        beyond: list[int] = []  # stored nodes past the rebuilt level: said as ranges
         query = (
             select(t.LogNode.idx, t.LogNode.hash)
             .where(t.LogNode.level == level)
@@ -318,26 +319,60 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
                 report.add(f"a tree node of level {level} has index {idx!r}: rewritten")
                 continue
             if idx >= count:
-                report.add(f"tree node ({level}, {idx}) is beyond the log's {count} entries")
+                beyond.append(idx)
                 continue
             if idx != expected:
                 report.add(f"tree nodes ({level}, {_span(expected, idx - 1)}) are missing")
             expected = idx + 1
-            if stored != rebuilt[idx * size : (idx + 1) * size]:
-                first, last = idx << level, ((idx + 1) << level) - 1
-                if not any(a <= last and first <= b for a, b in explained):
-                    explained.append((first, last))
-                    report.add(
-                        f"tree node ({level}, {idx}) differs: {_which(first, last, 'was', 'were')} changed after being logged",
-                    )
+            if stored == rebuilt[idx * size : (idx + 1) * size]:
+                continue
+            first, last = idx << level, ((idx + 1) << level) - 1
+            if any(a <= last and first <= b for a, b in explained):
+                continue  # the consequence of entries already reported
+            if level == 0:
+                explained.append((first, last))
+                report.add(
+                    f"tree node (0, {idx}) differs: entry {idx} was changed after being logged"
+                )
+            else:  # the entries under it and the nodes below agree: only this node differs
+                report.add(
+                    f"tree node ({level}, {idx}) was rewritten: it is not the hash of the nodes "
+                    f"below it, which agree with entr{'y' if first == last else 'ies'} "
+                    f"{_span(first, last)}"
+                )
         if expected < count:
             report.add(f"tree nodes ({level}, {_span(expected, count - 1)}) are missing")
+        for lo, hi in _runs(beyond):
+            first, last = lo << level, ((hi + 1) << level) - 1
+            if not any(a <= last and first <= b for a, b in explained):
+                report.add(
+                    f"tree nodes ({level}, {_span(lo, hi)}) are beyond the {count} node"
+                    f"{'s' if count != 1 else ''} of level {level} the log's entries make "
+                    "(entries deleted, or nodes written in)"
+                )
+
+
+def _runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """Sorted ``numbers`` as runs of consecutive ones, (first, last)."""
+    out: list[tuple[int, int]] = []
+    for n in numbers:
+        if out and n == out[-1][1] + 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return out
 
 
 def _head(s: Session, report: Report) -> None:
     head = s.get(t.LogHead, 1)
     size = head.size if head else 0
-    if size != report.entries:
+    if size > report.entries:  # the newest ones deleted: said once, as the entries they were
+        report.holes.append((report.entries, size - 1))
+        report.add(
+            f"the log head says {size} entries but {report.entries} are stored: "
+            f"{_which(report.entries, size - 1, 'is', 'are')} missing (deleted)"
+        )
+    elif size != report.entries:
         report.add(f"the log head says {size} entries but {report.entries} are stored")
 
 
@@ -418,7 +453,19 @@ def _blobs(s: Session, blobs: BlobStore, report: Report, progress: Progress) -> 
     total = s.scalar(select(func.count()).select_from(t.Blob)) or 0
     unopened: set[int] = set()
     blobs.forget()  # each data key is unwrapped again from its row, not taken from a cache
-    for key_id in s.scalars(select(t.DataKey.id).order_by(t.DataKey.id)):
+    keys = list(s.scalars(select(t.DataKey.id).order_by(t.DataKey.id)))
+    # A data key that is gone: said once, with its blobs' count (not once for each blob).
+    for key_id, count in s.execute(
+        select(t.Blob.key_id, func.count())
+        .where(t.Blob.key_id.not_in(keys))
+        .group_by(t.Blob.key_id)
+    ):
+        unopened.add(key_id)
+        report.add(
+            f"data key {key_id} is missing (deleted): its {count} blob"
+            f"{'s' if count != 1 else ''} cannot be opened"
+        )
+    for key_id in keys:
         try:
             blobs.key(s, key_id)
         except (ConfigError, BlobDamaged, TypeError, ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import sqlite3
 import subprocess
 import threading
 import zlib
@@ -88,6 +89,17 @@ def _sql(db: Database, *statements: str) -> None:
     with db.engine.begin() as c:
         for statement in statements:
             c.exec_driver_sql(statement)
+
+
+def _sql_unchecked(db: Database, *statements: str) -> None:
+    """As the sqlite3 shell runs them: foreign keys not enforced (its default)."""
+    c = sqlite3.connect(str(db.engine.url.database), isolation_level=None)
+    try:
+        c.execute("PRAGMA foreign_keys = OFF")
+        for statement in statements:
+            c.execute(statement)
+    finally:
+        c.close()
 
 
 def test_an_untouched_archive_verifies(archive: tuple[Database, Log], world: DemoWorld) -> None:
@@ -217,6 +229,34 @@ TAMPERING: dict[str, tuple[Callable[[Database], None], list[str]]] = {
         _forge,
         ["checkpoint #2", "signature does not verify", "forged or altered"],
     ),
+    # Said once, as what was done (each was one line per node, per blob, or a wrong name).
+    "delete the newest entries, the head left": (
+        lambda db: _sql(db, "DELETE FROM log_entries WHERE seq >= 35"),
+        ["are stored: entries 35–", "are missing (deleted)"],
+    ),
+    "delete the data keys": (
+        lambda db: _sql_unchecked(db, "DELETE FROM data_keys"),
+        ["data key 1 is missing (deleted): its "],
+    ),
+    "rewrite two tree nodes, one above the other": (
+        lambda db: _sql(
+            db,
+            "UPDATE log_nodes SET hash = zeroblob(32) WHERE level = 2 AND idx = 1",
+            "UPDATE log_nodes SET hash = zeroblob(32) WHERE level = 3 AND idx = 0",
+        ),
+        [
+            "tree node (2, 1) was rewritten: it is not the hash of the nodes below it, which "
+            "agree with entries 4–7",
+            "tree node (3, 0) was rewritten",
+        ],
+    ),
+}
+
+#: What the cases above must not say: every fragment once at most (None: no line at all).
+SAID_ONCE: dict[str, dict[str, int]] = {
+    "delete the newest entries, the head left": {"beyond": 0, "missing (deleted)": 1},
+    "delete the data keys": {"data key 1 is missing": 1},
+    "rewrite two tree nodes, one above the other": {"changed after being logged": 0},
 }
 
 
@@ -232,6 +272,8 @@ def test_tampering_is_found_and_named(
     text = "\n".join(problems)
     for fragment in expected:
         assert fragment in text, f"{fragment!r} not in:\n{text}"
+    for fragment, times in SAID_ONCE.get(case, {}).items():
+        assert text.count(fragment) == times, f"{fragment!r} not {times} times in:\n{text}"
 
 
 def test_checkpoint_signatures_verify_with_openssl(
