@@ -523,7 +523,10 @@ class _Replies:
         """aiosmtpd's DATA (the same checks and replies) with the data read in blocks."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):  # type: ignore[attr-defined]
             return
-        if self.envelope is None or not self.envelope.rcpt_tos:
+        if self.envelope is None or self.envelope.mail_from is None:  # ("" is MAIL FROM:<>)
+            await self.push("503 Error: need MAIL command")  # (not RCPT: MAIL comes first)
+            return
+        if not self.envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")
             return
         if arg:

@@ -521,10 +521,23 @@ def test_rcpt_to_syntax_errors(serve: Any, command: str, expected: tuple[int, by
     assert (code, text.split()[0]) == expected
 
 
-def test_the_null_sender_is_accepted(serve: Any) -> None:
+def test_the_null_sender_is_accepted(serve: Any, db: Database) -> None:
+    """MAIL FROM:<> (a bounce, RFC 5321 §4.5.5) goes all the way: RCPT and DATA too."""
     server = serve()
     with client(server) as c:
         assert c.docmd("MAIL FROM:<>")[0] == 250
+        assert c.rcpt(HUB_ADDRESS)[0] == 250
+        assert send_raw_data(c, b"Subject: bounce\r\n\r\nundeliverable\r\n")[0] == 250
+    assert count(db) == 1
+
+
+def test_data_asks_for_what_comes_first(serve: Any) -> None:
+    """DATA before MAIL was told it needed RCPT: MAIL comes first."""
+    server = serve()
+    with client(server) as c:
+        assert c.docmd("DATA") == (503, b"5.5.1 Need MAIL command")
+        assert c.mail(SENDER)[0] == 250
+        assert c.docmd("DATA") == (503, b"5.5.1 Need RCPT command")
 
 
 @pytest.mark.parametrize("path", ["a@b.example", "<a@b.example", "a@b.example>", " a@b.example"])
