@@ -47,6 +47,8 @@ from keys.directory import comparable
 from keys.trust import TrustStore, emails_of
 
 Progress = Callable[[str, int, int], None]
+#: Rows between two calls of ``progress`` within a stage (which shows at most one a second).
+PROGRESS_EVERY = 10_000
 
 
 @dataclass(frozen=True)
@@ -304,8 +306,9 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
     size = merkle.HASH_SIZE
     explained = list(report.holes)  # entry ranges already reported
     for level, rebuilt in enumerate(levels):
-        progress(f"tree level {level}", level, len(levels))
         count = len(rebuilt) // size
+        stage = f"tree level {level} of {len(levels)}, nodes"
+        progress(stage, 0, count)
         expected = 0
         beyond: list[int] = []  # stored nodes past the rebuilt level: said as ranges
         query = (
@@ -313,7 +316,9 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
             .where(t.LogNode.level == level)
             .order_by(t.LogNode.idx)
         )
-        for idx, raw in rows(s, query):
+        for n, (idx, raw) in enumerate(rows(s, query)):
+            if n % PROGRESS_EVERY == 0:
+                progress(stage, n, count)
             stored = binary(raw, report, f"tree node ({level}, {idx})")
             if not isinstance(idx, int):
                 report.add(f"a tree node of level {level} has index {idx!r}: rewritten")

@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from archive import blobs, merkle
 from archive import checkpoint as cp
 from archive import tables as t
+from archive import verify as verify_module
 from archive.blobs import BlobStore
 from archive.db import Database
 from archive.log import Item, Log
@@ -713,3 +714,16 @@ def test_blobs_are_plain_zlib_streams_whichever_library_wrote_them(
     with db.session(read_only=True) as s:
         assert BlobStore(key).get(s, address) == data
     db.dispose()
+
+
+def test_verify_tells_its_progress_within_a_tree_level(
+    archive: tuple[Database, Log], world: DemoWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Progress came once a level: at 400,000 entries, level 0 took seconds without a word."""
+    db, log = archive
+    monkeypatch.setattr(verify_module, "PROGRESS_EVERY", 8)
+    told: list[tuple[str, int, int]] = []
+    with db.session(read_only=True) as s:
+        verify(s, log.blobs, [world.hub.cert], progress=lambda *a: told.append(a))
+    level0 = [done for stage, done, _total in told if stage.startswith("tree level 0 ")]
+    assert level0[:3] == [0, 0, 8] and len(level0) > 3
