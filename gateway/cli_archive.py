@@ -195,7 +195,7 @@ def show_cmd(
     """Show entry SEQ: its fields and its blobs' names and sizes (content only with --blob)."""
     if out is not None and blob_name is None:
         raise Failure("--out writes a blob: name it with --blob NAME")
-    if as_json and blob_name is not None:
+    if as_json and blob_name is not None and out is None:
         raise Failure("--blob gives the blob's bytes as they are, not JSON: leave out --json")
     with _opened(ctx) as a, a.db.session() as s:
         entry = a.log.entry(s, seq)

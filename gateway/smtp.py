@@ -97,8 +97,9 @@ DEADLINE_TIMEOUTS = 3
 COMMIT_TIMEOUT = 120.0
 
 #: Sessions open at once, in all and from one IP address; over either cap a connection is
-#: answered 421 4.7.0 and closed (DESIGN §5 rule 4). A session in DATA holds up to
-#: max_message_bytes in memory, so this bounds memory too. Postfix's own defaults, which
+#: answered 421 4.7.0 and closed (DESIGN §5 rule 4). A session in DATA holds up to 4/3 of
+#: max_message_bytes in memory (a message of the limit, dot-stuffed; gateway.smtp_data),
+#: so this bounds memory too. Postfix's own defaults, which
 #: the relays in front of the hub use: 100 smtpd processes, 20 connections to one
 #: destination (default_destination_concurrency_limit).
 MAX_SESSIONS = 100

@@ -99,8 +99,9 @@ def _bare_line_end(what: str) -> str:
 
 class SessionGate:
     """Counts the sessions open at once, in all and per peer address, and refuses one over
-    either cap (DESIGN §5 rule 4): a session in DATA holds up to ``max_message_bytes`` in
-    memory, so memory stays within about ``max_sessions`` times that.
+    either cap (DESIGN §5 rule 4): a session in DATA holds up to 4/3 of ``max_message_bytes``
+    in memory (a message of the limit, dot-stuffed), so memory stays within about
+    ``max_sessions`` times that.
 
     ``enter(peer)`` admits a session (``None``: counted until ``leave(peer)``) or returns the
     421 reply to close it with. One gate per listener, used on its event loop only.

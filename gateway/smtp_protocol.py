@@ -241,6 +241,8 @@ class _Replies:
 
     #: Whether message data is being received (from 354 to the end line).
     _receiving = False
+    #: Whether the data is being committed (the session timer is the commit's budget then).
+    _committing = False
     #: Replies given in a row with the peer's input waiting (:data:`PIPELINED_REPLIES`).
     _pipelined = 0
 
@@ -353,7 +355,11 @@ class _Replies:
         # aiosmtpd closes the transport, without a word, and counts on connection_lost to end
         # the session. Closed mid-handshake, a TLS transport never calls it (module docstring).
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if (
+            isinstance(transport, asyncio.WriteTransport)
+            and not transport.is_closing()
+            and not self._committing  # a commit over its budget: closed without a reply
+        ):
             # RFC 5321 §4.2.3 / §3.8, as the deadline's: 421, then the channel is closed.
             reply = f"421 4.4.2 {self.hostname} Timeout, nothing received; closing"
             transport.write(reply.encode("ascii", "replace") + b"\r\n")
@@ -466,11 +472,11 @@ class _Replies:
 
     # --- MAIL and RCPT: the path in angle brackets ----------------------------------------------
 
-    async def smtp_EHLO(self, hostname: str) -> None:
-        # aiosmtpd lengthens the MAIL line limit at each EHLO (for SIZE=, SMTPUTF8): from the
-        # base each time, or a session sending EHLO again and again lengthens it without end.
+    def _limits_anew(self) -> None:
+        """aiosmtpd lengthens the MAIL line limit at each EHLO or LHLO (for SIZE=, SMTPUTF8):
+        from the base each time, or a session greeting again and again lengthens it without
+        end."""
         self.command_size_limits.clear()
-        await super().smtp_EHLO(hostname)  # type: ignore[misc]
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -565,6 +571,7 @@ class _Replies:
         job = asyncio.ensure_future(
             self.event_handler.handle_DATA(self, self.session, self.envelope)  # type: ignore[arg-type]
         )
+        self._committing = True
         try:
             return await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -580,6 +587,8 @@ class _Replies:
             await asyncio.wait([job])
             await self.push(job.result() if not job.cancelled() else TRANSIENT)
             raise
+        finally:
+            self._committing = False
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self._authenticator is None:  # type: ignore[attr-defined]
@@ -672,9 +681,19 @@ def _address(transport: asyncio.BaseTransport) -> str:
 class IntakeSMTP(_Replies, SMTP):
     """aiosmtpd's SMTP with the gateway's replies."""
 
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._limits_anew()
+        await super().smtp_EHLO(hostname)
+
 
 class IntakeLMTP(_Replies, LMTP):
     """aiosmtpd's LMTP (LHLO, one reply per recipient) with the gateway's replies."""
+
+    @syntax("LHLO hostname")
+    async def smtp_LHLO(self, arg: str) -> None:
+        self._limits_anew()
+        await super().smtp_LHLO(arg)
 
 
 def _drop_unsent(transports: set[asyncio.BaseTransport]) -> None:

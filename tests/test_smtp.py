@@ -634,7 +634,8 @@ def test_help_replies_carry_enhanced_status_codes(serve: Any) -> None:
     with client(server) as c:
         code, text = c.docmd("HELP")
         assert (code, text.split()[0]) == (214, b"2.0.0")
-        assert b"MAIL" in text
+        assert b"MAIL" in text and b"EHLO" in text
+        assert c.docmd("HELP", "EHLO") == (214, b"2.0.0 Syntax: EHLO hostname")
         code, text = c.docmd("HELP", "MAIL")
         assert (code, text.split()[0]) == (214, b"2.0.0")
         code, text = c.docmd("HELP", "X-NOTHING")
@@ -705,6 +706,17 @@ def test_an_address_the_email_parser_fails_on_is_bad_syntax(
         assert (code, text.split()[0]) == reply
         assert c.noop()[0] == 250
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_an_lmtp_sessions_command_line_limit_is_fixed_too(serve: Any) -> None:
+    """LHLO, as EHLO, set the MAIL line limit from its base again (aiosmtpd's LMTP greets
+    through SMTP's EHLO, not the gateway's)."""
+    server = serve(lmtp=True)
+    with smtplib.LMTP("127.0.0.1", server.port, timeout=30) as c:
+        for _ in range(9):
+            assert c.docmd("LHLO", "a.example")[0] == 250
+        code, text = c.docmd(f"MAIL FROM:<{SENDER}> SIZE=" + "9" * 600)
+    assert (code, text.split()[0]) == (500, b"5.5.2")
 
 
 def test_a_sessions_command_line_limit_is_its_own_and_fixed(serve: Any) -> None:
