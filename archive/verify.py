@@ -302,11 +302,16 @@ def _root(levels: list[bytearray], size: int) -> bytes:
 
 def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progress) -> None:
     """Every stored node must equal the rebuilt one, and none may be missing. A difference is
-    reported once, at the lowest level that shows it, as the range of entries it covers."""
+    reported once, where it begins: a leaf node that is not its entry's leaf hash (the entry
+    changed); above, a node that is not the hash of the two stored nodes below it (it was
+    rewritten, or they were, with the entries under them, consistently). A node that is the
+    hash of its stored children differs only because something below does: not reported."""
     size = merkle.HASH_SIZE
     explained = list(report.holes)  # entry ranges already reported
+    below: dict[int, bytes] = {}  # the stored nodes of the level below
     for level, rebuilt in enumerate(levels):
         count = len(rebuilt) // size
+        stored_here: dict[int, bytes] = {}
         stage = f"tree level {level} of {len(levels)}, nodes"
         progress(stage, 0, count)
         expected = 0
@@ -329,22 +334,27 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
             if idx != expected:
                 report.add(f"tree nodes ({level}, {_span(expected, idx - 1)}) are missing")
             expected = idx + 1
+            stored_here[idx] = stored
             if stored == rebuilt[idx * size : (idx + 1) * size]:
                 continue
             first, last = idx << level, ((idx + 1) << level) - 1
-            if any(a <= last and first <= b for a, b in explained):
-                continue  # the consequence of entries already reported
             if level == 0:
-                explained.append((first, last))
-                report.add(
-                    f"tree node (0, {idx}) differs: entry {idx} was changed after being logged"
-                )
-            else:  # the entries under it and the nodes below agree: only this node differs
-                report.add(
-                    f"tree node ({level}, {idx}) was rewritten: it is not the hash of the nodes "
-                    f"below it, which agree with entr{'y' if first == last else 'ies'} "
-                    f"{_span(first, last)}"
-                )
+                if not any(a <= idx <= b for a, b in explained):  # (not an entry deleted)
+                    explained.append((idx, idx))
+                    report.add(
+                        f"tree node (0, {idx}) differs: entry {idx} was changed after being logged"
+                    )
+                continue
+            left, right = below.get(2 * idx), below.get(2 * idx + 1)
+            if left is None or right is None or merkle.node_hash(left, right) == stored:
+                continue  # true to the nodes below it (or they are missing): said below
+            explained.append((first, last))
+            report.add(
+                f"tree node ({level}, {idx}) is not the hash of the two stored nodes below it: "
+                f"it was rewritten, or they were, with entr{'y' if first == last else 'ies'} "
+                f"{_span(first, last)} under them"
+            )
+        below = stored_here
         if expected < count:
             report.add(f"tree nodes ({level}, {_span(expected, count - 1)}) are missing")
         for lo, hi in _runs(beyond):

@@ -92,6 +92,18 @@ def _sql(db: Database, *statements: str) -> None:
             c.exec_driver_sql(statement)
 
 
+def _rewrite_leaf(db: Database, seq: int) -> None:
+    """Entry ``seq`` rewritten with care: a new record, its leaf hash and its leaf node."""
+    with db.engine.begin() as c:
+        record = c.exec_driver_sql("SELECT record FROM log_entries WHERE seq = ?", (seq,)).scalar()
+        changed = bytes(record).replace(b'"at":"', b'"at":"1', 1)
+        leaf = merkle.leaf_hash(changed)
+        c.exec_driver_sql(
+            "UPDATE log_entries SET record = ?, leaf_hash = ? WHERE seq = ?", (changed, leaf, seq)
+        )
+        c.exec_driver_sql("UPDATE log_nodes SET hash = ? WHERE level = 0 AND idx = ?", (leaf, seq))
+
+
 def _sql_unchecked(db: Database, *statements: str) -> None:
     """As the sqlite3 shell runs them: foreign keys not enforced (its default)."""
     c = sqlite3.connect(str(db.engine.url.database), isolation_level=None)
@@ -246,9 +258,16 @@ TAMPERING: dict[str, tuple[Callable[[Database], None], list[str]]] = {
             "UPDATE log_nodes SET hash = zeroblob(32) WHERE level = 3 AND idx = 0",
         ),
         [
-            "tree node (2, 1) was rewritten: it is not the hash of the nodes below it, which "
-            "agree with entries 4–7",
-            "tree node (3, 0) was rewritten",
+            "tree node (2, 1) is not the hash of the two stored nodes below it: it was "
+            "rewritten, or they were, with entries 4–7 under them",
+            "tree node (3, 0) is not the hash of the two stored nodes below it",
+        ],
+    ),
+    "rewrite an entry, its leaf hash and its leaf node": (
+        lambda db: _rewrite_leaf(db, 5),
+        [
+            "tree node (1, 2) is not the hash of the two stored nodes below it: it was rewritten, "
+            "or they were, with entries 4–5 under them"
         ],
     ),
 }
@@ -258,6 +277,7 @@ SAID_ONCE: dict[str, dict[str, int]] = {
     "delete the newest entries, the head left": {"beyond": 0, "missing (deleted)": 1},
     "delete the data keys": {"data key 1 is missing": 1},
     "rewrite two tree nodes, one above the other": {"changed after being logged": 0},
+    "rewrite an entry, its leaf hash and its leaf node": {"tree node": 1},
 }
 
 
