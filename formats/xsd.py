@@ -26,7 +26,9 @@ from formats.errors import SchemaInvalid
 NAMESPACE = "urn:hanoi:gov:official-mail:payload:1"
 #: Schema problems reported at most (a broken file can produce thousands).
 _MAX_PROBLEMS = 100
-_CLARK = re.compile(r"\{[^}]*\}")
+#: A namespace in Clark notation ("{urn:…}Name"): a URI, so a colon, no quote, comma or space.
+#: (Braces of another kind stay: a facet's set "{'M', 'F'}", a pattern's "[A-Z]{3}".)
+_CLARK = re.compile(r"\{[^{}\s',]*:[^{}\s',]*\}")
 _ELEMENT_IN_MESSAGE = re.compile(r"Element '(?:\{[^}]*\})?([^']+)'")
 
 
