@@ -537,12 +537,20 @@ def address_list(header: str, addresses: Sequence[str]) -> str:
 
 
 def message_headers(
-    *, from_addr: str, to_addrs: Sequence[str], message_id: str, date: datetime, subject: str
+    *,
+    from_addr: str,
+    to_addrs: Sequence[str],
+    message_id: str,
+    date: datetime,
+    subject: str,
+    auto_submitted: str | None = None,
 ) -> bytes:
     """From, To, Subject, Date, Message-ID and MIME-Version lines (CRLF); the body part's own
     headers follow. Addresses are written as they are and must be ASCII (:func:`mailbox_text`;
     :class:`ValueError` otherwise); the To list is folded (:func:`address_list`); a non-ASCII
-    Subject is encoded (:func:`header_value`)."""
+    Subject is encoded (:func:`header_value`). ``auto_submitted``: ``auto-generated`` or
+    ``auto-replied`` (RFC 3834), for a message no person wrote, which nothing should answer
+    automatically."""
     lines = [
         f"From: {mailbox_text(from_addr, 'From')}",
         address_list("To", to_addrs),
@@ -551,6 +559,12 @@ def message_headers(
         f"Message-ID: {header_value(message_id)}",
         "MIME-Version: 1.0",
     ]
+    if auto_submitted is not None:
+        if auto_submitted not in ("auto-generated", "auto-replied"):
+            raise ValueError(
+                f"Auto-Submitted is auto-generated or auto-replied, not {auto_submitted!r}"
+            )
+        lines.append(f"Auto-Submitted: {auto_submitted}")
     return "".join(f"{line}\r\n" for line in lines).encode("ascii")
 
 
@@ -564,11 +578,17 @@ def wrap_enveloped(
     date: datetime,
     subject: str,
     limits: Limits = DEFAULT_LIMITS,
+    auto_submitted: str | None = None,
 ) -> bytes:
     """RFC 5322 headers around an enveloped CMS blob, no bigger than ``limits`` allow (the
     check :func:`open_message` makes first)."""
     head = message_headers(
-        from_addr=from_addr, to_addrs=to_addrs, message_id=message_id, date=date, subject=subject
+        from_addr=from_addr,
+        to_addrs=to_addrs,
+        message_id=message_id,
+        date=date,
+        subject=subject,
+        auto_submitted=auto_submitted,
     ) + (
         f"Content-Type: application/pkcs7-mime; smime-type={smime_type};\r\n"
         ' name="smime.p7m"\r\n'

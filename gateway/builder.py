@@ -17,6 +17,7 @@ lacks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from archive.log import Entry, Item, Log
 from archive.service import Archive, SigningKey
 from formats import cms_encrypt
 from formats.errors import ConfigError, GatewayError
+from formats.limits import DEFAULT_LIMITS, Limits
 from formats.payload import Organ
 from formats.smime import (
     b64_lines,
@@ -137,6 +139,8 @@ class Builder:
     directory: Callable[[], Directory]
     clock: Callable[[], datetime]
     name: str
+    #: What a message it builds may be (:func:`outbound_limits`).
+    limits: Limits = field(default_factory=lambda: outbound_limits(DEFAULT_LIMITS))
     _certs: dict[str, tuple[datetime, Recipients]] = field(default_factory=dict)
     _trust: tuple[datetime, TrustStore | None] | None = None
     _stale_check: datetime | None = None
@@ -420,6 +424,7 @@ class Builder:
             message_id=f"<receipt.{row.for_seq}.{payload.header.message_id}@{_domain(self.hub.address)}>",
             subject=receipts.subject(str(fields["status"]), row.for_seq),
             at=now,
+            auto_submitted="auto-replied",  # RFC 3834: an answer no one is to answer
         )
         item = Item(
             RECEIPT_KIND,
@@ -563,6 +568,7 @@ class Builder:
                 message_id=message_id,
                 date=now,
                 subject=subject,
+                auto_submitted="auto-generated",
             )
             message = head + sign_entity(entity, cert=cert, key=key)
         item = Item(
@@ -595,6 +601,7 @@ class Builder:
             message_id=f"<alert.{row.id}@{_domain(self.hub.address)}>",
             date=now,
             subject=f"Gateway alert: {_gist(text)}",
+            auto_submitted="auto-generated",
         )
         item = Item("alert", now, {"to": [self.hub.admin], "text": text}, {})
         return _Built(head + signed, (self.hub.admin,), item)
@@ -637,6 +644,7 @@ class Builder:
         subject: str,
         at: datetime,
         sign: bool = True,
+        auto_submitted: str = "auto-generated",
     ) -> bytes:
         if not certs:
             raise _NoCertificate("no certificate to encrypt to")
@@ -652,7 +660,24 @@ class Builder:
             message_id=message_id,
             date=at,
             subject=subject,
+            limits=self.limits,
+            auto_submitted=auto_submitted,
         )
+
+
+#: What re-encrypting a message may add to it: a recipient info per certificate (an agency in
+#: a key rollover has two; each is under 1 KiB in base64) and the hub's headers.
+OUTBOUND_MARGIN = 64 * 1024
+
+
+def outbound_limits(inbound: Limits) -> Limits:
+    """The limits a message the hub builds is held to: those it takes messages in with, the
+    size with :data:`OUTBOUND_MARGIN` more. A delivery is the accepted message re-encrypted,
+    a little larger: held to the inbound size, one accepted near the limit could never be
+    delivered (and how large a relay takes is its own to say, at MAIL)."""
+    return dataclasses.replace(
+        inbound, max_message_bytes=inbound.max_message_bytes + OUTBOUND_MARGIN
+    )
 
 
 class _NoAddress(GatewayError):

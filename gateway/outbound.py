@@ -124,12 +124,21 @@ def owed_for(
     if not authenticated or verdict.disposition not in ("accepted", "rejected"):
         return []
     assert verdict.agency is not None
-    rows = [_values(f"receipt:{seq}", "receipt", seq, verdict.agency.organ_id, at)]
+    rows = []
+    if not is_status(verdict):  # a status is not answered with a status (receipts would loop)
+        rows.append(_values(f"receipt:{seq}", "receipt", seq, verdict.agency.organ_id, at))
     if verdict.disposition == "accepted":
         rows += [
             _values(f"delivery:{seq}:{organ}", "delivery", seq, organ, at) for organ in recipients
         ]
     return rows
+
+
+def is_status(verdict: Verdict) -> bool:
+    """Whether ``verdict``'s payload is a status (a receipt, from a gateway or a system that
+    answers as this one does): filed and delivered, never receipted (RFC 3834's rule for
+    automatic answers): two gateways receipting each other's receipts would never stop."""
+    return verdict.payload is not None and verdict.payload.exchange.category == "status"
 
 
 def resend(intake_id: int, original_seq: int, organ_id: str | None, at: datetime) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from formats.payload import Organ
 from gateway import logs, outbound
 from gateway import settings as settings_mod
 from gateway import worker as worker_mod
-from gateway.builder import Builder, Hub
+from gateway.builder import Builder, Hub, outbound_limits
 from gateway.loading import (
     load_context,
     open_archive,
@@ -240,6 +240,7 @@ def _start_worker(settings: Settings, db: Database) -> tuple[Worker, Builder, Ca
         lambda: contexts().directory,
         clock,
         name,
+        limits=outbound_limits(settings.limits),
     )
     return worker, builder, _signing(settings, contexts, archive, builder)
 

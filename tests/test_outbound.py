@@ -13,6 +13,7 @@ import email
 import email.policy
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -25,13 +26,15 @@ from sqlalchemy import select
 from archive import tables as t
 from archive.records import Transport
 from archive.service import Archive
-from formats.payload import Payload
+from formats.limits import Limits
+from formats.payload import Organ, Payload, build_payload
+from formats.smime import build_message
 from formats.vntime import local_day
 from gateway import builder as builder_module
 from gateway import intake, outbound
 from gateway.builder import Builder, Hub
 from gateway.claims import release_stale_claims, this_host
-from gateway.demo import DemoWorld, tamper
+from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
 from gateway.pipeline import Context
 from gateway.sender import Sender
 from gateway.worker import Worker, worker_name
@@ -146,6 +149,59 @@ def test_accepted_message_gets_a_signed_receipt_and_a_delivery_openssl_can_open(
     assert signed == signed_entity
     assert _payload(content).header.sender.organ_id == "H26.SNV"
     assert archive.verify().ok
+    # RFC 3834: nothing answers them automatically (an agency's auto-responder, a gateway)
+    assert b"\r\nAuto-Submitted: auto-replied\r\n" in receipt.message.split(b"\r\n\r\n")[0]
+    assert b"\r\nAuto-Submitted: auto-generated\r\n" in delivery.message.split(b"\r\n\r\n")[0]
+
+
+def test_a_message_taken_in_at_the_size_limit_is_delivered(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """A delivery is the message re-encrypted, a little larger; held to the size limit it was
+    taken in under, one accepted near the limit failed for good ("send smaller parts"), and
+    a configured limit above 32 MiB was never the builder's."""
+    raw = world.submission("H26.SNV")
+    limits = Limits(max_message_bytes=len(raw))
+    _receive(archive, raw)
+    [outcome] = Worker(
+        archive, lambda: dataclasses.replace(world_ctx, limits=limits), clock=lambda: LATER,
+        name="w",
+    ).run_once()  # fmt: skip
+    assert outcome.disposition == "accepted"
+    built = Builder(archive, hub, lambda: world.directory, clock=lambda: LATER, name="b",
+                    limits=builder_module.outbound_limits(limits))  # fmt: skip
+    while built.run_once():
+        pass
+    delivery = _rows(archive)[f"delivery:{outcome.archive_seq}:H26.CATP"]
+    assert delivery.state == "ready" and delivery.message is not None
+    assert len(delivery.message) > len(raw)
+
+
+def test_a_status_is_filed_and_delivered_but_never_receipted(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """A receipt is a status: one receipted with another status, two gateways (or an agency
+    system that answers as this one does) would send each other receipts for ever."""
+    snv, police = world.directory.get("H26.SNV"), world.directory.get("H26.CATP")
+    assert snv is not None and police is not None
+    status = build_payload(
+        "status",
+        sender=Organ("H26.SNV", snv.name_vi, "vanthu@snv.hanoi.gov.vn"),
+        recipients=[Organ("H26.CATP", police.name_vi, "pa08@congan.hanoi.gov.vn")],
+        records=[{"StatusCode": "01", "Description": "Đã nhận", "Timestamp": WORLD_AT,
+                  "ReceivedDigest": "a" * 64, "ArchiveSequence": 7}],
+        document_number="1/BN", issued_on=WORLD_AT.date(), message_id=uuid.uuid4(),
+        subject="Biên nhận",
+    ).to_xml()  # fmt: skip
+    issued = world.agencies["H26.SNV"]
+    raw = build_message(
+        status, signer_cert=issued.cert, signer_key=issued.key, recipients=[world.hub.cert],
+        from_addr="vanthu@snv.hanoi.gov.vn", to_addrs=[HUB_ADDRESS],
+        message_id="<status-1@snv.hanoi.gov.vn>", date=WORLD_AT, subject="Biên nhận",
+    )  # fmt: skip
+    _receive(archive, raw)
+    seq = _process(archive, world_ctx, world.directory, hub)
+    assert sorted(_rows(archive)) == [f"delivery:{seq}:H26.CATP"]
 
 
 def test_rejected_message_gets_reasons_in_vietnamese_and_english(
