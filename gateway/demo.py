@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from archive.db import Database
 from formats.categories import Value
 from formats.cms_envelope import RecipientKey
-from formats.payload import Organ, Signer, build_payload
+from formats.payload import Organ, Payload, Signer, build_payload
 from formats.smime import build_message
 from gateway.loading import dump_directory
 from gateway.pipeline import Context
@@ -173,33 +173,61 @@ class DemoWorld:
         """A signed and encrypted monthly work-permit submission from ``sender`` to the police
         for the monthly ``period`` (YYYY-MM: the 16th of the month before to the 15th),
         encrypted to the hub's certificate (or to ``to``)."""
+        payload = self.payload(sender, payload_from=payload_from, number=number, period=period)
+        return self.submission_of(payload, sender, signer=signer, from_addr=from_addr, to=to)
+
+    def payload(
+        self,
+        sender: str,
+        *,
+        payload_from: str | None = None,
+        number: int = 1,
+        period: str = "2026-10",
+        message_id: uuid.UUID | None = None,
+    ) -> Payload:
+        """The work-permit payload of :meth:`submission` (a new MessageId unless given)."""
         agency = self.directory.get(sender)
         police = self.directory.get("H26.CATP")
         assert agency is not None and police is not None
-        address = sorted(agency.emails)[0]
-        payload = build_payload(
+        return build_payload(
             "work-permit",
-            sender=Organ(payload_from or agency.organ_id, agency.name_vi, address),
+            sender=Organ(payload_from or agency.organ_id, agency.name_vi, sorted(agency.emails)[0]),
             recipients=[Organ(police.organ_id, police.name_vi, sorted(police.emails)[0])],
             records=WORK_PERMITS,
             document_number=f"{number}/SNV-VLATLĐ",
             issued_on=self.at.date(),
-            message_id=uuid.UUID(bytes=os.urandom(16), version=4),
+            message_id=message_id or uuid.UUID(bytes=os.urandom(16), version=4),
             period=period,
             subject=f"Thông tin người nước ngoài được cấp giấy phép lao động kỳ {period}",
             signer=Signer("Trần Văn Minh", "Phó Giám đốc"),
         )
+
+    def submission_of(
+        self,
+        payload: Payload,
+        sender: str,
+        *,
+        signer: Issued | None = None,
+        from_addr: str | None = None,
+        to: Sequence[x509.Certificate] = (),
+    ) -> bytes:
+        """``payload`` signed as ``sender`` (by ``signer``, from ``from_addr``: its first
+        mailbox's by default) and encrypted to the hub (or to ``to``)."""
+        agency = self.directory.get(sender)
+        assert agency is not None
+        address = from_addr or sorted(agency.emails)[0]
         issued = signer or self.agencies[sender]
+        period = payload.exchange.period_end
         return build_message(
             payload.to_xml(),
             signer_cert=issued.cert,
             signer_key=issued.key,
             recipients=list(to) or [self.hub.cert],
-            from_addr=from_addr or address,
+            from_addr=address,
             to_addrs=[HUB_ADDRESS],
             message_id=f"<{uuid.UUID(bytes=os.urandom(16), version=4)}@{address.split('@')[1]}>",
             date=self.at,
-            subject=f"Báo cáo kỳ {period}: giấy phép lao động",
+            subject=f"Báo cáo kỳ {period:%Y-%m}: giấy phép lao động" if period else "Báo cáo",
         )
 
     def write_home(self, home: Path, passphrase: bytes) -> None:

@@ -17,12 +17,13 @@ unchecked (:class:`~formats.errors.InternalError`), its bytes kept for an admini
 worker whose cycle fails on the database's or the disk's trouble, and lives on, gives its
 claims back uncounted (:class:`gateway.claims.Unsettled`): that is no message's doing.
 
-A duplicate (same signer and payload, or same sender and payload MessageId: DESIGN §5 rule 3)
-is not filed again: its row points at the original entry, and the original receipt is sent
-again. The keys are of what the signature covers, never of the outer headers, which anyone on
-the mail path may rewrite. A rejected original is matched only as the same signed message
-(:func:`recorded_keys`): the same payload sent again, corrected or once the hub's side is fixed,
-is judged anew. A payload reusing its sender's MessageId for a different document is rejected
+A duplicate (same signer and payload, or same sender agency and payload MessageId: DESIGN §5
+rule 3, whichever of the agency's mailboxes sends) is not filed again: its row points at the
+original entry, and the original receipt is sent again. The keys are of what the signature
+covers, never of the outer headers, which anyone on the mail path may rewrite. A rejected
+original is matched only as the same signed message (:func:`recorded_keys`): the same payload
+sent again, corrected or once the hub's side is fixed, is judged anew. A payload reusing its
+sender's MessageId for a different document is rejected
 (:class:`~formats.errors.MessageIdReused`), not taken for a duplicate.
 """
 
@@ -90,19 +91,32 @@ class Outcome:
 
 def replay_keys(verdict: Verdict) -> list[str]:
     """The keys that identify a submission a second time, all of what its signature covers
-    (DESIGN §5 rule 3): its sender and payload MessageId (``sender:``), its signer and payload
-    (``signed:``), and the signed message itself (``copy:``, the decrypted entity: payload,
-    attachments and signature). Which of them a filed submission records is
+    (DESIGN §5 rule 3): its sender agency and payload MessageId (``sender:``: a MessageId is
+    the agency's, whichever of its mailboxes sends, each with a certificate of its own), its
+    signer and payload (``signed:``), and the signed message itself (``copy:``, the decrypted
+    entity: payload, attachments and signature). Which of them a filed submission records is
     :func:`recorded_keys`."""
     keys = []
     if verdict.signer is not None and verdict.opened is not None:
-        if verdict.payload is not None and verdict.from_addr:
+        if verdict.payload is not None and verdict.agency is not None:
             message_id = str(verdict.payload.header.message_id)
-            keys.append(_key("sender", verdict.from_addr.lower(), message_id))
+            keys.append(_key("sender", "agency", verdict.agency.organ_id, message_id))
         signer = hashlib.sha256(verdict.signer.cert.public_bytes(Encoding.DER)).hexdigest()
         keys.append(_key("signed", signer, verdict.opened.payload_sha256))
         keys.append(_key("copy", hashlib.sha256(verdict.opened.decrypted).hexdigest()))
     return keys
+
+
+def keys_of_before(verdict: Verdict) -> list[str]:
+    """The ``sender:`` key as entries filed before it named the agency were recorded under:
+    the sender's mailbox and MessageId. Looked for, never recorded: a copy of one of those is
+    still known."""
+    if verdict.signer is None or verdict.opened is None or verdict.payload is None:
+        return []
+    if not verdict.from_addr:
+        return []
+    message_id = str(verdict.payload.header.message_id)
+    return [_key("sender", verdict.from_addr.lower(), message_id)]
 
 
 def recorded_keys(verdict: Verdict, keys: Sequence[str]) -> list[str]:
@@ -329,6 +343,7 @@ class Worker:
             if v.disposition in ("accepted", "rejected") and authenticated:
                 job.keys = replay_keys(v)
                 job.recorded = recorded_keys(v, job.keys)
+                job.keys += keys_of_before(v)  # looked for, not recorded
             else:  # (one quarantined since an earlier try at filing it keeps none of its keys)
                 job.keys, job.recorded = [], []
         if s.get_bind().dialect.name == "postgresql" and any(j.keys for j in jobs):
@@ -377,7 +392,7 @@ class Worker:
                 continue
             if conflict or taken:  # its sender's MessageId, for another document
                 job.as_judged, job.verdict = job.verdict, reused(job.verdict)
-                job.recorded = recorded_keys(job.verdict, job.keys)
+                job.recorded = recorded_keys(job.verdict, replay_keys(job.verdict))
                 made[job.number] = message_item(job.verdict, job.raw, job.transport)
             for k in job.recorded:
                 first_of[k] = job

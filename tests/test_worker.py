@@ -36,7 +36,7 @@ from gateway.worker import Worker
 from gateway.worker_process import BUILD_EVERY, build_now
 from keys import store
 from keys.directory import Directory
-from keys.issuing import make_root
+from keys.issuing import Issued, issue_agency, make_root
 from keys.trust import TrustStore
 from tests import pg
 from tests.conftest import WORLD_AT
@@ -105,6 +105,64 @@ def test_a_duplicate_is_not_filed_again_but_a_forgery_reusing_its_id_is(
     ]
     with archive.db.session() as s:
         assert archive.log.size(s) == 2
+
+
+def _second_mailbox(world: DemoWorld, world_ctx: Context) -> tuple[Issued, Context]:
+    """H26.SNV with a second mailbox, bophan@, and a certificate of its own for it."""
+    snv = world.directory.get("H26.SNV")
+    assert snv is not None
+    two = dataclasses.replace(snv, emails=frozenset({*snv.emails, "bophan@snv.hanoi.gov.vn"}))
+    directory = Directory.of([two if a.organ_id == "H26.SNV" else a for a in world.directory])
+    second = issue_agency(
+        world.root, email="bophan@snv.hanoi.gov.vn", organ_id="H26.SNV",
+        common_name="So Noi vu (bo phan)", at=WORLD_AT - timedelta(days=1),
+    )  # fmt: skip
+    return second, dataclasses.replace(world_ctx, directory=directory)
+
+
+def test_the_agency_is_the_sender_whichever_of_its_mailboxes_sends(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """A MessageId is the agency's. The same document sent from its second mailbox (its own
+    certificate) was filed and delivered twice; another document under the same MessageId
+    from there was accepted, where from the first mailbox it is refused as reused."""
+    second, ctx = _second_mailbox(world, world_ctx)
+    payload = world.payload("H26.SNV", number=7)
+    first = world.submission_of(payload, "H26.SNV")
+    again = world.submission_of(
+        payload, "H26.SNV", signer=second, from_addr="bophan@snv.hanoi.gov.vn"
+    )
+    other = world.payload("H26.SNV", number=8, message_id=payload.header.message_id)
+    reused_id = world.submission_of(
+        other, "H26.SNV", signer=second, from_addr="bophan@snv.hanoi.gov.vn"
+    )
+    for minutes, raw in enumerate((first, again, reused_id)):
+        _receive(archive, raw, minutes=minutes)
+    outcomes = _worker(archive, ctx).run_once()
+    assert [(o.disposition, o.archive_seq) for o in outcomes] == [
+        ("accepted", 0), ("duplicate", 0), ("rejected", 1),
+    ]  # fmt: skip
+
+
+def test_a_messageid_filed_before_the_agency_keys_is_still_known(
+    archive: Archive, world: DemoWorld, world_ctx: Context
+) -> None:
+    """Entries filed by an earlier version recorded the sender's mailbox with the MessageId:
+    another document under that MessageId, sent after the upgrade, is refused as reused
+    still, not filed as new."""
+    payload = world.payload("H26.SNV", number=7)
+    _receive(archive, world.submission_of(payload, "H26.SNV"))
+    [first] = _worker(archive, world_ctx).run_once()
+    assert first.disposition == "accepted"
+    v = pipeline.process(world.submission_of(payload, "H26.SNV"), world_ctx, at=WORLD_AT)
+    [agency_key] = [k for k in worker_module.replay_keys(v) if k.startswith("sender:")]
+    [mailbox_key] = worker_module.keys_of_before(v)
+    with archive.db.session() as s:  # as the earlier version recorded it
+        s.execute(sqlalchemy.update(t.Seen).where(t.Seen.key == agency_key).values(key=mailbox_key))
+    other = world.payload("H26.SNV", number=8, message_id=payload.header.message_id)
+    _receive(archive, world.submission_of(other, "H26.SNV"), minutes=1)
+    [again] = _worker(archive, world_ctx, minutes=6).run_once()
+    assert again.disposition == "rejected"
 
 
 def test_a_corrected_resend_of_a_rejected_submission_is_judged_anew(
