@@ -145,7 +145,11 @@ def list_cmd(
 @click.option("--to", "end", metavar="DATE", help="Up to this day (included) or time.")
 @click.option("--document-id", help="The payload's DocumentId.")
 @click.option("--message-id", help="The message's Message-ID header.")
-@click.option("--digest", help="SHA-256 of the raw message.")
+@click.option(
+    "--digest",
+    help="SHA-256 of the raw message as received (a receipt's ReceivedDigest is its payload's: "
+    "find that entry by the receipt's ArchiveSequence, with `archive show`).",
+)
 @click.option("--kind", type=_KIND, help="Entry kind.")
 @click.option("--limit", type=COUNT, default=100, show_default=True)
 @click.option("--after", type=AFTER, help="Only entries after this SEQ.")
