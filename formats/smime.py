@@ -105,6 +105,8 @@ class Envelope:
     from_addr: str
     message_id: str
     subject: str | None
+    #: ``Auto-Submitted: auto-replied`` (RFC 3834): an automatic answer to another message.
+    auto_replied: bool = False
 
 
 def read_envelope(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope, Entity]:
@@ -114,7 +116,8 @@ def read_envelope(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope
     message_id = single_header(top, "Message-ID").strip()
     if not (message_id.startswith("<") and message_id.endswith(">") and "@" in message_id):
         raise MalformedMessage(f"Message-ID {message_id[:80]!r} is not of the form <id@domain>")
-    return Envelope(from_addr, message_id, _decoded(top.get("subject"))), top
+    replied = (top.get("auto-submitted") or "").strip().lower().startswith("auto-replied")
+    return Envelope(from_addr, message_id, _decoded(top.get("subject")), replied), top
 
 
 def _decoded(value: str | None) -> str | None:

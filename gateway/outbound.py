@@ -125,7 +125,7 @@ def owed_for(
         return []
     assert verdict.agency is not None
     rows = []
-    if not is_status(verdict):  # a status is not answered with a status (receipts would loop)
+    if not unanswered(verdict):
         rows.append(_values(f"receipt:{seq}", "receipt", seq, verdict.agency.organ_id, at))
     if verdict.disposition == "accepted":
         rows += [
@@ -134,11 +134,15 @@ def owed_for(
     return rows
 
 
-def is_status(verdict: Verdict) -> bool:
-    """Whether ``verdict``'s payload is a status (a receipt, from a gateway or a system that
-    answers as this one does): filed and delivered, never receipted (RFC 3834's rule for
-    automatic answers): two gateways receipting each other's receipts would never stop."""
-    return verdict.payload is not None and verdict.payload.exchange.category == "status"
+def unanswered(verdict: Verdict) -> bool:
+    """Whether ``verdict``'s message is one no receipt answers: a status (a receipt, from a
+    gateway or a system that answers as this one does), or a message that says it is an
+    automatic answer (``Auto-Submitted: auto-replied``: a status this hub's schema refused
+    says so too, when this hub's kind sent it). Filed, and delivered if accepted, but never
+    receipted (RFC 3834): two gateways receipting each other's receipts would never stop. A
+    submission an agency's system sends (``auto-generated``) is receipted as any."""
+    status = verdict.payload is not None and verdict.payload.exchange.category == "status"
+    return status or verdict.auto_replied
 
 
 def resend(intake_id: int, original_seq: int, organ_id: str | None, at: datetime) -> dict[str, Any]:

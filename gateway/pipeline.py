@@ -233,4 +233,5 @@ def process(raw: bytes, ctx: Context, *, at: datetime) -> Verdict:
         signer=w.signer,
         agency=w.agency,
         payload=w.payload,
+        auto_replied=bool(w.envelope and w.envelope.auto_replied),
     )

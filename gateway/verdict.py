@@ -77,6 +77,8 @@ class Verdict:
     signer: ValidatedSigner | None = None
     agency: Agency | None = None
     payload: Payload | None = None
+    #: The message said it is an automatic answer (``Auto-Submitted: auto-replied``).
+    auto_replied: bool = False
 
     @property
     def accepted(self) -> bool:

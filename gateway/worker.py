@@ -108,15 +108,16 @@ def replay_keys(verdict: Verdict) -> list[str]:
 
 
 def keys_of_before(verdict: Verdict) -> list[str]:
-    """The ``sender:`` key as entries filed before it named the agency were recorded under:
-    the sender's mailbox and MessageId. Looked for, never recorded: a copy of one of those is
-    still known."""
+    """The ``sender:`` keys entries filed before it named the agency were recorded under: a
+    mailbox and the MessageId, for each of the agency's mailboxes (any of them may have sent
+    the original). Looked for, never recorded: a copy of one of those is still known."""
     if verdict.signer is None or verdict.opened is None or verdict.payload is None:
         return []
-    if not verdict.from_addr:
-        return []
+    mailboxes = {e.lower() for e in verdict.agency.emails} if verdict.agency else set()
+    if verdict.from_addr:
+        mailboxes.add(verdict.from_addr.lower())
     message_id = str(verdict.payload.header.message_id)
-    return [_key("sender", verdict.from_addr.lower(), message_id)]
+    return [_key("sender", mailbox, message_id) for mailbox in sorted(mailboxes)]
 
 
 def recorded_keys(verdict: Verdict, keys: Sequence[str]) -> list[str]:
@@ -367,7 +368,8 @@ class Worker:
             """Not filed again: the original receipt is sent again (to the agency it answers:
             a duplicate's keys are its authenticated sender's)."""
             agency = job.verdict.agency.organ_id if job.verdict.agency else None
-            owed.append(outbound.resend(job.number, original, agency, now))
+            if not outbound.unanswered(job.verdict):  # (the original got no receipt either)
+                owed.append(outbound.resend(job.number, original, agency, now))
             changes.append(_done(job.number, original, now))
             outcomes[job.number] = Outcome(job.number, "duplicate", original)
 
@@ -445,6 +447,12 @@ def _copy_of(
     directory, a schema brought up to date) is no copy of that refusal: it is filed, and its
     sender receipted ``03``; rejected again, it gets the old receipt again."""
     hits = {k.partition(":")[0]: found[k] for k in job.keys if k in found}
+    # Several sender keys may be found (the agency's, and those of before it, one a mailbox):
+    # one with this payload is the original, if any is.
+    senders = [found[k] for k in job.keys if k in found and k.startswith("sender:")]
+    same = [f for f in senders if payload(f) == _payload_of(job)]
+    if senders:
+        hits["sender"] = (same or senders)[0]
 
     def taken() -> bool:  # its sender's MessageId, found under another payload
         return payload(hits["sender"]) != _payload_of(job)

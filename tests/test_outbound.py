@@ -202,6 +202,26 @@ def test_a_status_is_filed_and_delivered_but_never_receipted(
     _receive(archive, raw)
     seq = _process(archive, world_ctx, world.directory, hub)
     assert sorted(_rows(archive)) == [f"delivery:{seq}:H26.CATP"]
+    _receive(archive, raw)  # again: a duplicate, resent no receipt (there is none)
+    _process(archive, world_ctx, world.directory, hub)
+    assert sorted(_rows(archive)) == [f"delivery:{seq}:H26.CATP"]
+
+
+def test_an_automatic_answer_is_filed_and_delivered_but_never_receipted(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """RFC 3834: a message that says it answers another automatically (a receipt from a
+    gateway whose status this hub's schema refuses says so too) gets no receipt; a
+    submission an agency's system sends (auto-generated) gets one as any."""
+    replied = b"Auto-Submitted: auto-replied\r\n" + world.submission("H26.SNV")
+    generated = b"Auto-Submitted: auto-generated\r\n" + world.submission("H26.SNV", number=2)
+    _receive(archive, replied)
+    first = _process(archive, world_ctx, world.directory, hub)
+    _receive(archive, generated)
+    second = _process(archive, world_ctx, world.directory, hub)
+    assert sorted(_rows(archive)) == [
+        f"delivery:{first}:H26.CATP", f"delivery:{second}:H26.CATP", f"receipt:{second}",
+    ]  # fmt: skip
 
 
 def test_rejected_message_gets_reasons_in_vietnamese_and_english(

@@ -163,6 +163,15 @@ def test_a_messageid_filed_before_the_agency_keys_is_still_known(
     _receive(archive, world.submission_of(other, "H26.SNV"), minutes=1)
     [again] = _worker(archive, world_ctx, minutes=6).run_once()
     assert again.disposition == "rejected"
+    # And from the agency's other mailbox (its own certificate): the same document is a copy,
+    # another under that MessageId is refused.
+    second, ctx = _second_mailbox(world, world_ctx)
+    bophan = "bophan@snv.hanoi.gov.vn"
+    _receive(archive, world.submission_of(payload, "H26.SNV", signer=second, from_addr=bophan))
+    _receive(archive, world.submission_of(other, "H26.SNV", signer=second, from_addr=bophan))
+    copy, reuse = _worker(archive, ctx, minutes=12).run_once()
+    assert (copy.disposition, copy.archive_seq) == ("duplicate", first.archive_seq)
+    assert reuse.disposition == "rejected"
 
 
 def test_a_corrected_resend_of_a_rejected_submission_is_judged_anew(
