@@ -341,13 +341,23 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
             if level == 0:
                 if not any(a <= idx <= b for a, b in explained):  # (not an entry deleted)
                     explained.append((idx, idx))
-                    report.add(
-                        f"tree node (0, {idx}) differs: entry {idx} was changed after being logged"
-                    )
+                    report.add(_leaf_differs(s, levels, idx))
                 continue
-            left, right = below.get(2 * idx), below.get(2 * idx + 1)
-            if left is None or right is None or merkle.node_hash(left, right) == stored:
-                continue  # true to the nodes below it (or they are missing): said below
+            # A child missing from the store stands for what its entries make (unless they
+            # were deleted: said already): an entry changed with its leaf hash, its leaf node
+            # deleted, is still found here, where the stored parent does not agree.
+            children = [below.get(i) for i in (2 * idx, 2 * idx + 1)]
+            if any(c is None for c in children):
+                if any(a <= last and first <= b for a, b in report.holes):
+                    continue
+                left, right = (
+                    c if c is not None else bytes(levels[level - 1][i * size : (i + 1) * size])
+                    for i, c in zip((2 * idx, 2 * idx + 1), children, strict=True)
+                )
+            else:
+                left, right = children  # type: ignore[assignment]
+            if merkle.node_hash(left, right) == stored:
+                continue  # true to the nodes below it: what differs is below, and said there
             explained.append((first, last))
             report.add(
                 f"tree node ({level}, {idx}) is not the hash of the two stored nodes below it: "
@@ -365,6 +375,23 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
                     f"{'s' if count != 1 else ''} of level {level} the log's entries make "
                     "(entries deleted, or nodes written in)"
                 )
+
+
+def _leaf_differs(s: Session, levels: list[bytearray], idx: int) -> str:
+    """What a leaf node that is not its entry's leaf hash says: the entry was changed, unless
+    the stored node above it is what the entries make (then only this node was rewritten)."""
+    size = merkle.HASH_SIZE
+    if len(levels) > 1 and (idx // 2 + 1) * size <= len(levels[1]):
+        parent = s.scalar(
+            select(t.LogNode.hash).where(t.LogNode.level == 1, t.LogNode.idx == idx // 2)
+        )
+        at = idx // 2 * size
+        if isinstance(parent, bytes | memoryview) and bytes(parent) == levels[1][at : at + size]:
+            return (
+                f"tree node (0, {idx}) was rewritten: it is not entry {idx}'s leaf hash, while "
+                "the entry and the nodes above agree"
+            )
+    return f"tree node (0, {idx}) differs: entry {idx} was changed after being logged"
 
 
 def _runs(numbers: list[int]) -> list[tuple[int, int]]:

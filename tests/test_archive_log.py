@@ -270,6 +270,23 @@ TAMPERING: dict[str, tuple[Callable[[Database], None], list[str]]] = {
             "or they were, with entries 4–5 under them"
         ],
     ),
+    "rewrite a leaf node alone": (
+        lambda db: _sql(db, "UPDATE log_nodes SET hash = zeroblob(32) WHERE level = 0 AND idx = 9"),
+        [
+            "tree node (0, 9) was rewritten: it is not entry 9's leaf hash, while the entry and the "
+            "nodes above agree"
+        ],
+    ),
+    "rewrite an entry with its leaf hash and delete its leaf node": (
+        lambda db: (
+            _rewrite_leaf(db, 5),
+            _sql(db, "DELETE FROM log_nodes WHERE level = 0 AND idx = 5"),
+        ),
+        [
+            "tree nodes (0, 5) are missing",
+            "tree node (1, 2) is not the hash of the two stored nodes below it",
+        ],
+    ),
 }
 
 #: What the cases above must not say: every fragment once at most (None: no line at all).
@@ -278,6 +295,8 @@ SAID_ONCE: dict[str, dict[str, int]] = {
     "delete the data keys": {"data key 1 is missing": 1},
     "rewrite two tree nodes, one above the other": {"changed after being logged": 0},
     "rewrite an entry, its leaf hash and its leaf node": {"tree node": 1},
+    "rewrite a leaf node alone": {"changed after being logged": 0, "tree node": 1},
+    "rewrite an entry with its leaf hash and delete its leaf node": {"is not the hash": 1},
 }
 
 
