@@ -47,6 +47,10 @@ class LogError(Exception):
     """The log cannot do what was asked (unknown entry, impossible proof)."""
 
 
+class MissingNode(LogError):
+    """A tree node a proof needs is not stored: the log was damaged, or altered."""
+
+
 def canonical(record: Mapping[str, Any]) -> bytes:
     """The bytes that are hashed: JSON with sorted keys, no spaces, UTF-8; no floats."""
     _check_types(record)
@@ -285,7 +289,7 @@ class Log:
             try:
                 return found[node]
             except KeyError:
-                raise LogError(f"the log is missing tree node {node}") from None
+                raise MissingNode(f"the log is missing tree node {node}") from None
 
         return lookup
 

@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 from archive import bundle, bundle_check, merkle
 from archive import checkpoint as cp
 from archive import tables as t
-from archive.log import Entry
+from archive.log import Entry, MissingNode
 from archive.search import (
     newest_checkpoint,
 )
-from archive.service import hub_certificates, hub_signer, outside_trust
+from archive.service import Archive, hub_certificates, hub_signer, outside_trust
 from formats.algorithms import signed_by
 from formats.errors import InputError
 from gateway.cli import Failure, emit_json
@@ -231,41 +231,19 @@ def prove_cmd(
         [*(f" --ca {shlex.quote(str(p))}" for p in anchors),
          *(f" --hub-address {shlex.quote(h)}" for h in hub_addresses)]
     )  # fmt: skip
-    with _opened(ctx) as a, a.db.session() as s:
-        judge = _outside_judge(s, trusted, hubs) if trusted else None
-        if consistency:
-            old, new = consistency
-            path = a.log.consistency(s, old, new)
-            old_root, new_root = a.log.root(s, old), a.log.root(s, new)
-            signed_old = _checkpoint_json(s, _checkpoint_for(s, None, old), judge)
-            signed_new = _checkpoint_json(s, _checkpoint_for(s, None, new), judge)
-            verified, what, checks = _consistency_report(
-                old, new, (old_root, new_root), path, (signed_old, signed_new)
-            )
-            out: dict[str, Any] = {
-                "old": old, "new": new, "old_root": old_root.hex(), "new_root": new_root.hex(),
-                "proof": [h.hex() for h in path], "verified": verified,
-                "old_checkpoint": signed_old, "new_checkpoint": signed_new,
-            }  # fmt: skip
-            again = f"gateway archive prove --consistency {old} {new}{pinned} --json"
-            _read(a, s, "prove", f"consistency {old} {new}")
+    try:
+        with _opened(ctx) as a, a.db.session() as s:
+            found = _prove(a, s, seq, size, consistency, trusted, hubs, pinned)
+    except MissingNode as err:  # no proof can be made: a check failed, not a usage error
+        if as_json:
+            emit_json({"verified": False, "problem": str(err)})
         else:
-            assert seq is not None
-            entry = a.log.entry(s, seq)
-            row = _checkpoint_for(s, seq, size)
-            n = size if size is not None else row.size if row else 0
-            path = a.log.inclusion(s, seq, n)
-            root = a.log.root(s, n)
-            signed = _checkpoint_json(s, row, judge)
-            verified, what, checks = _inclusion_report(seq, n, root, entry, path, signed)
-            out = {
-                "seq": seq, "size": n, "leaf_hash": merkle.leaf_hash(entry.record).hex(),
-                "root": root.hex(), "audit_path": [h.hex() for h in path], "verified": verified,
-                "checkpoint": signed,
-            }  # fmt: skip
-            sized = f" --size {size}" if size is not None else ""
-            again = f"gateway archive prove {seq}{sized}{pinned} --json"
-            _read(a, s, "prove", f"entry {seq} size {n}")
+            click.echo(
+                f"FAIL  tree: {err} (altered or damaged: `gateway archive verify` says more)"
+            )
+            click.echo("proof does NOT verify")
+        ctx.exit(1)
+    verified, what, checks, out, again = found
     if as_json:
         emit_json(out)
     else:
@@ -279,6 +257,54 @@ def prove_cmd(
                f"export {seq} --out FILE`")
         )  # fmt: skip
     ctx.exit(0 if verified else 1)
+
+
+def _prove(
+    a: Archive,
+    s: Session,
+    seq: int | None,
+    size: int | None,
+    consistency: tuple[int, int] | None,
+    trusted: list[x509.Certificate],
+    hubs: tuple[str, ...],
+    pinned: str,
+) -> tuple[bool, str, list[tuple[str, str, str]], dict[str, Any], str]:
+    """The proof asked for, its checks, and the command that gives it again as JSON."""
+    judge = _outside_judge(s, trusted, hubs) if trusted else None
+    if consistency:
+        old, new = consistency
+        path = a.log.consistency(s, old, new)
+        old_root, new_root = a.log.root(s, old), a.log.root(s, new)
+        signed_old = _checkpoint_json(s, _checkpoint_for(s, None, old), judge)
+        signed_new = _checkpoint_json(s, _checkpoint_for(s, None, new), judge)
+        verified, what, checks = _consistency_report(
+            old, new, (old_root, new_root), path, (signed_old, signed_new)
+        )
+        out: dict[str, Any] = {
+            "old": old, "new": new, "old_root": old_root.hex(), "new_root": new_root.hex(),
+            "proof": [h.hex() for h in path], "verified": verified,
+            "old_checkpoint": signed_old, "new_checkpoint": signed_new,
+        }  # fmt: skip
+        again = f"gateway archive prove --consistency {old} {new}{pinned} --json"
+        _read(a, s, "prove", f"consistency {old} {new}")
+    else:
+        assert seq is not None
+        entry = a.log.entry(s, seq)
+        row = _checkpoint_for(s, seq, size)
+        n = size if size is not None else row.size if row else 0
+        path = a.log.inclusion(s, seq, n)
+        root = a.log.root(s, n)
+        signed = _checkpoint_json(s, row, judge)
+        verified, what, checks = _inclusion_report(seq, n, root, entry, path, signed)
+        out = {
+            "seq": seq, "size": n, "leaf_hash": merkle.leaf_hash(entry.record).hex(),
+            "root": root.hex(), "audit_path": [h.hex() for h in path], "verified": verified,
+            "checkpoint": signed,
+        }  # fmt: skip
+        sized = f" --size {size}" if size is not None else ""
+        again = f"gateway archive prove {seq}{sized}{pinned} --json"
+        _read(a, s, "prove", f"entry {seq} size {n}")
+    return verified, what, checks, out, again
 
 
 def _issuers(s: Session, cert: x509.Certificate) -> list[x509.Certificate]:

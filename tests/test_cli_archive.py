@@ -603,6 +603,25 @@ def test_prove_says_which_check_fails_for_a_changed_record(
     assert lines[4] == "proof does NOT verify"
 
 
+def test_prove_with_a_tree_node_deleted_is_a_failed_check(home: Path, seqs: dict[str, int]) -> None:
+    """A node the proof needs, deleted: exit 2 ("the log is missing tree node …"), as if the
+    command had been misused; it is what `prove` is for, a FAIL and exit 1."""
+    seq = seqs["accepted"]
+    _edit(home, "DELETE FROM log_nodes WHERE level = 0 AND idx = ?", seq ^ 1)  # its sibling
+    bad = run(home, "prove", seq)
+    assert bad.exit_code == 1, bad.output
+    assert bad.stdout.splitlines() == [
+        f"FAIL  tree: the log is missing tree node (0, {seq ^ 1}) (altered or damaged: "
+        "`gateway archive verify` says more)",
+        "proof does NOT verify",
+    ]
+    as_json = run(home, "prove", seq, "--json")
+    assert as_json.exit_code == 1
+    assert json.loads(as_json.stdout) == {
+        "verified": False, "problem": f"the log is missing tree node (0, {seq ^ 1})",
+    }  # fmt: skip
+
+
 def test_prove_an_entry_newer_than_the_checkpoint_says_what_to_do(home: Path) -> None:
     newest = len(entries(home))  # the read of `entries` is entry `newest`
     result = run(home, "prove", newest)
