@@ -164,8 +164,10 @@ def plan(
             continue
         ob, period = cell.obligation, cell.period
         provider = directory.get(ob.provider)
-        if provider is None or not provider.emails:
-            continue  # no mailbox to remind (the status report still shows the gap)
+        if provider is None or not provider.emails or not provider.active_on(today):
+            # no mailbox to remind, or no agency any more (merged away, dissolved): the
+            # status report still shows the gap; a notice would only come back refused
+            continue
         category = CATEGORIES.get(ob.category)
         values = {
             "agency": provider.name_vi,
@@ -189,7 +191,7 @@ def plan(
             to = ob.provider
             if kind == "escalation":
                 supervisor = directory.get(provider.supervisor) if provider.supervisor else None
-                if supervisor is None or not supervisor.emails:
+                if supervisor is None or not supervisor.emails or not supervisor.active_on(today):
                     continue
                 values["supervisor"], to = supervisor.name_vi, supervisor.organ_id
             out.append(_make(templates, kind, to, ob.id, period.label, values, about))

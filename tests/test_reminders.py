@@ -135,6 +135,35 @@ def test_a_month_of_reminders_each_sent_once(archive: Archive, live_world: DemoW
         assert "6 ngày làm việc" in escalation.detail["text"]
 
 
+def test_no_agency_that_has_ceased_is_reminded_nor_escalated_to(
+    archive: Archive, live_world: DemoWorld
+) -> None:
+    """Agencies merged away (the district committees ended 30 June 2025) were sent late
+    notices for ever, each refused at building with an admin alert; a supervisor that has
+    ceased was escalated to. The status report still shows the gap."""
+    at, ended = _at(date(2026, 10, 30)), date(2026, 10, 25)
+
+    def planned(directory: Directory) -> list[str]:
+        result = run(
+            archive.db, calendar=CAL, directory=directory, templates=load_templates(),
+            policy=Policy(), hub=HUB, now=at, dry_run=True,
+        )  # fmt: skip
+        return sorted(r.key for r in result.planned)
+
+    def ceased(organ_id: str) -> Directory:
+        return Directory.of(
+            [dataclasses.replace(a, valid_to=ended) if a.organ_id == organ_id else a
+             for a in _directory(live_world)]
+        )  # fmt: skip
+
+    assert planned(_directory(live_world)) == [
+        "reminder:escalation:test-8.2.c-snv-work-permit:2026-10",
+        "reminder:late:test-8.2.c-snv-work-permit:2026-10",
+    ]
+    assert planned(ceased("H26.SNV")) == []
+    assert planned(ceased("H26.UBND")) == ["reminder:late:test-8.2.c-snv-work-permit:2026-10"]
+
+
 def test_runs_at_the_same_time_queue_each_reminder_once(
     archive: Archive, live_world: DemoWorld
 ) -> None:
