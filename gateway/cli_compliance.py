@@ -370,6 +370,11 @@ def requests_cmd(
     """Ad-hoc requests per addressee: open, answered, answered late, or deemed consent (no
     reply by the deadline: QĐ 1342/QĐ-UBND 2023 Điều 7.3.a)."""
     at = _at(at_text)
+    if record and at > now():
+        raise InputError(
+            "--record files what is true now, and the archive keeps it for good: not with a "
+            f"--at in the future ({at_text}); look ahead without --record"
+        )
     with _session(ctx) as s:
         requests, replies = ledger.requests_and_replies(s)
         statuses = requests_status(requests, replies, calendar_of(load_settings(ctx)), at)

@@ -6,14 +6,17 @@ from datetime import datetime
 
 import click
 
+from formats.errors import InputError
+from formats.vntime import VN_TZ
 from gateway.cli import db_session, emit_json, in_calendar, load_settings, now, parse_time
 from gateway.loading import load_directory_merged, open_database
 from gateway.remind import calendar_of, policy_of, run, templates_of
 
 
 def _moment(text: str) -> datetime:
-    """``--at``: an ISO 8601 time in the calendar's years (:class:`InputError` otherwise)."""
-    return in_calendar(parse_time(text), f"--at {text!r}")
+    """``--at``: an ISO 8601 time in the calendar's years (:class:`InputError` otherwise);
+    without an offset, Vietnam time (as the compliance commands read it)."""
+    return in_calendar(parse_time(text, naive=VN_TZ), f"--at {text!r}")
 
 
 @click.command()
@@ -30,6 +33,10 @@ def remind(ctx: click.Context, dry_run: bool, at_text: str | None, as_json: bool
     """
     settings = load_settings(ctx)
     at = _moment(at_text) if at_text else now()
+    if at > now() and not dry_run:
+        # Each reminder is queued once, by its key: queued ahead of its time, the notice would
+        # go now and never when it is due.
+        raise InputError(f"--at {at_text} is in the future: look ahead with --dry-run")
     db = open_database(settings)
     try:
         with db_session(ctx) as s:

@@ -4,6 +4,7 @@ range, never an ``OverflowError`` from the database driver or ``datetime`` repor
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,25 @@ def test_a_home_that_does_not_exist_is_refused_not_made(
         result
     )
     assert not missing.exists()
+
+
+def test_a_reminder_run_or_a_record_in_the_future_is_refused(home: Path) -> None:
+    """A reminder is queued once, by its key: queued ahead of its time (`remind --at` a future
+    moment), it went then and never when it was due. A deemed consent filed for the future
+    (`compliance requests --at FUTURE --record`) stayed in the archive for good, true or not."""
+    ahead = "2099-01-01T09:00+07:00"
+    assert "is in the future: look ahead with --dry-run" in refused(
+        run(home, "remind", "--at", ahead)
+    )
+    assert run(home, "remind", "--dry-run", "--at", ahead).exit_code == 0
+    message = refused(run(home, "compliance", "requests", "--at", ahead, "--record"))
+    assert "not with a --at in the future" in message
+    assert run(home, "compliance", "requests", "--at", ahead).exit_code == 0
+
+
+def test_remind_reads_a_time_without_an_offset_as_vietnam_time(home: Path) -> None:
+    """As the compliance commands do: 20:00 on the due date was 03:00 the next day in Hanoi,
+    and a late notice was planned for a report not yet late."""
+    result = run(home, "remind", "--dry-run", "--json", "--at", "2026-10-22T20:00")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["at"] == "2026-10-22T20:00:00+07:00"
