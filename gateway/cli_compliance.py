@@ -20,6 +20,7 @@ import click
 from formats.errors import InputError
 from formats.vntime import VN_TZ, local_day
 from gateway import compliance_html, ledger, obligation_store
+from gateway import settings as settings_mod
 from gateway.adhoc import REQUEST_STATES, RequestStatus, requests_status
 from gateway.cli import actor, emit_json, in_calendar, load_settings, now, parse_time
 from gateway.cli import db_session as _session
@@ -44,6 +45,15 @@ def _line(day: Day) -> str:
     return f"{head}\n{'':25}{tail}"
 
 
+def _home_settings(ctx: click.Context) -> settings_mod.Settings:
+    """The home's settings, or the defaults where there is no home yet (the calendar needs
+    none: it can be looked at before `gateway init`)."""
+    home: Path = ctx.find_root().obj["home"]
+    if not (home / settings_mod.CONFIG_NAME).exists():
+        return settings_mod.Settings(home=home)
+    return load_settings(ctx)
+
+
 @compliance.command("calendar")
 @click.argument("year", type=click.IntRange(MIN_YEAR, MAX_YEAR))
 @click.option(
@@ -66,7 +76,9 @@ def _line(day: Day) -> str:
     help="An extra overlay TOML file; its entries replace shipped entries with the same id.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
 def calendar_cmd(
+    ctx: click.Context,
     year: int,
     without_proposed: bool,
     include: tuple[str, ...],
@@ -75,12 +87,15 @@ def calendar_cmd(
     as_json: bool,
 ) -> None:
     """Days off on weekdays and working weekend days of YEAR, with their reason and source,
-    and the number of working days in each month."""
+    and the number of working days in each month: the calendar the home's [compliance]
+    settings choose (what deadlines and reminders count with), the options on top."""
+    settings = _home_settings(ctx)
+    c = settings.compliance
     cal = Calendar.load(
-        include_proposed=not without_proposed,
-        include=include,
-        exclude=exclude,
-        extra_overlay=overlay,
+        include_proposed=c.include_proposed and not without_proposed,
+        include=(*c.ids("include"), *include),
+        exclude=(*c.ids("exclude"), *exclude),
+        extra_overlay=overlay or (settings.path(c.overlay) if c.overlay else None),
     )
     table = cal.year_table(year)
     if as_json:

@@ -321,3 +321,35 @@ def test_the_compliance_commands_use_the_calendar_the_settings_choose(tmp_path: 
         versions.append(json.loads(done.output)["calendar_version"])
     assert versions[0] == Calendar.load().version
     assert versions[1] == Calendar.load(include_proposed=False).version != versions[0]
+
+
+def test_the_calendar_command_shows_the_calendar_the_settings_choose(tmp_path: Path) -> None:
+    """`compliance calendar` showed the shipped calendar whatever [compliance] said: a day
+    off an admin had added (overlay) was a working day there, and not in the deadlines."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "calendar.toml").write_text(
+        '[[entry]]\nid = "hn-2027-extra"\ndate = 2027-02-11\nkind = "off"\n'
+        'name = "Nghỉ bù (thử)"\nsource = "test"\nstatus = "law"\n',
+        encoding="utf-8",
+    )
+    (home / "gateway.toml").write_text(
+        '[compliance]\ninclude_proposed = false\noverlay = "calendar.toml"\n', encoding="utf-8"
+    )
+    settings = settings_mod.load(home)
+    from gateway.remind import calendar_of
+
+    chosen = calendar_of(settings)
+    done = CliRunner().invoke(
+        cli, ["--home", str(home), "compliance", "calendar", "2027", "--json"]
+    )
+    assert done.exit_code == 0, done.output
+    shown = json.loads(done.output)
+    assert shown["version"] == chosen.version != Calendar.load().version
+    assert not chosen.is_working_day(date(2027, 2, 11))
