@@ -9,6 +9,7 @@ like receipts (:mod:`gateway.outbound`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,7 +32,8 @@ from keys.directory import Directory
 
 #: PostgreSQL advisory lock key for a reminder run ("gw-rem").
 _LOCK = 0x67772D72656D
-#: Periods looked at: this many months back (late notices, escalations) and one ahead.
+#: Periods looked at: at least this many months back (late notices, escalations) and one
+#: ahead; more when escalations come later (:func:`months_back`).
 MONTHS_BACK = 3
 
 
@@ -105,10 +107,19 @@ def record_consents(db: Database, *, calendar: Calendar, now: datetime) -> int:
         return len(ledger.record_deemed_consent(s, statuses, at=now))
 
 
-def labels_around(now: datetime) -> list[str]:
+def months_back(policy: Policy) -> int:
+    """Months of periods to look back over: enough for an escalation ``escalate_after_days``
+    working days after a period's due date (seven calendar days to five working days, a
+    fortnight for Tết and the due date's own distance after the period). With a fixed three
+    months, a delay over about 60 working days (the settings allow 250) never escalated."""
+    calendar_days = policy.escalate_after_days * 7 / 5 + 14
+    return max(MONTHS_BACK, 2 + math.ceil(calendar_days / 30))
+
+
+def labels_around(now: datetime, back: int = MONTHS_BACK) -> list[str]:
     day = local_day(now)
     month = day.year * 12 + day.month - 1
-    return [f"{m // 12:04d}-{m % 12 + 1:02d}" for m in range(month - MONTHS_BACK, month + 2)]
+    return [f"{m // 12:04d}-{m % 12 + 1:02d}" for m in range(month - back, month + 2)]
 
 
 def run(
@@ -125,7 +136,7 @@ def run(
 ) -> RunResult:
     """Plan at ``now`` and queue what is new. Certificate warnings also go to ``admin`` (as
     an alert) when an admin address is configured."""
-    labels = labels_around(now)
+    labels = labels_around(now, months_back(policy))
     with db.session(read_only=True) as s:
         obligations = obligation_store.obligations(s)
         submissions = ledger.submissions(s, labels)

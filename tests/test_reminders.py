@@ -353,3 +353,23 @@ def test_the_calendar_command_shows_the_calendar_the_settings_choose(tmp_path: P
     shown = json.loads(done.output)
     assert shown["version"] == chosen.version != Calendar.load().version
     assert not chosen.is_working_day(date(2027, 2, 11))
+
+
+def test_a_long_escalation_delay_still_escalates(archive: Archive, live_world: DemoWorld) -> None:
+    """The periods looked at went three months back: with escalate_after_days over about 60
+    (the settings allow 250), the period had left the window before it was late enough, and
+    no escalation was ever sent."""
+    from gateway.compliance import working_days_late
+
+    policy = Policy(escalate_after_days=80)
+    due = date(2026, 10, 22)
+    day = due
+    while working_days_late(CAL, due, day) < 80:
+        day += timedelta(days=1)
+    result = run(
+        archive.db, calendar=CAL, directory=_directory(live_world), templates=load_templates(),
+        policy=policy, hub=HUB, now=_at(day), dry_run=True,
+    )  # fmt: skip
+    assert "reminder:escalation:test-8.2.c-snv-work-permit:2026-10" in [
+        r.key for r in result.planned
+    ], day
