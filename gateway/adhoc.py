@@ -81,6 +81,17 @@ class Request:
             # hoặc ngày nghỉ lễ thì thời hạn kết thúc tại thời điểm kết thúc ngày làm việc tiếp
             # theo ngày nghỉ đó".
             day = next_working_day(calendar, given)
+            received = local_day(self.received_at)
+            if day <= received:
+                # Điều 7.3.a: the chair "phải dành thời gian tối thiểu để đảm bảo các đơn vị được
+                # lấy ý kiến có thời gian nghiên cứu": a DueDate that had passed (or was that
+                # very day) when the request arrived leaves none, and would be deemed consent
+                # at once. The default period applies (Điều 7.3.c: at most 15 working days).
+                return calendar.add_working_days(received, DEFAULT_REPLY_DAYS), (
+                    f"DueDate {given} given by the requester had come when the request arrived "
+                    f"({received}): {DEFAULT_REPLY_DAYS} working days from receipt "
+                    "(QĐ 1342 Điều 7.3.a, 7.3.c)"
+                )
             if day == given:
                 return day, rule
             return day, (

@@ -62,3 +62,17 @@ def test_a_due_date_on_a_working_day_is_kept() -> None:
     assert rule == "DueDate given by the requester (QĐ 1342 Điều 7.3.a)"
     # Outside the years the calendar covers (2000–2099) it cannot say: kept as given.
     assert request(date(2100, 1, 2)).deadline(CAL)[0] == date(2100, 1, 2)  # a Saturday
+
+
+def test_a_due_date_that_had_come_when_the_request_arrived_gives_the_default_period() -> None:
+    """DueDate 3 November, received on the 5th: consent was deemed one second after receipt.
+    Điều 7.3.a asks the chair to leave time to study it; the default period applies, 15
+    working days from receipt (Điều 7.3.c), and so for a DueDate of the day of receipt."""
+    for due in (date(2026, 11, 3), date(2026, 11, 5)):
+        r = request(due, "2026-11-05")
+        day, rule = r.deadline(CAL)
+        assert day == CAL.add_working_days(date(2026, 11, 5), 15)
+        assert f"DueDate {due} given by the requester had come when the request arrived" in rule
+        [st] = requests_status([r], [], CAL, at("2026-11-05", "10:01"))
+        assert st.state == "open"
+    assert request(date(2026, 11, 6), "2026-11-05").deadline(CAL)[0] == date(2026, 11, 6)
