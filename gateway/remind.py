@@ -90,7 +90,7 @@ def templates_of(settings: Settings) -> Templates:
 
 def policy_of(settings: Settings) -> Policy:
     c = settings.compliance
-    return Policy(c.courtesy_days, c.escalate_after_days, c.certificate_days)
+    return Policy(c.courtesy_days, c.escalate_after_days, c.certificate_days, c.since())
 
 
 def record_consents(db: Database, *, calendar: Calendar, now: datetime) -> int:

@@ -41,6 +41,7 @@ class Policy:
     courtesy_days: int = 2  # working days before the due date
     escalate_after_days: int = 5  # working days after the due date
     certificate_days: int = 30  # calendar days before a certificate expires
+    since: date | None = None  # no reminder for a period due before this day (go-live)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def plan(
     days_late: dict[date, int] = {}
     for cell in cells:
         status, due = cell.status, cell.due
+        if policy.since is not None and due < policy.since:
+            continue  # before the hub served: the status report still shows it
         if status == "not-due-yet":
             if today > due or (due - today).days > 2 * policy.courtesy_days + 7:
                 continue  # too far ahead for a courtesy notice (weekends and holidays included)

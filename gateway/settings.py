@@ -83,6 +83,7 @@ Example (all keys optional)::
     escalate_after_days = 5                  # escalate to the supervisor: working days late
     certificate_days = 30                    # warn before an agency certificate expires
     # templates = "reminders.toml"           # reminder texts (default: reminders.toml if present)
+    # reminders_from = "2026-12-01"          # no reminder for periods due before (go-live day)
 
     [serve]
     workers = 2                              # pipeline processes (crypto off the SMTP loop)
@@ -96,6 +97,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,21 @@ class ComplianceSettings:
     escalate_after_days: int = 5
     certificate_days: int = 30
     templates: Path | None = None
+    #: No reminder for a period due before this day (YYYY-MM-DD; "": none): the day the hub
+    #: went live, so that its first run does not send notices for months it never served.
+    reminders_from: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reminders_from:
+            try:
+                date.fromisoformat(self.reminders_from)
+            except ValueError:
+                raise ValueError(
+                    f"reminders_from = {self.reminders_from!r} is not a day (YYYY-MM-DD)"
+                ) from None
+
+    def since(self) -> date | None:
+        return date.fromisoformat(self.reminders_from) if self.reminders_from else None
 
     def ids(self, which: str) -> tuple[str, ...]:
         return tuple(i.strip() for i in getattr(self, which).split(",") if i.strip())

@@ -373,3 +373,32 @@ def test_a_long_escalation_delay_still_escalates(archive: Archive, live_world: D
     assert "reminder:escalation:test-8.2.c-snv-work-permit:2026-10" in [
         r.key for r in result.planned
     ], day
+
+
+def test_no_reminder_for_a_period_due_before_the_hub_went_live(
+    archive: Archive, live_world: DemoWorld, tmp_path: Path
+) -> None:
+    """The first run of a new hub sent late notices and escalations for every period of the
+    months it looks back over, which no one had been able to send it. With [compliance]
+    reminders_from (the go-live day), a period due before it is not reminded."""
+    at = _at(date(2026, 10, 30))
+
+    def planned(policy: Policy) -> list[str]:
+        result = run(
+            archive.db, calendar=CAL, directory=_directory(live_world), templates=load_templates(),
+            policy=policy, hub=HUB, now=at, dry_run=True,
+        )  # fmt: skip
+        return sorted(r.key for r in result.planned)
+
+    assert len(planned(Policy())) == 2  # the late notice and the escalation of 2026-10
+    assert planned(Policy(since=date(2026, 10, 23))) == []  # due 22 Oct: before go-live
+    assert len(planned(Policy(since=date(2026, 10, 22)))) == 2
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "gateway.toml").write_text('[compliance]\nreminders_from = "2026-10-23"\n')
+    from gateway.remind import policy_of
+
+    assert policy_of(settings_mod.load(home)).since == date(2026, 10, 23)
+    (home / "gateway.toml").write_text('[compliance]\nreminders_from = "October"\n')
+    with pytest.raises(ConfigError, match="reminders_from = 'October' is not a day"):
+        settings_mod.load(home)
