@@ -21,7 +21,7 @@ calendar passed in, and every status carries its version.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import Any, Final, Literal, get_args
 
@@ -31,7 +31,7 @@ from gateway.compliance import Calendar, end_of, working_days_late
 from gateway.obligations import next_working_day
 from gateway.workdays import MAX_YEAR, MIN_YEAR
 
-RequestState = Literal["open", "answered", "answered-late", "deemed-consent"]
+RequestState = Literal["open", "answered", "answered-late", "deemed-consent", "withdrawn"]
 REQUEST_STATES: Final[tuple[RequestState, ...]] = get_args(RequestState)
 #: QĐ 1342/QĐ-UBND 2023 Điều 7.3.a: "trả lời văn bản trong vòng 15 (mười lăm) ngày làm việc
 #: kể từ ngày nhận đầy đủ hồ sơ" when the requester sets no time.
@@ -52,6 +52,8 @@ class Request:
     due_date: date | None = None  # DueDate, given by the requester
     after_meeting: bool = False
     subject: str = ""
+    business: str = "new"  # new | update | replace | revoke (edXML BusinessDocType)
+    replaces: str | None = None  # the DocumentId an update, replace or revoke names
 
     @classmethod
     def from_entry(cls, seq: int, fields: Mapping[str, Any]) -> Request | None:
@@ -67,6 +69,8 @@ class Request:
             datetime.fromisoformat(fields["transport"]["received_at"]),
             date.fromisoformat(due) if due else None,
             subject=str(fields.get("subject") or ""),
+            business=str(payload.get("business") or "new"),
+            replaces=payload.get("replaces"),
         )
 
     def deadline(self, calendar: Calendar) -> tuple[date, str]:
@@ -179,18 +183,20 @@ def requests_status(
             first.setdefault((answer.response_for, answer.sender), answer)
     today = local_day(now)
     out = []
-    for req in sorted(requests, key=lambda r: (r.received_at, r.seq)):
-        if req.received_at > now:
-            continue
+    for req, names, withdrawn in _chains(r for r in requests if r.received_at <= now):
         deadline, rule = req.deadline(calendar)
         for addressee in req.addressees:
-            reply = first.get((req.document_id, addressee))
+            # A reply to the request, or to any update of it, answers it (the first one).
+            found = [first[n, addressee] for n in names if (n, addressee) in first]
+            reply = min(found, key=lambda r: (r.received_at, r.seq)) if found else None
             late = 0
             if reply is not None:
                 late = working_days_late(calendar, deadline, local_day(reply.received_at))
             state: RequestState = (
                 ("answered-late" if late else "answered")
                 if reply
+                else "withdrawn"
+                if withdrawn
                 else "deemed-consent"
                 if today > deadline
                 else "open"
@@ -199,6 +205,40 @@ def requests_status(
                 RequestStatus(req, addressee, deadline, rule, calendar.version, state, reply, late)
             )
     return out
+
+
+def _chains(requests: Iterable[Request]) -> list[tuple[Request, tuple[str, ...], bool]]:
+    """Each request as its requester's later documents left it: (the request, with the
+    deadline and addressees of its last update; the DocumentIds a reply may answer; whether a
+    revoke withdrew it). An ``update`` or ``replace`` that names a request of the same
+    requester moves its deadline (an extension) and keeps the replies to it; a ``revoke``
+    withdraws it, and is no request itself. One that names no such request is a request of
+    its own (an update or replace), or changes nothing (a revoke)."""
+    chains: dict[str, list[Any]] = {}  # any DocumentId of a chain → [request, names, withdrawn]
+    order: list[list[Any]] = []
+    for req in sorted(requests, key=lambda r: (r.received_at, r.seq)):
+        chain = chains.get(req.replaces) if req.replaces else None
+        if chain is not None and chain[0].requester != req.requester:
+            chain = None  # only the requester changes its own request
+        if req.business == "revoke":
+            if chain is not None:
+                chain[2] = True
+            continue
+        if chain is not None and req.business in ("update", "replace"):
+            original: Request = chain[0]
+            chain[0] = replace(
+                original,
+                addressees=req.addressees or original.addressees,
+                due_date=req.due_date or original.due_date,
+                subject=req.subject or original.subject,
+            )
+            chain[1] = (*chain[1], req.document_id)
+            chains[req.document_id] = chain
+            continue
+        chain = [req, (req.document_id,), False]
+        chains[req.document_id] = chain
+        order.append(chain)
+    return [(c[0], c[1], c[2]) for c in order]
 
 
 def deemed_consent_item(status: RequestStatus, at: datetime) -> Item:

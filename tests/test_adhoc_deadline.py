@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import date, datetime
 
 from gateway.adhoc import Reply, Request, deemed_consent_item, requests_status
@@ -76,3 +77,37 @@ def test_a_due_date_that_had_come_when_the_request_arrived_gives_the_default_per
         [st] = requests_status([r], [], CAL, at("2026-11-05", "10:01"))
         assert st.state == "open"
     assert request(date(2026, 11, 6), "2026-11-05").deadline(CAL)[0] == date(2026, 11, 6)
+
+
+ORIGINAL = "H26.CATP,2026/11/02,1/YC"
+
+
+def change(business: str, due: date | None, received: str, seq: int = 5) -> Request:
+    """The requester's later document naming the request: an update (extension) or revoke."""
+    return Request(seq, f"H26.CATP,{received.replace('-', '/')},{seq}/YC", "H26.CATP",
+                   ("H26.SNV",), at(received), due, business=business, replaces=ORIGINAL)  # fmt: skip
+
+
+def test_an_extension_moves_the_deadline_and_a_reply_to_either_answers() -> None:
+    """The requester extends its request (an update naming it, with a later DueDate): the
+    original kept its deadline and ended in deemed consent, and the update was taken for a
+    second request, which a reply to the original did not answer."""
+    original = request(date(2026, 12, 14))
+    extended = change("update", date(2027, 1, 15), "2026-11-20")
+    [st] = requests_status([original, extended], [], CAL, at("2026-12-20"))
+    assert (st.request.document_id, st.deadline, st.state) == (ORIGINAL, date(2027, 1, 15), "open")
+    answer = reply(at("2027-01-10"))  # to the original's DocumentId
+    [st] = requests_status([original, extended], [answer], CAL, at("2027-01-20"))
+    assert st.state == "answered"
+
+
+def test_a_withdrawn_request_is_no_deemed_consent_and_the_revoke_no_request() -> None:
+    """A revoke made two deemed consents: one for the request, one for the revoke itself."""
+    original = request(date(2026, 11, 20))
+    revoke = change("revoke", date(2026, 11, 30), "2026-11-10")
+    statuses = requests_status([original, revoke], [], CAL, at("2026-12-20"))
+    assert [(st.request.document_id, st.state) for st in statuses] == [(ORIGINAL, "withdrawn")]
+    # Another requester cannot withdraw it.
+    other = dataclasses.replace(revoke, requester="H26.STP")
+    [st] = requests_status([original, other], [], CAL, at("2026-12-20"))
+    assert st.state == "deemed-consent"
