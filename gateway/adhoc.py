@@ -183,7 +183,7 @@ def requests_status(
             first.setdefault((answer.response_for, answer.sender), answer)
     today = local_day(now)
     out = []
-    for req, names, withdrawn in _chains(r for r in requests if r.received_at <= now):
+    for req, names, withdrawn in _chains((r for r in requests if r.received_at <= now), calendar):
         deadline, rule = req.deadline(calendar)
         for addressee in req.addressees:
             # A reply to the request, or to any update of it, answers it (the first one).
@@ -207,31 +207,49 @@ def requests_status(
     return out
 
 
-def _chains(requests: Iterable[Request]) -> list[tuple[Request, tuple[str, ...], bool]]:
+def _chains(
+    requests: Iterable[Request], calendar: Calendar
+) -> list[tuple[Request, tuple[str, ...], bool]]:
     """Each request as its requester's later documents left it: (the request, with the
     deadline and addressees of its last update; the DocumentIds a reply may answer; whether a
-    revoke withdrew it). An ``update`` or ``replace`` that names a request of the same
-    requester moves its deadline (an extension) and keeps the replies to it; a ``revoke``
-    withdraws it, and is no request itself. One that names no such request is a request of
-    its own (an update or replace), or changes nothing (a revoke)."""
+    revoke withdrew it).
+
+    An ``update`` or ``replace`` that names a request of the same requester, received by its
+    deadline, extends it: the later of the two deadlines (a change never shortens the time the
+    addressees were given), its addressees, and the replies to either document count. A
+    ``revoke`` received by the deadline withdraws it, and is no request itself. After the
+    deadline the request is decided (consent was deemed then, and may be filed): a change that
+    comes later, or names no such request, or a withdrawn one, is a request of its own (a
+    revoke: nothing)."""
     chains: dict[str, list[Any]] = {}  # any DocumentId of a chain → [request, names, withdrawn]
     order: list[list[Any]] = []
     for req in sorted(requests, key=lambda r: (r.received_at, r.seq)):
         chain = chains.get(req.replaces) if req.replaces else None
         if chain is not None and chain[0].requester != req.requester:
             chain = None  # only the requester changes its own request
+        # After its deadline a request is decided: consent was deemed then (and may be filed).
+        late = chain is not None and local_day(req.received_at) > chain[0].deadline(calendar)[0]
         if req.business == "revoke":
-            if chain is not None:
+            if chain is not None and not late:
                 chain[2] = True
             continue
-        if chain is not None and req.business in ("update", "replace"):
+        if (
+            chain is not None
+            and not late
+            and not chain[2]
+            and req.business in ("update", "replace")
+        ):
             original: Request = chain[0]
-            chain[0] = replace(
+            extended = replace(
                 original,
                 addressees=req.addressees or original.addressees,
                 due_date=req.due_date or original.due_date,
                 subject=req.subject or original.subject,
             )
+            if extended.deadline(calendar)[0] >= original.deadline(calendar)[0]:
+                chain[0] = extended
+            else:  # (an earlier DueDate: the addressees keep the time they were given)
+                chain[0] = replace(extended, due_date=original.due_date)
             chain[1] = (*chain[1], req.document_id)
             chains[req.document_id] = chain
             continue

@@ -50,6 +50,7 @@ def _home_settings(ctx: click.Context) -> settings_mod.Settings:
     none: it can be looked at before `gateway init`)."""
     home: Path = ctx.find_root().obj["home"]
     if not (home / settings_mod.CONFIG_NAME).exists():
+        click.echo(f"(no {settings_mod.CONFIG_NAME} in {home}: the shipped calendar)", err=True)
         return settings_mod.Settings(home=home)
     return load_settings(ctx)
 

@@ -42,6 +42,7 @@ class Policy:
     escalate_after_days: int = 5  # working days after the due date
     certificate_days: int = 30  # calendar days before a certificate expires
     since: date | None = None  # no reminder for a period due before this day (go-live)
+    late_within_months: int = 3  # late notices for periods that ended this recently
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ _SAMPLE: Final = {
 }
 
 
+def _months_between(earlier: date, later: date) -> int:
+    return (later.year * 12 + later.month) - (earlier.year * 12 + earlier.month)
+
+
 def _dmy(d: date) -> str:
     return f"{d:%d/%m/%Y}"
 
@@ -163,6 +168,11 @@ def plan(
                 days_late[due] = working_days_late(calendar, due, today)
             late = days_late[due]
             kinds = ("late", "escalation") if late >= policy.escalate_after_days else ("late",)
+            # Late notices for the last months only: the look-back is longer when escalations
+            # come later, and a late notice months after the fact (one never sent: the hub not
+            # yet live then) is news to no one.
+            if _months_between(cell.period.last, today) > policy.late_within_months:
+                kinds = tuple(k for k in kinds if k != "late")
         else:
             continue
         ob, period = cell.obligation, cell.period

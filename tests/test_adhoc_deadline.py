@@ -111,3 +111,39 @@ def test_a_withdrawn_request_is_no_deemed_consent_and_the_revoke_no_request() ->
     other = dataclasses.replace(revoke, requester="H26.STP")
     [st] = requests_status([original, other], [], CAL, at("2026-12-20"))
     assert st.state == "deemed-consent"
+
+
+def test_a_change_after_the_deadline_leaves_the_consent_deemed() -> None:
+    """Consent deemed at 24:00 on 20 November (and perhaps filed): a revoke on 10 December
+    made the request withdrawn, an update then reopened it; each is too late. A late update
+    is a request of its own."""
+    original = request(date(2026, 11, 20))
+    revoke = change("revoke", None, "2026-12-10")
+    [st] = requests_status([original, revoke], [], CAL, at("2026-12-20"))
+    assert st.state == "deemed-consent"
+    update = change("update", date(2027, 1, 15), "2026-12-10")
+    statuses = requests_status([original, update], [], CAL, at("2026-12-20"))
+    assert [(st.request.document_id, st.state) for st in statuses] == [
+        (ORIGINAL, "deemed-consent"), (update.document_id, "open"),
+    ]  # fmt: skip
+
+
+def test_an_update_never_shortens_the_time_given() -> None:
+    """An update with an earlier DueDate (or one that had come) made consent deemed at once,
+    and a reply in time for the request turned late after the fact."""
+    original = request(date(2026, 11, 20))
+    for due in (date(2026, 11, 10), date(2026, 11, 19)):
+        shorter = change("update", due, "2026-11-19")
+        [st] = requests_status([original, shorter], [], CAL, at("2026-11-19", "12:00"))
+        assert (st.deadline, st.state) == (date(2026, 11, 20), "open")
+
+
+def test_an_update_after_a_revoke_is_a_request_of_its_own() -> None:
+    """Revoked, then an update naming it: lost, the request stayed withdrawn."""
+    original = request(date(2026, 11, 20))
+    revoke = change("revoke", None, "2026-11-10", seq=5)
+    again = change("update", date(2026, 12, 30), "2026-11-12", seq=6)
+    statuses = requests_status([original, revoke, again], [], CAL, at("2026-11-25"))
+    assert [(st.request.document_id, st.state) for st in statuses] == [
+        (ORIGINAL, "withdrawn"), (again.document_id, "open"),
+    ]  # fmt: skip

@@ -370,9 +370,10 @@ def test_a_long_escalation_delay_still_escalates(archive: Archive, live_world: D
         archive.db, calendar=CAL, directory=_directory(live_world), templates=load_templates(),
         policy=policy, hub=HUB, now=_at(day), dry_run=True,
     )  # fmt: skip
-    assert "reminder:escalation:test-8.2.c-snv-work-permit:2026-10" in [
-        r.key for r in result.planned
-    ], day
+    keys = [r.key for r in result.planned]
+    assert "reminder:escalation:test-8.2.c-snv-work-permit:2026-10" in keys, day
+    # ... but no late notice months after the fact (the longer look-back is for escalations)
+    assert "reminder:late:test-8.2.c-snv-work-permit:2026-10" not in keys, day
 
 
 def test_no_reminder_for_a_period_due_before_the_hub_went_live(
@@ -402,3 +403,16 @@ def test_no_reminder_for_a_period_due_before_the_hub_went_live(
     (home / "gateway.toml").write_text('[compliance]\nreminders_from = "October"\n')
     with pytest.raises(ConfigError, match="reminders_from = 'October' is not a day"):
         settings_mod.load(home)
+
+
+def test_the_calendar_command_says_when_no_settings_chose_it(tmp_path: Path) -> None:
+    """A mistyped --home showed the shipped calendar as if it were the home's."""
+    from click.testing import CliRunner
+
+    from gateway.cli import cli
+
+    done = CliRunner().invoke(
+        cli, ["--home", str(tmp_path / "nope"), "compliance", "calendar", "2026"]
+    )
+    assert done.exit_code == 0, done.output
+    assert f"(no gateway.toml in {tmp_path / 'nope'}: the shipped calendar)" in done.stderr
