@@ -48,9 +48,11 @@ def _line(day: Day) -> str:
 def _home_settings(ctx: click.Context) -> settings_mod.Settings:
     """The home's settings, or the defaults where there is no home yet (the calendar needs
     none: it can be looked at before `gateway init`)."""
-    home: Path = ctx.find_root().obj["home"]
+    root = ctx.find_root()
+    home: Path = root.obj["home"]
     if not (home / settings_mod.CONFIG_NAME).exists():
-        click.echo(f"(no {settings_mod.CONFIG_NAME} in {home}: the shipped calendar)", err=True)
+        if root.params.get("home") is not None:  # a home was named (--home, GATEWAY_HOME)
+            click.echo(f"(no {settings_mod.CONFIG_NAME} in {home}: the shipped calendar)", err=True)
         return settings_mod.Settings(home=home)
     return load_settings(ctx)
 

@@ -218,7 +218,7 @@ def test_an_extra_overlay_adds_and_replaces_entries(tmp_path: Path) -> None:
 
 def run(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, ["compliance", "calendar", *args])
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
 
 
 def test_cli_lists_the_year_with_reasons_sources_and_month_counts() -> None:
