@@ -309,6 +309,7 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
     size = merkle.HASH_SIZE
     explained = list(report.holes)  # entry ranges already reported
     below: dict[int, bytes] = {}  # the stored nodes of the level below
+    rebuilt_node = _lookup(levels)
     for level, rebuilt in enumerate(levels):
         count = len(rebuilt) // size
         stored_here: dict[int, bytes] = {}
@@ -346,16 +347,12 @@ def _nodes(s: Session, levels: list[bytearray], report: Report, progress: Progre
             # A child missing from the store stands for what its entries make (unless they
             # were deleted: said already): an entry changed with its leaf hash, its leaf node
             # deleted, is still found here, where the stored parent does not agree.
-            children = [below.get(i) for i in (2 * idx, 2 * idx + 1)]
-            if any(c is None for c in children):
-                if any(a <= last and first <= b for a, b in report.holes):
-                    continue
-                left, right = (
-                    c if c is not None else bytes(levels[level - 1][i * size : (i + 1) * size])
-                    for i, c in zip((2 * idx, 2 * idx + 1), children, strict=True)
-                )
-            else:
-                left, right = children  # type: ignore[assignment]
+            pair = (2 * idx, 2 * idx + 1)
+            if any(i not in below for i in pair) and any(
+                a <= last and first <= b for a, b in report.holes
+            ):
+                continue
+            left, right = (below.get(i) or rebuilt_node((level - 1, i)) for i in pair)
             if merkle.node_hash(left, right) == stored:
                 continue  # true to the nodes below it: what differs is below, and said there
             explained.append((first, last))
