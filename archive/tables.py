@@ -348,6 +348,22 @@ class Outbox(Base):
     claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
+class AgencyCapabilities(Base):
+    """What an agency's signatures last advertised (SMIMECapabilities, RFC 8551 §2.5.2), for
+    choosing how the hub encrypts to it (:func:`formats.algorithms.outbound_cipher`): taken
+    from the newest message filed whose signature verified and was bound to the agency,
+    ``entry_seq`` in the archive, whose entry records the same list (``crypto.capabilities``).
+    A working copy: rebuilt from the archive, it would say the same."""
+
+    __tablename__ = "agency_capabilities"
+
+    organ_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cipher: Mapped[str] = mapped_column(String(32))
+    advertised: Mapped[list[str]] = mapped_column(JSON)
+    entry_seq: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime]
+
+
 class MailboxState(Base):
     """Where the IMAP poller is in one mailbox: UIDVALIDITY and the highest UID taken in."""
 

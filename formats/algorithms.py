@@ -6,12 +6,15 @@ with a message that names the algorithm and what to use instead. Names are asn1c
 * Digests: SHA-256/384/512 (RFC 8551 §2.1 requires SHA-256 support; SHA-1 and MD5 are refused).
 * Signatures: RSA PKCS#1 v1.5, RSA-PSS (RFC 4056), ECDSA on P-256/P-384 (RFC 5753).
 * Content encryption: AES-CBC (RFC 3565) and AES-GCM AuthEnvelopedData (RFC 5083/5084).
+  Outbound, AES-256-CBC by default, AES-256-GCM to a partner whose signatures advertise it
+  (:func:`outbound_cipher`).
 * Key transport: RSA PKCS#1 v1.5 and RSA-OAEP with SHA-256 or better (RFC 3560).
 * RSA keys of at least 2048 bits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from cryptography import x509
@@ -51,6 +54,21 @@ CONTENT_CIPHERS: Final = {
     "aes128_gcm": 16,
     "aes192_gcm": 24,
     "aes256_gcm": 32,
+}
+
+#: What the hub encrypts with: AES-256-CBC, which every S/MIME client reads (RFC 8551 §2.7), is
+#: the default; AES-256-GCM is used for a partner that advertises it.
+DEFAULT_OUTBOUND_CIPHER: Final = "aes256_cbc"
+OUTBOUND_CIPHERS: Final = ("aes256_gcm", "aes256_cbc")
+
+#: How the receipts, the archive and the CLI name the content ciphers.
+CIPHER_NAMES: Final = {
+    "aes128_cbc": "AES-128-CBC",
+    "aes192_cbc": "AES-192-CBC",
+    "aes256_cbc": "AES-256-CBC",
+    "aes128_gcm": "AES-128-GCM",
+    "aes192_gcm": "AES-192-GCM",
+    "aes256_gcm": "AES-256-GCM",
 }
 
 _FRIENDLY: Final = {
@@ -99,6 +117,16 @@ def content_key_size(name: str) -> int:
         raise WeakAlgorithm(
             f"content encryption {_name(name)} is not allowed; encrypt with AES-256-CBC or AES-256-GCM"
         ) from None
+
+
+def outbound_cipher(capabilities: Sequence[str]) -> str:
+    """The content cipher to encrypt to a partner with: the first of :data:`OUTBOUND_CIPHERS`
+    in the partner's SMIMECapabilities (RFC 8551 §2.5.2: listed in its order of preference),
+    :data:`DEFAULT_OUTBOUND_CIPHER` when it lists neither, or advertised nothing."""
+    for name in capabilities:
+        if name in OUTBOUND_CIPHERS:
+            return name
+    return DEFAULT_OUTBOUND_CIPHER
 
 
 def check_public_key(key: object, *, what: str = "signer key") -> None:

@@ -66,6 +66,10 @@ class SignatureCheck:
     digest_algorithm: str
     signature_algorithm: str
     signing_time: datetime | None
+    #: The signer's SMIMECapabilities (RFC 8551 §2.5.2), in its order of preference: asn1crypto
+    #: names of the algorithms it knows (``aes256_gcm`` …), dotted OIDs for the others; empty
+    #: when it advertised nothing.
+    capabilities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +312,7 @@ def _verify(
         digest_algorithm=digest_name,
         signature_algorithm=sig_name,
         signing_time=signing_time[0] if signing_time else None,
+        capabilities=(attrs.get("smime_capabilities") or [()])[0],
     )
 
 
@@ -360,11 +365,41 @@ def _signing_time(buf: memoryview, value: der.Tlv) -> datetime:
     return moment
 
 
+#: Capabilities kept of a signer's list: the first are its most preferred; real lists are short.
+MAX_CAPABILITIES = 16
+
+
+def _capabilities(buf: memoryview, value: der.Tlv) -> tuple[str, ...]:
+    """SMIMECapabilities ::= SEQUENCE OF SEQUENCE { capabilityID OID, parameters ANY OPTIONAL }.
+    Only a hint for what to encrypt to the signer with, which OpenSSL does not even read: one
+    that cannot be read counts as none advertised, never against the message."""
+    names: list[str] = []
+    try:
+        if not value.is_(der.UNIVERSAL, der.SEQUENCE):
+            return ()
+        for capability in children(buf, value):
+            parts = (
+                list(children(buf, capability))
+                if capability.is_(der.UNIVERSAL, der.SEQUENCE)
+                else []
+            )
+            if not parts or not parts[0].is_(der.UNIVERSAL, der.OID):
+                return ()
+            oid = der.oid(buf, parts[0])
+            names.append(str(algos.EncryptionAlgorithmId.map(oid)))
+            if len(names) == MAX_CAPABILITIES:
+                break
+    except (MalformedCMS, ValueError):
+        return ()
+    return tuple(names)
+
+
 #: The signed attributes we read, and how.
 _READ_ATTRS: dict[str, Callable[[memoryview, der.Tlv], Any]] = {
     "content_type": _content_type,
     "message_digest": _message_digest,
     "signing_time": _signing_time,
+    "smime_capabilities": _capabilities,
 }
 
 

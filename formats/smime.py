@@ -479,10 +479,9 @@ def build_message(
     # one of its parts, or, signed opaque, the content on its own.
     parse_entity(signed if detached else entity, limits)
     enveloped = cms_encrypt.encrypt(signed, recipients, cipher=cipher, oaep=oaep)
-    smime_type = "authEnveloped-data" if cipher.endswith("_gcm") else "enveloped-data"
     return wrap_enveloped(
         enveloped,
-        smime_type=smime_type,
+        smime_type=enveloped_type(cipher),
         from_addr=from_addr,
         to_addrs=to_addrs,
         message_id=message_id,
@@ -490,6 +489,12 @@ def build_message(
         subject=subject,
         limits=limits,
     )
+
+
+def enveloped_type(cipher: str) -> str:
+    """The ``smime-type`` of a message encrypted with ``cipher`` (RFC 8551 §3.2.2: AES-GCM is
+    AuthEnvelopedData, ``authEnveloped-data``)."""
+    return "authEnveloped-data" if cipher.endswith("_gcm") else "enveloped-data"
 
 
 #: RFC 5322 §2.1.1: a line SHOULD be at most 78 characters and MUST be at most 998, CRLF

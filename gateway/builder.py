@@ -38,6 +38,7 @@ from formats.limits import DEFAULT_LIMITS, Limits
 from formats.payload import Organ
 from formats.smime import (
     b64_lines,
+    enveloped_type,
     message_headers,
     payload_entity,
     sign_entity,
@@ -58,7 +59,7 @@ from gateway.outbound import (
     to_build_again,
     took_build,
 )
-from keys import evidence, store
+from keys import capabilities, evidence, store
 from keys.directory import Directory
 from keys.recipients import Recipients, choose
 from keys.trust import TrustStore
@@ -142,6 +143,7 @@ class Builder:
     #: What a message it builds may be (:func:`outbound_limits`).
     limits: Limits = field(default_factory=lambda: outbound_limits(DEFAULT_LIMITS))
     _certs: dict[str, tuple[datetime, Recipients]] = field(default_factory=dict)
+    _ciphers: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     _trust: tuple[datetime, TrustStore | None] | None = None
     _stale_check: datetime | None = None
     #: What the batch being built reads (:func:`_preload`); empty between batches.
@@ -417,9 +419,11 @@ class Builder:
             certs = Recipients(signer.usable, certs.left_out + signer.left_out)
         if not certs.usable:
             return _Built(failure=certs.none_usable(row.organ_id), setup=True)
+        cipher = self._cipher(s, row.organ_id, now)
         message = self._seal(
             payload_entity(payload.to_xml()),
             certs.usable,
+            cipher=cipher,
             to=(to_addr,),
             message_id=f"<receipt.{row.for_seq}.{payload.header.message_id}@{_domain(self.hub.address)}>",
             subject=receipts.subject(str(fields["status"]), row.for_seq),
@@ -435,6 +439,7 @@ class Builder:
                 "agency": row.organ_id,
                 "to": [to_addr],
                 "message_id": str(payload.header.message_id),
+                "cipher": cipher,
                 "digest": hashlib.sha256(message).hexdigest(),
             },
             {RECEIPT_BLOB: message},
@@ -455,9 +460,11 @@ class Builder:
         entry = self._entry(s, row.for_seq)
         signed = self.archive.blobs.get(s, entry.blobs["decrypted"])
         message_id = f"<delivery.{row.for_seq}.{row.id}@{_domain(self.hub.address)}>"
+        cipher = self._cipher(s, row.organ_id, now)
         message = self._seal(
             signed,
             certs.usable,
+            cipher=cipher,
             to=addresses,
             message_id=message_id,
             subject=f"Chuyển tiếp dữ liệu (số {row.for_seq}) / Forwarded data (entry {row.for_seq})",
@@ -472,6 +479,7 @@ class Builder:
                 "agency": row.organ_id,
                 "to": list(addresses),
                 "message_id": message_id,
+                "cipher": cipher,
                 "digest": hashlib.sha256(message).hexdigest(),
                 "size": len(message),
             },
@@ -556,9 +564,16 @@ class Builder:
         entity = _text_entity(text)
         message_id = f"<reminder.{row.id}@{_domain(self.hub.address)}>"
         certs = self._certificates(s, row.organ_id, now).usable
-        if certs:
+        cipher = self._cipher(s, row.organ_id, now) if certs else None
+        if cipher is not None:
             message = self._seal(
-                entity, certs, to=addresses, message_id=message_id, subject=subject, at=now
+                entity,
+                certs,
+                cipher=cipher,
+                to=addresses,
+                message_id=message_id,
+                subject=subject,
+                at=now,
             )
         else:
             cert, key = self.hub.signer
@@ -582,6 +597,7 @@ class Builder:
                 "obligation": row.detail.get("obligation"),
                 "period": row.detail.get("period"),
                 "message_id": message_id,
+                "cipher": cipher,
                 "digest": hashlib.sha256(message).hexdigest(),
             },
             {"reminder": message},
@@ -616,6 +632,16 @@ class Builder:
         self._certs[organ_id] = (now + CERT_CACHE, certs)
         return certs
 
+    def _cipher(self, s: Session, organ_id: str, now: datetime) -> str:
+        """What to encrypt to an agency with (:mod:`keys.capabilities`), looked up at most
+        every few seconds."""
+        cached = self._ciphers.get(organ_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        cipher = capabilities.cipher_for(s, organ_id)
+        self._ciphers[organ_id] = (now + CERT_CACHE, cipher)
+        return cipher
+
     def _trust_store(self, s: Session, now: datetime) -> TrustStore | None:
         """The key store's anchors and revocation evidence, loaded at most every few seconds;
         soft-fail, since only what the evidence says counts here (:mod:`keys.recipients`).
@@ -639,6 +665,7 @@ class Builder:
         entity: bytes,
         certs: Sequence[x509.Certificate],
         *,
+        cipher: str,
         to: Sequence[str],
         message_id: str,
         subject: str,
@@ -651,10 +678,10 @@ class Builder:
         if sign:
             cert, key = self.hub.signer
             entity = sign_entity(entity, cert=cert, key=key)
-        der = cms_encrypt.encrypt(entity, list(certs))
+        der = cms_encrypt.encrypt(entity, list(certs), cipher=cipher)
         return wrap_enveloped(
             der,
-            smime_type="enveloped-data",
+            smime_type=enveloped_type(cipher),
             from_addr=self.hub.address,
             to_addrs=list(to),
             message_id=message_id,

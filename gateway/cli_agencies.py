@@ -18,11 +18,12 @@ from typing import Any
 import click
 from sqlalchemy.orm import Session
 
+from formats.algorithms import CIPHER_NAMES, DEFAULT_OUTBOUND_CIPHER
 from formats.errors import InputError
 from formats.vntime import local_day
 from gateway.cli import actor, emit_json, now
 from gateway.cli import db_session as _session
-from keys import agency_io, presets, store
+from keys import agency_io, capabilities, presets, store
 from keys.agency_io import Plan, as_dict, clean
 from keys.directory import Agency, normalize_email
 from keys.store import Unusable
@@ -297,8 +298,22 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
             for e in store.events(s)
             if e.subject == organ_id
         ]
+        kept = capabilities.of(s, organ_id)
+        encryption: dict[str, Any] = {
+            "cipher": kept.cipher if kept else DEFAULT_OUTBOUND_CIPHER,
+            "advertised": kept.advertised if kept else None,
+            "entry_seq": kept.entry_seq if kept else None,
+            "updated_at": kept.updated_at.isoformat() if kept else None,
+        }
     if as_json:
-        emit_json({**_shape(agency, unusable), "supervises": supervises, "history": history})
+        emit_json(
+            {
+                **_shape(agency, unusable),
+                "supervises": supervises,
+                "encryption": encryption,
+                "history": history,
+            }
+        )
         return
     click.echo(f"{agency.organ_id}  {agency.name_vi}")
     lines = [
@@ -308,6 +323,7 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
         ("supervises", ", ".join(supervises) or "-"),
         ("valid", _window(agency)),
         ("contact", agency.contact or "-"),
+        ("encryption", _encryption(encryption)),
     ]
     for label, value in lines:
         click.echo(f"  {label + ':':12} {value}")
@@ -315,6 +331,15 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
         click.echo(f"  {'unusable:':12} {u.why}; fix: `{u.fix}`")
     for h in history:
         click.echo(f"  #{h['seq']:<5} {h['at'][:19]}  {h['action']:14} {h['actor']}")
+
+
+def _encryption(encryption: dict[str, Any]) -> str:
+    """What the hub encrypts to the agency with, and why (keys.capabilities)."""
+    name = CIPHER_NAMES.get(encryption["cipher"], encryption["cipher"])
+    if encryption["entry_seq"] is None:
+        return f"{name} (the default: no signed message of it filed yet)"
+    said = "advertised" if encryption["advertised"] else "nothing advertised"
+    return f"{name} ({said} in archive entry {encryption['entry_seq']})"
 
 
 # --- import, export ------------------------------------------------------------------------------

@@ -55,6 +55,9 @@ def message_item(verdict: Verdict, raw: bytes, transport: Transport) -> Item:
             "signature": opened.signature.signature_algorithm,
             "digest": opened.signature.digest_algorithm,
             "style": opened.style,
+            # What its signer reads (SMIMECapabilities): why what the hub sends back to its
+            # agency is encrypted as it is (keys.capabilities).
+            "capabilities": list(opened.signature.capabilities),
         }
         blobs["decrypted"] = bytes(opened.decrypted)
         blobs["payload"] = opened.payload

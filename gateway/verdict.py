@@ -85,6 +85,16 @@ class Verdict:
         return self.disposition == "accepted"
 
     @property
+    def advertised(self) -> tuple[str, tuple[str, ...]] | None:
+        """The agency and the SMIMECapabilities its signature advertised (RFC 8551 §2.5.2),
+        when the message was decided, its signature verified and its signer bound to the
+        agency: what the hub encrypts to that agency with (:mod:`keys.capabilities`)."""
+        decided = self.disposition in ("accepted", "rejected")
+        if not decided or self.agency is None or self.signer is None or self.opened is None:
+            return None
+        return self.agency.organ_id, self.opened.signature.capabilities
+
+    @property
     def smtp_reply(self) -> str:
         """The reply the verdict stands for: 250; a 4xx when it is to be retried (the transient
         error's own, though a permanent one was found before it); else the first reason's."""
@@ -115,6 +125,7 @@ class Verdict:
                 "signature": self.opened.signature.signature_algorithm,
                 "digest": self.opened.signature.digest_algorithm,
                 "style": self.opened.style,
+                "capabilities": list(self.opened.signature.capabilities),
             }
         if self.signer is not None:
             out["signer"] = {

@@ -54,6 +54,7 @@ from gateway.filing import message_item
 from gateway.obligations import Obligation, fulfilled_by
 from gateway.pipeline import Context, process
 from gateway.verdict import Verdict, failed_inside
+from keys import capabilities
 
 log = logging.getLogger("gateway.worker")
 
@@ -416,6 +417,11 @@ class Worker:
             outcomes[job.number] = Outcome(job.number, job.verdict.disposition, seq)
         for twin, earlier in twins.values():
             duplicate(twin, seq_of[earlier.number])
+        advertised: dict[str, tuple[int, tuple[str, ...]]] = {}
+        for job in fresh:  # (in filing order: an agency's newest message last)
+            if (ad := job.verdict.advertised) is not None:
+                advertised[ad[0]] = (seq_of[job.number], ad[1])
+        capabilities.record(s, advertised, now)
         if keys:
             insert_rows(s, t.Seen, keys)
         if owed:

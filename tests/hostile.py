@@ -583,17 +583,33 @@ def crafted_signature(
     used_salt: int = 32,
     cert_der: bytes | None = None,
     issuer: asn1_x509.Name | None = None,
+    capabilities: Sequence[str] | None = None,
+    damage: Callable[[bytes], bytes] | None = None,
 ) -> bytes:
     """A detached SignedData over ``entity`` put together field by field with asn1crypto, for
     what ``cryptography``'s signer never writes: an RSA-PSS salt length declared (``pss_salt``)
-    other than the one used, a certificate altered after it was issued (``cert_der``), or the
-    signer named by an ``issuer`` other than (or encoded otherwise than) its certificate's."""
+    other than the one used, a certificate altered after it was issued (``cert_der``), the
+    signer named by an ``issuer`` other than (or encoded otherwise than) its certificate's, or
+    SMIMECapabilities of one's choosing (``capabilities``, asn1crypto algorithm names, most
+    preferred first). ``damage`` changes the signed attributes' DER before they are signed."""
     attrs = cms.CMSAttributes(
         [
             {"type": "content_type", "values": ["data"]},
             {"type": "message_digest", "values": [hashlib.sha256(entity).digest()]},
         ]
+        + (
+            []
+            if capabilities is None
+            else [
+                {
+                    "type": "smime_capabilities",
+                    "values": [[{"capability_id": name} for name in capabilities]],
+                }
+            ]
+        )
     )
+    if damage is not None:
+        attrs = cms.CMSAttributes.load(damage(attrs.dump()))
     key = signer.key
     assert isinstance(key, rsa.RSAPrivateKey)
     algorithm: dict[str, object] = {"algorithm": "rsassa_pkcs1v15"}

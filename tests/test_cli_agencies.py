@@ -15,7 +15,7 @@ from archive.db import Database, sqlite_url
 from gateway.cli import actor, cli
 from gateway.demo import DEMO_AGENCIES
 from gateway.loading import dump_directory
-from keys import store
+from keys import capabilities, store
 
 Run = Callable[..., Result]
 
@@ -60,6 +60,38 @@ def snapshot(run: Run, home: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 # --- add, show, list, update, retire ---------------------------------------------------------
+
+
+def test_show_says_how_the_hub_encrypts_to_the_agency_and_why(run: Run, home: Path) -> None:
+    """AES-256-CBC by default; what its newest signed message advertised once one is filed
+    (keys.capabilities, which the worker calls; tests/test_capabilities.py files real ones)."""
+    run("agencies", "add", "H26.STP", "--name-vi", "Sở Tư pháp")
+    shown = json.loads(run("agencies", "show", "H26.STP", "--json").stdout)
+    assert shown["encryption"] == {
+        "cipher": "aes256_cbc",
+        "advertised": None,
+        "entry_seq": None,
+        "updated_at": None,
+    }
+    assert "AES-256-CBC (the default: no signed message of it filed yet)" in (
+        run("agencies", "show", "H26.STP").stdout
+    )
+    at = datetime(2026, 11, 2, 3, 4, tzinfo=UTC)
+    db = Database.open(sqlite_url(home / "archive.db"))
+    try:
+        with db.session() as s:
+            capabilities.record(s, {"H26.STP": (41, ("aes256_gcm", "aes256_cbc"))}, at)
+    finally:
+        db.dispose()
+    shown = json.loads(run("agencies", "show", "H26.STP", "--json").stdout)
+    assert shown["encryption"] == {
+        "cipher": "aes256_gcm",
+        "advertised": ["aes256_gcm", "aes256_cbc"],
+        "entry_seq": 41,
+        "updated_at": "2026-11-02T03:04:00+00:00",
+    }
+    text = run("agencies", "show", "H26.STP").stdout
+    assert "encryption:  AES-256-GCM (advertised in archive entry 41)" in text
 
 
 def test_add_show_list_update_retire(run: Run, home: Path) -> None:
