@@ -8,6 +8,9 @@ what it means to a peer and to a person:
 * ``status`` — the receipt status code (edXML Status: ``02`` rejected);
 * ``reason_vi`` — a short reason a clerk understands, in Vietnamese (English is the message).
 
+An instance may also carry ``message_vi``, its specifics in Vietnamese (where in the payload,
+which value, what the rule is), for the faults a clerk fixes by hand: the payload's fields.
+
 The message of an instance names what was wrong and, where we can, what fixes it. Messages never
 carry internal details (stack traces, file paths); they are safe to show to the sender.
 
@@ -67,11 +70,16 @@ class GatewayError(Exception):
     status: ClassVar[str] = "02"
     reason_vi: ClassVar[str] = "Thông điệp không hợp lệ"
 
-    def __init__(self, message: str, *, detail: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, detail: str | None = None, message_vi: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         #: Extra, still peer-safe, detail (for example the XSD error list).
         self.detail = detail
+        #: The message's specifics in Vietnamese, where they are known (not every message has
+        #: them: the receipt then quotes the English message after ``reason_vi``).
+        self.message_vi = message_vi
 
     @property
     def smtp_reply(self) -> str:
@@ -80,6 +88,8 @@ class GatewayError(Exception):
 
     def as_dict(self) -> dict[str, str]:
         out = {"code": self.code, "message": self.message, "reason_vi": self.reason_vi}
+        if self.message_vi:
+            out["message_vi"] = self.message_vi
         if self.detail:
             out["detail"] = self.detail
         return out

@@ -50,7 +50,7 @@ from formats.payload_rules import monthly_period, rule_violations
 from formats.payload_stream import Fallback, read_stream
 from formats.payload_xml import Invalid, element_at, read_parts, text_of, write_parts
 from formats.xmlsafe import check_bytes, parse_xml
-from formats.xsd import NAMESPACE, load_schema, located, validate
+from formats.xsd import NAMESPACE, load_schema, located, located_vi, validate
 
 __all__ = [
     "LEGAL_BASIS",
@@ -106,29 +106,39 @@ class Payload:
         """The plan of the module docstring on the whole tree, with located errors."""
         root = parse_xml(data, limits=limits)
         if root.tag != f"{_NS}Payload":
-            raise _invalid(located(root, data, (
+            raise _invalid(root, data, (
                 f"the root element is {root.tag}, expected Payload in namespace "
                 f"{NAMESPACE}; this is not an official-mail payload"
-            )))  # fmt: skip
+            ), (
+                f"phần tử gốc là {root.tag}, cần Payload trong không gian tên {NAMESPACE}; "
+                "đây không phải dữ liệu trao đổi văn bản chính thức"
+            ))  # fmt: skip
         found = root.find(f"{_NS}Exchange/{_NS}Category")
         if found is None:
-            raise _invalid(located(root, data, "Exchange/Category is missing; add it"))
+            raise _invalid(
+                root, data, "Exchange/Category is missing; add it", "thiếu Exchange/Category"
+            )
         code = text_of(found)
         if code not in CATEGORIES:
             known = ", ".join(CATEGORIES)
-            raise _invalid(located(found, data, f"unknown category {code!r}; known: {known}"))
+            raise _invalid(found, data, f"unknown category {code!r}; known: {known}", (
+                f"không có loại thông tin {code!r}; các loại thông tin: {known}"
+            ))  # fmt: skip
         category = CATEGORIES[code]
         validate(root, load_schema(category.xsd), data)
         try:
             payload = cls(*read_parts(root, category))
         except Invalid as bad:
-            raise _invalid(located(bad.element, data, bad.message)) from None
-        problems = [
-            located(element_at(root, path), data, message)
-            for path, message in rule_violations(payload)
-        ]
-        if problems:
-            raise SchemaInvalid(problems[0], detail="\n".join(problems))
+            raise _invalid(bad.element, data, bad.message, bad.message_vi) from None
+        violations = rule_violations(payload)
+        if violations:
+            problems = [located(element_at(root, v.path), data, v.message) for v in violations]
+            first = violations[0]
+            raise SchemaInvalid(
+                problems[0],
+                detail="\n".join(problems),
+                message_vi=located_vi(element_at(root, first.path), data, first.message_vi),
+            )
         return payload
 
     def to_xml(self) -> bytes:
@@ -142,8 +152,12 @@ class Payload:
         )
 
 
-def _invalid(message: str) -> SchemaInvalid:
-    return SchemaInvalid(message, detail=message)
+def _invalid(
+    element: etree._Element, source: bytes, message: str, message_vi: str
+) -> SchemaInvalid:
+    """A fault of ``element``, located in ``source`` (line, column) in both languages."""
+    where = located(element, source, message)
+    return SchemaInvalid(where, detail=where, message_vi=located_vi(element, source, message_vi))
 
 
 # --- building --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from uuid import UUID
 
 from lxml import etree
 
+from formats import wording_vi
 from formats.categories import CATEGORIES, VERBATIM_KINDS, Category, Field, Value
 from formats.payload_model import (
     Attachment,
@@ -33,10 +34,13 @@ Parts = tuple[Header, Exchange, tuple[Record, ...], tuple[Attachment, ...]]
 
 
 class Invalid(Exception):
-    def __init__(self, element: etree._Element, message: str) -> None:
+    """What is wrong with ``element``, in English and in Vietnamese (the receipt's two)."""
+
+    def __init__(self, element: etree._Element, message: str, message_vi: str) -> None:
         super().__init__(message)
         self.element = element
         self.message = message
+        self.message_vi = message_vi
 
 
 def text_of(element: etree._Element) -> str:
@@ -58,7 +62,7 @@ def _opt(parent: etree._Element, name: str) -> str | None:
 def _req(parent: etree._Element, name: str) -> str:
     element = _child(parent, name)
     if element is None:  # the XSD has already made sure it is there
-        raise Invalid(parent, f"{name} is missing")
+        raise Invalid(parent, f"{name} is missing", f"thiếu {name}")
     return text_of(element)
 
 
@@ -66,10 +70,11 @@ def _doc_id(parent: etree._Element, name: str) -> DocumentId | None:
     element = _child(parent, name)
     if element is None:
         return None
+    text = text_of(element)
     try:
-        return DocumentId.parse(text_of(element))
+        return DocumentId.parse(text)
     except ValueError as err:
-        raise Invalid(element, f"{name}: {err}") from None
+        raise Invalid(element, f"{name}: {err}", wording_vi.not_document_id(name, text)) from None
 
 
 def _date(parent: etree._Element, name: str) -> date | None:
@@ -78,10 +83,11 @@ def _date(parent: etree._Element, name: str) -> date | None:
         return None
     # xs:date collapses whitespace, so the XSD lets "2024-03-16\n" through; a record's date
     # field refuses it (Field.parse), and so does this.
+    text = text_of(element)
     try:
-        value = _DATE.parse(text_of(element))
+        value = _DATE.parse(text)
     except ValueError as err:
-        raise Invalid(element, f"{name}: {err}") from None
+        raise Invalid(element, f"{name}: {err}", wording_vi.not_value(name, text, "date")) from None
     assert isinstance(value, date)
     return value
 
@@ -111,7 +117,7 @@ def read_header(head: etree._Element) -> Header:
     document_id = _doc_id(head, "DocumentId")
     sender = _child(head, "From")
     if document_id is None or sender is None:  # the XSD has made sure both are there
-        raise Invalid(head, "DocumentId or From is missing")
+        raise Invalid(head, "DocumentId or From is missing", "thiếu DocumentId hoặc From")
     return Header(
         message_id=UUID(_req(head, "MessageId")),
         sender=_organ(sender),
@@ -177,11 +183,20 @@ class RecordReader:
             known = self._fields.get(child.tag)
             if known is None:
                 if isinstance(child.tag, str):  # not a comment: an element the XSD forbids
-                    raise Invalid(child, f"{etree.QName(child).localname} is not a field")
+                    name = etree.QName(child).localname
+                    raise Invalid(
+                        child,
+                        f"{name} is not a field",
+                        f"{name} không phải là trường của loại thông tin này",
+                    )
                 continue
             bit, field, convert = known
             if shape >= bit:  # repeated or out of order: the XSD forbids it
-                raise Invalid(child, f"{field.name} is repeated or out of order")
+                raise Invalid(
+                    child,
+                    f"{field.name} is repeated or out of order",
+                    f"{field.name} bị lặp lại hoặc sai thứ tự",
+                )
             text = (child.text or "") if len(child) == 0 else text_of(child)
             if convert is None:
                 values.append(text)
@@ -189,7 +204,11 @@ class RecordReader:
                 try:
                     values.append(convert(text))
                 except ValueError as err:
-                    raise Invalid(child, f"{field.name}: {err}") from None
+                    raise Invalid(
+                        child,
+                        f"{field.name}: {err}",
+                        wording_vi.not_value(field.name, text, field.kind, field.choices),
+                    ) from None
             shape |= bit
         names = self._shapes.get(shape)
         if names is None:

@@ -33,6 +33,7 @@ from typing import Any, Final, Literal, cast
 
 from lxml import etree
 
+from formats import wording_vi
 from formats.errors import LimitExceeded, XmlForbidden, XmlMalformed
 from formats.limits import DEFAULT_LIMITS, Limits
 
@@ -127,7 +128,9 @@ def _refuse_in_bytes(data: bytes) -> None:
             line, column = _position(data, at)
             raise XmlForbidden(
                 f"line {line}, column {column}: XML payload contains {what}; DTDs and "
-                "entities are refused (DESIGN §4), remove the DOCTYPE"
+                "entities are refused (DESIGN §4), remove the DOCTYPE",
+                message_vi=f"{wording_vi.where(line, column)}: dữ liệu XML có khai báo DOCTYPE "
+                "hoặc thực thể (entity), là những cấu trúc bị cấm; hãy bỏ khai báo DOCTYPE",
             )
 
 
@@ -157,9 +160,15 @@ def _syntax_error(err: etree.XMLSyntaxError) -> LimitExceeded | XmlForbidden | X
     if any(marker in text for marker in _LIBXML_ENTITIES):
         return XmlForbidden(
             f"line {line}, column {column}: XML payload uses an entity ({text}); entities are "
-            "refused, write the characters themselves or use &#NNNN; character references"
+            "refused, write the characters themselves or use &#NNNN; character references",
+            message_vi=f"{wording_vi.where(line, column)}: dữ liệu XML dùng thực thể (entity), "
+            "là cấu trúc bị cấm; hãy viết thẳng ký tự, hoặc dùng dạng &#NNNN;",
         )
-    return XmlMalformed(f"line {line}, column {column}: XML is not well-formed: {text}")
+    return XmlMalformed(
+        f"line {line}, column {column}: XML is not well-formed: {text}",
+        message_vi=f"{wording_vi.where(line, column)}: XML sai cú pháp từ vị trí này (bộ đọc "
+        f"XML báo: {text})",
+    )
 
 
 def check_docinfo(tree: etree._ElementTree) -> None:

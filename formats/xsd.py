@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from lxml import etree
 
+from formats import wording_vi
 from formats.errors import SchemaInvalid
 
 NAMESPACE = "urn:hanoi:gov:official-mail:payload:1"
@@ -76,24 +77,41 @@ def load_schema(relative: str) -> etree.XMLSchema:
 
 
 def validate(root: etree._Element, schema: etree.XMLSchema, source: bytes) -> None:
-    """Validate ``root`` (parsed from ``source``) or raise :class:`SchemaInvalid`."""
+    """Validate ``root`` (parsed from ``source``) or raise :class:`SchemaInvalid`, its first
+    problem also in Vietnamese when :func:`formats.wording_vi.schema_problem` words it."""
     if schema.validate(root):
         return
     lines = source.decode("utf-8", "replace").splitlines()
-    problems = [
-        f"line {entry.line}, column {_column(root, entry, lines)}: " + _CLARK.sub("", entry.message)
+    found = [
+        (entry.line, _column(root, entry, lines), _CLARK.sub("", entry.message))
         for entry in list(cast(Iterable[Any], schema.error_log))[:_MAX_PROBLEMS]
     ]
+    problems = [f"line {line}, column {column}: {message}" for line, column, message in found]
+    line, column, first = found[0]
+    vietnamese = wording_vi.schema_problem(first)
     raise SchemaInvalid(
-        f"{problems[0]}; correct the payload to match the category XSD", detail="\n".join(problems)
+        f"{problems[0]}; correct the payload to match the category XSD",
+        detail="\n".join(problems),
+        message_vi=f"{wording_vi.where(line, column)}: {vietnamese}" if vietnamese else None,
     )
 
 
 def located(element: etree._Element, source: bytes, message: str) -> str:
     """``message`` prefixed with the line and column of ``element``'s start tag in ``source``."""
+    line, column = position(element, source)
+    return f"line {line}, column {column}: {message}"
+
+
+def located_vi(element: etree._Element, source: bytes, message: str) -> str:
+    """:func:`located` in Vietnamese (``dòng L, cột C: …``)."""
+    return f"{wording_vi.where(*position(element, source))}: {message}"
+
+
+def position(element: etree._Element, source: bytes) -> tuple[int, int]:
+    """The line and column of ``element``'s start tag in ``source``."""
     lines = source.decode("utf-8", "replace").splitlines()
     line = _line(element) or 1
-    return f"line {line}, column {_tag_column(element, line, lines)}: {message}"
+    return line, _tag_column(element, line, lines)
 
 
 def _line(element: etree._Element) -> int:

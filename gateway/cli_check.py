@@ -72,5 +72,10 @@ def render(verdict: Verdict) -> str:
     lines.append("steps:     " + ", ".join(f"{k} {v}" for k, v in d["steps"].items()))
     for reason in d["reasons"]:
         lines.append(f"reason:    [{reason['code']}] {reason['message']}")
-        lines.append(f"           {reason['reason_vi']}")
+        vi = reason["reason_vi"]
+        lines.append(
+            f"           {vi}: {reason['message_vi']}"
+            if "message_vi" in reason
+            else f"           {vi}"
+        )
     return "\n".join(lines)

@@ -130,14 +130,21 @@ def _check_attachments(w: _Work) -> None:
         return
     missing = sorted(name for name, _, _ in listed - carried)
     extra = sorted(name for name, _, _ in carried - listed)
-    problems = []
+    problems, problems_vi = [], []
     if missing:
         problems.append(
             f"listed in the manifest but not attached (or altered): {', '.join(missing)}"
         )
+        problems_vi.append(
+            f"có trong danh mục nhưng không được đính kèm (hoặc đã bị sửa): {', '.join(missing)}"
+        )
     if extra:
         problems.append(f"attached but not listed in the manifest: {', '.join(extra)}")
-    raise AttachmentMismatch("; ".join(problems) + "; attach exactly the files the payload lists")
+        problems_vi.append(f"được đính kèm nhưng không có trong danh mục: {', '.join(extra)}")
+    raise AttachmentMismatch(
+        "; ".join(problems) + "; attach exactly the files the payload lists",
+        message_vi="; ".join(problems_vi) + "; hãy đính kèm đúng các tệp mà dữ liệu liệt kê",
+    )
 
 
 def _nfc(name: str) -> str:
@@ -158,10 +165,12 @@ def _check_recipients(w: _Work) -> None:
     the payload was accepted is a failed delivery, alerted to the admin: gateway.builder.)"""
     assert w.payload is not None
     organ_ids = [organ.organ_id for organ in w.payload.header.recipients]
-    if problems := w.ctx.directory.not_deliverable(organ_ids, local_day(w.at)):
+    if problems := w.ctx.directory.undeliverable(organ_ids, local_day(w.at)):
         raise UnknownRecipient(
-            f"recipient agency (To) {'; '.join(problems)}: nothing was delivered; send it "
-            "again to the agencies of today"
+            f"recipient agency (To) {'; '.join(en for en, _ in problems)}: nothing was "
+            "delivered; send it again to the agencies of today",
+            message_vi=f"cơ quan nhận (To) {'; '.join(vi for _, vi in problems)}: chưa chuyển "
+            "cho cơ quan nào; hãy gửi lại cho các cơ quan đang hoạt động",
         )
 
 

@@ -53,7 +53,8 @@ def description(disposition: str, seq: int, reasons: Sequence[Mapping[str, Any]]
 
     lines = [REJECTED_VI.format(seq=seq)]
     for r in reasons:
-        lines.append(quoted(f"- {r.get('reason_vi', '')}: {r.get('message', '')}".strip()))
+        specifics = r.get("message_vi") or r.get("message", "")
+        lines.append(quoted(f"- {r.get('reason_vi', '')}: {specifics}".strip()))
     lines.append(FIX_VI)
     lines.append(REJECTED_EN.format(seq=seq))
     for r in reasons:

@@ -136,9 +136,11 @@ def recorded_keys(verdict: Verdict, keys: Sequence[str]) -> list[str]:
 def reused(verdict: Verdict) -> Verdict:
     """The verdict on a payload whose MessageId its sender used before for another document."""
     assert verdict.payload is not None
+    message_id = verdict.payload.header.message_id
     error = MessageIdReused(
-        f"the MessageId {verdict.payload.header.message_id} was used before by this sender for "
-        "a different document; a new document needs a new MessageId"
+        f"the MessageId {message_id} was used before by this sender for a different document; "
+        "a new document needs a new MessageId",
+        message_vi=f"MessageId {message_id} đã được cơ quan gửi dùng cho một văn bản khác",
     )
     return dataclasses.replace(verdict, disposition="rejected", errors=(error,))
 

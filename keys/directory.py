@@ -190,18 +190,34 @@ class Directory:
     def not_deliverable(self, organ_ids: Iterable[str], day: date) -> list[str]:
         """Why each of ``organ_ids`` cannot be mailed on ``day`` (it is not here, or not
         active that day), one phrase each; empty when all can be."""
+        return [english for english, _ in self.undeliverable(organ_ids, day)]
+
+    def undeliverable(self, organ_ids: Iterable[str], day: date) -> list[tuple[str, str]]:
+        """:meth:`not_deliverable`, each phrase in English and in Vietnamese."""
         problems = []
         for organ_id in organ_ids:
             agency = self.get(organ_id)
             if agency is None:
-                problems.append(f"{organ_id} is not an agency in the hub's directory")
-            elif not agency.active_on(day):
-                when = (
-                    f"ceased after {agency.valid_to}"
-                    if agency.valid_to is not None and agency.valid_to < day
-                    else f"is in being only from {agency.valid_from}"
+                problems.append(
+                    (
+                        f"{organ_id} is not an agency in the hub's directory",
+                        f"{organ_id} không có trong danh bạ của cổng",
+                    )
                 )
-                problems.append(f"{organ_id} ({agency.name_en or agency.name_vi}) {when}")
+            elif not agency.active_on(day):
+                ceased = agency.valid_to is not None and agency.valid_to < day
+                en = f"ceased after {agency.valid_to}" if ceased else (
+                    f"is in being only from {agency.valid_from}"
+                )  # fmt: skip
+                vi = f"đã thôi hoạt động sau ngày {agency.valid_to}" if ceased else (
+                    f"chỉ hoạt động từ ngày {agency.valid_from}"
+                )  # fmt: skip
+                problems.append(
+                    (
+                        f"{organ_id} ({agency.name_en or agency.name_vi}) {en}",
+                        f"{organ_id} ({agency.name_vi}) {vi}",
+                    )
+                )
         return problems
 
     def __hash__(self) -> int:
