@@ -171,6 +171,7 @@ def _register() -> None:
         cli_keys,
         cli_obligations,
         cli_outbox,
+        cli_paper,
         cli_proofs,
         cli_send,
         cli_submitters,
@@ -181,6 +182,8 @@ def _register() -> None:
     cli.add_command(cli_agencies.agencies)
     cli.add_command(cli_keys.keys)
     cli.add_command(cli_check.check)
+    for paper_cmd in (cli_paper.record_paper, cli_paper.withdraw_paper):
+        cli_compliance.compliance.add_command(paper_cmd)
     cli.add_command(cli_compliance.compliance)
     cli.add_command(cli_demo.demo)
     cli.add_command(cli_doctor.doctor)

@@ -115,7 +115,7 @@ def _listing(ctx: click.Context, query: Query, action: str, as_json: bool) -> No
 #: The kinds of entry the gateway files (a --kind outside them would find nothing, silently).
 ENTRY_KINDS = (
     "message", "receipt", "resend", "delivery", "reminder", "alert", "outcome",
-    "deemed-consent", "admin", "read",
+    "deemed-consent", "paper", "admin", "read",
 )  # fmt: skip
 _KIND = click.Choice(ENTRY_KINDS)
 _STATUS = click.Choice(FILED)

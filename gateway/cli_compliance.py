@@ -128,7 +128,7 @@ CSV_COLUMNS = (
     "period", "provider", "provider_name", "category", "obligation", "cadence", "period_label",
     "period_first", "period_last", "due", "deadline", "calendar_version", "status", "late_days",
     "received_at", "document_id", "corrections", "rejected", "withdrawn", "early",
-    "ignored_corrections",
+    "ignored_corrections", "paper",
 )  # fmt: skip
 #: The note beside the status of a cell whose report in force came before its period could be
 #: complete (``Cell.early``): a flag, not a status.
@@ -145,6 +145,8 @@ def status_text(cell: Cell) -> str:
         text += f" ({EARLY_NOTE})"
     if cell.withdrawn:
         text += " (revoked)"
+    if cell.paper:
+        text += " (received on paper)"
     if cell.ignored:
         text += f" (ignored: {', '.join(cell.ignored)} names no report in force)"
     return text

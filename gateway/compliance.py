@@ -134,38 +134,58 @@ class Submission:
     cadence: str | None = None  # as stated (None: archived without one)
     period_start: date | None = None
     period_end: date | None = None
+    #: ``gateway`` (a message filed), or ``paper``: received outside the gateway and recorded
+    #: by an administrator at ``recorded_at`` (:mod:`gateway.paper`).
+    via: str = "gateway"
+    recorded_at: datetime | None = None
+    #: A paper record withdrawn (a mistake) no longer counts from this moment on.
+    withdrawn_at: datetime | None = None
     received_on: date = field(init=False, compare=False, repr=False)  # local day, UTC+7
+    #: From when it counts: when it was received, or, recorded later by hand, when recorded.
+    known_at: datetime = field(init=False, compare=False, repr=False)
     #: The cadence it counts for: as stated, or by its period's length (``cadence_of``).
     counts_for: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "received_on", local_day(self.received_at))
+        object.__setattr__(
+            self, "known_at", max(self.received_at, self.recorded_at or self.received_at)
+        )
         counts = cadence_of(self.cadence, self.period_start, self.period_end)
         object.__setattr__(self, "counts_for", counts)
 
+    def counted(self, now: datetime) -> bool:
+        """Whether the status at ``now`` counts it: known by then, and not withdrawn."""
+        return self.known_at <= now and (self.withdrawn_at is None or now < self.withdrawn_at)
+
     @classmethod
     def from_entry(cls, seq: int, fields: Mapping[str, Any]) -> Submission | None:
-        """From a message entry's fields (:func:`gateway.filing.message_item`), or ``None``
-        when it cannot fulfil anything: quarantined (the sender is not authenticated), or
-        without agency, category or period (a payload that did not parse)."""
+        """From a message entry's fields (:func:`gateway.filing.message_item`) or a paper
+        record's (:func:`gateway.paper.paper_item`), or ``None`` when it cannot fulfil
+        anything: quarantined (the sender is not authenticated), or without agency, category or
+        period (a payload that did not parse)."""
         status, agency = fields.get("status"), fields.get("agency")
         category, period = fields.get("category"), fields.get("period")
         if status not in ("accepted", "rejected") or not (agency and category and period):
             return None
         payload = fields.get("payload") or {}
+        paper = fields.get("kind") == "paper"
+        received = fields["received_at"] if paper else fields["transport"]["received_at"]
         return cls(
             seq,
             agency,
             category,
             period,
             status,
-            datetime.fromisoformat(fields["transport"]["received_at"]),
+            datetime.fromisoformat(received),
             fields.get("document_id"),
             payload.get("business") or "new",
             payload.get("replaces"),
             payload.get("cadence"),
             _day(payload.get("period_start")),
             _day(payload.get("period_end")),
+            "paper" if paper else "gateway",
+            datetime.fromisoformat(fields["at"]) if paper else None,
         )
 
 
@@ -245,6 +265,9 @@ class Cell(NamedTuple):
     early: bool = False
     #: DocumentIds of corrections that named no report in force (ignored).
     ignored: tuple[str, ...] = ()
+    #: The first report (the one judged on time or late) was received on paper, recorded by
+    #: an administrator (:mod:`gateway.paper`); its ``document_id`` is the paper's reference.
+    paper: bool = False
 
     def as_dict(self, calendar_version: str) -> dict[str, Any]:
         ob = self.obligation
@@ -268,6 +291,7 @@ class Cell(NamedTuple):
             "withdrawn": self.withdrawn,
             "early": self.early,
             "ignored_corrections": list(self.ignored),
+            "paper": self.paper,
         }
 
 
@@ -298,7 +322,7 @@ def _cell(
     withdrawn = False
     cadence = ob.cadence
     for s in candidates:
-        if s.received_at > now or s.counts_for != cadence:
+        if not s.counted(now) or s.counts_for != cadence:
             continue
         if s.status != "accepted":
             rejected += 1
@@ -327,6 +351,7 @@ def _cell(
         return Cell(
             ob, period, due, status, late, first.received_at, current.document_id,
             len(chain) - 1, rejected, False, current.received_on < complete, tuple(ignored),
+            first.via == "paper",
         )  # fmt: skip
     if rejected and not withdrawn:
         return Cell(ob, period, due, "rejected-only", rejected=rejected, ignored=tuple(ignored))
@@ -447,11 +472,24 @@ def _matrix(
                     found.status == "accepted"
                     and found.business == "new"
                     and day <= due
-                    and found.received_at <= now
+                    and found.counted(now)
                     and found.counts_for == ob.cadence
                 ):
                     at, doc = found.received_at, found.document_id
-                    add(Cell(ob, period, due, "on-time", 0, at, doc, early=day < complete))
+                    paper = found.via == "paper"
+                    add(
+                        Cell(
+                            ob,
+                            period,
+                            due,
+                            "on-time",
+                            0,
+                            at,
+                            doc,
+                            early=day < complete,
+                            paper=paper,
+                        )
+                    )
                     continue
                 found = [found]
             add(_cell(ob, period, due, complete, found, late, now, today))

@@ -89,6 +89,8 @@ def label(cell: Cell) -> str:
         text += f" ({EARLY_NOTE})"
     if cell.withdrawn:
         text += " (đã thu hồi)"
+    if cell.paper:
+        text += " (nhận bằng văn bản giấy)"
     if cell.ignored:
         text += (
             f" (bỏ qua bản đính chính {', '.join(cell.ignored)}: không nêu báo cáo nào đang có "

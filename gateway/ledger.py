@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from archive import tables as t
 from archive.log import Entry, Log
 from archive.records import read_item
+from gateway import paper
 from gateway.adhoc import Reply, Request, RequestStatus, deemed_consent_item
 from gateway.compliance import Submission
 
@@ -39,21 +41,29 @@ def _records(s: Session, query: Select[int, bytes]) -> Iterator[tuple[int, dict[
 def submissions(
     s: Session, periods: Sequence[str], *, agency: str | None = None
 ) -> list[Submission]:
-    """Accepted and rejected message entries for the periods ``periods`` (YYYY-MM)."""
+    """Accepted and rejected message entries, and reports recorded as received on paper
+    (:mod:`gateway.paper`; one withdrawn is counted until it was), for the periods ``periods``
+    (YYYY-MM)."""
     out: list[Submission] = []
     if not periods:
         return out
     query = select(t.LogEntry.seq, t.LogEntry.record).where(
-        t.LogEntry.kind == "message",
-        t.LogEntry.status.in_(COUNTED),
+        t.LogEntry.kind.in_(("message", paper.KIND)),
+        t.LogEntry.status.in_((*COUNTED, paper.WITHDRAWAL)),
         t.LogEntry.period.in_(sorted(set(periods))),
     )
     if agency is not None:
         query = query.where(t.LogEntry.agency == agency)
+    withdrawn: dict[int, datetime] = {}
     for seq, fields in _records(s, query.order_by(t.LogEntry.seq)):
-        sub = Submission.from_entry(seq, fields)
-        if sub is not None:
+        if fields.get("status") == paper.WITHDRAWAL:
+            withdrawn.setdefault(int(fields["withdraws"]), datetime.fromisoformat(fields["at"]))
+        elif (sub := Submission.from_entry(seq, fields)) is not None:
             out.append(sub)
+    if withdrawn:
+        out = [
+            replace(x, withdrawn_at=withdrawn.get(x.seq)) if x.seq in withdrawn else x for x in out
+        ]
     return out
 
 
