@@ -138,7 +138,7 @@ def _period_violations(payload: Payload) -> list[Violation]:
             Violation(
                 "Exchange/Cadence",
                 "give both PeriodStart and PeriodEnd, or neither",
-                "cần có cả PeriodStart và PeriodEnd, hoặc không có cả hai",
+                "cần có cả PeriodStart và PeriodEnd, hoặc bỏ cả hai",
             )
         ]
     if start is None or end is None:
@@ -148,7 +148,7 @@ def _period_violations(payload: Payload) -> list[Violation]:
                     "Exchange/Cadence",
                     f"cadence {x.cadence} needs the period it reports on: add PeriodStart and "
                     "PeriodEnd, or use cadence ad-hoc",
-                    f"báo cáo định kỳ ({x.cadence}) phải nêu kỳ số liệu: thêm PeriodStart và "
+                    f"báo cáo định kỳ ({x.cadence}) phải nêu mốc số liệu: thêm PeriodStart và "
                     "PeriodEnd, hoặc dùng Cadence ad-hoc (đột xuất)",
                 )
             ]

@@ -120,7 +120,9 @@ def _refuse_in_bytes(data: bytes) -> None:
     if b"\x00" in data:
         raise XmlForbidden(
             "XML payload is not UTF-8 (it contains NUL bytes, as UTF-16 or UTF-32 would); "
-            "encode it as UTF-8"
+            "encode it as UTF-8",
+            message_vi="dữ liệu XML không mã hóa UTF-8 (có byte NUL, như UTF-16 hay UTF-32); "
+            "hãy lưu tệp ở dạng UTF-8",
         )
     for marker, what in ((b"<!DOCTYPE", "a DOCTYPE declaration"), (b"<!ENTITY", "an entity")):
         at = data.find(marker)
@@ -161,13 +163,16 @@ def _syntax_error(err: etree.XMLSyntaxError) -> LimitExceeded | XmlForbidden | X
         return XmlForbidden(
             f"line {line}, column {column}: XML payload uses an entity ({text}); entities are "
             "refused, write the characters themselves or use &#NNNN; character references",
-            message_vi=f"{wording_vi.where(line, column)}: dữ liệu XML dùng thực thể (entity), "
-            "là cấu trúc bị cấm; hãy viết thẳng ký tự, hoặc dùng dạng &#NNNN;",
+            message_vi=f"{wording_vi.where(line, column)}: dữ liệu XML "
+            f"{wording_vi.parse_problem(text) or 'dùng thực thể (entity)'}, là cấu trúc bị cấm; "
+            "hãy viết thẳng ký tự, hoặc dùng dạng &#NNNN;",
         )
+    # Where the parser noticed the fault, which may be after the fault itself (a tag left open
+    # is noticed where another closes).
+    said = wording_vi.parse_problem(text) or f"bộ đọc XML báo: {text}"
     return XmlMalformed(
         f"line {line}, column {column}: XML is not well-formed: {text}",
-        message_vi=f"{wording_vi.where(line, column)}: XML sai cú pháp từ vị trí này (bộ đọc "
-        f"XML báo: {text})",
+        message_vi=f"{wording_vi.where(line, column)}: XML sai cú pháp, phát hiện tại đây: {said}",
     )
 
 
@@ -175,12 +180,17 @@ def check_docinfo(tree: etree._ElementTree) -> None:
     """Step 5 on the document's prolog: no DOCTYPE, and UTF-8 if an encoding is declared."""
     info = tree.docinfo
     if getattr(info, "doctype", "") or info.internalDTD is not None or info.externalDTD is not None:
-        raise XmlForbidden("XML payload declares a DOCTYPE; DTDs are refused (DESIGN §4)")
+        raise XmlForbidden(
+            "XML payload declares a DOCTYPE; DTDs are refused (DESIGN §4)",
+            message_vi="dữ liệu XML có khai báo DOCTYPE, là cấu trúc bị cấm; hãy bỏ khai báo đó",
+        )
     encoding = (info.encoding or "UTF-8").upper()
     if encoding not in ("UTF-8", "UTF8"):
         raise XmlForbidden(
             f"XML payload declares encoding {info.encoding}; payloads must be UTF-8, "
-            're-encode it and declare encoding="UTF-8"'
+            're-encode it and declare encoding="UTF-8"',
+            message_vi=f"dữ liệu XML khai báo bảng mã {info.encoding}; dữ liệu phải ở dạng "
+            'UTF-8: hãy lưu lại ở UTF-8 và khai báo encoding="UTF-8"',
         )
 
 
@@ -195,13 +205,17 @@ def _refuse_in_tree(tree: etree._ElementTree) -> None:
             raise _pi_error(node)
         raise XmlForbidden(
             f"line {node.sourceline}: XML payload contains the entity reference {node.text}; "
-            "entities are refused, write the characters themselves"
+            "entities are refused, write the characters themselves",
+            message_vi=f"dòng {node.sourceline}: dữ liệu XML dùng thực thể {node.text}, là cấu "
+            "trúc bị cấm; hãy viết thẳng ký tự",
         )
     element = next(root.iter(*_XINCLUDE_ANY), None)  # the root included; a walk in C
     if element is not None:
         raise XmlForbidden(
             f"line {element.sourceline}: XML payload contains an XInclude element; "
-            "XInclude is refused, put the content in the payload or attach it"
+            "XInclude is refused, put the content in the payload or attach it",
+            message_vi=f"dòng {element.sourceline}: dữ liệu XML có phần tử XInclude, là cấu trúc "
+            "bị cấm; hãy đưa nội dung vào dữ liệu hoặc gửi kèm thành tệp đính kèm",
         )
 
 
@@ -209,7 +223,9 @@ def _pi_error(node: etree._Element) -> XmlForbidden:
     target = getattr(node, "target", "?")
     return XmlForbidden(
         f"line {node.sourceline}: XML payload contains the processing instruction <?{target}?>; "
-        "processing instructions are refused, remove it"
+        "processing instructions are refused, remove it",
+        message_vi=f"dòng {node.sourceline}: dữ liệu XML có chỉ thị xử lý <?{target}?>, là cấu "
+        "trúc bị cấm; hãy bỏ chỉ thị đó",
     )
 
 

@@ -83,7 +83,7 @@ def validate(root: etree._Element, schema: etree.XMLSchema, source: bytes) -> No
         return
     lines = source.decode("utf-8", "replace").splitlines()
     found = [
-        (entry.line, _column(root, entry, lines), _CLARK.sub("", entry.message))
+        (entry.line, _column(root, entry, lines), _shortened(_CLARK.sub("", entry.message)))
         for entry in list(cast(Iterable[Any], schema.error_log))[:_MAX_PROBLEMS]
     ]
     problems = [f"line {line}, column {column}: {message}" for line, column, message in found]
@@ -94,6 +94,17 @@ def validate(root: etree._Element, schema: etree.XMLSchema, source: bytes) -> No
         detail="\n".join(problems),
         message_vi=f"{wording_vi.where(line, column)}: {vietnamese}" if vietnamese else None,
     )
+
+
+#: A value libxml2 quotes, longer than a receipt can show beside what is wrong with it.
+_LONG_QUOTE = re.compile("'([^'\n]{" + str(wording_vi.SHOWN + 1) + ",})'")
+
+
+def _shortened(message: str) -> str:
+    """libxml2's ``message`` with each long quoted value cut to :data:`wording_vi.SHOWN`
+    characters: the sender's own value can run to megabytes, and the receipt has 2000
+    characters for every reason in two languages."""
+    return _LONG_QUOTE.sub(lambda m: f"'{m[1][: wording_vi.SHOWN - 1]}…'", message)
 
 
 def located(element: etree._Element, source: bytes, message: str) -> str:

@@ -169,7 +169,7 @@ def _check_recipients(w: _Work) -> None:
         raise UnknownRecipient(
             f"recipient agency (To) {'; '.join(en for en, _ in problems)}: nothing was "
             "delivered; send it again to the agencies of today",
-            message_vi=f"cơ quan nhận (To) {'; '.join(vi for _, vi in problems)}: chưa chuyển "
+            message_vi=f"cơ quan nhận (To) {'; '.join(vi for _, vi in problems)}: không chuyển "
             "cho cơ quan nào; hãy gửi lại cho các cơ quan đang hoạt động",
         )
 

@@ -140,7 +140,7 @@ def reused(verdict: Verdict) -> Verdict:
     error = MessageIdReused(
         f"the MessageId {message_id} was used before by this sender for a different document; "
         "a new document needs a new MessageId",
-        message_vi=f"MessageId {message_id} đã được cơ quan gửi dùng cho một văn bản khác",
+        message_vi=f"MessageId {message_id}",
     )
     return dataclasses.replace(verdict, disposition="rejected", errors=(error,))
 

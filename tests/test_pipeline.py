@@ -113,15 +113,18 @@ def test_payload_from_another_agency_is_rejected_not_quarantined(
 
 
 @pytest.mark.parametrize(
-    ("police", "why"),
+    ("police", "why", "why_vi"),
     [
-        (None, "H26.CATP is not an agency in the hub's directory"),
-        ({"valid_to": WORLD_AT.date() - timedelta(days=1)}, "ceased after"),
-        ({"valid_from": WORLD_AT.date() + timedelta(days=1)}, "is in being only from"),
+        (None, "H26.CATP is not an agency in the hub's directory",
+         "cơ quan nhận (To) H26.CATP không có trong danh bạ của cổng: không chuyển"),
+        ({"valid_to": WORLD_AT.date() - timedelta(days=1)}, "ceased after",
+         "H26.CATP (Công an thành phố Hà Nội) đã thôi hoạt động sau ngày 2026-11-01"),
+        ({"valid_from": WORLD_AT.date() + timedelta(days=1)}, "is in being only from",
+         "H26.CATP (Công an thành phố Hà Nội) chỉ hoạt động từ ngày 2026-11-03"),
     ],
-)
+)  # fmt: skip
 def test_a_payload_to_an_agency_the_hub_cannot_deliver_to_is_rejected(
-    world: DemoWorld, world_ctx: Context, police: dict[str, Any] | None, why: str
+    world: DemoWorld, world_ctx: Context, police: dict[str, Any] | None, why: str, why_vi: str
 ) -> None:
     """To names an agency missing from the directory, merged away or not yet in being: it was
     accepted, receipted 03, and its delivery could only fail (the admin alerted, the sender
@@ -135,6 +138,7 @@ def test_a_payload_to_an_agency_the_hub_cannot_deliver_to_is_rejected(
     assert verdict.disposition == "rejected" and verdict.receipt_status == "02"
     [error] = verdict.errors
     assert isinstance(error, UnknownRecipient) and why in error.message
+    assert error.message_vi is not None and why_vi in error.message_vi
     assert verdict.smtp_reply.startswith("550 5.1.1 ")
     assert dict((s.name, s.outcome) for s in verdict.steps)["recipients"] == "failed"
 
@@ -184,10 +188,18 @@ def test_attachments_must_match_the_manifest(world: DemoWorld, world_ctx: Contex
     extra = process(_document_with(world, [_listed(scan)], [scan, other]), world_ctx, at=WORLD_AT)
     assert [type(e) for e in extra.errors] == [AttachmentMismatch]
     assert "extra.txt" in extra.errors[0].message
+    assert extra.errors[0].message_vi == (
+        "được đính kèm nhưng không có trong danh mục: extra.txt; hãy đính kèm đúng các tệp mà "
+        "dữ liệu liệt kê"
+    )
 
     swapped = Attachment(scan.filename, scan.media_type, b"%PDF-1.7 other")
     altered = process(_document_with(world, [_listed(scan)], [swapped]), world_ctx, at=WORLD_AT)
     assert [type(e) for e in altered.errors] == [AttachmentMismatch]
+    assert altered.errors[0].message_vi is not None
+    assert altered.errors[0].message_vi.startswith(
+        "có trong danh mục nhưng không được đính kèm (hoặc đã bị sửa): danh-sach.pdf"
+    )
 
 
 def test_process_refuses_a_naive_time(world: DemoWorld, world_ctx: Context) -> None:

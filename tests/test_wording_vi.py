@@ -28,6 +28,8 @@ from tests.test_outbound import _open_as, _payload
 
 #: A schema with one of each restriction libxml2 words differently.
 _XSD = b"""<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
+<xs:simpleType name="Count"><xs:restriction base="xs:nonNegativeInteger">
+  <xs:pattern value="[0-9]{1,18}"/></xs:restriction></xs:simpleType>
 <xs:element name="r"><xs:complexType><xs:sequence>
 <xs:element name="a"><xs:simpleType><xs:restriction base="xs:string">
   <xs:maxLength value="3"/></xs:restriction></xs:simpleType></xs:element>
@@ -46,12 +48,16 @@ _XSD = b"""<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
 </xs:element>
 <xs:element name="p"><xs:simpleType><xs:restriction base="xs:string">
   <xs:pattern value="[A-Z]{3}"/></xs:restriction></xs:simpleType></xs:element>
+<xs:element name="n" type="Count"/>
+<xs:element name="o"><xs:complexType><xs:attribute name="n" type="xs:integer"/>
+  <xs:attribute name="q" type="xs:integer"/></xs:complexType></xs:element>
+<xs:element name="y1" minOccurs="0"/><xs:element name="y2" minOccurs="0"/>
 <xs:choice><xs:element name="x1"/><xs:element name="x2"/></xs:choice>
 </xs:sequence></xs:complexType></xs:element></xs:schema>"""
 
 _OK = (
     b"<a>a</a><b>bbb</b><c>4</c><d>1</d><e>2020-12-01</e><f q='1'><g/></f>"
-    b"<h>2020-12-01T00:00:00Z</h><k>M</k><p>KOR</p><x1/>"
+    b"<h>2020-12-01T00:00:00Z</h><k>M</k><p>KOR</p><n>7</n><o/><x1/>"
 )
 
 
@@ -77,15 +83,30 @@ def _findings(*replacements: tuple[bytes, bytes]) -> list[str]:
         ([(b"<e>2020-12-01", b"<e>2020-13-01")], "ngày viết dạng NNNN-TT-NN"),
         ([(b"<f q='1'>", b"<f q='1' z='2'>")], "phần tử f: không được có thuộc tính z"),
         ([(b"<f q='1'>", b"<f>")], "phần tử f: thiếu thuộc tính bắt buộc q"),
-        ([(b"<g/>", b"<g/>text")], "chỉ được chứa các phần tử con, không được chứa văn bản"),
+        ([(b"<g/>", b"<g/>text")], "chỉ được chứa các phần tử con, không được chứa nội dung chữ"),
         ([(b"<g/>", b"")], "phần tử f: thiếu phần tử con g"),
         ([(b"<h>2020-12-01T00:00:00Z", b"<h><z/>")], "chỉ được chứa giá trị"),
         ([(b"<k>M", b"<k>Q")], "phần tử k: giá trị 'Q' không thuộc các giá trị được phép: 'M'"),
-        ([(b"<p>KOR", b"<p>KOREA")], "giá trị 'KOREA' không đúng khuôn dạng quy định (mẫu"),
-        ([(b"<p>KOR", b"<p>")], "phần tử p: không được để trống"),
-        ([(b"<e>", b"<extra/><e>")], "phần tử extra: không được phép ở vị trí này; tại đây cần"),
-        ([(b"<x1/>", b"<x3/>")], "tại đây cần một trong: x1, x2"),
-        ([(b"<x1/>", b"")], "phần tử r: thiếu phần tử con; cần một trong: x1, x2"),
+        (
+            [(b"<p>KOR", b"<p>KOREA")],
+            "giá trị 'KOREA' không đúng khuôn dạng; cần 3 chữ cái in hoa: mã quốc gia",
+        ),
+        ([(b"<p>KOR", b"<p>")], "phần tử p: không được để trống; cần 3 chữ cái in hoa"),
+        # the project's own types are explained too (libxml2 names them, not the built-in)
+        (
+            [(b"<n>7", b"<n>abc")],
+            "phần tử n: giá trị 'abc' không đúng kiểu dữ liệu Count (cần số nguyên không âm",
+        ),
+        # an attribute's value: the attribute named, whatever the value or the wording hold
+        ([(b"<o/>", b"<o n='x'/>")], "phần tử o, thuộc tính n: giá trị 'x' không đúng kiểu"),
+        ([(b"<o/>", b"<o q='q1'/>")], "phần tử o, thuộc tính q: giá trị 'q1' không đúng kiểu"),
+        ([(b"<e>", b"<extra/><e>")], "phần tử extra: không được phép ở vị trí này; ở đây cần"),
+        # "Expected is one of": what may come there, not what must
+        ([(b"<x1/>", b"<x3/>")], "ở đây chỉ có thể là: y1, y2, x1, x2"),
+        (
+            [(b"<x1/>", b"")],
+            "phần tử r: thiếu phần tử con bắt buộc; tiếp theo có thể là: y1, y2, x1, x2",
+        ),
     ],
 )
 def test_each_libxml2_finding_is_worded_in_vietnamese(
@@ -94,6 +115,24 @@ def test_each_libxml2_finding_is_worded_in_vietnamese(
     worded = [wording_vi.schema_problem(m) for m in _findings(*replacements)]
     assert None not in worded, _findings(*replacements)
     assert any(wording in w for w in worded if w), worded
+
+
+def test_every_pattern_of_the_packaged_schemas_is_explained() -> None:
+    """A pattern added to an XSD without its wording would be quoted as a regex to the clerk."""
+    schemas = Path(wording_vi.__file__).parent / "schemas"
+    found = {
+        str(p)
+        for xsd in schemas.rglob("*.xsd")
+        for p in etree.parse(str(xsd)).xpath(
+            "//xs:pattern/@value", namespaces={"xs": "http://www.w3.org/2001/XMLSchema"}
+        )
+    }
+    assert found and found <= set(wording_vi.PATTERNS), found - set(wording_vi.PATTERNS)
+
+
+def test_a_quoted_value_is_short_and_on_one_line() -> None:
+    assert wording_vi.shown("a\nb\tc") == "'a\\nb\\tc'"
+    assert wording_vi.shown("x" * 100) == "'" + "x" * 59 + "…'"
 
 
 def test_a_finding_with_no_wording_is_none_and_the_receipt_quotes_the_english() -> None:
@@ -137,14 +176,27 @@ def _refusal(xml: str, old: str, new: str) -> GatewayError:
          "Business 3 (thay thế) cần ReplacesDocumentId"),
         ("<Cadence>monthly</Cadence>\n    <PeriodStart>2026-09-16</PeriodStart>",
          "<Cadence>monthly</Cadence>",
-         "cần có cả PeriodStart và PeriodEnd, hoặc không có cả hai"),
+         "cần có cả PeriodStart và PeriodEnd, hoặc bỏ cả hai"),
         # what the reader finds once the XSD has passed
         ("<DocumentId>H26.SNV,2026/11/02", "<DocumentId>H26.SNV,2026/02/30",
          "DocumentId: giá trị 'H26.SNV,2026/02/30,1/SNV-VLATLĐ' không phải mã văn bản"),
         ("<DateOfBirth>1988-03-14", "<DateOfBirth>1988-03-14 ",
          "DateOfBirth: giá trị '1988-03-14 ' không hợp lệ; cần ngày viết dạng NNNN-TT-NN"),
         ("<Category>work-permit", "<Category>foo", "không có loại thông tin 'foo'"),
-        ("<Body>", "<Body>\n</Body><X>", "dòng 63, cột 10: XML sai cú pháp từ vị trí này"),
+        ("<Body>", "<Body>\n</Body><X>",
+         "dòng 63, cột 10: XML sai cú pháp, phát hiện tại đây: thẻ mở <X> ở dòng 32 không khớp "
+         "với thẻ đóng </Body>"),
+        ("<Subject>Thông tin", "<Subject>A & B",
+         "XML sai cú pháp, phát hiện tại đây: ký tự & đứng một mình; trong nội dung hãy viết "
+         "nó là &amp;"),
+        ("<Subject>Thông tin", "<Subject>&nbsp;Thông tin",
+         "dữ liệu XML dùng thực thể &nbsp;, là cấu trúc bị cấm"),
+        ("<Subject>Thông tin", "<Subject><?php x?>Thông tin",
+         "dữ liệu XML có chỉ thị xử lý <?php?>, là cấu trúc bị cấm"),
+        # a long value is shortened: what is wrong still fits in the receipt
+        ("<FullName>Nguyen", "<FullName> " + "A" * 1500 + "Nguyen",
+         "phần tử FullName: giá trị ' " + "A" * 58 + "…' không đúng khuôn dạng; cần nội dung "
+         "không để trống, không có khoảng trắng ở đầu và cuối"),
     ],
 )  # fmt: skip
 def test_a_refused_payload_says_what_and_where_in_vietnamese(

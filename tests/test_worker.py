@@ -293,6 +293,7 @@ def test_a_payload_message_id_used_again_for_another_document_is_rejected(
         [reason] = archive.log.entry(s, 1).fields["reasons"]
     assert reason["code"] == "message-id-reused"
     assert "00000000-0000-0000-0000-000000000007 was used before" in reason["message"]
+    assert reason["message_vi"] == "MessageId 00000000-0000-0000-0000-000000000007"
 
 
 def test_a_transient_failure_is_retried_later_and_not_filed_meanwhile(
