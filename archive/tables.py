@@ -351,7 +351,7 @@ class Outbox(Base):
 class AgencyCapabilities(Base):
     """What an agency's signatures last advertised (SMIMECapabilities, RFC 8551 §2.5.2), for
     choosing how the hub encrypts to it (:func:`formats.algorithms.outbound_cipher`): taken
-    from the newest message filed whose signature verified and was bound to the agency,
+    from the newest message received whose signature verified and was bound to the agency,
     ``entry_seq`` in the archive, whose entry records the same list (``crypto.capabilities``).
     A working copy: rebuilt from the archive, it would say the same."""
 
@@ -361,6 +361,8 @@ class AgencyCapabilities(Base):
     cipher: Mapped[str] = mapped_column(String(32))
     advertised: Mapped[list[str]] = mapped_column(JSON)
     entry_seq: Mapped[int] = mapped_column(BigInteger)
+    #: When that message was received (the newest received counts, not the last filed).
+    received_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 
 

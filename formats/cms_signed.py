@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from formats import algorithms, der
 from formats.der import children, content_info, element, octets, retagged, same_name, short_reason
 from formats.errors import (
+    GatewayError,
     MalformedCMS,
     NotSigned,
     ProfileViolation,
@@ -312,7 +313,9 @@ def _verify(
         digest_algorithm=digest_name,
         signature_algorithm=sig_name,
         signing_time=signing_time[0] if signing_time else None,
-        capabilities=(attrs.get("smime_capabilities") or [()])[0],
+        capabilities=_capabilities(buf, kept[0])
+        if (kept := attrs.get("smime_capabilities"))
+        else (),
     )
 
 
@@ -345,6 +348,8 @@ def _attributes(buf: memoryview, signed_attrs: der.Tlv) -> dict[str, list[Any]]:
         read = _READ_ATTRS.get(name)
         if read is not None:
             out[name] = [read(buf, value) for value in children(buf, parts[1])]
+        elif name in _KEPT_ATTRS:  # read later, if at all: its SET of values as it is
+            out[name] = [parts[1]]
     return out
 
 
@@ -369,37 +374,42 @@ def _signing_time(buf: memoryview, value: der.Tlv) -> datetime:
 MAX_CAPABILITIES = 16
 
 
-def _capabilities(buf: memoryview, value: der.Tlv) -> tuple[str, ...]:
-    """SMIMECapabilities ::= SEQUENCE OF SEQUENCE { capabilityID OID, parameters ANY OPTIONAL }.
-    Only a hint for what to encrypt to the signer with, which OpenSSL does not even read: one
-    that cannot be read counts as none advertised, never against the message."""
+def _capabilities(buf: memoryview, values: der.Tlv) -> tuple[str, ...]:
+    """The signer's SMIMECapabilities, from the attribute's SET of values (one value:
+    SEQUENCE OF SEQUENCE { capabilityID OID, parameters ANY OPTIONAL }), read only once the
+    signature has been checked. Only a hint for what to encrypt to the signer with, which
+    OpenSSL does not even read: one that cannot be read counts as none advertised, never
+    against the message; and only what is used is read (the first value, the first
+    :data:`MAX_CAPABILITIES` capabilities, each one's identifier, not its parameters), so a
+    huge list costs no more than a short one."""
     names: list[str] = []
     try:
-        if not value.is_(der.UNIVERSAL, der.SEQUENCE):
+        value = next(children(buf, values), None)
+        if value is None or not value.is_(der.UNIVERSAL, der.SEQUENCE):
             return ()
         for capability in children(buf, value):
-            parts = (
-                list(children(buf, capability))
-                if capability.is_(der.UNIVERSAL, der.SEQUENCE)
-                else []
-            )
-            if not parts or not parts[0].is_(der.UNIVERSAL, der.OID):
+            if not capability.is_(der.UNIVERSAL, der.SEQUENCE):
                 return ()
-            oid = der.oid(buf, parts[0])
-            names.append(str(algos.EncryptionAlgorithmId.map(oid)))
+            first = next(children(buf, capability), None)
+            if first is None or not first.is_(der.UNIVERSAL, der.OID):
+                return ()
+            names.append(str(algos.EncryptionAlgorithmId.map(der.oid(buf, first))))
             if len(names) == MAX_CAPABILITIES:
                 break
-    except (MalformedCMS, ValueError):
+    except (GatewayError, ValueError):  # malformed, or beyond a parsing limit
         return ()
     return tuple(names)
 
+
+#: Signed attributes kept undecoded by :func:`_attributes` (their SET of values), to be read
+#: once the signature has been checked.
+_KEPT_ATTRS = frozenset({"smime_capabilities"})
 
 #: The signed attributes we read, and how.
 _READ_ATTRS: dict[str, Callable[[memoryview, der.Tlv], Any]] = {
     "content_type": _content_type,
     "message_digest": _message_digest,
     "signing_time": _signing_time,
-    "smime_capabilities": _capabilities,
 }
 
 

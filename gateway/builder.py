@@ -33,6 +33,7 @@ from archive.bundle import RECEIPT_BLOB, RECEIPT_FOR, RECEIPT_KIND
 from archive.log import Entry, Item, Log
 from archive.service import Archive, SigningKey
 from formats import cms_encrypt
+from formats.algorithms import outbound_cipher
 from formats.errors import ConfigError, GatewayError
 from formats.limits import DEFAULT_LIMITS, Limits
 from formats.payload import Organ
@@ -143,7 +144,6 @@ class Builder:
     #: What a message it builds may be (:func:`outbound_limits`).
     limits: Limits = field(default_factory=lambda: outbound_limits(DEFAULT_LIMITS))
     _certs: dict[str, tuple[datetime, Recipients]] = field(default_factory=dict)
-    _ciphers: dict[str, tuple[datetime, str]] = field(default_factory=dict)
     _trust: tuple[datetime, TrustStore | None] | None = None
     _stale_check: datetime | None = None
     #: What the batch being built reads (:func:`_preload`); empty between batches.
@@ -419,7 +419,14 @@ class Builder:
             certs = Recipients(signer.usable, certs.left_out + signer.left_out)
         if not certs.usable:
             return _Built(failure=certs.none_usable(row.organ_id), setup=True)
-        cipher = self._cipher(s, row.organ_id, now)
+        # What the client that sent the message reads: the list its signature advertised (an
+        # entry filed before the list was recorded: what its agency advertises).
+        advertised = (fields.get("crypto") or {}).get("capabilities")
+        cipher = (
+            outbound_cipher(advertised)
+            if isinstance(advertised, list)
+            else capabilities.cipher_for(s, row.organ_id)
+        )
         message = self._seal(
             payload_entity(payload.to_xml()),
             certs.usable,
@@ -460,7 +467,7 @@ class Builder:
         entry = self._entry(s, row.for_seq)
         signed = self.archive.blobs.get(s, entry.blobs["decrypted"])
         message_id = f"<delivery.{row.for_seq}.{row.id}@{_domain(self.hub.address)}>"
-        cipher = self._cipher(s, row.organ_id, now)
+        cipher = capabilities.cipher_for(s, row.organ_id)
         message = self._seal(
             signed,
             certs.usable,
@@ -536,6 +543,7 @@ class Builder:
                 "receipt": original.key,
                 "to": list(fresh.rcpt_to),
                 "rebuilt": "a certificate the receipt was encrypted to is no longer usable",
+                "cipher": fresh.item.fields["cipher"] if fresh.item else None,
                 "digest": hashlib.sha256(fresh.message).hexdigest(),
             }
             item = Item("resend", now, fields, {RECEIPT_BLOB: fresh.message})
@@ -564,7 +572,7 @@ class Builder:
         entity = _text_entity(text)
         message_id = f"<reminder.{row.id}@{_domain(self.hub.address)}>"
         certs = self._certificates(s, row.organ_id, now).usable
-        cipher = self._cipher(s, row.organ_id, now) if certs else None
+        cipher = capabilities.cipher_for(s, row.organ_id) if certs else None
         if cipher is not None:
             message = self._seal(
                 entity,
@@ -631,16 +639,6 @@ class Builder:
         certs = store.encryption_certificates(s, organ_id, now, trust=trust)
         self._certs[organ_id] = (now + CERT_CACHE, certs)
         return certs
-
-    def _cipher(self, s: Session, organ_id: str, now: datetime) -> str:
-        """What to encrypt to an agency with (:mod:`keys.capabilities`), looked up at most
-        every few seconds."""
-        cached = self._ciphers.get(organ_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        cipher = capabilities.cipher_for(s, organ_id)
-        self._ciphers[organ_id] = (now + CERT_CACHE, cipher)
-        return cipher
 
     def _trust_store(self, s: Session, now: datetime) -> TrustStore | None:
         """The key store's anchors and revocation evidence, loaded at most every few seconds;

@@ -303,6 +303,7 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
             "cipher": kept.cipher if kept else DEFAULT_OUTBOUND_CIPHER,
             "advertised": kept.advertised if kept else None,
             "entry_seq": kept.entry_seq if kept else None,
+            "received_at": kept.received_at.isoformat() if kept else None,
             "updated_at": kept.updated_at.isoformat() if kept else None,
         }
     if as_json:
@@ -338,8 +339,9 @@ def _encryption(encryption: dict[str, Any]) -> str:
     name = CIPHER_NAMES.get(encryption["cipher"], encryption["cipher"])
     if encryption["entry_seq"] is None:
         return f"{name} (the default: no signed message of it filed yet)"
-    said = "advertised" if encryption["advertised"] else "nothing advertised"
-    return f"{name} ({said} in archive entry {encryption['entry_seq']})"
+    advertised = encryption["advertised"] or []
+    listed = ", ".join(advertised[:4]) + (" …" if len(advertised) > 4 else "") or "nothing"
+    return f"{name} (its newest message, archive entry {encryption['entry_seq']}, advertised: {listed})"
 
 
 # --- import, export ------------------------------------------------------------------------------

@@ -419,10 +419,12 @@ class Worker:
             outcomes[job.number] = Outcome(job.number, job.verdict.disposition, seq)
         for twin, earlier in twins.values():
             duplicate(twin, seq_of[earlier.number])
-        advertised: dict[str, tuple[int, tuple[str, ...]]] = {}
-        for job in fresh:  # (in filing order: an agency's newest message last)
+        advertised: dict[str, tuple[datetime, int, tuple[str, ...]]] = {}
+        for job in fresh:
             if (ad := job.verdict.advertised) is not None:
-                advertised[ad[0]] = (seq_of[job.number], ad[1])
+                mine = (job.transport.received_at, seq_of[job.number], ad[1])
+                if ad[0] not in advertised or mine[:2] > advertised[ad[0]][:2]:
+                    advertised[ad[0]] = mine
         capabilities.record(s, advertised, now)
         if keys:
             insert_rows(s, t.Seen, keys)

@@ -6,10 +6,13 @@ A signer advertises in its SMIMECapabilities signed attribute (RFC 8551 §2.5.2)
 signature covers: the list of the algorithms its client reads, most preferred first.
 
 Each message filed whose signature verified and was bound to an agency brings the agency's
-list up to date (:func:`record`, in the filing's transaction: the receipt built after it is
-encrypted the way the message asked). The newest message counts, even when it advertises
-nothing (then AES-256-CBC): an agency whose clerks use several clients gets what its latest
-one reads, and AES-256-CBC is read by every client.
+list up to date (:func:`record`, in the filing's transaction), unless a message of it received
+later was recorded already: a message filed late (retried, or released from quarantine) does
+not undo what the agency advertises now. The newest message counts, even when it advertises
+nothing (then AES-256-CBC): an agency whose clerks use several clients gets what its latest one
+reads, and AES-256-CBC is read by every client. Deliveries and reminders to an agency follow
+its list; a receipt follows the list of the message it answers (its archive entry's
+``crypto.capabilities``), read by the client that sent it.
 """
 
 from __future__ import annotations
@@ -17,20 +20,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from archive import tables as t
 from formats.algorithms import DEFAULT_OUTBOUND_CIPHER, outbound_cipher
 
-#: organ_id → (archive sequence number of the message, its signer's capabilities).
-Advertised = Mapping[str, tuple[int, Sequence[str]]]
+#: organ_id → (when the message was received, its archive sequence number, its signer's
+#: capabilities).
+Advertised = Mapping[str, tuple[datetime, int, Sequence[str]]]
 
 
 def record(s: Session, advertised: Advertised, at: datetime) -> None:
-    """Keep, for each agency in ``advertised``, what its message advertised, unless a newer
-    message of it was recorded already (another worker may file a later one first)."""
+    """Keep, for each agency in ``advertised``, what its message advertised, unless one of it
+    received later (or at the same moment, filed later) was recorded already."""
     if not advertised:
         return
     rows = [
@@ -39,9 +43,10 @@ def record(s: Session, advertised: Advertised, at: datetime) -> None:
             "cipher": outbound_cipher(names),
             "advertised": list(names),
             "entry_seq": seq,
+            "received_at": received,
             "updated_at": at,
         }
-        for organ_id, (seq, names) in sorted(advertised.items())
+        for organ_id, (received, seq, names) in sorted(advertised.items())
     ]
     table = t.AgencyCapabilities.__table__
     dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
@@ -50,8 +55,14 @@ def record(s: Session, advertised: Advertised, at: datetime) -> None:
     s.execute(
         statement.on_conflict_do_update(
             index_elements=[table.c.organ_id],
-            set_={c: newer[c] for c in ("cipher", "advertised", "entry_seq", "updated_at")},
-            where=table.c.entry_seq < newer.entry_seq,
+            set_={
+                c: newer[c]
+                for c in ("cipher", "advertised", "entry_seq", "received_at", "updated_at")
+            },
+            where=or_(
+                table.c.received_at < newer.received_at,
+                and_(table.c.received_at == newer.received_at, table.c.entry_seq < newer.entry_seq),
+            ),
         )
     )
 

@@ -9,13 +9,15 @@ agency would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from asn1crypto import core
 from sqlalchemy import select
 
 from archive import tables as t
@@ -31,8 +33,9 @@ from gateway.demo import HUB_ADDRESS, DemoWorld
 from gateway.pipeline import Context
 from gateway.worker import Worker
 from keys import capabilities
+from keys.issuing import Issued
 from tests.conftest import WORLD_AT
-from tests.hostile import crafted_signature
+from tests.hostile import _self_signed, crafted_signature
 
 pytestmark = pytest.mark.skipif(
     subprocess.run(["openssl", "version"], capture_output=True, check=False).returncode != 0,
@@ -57,11 +60,17 @@ def advertising_signature(
 
 
 def advertising_message(
-    world: DemoWorld, payload: Payload, organ: str, caps: Sequence[str]
+    world: DemoWorld,
+    payload: Payload,
+    organ: str,
+    caps: Sequence[str],
+    signer: Issued | None = None,
 ) -> bytes:
-    """``payload`` signed by ``organ`` advertising ``caps`` (multipart/signed), encrypted to
-    the hub: a submission from a client that is neither OpenSSL nor ours."""
+    """``payload`` signed by ``organ`` (or ``signer``, from its mailbox) advertising ``caps``
+    (multipart/signed), encrypted to the hub: a submission from a client that is neither
+    OpenSSL nor ours."""
     entity = payload_entity(payload.to_xml())
+    signature = crafted_signature(entity, signer or world.agencies[organ], capabilities=caps)
     boundary = b"=_caps_" + os.urandom(6).hex().encode()
     signed = (
         b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
@@ -70,7 +79,7 @@ def advertising_message(
         b"--" + boundary + b"\r\n"
         b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
         b"Content-Transfer-Encoding: base64\r\n\r\n"
-        + b64_lines(advertising_signature(entity, organ, world, caps))
+        + b64_lines(signature)
         + b"--" + boundary + b"--\r\n"
     )  # fmt: skip
     agency = world.directory.get(organ)
@@ -87,14 +96,26 @@ def advertising_message(
     )
 
 
-def _file_and_build(archive: Archive, ctx: Context, hub: Hub, world: DemoWorld, raw: bytes) -> int:
-    intake.accept(archive.db, raw, Transport(WORLD_AT, "smtp", "127.0.0.1"))
-    [outcome] = Worker(archive, lambda: ctx, clock=lambda: LATER, name="w").run_once()
+def _file_and_build(
+    archive: Archive,
+    ctx: Context,
+    hub: Hub,
+    world: DemoWorld,
+    *raws: bytes,
+    received: datetime = WORLD_AT,
+) -> int:
+    """Take ``raws`` in (received at ``received``), file them in one batch, build what is
+    owed; the archive number of the last."""
+    for raw in raws:
+        intake.accept(archive.db, raw, Transport(received, "smtp", "127.0.0.1"))
+    outcomes = Worker(archive, lambda: ctx, clock=lambda: LATER, name="w").run_once()
+    assert len(outcomes) == len(raws)
     builder = Builder(archive, hub, lambda: world.directory, clock=lambda: LATER, name="b")
     while builder.run_once():
         pass
-    assert outcome.archive_seq is not None
-    return outcome.archive_seq
+    seq = outcomes[-1].archive_seq
+    assert seq is not None
+    return seq
 
 
 def _built(archive: Archive, key: str) -> tuple[bytes, str]:
@@ -187,6 +208,62 @@ def test_a_damaged_capability_list_counts_as_none_and_not_against_the_message(
     assert checked.signer == world.agencies["H26.SNV"].cert
 
 
+def _der(tag: int, body: bytes) -> bytes:
+    """One DER element (definite length)."""
+    n = len(body)
+    size = (
+        bytes([n])
+        if n < 0x80
+        else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+        + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    )
+    return bytes([tag]) + size + body
+
+
+def _attribute(oid: str, *values: bytes) -> bytes:
+    return _der(0x30, core.ObjectIdentifier(oid).dump() + _der(0x31, b"".join(values)))
+
+
+GCM_OID = core.ObjectIdentifier("2.16.840.1.101.3.4.1.46").dump()  # aes256-GCM
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "read"),
+    [
+        # one capability whose parameters are 2,000 NULLs (beyond the parser's 1,024 per element)
+        ([_der(0x30, _der(0x30, GCM_OID + b"\x05\x00" * 2000))], ("aes256_gcm",)),
+        # the attribute with 2,000 values (only the first is read: an empty list)
+        ([_der(0x30, b"")] * 2000, ()),
+        # 2,000 capabilities: the first sixteen are kept
+        ([_der(0x30, _der(0x30, GCM_OID) * 2000)], ("aes256_gcm",) * 16),
+    ],
+    ids=["parameters", "values", "capabilities"],
+)
+def test_a_huge_capability_list_costs_nothing_and_never_refuses_the_message(
+    world: DemoWorld, tmp_path: Path, capabilities: list[bytes], read: tuple[str, ...]
+) -> None:
+    """What OpenSSL verifies, the hub verifies: an odd SMIMECapabilities is not read past what
+    is used, and never makes a parsing limit refuse the message (it is read only once the
+    signature holds)."""
+    entity = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+    attrs = _der(0x31, b"".join([
+        _attribute("1.2.840.113549.1.9.3", core.ObjectIdentifier("1.2.840.113549.1.7.1").dump()),
+        _attribute("1.2.840.113549.1.9.4", _der(0x04, hashlib.sha256(entity).digest())),
+        _attribute("1.2.840.113549.1.9.15", *capabilities),
+    ]))  # fmt: skip
+    der = advertising_signature(entity, "H26.SNV", world, (), lambda _: attrs)
+    checked = cms_signed.verify_signed_data(der, detached=entity)
+    assert (checked.capabilities, checked.signer) == (read, world.agencies["H26.SNV"].cert)
+    (tmp_path / "sig.der").write_bytes(der)
+    (tmp_path / "content").write_bytes(entity)
+    verified = subprocess.run(
+        ["openssl", "cms", "-verify", "-inform", "DER", "-in", tmp_path / "sig.der",
+         "-content", tmp_path / "content", "-binary", "-noverify", "-out", os.devnull],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+
+
 def test_an_agency_advertising_gcm_gets_its_receipt_in_gcm_and_the_others_stay_on_cbc(
     archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
 ) -> None:
@@ -239,6 +316,54 @@ def test_a_delivery_follows_what_the_recipient_agency_advertised_and_the_newest_
     with archive.db.session() as s:
         kept = capabilities.of(s, "H26.CATP")
         assert kept is not None and (kept.cipher, kept.entry_seq) == ("aes256_cbc", later)
-        # An older message filed after a newer one (another worker) changes nothing.
-        capabilities.record(s, {"H26.CATP": (later - 1, GCM_FIRST)}, LATER)
+        # A message received before it but filed after it (retried, released from quarantine,
+        # filed by another worker) changes nothing.
+        earlier = WORLD_AT - timedelta(hours=1)
+        capabilities.record(s, {"H26.CATP": (earlier, later + 5, GCM_FIRST)}, LATER)
         assert capabilities.cipher_for(s, "H26.CATP") == "aes256_cbc"
+
+
+def test_a_receipt_follows_the_message_it_answers_and_the_agency_its_newest_received(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub, tmp_path: Path
+) -> None:
+    """Two clients of one agency in one batch, then one of them filed late: each receipt is
+    encrypted as the message it answers asked, and the agency's list is its newest received."""
+    plain = advertising_message(world, world.payload("H26.SNV", number=1), "H26.SNV", ())
+    gcm = advertising_message(world, world.payload("H26.SNV", number=2), "H26.SNV", GCM_FIRST)
+    second = _file_and_build(archive, world_ctx, hub, world, plain, gcm)
+    first = second - 1
+    assert _built(archive, f"receipt:{first}")[1] == "aes256_cbc"
+    receipt, cipher = _built(archive, f"receipt:{second}")
+    assert (cipher, _openssl_cipher(receipt, world, "H26.SNV", tmp_path)) == ("aes256_gcm",) * 2
+
+    # A message received an hour before them, filed only now: its receipt follows it, the
+    # agency's list stays that of the newest received.
+    old = advertising_message(world, world.payload("H26.SNV", number=3), "H26.SNV", ())
+    late = _file_and_build(
+        archive, world_ctx, hub, world, old, received=WORLD_AT - timedelta(hours=1)
+    )
+    assert _built(archive, f"receipt:{late}")[1] == "aes256_cbc"
+    with archive.db.session(read_only=True) as s:
+        kept = capabilities.of(s, "H26.SNV")
+        assert kept is not None and (kept.cipher, kept.entry_seq) == ("aes256_gcm", second)
+
+
+def test_what_is_not_authenticated_changes_nothing(
+    archive: Archive, world: DemoWorld, world_ctx: Context, hub: Hub
+) -> None:
+    """A signer the hub does not trust (a self-signed certificate naming Home Affairs' mailbox),
+    and one whose certificate is revoked (the Department of Justice's), advertise AES-GCM over
+    signatures that verify: both are quarantined (no sender authenticated), and neither
+    agency's list is touched."""
+    forged = advertising_message(
+        world, world.payload("H26.SNV"), "H26.SNV", GCM_FIRST, signer=_self_signed(world)
+    )
+    revoked = advertising_message(
+        world, world.payload("H26.STP"), "H26.STP", GCM_FIRST, signer=world.revoked["H26.STP"]
+    )
+    for raw in (forged, revoked):
+        intake.accept(archive.db, raw, Transport(WORLD_AT, "smtp", "127.0.0.1"))
+    outcomes = Worker(archive, lambda: world_ctx, clock=lambda: LATER, name="w").run_once()
+    assert [o.disposition for o in outcomes] == ["quarantined", "quarantined"]
+    with archive.db.session(read_only=True) as s:
+        assert capabilities.of(s, "H26.SNV") is None and capabilities.of(s, "H26.STP") is None

@@ -71,6 +71,7 @@ def test_show_says_how_the_hub_encrypts_to_the_agency_and_why(run: Run, home: Pa
         "cipher": "aes256_cbc",
         "advertised": None,
         "entry_seq": None,
+        "received_at": None,
         "updated_at": None,
     }
     assert "AES-256-CBC (the default: no signed message of it filed yet)" in (
@@ -80,7 +81,7 @@ def test_show_says_how_the_hub_encrypts_to_the_agency_and_why(run: Run, home: Pa
     db = Database.open(sqlite_url(home / "archive.db"))
     try:
         with db.session() as s:
-            capabilities.record(s, {"H26.STP": (41, ("aes256_gcm", "aes256_cbc"))}, at)
+            capabilities.record(s, {"H26.STP": (at, 41, ("aes256_gcm", "aes256_cbc"))}, at)
     finally:
         db.dispose()
     shown = json.loads(run("agencies", "show", "H26.STP", "--json").stdout)
@@ -88,10 +89,14 @@ def test_show_says_how_the_hub_encrypts_to_the_agency_and_why(run: Run, home: Pa
         "cipher": "aes256_gcm",
         "advertised": ["aes256_gcm", "aes256_cbc"],
         "entry_seq": 41,
+        "received_at": "2026-11-02T03:04:00+00:00",
         "updated_at": "2026-11-02T03:04:00+00:00",
     }
     text = run("agencies", "show", "H26.STP").stdout
-    assert "encryption:  AES-256-GCM (advertised in archive entry 41)" in text
+    assert (
+        "encryption:  AES-256-GCM (its newest message, archive entry 41, advertised: aes256_gcm, "
+        "aes256_cbc)"
+    ) in text
 
 
 def test_add_show_list_update_retire(run: Run, home: Path) -> None:

@@ -1,7 +1,8 @@
 """agency capabilities: what each agency's signatures last advertised (SMIMECapabilities)
 
-The hub encrypts with AES-256-GCM to an agency whose newest verified signature lists it
-before AES-256-CBC, and with AES-256-CBC to every other (DESIGN §3).
+The hub encrypts with AES-256-GCM to an agency whose newest verified signature (by the time
+its message was received) lists it before AES-256-CBC, and with AES-256-CBC to every other
+(DESIGN §3).
 
 Revision ID: 0010
 Revises: 0009
@@ -27,6 +28,7 @@ def upgrade() -> None:
         sa.Column("cipher", sa.String(length=32), nullable=False),
         sa.Column("advertised", sa.JSON(), nullable=False),
         sa.Column("entry_seq", sa.BigInteger(), nullable=False),
+        sa.Column("received_at", archive.tables.UtcDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", archive.tables.UtcDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("organ_id"),
     )
