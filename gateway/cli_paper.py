@@ -8,6 +8,7 @@ paper").
 from __future__ import annotations
 
 import json
+import re
 from datetime import date
 
 import click
@@ -17,17 +18,24 @@ from sqlalchemy.orm import Session
 from archive import tables as t
 from archive.log import Log
 from formats.errors import InputError
-from formats.vntime import local_day
-from gateway import obligation_store, paper
-from gateway.cli import actor, emit_json, now
+from gateway import ledger, obligation_store, paper
+from gateway.cli import actor, emit_json, load_settings, now
 from gateway.cli import db_session as _session
-from gateway.cli_compliance import _label
-from gateway.compliance import month_bounds
-from gateway.obligations import CADENCES, Obligation
+from gateway.cli_compliance import _label, status_text
+from gateway.compliance import matrix, month_bounds
+from gateway.obligations import CADENCES, Obligation, Period, periods
+from gateway.remind import calendar_of
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
-def _obligation(s: Session, agency: str, category: str, cadence: str | None) -> Obligation:
-    """The one obligation of ``agency`` for ``category`` (and ``cadence``)."""
+def _obligation(
+    s: Session, agency: str, category: str, cadence: str | None, label: str
+) -> tuple[Obligation, Period]:
+    """The obligation of ``agency`` for ``category`` (and ``cadence``) that owes a report for
+    a period ending in month ``label``, and that period. An agency may owe a category under
+    several obligations in turn (one retired, its successor added): the one covering the month
+    is meant."""
     own = [o for o in obligation_store.obligations(s) if o.provider == agency]
     if not own:
         raise InputError(
@@ -37,10 +45,19 @@ def _obligation(s: Session, agency: str, category: str, cadence: str | None) -> 
     if not found:
         owed = ", ".join(sorted({f"{o.category} ({o.cadence})" for o in own}))
         raise InputError(f"{agency} owes no {category} report{_cadence(cadence)}; it owes {owed}")
-    if len({o.cadence for o in found}) > 1:
-        cadences = ", ".join(sorted({o.cadence for o in found}))
-        raise InputError(f"{agency} owes {category} as {cadences}: say which with --cadence")
-    return found[0]
+    first, last = month_bounds(label)
+    owing = [(o, ps[-1]) for o in found if (ps := periods(o, first, last))]
+    if not owing:
+        raise InputError(
+            f"{agency} owes no {category} report{_cadence(cadence)} for a period ending in "
+            f"{label}: " + "; ".join(paper.owes_when(o) for o in found)
+        )
+    if len({o.cadence for o, _ in owing}) > 1:
+        cadences = ", ".join(sorted({o.cadence for o, _ in owing}))
+        raise InputError(
+            f"{agency} owes {category} for {label} as {cadences}: say which with --cadence"
+        )
+    return owing[0]
 
 
 def _cadence(cadence: str | None) -> str:
@@ -49,6 +66,8 @@ def _cadence(cadence: str | None) -> str:
 
 def _day(text: str) -> date:
     try:
+        if not _DAY.fullmatch(text):
+            raise ValueError(text)
         return date.fromisoformat(text)
     except ValueError:
         raise InputError(f"--received {text!r} is not a day; write it as YYYY-MM-DD") from None
@@ -78,28 +97,33 @@ def record_paper(
     """Record that AGENCY's report for a period came on paper (or otherwise outside the
     gateway): the status then counts it as received that day, and no late notice is sent."""
     label = _label(period, "--period")
-    first, last = month_bounds(label)
+    day = _day(received)
+    calendar = calendar_of(load_settings(ctx))
     at = now()
     with _session(ctx) as s:
-        obligation = _obligation(s, agency, category, cadence)
-        owed = paper.period_of(obligation, label, first, last)
+        obligation, owed = _obligation(s, agency, category, cadence, label)
         item = paper.paper_item(
-            obligation, owed, received_on=_day(received), reference=reference, note=note,
+            obligation, owed, received_on=day, reference=reference, note=note,
             actor=actor(), at=at,
         )  # fmt: skip
         [entry] = Log().append_many(s, [item])
+        # What the status says now, with this record: it may still be that of an e-mailed
+        # report (see docs/compliance.md).
+        submissions = ledger.submissions(s, [label], agency=agency)
+    [cell] = matrix([obligation], submissions, calendar, label, at).cells
     fields = json.loads(entry.record)
     if as_json:
-        emit_json({"seq": entry.seq, **fields})
+        emit_json({"seq": entry.seq, **fields, "cell": cell.as_dict(calendar.version)})
         return
     click.echo(
         f"recorded as archive entry {entry.seq}: {agency} {category} ({obligation.cadence}) for "
-        f"{owed.first} – {owed.last}, received on paper {received}, {fields['document_id']}"
+        f"{owed.first} – {owed.last}, received on paper {day}, {fields['document_id']}"
     )
+    click.echo(f"status now: {status_text(cell)}")
 
 
 @click.command("withdraw-paper")
-@click.argument("seq", type=click.IntRange(min=0))
+@click.argument("seq", type=click.IntRange(min=0, max=2**63 - 1))
 @click.option("--reason", required=True, help="Why the record was a mistake.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -108,6 +132,10 @@ def withdraw_paper(ctx: click.Context, seq: int, reason: str, as_json: bool) -> 
     status no longer counts it. Nothing is deleted; the withdrawal is an entry of its own."""
     at = now()
     with _session(ctx) as s:
+        # Under the log's append lock: two withdrawals of one record at once must not both
+        # find it not yet withdrawn (PostgreSQL; SQLite writers are serialised already).
+        log = Log()
+        log.lock(s)
         row = s.get(t.LogEntry, seq)
         if row is None:
             raise InputError(f"there is no archive entry {seq}")
@@ -122,11 +150,11 @@ def withdraw_paper(ctx: click.Context, seq: int, reason: str, as_json: bool) -> 
             if json.loads(record).get("withdraws") == seq:
                 raise InputError(f"archive entry {seq} was withdrawn already, by entry {other}")
         item = paper.withdrawal_item(recorded, seq, reason=reason, actor=actor(), at=at)
-        [entry] = Log().append_many(s, [item])
+        [entry] = log.append_many(s, [item])
     if as_json:
         emit_json({"seq": entry.seq, **json.loads(entry.record)})
         return
     click.echo(
-        f"withdrew the paper record in entry {seq} (entry {entry.seq}); from "
-        f"{local_day(at)} the status no longer counts it"
+        f"withdrew the paper record in entry {seq} (entry {entry.seq}); from now on the status "
+        "no longer counts it"
     )

@@ -37,6 +37,12 @@ One cell, in order (:func:`status_for`):
    it cannot cover the period's last days. The regulation fixes the data cut-off but no
    earliest day to send, so an early report is still sent and judged as above; a correction
    received once the period could be complete clears the flag.
+   Reports recorded as received on paper (:mod:`gateway.paper`) are evidence that the data
+   were provided, not documents in that chain (nothing e-mailed names them): the earliest one
+   counted at ``now`` (recorded by then, not withdrawn) is the report when no e-mailed one is
+   in force (none came, all were rejected, or the one in force was revoked), judged on its
+   day; when one is in force, timeliness is judged on the earlier of the first e-mailed
+   report's day and the paper's. ``paper`` says the day judged was the paper's.
 2. no accepted payload but rejected ones: ``rejected-only`` (missing in effect);
 3. nothing: ``missing`` once the due date has passed (24:00 UTC+7), ``not-due-yet`` before.
 """
@@ -320,9 +326,14 @@ def _cell(
     ignored: list[str] = []
     rejected = 0
     withdrawn = False
+    on_paper: Submission | None = None  # the earliest report recorded as received on paper
     cadence = ob.cadence
     for s in candidates:
         if not s.counted(now) or s.counts_for != cadence:
+            continue
+        if s.via == "paper":
+            if on_paper is None:
+                on_paper = s
             continue
         if s.status != "accepted":
             rejected += 1
@@ -345,13 +356,26 @@ def _cell(
     status: Status
     if chain:
         first, current = chain[0], chain[-1]
+        # A copy on paper received before the first e-mailed report: the data were provided
+        # on its day (Điều 8.4.a, "bằng văn bản"); the e-mailed reports are still the ones
+        # in force.
+        if on_paper is not None and on_paper.received_on < first.received_on:
+            first = on_paper
         day = first.received_on
         late = late_days(due, day) if day > due else 0
         status = "corrected" if len(chain) > 1 else "late" if late else "on-time"
         return Cell(
             ob, period, due, status, late, first.received_at, current.document_id,
             len(chain) - 1, rejected, False, current.received_on < complete, tuple(ignored),
-            first.via == "paper",
+            first is on_paper,
+        )  # fmt: skip
+    if on_paper is not None:
+        # No e-mailed report in force (none came, or it was revoked): the one on paper is.
+        day = on_paper.received_on
+        late = late_days(due, day) if day > due else 0
+        return Cell(
+            ob, period, due, "late" if late else "on-time", late, on_paper.received_at,
+            on_paper.document_id, 0, rejected, False, day < complete, tuple(ignored), True,
         )  # fmt: skip
     if rejected and not withdrawn:
         return Cell(ob, period, due, "rejected-only", rejected=rejected, ignored=tuple(ignored))
@@ -471,6 +495,7 @@ def _matrix(
                 if (
                     found.status == "accepted"
                     and found.business == "new"
+                    and found.via == "gateway"
                     and day <= due
                     and found.counted(now)
                     and found.counts_for == ob.cadence

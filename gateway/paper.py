@@ -7,10 +7,11 @@ missing and the gateway would send late notices and escalations for it. An admin
 records it (``gateway compliance record-paper``): an archive entry of kind ``paper``, in the
 tamper-evident log like everything else, naming who recorded it and when.
 
-The compliance status (:mod:`gateway.compliance`) counts such an entry as an accepted report of
-its obligation and period, received on the day the administrator gives (timeliness is judged on
-that day), and known from the moment it was recorded (a status as at an earlier moment does not
-see it: it shows what was known then). A mistaken record is withdrawn by a second entry naming
+The compliance status (:mod:`gateway.compliance`) takes such an entry as evidence that the
+report of its obligation and period was received on the day the administrator gives: the report
+when no e-mailed one is in force, and the day timeliness is judged on when it is earlier than
+the first e-mailed report's. It counts from the moment it was recorded (a status as at an
+earlier moment does not see it: it shows what was known then). A mistaken record is withdrawn by a second entry naming
 it (``gateway compliance withdraw-paper``): from then on the status counts it no more, as if it
 had never been recorded; nothing is deleted. (Not a revoke: a revoke is the provider's, and
 withdraws the report in force, which may by then be an electronic one.)
@@ -25,7 +26,7 @@ from archive.log import Item
 from formats.categories import NOT_XML_CHAR
 from formats.errors import InputError
 from formats.vntime import VN_TZ, local_day
-from gateway.obligations import Obligation, Period, periods
+from gateway.obligations import Obligation, Period, cut_dates
 
 KIND: Final = "paper"
 #: The status of an entry withdrawing a paper record (that of a record is ``accepted``).
@@ -34,17 +35,15 @@ WITHDRAWAL: Final = "withdrawal"
 MAX_REFERENCE, MAX_NOTE = 200, 1000
 
 
-def period_of(obligation: Obligation, label: str, first: date, last: date) -> Period:
-    """The period of ``obligation`` ending in month ``label`` (``first``–``last``), or
-    :class:`InputError` when it owes none then (outside its validity)."""
-    found = periods(obligation, first, last)
-    if not found:
-        raise InputError(
-            f"obligation {obligation.id} owes no {obligation.cadence} report for a period "
-            f"ending in {label} (valid {obligation.valid_from or '…'} → "
-            f"{obligation.valid_to or '…'})"
-        )
-    return found[-1]
+def owes_when(obligation: Obligation) -> str:
+    """When ``obligation`` owes reports, for a refusal: its periods' ends and its validity."""
+    if obligation.cadence == "monthly":
+        periods = "a period ends on the 15th of each month"
+    else:
+        cuts = ", ".join(f"{day:02d}/{month:02d}" for month, day in cut_dates(obligation))
+        periods = f"a period begins on {cuts}"
+    valid = f"{obligation.valid_from or '…'} → {obligation.valid_to or '…'}"
+    return f"{obligation.id} ({obligation.cadence}: {periods}; valid {valid})"
 
 
 def _text(value: str, what: str, most: int, *, empty: str | None = None) -> str:
@@ -55,7 +54,7 @@ def _text(value: str, what: str, most: int, *, empty: str | None = None) -> str:
         raise InputError(f"{what} is empty; {empty}")
     if len(text) > most:
         raise InputError(f"{what} has {len(text)} characters; at most {most}")
-    if NOT_XML_CHAR.search(text):
+    if NOT_XML_CHAR.search(text) or "\x7f" in text:
         raise InputError(f"{what} contains control characters")
     return text
 

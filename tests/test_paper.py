@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import UTC, date, datetime
+import random
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from click.testing import CliRunner, Result
 
 from archive.db import Database, sqlite_url
 from formats.errors import InputError
+from formats.vntime import local_day
 from gateway import obligation_store, paper
 from gateway.cli import cli
 from gateway.compliance import matrix, status_for
@@ -122,10 +124,20 @@ def test_no_late_notice_for_a_report_recorded_on_paper(home: Path) -> None:
     [
         ({"--agency": "H26.NOPE"}, "H26.NOPE owes nothing"),
         ({"--category": "tax"}, "H26.STP owes no tax report (monthly); it owes work-permit"),
-        ({"--cadence": None}, "owes work-permit as annual, monthly: say which with --cadence"),
+        (
+            {"--cadence": None, "--period": "2026-11"},
+            "owes work-permit for 2026-11 as annual, monthly: say which with --cadence",
+        ),
+        (
+            {"--cadence": "annual"},
+            "H26.STP owes no work-permit report (annual) for a period ending in 2026-10: "
+            "t-h26-stp-work-permit-annual (annual: a period begins on 16/11; valid … → …)",
+        ),
         ({"--received": "2026-09-15"}, "is before the period 2026-09-16 – 2026-10-15 began"),
         ({"--received": "2999-01-01"}, "is in the future"),
         ({"--received": "21/10/2026"}, "is not a day; write it as YYYY-MM-DD"),
+        ({"--received": "20261021"}, "is not a day; write it as YYYY-MM-DD"),
+        ({"--reference": "số\x7f1"}, "--reference contains control characters"),
         ({"--reference": "  "}, "--reference is empty; give the paper document's number"),
         ({"--reference": "x" * 201}, "--reference has 201 characters; at most 200"),
         ({"--period": "2026-13"}, "--period '2026-13' is not a month"),
@@ -190,3 +202,100 @@ def test_a_paper_item_refuses_what_cannot_be_so() -> None:
     with pytest.raises(InputError, match="control characters"):
         paper.paper_item(o, OCTOBER, received_on=date(2026, 11, 5), reference="số\x0112",
                          note="", actor="a", at=at)  # fmt: skip
+
+
+def test_the_obligation_covering_the_month_is_the_one_recorded_for(
+    home: Path, world: DemoWorld
+) -> None:
+    """An agency owing a category under an obligation retired and its successor (the preset's
+    way): the record is for the one that owes the month."""
+    db = Database.open(sqlite_url(home / "archive.db"))
+    try:
+        with db.session() as s:
+            for o in (
+                ob("H26.UBND", id="a-retired", valid_to=date(2025, 2, 28)),
+                ob("H26.UBND", id="b-successor", valid_from=date(2025, 3, 1)),
+            ):
+                obligation_store.add(s, o, at=world.at, actor="t")
+    finally:
+        db.dispose()
+    args = [a if a != "H26.STP" else "H26.UBND" for a in RECORD]
+    recorded = json.loads(run(home, *args, "--json").stdout)
+    assert recorded["obligation"] == "b-successor"
+    assert (recorded["cell"]["obligation"], recorded["cell"]["status"]) == (
+        "b-successor", "on-time",
+    )  # fmt: skip
+    assert recorded["cell"]["paper"] is True
+    text = run(home, *args).stdout
+    assert "status now: on time (received on paper)" in text
+    old = [a if a != "2026-10" else "2024-10" for a in args]
+    old = [a if a != "2026-10-21" else "2024-10-21" for a in old]
+    assert json.loads(run(home, *old, "--json").stdout)["obligation"] == "a-retired"
+
+
+def test_withdrawing_an_entry_past_the_archive_s_range_is_a_usage_error(home: Path) -> None:
+    refused = run(home, "compliance", "withdraw-paper", str(2**63), "--reason", "x", ok=False)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+
+
+def test_a_paper_record_fills_in_when_the_e_mailed_report_was_revoked_that_day() -> None:
+    """Mailed on 20 October, revoked on the morning of the 28th, handed in on paper that
+    afternoon: the paper one is the report, late by its day."""
+    o = ob("H26.A")
+    mailed = sub(1, "H26.A", local("10-20"), document_id="A,1")
+    revoke = sub(2, "H26.A", local("10-28", "09:00"), business="revoke", replaces="A,1")
+    on_paper = _paper(3, "H26.A", date(2026, 10, 28), local("11-05"), document_id="CV 9/A")
+    cell = status_for(o, OCTOBER, [mailed, revoke, on_paper], CAL, local("11-06"))
+    assert (cell.status, cell.late_days, cell.paper, cell.document_id, cell.withdrawn) == (
+        "late", 4, True, "CV 9/A", False,
+    )  # fmt: skip
+
+
+def test_an_earlier_copy_on_paper_dates_the_report_and_leaves_the_e_mailed_chain_in_force() -> None:
+    """A paper copy received the day before the e-mailed report, recorded after its update:
+    the update still corrects the e-mailed report (nothing is 'ignored'), and the data were
+    provided on the paper's day."""
+    o = ob("H26.A")
+    first = sub(1, "H26.A", local("10-23"), document_id="A,1")
+    update = sub(2, "H26.A", local("10-30"), business="update", replaces="A,1", document_id="A,2")
+    on_paper = _paper(3, "H26.A", date(2026, 10, 22), local("11-05"), document_id="CV 1")
+    before = status_for(o, OCTOBER, [first, update, on_paper], CAL, local("11-04"))
+    assert (before.status, before.late_days, before.paper) == ("corrected", 1, False)
+    after = status_for(o, OCTOBER, [first, update, on_paper], CAL, local("11-06"))
+    assert (after.status, after.late_days, after.paper, after.document_id, after.ignored) == (
+        "corrected", 0, True, "A,2", (),
+    )  # fmt: skip
+    later_copy = _paper(3, "H26.A", date(2026, 10, 24), local("11-05"), document_id="CV 1")
+    judged = status_for(o, OCTOBER, [first, update, later_copy], CAL, local("11-06"))
+    assert (judged.late_days, judged.paper) == (1, False)  # the e-mail came first
+
+
+def test_matrix_agrees_with_status_for_with_paper_records() -> None:
+    """The matrix's shortcut for a lone report must not take a paper record for an e-mailed
+    one: random histories with records recorded late and withdrawn."""
+    rng = random.Random(11)
+    obligations = [ob(f"H26.R{n}") for n in range(40)]
+    subs = []
+    for n in range(160):
+        provider = f"H26.R{rng.randrange(40)}"
+        when = local("10-10") + timedelta(hours=rng.randrange(24 * 31))
+        if rng.random() < 0.4:
+            recorded = when + timedelta(hours=rng.randrange(24 * 10))
+            withdrawn = rng.choice([None, recorded + timedelta(hours=rng.randrange(24 * 5))])
+            subs.append(
+                _paper(n, provider, local_day(when), recorded, withdrawn_at=withdrawn,
+                       document_id=f"CV {n}")
+            )  # fmt: skip
+            continue
+        subs.append(
+            sub(n, provider, when, rng.choice(["accepted", "accepted", "rejected"]),
+                business=rng.choice(["new", "new", "update", "revoke"]),
+                replaces=rng.choice([None, f"{provider},2026/10/01,{rng.randrange(n + 1)}/BC"]))
+        )  # fmt: skip
+    papers = 0
+    for now in (local("10-21"), local("10-28"), local("11-05"), local("11-20")):
+        report = matrix(obligations, subs, CAL, "2026-10", now)
+        for cell in report.cells:
+            assert cell == status_for(cell.obligation, cell.period, subs, CAL, now)
+            papers += cell.paper
+    assert papers  # the histories did exercise paper records
