@@ -205,6 +205,15 @@ _PROBLEMS: Final[tuple[tuple[re.Pattern[str], _Wording], ...]] = tuple(
             r"No matching global declaration available for the validation root\.",
             lambda m: "không phải phần tử gốc của dữ liệu (cần Payload)",
         ),
+        # A facet's message cut inside a huge value (libxml2 stops at about 64 KB): the facet
+        # is known, the rest of what it says is lost.
+        (
+            r"\[facet '(?P<facet>[^']+)'\] The value '(?P<value>.*)",
+            lambda m: (
+                f"giá trị {shown(m['value'])} không hợp lệ (ràng buộc {m['facet']}; giá trị "
+                "quá dài để nói rõ hơn)"
+            ),
+        ),
     )
 )
 

@@ -96,15 +96,29 @@ def validate(root: etree._Element, schema: etree.XMLSchema, source: bytes) -> No
     )
 
 
-#: A value libxml2 quotes, longer than a receipt can show beside what is wrong with it.
-_LONG_QUOTE = re.compile("'([^'\n]{" + str(wording_vi.SHOWN + 1) + ",})'")
+#: A value libxml2 quotes, where it quotes one: after "The value " (facets) or right after the
+#: element's (or attribute's) name (types), up to what it says of it.
+_QUOTED_VALUE = re.compile(
+    r"(?P<head>The value |^Element '[^']*'(?:, attribute '[^']*')?: )'(?P<value>.*?)'"
+    r"(?P<tail> is (?:not|less|greater) )",
+    re.DOTALL,
+)
+#: Longest finding kept: libxml2 cuts its own messages at about 64 KB, closing quote and all,
+#: and a finding must leave room in the receipt for the others.
+MAX_FINDING = 600
 
 
 def _shortened(message: str) -> str:
-    """libxml2's ``message`` with each long quoted value cut to :data:`wording_vi.SHOWN`
-    characters: the sender's own value can run to megabytes, and the receipt has 2000
-    characters for every reason in two languages."""
-    return _LONG_QUOTE.sub(lambda m: f"'{m[1][: wording_vi.SHOWN - 1]}…'", message)
+    """libxml2's ``message`` with the value it quotes shortened and on one line
+    (:func:`wording_vi.shown`): the sender's own value can run to megabytes, and the receipt
+    has 2000 characters for every reason in two languages. A message still too long (libxml2
+    cut it inside the value) is cut at :data:`MAX_FINDING` characters."""
+    text = _QUOTED_VALUE.sub(
+        lambda m: m["head"] + wording_vi.shown(m["value"]) + m["tail"], message
+    )
+    if len(text) > MAX_FINDING:
+        text = text[: MAX_FINDING - 1].replace("\n", "\\n") + "…"
+    return text
 
 
 def located(element: etree._Element, source: bytes, message: str) -> str:

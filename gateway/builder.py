@@ -515,7 +515,12 @@ class Builder:
             item = Item(
                 "resend",
                 self.clock(),
-                {"for_seq": row.for_seq, "receipt": original.key, "to": list(just_built.rcpt_to)},
+                {
+                    "for_seq": row.for_seq,
+                    "receipt": original.key,
+                    "to": list(just_built.rcpt_to),
+                    "cipher": just_built.item.fields.get("cipher") if just_built.item else None,
+                },
                 {},
             )
             return _Built(

@@ -42,7 +42,9 @@ One cell, in order (:func:`status_for`):
    counted at ``now`` (recorded by then, not withdrawn) is the report when no e-mailed one is
    in force (none came, all were rejected, or the one in force was revoked), judged on its
    day; when one is in force, timeliness is judged on the earlier of the first e-mailed
-   report's day and the paper's. ``paper`` says the day judged was the paper's.
+   report's day and the paper's. An e-mailed update or replace naming the paper's reference
+   corrects it; an e-mailed revoke never withdraws a paper record (``gateway compliance
+   withdraw-paper`` does). ``paper`` says the day judged was the paper's.
 2. no accepted payload but rejected ones: ``rejected-only`` (missing in effect);
 3. nothing: ``missing`` once the due date has passed (24:00 UTC+7), ``not-due-yet`` before.
 """
@@ -261,7 +263,7 @@ class Cell(NamedTuple):
     due: date  # the last day on time; the deadline is 24:00 UTC+7 that day
     status: Status
     late_days: int = 0  # of the first accepted payload (also when corrected)
-    received_at: datetime | None = None  # the first accepted payload's
+    received_at: datetime | None = None  # the first report's (accepted payload, or on paper)
     document_id: str | None = None  # the report in force: the last correction, or the first
     corrections: int = 0
     rejected: int = 0
@@ -271,8 +273,9 @@ class Cell(NamedTuple):
     early: bool = False
     #: DocumentIds of corrections that named no report in force (ignored).
     ignored: tuple[str, ...] = ()
-    #: The first report (the one judged on time or late) was received on paper, recorded by
-    #: an administrator (:mod:`gateway.paper`); its ``document_id`` is the paper's reference.
+    #: The day judged on time or late was that of a report received on paper, recorded by an
+    #: administrator (:mod:`gateway.paper`). ``document_id`` is still the report in force: the
+    #: paper's reference when no e-mailed report is in force, else the e-mailed one.
     paper: bool = False
 
     def as_dict(self, calendar_version: str) -> dict[str, Any]:
@@ -326,27 +329,35 @@ def _cell(
     ignored: list[str] = []
     rejected = 0
     withdrawn = False
-    on_paper: Submission | None = None  # the earliest report recorded as received on paper
     cadence = ob.cadence
-    for s in candidates:
-        if not s.counted(now) or s.counts_for != cadence:
-            continue
+    counted = [s for s in candidates if s.counted(now) and s.counts_for == cadence]
+    papers = [s for s in counted if s.via == "paper"]
+    on_paper = papers[0] if papers else None  # the earliest report received on paper
+    # What an e-mailed correction may name: the report in force, one it superseded, or a
+    # report on paper (by its reference).
+    paper_refs = {p.document_id for p in papers if p.document_id}
+    corrects_paper = False  # the first e-mailed report in force corrects the one on paper
+    for s in counted:
         if s.via == "paper":
-            if on_paper is None:
-                on_paper = s
             continue
         if s.status != "accepted":
             rejected += 1
             continue
         business = s.business
-        names_chain = s.replaces is None or any(c.document_id == s.replaces for c in chain)
+        names_chain = (
+            s.replaces is None
+            or any(c.document_id == s.replaces for c in chain)
+            or s.replaces in paper_refs
+        )
         if business == "revoke":
+            # (A report on paper is withdrawn by `gateway compliance withdraw-paper` only.)
             if chain and names_chain:
                 chain, withdrawn = [], True
         elif not chain:
             # Nothing in force: this is the report, "new" or not (a replace of a rejected or
             # withdrawn one, an update naming nothing): the data were provided, on its date.
             chain, withdrawn = [s], False
+            corrects_paper = business in _CORRECTIONS and s.replaces in paper_refs
         elif business in _CORRECTIONS:
             if names_chain:
                 chain.append(s)
@@ -359,14 +370,15 @@ def _cell(
         # A copy on paper received before the first e-mailed report: the data were provided
         # on its day (Điều 8.4.a, "bằng văn bản"); the e-mailed reports are still the ones
         # in force.
-        if on_paper is not None and on_paper.received_on < first.received_on:
+        if on_paper is not None and (corrects_paper or on_paper.received_on < first.received_on):
             first = on_paper
+        corrections = len(chain) - 1 + corrects_paper
         day = first.received_on
         late = late_days(due, day) if day > due else 0
-        status = "corrected" if len(chain) > 1 else "late" if late else "on-time"
+        status = "corrected" if corrections else "late" if late else "on-time"
         return Cell(
             ob, period, due, status, late, first.received_at, current.document_id,
-            len(chain) - 1, rejected, False, current.received_on < complete, tuple(ignored),
+            corrections, rejected, False, current.received_on < complete, tuple(ignored),
             first is on_paper,
         )  # fmt: skip
     if on_paper is not None:

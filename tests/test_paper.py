@@ -299,3 +299,19 @@ def test_matrix_agrees_with_status_for_with_paper_records() -> None:
             assert cell == status_for(cell.obligation, cell.period, subs, CAL, now)
             papers += cell.paper
     assert papers  # the histories did exercise paper records
+
+
+def test_an_e_mailed_correction_may_name_the_paper_report_and_a_revoke_never_withdraws_it() -> None:
+    o = ob("H26.A")
+    on_paper = _paper(1, "H26.A", date(2026, 10, 20), local("10-20", "12:00"), document_id="CV 7")
+    update = sub(2, "H26.A", local("10-27"), business="update", replaces="CV 7", document_id="A,2")
+    alone = status_for(o, OCTOBER, [on_paper, update], CAL, local("11-06"))
+    assert (alone.status, alone.late_days, alone.corrections, alone.paper, alone.document_id) == (
+        "corrected", 0, 1, True, "A,2",
+    )  # fmt: skip
+    mailed = sub(3, "H26.A", local("10-23"), document_id="A,1")
+    both = status_for(o, OCTOBER, [on_paper, mailed, update], CAL, local("11-06"))
+    assert (both.status, both.corrections, both.ignored, both.paper) == ("corrected", 1, (), True)
+    revoke = sub(4, "H26.A", local("10-28"), business="revoke", replaces="CV 7")
+    kept = status_for(o, OCTOBER, [on_paper, revoke], CAL, local("11-06"))
+    assert (kept.status, kept.paper, kept.withdrawn) == ("on-time", True, False)

@@ -263,3 +263,32 @@ def test_the_receipt_of_a_refused_payload_carries_its_vietnamese_specifics(
     vietnamese, english = str(record["Description"]).split("Rejected (archive entry")
     assert f"- {SchemaInvalid.reason_vi}: {reason['message_vi']}" in vietnamese
     assert reason["message"] in english
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "english", "vietnamese"),
+    [
+        # libxml2's own words between two quotes are no value: nothing is cut
+        ("<Body>", "<Body>stray text",
+         "Character content other than whitespace is not allowed because the content type is "
+         "'element-only'", "chỉ được chứa các phần tử con, không được chứa nội dung chữ"),
+        # a long pattern is no value either: its explanation stays
+        ("<DocumentId>H26.SNV,", "<DocumentId>H26.SNV ",
+         "The value 'H26.SNV 2026/11/02,1/SNV-VLATLĐ' is not accepted by the pattern",
+         "cần mã văn bản dạng MãCơQuan,NNNN/TT/NN,số/ký hiệu"),
+        # a value with line breaks and 1,500 characters: on one line, shortened, in both
+        ("<FullName>Nguyen", "<FullName> \n" + "A" * 1500,
+         "The value ' \\n" + "A" * 56 + "…' is not accepted",
+         "cần nội dung không để trống, không có khoảng trắng ở đầu và cuối"),
+        # a value past libxml2's own 64 KB: the message it cut, cut shorter
+        ("<PassportNumber>M", "<PassportNumber> M" + "A" * 70_000,
+         "[facet 'pattern'] The value ' MA", "không hợp lệ (ràng buộc pattern; giá trị quá dài"),
+    ],
+)  # fmt: skip
+def test_what_libxml2_quotes_is_shortened_through_the_validator(
+    xml: str, old: str, new: str, english: str, vietnamese: str
+) -> None:
+    refusal = _refusal(xml, old, new)
+    assert english in refusal.message and len(refusal.message) < 700
+    assert refusal.message_vi is not None and vietnamese in refusal.message_vi
+    assert refusal.detail is not None and len(refusal.detail) < 700
