@@ -119,7 +119,7 @@ def summary(row: t.LogEntry) -> dict[str, Any]:
         except (ValueError, UnicodeDecodeError, RecursionError):
             fields = {}
         if isinstance(fields, dict):
-            for name in ("actor", "action", "target", "subject", "for_seq", "outbox"):
+            for name in ("actor", "action", "target", "subject", "for_seq", "outbox", "withdraws"):
                 if isinstance(fields.get(name), str | int):
                     out[name] = fields[name]
     return out
@@ -130,10 +130,15 @@ def line(item: dict[str, Any]) -> str:
     ``--to`` read a time without an offset)."""
     seq, kind = item["seq"], item["kind"]
     at = datetime.fromisoformat(item["at"]).astimezone(VN_TZ).strftime("%Y-%m-%d %H:%M:%S%z")
-    if kind == "message":
+    if kind in ("message", "paper"):  # (a report received on paper: gateway.paper)
         what = " ".join(str(item.get(k) or "-") for k in ("status", "agency", "category", "period"))
         doc = item.get("document_id")
-        return f"{seq:>8}  {at}  {kind:<8} {what}" + (f"  doc {doc}" if doc else "")
+        withdraws = item.get("withdraws")
+        return (
+            f"{seq:>8}  {at}  {kind:<8} {what}"
+            + (f"  doc {doc}" if doc else "")
+            + (f"  withdraws {withdraws}" if withdraws is not None else "")
+        )
     parts = [str(v) for k in ("status", "agency") if (v := item.get(k)) is not None]
     if item.get("for_seq") is not None:
         parts.append(f"for {item['for_seq']}")

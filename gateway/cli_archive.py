@@ -118,7 +118,8 @@ ENTRY_KINDS = (
     "deemed-consent", "paper", "admin", "read",
 )  # fmt: skip
 _KIND = click.Choice(ENTRY_KINDS)
-_STATUS = click.Choice(FILED)
+#: A message's verdict, or a paper record's (``accepted``) or its withdrawal's (gateway.paper).
+_STATUS = click.Choice((*FILED, "withdrawal"))
 
 
 @archive_cmd.command("list")
@@ -139,7 +140,10 @@ def list_cmd(
 @click.option("--category", help="Payload category, e.g. work-permit.")
 @click.option("--period", metavar="YYYY-MM", help="Reporting period (month of its last day).")
 @click.option(
-    "--status", type=_STATUS, help="A message's verdict (refused: never taken in, over IMAP)."
+    "--status",
+    type=_STATUS,
+    help="A message's verdict (refused: never taken in, over IMAP); a paper record's or "
+    "its withdrawal's.",
 )
 @click.option("--from", "start", metavar="DATE", help="From this day or time (Vietnam time).")
 @click.option("--to", "end", metavar="DATE", help="Up to this day (included) or time.")

@@ -103,6 +103,15 @@ def test_a_paper_report_counts_from_when_it_was_recorded_until_it_is_withdrawn(
     )
     assert "was withdrawn already" in again.output
     run(home, "archive", "verify")
+    lines = run(home, "archive", "list", "--kind", "paper").stdout.splitlines()
+    assert lines[0].endswith(
+        "paper    accepted H26.STP work-permit 2026-10  doc Công văn số 123/STP-HCTP ngày 20/10/2026"
+    )
+    assert lines[1].endswith(
+        f"paper    withdrawal H26.STP work-permit 2026-10  withdraws {recorded['seq']}"
+    )
+    found = run(home, "archive", "search", "--status", "withdrawal", "--json").stdout
+    assert [e["withdraws"] for e in json.loads(found)] == [recorded["seq"]]
 
 
 def test_no_late_notice_for_a_report_recorded_on_paper(home: Path) -> None:
