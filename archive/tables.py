@@ -358,7 +358,6 @@ class AgencyCapabilities(Base):
     __tablename__ = "agency_capabilities"
 
     organ_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    cipher: Mapped[str] = mapped_column(String(32))
     advertised: Mapped[list[str]] = mapped_column(JSON)
     entry_seq: Mapped[int] = mapped_column(BigInteger)
     #: When that message was received (the newest received counts, not the last filed).

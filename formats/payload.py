@@ -50,7 +50,7 @@ from formats.payload_rules import monthly_period, rule_violations
 from formats.payload_stream import Fallback, read_stream
 from formats.payload_xml import Invalid, element_at, read_parts, text_of, write_parts
 from formats.xmlsafe import check_bytes, parse_xml
-from formats.xsd import NAMESPACE, load_schema, located, located_vi, validate
+from formats.xsd import NAMESPACE, load_schema, located, located_pair, validate
 
 __all__ = [
     "LEGAL_BASIS",
@@ -132,13 +132,14 @@ class Payload:
             raise _invalid(bad.element, data, bad.message, bad.message_vi) from None
         violations = rule_violations(payload)
         if violations:
-            problems = [located(element_at(root, v.path), data, v.message) for v in violations]
             first = violations[0]
-            raise SchemaInvalid(
-                problems[0],
-                detail="\n".join(problems),
-                message_vi=located_vi(element_at(root, first.path), data, first.message_vi),
+            english, vietnamese = located_pair(
+                element_at(root, first.path), data, first.message, first.message_vi
             )
+            problems = [english] + [
+                located(element_at(root, v.path), data, v.message) for v in violations[1:]
+            ]
+            raise SchemaInvalid(english, detail="\n".join(problems), message_vi=vietnamese)
         return payload
 
     def to_xml(self) -> bytes:
@@ -156,8 +157,8 @@ def _invalid(
     element: etree._Element, source: bytes, message: str, message_vi: str
 ) -> SchemaInvalid:
     """A fault of ``element``, located in ``source`` (line, column) in both languages."""
-    where = located(element, source, message)
-    return SchemaInvalid(where, detail=where, message_vi=located_vi(element, source, message_vi))
+    english, vietnamese = located_pair(element, source, message, message_vi)
+    return SchemaInvalid(english, detail=english, message_vi=vietnamese)
 
 
 # --- building --------------------------------------------------------------------------------

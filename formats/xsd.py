@@ -127,9 +127,16 @@ def located(element: etree._Element, source: bytes, message: str) -> str:
     return f"line {line}, column {column}: {message}"
 
 
-def located_vi(element: etree._Element, source: bytes, message: str) -> str:
-    """:func:`located` in Vietnamese (``dòng L, cột C: …``)."""
-    return f"{wording_vi.where(*position(element, source))}: {message}"
+def located_pair(
+    element: etree._Element, source: bytes, message: str, message_vi: str
+) -> tuple[str, str]:
+    """:func:`located` in English and in Vietnamese (``dòng L, cột C: …``), the place found
+    once."""
+    line, column = position(element, source)
+    return (
+        f"line {line}, column {column}: {message}",
+        f"{wording_vi.where(line, column)}: {message_vi}",
+    )
 
 
 def position(element: etree._Element, source: bytes) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from typing import Any
 import click
 from sqlalchemy.orm import Session
 
-from formats.algorithms import CIPHER_NAMES, DEFAULT_OUTBOUND_CIPHER
+from formats.algorithms import CIPHER_NAMES
 from formats.errors import InputError
 from formats.vntime import local_day
 from gateway.cli import actor, emit_json, now
@@ -300,7 +300,7 @@ def show(ctx: click.Context, organ_id: str, as_json: bool) -> None:
         ]
         kept = capabilities.of(s, organ_id)
         encryption: dict[str, Any] = {
-            "cipher": kept.cipher if kept else DEFAULT_OUTBOUND_CIPHER,
+            "cipher": capabilities.cipher_for(s, organ_id),
             "advertised": kept.advertised if kept else None,
             "entry_seq": kept.entry_seq if kept else None,
             "received_at": kept.received_at.isoformat() if kept else None,

@@ -8,7 +8,6 @@ paper").
 from __future__ import annotations
 
 import json
-import re
 from datetime import date
 
 import click
@@ -25,8 +24,7 @@ from gateway.cli_compliance import _label, status_text
 from gateway.compliance import matrix, month_bounds
 from gateway.obligations import CADENCES, Obligation, Period, periods
 from gateway.remind import calendar_of
-
-_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+from keys.agency_io import parse_day
 
 
 def _obligation(
@@ -66,11 +64,9 @@ def _cadence(cadence: str | None) -> str:
 
 def _day(text: str) -> date:
     try:
-        if not _DAY.fullmatch(text):
-            raise ValueError(text)
-        return date.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"--received {text!r} is not a day; write it as YYYY-MM-DD") from None
+        return parse_day(text, "--received")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 @click.command("record-paper")

@@ -20,12 +20,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from archive import tables as t
-from formats.algorithms import DEFAULT_OUTBOUND_CIPHER, outbound_cipher
+from formats.algorithms import outbound_cipher
 
 #: organ_id → (when the message was received, its archive sequence number, its signer's
 #: capabilities).
@@ -40,7 +40,6 @@ def record(s: Session, advertised: Advertised, at: datetime) -> None:
     rows = [
         {
             "organ_id": organ_id,
-            "cipher": outbound_cipher(names),
             "advertised": list(names),
             "entry_seq": seq,
             "received_at": received,
@@ -55,10 +54,7 @@ def record(s: Session, advertised: Advertised, at: datetime) -> None:
     s.execute(
         statement.on_conflict_do_update(
             index_elements=[table.c.organ_id],
-            set_={
-                c: newer[c]
-                for c in ("cipher", "advertised", "entry_seq", "received_at", "updated_at")
-            },
+            set_={c: newer[c] for c in ("advertised", "entry_seq", "received_at", "updated_at")},
             where=or_(
                 table.c.received_at < newer.received_at,
                 and_(table.c.received_at == newer.received_at, table.c.entry_seq < newer.entry_seq),
@@ -68,12 +64,11 @@ def record(s: Session, advertised: Advertised, at: datetime) -> None:
 
 
 def cipher_for(s: Session, organ_id: str) -> str:
-    """The content cipher to encrypt to ``organ_id`` with (:data:`DEFAULT_OUTBOUND_CIPHER`
-    while none of its messages was filed)."""
-    cipher = s.scalar(
-        select(t.AgencyCapabilities.cipher).where(t.AgencyCapabilities.organ_id == organ_id)
-    )
-    return cipher or DEFAULT_OUTBOUND_CIPHER
+    """The content cipher to encrypt to ``organ_id`` with: the one its kept list asks for
+    (:func:`formats.algorithms.outbound_cipher`; AES-256-CBC while none of its messages was
+    filed)."""
+    kept = of(s, organ_id)
+    return outbound_cipher(kept.advertised if kept else ())
 
 
 def of(s: Session, organ_id: str) -> t.AgencyCapabilities | None:

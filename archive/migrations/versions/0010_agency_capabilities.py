@@ -25,7 +25,6 @@ def upgrade() -> None:
     op.create_table(
         "agency_capabilities",
         sa.Column("organ_id", sa.String(length=64), nullable=False),
-        sa.Column("cipher", sa.String(length=32), nullable=False),
         sa.Column("advertised", sa.JSON(), nullable=False),
         sa.Column("entry_seq", sa.BigInteger(), nullable=False),
         sa.Column("received_at", archive.tables.UtcDateTime(timezone=True), nullable=False),
