@@ -40,6 +40,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import (
     Connection,
     Engine,
+    Insert,
     Table,
     and_,
     bindparam,
@@ -53,6 +54,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from formats.errors import ConfigError, DatabaseDamaged, TransientError
 
@@ -364,14 +366,16 @@ def _table(model: type[DeclarativeBase]) -> Table:
 class _Plan:
     """A statement compiled once for a dialect with positional parameters (SQLite's ``?``):
     its SQL, and for each parameter in order the name it is taken from and the column type's
-    conversion (what SQLAlchemy would apply to it)."""
+    conversion (what SQLAlchemy would apply to it) or, for a column the rows leave to its
+    constant Python default, that value (name ``None``), converted once."""
 
     sql: str
-    params: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    params: tuple[tuple[str | None, Callable[[Any], Any] | None, Any], ...]
 
     def values(self, row: Mapping[str, Any]) -> tuple[Any, ...]:
         return tuple(
-            row[name] if convert is None else convert(row[name]) for name, convert in self.params
+            fixed if name is None else row[name] if convert is None else convert(row[name])
+            for name, convert, fixed in self.params
         )
 
 
@@ -390,9 +394,9 @@ def _execute_many(
     a few dozen) and the rows go to the driver as tuples, each value converted by its column
     type as SQLAlchemy would. SQLAlchemy's own executemany builds every row's parameters
     through its general machinery: an intake row's update took 10 µs, of which SQLite's part
-    is 2.4; this way, 6.6 — and a filing holds the write lock meanwhile. A statement SQLAlchemy
-    would give more than the rows (a default computed in Python for a column they leave out),
-    and any other dialect, take SQLAlchemy's path."""
+    is 2.4; this way, 6.6 — and a filing holds the write lock meanwhile. A column the rows leave
+    to a constant Python default gets it from the plan; a statement SQLAlchemy would give more
+    than that (a default computed per row), and any other dialect, take SQLAlchemy's path."""
     plan = _plan_for(s, key, statement, rows[0])
     if plan is None:
         s.execute(statement(), rows)
@@ -445,13 +449,36 @@ def _plan(dialect: Any, statement: Any, names: list[str]) -> _Plan | None:
     compiled = statement.compile(dialect=dialect, column_keys=names)
     if compiled.positiontup is None:
         return None
-    params = []
+    params: list[tuple[str | None, Callable[[Any], Any] | None, Any]] = []
     for name in compiled.positiontup:
         bind = compiled.binds[name]
-        if bind.key not in names:  # a value SQLAlchemy fills in itself (a Python default)
+        convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if bind.key in names:
+            params.append((bind.key, convert, None))
+            continue
+        # A value SQLAlchemy fills in itself: an insert's column left to its Python default.
+        # A constant (intake ``claims`` = 0) is the same for every row: it goes in the plan;
+        # one computed per row (a callable, a SQL expression) keeps SQLAlchemy's path.
+        default = _scalar_default(statement, bind.key)
+        if default is _NO_DEFAULT:
             return None
-        params.append((bind.key, bind.type.dialect_impl(dialect).bind_processor(dialect)))
+        params.append((None, None, default if convert is None else convert(default)))
     return _Plan(compiled.string, tuple(params))
+
+
+_NO_DEFAULT = object()
+
+
+def _scalar_default(statement: Any, key: str) -> Any:
+    """The constant Python default of the column ``key`` an INSERT ``statement`` leaves out,
+    or :data:`_NO_DEFAULT` (no such column, or a default that is not a constant)."""
+    if not isinstance(statement, Insert):
+        return _NO_DEFAULT
+    column = statement.table.c.get(key)
+    default = None if column is None else column.default
+    if not isinstance(default, ScalarElementColumnDefault):
+        return _NO_DEFAULT
+    return default.arg
 
 
 def _flock_within(fd: int, operation: int, db: Database) -> None:
