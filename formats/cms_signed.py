@@ -23,6 +23,7 @@ Any failure in 6–7 is :class:`SignatureInvalid`: the content changed after it 
 from __future__ import annotations
 
 import hmac
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -419,7 +420,11 @@ def _find_signer(
     carried: list[_Candidate],
     known: Sequence[x509.Certificate],
 ) -> x509.Certificate:
-    candidates = carried + [_candidate(k.public_bytes(serialization.Encoding.DER)) for k in known]
+    # The certificates the hub knows are looked at only when none the message carries is the
+    # signer's: there is one per agency (old ones too), and each costs a DER encoding.
+    candidates = itertools.chain(
+        carried, (_candidate(k.public_bytes(serialization.Encoding.DER)) for k in known)
+    )
     if sid.is_(der.UNIVERSAL, der.SEQUENCE):  # IssuerAndSerialNumber
         parts = list(children(buf, sid))
         if len(parts) != 2 or not (

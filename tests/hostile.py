@@ -585,13 +585,15 @@ def crafted_signature(
     issuer: asn1_x509.Name | None = None,
     capabilities: Sequence[str] | None = None,
     damage: Callable[[bytes], bytes] | None = None,
+    carry: bool = True,
 ) -> bytes:
     """A detached SignedData over ``entity`` put together field by field with asn1crypto, for
     what ``cryptography``'s signer never writes: an RSA-PSS salt length declared (``pss_salt``)
     other than the one used, a certificate altered after it was issued (``cert_der``), the
     signer named by an ``issuer`` other than (or encoded otherwise than) its certificate's, or
     SMIMECapabilities of one's choosing (``capabilities``, asn1crypto algorithm names, most
-    preferred first). ``damage`` changes the signed attributes' DER before they are signed."""
+    preferred first). ``damage`` changes the signed attributes' DER before they are signed;
+    ``carry=False`` leaves the signer's certificate out (``openssl cms -sign -nocerts``)."""
     attrs = cms.CMSAttributes(
         [
             {"type": "content_type", "values": ["data"]},
@@ -645,7 +647,7 @@ def crafted_signature(
             "version": "v1",
             "digest_algorithms": [{"algorithm": "sha256"}],
             "encap_content_info": {"content_type": "data"},
-            "certificates": [cert],
+            **({"certificates": [cert]} if carry else {}),
             "signer_infos": [signer_info],
         }
     )

@@ -7,6 +7,8 @@ than the one used, a signer certificate altered after it was issued.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import serialization
@@ -79,3 +81,35 @@ def test_a_signer_named_by_another_issuer_is_not_found(world: DemoWorld) -> None
     der = crafted_signature(ENTITY, signer, issuer=other)
     with pytest.raises(UntrustedSigner, match=r"issuer .*Some Other CA.*, serial [0-9a-f]+\)"):
         cms_signed.verify_signed_data(der, detached=ENTITY)
+
+
+def test_a_signer_whose_certificate_the_message_leaves_out_is_found_among_the_known(
+    world: DemoWorld,
+) -> None:
+    signer = world.agencies["H26.SNV"]
+    der = crafted_signature(ENTITY, signer, carry=False)
+    known = [a.cert for a in world.agencies.values()]
+    assert signer.cert in known[1:]  # not the first looked at
+    assert cms_signed.verify_signed_data(der, detached=ENTITY, known=known).signer == signer.cert
+    with pytest.raises(UntrustedSigner, match="neither in the message nor known to the hub"):
+        cms_signed.verify_signed_data(der, detached=ENTITY, known=known[:1])
+
+
+class _Unread:
+    """A certificate of the hub's directory that must not be looked at."""
+
+    def public_bytes(self, encoding: object) -> bytes:
+        raise AssertionError("a known certificate was encoded")
+
+
+def test_the_known_certificates_are_not_read_when_the_message_carries_its_signers(
+    world: DemoWorld,
+) -> None:
+    """The hub knows one certificate per agency, old ones too: encoding each of them for every
+    message cost CPU in proportion to the directory (and past the cache's 256, parsing)."""
+    signer = world.agencies["H26.SNV"]
+    known: Any = [_Unread()] * 1000
+    check = cms_signed.verify_signed_data(
+        crafted_signature(ENTITY, signer), detached=ENTITY, known=known
+    )
+    assert check.signer == signer.cert
