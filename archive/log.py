@@ -127,6 +127,9 @@ class Item:
     at: datetime
     fields: Mapping[str, Any]
     blobs: Mapping[str, bytes] = field(default_factory=dict)
+    #: Blobs its writer knows to be base64 of ciphertext (an encrypted S/MIME message): stored
+    #: by Huffman coding only (:func:`archive.blobs.compress`).
+    dense: frozenset[str] = frozenset()
 
 
 class Log:

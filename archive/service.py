@@ -58,7 +58,9 @@ class Archive:
     def prepare(self, items: Iterable[Item]) -> None:
         """Do the CPU work of filing ``items`` (compressing their blobs) before the transaction
         that files them; :meth:`file_in` is the same with or without it."""
-        self.blobs.prepare(data for item in items for data in item.blobs.values())
+        self.blobs.prepare(
+            (data, name in item.dense) for item in items for name, data in item.blobs.items()
+        )
 
     def file_in(
         self, s: Session, items: Sequence[Item], *, at: datetime | None = None

@@ -79,6 +79,8 @@ CERT_CACHE = timedelta(seconds=10)
 #: How often the builder looks for built messages waiting for the relay whose certificates are
 #: no longer usable (:meth:`Builder.rebuild_stale`).
 STALE_CHECK = timedelta(seconds=60)
+#: A receipt entry's blob is the receipt as sent, encrypted: base64 of ciphertext.
+_SEALED = frozenset({RECEIPT_BLOB})
 
 
 @dataclass(frozen=True)
@@ -450,6 +452,7 @@ class Builder:
                 "digest": hashlib.sha256(message).hexdigest(),
             },
             {RECEIPT_BLOB: message},
+            _SEALED,
         )
         return _Built(
             message, (to_addr,), item, encrypted_to=tuple(map(store.fingerprint, certs.usable))
@@ -551,7 +554,7 @@ class Builder:
                 "cipher": fresh.item.fields["cipher"] if fresh.item else None,
                 "digest": hashlib.sha256(fresh.message).hexdigest(),
             }
-            item = Item("resend", now, fields, {RECEIPT_BLOB: fresh.message})
+            item = Item("resend", now, fields, {RECEIPT_BLOB: fresh.message}, _SEALED)
             return _Built(fresh.message, fresh.rcpt_to, item, encrypted_to=fresh.encrypted_to)
         entry = self._entry(s, original.entry_seq)
         message = self.archive.blobs.get(s, entry.blobs[RECEIPT_BLOB])

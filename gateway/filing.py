@@ -15,9 +15,11 @@ finds entries by agency, category, period, status, DocumentId, MessageId and dig
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from archive.log import Item
@@ -31,6 +33,19 @@ def period_label(verdict: Verdict) -> str | None:
     if p is None or p.exchange.period_end is None:
         return None
     return f"{p.exchange.period_end:%Y-%m}"
+
+
+@functools.lru_cache(maxsize=256)
+def _described(cert: x509.Certificate) -> tuple[str, str, str, str]:
+    """A signer's certificate as its entries name it: subject, issuer, serial (hex), SHA-256.
+    Kept for the certificates an agency's messages come with, one after another."""
+    digest = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    return dn(cert.subject), dn(cert.issuer), f"{cert.serial_number:x}", digest
+
+
+@functools.lru_cache(maxsize=64)
+def _pem(path: tuple[x509.Certificate, ...]) -> bytes:
+    return b"".join(c.public_bytes(Encoding.PEM) for c in path)
 
 
 def message_item(verdict: Verdict, raw: bytes, transport: Transport) -> Item:
@@ -66,16 +81,17 @@ def message_item(verdict: Verdict, raw: bytes, transport: Transport) -> Item:
             blobs[f"attachment-{n}"] = att.data
     if verdict.signer is not None:
         signer = verdict.signer
+        subject, issuer, serial, digest = _described(signer.cert)
         fields["signer"] = {
-            "subject": dn(signer.cert.subject),
-            "issuer": dn(signer.cert.issuer),
-            "serial": f"{signer.cert.serial_number:x}",
-            "sha256": hashlib.sha256(signer.cert.public_bytes(Encoding.DER)).hexdigest(),
+            "subject": subject,
+            "issuer": issuer,
+            "serial": serial,
+            "sha256": digest,
             "emails": list(signer.emails),
             "organ_id": signer.organ_id,
             "revocation_checked": signer.revocation_checked,
         }
-        blobs["chain"] = b"".join(c.public_bytes(Encoding.PEM) for c in signer.path)
+        blobs["chain"] = _pem(signer.path)
         for n, evidence in enumerate(signer.evidence, start=1):
             blobs[f"evidence-{n}"] = evidence
     if verdict.agency is not None:
@@ -100,4 +116,6 @@ def message_item(verdict: Verdict, raw: bytes, transport: Transport) -> Item:
             "due_date": h.due_date.isoformat() if h.due_date else None,
             "request_ref": x.request_ref,
         }
-    return Item("message", transport.received_at, fields, blobs)
+    # What decrypted was an encrypted message: base64 of ciphertext, beyond its headers.
+    dense = frozenset({"raw"}) if opened is not None else frozenset()
+    return Item("message", transport.received_at, fields, blobs, dense)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from archive.records import Transport
 from formats.errors import (
     AgencyMismatch,
     AttachmentMismatch,
@@ -25,6 +26,7 @@ from formats.payload import Attachment as Listed
 from formats.payload import Organ, build_payload
 from formats.smime import Attachment, build_message
 from gateway.demo import HUB_ADDRESS, DemoWorld, tamper
+from gateway.filing import message_item
 from gateway.pipeline import STEPS, Context, process
 from gateway.verdict import TRANSITIONS, Verdict, can_move, disposition_for
 from keys.directory import Directory
@@ -56,6 +58,24 @@ def test_a_genuine_submission_is_accepted_with_everything_it_proves(
     summary = verdict.as_dict()
     assert summary["payload"]["records"] == 2
     assert summary["signer"]["emails"] == [SNV_EMAIL]
+
+
+def test_the_entry_of_a_message_that_decrypted_marks_its_raw_bytes_dense(
+    world: DemoWorld, world_ctx: Context
+) -> None:
+    """Base64 of ciphertext is stored by Huffman coding alone (LZ77 finds nothing in it, at
+    twice the CPU); a message that did not decrypt may be anything, and is judged by its bytes.
+    Its signer's fields, kept for the next message of the same certificate, are the same."""
+    raw = world.submission(SNV)
+    transport = Transport(WORLD_AT, "smtp", "192.0.2.1")
+    item = message_item(process(raw, world_ctx, at=WORLD_AT), raw, transport)
+    assert item.dense == {"raw"}
+    again = message_item(process(raw, world_ctx, at=WORLD_AT), raw, transport)
+    assert again.fields["signer"] == item.fields["signer"]
+    assert again.fields["signer"]["subject"].startswith("serialNumber=H26.SNV,")
+    assert again.blobs["chain"] == item.blobs["chain"]
+    plain = b"From: a@b.vn\r\nTo: hub@b.vn\r\n\r\nnot encrypted\r\n"
+    assert message_item(process(plain, world_ctx, at=WORLD_AT), plain, transport).dense == set()
 
 
 def test_tampering_is_caught_and_nothing_after_it_runs(
