@@ -274,6 +274,44 @@ class Database:
             if gate is not None:
                 os.close(gate)  # lets the other writers through
 
+    @contextmanager
+    def driver_transaction(self, *, priority: bool = False) -> Iterator[Driver]:
+        """:meth:`connection` on SQLite's own driver connection: no SQLAlchemy connection,
+        transaction and result objects around the statements, which cost more CPU than the
+        intake's insert itself (a lone 10 KB message's commit: 0.41 → 0.29 ms of CPU). The
+        statements go to the driver compiled (:class:`Driver`); the driver's errors are told
+        apart as :meth:`connection` tells them (:class:`TransientError`,
+        :class:`DatabaseDamaged`, or SQLAlchemy's wrapping of the error)."""
+        if self.dialect != "sqlite":
+            raise ValueError(f"a driver transaction is SQLite's, not {self.dialect}'s")
+        gate = self._gate(priority) if self._gate_path else None
+        try:
+            with self._damaged(), _transient():
+                try:
+                    pooled = self.engine.raw_connection()
+                except sqlite3.Error as exc:  # (the pool does not wrap what connecting raised)
+                    raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+                try:
+                    dbapi = pooled.dbapi_connection
+                    assert isinstance(dbapi, sqlite3.Connection)
+                    try:
+                        if priority:
+                            _begin_promptly(dbapi)
+                        else:
+                            dbapi.execute("BEGIN IMMEDIATE")
+                        yield Driver(dbapi, self.engine.dialect)
+                        dbapi.commit()
+                    except BaseException as exc:
+                        _roll_back(pooled)
+                        if isinstance(exc, sqlite3.Error):
+                            raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+                        raise
+                finally:
+                    pooled.close()  # back to the pool
+        finally:
+            if gate is not None:
+                os.close(gate)  # lets the other writers through
+
     @functools.cached_property
     def _gate_path(self) -> str | None:
         """The gate file next to a SQLite database file (none for PostgreSQL or memory)."""
@@ -307,6 +345,34 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _roll_back(pooled: Any) -> None:
+    """Roll back a driver connection's transaction; one that cannot be (its file gone, an I/O
+    error) is not given out again: the pool opens a new one instead."""
+    try:
+        pooled.dbapi_connection.rollback()
+    except sqlite3.Error:
+        pooled.invalidate()
+
+
+@dataclass(frozen=True)
+class Driver:
+    """SQLite's driver connection in a write transaction (:meth:`Database.driver_transaction`)
+    and the dialect its statements are compiled for."""
+
+    connection: sqlite3.Connection
+    dialect: Any
+
+    def rows(self, statement: Any) -> list[tuple[Any, ...]]:
+        """The rows of a SELECT, compiled here every time, as the driver gives them: for
+        columns whose type converts nothing (integers, text)."""
+        compiled = statement.compile(
+            dialect=self.dialect, compile_kwargs={"render_postcompile": True}
+        )
+        params = compiled.construct_params()
+        values = [params[name] for name in compiled.positiontup or ()]
+        return [tuple(row) for row in self.connection.execute(compiled.string, values)]
 
 
 # --- many rows, one statement ----------------------------------------------------------------
@@ -405,7 +471,10 @@ def _execute_many(
 
 
 def insert_returning(
-    c: Connection, model: type[DeclarativeBase], rows: Sequence[Mapping[str, Any]], column: str
+    c: Connection | Driver,
+    model: type[DeclarativeBase],
+    rows: Sequence[Mapping[str, Any]],
+    column: str,
 ) -> list[Any]:
     """Insert ``rows`` into ``model``'s table and return each one's ``column`` (its generated
     key), in the order of the rows: the intake's insert before its 250, a row or a few at a
@@ -419,7 +488,11 @@ def insert_returning(
             return insert(table).returning(table.c[column], sort_by_parameter_order=True)
 
         plan = _plan_for(c, ("insert-returning", table.name, column, shape), statement, group[0])
-        if plan is None:
+        if isinstance(c, Driver):
+            if plan is None:
+                raise ValueError(f"no compiled insert for {table.name} rows of {shape}")
+            out += [c.connection.execute(plan.sql, plan.values(row)).fetchone()[0] for row in group]
+        elif plan is None:
             out += c.scalars(statement(), group).all()
         else:
             out += [c.exec_driver_sql(plan.sql, plan.values(row)).scalar_one() for row in group]
@@ -431,12 +504,12 @@ def _connection(s: Session | Connection) -> Connection:
 
 
 def _plan_for(
-    s: Session | Connection,
+    s: Session | Connection | Driver,
     key: tuple[Any, ...],
     statement: Callable[[], Any],
     row: Mapping[str, Any],
 ) -> _Plan | None:
-    dialect = _connection(s).dialect
+    dialect = s.dialect if isinstance(s, Driver) else _connection(s).dialect
     plan_key = (dialect.name, dialect.driver, *key)
     if plan_key not in _PLANS:
         _PLANS[plan_key] = _plan(dialect, statement(), list(row))

@@ -49,7 +49,7 @@ from archive.db import (
 )
 from archive.records import Transport
 from archive.tables import Base
-from formats.errors import ConfigError, TransientError
+from formats.errors import ConfigError, DatabaseDamaged, TransientError
 from gateway import intake, outbound
 from gateway.demo import DemoWorld
 from keys import store
@@ -381,28 +381,44 @@ def test_a_session_that_raises_writes_nothing(db: Database) -> None:
         assert [e.subject for e in store.events(s)] == ["kept"]
 
 
+@pytest.mark.parametrize("driver", [False, True], ids=["connection", "driver"])
 def test_a_connection_commits_on_exit_writes_nothing_if_it_raises_and_is_transient_if_locked(
-    tmp_path: Path, open_db: Opener
+    tmp_path: Path, open_db: Opener, driver: bool
 ) -> None:
-    """The bare-connection transaction keeps the session's promises (the intake relies on
-    them before answering 250 or 451)."""
+    """The bare-connection transaction, and the one on SQLite's driver connection, keep the
+    session's promises (the intake relies on them before answering 250 or 451)."""
     url = f"sqlite:///{tmp_path}/archive.db"
     db = open_db(url, busy_timeout_ms=50)
-    _insert(db, "kept", priority=True)
+    _insert(db, "kept", priority=True, driver=driver)
     with pytest.raises(RuntimeError, match="boom"):
-        _insert_then_raise(db)
+        _insert(db, "lost", driver=driver, then=RuntimeError("boom"))
     with pytest.raises(IntegrityError):  # a constraint: not transient
-        _insert(db, "kept")
+        _insert(db, "kept", driver=driver)
     holder = sqlite3.connect(tmp_path / "archive.db", isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
         for priority in (False, True):
             with pytest.raises(TransientError, match="database unavailable"):
-                _insert(db, "locked out", priority=priority)
+                _insert(db, "locked out", priority=priority, driver=driver)
     finally:
         holder.close()
+    _insert(db, "after", driver=driver)  # the connections given back are good
     with db.session(read_only=True) as s:
-        assert list(s.execute(select(t.Counter.name, t.Counter.value))) == [("kept", 1)]
+        rows = list(s.execute(select(t.Counter.name, t.Counter.value).order_by(t.Counter.name)))
+        assert rows == [("after", 1), ("kept", 1)]
+
+
+def test_a_driver_transaction_says_a_damaged_file_and_is_sqlites_only(
+    tmp_path: Path, open_db: Opener, pg_url: str
+) -> None:
+    path = tmp_path / "archive.db"
+    db = open_db(f"sqlite:///{path}")
+    db.engine.dispose()  # the next transaction opens the file anew
+    path.write_bytes(b"this is no SQLite header any more" * 200)
+    with pytest.raises(DatabaseDamaged, match="is not a SQLite database"):
+        _insert(db, "lost", driver=True)
+    with pytest.raises(ValueError, match="SQLite's, not postgresql's"):
+        _insert(open_db(pg_url), "lost", driver=True)
 
 
 @pytest.mark.parametrize("priority", [True, False])
@@ -439,15 +455,27 @@ def test_a_gate_held_past_the_busy_timeout_is_transient_not_a_hang(
         assert list(s.scalars(select(t.Counter.name))) == ["after"]
 
 
-def _insert(db: Database, name: str, *, priority: bool = False) -> None:
-    with db.connection(priority=priority) as c:
-        c.execute(insert(t.Counter).values(name=name, value=1))
-
-
-def _insert_then_raise(db: Database) -> None:
-    with db.connection() as c:
-        c.execute(insert(t.Counter).values(name="lost", value=1))
-        raise RuntimeError("boom")
+def _insert(
+    db: Database,
+    name: str,
+    *,
+    priority: bool = False,
+    driver: bool = False,
+    then: Exception | None = None,
+) -> None:
+    """A counter row in a bare connection's transaction, or a driver's; ``then`` is raised
+    after it."""
+    if driver:
+        with db.driver_transaction(priority=priority) as d:
+            sql = "INSERT INTO counters (name, value) VALUES (?, 1)"
+            d.connection.execute(sql, (name,))
+            if then is not None:
+                raise then
+    else:
+        with db.connection(priority=priority) as c:
+            c.execute(insert(t.Counter).values(name=name, value=1))
+            if then is not None:
+                raise then
 
 
 def _write_then_raise(db: Database) -> None:
