@@ -370,6 +370,30 @@ def test_idle_polls_only_look_and_a_backlog_is_claimed_without_looking(
     assert worker.run_once() == [] and sessions == [True]  # idle again: only a look
 
 
+def test_a_claim_takes_the_oldest_waiting_rows_of_every_kind(archive: Archive) -> None:
+    """New rows, due retries and rows whose lease ran out are claimed oldest first, whatever
+    their kind; a retry not yet due and a live claim are not. (Each kind is read from its
+    own range of the state index, at most as many rows as the claim may take.)"""
+    numbers = [_receive(archive, b"m%d" % i, minutes=i) for i in range(8)]
+    now = WORLD_AT + timedelta(minutes=30)
+    states = {
+        numbers[0]: {"state": "retry", "next_attempt_at": now + timedelta(minutes=1)},
+        numbers[1]: {"state": "working", "lease_until": now - timedelta(seconds=1)},
+        numbers[2]: {"state": "retry", "next_attempt_at": now},
+        numbers[3]: {"state": "working", "lease_until": now + timedelta(minutes=1)},
+        numbers[5]: {"state": "done"},
+    }
+    with archive.db.session() as s:
+        for number, values in states.items():
+            s.execute(sqlalchemy.update(t.Intake).where(t.Intake.id == number).values(values))
+    with archive.db.session() as s:
+        assert worker_module.claim(s, "w", now, 3) == ([numbers[1], numbers[2], numbers[4]], True)
+    with archive.db.session() as s:
+        assert worker_module.claim(s, "w", now, 3) == ([numbers[6], numbers[7]], False)
+    with archive.db.session() as s:
+        assert worker_module.claim(s, "w", now, 3) == ([], False)
+
+
 def test_workers_claim_their_share_of_a_backlog_of_big_messages(
     archive: Archive, world: DemoWorld, world_ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
