@@ -31,7 +31,6 @@ chain and of ``openssl verify -show_chain``).
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -713,10 +712,7 @@ def _organ_id(cert: x509.Certificate) -> str | None:
     return value if isinstance(value, str) else None
 
 
-@functools.lru_cache(maxsize=1024)
 def _fp(cert: x509.Certificate) -> bytes:
-    """A certificate's SHA-256, kept: the same agencies' certificates come message after
-    message, and hashing one (2 µs) is a quarter of computing it again."""
     return cert.fingerprint(hashes.SHA256())
 
 
