@@ -82,7 +82,7 @@ def _insert(c: Connection | Driver, items: Sequence[Item]) -> list[int]:
     known: dict[str, int] = {}
     if keys:
         query = select(t.Intake.source_key, t.Intake.id).where(t.Intake.source_key.in_(keys))
-        found = c.rows(query) if isinstance(c, Driver) else c.execute(query).tuples()
+        found = c.rows(query) if isinstance(c, Driver) else c.execute(query)
         known = {key: number for key, number in found if key is not None}
     # Each item is an existing number or the index of its new row; the new rows go in with
     # INSERT … RETURNING, numbers in the order of the rows.

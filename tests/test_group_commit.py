@@ -9,6 +9,7 @@ import asyncio
 import errno
 import re
 import smtplib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,13 +52,33 @@ def stored(db: Database) -> dict[int, bytes]:
 
 
 class Commits:
-    """Counts the engine's commits; ``fail_next()`` makes the next one fail (a failed fsync)."""
+    """Counts the database's commits; ``fail_next()`` makes the next one fail. On SQLite the
+    driver itself refuses that COMMIT (an authorizer on every connection handed out: the
+    intake commits on the driver's own connection, past SQLAlchemy's events); on PostgreSQL
+    SQLAlchemy's commit event raises, as a failed fsync would. ``error``: the error's name."""
 
     def __init__(self, db: Database) -> None:
         self.count = 0
         self.armed = False
         self.engine = db.engine
-        event.listen(self.engine, "commit", self._on_commit)
+        self.sqlite = db.dialect == "sqlite"
+        self.error = "DatabaseError" if self.sqlite else "OSError"
+        if self.sqlite:
+            self.engine.dispose()  # every connection from now on is handed out watched
+            event.listen(self.engine, "checkout", self._watch)
+        else:
+            event.listen(self.engine, "commit", self._on_commit)
+
+    def _watch(self, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_connection.set_authorizer(self._authorize)
+
+    def _authorize(self, action: int, what: str | None, *_: Any) -> int:
+        if action == sqlite3.SQLITE_TRANSACTION and what == "COMMIT":
+            self.count += 1
+            if self.armed:
+                self.armed = False
+                return sqlite3.SQLITE_DENY  # "not authorized": the transaction is not committed
+        return sqlite3.SQLITE_OK
 
     def _on_commit(self, _connection: Any) -> None:
         self.count += 1
@@ -69,7 +90,11 @@ class Commits:
         self.armed = True
 
     def close(self) -> None:
-        event.remove(self.engine, "commit", self._on_commit)
+        if self.sqlite:
+            event.remove(self.engine, "checkout", self._watch)
+            self.engine.dispose()  # the watched connections go
+        else:
+            event.remove(self.engine, "commit", self._on_commit)
 
 
 @pytest.fixture
@@ -353,7 +378,7 @@ def test_accept_many_keeps_the_source_key_dedupe_per_item(database: Database) ->
 def test_accept_many_is_all_or_nothing(database: Database) -> None:
     commits = Commits(database)
     commits.fail_next()
-    with pytest.raises(TransientError, match="OSError"):
+    with pytest.raises(TransientError, match=commits.error):
         intake.accept_many(database, [(message(f"x{i}"), transport(i), None) for i in range(3)])
     commits.close()
     assert stored(database) == {}
