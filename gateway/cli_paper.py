@@ -108,14 +108,38 @@ def record_paper(
         submissions = ledger.submissions(s, [label], agency=agency)
     [cell] = matrix([obligation], submissions, calendar, label, at).cells
     fields = json.loads(entry.record)
+    # A second record of one period is kept (a corrected copy may come on paper too), but
+    # never without a word: one of them may be a mistake, to withdraw.
+    before = [
+        other
+        for other in submissions
+        if other.via == "paper"
+        and other.seq != entry.seq
+        and (other.category, other.counts_for) == (category, obligation.cadence)
+        and other.counted(at)
+    ]
     if as_json:
-        emit_json({"seq": entry.seq, **fields, "cell": cell.as_dict(calendar.version)})
+        emit_json(
+            {
+                "seq": entry.seq,
+                **fields,
+                "cell": cell.as_dict(calendar.version),
+                "also_on_paper": [other.seq for other in before],
+            }
+        )
         return
     click.echo(
         f"recorded as archive entry {entry.seq}: {agency} {category} ({obligation.cadence}) for "
         f"{owed.first} – {owed.last}, received on paper {day}, {fields['document_id']}"
     )
     click.echo(f"status now: {status_text(cell)}")
+    for other in before:
+        click.echo(
+            f"note: entry {other.seq} records this period on paper already (received "
+            f"{other.received_on}, {other.document_id}); both count: if one is a mistake, "
+            f"withdraw it (gateway compliance withdraw-paper SEQ --reason …)",
+            err=True,
+        )
 
 
 @click.command("withdraw-paper")

@@ -114,6 +114,24 @@ def test_a_paper_report_counts_from_when_it_was_recorded_until_it_is_withdrawn(
     assert [e["withdraws"] for e in json.loads(found)] == [recorded["seq"]]
 
 
+def test_a_second_record_of_one_period_is_kept_with_a_note_naming_the_first(home: Path) -> None:
+    first = json.loads(run(home, *RECORD, "--json").stdout)
+    assert first["also_on_paper"] == []
+    again = run(home, *RECORD[:-1], "Công văn số 130/STP-HCTP ngày 22/10/2026")
+    assert (
+        f"note: entry {first['seq']} records this period on paper already (received "
+        "2026-10-21, Công văn số 123/STP-HCTP ngày 20/10/2026); both count"
+    ) in again.stderr
+    second = json.loads(run(home, *RECORD, "--json").stdout)
+    assert sorted(second["also_on_paper"]) == [first["seq"], second["seq"] - 1]
+    for seq in (first["seq"], second["seq"] - 1, second["seq"]):
+        run(home, "compliance", "withdraw-paper", str(seq), "--reason", "nhầm")
+    fourth = run(home, *RECORD)
+    assert "note:" not in fourth.stderr  # what was withdrawn no longer counts
+    other_agency = run(home, *RECORD[:3], "H26.SNV", *RECORD[4:])
+    assert "note:" not in other_agency.stderr
+
+
 def test_no_late_notice_for_a_report_recorded_on_paper(home: Path) -> None:
     def late_for(agency: str) -> list[dict[str, Any]]:
         at = "2026-11-06T09:00+07:00"
