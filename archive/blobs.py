@@ -148,8 +148,12 @@ class BlobStore:
         """
         taken = [self._take_ready(data) for data in blobs]
         addresses = [address for address, _ in taken]
-        # By address: also drops repeats within the batch.
-        new = {a: (data, packed) for (a, packed), data in zip(taken, blobs, strict=True)}
+        # By address: also drops repeats within the batch, keeping a prepared stream (one object
+        # given twice, a signer's cached certificate path, was prepared once and taken once).
+        new: dict[str, tuple[bytes, bytes | None]] = {}
+        for (address, packed), data in zip(taken, blobs, strict=True):
+            if packed is not None or address not in new:
+                new[address] = (data, packed)
         wanted = sorted(new)
         for i in range(0, len(wanted), 500):
             for address in s.scalars(

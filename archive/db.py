@@ -224,36 +224,34 @@ class Database:
         sleeps; so while a priority write waits or runs, other writers — in every process —
         wait at the *gate* (:meth:`_gate`) before they begin, and the priority write is next.
         """
-        gate = self._gate(priority) if not read_only and self._gate_path else None
-        session = self._sessions()
-        if read_only and self.dialect == "sqlite":
-            # A plain (deferred) BEGIN: a long read such as `archive verify` must not hold
-            # the write lock and stall intake (writers begin IMMEDIATE). A SQLite read
-            # transaction sees one snapshot from its first read to its end.
-            session.connection(execution_options={_READ_ONLY: True})
-        elif read_only:
-            # PostgreSQL's READ COMMITTED takes a new snapshot for every statement: a reader
-            # of several tables (`archive verify`: entries, then nodes, then the head and the
-            # checkpoints) would see a writer's commit halfway and report the log as damaged.
-            # REPEATABLE READ is one snapshot for the whole transaction, and a transaction
-            # that writes nothing is never cancelled for a serialization failure there; READ
-            # ONLY makes sure it writes nothing. Writers do not wait for it (MVCC). Both
-            # settings are undone when the connection goes back to the pool.
-            session.connection(execution_options=_PG_READ_ONLY)
-        elif gate is not None:
-            session.connection(execution_options={_PRIORITY: True})
-        try:
-            with self._damaged(), _transient():
-                try:
-                    yield session
-                    session.commit()
-                except BaseException:
-                    session.rollback()
-                    raise
-        finally:
-            session.close()
-            if gate is not None:
-                os.close(gate)  # lets the other writers through
+        with self._through_gate(priority, writes=not read_only) as closed:
+            session = self._sessions()
+            if read_only and self.dialect == "sqlite":
+                # A plain (deferred) BEGIN: a long read such as `archive verify` must not hold
+                # the write lock and stall intake (writers begin IMMEDIATE). A SQLite read
+                # transaction sees one snapshot from its first read to its end.
+                session.connection(execution_options={_READ_ONLY: True})
+            elif read_only:
+                # PostgreSQL's READ COMMITTED takes a new snapshot for every statement: a reader
+                # of several tables (`archive verify`: entries, then nodes, then the head and the
+                # checkpoints) would see a writer's commit halfway and report the log as damaged.
+                # REPEATABLE READ is one snapshot for the whole transaction, and a transaction
+                # that writes nothing is never cancelled for a serialization failure there; READ
+                # ONLY makes sure it writes nothing. Writers do not wait for it (MVCC). Both
+                # settings are undone when the connection goes back to the pool.
+                session.connection(execution_options=_PG_READ_ONLY)
+            elif closed:
+                session.connection(execution_options={_PRIORITY: True})
+            try:
+                with self._damaged(), _transient():
+                    try:
+                        yield session
+                        session.commit()
+                    except BaseException:
+                        session.rollback()
+                        raise
+            finally:
+                session.close()
 
     @contextmanager
     def connection(self, *, priority: bool = False) -> Iterator[Connection]:
@@ -263,16 +261,16 @@ class Database:
         :class:`TransientError` for trouble that may pass, the same ``priority`` gate; the
         ORM's bookkeeping around one small transaction costs more CPU than SQLite's commit
         (bench/e2e_bench.py)."""
-        gate = self._gate(priority) if self._gate_path else None
-        try:
-            with self._damaged(), _transient(), self.engine.connect() as connection:
-                if gate is not None:
-                    connection = connection.execution_options(**{_PRIORITY: True})
-                with connection.begin():
-                    yield connection
-        finally:
-            if gate is not None:
-                os.close(gate)  # lets the other writers through
+        with (
+            self._through_gate(priority) as closed,
+            self._damaged(),
+            _transient(),
+            self.engine.connect() as connection,
+        ):
+            if closed:
+                connection = connection.execution_options(**{_PRIORITY: True})
+            with connection.begin():
+                yield connection
 
     @contextmanager
     def driver_transaction(self, *, priority: bool = False) -> Iterator[Driver]:
@@ -284,33 +282,40 @@ class Database:
         :class:`DatabaseDamaged`, or SQLAlchemy's wrapping of the error)."""
         if self.dialect != "sqlite":
             raise ValueError(f"a driver transaction is SQLite's, not {self.dialect}'s")
-        gate = self._gate(priority) if self._gate_path else None
+        with self._through_gate(priority), self._damaged(), _transient():
+            try:
+                pooled = self.engine.raw_connection()
+            except sqlite3.Error as exc:  # (the pool does not wrap what connecting raised)
+                raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+            try:
+                dbapi = pooled.dbapi_connection
+                assert isinstance(dbapi, sqlite3.Connection)
+                try:
+                    if priority:
+                        _begin_promptly(dbapi)
+                    else:
+                        dbapi.execute("BEGIN IMMEDIATE")
+                    yield Driver(dbapi, self.engine.dialect)
+                    dbapi.commit()
+                except BaseException as exc:
+                    _roll_back(pooled)
+                    if isinstance(exc, sqlite3.Error):
+                        raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
+                    raise
+            finally:
+                pooled.close()  # back to the pool
+
+    @contextmanager
+    def _through_gate(self, priority: bool, *, writes: bool = True) -> Iterator[bool]:
+        """A writer's pass through the gate (:meth:`_gate`; none for a reader, PostgreSQL or a
+        database in memory). Yields whether this writer holds it closed, a priority write on
+        SQLite, until the block ends: then the other writers go through."""
+        gate = self._gate(priority) if writes and self._gate_path else None
         try:
-            with self._damaged(), _transient():
-                try:
-                    pooled = self.engine.raw_connection()
-                except sqlite3.Error as exc:  # (the pool does not wrap what connecting raised)
-                    raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
-                try:
-                    dbapi = pooled.dbapi_connection
-                    assert isinstance(dbapi, sqlite3.Connection)
-                    try:
-                        if priority:
-                            _begin_promptly(dbapi)
-                        else:
-                            dbapi.execute("BEGIN IMMEDIATE")
-                        yield Driver(dbapi, self.engine.dialect)
-                        dbapi.commit()
-                    except BaseException as exc:
-                        _roll_back(pooled)
-                        if isinstance(exc, sqlite3.Error):
-                            raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
-                        raise
-                finally:
-                    pooled.close()  # back to the pool
+            yield gate is not None
         finally:
             if gate is not None:
-                os.close(gate)  # lets the other writers through
+                os.close(gate)
 
     @functools.cached_property
     def _gate_path(self) -> str | None:

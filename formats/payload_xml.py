@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import date
+from typing import TypeVar
 from uuid import UUID
 
 from lxml import etree
@@ -31,6 +32,7 @@ from formats.xsd import NAMESPACE
 _NS = "{" + NAMESPACE + "}"
 _DATE = Field("Date", "date", "a date of the header or exchange")
 Parts = tuple[Header, Exchange, tuple[Record, ...], tuple[Attachment, ...]]
+_V = TypeVar("_V")
 
 
 class Invalid(Exception):
@@ -78,32 +80,30 @@ class _Children:
         return text_of(element)
 
     def doc_id(self, name: str) -> DocumentId | None:
-        element = self.by_tag.get(_NS + name)
-        if element is None:
-            return None
-        text = text_of(element)
-        try:
-            return DocumentId.parse(text)
-        except ValueError as err:
-            raise Invalid(
-                element, f"{name}: {err}", wording_vi.not_document_id(name, text)
-            ) from None
+        return self._parsed(name, DocumentId.parse, wording_vi.not_document_id)
 
     def date(self, name: str) -> date | None:
+        # xs:date collapses whitespace, so the XSD lets "2024-03-16\n" through; a record's date
+        # field refuses it (Field.parse), and so does this.
+        value = self._parsed(
+            name, _DATE.parse, lambda field, text: wording_vi.not_value(field, text, "date")
+        )
+        assert value is None or isinstance(value, date)
+        return value
+
+    def _parsed(
+        self, name: str, parse: Callable[[str], _V], said_vi: Callable[[str, str], str]
+    ) -> _V | None:
+        """Field ``name``'s text read by ``parse``, or ``None`` if it is absent; a text it
+        refuses is :class:`Invalid` at that element (``said_vi``: the Vietnamese of it)."""
         element = self.by_tag.get(_NS + name)
         if element is None:
             return None
-        # xs:date collapses whitespace, so the XSD lets "2024-03-16\n" through; a record's date
-        # field refuses it (Field.parse), and so does this.
         text = text_of(element)
         try:
-            value = _DATE.parse(text)
+            return parse(text)
         except ValueError as err:
-            raise Invalid(
-                element, f"{name}: {err}", wording_vi.not_value(name, text, "date")
-            ) from None
-        assert isinstance(value, date)
-        return value
+            raise Invalid(element, f"{name}: {err}", said_vi(name, text)) from None
 
 
 def _organ(element: etree._Element) -> Organ:

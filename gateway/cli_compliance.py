@@ -158,7 +158,9 @@ def _at(text: str | None) -> datetime:
     return in_calendar(now(), "the current time")
 
 
-def _label(text: str, option: str) -> str:
+def month_option(text: str, option: str) -> str:
+    """``text``, a month given as ``option`` (YYYY-MM), checked: one the working-day calendar
+    covers, or one clear line saying what is wrong with it."""
     try:
         first, _ = month_bounds(text)
     except ValueError:
@@ -260,7 +262,7 @@ def status_cmd(
     many working days), corrected, rejected only, missing, or not due yet; a report sent before
     its period ended is noted beside its status."""
     _one_format(as_json, as_csv, html_file)
-    period, at = _label(period, "--period"), _at(at_text)
+    period, at = month_option(period, "--period"), _at(at_text)
     cal = calendar_of(load_settings(ctx))
     with _session(ctx) as s:
         obligations = obligation_store.obligations(s)
@@ -306,13 +308,13 @@ def history_cmd(
     if last is None:
         day = local_day(at)
         last = f"{day.year:04}-{day.month:02}"
-    last = _label(last, "--to")
+    last = month_option(last, "--to")
     if first is None:
         end = month_bounds(last)[0]
         index = max(end.year * 12 + end.month - 1 - 11, MIN_YEAR * 12)  # 11 months before
         first = f"{index // 12:04}-{index % 12 + 1:02}"
     try:
-        labels = month_labels(_label(first, "--from"), last)
+        labels = month_labels(month_option(first, "--from"), last)
     except ValueError as exc:
         raise InputError(f"--from/--to: {exc}") from None
     with _session(ctx) as s:

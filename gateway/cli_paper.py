@@ -20,7 +20,7 @@ from formats.errors import InputError
 from gateway import ledger, obligation_store, paper
 from gateway.cli import actor, emit_json, load_settings, now
 from gateway.cli import db_session as _session
-from gateway.cli_compliance import _label, status_text
+from gateway.cli_compliance import month_option, status_text
 from gateway.compliance import matrix, month_bounds
 from gateway.obligations import CADENCES, Obligation, Period, periods
 from gateway.remind import calendar_of
@@ -92,7 +92,7 @@ def record_paper(
 ) -> None:
     """Record that AGENCY's report for a period came on paper (or otherwise outside the
     gateway): the status then counts it as received that day, and no late notice is sent."""
-    label = _label(period, "--period")
+    label = month_option(period, "--period")
     day = _day(received)
     calendar = calendar_of(load_settings(ctx))
     at = now()

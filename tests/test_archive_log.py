@@ -702,6 +702,26 @@ def test_blobs_prepared_ahead_are_stored_without_hashing_or_compressing_in_the_t
     assert again.blobs["c"] == entry.blobs["a"]  # stored once, under the same address
 
 
+def test_one_object_given_twice_in_a_batch_is_compressed_ahead_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two messages of one signer carry the very same certificate-path object (it is kept):
+    prepared once, it is not compressed again inside the transaction for the second."""
+    db = Database.open(f"sqlite:///{tmp_path}/a.db")
+    log = Log(BlobStore(os.urandom(32)))
+    chain = b"-----BEGIN CERTIFICATE-----\n" * 50
+    log.blobs.prepare([(chain, False), (chain, False)])
+
+    def refuse(data: bytes, dense: bool = False) -> bytes:
+        raise AssertionError("compressed inside the transaction")
+
+    monkeypatch.setattr("archive.blobs.compress", refuse)
+    with db.session() as s:
+        first = log.append(s, "message", WORLD_AT, {}, {"chain": chain, "again": chain})
+    with db.session(read_only=True) as s:
+        assert log.blobs.get(s, first.blobs["again"]) == chain
+
+
 def test_a_blob_stored_lately_is_not_compressed_again_and_one_rolled_back_still_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

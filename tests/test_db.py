@@ -905,6 +905,18 @@ def test_a_column_left_to_its_python_default_still_gets_it(db: Database) -> None
     assert _stored(db, "attempts, claims") == [(0, 0), (0, 0), (0, 0)]
 
 
+class _Other(DeclarativeBase):
+    pass
+
+
+class _Counted(_Other):
+    """A table whose column's default is computed for each row."""
+
+    __tablename__ = "counted"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, default=lambda: 41 + 1)
+
+
 def test_the_rows_the_gateway_writes_most_go_in_by_the_compiled_statement(
     tmp_path: Path, open_db: Opener
 ) -> None:
@@ -933,18 +945,6 @@ def test_the_rows_the_gateway_writes_most_go_in_by_the_compiled_statement(
         assert insert_returning(c, _Counted, [{"id": 5}], "id") == [5]
         assert c.execute(select(_Counted.n)).scalar_one() == 42
     assert built == ["counted"]
-
-
-class _Other(DeclarativeBase):
-    pass
-
-
-class _Counted(_Other):
-    """A table whose column's default is computed for each row."""
-
-    __tablename__ = "counted"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    n: Mapped[int] = mapped_column(Integer, default=lambda: 41 + 1)
 
 
 @pytest.mark.parametrize(
